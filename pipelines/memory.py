@@ -1,0 +1,179 @@
+"""Device, dtype and memory policy: one object decides where weights live.
+
+Memory modes form a ladder, most to least VRAM (ComfyUI's high / normal / low VRAM idea):
+
+    HIGH        every module on the GPU
+    BALANCED    model CPU offload: each model moves to the GPU only while it runs
+    LOW         model offload + attention slicing + VAE tiling/slicing
+    SEQUENTIAL  sequential CPU offload (layer by layer) + slicing + tiling: slowest, smallest
+    CPU         no accelerator: everything on the CPU
+
+A CUDA out-of-memory error is retried once, one rung lower (`MemoryManager.lower`).
+"""
+
+from __future__ import annotations
+
+import enum
+import gc
+import os
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+GIB = 1024 ** 3
+# Named safety margins for `auto`: VRAM kept free for activations, the CUDA context and
+# other programs, on top of the weights themselves.
+ACTIVATION_GIB_PER_MEGAPIXEL = 2.5
+CONTEXT_RESERVE_GIB = 0.8
+
+
+class MemoryMode(str, enum.Enum):
+    HIGH = "high"
+    BALANCED = "balanced"
+    LOW = "low"
+    SEQUENTIAL = "sequential"
+    CPU = "cpu"
+
+    def lower(self) -> "MemoryMode | None":
+        """The next rung down the ladder, or None at the bottom."""
+        ladder = [MemoryMode.HIGH, MemoryMode.BALANCED, MemoryMode.LOW, MemoryMode.SEQUENTIAL]
+        if self not in ladder or self is ladder[-1]:
+            return None
+        return ladder[ladder.index(self) + 1]
+
+
+DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
+DTYPE_CHOICES = ("auto", "fp16", "bf16", "fp32")
+MEMORY_CHOICES = ("auto",) + tuple(m.value for m in MemoryMode if m is not MemoryMode.CPU)
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def resolve_device(choice: str = "auto") -> torch.device:
+    """cuda > mps > cpu for `auto`; an explicit choice that is not available is an error."""
+    if choice not in DEVICE_CHOICES:
+        raise ValueError(f"`device` must be one of {', '.join(DEVICE_CHOICES)} but is {choice!r}.")
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("`--device cuda` was asked for but PyTorch sees no CUDA GPU; use `--device auto`.")
+    if choice == "mps" and not has_mps:
+        raise ValueError("`--device mps` was asked for but this PyTorch has no MPS support; use `--device auto`.")
+    return torch.device(choice)
+
+
+def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """fp16 on CUDA and MPS by default (the VAE is upcast if it overflows); fp32 on the CPU."""
+    if choice not in DTYPE_CHOICES:
+        raise ValueError(f"`dtype` must be one of {', '.join(DTYPE_CHOICES)} but is {choice!r}.")
+    if choice == "auto":
+        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+    if device.type == "cpu" and choice == "fp16":
+        raise ValueError("fp16 is not supported for CPU inference; use `--dtype fp32` or `--dtype bf16`.")
+    return _DTYPES[choice]
+
+
+def choose_mode(*, device: torch.device, requested: str, weights_bytes: int, free_vram_bytes: int | None,
+                width: int = 512, height: int = 512) -> MemoryMode:
+    """`auto` picks the highest rung whose estimated peak fits in free VRAM at this resolution."""
+    if device.type != "cuda":
+        return MemoryMode.CPU if device.type == "cpu" else MemoryMode.HIGH
+    if requested != "auto":
+        return MemoryMode(requested)
+    if free_vram_bytes is None:
+        return MemoryMode.BALANCED
+    megapixels = width * height / 1e6
+    activations = ACTIVATION_GIB_PER_MEGAPIXEL * megapixels * GIB
+    budget = free_vram_bytes - CONTEXT_RESERVE_GIB * GIB
+    if weights_bytes + activations <= budget:
+        return MemoryMode.HIGH
+    # With model offload only the largest model (the UNet, about 3/4 of the weights) is resident.
+    if 0.75 * weights_bytes + activations <= budget:
+        return MemoryMode.BALANCED
+    if 0.75 * weights_bytes + activations / 4 <= budget:
+        return MemoryMode.LOW
+    return MemoryMode.SEQUENTIAL
+
+
+@dataclass
+class MemoryStats:
+    device: str
+    dtype: str
+    mode: str
+    ram_used_gib: float
+    vram_used_gib: float | None
+    vram_total_gib: float | None
+
+    def summary(self) -> str:
+        vram = "" if self.vram_used_gib is None else \
+            f" · VRAM {self.vram_used_gib:.2f} / {self.vram_total_gib:.1f} GiB"
+        return f"{self.device} · {self.dtype} · memory mode {self.mode} · RAM {self.ram_used_gib:.2f} GiB{vram}"
+
+
+class MemoryManager:
+    """Owns device, dtype and memory mode, and applies the mode to a pipeline."""
+
+    def __init__(self, *, device: str = "auto", dtype: str = "auto", memory: str = "auto"):
+        if memory not in MEMORY_CHOICES:
+            raise ValueError(f"`memory` must be one of {', '.join(MEMORY_CHOICES)} but is {memory!r}.")
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.requested_mode = memory
+        self.mode = MemoryMode.CPU if self.device.type == "cpu" else MemoryMode.HIGH
+
+    def free_vram(self) -> int | None:
+        if self.device.type != "cuda":
+            return None
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return free
+
+    def place(self, pipeline, *, width: int = 512, height: int = 512, mode: MemoryMode | None = None) -> MemoryMode:
+        """Put `pipeline` on the device according to `mode` (or the requested/auto mode)."""
+        weights = sum(p.numel() * p.element_size() for m in pipeline.components.values()
+                      if isinstance(m, torch.nn.Module) for p in m.parameters())
+        if mode is None:
+            mode = choose_mode(device=self.device, requested=self.requested_mode, weights_bytes=weights,
+                               free_vram_bytes=self.free_vram(), width=width, height=height)
+        if hasattr(pipeline, "remove_all_hooks"):
+            pipeline.remove_all_hooks()
+        if mode in (MemoryMode.HIGH, MemoryMode.CPU):
+            pipeline.to(self.device)
+        elif mode is MemoryMode.BALANCED or mode is MemoryMode.LOW:
+            pipeline.enable_model_cpu_offload(device=self.device)
+        else:
+            pipeline.enable_sequential_cpu_offload(device=self.device)
+        slicing = mode in (MemoryMode.LOW, MemoryMode.SEQUENTIAL)
+        if slicing:
+            pipeline.enable_attention_slicing()
+        elif hasattr(pipeline, "disable_attention_slicing"):
+            pipeline.disable_attention_slicing()
+        vae = getattr(pipeline, "vae", None)
+        if vae is not None and hasattr(vae, "enable_tiling"):
+            (vae.enable_tiling if slicing else vae.disable_tiling)()
+            (vae.enable_slicing if slicing else vae.disable_slicing)()
+        self.mode = mode
+        return mode
+
+    def release(self) -> None:
+        """Give freed tensors back: Python's garbage, then the CUDA caching allocator."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.ipc_collect()
+        elif self.device.type == "mps":
+            torch.mps.empty_cache()
+
+    def stats(self) -> MemoryStats:
+        ram = psutil.Process(os.getpid()).memory_info().rss / GIB
+        vram = total = None
+        if self.device.type == "cuda":
+            vram = torch.cuda.memory_allocated(self.device) / GIB
+            total = torch.cuda.get_device_properties(self.device).total_memory / GIB
+        dtype = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[self.dtype]
+        return MemoryStats(device=str(self.device), dtype=dtype, mode=self.mode.value,
+                           ram_used_gib=ram, vram_used_gib=vram, vram_total_gib=total)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()

@@ -1,0 +1,324 @@
+"""Generation metadata: A1111-style infotext, PNG text chunks, and atomic saving.
+
+An infotext is the text AUTOMATIC1111 stores in a PNG's `parameters` chunk:
+
+    a photo of a cat, studio lighting
+    Negative prompt: blurry
+    Steps: 25, Sampler: DPM++ 2M, CFG scale: 7.5, Seed: 1234, Size: 64x64
+
+We write it exactly as A1111 does and parse it with A1111's own regex, so images move
+both ways between the two tools. A second chunk, `studio`, holds the full request and
+library versions as JSON, for exact reproduction.
+
+Saved images go to `outputs/<YYYY-MM-DD>/<counter>-<seed>.png`. A file with a final name
+is always complete: the bytes go to a temporary file that is renamed into place, and a
+per-counter reservation keeps concurrent saves from taking the same counter.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import re
+from datetime import datetime
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import BinaryIO
+
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
+
+PARAMETERS_CHUNK = "parameters"   # A1111's chunk name
+STUDIO_CHUNK = "studio"
+NEGATIVE_PROMPT_PREFIX = "Negative prompt:"
+
+# A1111, modules/infotext_utils.py: one `Key: value` pair of the params line.
+PARAM_PATTERN = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+# Keys that PARAM_PATTERN can read back, as a whole string.
+KEY_PATTERN = re.compile(r"\w[\w \-/]+")
+SIZE_PATTERN = re.compile(r"(\d+)x(\d+)")
+# A1111 treats the last line as params only when it holds at least this many pairs.
+MIN_PARAMS_ON_LAST_LINE = 3
+
+VERSIONED_PACKAGES = ("torch", "diffusers", "transformers", "peft", "gradio")
+
+# Saved names: `00012-1234.png`; reservations: `.00012.reserved`.
+SAVED_NAME_PATTERN = re.compile(r"(\d+)-.*\.png")
+RESERVATION_PATTERN = re.compile(r"\.(\d+)\.reserved")
+MAX_SAVE_ATTEMPTS = 100
+
+
+# ---------------------------------------------------------------------------------------
+# Infotext
+
+
+def _format_value(value: object) -> str:
+    if isinstance(value, float):
+        # repr is the shortest text that reads back as the same float: 7.5, 0.1, 1e-05.
+        return str(int(value)) if value.is_integer() else repr(value)
+    return str(value)
+
+
+def _quote(text: str) -> str:
+    """A1111's `quote`: JSON-quote a value that would otherwise break the params line."""
+    if any(character in text for character in ',:"\n'):
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def _unquote(text: str) -> str:
+    """A1111's `unquote`: a JSON-quoted value back to its text; anything else as it is."""
+    if len(text) < 2 or text[0] != '"' or text[-1] != '"':
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def build_infotext(prompt: str, negative_prompt: str, params: dict[str, object]) -> str:
+    """The infotext A1111 would write: prompt, `Negative prompt: ...` if any, params line.
+
+    `params` keeps its order; None values are left out. Like A1111, the result is
+    stripped of leading and trailing whitespace.
+    """
+    pairs = []
+    for key, value in params.items():
+        if value is None:
+            continue
+        if not isinstance(key, str) or KEY_PATTERN.fullmatch(key) is None:
+            raise ValueError(
+                f"Infotext key {key!r} cannot be read back: keys are a letter, digit or `_` "
+                f"followed by letters, digits, spaces, `_`, `-` or `/`."
+            )
+        pairs.append(f"{key}: {_quote(_format_value(value))}")
+
+    text = prompt
+    if negative_prompt:
+        text += f"\n{NEGATIVE_PROMPT_PREFIX} {negative_prompt}"
+    text += "\n" + ", ".join(pairs)
+    return text.strip()
+
+
+def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
+    """(prompt, negative prompt, params) from an infotext, the way A1111 reads it.
+
+    The last line is the params line only if A1111's regex finds at least three pairs in
+    it; otherwise there are no params. As in A1111, each prompt line is stripped.
+    Values stay text (see `infotext_to_settings` for typed values).
+    """
+    *lines, last_line = text.strip().split("\n")
+    if len(PARAM_PATTERN.findall(last_line)) < MIN_PARAMS_ON_LAST_LINE:
+        lines.append(last_line)
+        last_line = ""
+
+    prompt_lines: list[str] = []
+    negative_lines: list[str] = []
+    for line in lines:
+        line = line.strip()
+        if not negative_lines and line.startswith(NEGATIVE_PROMPT_PREFIX):
+            negative_lines.append(line[len(NEGATIVE_PROMPT_PREFIX):].strip())
+        elif negative_lines:
+            negative_lines.append(line)
+        else:
+            prompt_lines.append(line)
+
+    params = {key: _unquote(value) for key, value in PARAM_PATTERN.findall(last_line)}
+    return "\n".join(prompt_lines), "\n".join(negative_lines), params
+
+
+def _typed(params: dict[str, str], key: str, convert: type):
+    text = params[key]
+    try:
+        return convert(text)
+    except ValueError:
+        kind = {int: "a whole number", float: "a number"}[convert]
+        raise ValueError(f"Infotext field `{key}` should be {kind} but is {text!r}.") from None
+
+
+def infotext_to_settings(params: dict[str, str]) -> dict:
+    """Typed settings from parsed infotext params; keys this studio doesn't use are ignored.
+
+    Returns a subset of: steps, sampler, guidance_scale, seed, width, height, strength,
+    guidance_rescale, batch_size, model, model_hash.
+    """
+    settings: dict[str, object] = {}
+    for key, name, convert in (
+        ("Steps", "steps", int),
+        ("CFG scale", "guidance_scale", float),
+        ("Seed", "seed", int),
+        ("Denoising strength", "strength", float),
+        ("Guidance rescale", "guidance_rescale", float),
+        ("Batch size", "batch_size", int),
+    ):
+        if key in params:
+            settings[name] = _typed(params, key, convert)
+
+    if "Sampler" in params:
+        sampler = params["Sampler"]
+        # A1111 >= 1.9 writes `Sampler: DPM++ 2M, Schedule type: Karras` for what older
+        # versions (and our sampler names) call `DPM++ 2M Karras`.
+        if params.get("Schedule type") == "Karras" and not sampler.endswith("Karras"):
+            sampler += " Karras"
+        settings["sampler"] = sampler
+
+    if "Size" in params:
+        size = SIZE_PATTERN.fullmatch(params["Size"])
+        if size is None:
+            raise ValueError(f"Infotext field `Size` should look like 512x768 but is {params['Size']!r}.")
+        settings["width"], settings["height"] = int(size.group(1)), int(size.group(2))
+
+    if "Model" in params:
+        settings["model"] = params["Model"]
+    if "Model hash" in params:
+        settings["model_hash"] = params["Model hash"]
+    return settings
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape the output, for the `studio` chunk."""
+    versions = {}
+    for package in VERSIONED_PACKAGES:
+        try:
+            versions[package] = importlib_metadata.version(package)
+        except importlib_metadata.PackageNotFoundError:
+            continue   # not installed: nothing to record
+    versions["python"] = platform.python_version()
+    return versions
+
+
+# ---------------------------------------------------------------------------------------
+# PNG text chunks
+
+
+def _add_text_chunk(png_info: PngImagePlugin.PngInfo, key: str, text: str) -> None:
+    # tEXt chunks are Latin-1 only; iTXt carries UTF-8.
+    try:
+        text.encode("latin-1")
+    except UnicodeEncodeError:
+        png_info.add_itxt(key, text)
+    else:
+        png_info.add_text(key, text)
+
+
+def png_bytes_with_metadata(image: Image.Image, infotext: str, extra: dict) -> bytes:
+    """`image` encoded as PNG with a `parameters` chunk (the infotext, as A1111 writes
+    it) and a `studio` chunk (`extra` as JSON)."""
+    png_info = PngImagePlugin.PngInfo()
+    _add_text_chunk(png_info, PARAMETERS_CHUNK, infotext)
+    _add_text_chunk(png_info, STUDIO_CHUNK, json.dumps(extra))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=png_info)
+    return buffer.getvalue()
+
+
+def read_png_metadata(path_or_file: str | os.PathLike | BinaryIO) -> tuple[str | None, dict | None]:
+    """(infotext, studio JSON) from a PNG; each None when its chunk is missing.
+
+    Works on A1111 images, which only have `parameters`. Raises ValueError for anything
+    that is not a PNG, or for a `studio` chunk that is not a JSON object.
+    """
+    name = os.fspath(path_or_file) if isinstance(path_or_file, (str, os.PathLike)) \
+        else getattr(path_or_file, "name", "the uploaded file")
+    try:
+        with Image.open(path_or_file) as image:
+            if image.format != "PNG":
+                raise ValueError(f"{name} is not a PNG image (it is {image.format}); "
+                                 f"generation parameters are only read from PNG files.")
+            # `.text` also reads text chunks stored after the image data.
+            chunks = dict(image.text)
+    except UnidentifiedImageError:
+        raise ValueError(f"{name} is not a PNG image (not an image PIL can read).") from None
+
+    infotext = chunks.get(PARAMETERS_CHUNK)
+    studio_text = chunks.get(STUDIO_CHUNK)
+    if studio_text is None:
+        return infotext, None
+    try:
+        studio = json.loads(studio_text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"The `{STUDIO_CHUNK}` chunk of {name} is not valid JSON: {error}.") from None
+    if not isinstance(studio, dict):
+        raise ValueError(f"The `{STUDIO_CHUNK}` chunk of {name} should hold a JSON object "
+                         f"but holds {type(studio).__name__}.")
+    return infotext, studio
+
+
+# ---------------------------------------------------------------------------------------
+# Saving
+
+
+def _used_counters(day_dir: Path) -> tuple[set[int], set[int]]:
+    """(counters of saved images, counters reserved by saves in progress)."""
+    saved, reserved = set(), set()
+    for entry in os.scandir(day_dir):
+        if match := SAVED_NAME_PATTERN.fullmatch(entry.name):
+            saved.add(int(match.group(1)))
+        elif match := RESERVATION_PATTERN.fullmatch(entry.name):
+            reserved.add(int(match.group(1)))
+    return saved, reserved
+
+
+def _reserve_counter(day_dir: Path) -> tuple[int, Path]:
+    """The next free counter in `day_dir`, held by an exclusively created reservation file.
+
+    The reservation is keyed by the counter alone, since two saves with different seeds
+    would otherwise both win the same counter under different final names.
+    """
+    for _ in range(MAX_SAVE_ATTEMPTS):
+        saved, reserved = _used_counters(day_dir)
+        counter = max(saved | reserved, default=-1) + 1
+        reservation = day_dir / f".{counter:05d}.reserved"
+        try:
+            os.close(os.open(reservation, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            continue   # another save took this counter between our scan and our claim
+        # A save that finished (and dropped its reservation) between our scan and our
+        # claim left its image behind: look again before using the counter.
+        if counter in _used_counters(day_dir)[0]:
+            os.remove(reservation)
+            continue
+        return counter, reservation
+    raise RuntimeError(f"Could not reserve an image number in {day_dir} after "
+                       f"{MAX_SAVE_ATTEMPTS} attempts; other saves kept taking them.")
+
+
+def save_image(image: Image.Image, infotext: str, extra: dict, outputs_dir: Path, seed: int,
+               now: datetime | None = None) -> Path:
+    """Save `image` with its metadata as `outputs_dir/<YYYY-MM-DD>/<counter>-<seed>.png`.
+
+    The counter is one more than the highest in that day's folder, starting at 00000.
+    The file appears under its final name only when complete; on any error nothing is
+    left behind.
+    """
+    # 1. Encode first: a bad image or unserialisable `extra` fails before touching disk.
+    png_bytes = png_bytes_with_metadata(image, infotext, extra)
+
+    # 2. Claim a counter.
+    day_dir = Path(outputs_dir) / (now or datetime.now()).strftime("%Y-%m-%d")
+    day_dir.mkdir(parents=True, exist_ok=True)
+    counter, reservation = _reserve_counter(day_dir)
+
+    # 3. Write a temporary file and rename it into place.
+    final_path = day_dir / f"{counter:05d}-{seed}.png"
+    temp_path = day_dir / f".{counter:05d}-{seed}.png.tmp"
+    temp_created = False
+    try:
+        write_flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_BINARY", 0)
+        file_descriptor = os.open(temp_path, write_flags, 0o666)
+        temp_created = True
+        with os.fdopen(file_descriptor, "wb") as temp_file:
+            temp_file.write(png_bytes)
+            temp_file.flush()
+            # Flush to disk before the rename, so a crash can't leave a complete name
+            # pointing at incomplete data.
+            os.fsync(temp_file.fileno())
+        os.replace(temp_path, final_path)
+    except BaseException:
+        if temp_created:
+            temp_path.unlink(missing_ok=True)
+        raise
+    finally:
+        reservation.unlink(missing_ok=True)
+    return final_path

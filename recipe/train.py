@@ -1,0 +1,281 @@
+"""Train the embedded emoji model from scratch: data -> VAE -> latents -> text encoder + UNet -> export.
+
+    python -m recipe.train all --unet-steps 30000        # everything, resuming where it stopped
+    python -m recipe.train vae --vae-steps 3000          # one stage
+    python -m recipe.train export --out assets/emoji-ldm # write the diffusers folder
+
+Every stage is seeded and resumable: checkpoints and loss logs live in .cache/train/ and a
+second run continues from the last checkpoint. Nothing here is needed at run time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from recipe import architecture, data
+
+WORK = Path(__file__).resolve().parent.parent / ".cache" / "train"
+CAPTION_DROPOUT = 0.15  # empty prompt this often, so classifier-free guidance has an unconditional model
+
+
+def _save_atomically(state: dict, path: Path) -> None:
+    partial = path.with_suffix(".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
+
+
+def _log(name: str, step: int, **values: float) -> None:
+    with open(WORK / f"{name}.log", "a") as log:
+        log.write(json.dumps({"step": step, "time": round(time.time(), 1), **values}) + "\n")
+
+
+def _images_tensor(cache: Path) -> tuple[torch.Tensor, list[data.EmojiRecord], list[str]]:
+    records, class_names = data.load_records(cache)
+    stored = WORK / "images.npy"
+    if stored.exists():
+        images = np.load(stored)
+    else:
+        images = data.load_images(records)
+        np.save(stored, images)
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return pixels, records, class_names
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 1: the VAE. L1 reconstruction plus SD's tiny KL weight, on random 32x32 crops (the
+# encoder and decoder are convolutional with no attention, so crops train them 4x cheaper).
+# ----------------------------------------------------------------------------------------------
+def train_vae(pixels: torch.Tensor, steps: int, batch_size: int = 32, lr: float = 1e-3) -> None:
+    checkpoint = WORK / "vae.pt"
+    vae = architecture.vae()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    step = 0
+    if checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)
+        vae.load_state_dict(state["vae"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+        torch.set_rng_state(state["rng"])
+    else:
+        torch.manual_seed(0)
+    if step >= steps:
+        return
+    schedule = lambda s: 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))  # cosine to zero
+    progress = tqdm(total=steps, initial=step, desc="vae")
+    vae.train()
+    while step < steps:
+        for group in optimizer.param_groups:
+            group["lr"] = lr * schedule(step)
+        batch = pixels[torch.randint(len(pixels), (batch_size,))]
+        if step % 4 != 3:  # three steps in four on crops, one on whole images
+            y, x = np.random.randint(0, 33, size=2)
+            batch = batch[:, :, y:y + 32, x:x + 32]
+        posterior = vae.encode(batch).latent_dist
+        reconstruction = vae.decode(posterior.sample()).sample
+        l1 = (reconstruction - batch).abs().mean()
+        kl = posterior.kl().mean() / batch[0].numel()
+        loss = l1 + 1e-6 * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        progress.update(1)
+        progress.set_postfix(l1=f"{l1.item():.4f}")
+        if step % 50 == 0:
+            _log("vae", step, l1=l1.item(), kl=kl.item())
+        if step % 250 == 0 or step == steps:
+            _save_atomically({"vae": vae.state_dict(), "optimizer": optimizer.state_dict(),
+                              "step": step, "rng": torch.get_rng_state()}, checkpoint)
+    progress.close()
+
+
+def load_vae():
+    vae = architecture.vae()
+    vae.load_state_dict(torch.load(WORK / "vae.pt", weights_only=False)["vae"])
+    return vae.eval().requires_grad_(False)
+
+
+def cache_latents(pixels: torch.Tensor) -> dict:
+    """Encode every image once with the frozen VAE: the UNet stage never touches pixels."""
+    stored = WORK / "latents.pt"
+    vae_step = torch.load(WORK / "vae.pt", weights_only=False)["step"]
+    if stored.exists():
+        cached = torch.load(stored)
+        if cached["vae_step"] == vae_step:
+            return cached
+    vae = load_vae()
+    means, stds = [], []
+    with torch.no_grad():
+        for chunk in pixels.split(256):
+            posterior = vae.encode(chunk).latent_dist
+            means.append(posterior.mean)
+            stds.append(posterior.std)
+    mean, std = torch.cat(means), torch.cat(stds)
+    reconstruction = torch.cat([vae.decode(m).sample for m in mean[:512].split(128)])
+    psnr = -10 * math.log10(((reconstruction.clamp(-1, 1) - pixels[:512]) / 2).pow(2).mean().item())
+    cached = {"mean": mean, "std": std, "vae_step": vae_step,
+              # SD's convention: scale latents to unit variance before diffusion.
+              "scaling_factor": 1.0 / mean.std().item(), "psnr": psnr}
+    torch.save(cached, stored)
+    print(f"latents {tuple(mean.shape)}, scaling_factor {cached['scaling_factor']:.4f}, "
+          f"VAE reconstruction PSNR {psnr:.2f} dB")
+    return cached
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 2: text encoder + UNet, epsilon prediction, min-SNR(5) loss weights, EMA weights kept.
+# ----------------------------------------------------------------------------------------------
+def train_unet(latents: dict, records: list[data.EmojiRecord], tokenizer, steps: int,
+               batch_size: int = 64, lr: float = 5e-4, warmup: int = 300, ema_decay: float = 0.999) -> None:
+    checkpoint = WORK / "unet.pt"
+    unet = architecture.unet()
+    text_encoder = architecture.text_encoder(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    noise_scheduler = architecture.scheduler()
+    parameters = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01)
+    step = 0
+    caption_rng = random.Random(0)
+    if checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        optimizer.load_state_dict(state["optimizer"])
+        ema = state["ema"]
+        step = state["step"]
+        torch.set_rng_state(state["rng"])
+        caption_rng.setstate(state["caption_rng"])
+    else:
+        torch.manual_seed(1)
+        ema = {k: v.detach().clone() for k, v in _named_weights(unet, text_encoder).items()}
+    if step >= steps:
+        return
+
+    alphas_cumprod = noise_scheduler.alphas_cumprod
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    loss_weight = torch.clamp(snr, max=5.0) / snr  # min-SNR-gamma weighting (Hang et al. 2023)
+    scaling_factor = latents["scaling_factor"]
+    progress = tqdm(total=steps, initial=step, desc="unet")
+    unet.train()
+    text_encoder.train()
+    while step < steps:
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / warmup)
+        index = torch.randint(len(records), (batch_size,))
+        captions = ["" if caption_rng.random() < CAPTION_DROPOUT else data.caption(records[i], caption_rng)
+                    for i in index.tolist()]
+        tokens = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                           truncation=True, return_tensors="pt").input_ids
+        x0 = (latents["mean"][index] + latents["std"][index] * torch.randn_like(latents["std"][index]))
+        x0 = x0 * scaling_factor
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,))
+        # Forward diffusion, closed form: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.
+        x_t = noise_scheduler.add_noise(x0, noise, t)
+        encoder_hidden_states = text_encoder(tokens)[0]
+        predicted_noise = unet(x_t, t, encoder_hidden_states).sample
+        per_sample = F.mse_loss(predicted_noise, noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = (per_sample * loss_weight[t]).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        step += 1
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for name, weight in _named_weights(unet, text_encoder).items():
+                ema[name].lerp_(weight.detach(), 1 - decay)
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss.item():.4f}")
+        if step % 50 == 0:
+            _log("unet", step, loss=loss.item(), mse=per_sample.mean().item())
+        if step % 250 == 0 or step == steps:
+            _save_atomically({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+                              "optimizer": optimizer.state_dict(), "ema": ema, "step": step,
+                              "rng": torch.get_rng_state(), "caption_rng": caption_rng.getstate()},
+                             checkpoint)
+    progress.close()
+
+
+def _named_weights(unet, text_encoder) -> dict[str, torch.Tensor]:
+    weights = {f"unet.{k}": v for k, v in unet.state_dict(keep_vars=True).items()}
+    weights.update({f"text_encoder.{k}": v for k, v in text_encoder.state_dict(keep_vars=True).items()})
+    return {k: v for k, v in weights.items() if v.dtype.is_floating_point}
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 3: export the EMA weights as a standard diffusers Stable Diffusion folder (fp16 safetensors).
+# ----------------------------------------------------------------------------------------------
+def export(out: Path, tokenizer_folder: Path, latents: dict, use_ema: bool = True) -> None:
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_folder)
+    state = torch.load(WORK / "unet.pt", weights_only=False)
+    unet = architecture.unet()
+    text_encoder = architecture.text_encoder(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    if use_ema:
+        unet.load_state_dict({k[len("unet."):]: v for k, v in state["ema"].items() if k.startswith("unet.")},
+                             strict=False)
+        text_encoder.load_state_dict({k[len("text_encoder."):]: v for k, v in state["ema"].items()
+                                      if k.startswith("text_encoder.")}, strict=False)
+    else:
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+    vae = load_vae()
+    vae.register_to_config(scaling_factor=latents["scaling_factor"])
+    scheduler = DPMSolverMultistepScheduler.from_config(architecture.scheduler().config)
+    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    partial = out.with_name(out.name + ".partial")
+    pipeline.to(torch.float16).save_pretrained(partial, safe_serialization=True)
+    (partial / "TRAINING.json").write_text(json.dumps({
+        "unet_steps": state["step"], "vae_steps": latents["vae_step"], "ema": use_ema,
+        "vae_psnr_db": round(latents["psnr"], 2), "recipe": "python -m recipe.train all"}, indent=2))
+    if out.exists():
+        import shutil
+        shutil.rmtree(out)
+    os.replace(partial, out)
+    print(f"exported {out} at UNet step {state['step']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=["data", "vae", "unet", "export", "all"])
+    parser.add_argument("--vae-steps", type=int, default=3000)
+    parser.add_argument("--unet-steps", type=int, default=30000)
+    parser.add_argument("--cache", type=Path, default=data.DEFAULT_CACHE)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "assets" / "emoji-ldm")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    WORK.mkdir(parents=True, exist_ok=True)
+
+    data.fetch(args.cache)
+    pixels, records, _ = _images_tensor(args.cache)
+    tokenizer_folder = WORK / "tokenizer"
+    if not (tokenizer_folder / "vocab.json").exists():
+        architecture.build_tokenizer(data.all_caption_words(records), tokenizer_folder)
+    if args.stage in ("vae", "all"):
+        train_vae(pixels, args.vae_steps)
+    if args.stage in ("unet", "all"):
+        from transformers import CLIPTokenizer
+        train_unet(cache_latents(pixels), records, CLIPTokenizer.from_pretrained(tokenizer_folder), args.unet_steps)
+    if args.stage in ("export", "all"):
+        export(args.out, tokenizer_folder, cache_latents(pixels))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""PNG Info: read the generation parameters of any PNG (ours or A1111's) and restore them."""
+
+from __future__ import annotations
+
+import json
+
+import gradio as gr
+
+from pipelines.metadata import read_png_metadata
+from studio.errors import user_errors
+
+
+def build_pnginfo_tab():
+    """Returns (infotext box, send-to-txt2img button, send-to-img2img button)."""
+    gr.Markdown("Drop a PNG made by this studio or by AUTOMATIC1111: its parameters appear below and can be "
+                "sent back to a tab.")
+    with gr.Row():
+        upload = gr.File(label="PNG file", file_types=[".png"], type="filepath", elem_id="pnginfo-file")
+        with gr.Column():
+            infotext = gr.Textbox(label="Parameters", lines=6, elem_id="pnginfo-infotext")
+            details = gr.JSON(label="Full request and library versions (this studio's PNGs only)")
+            with gr.Row():
+                to_txt2img = gr.Button("Send to Text-to-Image")
+                to_img2img = gr.Button("Send to Image-to-Image")
+
+    @user_errors
+    def read(path):
+        if not path:
+            return "", None
+        text, extra = read_png_metadata(path)
+        if text is None:
+            gr.Warning("This PNG carries no generation parameters.")
+        return text or "", json.loads(json.dumps(extra)) if extra else None
+
+    upload.change(read, inputs=upload, outputs=[infotext, details], api_name="png_info")
+    return infotext, to_txt2img, to_img2img, upload

@@ -1,0 +1,192 @@
+"""The generation service on a seeded tiny model: samplers, seeds, CFG, previews, stop, metadata."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines.metadata import infotext_to_settings, parse_infotext, read_png_metadata
+from pipelines.preview import is_blank
+from pipelines.requests import GeneratedImage, GenerationDone, GenerationRequest, Preview
+from pipelines.samplers import SAMPLER_NAMES
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def request(**overrides) -> GenerationRequest:
+    values = dict(prompt="red apple", seed=1234, steps=4, width=64, height=64, guidance_scale=5.0)
+    values.update(overrides)
+    return GenerationRequest(**values)
+
+
+@pytest.mark.parametrize("sampler", SAMPLER_NAMES)
+def test_every_sampler_builds_from_the_model_config_and_samples(studio, sampler):
+    done = studio.generate(request(sampler=sampler, steps=3))
+    model_config = studio.models.current.scheduler_config
+    scheduler = studio.models.pipeline("txt2img").scheduler
+    assert scheduler.config.beta_schedule == model_config["beta_schedule"]
+    assert scheduler.config.beta_end == model_config["beta_end"]
+    image = pixels(done.images[0].image)
+    assert image.shape == (64, 64, 3) and not is_blank(done.images[0].image)
+
+
+def test_unknown_sampler_is_an_error_listing_the_valid_ones():
+    with pytest.raises(ValueError, match="Unknown sampler 'Eulr'.*Euler a.*DPM\\+\\+ 2M Karras"):
+        request(sampler="Eulr")
+
+
+def test_same_seed_gives_the_same_image_bit_for_bit_and_another_seed_does_not(studio):
+    first = studio.generate(request(sampler="Euler a")).images[0].image
+    again = studio.generate(request(sampler="Euler a")).images[0].image
+    other = studio.generate(request(sampler="Euler a", seed=1235)).images[0].image
+    assert np.array_equal(pixels(first), pixels(again))
+    assert np.abs(pixels(first) - pixels(other)).mean() > 1.0
+
+
+def test_random_seed_is_reported_and_reproduces(studio):
+    done = studio.generate(request(seed=-1))
+    assert 0 <= done.seed < 2 ** 32 and done.images[0].seed == done.seed
+    assert f"Seed: {done.seed}" in done.images[0].infotext
+    replay = studio.generate(request(seed=done.seed))
+    assert np.array_equal(pixels(done.images[0].image), pixels(replay.images[0].image))
+
+
+def test_image_i_of_a_batch_uses_seed_plus_i(studio):
+    batch = studio.generate(request(batch_size=2, batch_count=2))
+    assert [item.seed for item in batch.images] == [1234, 1235, 1236, 1237]
+    alone = studio.generate(request(seed=1236)).images[0].image
+    neighbour = studio.generate(request(seed=1237)).images[0].image
+    # Same starting noise; batched matrix products round differently from single ones, so the
+    # images agree to within a grey level or so, while a neighbouring seed is a different image.
+    assert np.abs(pixels(batch.images[2].image) - pixels(alone)).mean() < 0.5
+    assert np.abs(pixels(batch.images[2].image) - pixels(neighbour)).mean() > 2.0
+
+
+def _unet_batch_sizes(studio, guidance_scale: float) -> list[int]:
+    unet = studio.models.current.pipeline.unet
+    sizes = []
+    handle = unet.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    try:
+        studio.generate(request(guidance_scale=guidance_scale, steps=3))
+    finally:
+        handle.remove()
+    return sizes
+
+
+def test_cfg_one_skips_the_unconditional_pass(studio):
+    assert _unet_batch_sizes(studio, 1.0) == [1, 1, 1]
+    assert _unet_batch_sizes(studio, 7.0) == [2, 2, 2]
+
+
+def test_guidance_changes_the_image(studio):
+    weak = studio.generate(request(guidance_scale=1.0)).images[0].image
+    strong = studio.generate(request(guidance_scale=12.0)).images[0].image
+    assert np.abs(pixels(weak) - pixels(strong)).mean() > 1.0
+
+
+def test_saved_png_metadata_round_trips_to_the_same_image(studio):
+    original = request(prompt="green apple, noto style", negative_prompt="blurry", sampler="DPM++ 2M Karras",
+                       steps=5, guidance_scale=6.5, seed=42)
+    saved = studio.generate(original).images[0]
+    infotext, extra = read_png_metadata(saved.path)
+    prompt, negative, parameters = parse_infotext(infotext)
+    settings = infotext_to_settings(parameters)
+    assert (prompt, negative) == ("green apple, noto style", "blurry")
+    assert settings["steps"] == 5 and settings["sampler"] == "DPM++ 2M Karras"
+    assert settings["guidance_scale"] == 6.5 and settings["seed"] == 42
+    assert (settings["width"], settings["height"]) == (64, 64)
+    assert extra["request"]["negative_prompt"] == "blurry" and "diffusers" in extra["versions"]
+    restored = request(prompt=prompt, negative_prompt=negative, sampler=settings["sampler"], steps=settings["steps"],
+                       guidance_scale=settings["guidance_scale"], seed=settings["seed"])
+    replay = studio.generate(restored).images[0].image
+    assert np.array_equal(pixels(Image.open(saved.path).convert("RGB")), pixels(replay))
+
+
+def test_outputs_are_named_by_counter_and_seed(studio):
+    done = studio.generate(request(batch_size=2, seed=7))
+    names = [item.path.rsplit("/", 1)[-1] for item in done.images]
+    counters = [int(name.split("-")[0]) for name in names]
+    assert [name.split("-")[1] for name in names] == ["7.png", "8.png"]
+    assert counters[1] == counters[0] + 1
+
+
+def test_img2img_strength_zero_returns_the_input(studio):
+    source = studio.generate(request()).images[0].image
+    same = studio.generate(request(init_image=source, strength=0.0)).images[0].image
+    changed = studio.generate(request(init_image=source, strength=0.9, steps=10)).images[0].image
+    assert np.array_equal(pixels(source), pixels(same))
+    assert np.abs(pixels(source) - pixels(changed)).mean() > 1.0
+    assert studio.models.pipeline("img2img").unet is studio.models.pipeline("txt2img").unet  # from_pipe shares
+
+
+def test_previews_arrive_every_n_steps_before_the_image(studio):
+    events = list(studio.run(request(steps=6, preview_every=2, preview_mode="linear")))
+    previews = [e for e in events if isinstance(e, Preview)]
+    assert [p.step for p in previews] == [2, 4]
+    assert previews[0].images[0].size == (64, 64)
+    assert isinstance(events[-2], GeneratedImage) and isinstance(events[-1], GenerationDone)
+
+
+def test_stop_interrupts_at_the_next_step_and_keeps_finished_images(studio):
+    stop = threading.Event()
+    events = []
+    for event in studio.run(request(steps=8, batch_count=3, preview_every=1, preview_mode="linear"), stop=stop):
+        events.append(event)
+        if isinstance(event, Preview) and event.batch_index == 1 and event.step == 2:
+            stop.set()
+    done = events[-1]
+    assert done.stopped
+    finished = [item for item in done.images if item.finished]
+    partial = [item for item in done.images if not item.finished]
+    assert len(finished) == 1 and finished[0].path is not None
+    assert len(partial) == 1 and partial[0].path is None and partial[0].steps_done == 3
+    assert any("Stopped" in message for message in done.messages)
+
+
+@pytest.mark.parametrize("width,height", [(100, 64), (64, 60)])
+def test_sizes_must_be_multiples_of_the_vae_factor(studio, width, height):
+    with pytest.raises(ValueError, match=f"divisible by 4 but are {height} and {width}"):
+        studio.generate(request(width=width, height=height))
+
+
+@pytest.mark.parametrize("field,value,words", [("steps", 0, "steps"), ("width", 4096, "width"),
+                                               ("guidance_scale", -1.0, "CFG"), ("seed", -5, "seed"),
+                                               ("strength", 1.5, "strength")])
+def test_bad_values_are_refused_with_what_was_received(field, value, words):
+    with pytest.raises(ValueError, match=words) as error:
+        request(**{field: value})
+    assert str(value) in str(error.value)
+
+
+def test_long_prompts_are_encoded_in_windows(studio):
+    long_prompt = ", ".join(["red apple", "green apple", "a cat", "a dog", "smiling face"] * 4)
+    pipeline = studio.models.pipeline("txt2img")
+    seen = []
+    handle = pipeline.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"].shape[1]), with_kwargs=True)
+    try:
+        done = studio.generate(request(prompt=long_prompt, steps=2))
+    finally:
+        handle.remove()
+    assert any("windows" in message for message in done.messages)
+    assert seen[0] > pipeline.tokenizer.model_max_length and seen[0] % pipeline.tokenizer.model_max_length == 0
+    tail_changed = studio.generate(request(prompt=long_prompt + ", blue sky, blue sky", steps=2))
+    assert np.abs(pixels(done.images[0].image) - pixels(tail_changed.images[0].image)).mean() > 0.1
+
+
+def test_out_of_memory_in_the_lowest_mode_is_an_actionable_error(studio, monkeypatch):
+    unet = studio.models.current.pipeline.unet
+
+    def exhausted(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(unet, "forward", exhausted)
+    with pytest.raises(ValueError, match="smaller size or batch"):
+        studio.generate(request())
+    monkeypatch.undo()
+    assert not is_blank(studio.generate(request()).images[0].image)  # the service still works

@@ -214,10 +214,18 @@ class ModelManager:
         self.memory.release()
 
 
+def _hub_offline() -> bool:
+    import os
+
+    from huggingface_hub import constants
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
 def _explain_load_failure(source: ModelSource, error: Exception) -> str:
     text = f"{type(error).__name__}: {error}"
-    offline = any(word in text for word in ("offline", "LocalEntryNotFound", "Cannot reach", "couldn't connect",
-                                            "Connection", "resolve", "outgoing traffic has been disabled"))
+    offline = _hub_offline() or any(word in text for word in (
+        "offline", "LocalEntryNotFound", "Cannot reach", "couldn't connect", "Connection", "resolve",
+        "outgoing traffic has been disabled"))
     if source.kind == "hub" and offline:
         return (f"{source.location!r} is not in the local Hugging Face cache and cannot be downloaded (no network). "
                 f"On a connected machine run `huggingface-cli download {source.location}` (then copy the cache), "

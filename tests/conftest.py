@@ -1,4 +1,4 @@
-"""Seeded tiny Stable Diffusion components, built in-process: nothing is downloaded."""
+"""Shared fixtures: the seeded tiny model (recipe/tiny.py) saved as a folder, and a studio on it."""
 
 from __future__ import annotations
 
@@ -6,42 +6,11 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
+
+from recipe.tiny import build_tiny_pipeline
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-
-PHRASES = ["red apple", "green apple", "a cat", "a dog", "smiling face", "blue sky", "noto style",
-           "twemoji style", "a photo of an astronaut riding a horse", "blurry", "low quality"]
-
-
-def build_tiny_pipeline(folder: Path, seed: int = 0):
-    """A 64x64 SD-layout pipeline (VAE f=4, 2-layer CLIP, small UNet) with seeded random weights."""
-    from diffusers import (AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel)
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from recipe.architecture import build_tokenizer
-
-    tokenizer = build_tokenizer(PHRASES, folder / "tokenizer_src", merges=200)
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
-                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                        layers_per_block=1, norm_num_groups=8, sample_size=64)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id))
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
-    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
 
 
 @pytest.fixture(scope="session")

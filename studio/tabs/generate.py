@@ -74,7 +74,8 @@ def build_generate_tab(context: StudioContext, *, task: str, defaults: dict) -> 
             with gr.Row():
                 sampler = gr.Dropdown(list(SAMPLER_NAMES), value=defaults.get("sampler", DEFAULT_SAMPLER),
                                       label="Sampler")
-                steps = gr.Slider(1, MAX_STEPS, value=defaults.get("steps", 25), step=1, label="Steps")
+                steps = gr.Slider(1, MAX_STEPS, value=defaults.get("steps", 25), step=1, label="Steps",
+                                  elem_id=f"{task}-steps")
             with gr.Row():
                 guidance_scale = gr.Slider(1.0, 20.0, value=defaults.get("guidance_scale", 7.5), step=0.5,
                                            label="CFG scale", info="1 turns guidance (and its extra pass) off")
@@ -104,18 +105,17 @@ def build_generate_tab(context: StudioContext, *, task: str, defaults: dict) -> 
                                 generate, stop, gallery, infotext, status, infotexts, selected)
 
     @user_errors
-    def run(*values, request: gr.Request):
-        (prompt_value, negative, sampler_value, steps_value, cfg, rescale, width_value, height_value, seed_value,
-         batch_size_value, batch_count_value, preview_value, *image_values) = values
-        if task == "img2img" and image_values[0] is None:
+    def run(prompt_value, negative, sampler_value, steps_value, cfg, rescale, width_value, height_value, seed_value,
+            batch_size_value, batch_count_value, preview_value, init_image_value=None, strength_value=0.75,
+            request: gr.Request = None):
+        if task == "img2img" and init_image_value is None:
             raise gr.Error("Upload an input image first (or send one from Text-to-Image).")
         generation = GenerationRequest(
             prompt=prompt_value or "", negative_prompt=negative or "", sampler=sampler_value, steps=int(steps_value),
             guidance_scale=float(cfg), guidance_rescale=float(rescale), width=int(width_value),
             height=int(height_value), seed=int(seed_value if seed_value is not None else -1),
             batch_size=int(batch_size_value), batch_count=int(batch_count_value), preview_every=int(preview_value),
-            init_image=image_values[0] if image_values else None,
-            strength=float(image_values[1]) if image_values else 0.75)
+            init_image=init_image_value, strength=float(strength_value))
         stop_event = context.stop_event(request.session_hash if request else None)
         finished: list[GeneratedImage] = []
         for event in context.generator.run(generation, stop=stop_event):
@@ -139,7 +139,7 @@ def build_generate_tab(context: StudioContext, *, task: str, defaults: dict) -> 
     outputs = [gallery, infotext, status, infotexts, selected]
     generate.click(run, inputs=controls.inputs(), outputs=outputs, concurrency_id="device",
                    concurrency_limit=1, api_name=task)
-    def stop_generation(request: gr.Request):
+    def stop_generation(request: gr.Request = None):
         context.stop(request.session_hash if request else None)
     stop.click(stop_generation, inputs=None, outputs=None, api_name=f"{task}_stop")
     dice.click(lambda: draw_seed(), outputs=seed, api_visibility="private")

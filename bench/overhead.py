@@ -1,0 +1,86 @@
+"""The studio's generate path against calling the diffusers pipeline directly.
+
+Same model, prompt, seed, sampler and steps, in one process, interleaved runs; prints medians
+and ratios (goals: studio / diffusers <= 1.03; previews every step / none <= 1.10).
+
+    python -m bench.overhead                       # the embedded model (tiny model if absent)
+    python -m bench.overhead --model PATH --size 512 --steps 20 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from pipelines.generate import Generator
+from pipelines.memory import MemoryManager
+from pipelines.models import EMBEDDED_MODEL, ModelManager
+from pipelines.requests import GenerationRequest
+from pipelines.samplers import make_scheduler
+
+
+def _timed(function) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    function()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="model to use (default: the embedded model)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--size", type=int, default=None, help="image side (default: the model's native size)")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--sampler", default="DPM++ 2M")
+    args = parser.parse_args()
+
+    manager = ModelManager(MemoryManager(device=args.device))
+    if args.model is None and not (EMBEDDED_MODEL / "model_index.json").exists():
+        from recipe.tiny import build_tiny_pipeline
+        from pipelines.models import ModelSource
+        folder = Path(tempfile.mkdtemp())
+        manager.adopt(build_tiny_pipeline(folder), ModelSource("folder", str(folder), "tiny"))
+    else:
+        manager.load(args.model or "embedded")
+    model = manager.current
+    pipeline = model.pipeline
+    size = args.size or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    generator = Generator(manager, outputs_dir=None)
+    request = GenerationRequest(prompt="grinning face", negative_prompt="", sampler=args.sampler, steps=args.steps,
+                                guidance_scale=7.5, width=size, height=size, seed=1234)
+    with_previews = GenerationRequest(**{**request.__dict__, "preview_every": 1})
+
+    def raw_diffusers():
+        pipeline.scheduler = make_scheduler(args.sampler, model.scheduler_config)
+        pipeline(prompt="grinning face", num_inference_steps=args.steps, guidance_scale=7.5, width=size,
+                 height=size, generator=[torch.Generator("cpu").manual_seed(1234)], output_type="pil")
+
+    candidates = {"diffusers": raw_diffusers, "studio": lambda: generator.generate(request),
+                  "studio+previews": lambda: generator.generate(with_previews)}
+    for function in candidates.values():  # warm-up: allocator, first-call caches, preview map fit
+        function()
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(args.runs):
+        for name, function in candidates.items():
+            times[name].append(_timed(function))
+    median = {name: statistics.median(values) for name, values in times.items()}
+    print(f"model {model.name} · {size}x{size} · {args.steps} steps · {args.sampler} · device "
+          f"{manager.memory.device} · {args.runs} interleaved runs each")
+    for name, value in median.items():
+        print(f"  {name:16s} median {value * 1000:8.1f} ms")
+    print(f"studio / diffusers          = {median['studio'] / median['diffusers']:.3f}  (goal <= 1.03)")
+    print(f"previews every step / none  = {median['studio+previews'] / median['studio']:.3f}  (goal <= 1.10)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""The launched studio: its HTTP API through gradio_client, and a real headless Chromium."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import launch
+from pipelines.metadata import parse_infotext, read_png_metadata
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    """The studio as `python launch.py` builds it, serving the tiny model on a free local port."""
+    outputs = tmp_path_factory.mktemp("outputs")
+    args = launch.parse_args(["--model", str(tiny_model_dir), "--device", "cpu", "--outputs", str(outputs),
+                              "--port", str(free_port())])
+    app, context = launch.build(args)
+    app.queue(default_concurrency_limit=1)
+    app.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=True, quiet=True,
+               allowed_paths=[str(outputs)])
+    yield f"http://{args.host}:{args.port}/", context
+    app.close()
+
+
+def test_launch_binds_to_localhost_by_default():
+    args = launch.parse_args([])
+    assert args.host == "127.0.0.1" and args.port == 7860 and not args.share and not args.allow_pickle
+
+
+def test_api_generates_an_image_with_metadata(server):
+    from gradio_client import Client
+
+    url, context = server
+    client = Client(url, verbose=False)
+    gallery, infotext, status, *_ = client.predict(
+        "red apple", "", "Euler a", 6, 5.0, 0.0, 64, 64, 99, 1, 1, 0, api_name="/txt2img")
+    assert "Seed 99" in status
+    _, _, parameters = parse_infotext(infotext)
+    assert parameters["Seed"] == "99" and parameters["Sampler"] == "Euler a"
+    saved = sorted(context.outputs_dir.rglob("*-99.png"))
+    assert saved, "the image was not saved under the outputs folder"
+    text, extra = read_png_metadata(saved[-1])
+    assert text == infotext and extra["request"]["steps"] == 6
+    served = Image.open(gallery[0]["image"]).convert("RGB")
+    assert np.asarray(served).std() > 2.0
+
+
+def test_api_reports_bad_input_and_keeps_serving(server):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    url, _ = server
+    client = Client(url, verbose=False)
+    with pytest.raises(AppError, match="divisible by"):
+        client.predict("red apple", "", "Euler", 4, 5.0, 0.0, 100, 64, 1, 1, 1, 0, api_name="/txt2img")
+    with pytest.raises(AppError, match="not in the list of choices.*DPM\\+\\+ 2M"):
+        client.predict("red apple", "", "Nope", 4, 5.0, 0.0, 64, 64, 1, 1, 1, 0, api_name="/txt2img")
+    gallery, *_ = client.predict("red apple", "", "Euler", 3, 5.0, 0.0, 64, 64, 1, 1, 1, 0, api_name="/txt2img")
+    assert len(gallery) == 1
+
+
+def test_api_refuses_model_paths_outside_the_app_folders(server, tmp_path):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    url, context = server
+    outside = tmp_path / "elsewhere.safetensors"
+    outside.write_bytes(b"not really")
+    client = Client(url, verbose=False)
+    with pytest.raises(AppError, match="outside the app's model folders"):
+        client.predict("embedded", str(outside), api_name="/load_model")
+    assert context.models.current is not None  # the loaded model was not dropped
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        pytest.fail("Chromium is required for the browser test: `apt-get install chromium` (.ci/run does this).")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        yield chromium
+        chromium.close()
+
+
+def _gallery_image(page) -> Image.Image:
+    image = page.locator("#txt2img-gallery img").first
+    image.wait_for(state="visible", timeout=60_000)
+    return Image.open(io.BytesIO(image.screenshot())).convert("RGB")
+
+
+def test_browser_generates_an_image_with_previews_and_stop_works(server, browser, tmp_path):
+    url, _ = server
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url, wait_until="load")
+    page.locator("#txt2img-prompt textarea").fill("red apple")
+    page.locator("#txt2img-seed input").fill("4242")
+    page.locator("#txt2img-generate").click()
+    page.locator("#txt2img-status").get_by_text("Seed 4242").wait_for(timeout=120_000)
+    image = _gallery_image(page)
+    page.screenshot(path=str(tmp_path / "studio.png"))
+    assert np.asarray(image, dtype=np.float32).std() > 2.0, "the gallery image is blank"
+    assert "Seed: 4242" in page.locator("#txt2img-infotext textarea").input_value()
+
+    # Stop: a long run, interrupted once its first preview is on screen.
+    page.locator("#txt2img-prompt textarea").fill("a cat")
+    steps = page.locator("#txt2img-steps input[type=number]")
+    steps.fill("200")
+    steps.press("Enter")
+    page.locator("#txt2img-generate").click()
+    page.locator("#txt2img-status").get_by_text("Step ").wait_for(timeout=60_000)
+    page.locator("#txt2img-stop").click()
+    page.locator("#txt2img-status").get_by_text("Stopped").wait_for(timeout=60_000)
+    assert "stopped at step" in page.locator("#txt2img-gallery").inner_text()
+    page.close()

@@ -49,7 +49,7 @@ def scheduler() -> DDPMScheduler:
     # Stable Diffusion 1.x's schedule: scaled-linear betas, epsilon prediction.
     return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                          beta_schedule="scaled_linear", prediction_type="epsilon",
-                         clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+                         clip_sample=False, steps_offset=1)
 
 
 def bytes_to_unicode() -> dict[int, str]:

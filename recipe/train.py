@@ -215,7 +215,7 @@ def _named_weights(unet, text_encoder) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Stage 3: export the EMA weights as a standard diffusers Stable Diffusion folder (fp16 safetensors).
+# Stage 3: export the EMA weights as a standard diffusers Stable Diffusion folder (safetensors).
 # ----------------------------------------------------------------------------------------------
 def export(out: Path, tokenizer_folder: Path, latents: dict, use_ema: bool = True) -> None:
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
@@ -240,7 +240,11 @@ def export(out: Path, tokenizer_folder: Path, latents: dict, use_ema: bool = Tru
                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
     partial = out.with_name(out.name + ".partial")
-    pipeline.to(torch.float16).save_pretrained(partial, safe_serialization=True)
+    # fp16 files for the UNet and VAE keep the folder under 60 MB; diffusers loads them as fp32 by
+    # default. The text encoder stays fp32: transformers would keep fp16 weights as fp16 on load.
+    unet.to(torch.float16)
+    vae.to(torch.float16)
+    pipeline.save_pretrained(partial, safe_serialization=True)
     (partial / "TRAINING.json").write_text(json.dumps({
         "unet_steps": state["step"], "vae_steps": latents["vae_step"], "ema": use_ema,
         "vae_psnr_db": round(latents["psnr"], 2), "recipe": "python -m recipe.train all"}, indent=2))

@@ -77,7 +77,8 @@ class Generator:
             request = request.resolved()
             model = self.models.require()
             pipeline = self.models.pipeline(request.task)
-            check_size(request.width, request.height, pipeline.vae_scale_factor)
+            # diffusers' SD pipelines require multiples of 8 whatever the VAE's factor
+            check_size(request.width, request.height, max(8, pipeline.vae_scale_factor))
             messages: list[str] = []
             if request.task == "img2img" and request.strength == 0.0:
                 return self._unchanged_input(request, model, emit)
@@ -142,6 +143,9 @@ class Generator:
                 pipe._interrupt = True
             return tensors
 
+        if hasattr(pipeline.scheduler, "noise_sampler_seed"):  # DPM++ SDE: seed its Brownian noise per image
+            pipeline.scheduler.noise_sampler_seed = [request.seed_for(batch_index, i)
+                                                     for i in range(request.batch_size)]
         arguments = dict(prompts, num_inference_steps=request.steps, guidance_scale=request.guidance_scale,
                          guidance_rescale=request.guidance_rescale, num_images_per_prompt=request.batch_size,
                          generator=generators, output_type="latent", callback_on_step_end=on_step_end)

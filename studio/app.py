@@ -6,6 +6,7 @@ import gradio as gr
 
 from pipelines.samplers import model_default_sampler
 from studio.context import StudioContext
+from studio.tabs.explorer import build_explorer_tab
 from studio.tabs.generate import build_generate_tab, settings_from_infotext
 from studio.tabs.models import build_models_tab
 from studio.tabs.pnginfo import build_pnginfo_tab
@@ -39,6 +40,8 @@ def build_app(context: StudioContext) -> gr.Blocks:
                 img2img = build_generate_tab(context, task="img2img", defaults=defaults)
             with gr.Tab("PNG Info", id="pnginfo"):
                 png_text, png_to_txt2img, png_to_img2img, png_file = build_pnginfo_tab()
+            with gr.Tab("Diffusion Explorer", id="explorer"):
+                build_explorer_tab(context)
             with gr.Tab("Models & memory", id="models"):
                 build_models_tab(context, status_outputs=[header])
 

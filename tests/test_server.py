@@ -132,3 +132,33 @@ def test_browser_generates_an_image_with_previews_and_stop_works(server, browser
     page.locator("#txt2img-status").get_by_text("Stopped").wait_for(timeout=60_000)
     assert "stopped at step" in page.locator("#txt2img-gallery").inner_text()
     page.close()
+
+
+def test_browser_explorer_records_and_plays_a_denoising_animation(server, browser):
+    url, _ = server
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url, wait_until="load")
+    page.get_by_role("tab", name="Diffusion Explorer").click()
+    page.get_by_role("tab", name="Reverse: denoising").click()
+    page.locator("#explorer-prompt textarea").fill("red apple")
+    page.locator("#explorer-seed input").fill("7")
+    steps = page.locator("#explorer-steps input[type=number]")
+    steps.fill("8")
+    steps.press("Enter")
+    page.locator("#explorer-record").click()
+    page.locator("#explorer-final img").wait_for(state="visible", timeout=120_000)
+    slider = page.locator("#explorer-step-slider input[type=number]")
+    first_frame = page.locator("#explorer-frame img").get_attribute("src")
+    start = int(slider.input_value())
+    page.locator("#explorer-play").click()
+    # Playing advances the step slider and swaps the x_t frame; wait for the change, not for time.
+    page.wait_for_function(
+        "([selector, start]) => { const e = document.querySelector(selector);"
+        " return e && Number(e.value) !== start; }",
+        arg=["#explorer-step-slider input[type=number]", start], timeout=60_000)
+    page.locator("#explorer-pause").click()
+    assert int(slider.input_value()) != start
+    page.wait_for_function(
+        "([selector, src]) => { const e = document.querySelector(selector); return e && e.src !== src; }",
+        arg=["#explorer-frame img", first_frame], timeout=30_000)
+    page.close()

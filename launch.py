@@ -23,7 +23,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "when offline); 'none' starts without a model")
     parser.add_argument("--model-config", default=None,
                         help="for a single-file checkpoint: a diffusers folder (or hub id) with the same "
-                             "architecture's config, needed offline")
+                             "architecture's config, needed offline (a part missing from the file, such as the "
+                             "text encoder, is then taken from this folder)")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
                         help="where to run: auto picks cuda > mps > cpu")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"],

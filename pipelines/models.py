@@ -162,6 +162,7 @@ class ModelManager:
 
         checkpoint = load_single_file_checkpoint(str(path))
         model_type = infer_diffusers_model_type(checkpoint)
+        del checkpoint  # from_single_file reads the file again; don't hold two copies
         pipeline_class = StableDiffusionXLPipeline if model_type.startswith("xl") else StableDiffusionPipeline
         kwargs = {"dtype": self.memory.dtype}
         if config:

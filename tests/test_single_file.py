@@ -1,0 +1,152 @@
+"""Single-file checkpoints: the tiny model exported in the original SD layout loads through diffusers'
+real `from_single_file` path (offline, with `--model-config`) into the very same model.
+
+The config folder handed to the loader has no weights: diffusers quietly takes a component it does
+not find in the single file (the text encoder, say) from the config folder, which would make a
+broken export look perfect here.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipelines.generate import Generator
+from pipelines.memory import MemoryManager
+from pipelines.models import ModelLoadError, ModelManager
+from pipelines.requests import GenerationRequest
+from recipe.single_file import main as export_main
+from recipe.single_file import save_single_file
+
+COMPONENTS = ("unet", "vae", "text_encoder")
+
+
+@pytest.fixture(scope="module")
+def tiny_single_file(tiny_model_dir, tmp_path_factory):
+    """The tiny model folder exported by the CLI to one .safetensors file."""
+    path = tmp_path_factory.mktemp("single") / "tiny-sd.safetensors"
+    assert export_main([str(tiny_model_dir), str(path)]) == path
+    return path
+
+
+@pytest.fixture(scope="module")
+def config_only_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny folder's configs and tokenizer, without its weights: all a `--model-config` may lend."""
+    folder = tmp_path_factory.mktemp("config") / "tiny-sd-config"
+    shutil.copytree(tiny_model_dir, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    return folder
+
+
+@pytest.fixture
+def offline_empty_hub(monkeypatch, tmp_path):
+    """No network and an empty Hugging Face cache, whatever this machine has cached."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+
+
+def manager() -> ModelManager:
+    return ModelManager(MemoryManager(device="cpu"))
+
+
+def test_export_writes_the_original_key_layout(tiny_single_file):
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    checkpoint = load_file(tiny_single_file)
+    prefixes = {key.split(".")[0] for key in checkpoint}
+    assert prefixes == {"model", "first_stage_model", "cond_stage_model"}
+    # Landmarks of the layout diffusers' reader keys on (tiny UNet: 2 blocks of 1 layer).
+    assert checkpoint["model.diffusion_model.input_blocks.2.0.op.weight"].shape == (32, 32, 3, 3)
+    assert "model.diffusion_model.output_blocks.1.1.conv.weight" in checkpoint      # upsampler, no attention
+    assert "model.diffusion_model.output_blocks.3.1.proj_in.weight" in checkpoint   # attention
+    assert "first_stage_model.decoder.up.0.block.0.nin_shortcut.weight" in checkpoint
+    assert checkpoint["first_stage_model.encoder.mid.attn_1.q.weight"].shape == (32, 32, 1, 1)
+    assert "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight" in checkpoint
+    assert infer_diffusers_model_type(checkpoint) == "v1"
+    assert not list(tiny_single_file.parent.glob("*.partial"))
+
+
+def test_single_file_loads_the_same_weights_and_images(tiny_model_dir, tiny_single_file, config_only_dir,
+                                                       offline_empty_hub):
+    from_folder = manager()
+    from_folder.load(str(tiny_model_dir))
+    from_file = manager()
+    loaded = from_file.load(str(tiny_single_file), config=str(config_only_dir))
+    assert loaded.source.kind == "file" and loaded.model_hash
+
+    for component in COMPONENTS:
+        expected = getattr(from_folder.current.pipeline, component).state_dict()
+        actual = getattr(loaded.pipeline, component).state_dict()
+        assert actual.keys() == expected.keys(), component
+        different = [key for key in expected if not torch.equal(actual[key], expected[key])]
+        assert not different, f"{component}: {different[:5]}"
+
+    request = GenerationRequest(prompt="red apple", seed=3, steps=3, width=64, height=64)
+    pixels = [np.asarray(Generator(models, None).generate(request).images[0].image)
+              for models in (from_folder, from_file)]
+    assert pixels[0].shape == (64, 64, 3) and pixels[0].std() > 0   # an image, not a blank
+    assert np.array_equal(pixels[0], pixels[1])
+
+
+def test_single_file_without_config_offline_says_to_pass_model_config(tiny_single_file, offline_empty_hub):
+    with pytest.raises(ModelLoadError, match="--model-config"):
+        manager().load(str(tiny_single_file))
+
+
+def test_save_single_file_refuses_a_non_safetensors_name(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="must end in .safetensors"):
+        save_single_file(tiny_model_dir, tmp_path / "tiny.ckpt")
+    assert not list(tmp_path.iterdir())
+
+
+def test_index_arithmetic_follows_the_config(tmp_path):
+    """Another shape than the tiny model's: 3 UNet blocks of 2 layers with upsamplers after cross-attention
+    (`output_blocks.k.2.conv`), a 2-level VAE with 2 layers; read back by diffusers' own loaders."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from recipe.single_file import UNET_PREFIX, VAE_PREFIX, apply_renames, unet_renames, vae_renames
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, layers_per_block=2, block_out_channels=(8, 16, 16), norm_num_groups=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8, attention_head_dim=4)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=2, norm_num_groups=4)
+    checkpoint = {**apply_renames(unet.state_dict(), unet_renames(unet.config), UNET_PREFIX, "UNet"),
+                  **apply_renames(vae.state_dict(), vae_renames(vae.config), VAE_PREFIX, "VAE")}
+    assert "model.diffusion_model.output_blocks.5.2.conv.weight" in checkpoint
+    assert "model.diffusion_model.input_blocks.8.0.in_layers.0.weight" in checkpoint   # last layer, no downsampler
+    unet.save_config(tmp_path / "unet")
+    vae.save_config(tmp_path / "vae")
+
+    for model, cls in ((unet, UNet2DConditionModel), (vae, AutoencoderKL)):
+        subfolder = "unet" if cls is UNet2DConditionModel else "vae"
+        loaded = cls.from_single_file(checkpoint, config=str(tmp_path), subfolder=subfolder)
+        expected, actual = model.state_dict(), loaded.state_dict()
+        assert actual.keys() == expected.keys()
+        assert all(torch.equal(actual[key], expected[key]) for key in expected), subfolder
+
+
+def test_an_architecture_outside_the_layout_is_refused():
+    from diffusers import UNet2DConditionModel
+
+    from recipe.single_file import UNET_PREFIX, apply_renames, unet_renames
+
+    unet = UNet2DConditionModel(
+        sample_size=8, layers_per_block=1, block_out_channels=(8, 16), norm_num_groups=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8, attention_head_dim=4, class_embed_type="timestep")
+    with pytest.raises(ValueError, match="class_embed_type='timestep'"):
+        unet_renames(unet.config)
+    state = dict(unet.state_dict(), **{"extra.weight": torch.zeros(1)})
+    config = dict(unet.config, class_embed_type=None)
+    with pytest.raises(ValueError, match=r"no place in it: \['class_embedding.*'extra.weight'\]"):
+        apply_renames(state, unet_renames(config), UNET_PREFIX, "UNet")

@@ -1,0 +1,70 @@
+"""Recording a full reverse-process trace against a plain generation, same model and settings.
+
+The trace keeps x_t, x̂_0 and the three noise predictions of every step on the CPU and decodes
+frames lazily, so recording should cost little more than generating (goal: ratio <= 1.5).
+Also times decoding every x_t and x̂_0 frame afterwards, which the UI does only on demand.
+
+    python -m bench.explorer_trace            # the embedded model (tiny model if absent)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from pipelines.explorer_reverse import record_trace
+from pipelines.generate import Generator
+from pipelines.memory import MemoryManager
+from pipelines.models import EMBEDDED_MODEL, ModelManager, ModelSource
+from pipelines.requests import GenerationRequest
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+
+    manager = ModelManager(MemoryManager(device="cpu"))
+    if args.model is None and not (EMBEDDED_MODEL / "model_index.json").exists():
+        from recipe.tiny import build_tiny_pipeline
+        folder = Path(tempfile.mkdtemp())
+        manager.adopt(build_tiny_pipeline(folder), ModelSource("folder", str(folder), "tiny"))
+    else:
+        manager.load(args.model or "embedded")
+    pipeline = manager.current.pipeline
+    side = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    request = GenerationRequest(prompt="grinning face", steps=args.steps, guidance_scale=7.5, width=side,
+                                height=side, seed=1234)
+    generator = Generator(manager, outputs_dir=None)
+
+    def decode_all():
+        trace = record_trace(manager, request)
+        for index in range(len(trace.steps)):
+            trace.frame(index, "x_t")
+            trace.frame(index, "x0_pred")
+
+    candidates = {"generate": lambda: generator.generate(request), "record trace": lambda: record_trace(manager, request),
+                  "record + decode all frames": decode_all}
+    for function in candidates.values():
+        function()
+    times = {name: [] for name in candidates}
+    for _ in range(args.runs):
+        for name, function in candidates.items():
+            started = time.perf_counter()
+            function()
+            times[name].append(time.perf_counter() - started)
+    median = {name: statistics.median(values) for name, values in times.items()}
+    print(f"model {manager.current.name} · {side}x{side} · {args.steps} steps · CFG 7.5 · {args.runs} interleaved runs")
+    for name, value in median.items():
+        print(f"  {name:28s} median {value * 1000:8.1f} ms")
+    print(f"record trace / generate              = {median['record trace'] / median['generate']:.3f}  (goal <= 1.5)")
+    print(f"record + decode every frame / generate = {median['record + decode all frames'] / median['generate']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

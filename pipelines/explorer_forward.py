@@ -246,10 +246,6 @@ def empirical_moments(
 
     Theory: mean = sqrt(abar_t) x_0 and variance = 1 - abar_t for either `method`.
     """
-    if n_draws < 2:
-        raise ValueError(f"`n_draws` has to be at least 2 but is {n_draws}.")
-    if method not in ("closed_form", "markov_chain"):
-        raise ValueError(f'`method` has to be "closed_form" or "markov_chain" but is {method!r}.')
     samples = draw_samples(x0, t=t, schedule=schedule, n_draws=n_draws, seed=seed, method=method)
     return samples.mean(dim=0), samples.var(dim=0)
 
@@ -264,6 +260,10 @@ def draw_samples(
     method: Literal["closed_form", "markov_chain"] = "closed_form",
 ) -> torch.Tensor:
     """`n_draws` independent x_t stacked along a new dim 0, by closed form or by the Markov chain."""
+    if n_draws < 2:
+        raise ValueError(f"`n_draws` has to be at least 2 but is {n_draws}.")
+    if method not in ("closed_form", "markov_chain"):
+        raise ValueError(f'`method` has to be "closed_form" or "markov_chain" but is {method!r}.')
     batch = x0.unsqueeze(0).expand(n_draws, *x0.shape)
     if method == "markov_chain":
         generator = torch.Generator(device="cpu").manual_seed(seed)

@@ -34,7 +34,6 @@ seed over several samplers / step counts / CFG scales against a many-step refere
 from __future__ import annotations
 
 import math
-import queue
 import re
 import threading
 import time
@@ -58,6 +57,7 @@ from pipelines.models import ModelManager
 from pipelines.preview import decode_latents, to_pil
 from pipelines.prompts import prompt_arguments
 from pipelines.requests import MAX_STEPS, GenerationRequest
+from pipelines.streaming import stream_events
 from pipelines.samplers import SAMPLER_NAMES, STOCHASTIC, make_scheduler
 
 # A trace is recorded for one text-to-image request; batch_size and batch_count must be 1.
@@ -814,31 +814,9 @@ class Progress:
     total: int
 
 
-_FINISHED = object()
-
-
 def stream(work: Callable[[Callable[[int, int], None]], Any]) -> Iterator:
     """Run `work(on_step)` in a worker thread; yield a Progress per step, then work's result.
 
     For UIs that stream: `for event in stream(lambda on_step: record_trace(..., on_step=on_step))`.
     """
-    events: queue.Queue = queue.Queue()
-
-    def target():
-        try:
-            events.put(("result", work(lambda done, total: events.put(Progress(done, total)))))
-        except BaseException as error:  # handed to the consumer, which re-raises it
-            events.put(("error", error))
-        finally:
-            events.put(_FINISHED)
-
-    worker = threading.Thread(target=target, name="explorer", daemon=True)
-    worker.start()
-    while (event := events.get()) is not _FINISHED:
-        if isinstance(event, Progress):
-            yield event
-        elif event[0] == "error":
-            raise event[1]
-        else:
-            yield event[1]
-    worker.join()
+    return stream_events(lambda emit: work(lambda done, total: emit(Progress(done, total))), name="explorer")

@@ -12,7 +12,6 @@ queue and turns a set `stop` event into the pipeline's own interrupt at the next
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -29,9 +28,9 @@ from pipelines.preview import LatentPreviewer, decode_latents, to_pil
 from pipelines.prompts import prompt_arguments
 from pipelines.requests import GeneratedImage, GenerationDone, GenerationRequest, Preview
 from pipelines.samplers import make_scheduler
+from pipelines.streaming import stream_events
 
 STUDIO_VERSION = "diffusion-studio 0.1.0"
-_FINISHED = object()
 
 
 class Generator:
@@ -45,23 +44,7 @@ class Generator:
     def run(self, request: GenerationRequest, *, stop: threading.Event | None = None) -> Iterator:
         """Generate, yielding Preview / GeneratedImage events and finally one GenerationDone."""
         stop = stop or threading.Event()
-        events: queue.Queue = queue.Queue()
-
-        def work():
-            try:
-                events.put(self._generate(request, stop, events.put))
-            except BaseException as error:  # handed to the consumer, which re-raises it
-                events.put(error)
-            finally:
-                events.put(_FINISHED)
-
-        worker = threading.Thread(target=work, name="generate", daemon=True)
-        worker.start()
-        while (event := events.get()) is not _FINISHED:
-            if isinstance(event, BaseException):
-                raise event
-            yield event
-        worker.join()
+        yield from stream_events(lambda emit: self._generate(request, stop, emit), name="generate")
 
     def generate(self, request: GenerationRequest, *, stop: threading.Event | None = None) -> GenerationDone:
         """Run to completion and return only the final event."""

@@ -31,7 +31,7 @@ def decode_latents(vae, latents: torch.Tensor) -> tuple[torch.Tensor, bool]:
     scaling, shift = _latent_stats(vae)
     with torch.no_grad():
         images = vae.decode(latents.to(vae.dtype) / scaling + shift).sample
-        if vae.dtype == torch.float16 and torch.isnan(images).any():
+        if vae.dtype == torch.float16 and not torch.isfinite(images).all():
             vae.to(torch.float32)
             return vae.decode(latents.float() / scaling + shift).sample, True
     return images, False

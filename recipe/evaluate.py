@@ -306,6 +306,35 @@ def prepare_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int,
     return classifier
 
 
+SHIPPED_JUDGE = ROOT / "assets" / "eval" / "emoji-classifier.safetensors"
+
+
+def export_judge(classifier: EmojiClassifier, class_names: Sequence[str], path: Path = SHIPPED_JUDGE) -> Path:
+    """Ship the judge for the end-to-end test: weights as safetensors, class names and provenance as
+    metadata (no pickle), so CI can recognise emoji without the emoji data."""
+    from safetensors.torch import save_file
+
+    provenance = {k: v for k, v in classifier.provenance.items() if k != "held_out_index"}
+    metadata = {"num_classes": str(classifier.num_classes), "image_size": str(classifier.image_size),
+                "class_names": json.dumps(list(class_names)), "provenance": json.dumps(provenance)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in classifier.state_dict().items()}
+    _write_atomically(path, lambda partial: save_file(state, str(partial), metadata=metadata))
+    return path
+
+
+def load_judge(path: Path = SHIPPED_JUDGE) -> tuple[EmojiClassifier, list[str]]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    classifier = EmojiClassifier(int(metadata["num_classes"]), image_size=int(metadata["image_size"]))
+    classifier.load_state_dict(load_file(str(path)))
+    classifier.provenance = json.loads(metadata["provenance"])
+    return classifier.eval(), json.loads(metadata["class_names"])
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. Prompts and samples, through the studio's own generation service.
 # ----------------------------------------------------------------------------------------------
@@ -529,6 +558,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     classifier = prepare_classifier(images, labels, len(class_names), path=args.classifier_cache,
                                     epochs=args.epochs, seed=0, retrain=args.retrain, fit_all=args.fit_all)
     provenance = classifier.provenance
+    if args.classifier_cache == DEFAULT_CLASSIFIER:
+        print(f"Shipped the judge for the end-to-end test: {export_judge(classifier, class_names)}")
 
     # 2. Prompts and samples at the studio's defaults
     chosen = evaluation_prompts(records, args.prompts)

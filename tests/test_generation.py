@@ -192,3 +192,55 @@ def test_out_of_memory_in_the_lowest_mode_is_an_actionable_error(studio, monkeyp
         studio.generate(request())
     monkeypatch.undo()
     assert not is_blank(studio.generate(request()).images[0].image)  # the service still works
+
+
+def test_fp16_vae_that_overflows_is_upcast_and_decodes(studio):
+    """The black-image bug: an fp16 VAE decode overflowing to NaN is redone in fp32, once and for good."""
+    from pipelines.preview import decode_latents
+
+    vae = studio.models.current.pipeline.vae
+    original = {name: tensor.clone() for name, tensor in vae.state_dict().items()}
+    try:
+        latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            # Scale the decoder's first conv so its activations reach 2e5 (past fp16's 65504) while
+            # its weights still fit fp16: the overflow happens in the computation, as in SD's VAE.
+            peak = vae.decoder.conv_in(vae.post_quant_conv(latents / vae.config.scaling_factor)).abs().max()
+            vae.decoder.conv_in.weight.mul_(2e5 / peak)
+            vae.decoder.conv_in.bias.mul_(2e5 / peak)
+            assert vae.decoder.conv_in.weight.abs().max() < 6e4
+        vae.to(torch.float16)
+        with torch.no_grad():
+            raw = vae.decode(latents.half() / vae.config.scaling_factor).sample
+        assert not torch.isfinite(raw).all(), "the fixture no longer overflows in fp16"
+        images, upcast = decode_latents(vae, latents)
+        assert upcast and vae.dtype == torch.float32 and torch.isfinite(images).all()
+    finally:
+        vae.to(torch.float32)
+        vae.load_state_dict(original)
+
+
+def test_out_of_memory_is_retried_once_one_mode_lower_and_the_user_is_told(studio, monkeypatch):
+    from pipelines.memory import MemoryMode
+
+    memory = studio.models.memory
+    monkeypatch.setattr(memory, "mode", MemoryMode.HIGH)
+    placed = []
+    monkeypatch.setattr(studio.models, "set_memory_mode", lambda mode: placed.append(mode) or
+                        setattr(memory, "mode", mode))
+    unet = studio.models.current.pipeline.unet
+    real_forward = unet.forward
+    calls = {"n": 0}
+
+    def first_call_runs_out(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_forward(*args, **kwargs)
+    monkeypatch.setattr(unet, "forward", first_call_runs_out)
+    done = studio.generate(request(steps=3))
+    monkeypatch.undo()
+    assert placed == [MemoryMode.BALANCED]
+    assert any("retried once in mode balanced" in message for message in done.messages)
+    expected = studio.generate(request(steps=3)).images[0].image
+    assert np.array_equal(pixels(done.images[0].image), pixels(expected))  # the retry restarted from the seed

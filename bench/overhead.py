@@ -22,6 +22,7 @@ from pipelines.memory import MemoryManager
 from pipelines.models import EMBEDDED_MODEL, ModelManager
 from pipelines.requests import GenerationRequest
 from pipelines.samplers import make_scheduler
+from pipelines.streaming import stream_events
 
 
 def _timed(function) -> float:
@@ -61,6 +62,10 @@ def main() -> None:
     with_previews = GenerationRequest(**{**request.__dict__, "preview_every": 1})
 
     def raw_diffusers():
+        # on the same device thread the studio uses, so both run with the same OpenMP thread team
+        list(stream_events(lambda emit: raw_call()))
+
+    def raw_call():
         pipeline.scheduler = make_scheduler(args.sampler, model.scheduler_config)
         pipeline(prompt="grinning face", num_inference_steps=args.steps, guidance_scale=7.5, width=size,
                  height=size, generator=[torch.Generator("cpu").manual_seed(1234)], output_type="pil")

@@ -819,4 +819,4 @@ def stream(work: Callable[[Callable[[int, int], None]], Any]) -> Iterator:
 
     For UIs that stream: `for event in stream(lambda on_step: record_trace(..., on_step=on_step))`.
     """
-    return stream_events(lambda emit: work(lambda done, total: emit(Progress(done, total))), name="explorer")
+    return stream_events(lambda emit: work(lambda done, total: emit(Progress(done, total))))

@@ -44,7 +44,7 @@ class Generator:
     def run(self, request: GenerationRequest, *, stop: threading.Event | None = None) -> Iterator:
         """Generate, yielding Preview / GeneratedImage events and finally one GenerationDone."""
         stop = stop or threading.Event()
-        yield from stream_events(lambda emit: self._generate(request, stop, emit), name="generate")
+        yield from stream_events(lambda emit: self._generate(request, stop, emit))
 
     def generate(self, request: GenerationRequest, *, stop: threading.Event | None = None) -> GenerationDone:
         """Run to completion and return only the final event."""

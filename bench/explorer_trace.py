@@ -10,11 +10,10 @@ Also times decoding every x_t and x̂_0 frame afterwards, which the UI does only
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
+from bench.timing import interleaved_medians
 from pipelines.explorer_reverse import record_trace
 from pipelines.generate import Generator
 from pipelines.memory import MemoryManager
@@ -50,15 +49,7 @@ def main() -> None:
 
     candidates = {"generate": lambda: generator.generate(request), "record trace": lambda: record_trace(manager, request),
                   "record + decode all frames": decode_all}
-    for function in candidates.values():
-        function()
-    times = {name: [] for name in candidates}
-    for _ in range(args.runs):
-        for name, function in candidates.items():
-            started = time.perf_counter()
-            function()
-            times[name].append(time.perf_counter() - started)
-    median = {name: statistics.median(values) for name, values in times.items()}
+    median = interleaved_medians(candidates, args.runs)
     print(f"model {manager.current.name} · {side}x{side} · {args.steps} steps · CFG 7.5 · {args.runs} interleaved runs")
     for name, value in median.items():
         print(f"  {name:28s} median {value * 1000:8.1f} ms")

@@ -10,29 +10,18 @@ and ratios (goals: studio / diffusers <= 1.03; previews every step / none <= 1.1
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
+from bench.timing import interleaved_medians
 from pipelines.generate import Generator
 from pipelines.memory import MemoryManager
 from pipelines.models import EMBEDDED_MODEL, ModelManager
 from pipelines.requests import GenerationRequest
 from pipelines.samplers import make_scheduler
 from pipelines.streaming import stream_events
-
-
-def _timed(function) -> float:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    function()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - started
 
 
 def main() -> None:
@@ -72,13 +61,7 @@ def main() -> None:
 
     candidates = {"diffusers": raw_diffusers, "studio": lambda: generator.generate(request),
                   "studio+previews": lambda: generator.generate(with_previews)}
-    for function in candidates.values():  # warm-up: allocator, first-call caches, preview map fit
-        function()
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(args.runs):
-        for name, function in candidates.items():
-            times[name].append(_timed(function))
-    median = {name: statistics.median(values) for name, values in times.items()}
+    median = interleaved_medians(candidates, args.runs)
     print(f"model {model.name} · {size}x{size} · {args.steps} steps · {args.sampler} · device "
           f"{manager.memory.device} · {args.runs} interleaved runs each")
     for name, value in median.items():

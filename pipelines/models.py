@@ -13,6 +13,7 @@ import torch
 from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image, DiffusionPipeline
 
 from pipelines.memory import MemoryManager, MemoryMode, is_out_of_memory
+from pipelines.streaming import run_on_device_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_MODEL = ROOT / "assets" / "emoji-ldm"
@@ -119,8 +120,12 @@ class ModelManager:
         self.current: LoadedModel | None = None
 
     # -- loading ---------------------------------------------------------------------------
+    # Loading, placing and releasing weights run on the device thread (see pipelines/streaming.py).
     def load(self, spec: str, *, from_ui: bool = False, config: str | None = None) -> LoadedModel:
         """Load `spec` (embedded, folder, .safetensors file or hub id), replacing the current model."""
+        return run_on_device_thread(self._load, spec, from_ui=from_ui, config=config)
+
+    def _load(self, spec: str, *, from_ui: bool = False, config: str | None = None) -> LoadedModel:
         roots = (self.models_dir, EMBEDDED_MODEL.parent) if from_ui else None
         source = resolve_source(spec, allowed_roots=roots, allow_pickle=self.allow_pickle)
         self.unload()  # release first: two models at once may not fit
@@ -129,6 +134,9 @@ class ModelManager:
 
     def adopt(self, pipeline: DiffusionPipeline, source: ModelSource) -> LoadedModel:
         """Make an already-built pipeline the current model (used by load, and by tests on tiny models)."""
+        return run_on_device_thread(self._adopt, pipeline, source)
+
+    def _adopt(self, pipeline: DiffusionPipeline, source: ModelSource) -> LoadedModel:
         if self.current is not None and self.current.pipeline is not pipeline:
             self.unload()
         pipeline.set_progress_bar_config(disable=True)
@@ -196,6 +204,9 @@ class ModelManager:
 
     def set_memory_mode(self, mode: MemoryMode) -> None:
         """Re-place the current model (and its derived pipelines) in `mode`."""
+        run_on_device_thread(self._set_memory_mode, mode)
+
+    def _set_memory_mode(self, mode: MemoryMode) -> None:
         model = self.require()
         self.memory.place(model.pipeline, mode=mode)
         for derived in model.derived.values():
@@ -204,6 +215,9 @@ class ModelManager:
     # -- releasing -------------------------------------------------------------------------
     def unload(self) -> None:
         """Drop every reference to the current model and give its memory back."""
+        run_on_device_thread(self._unload)
+
+    def _unload(self) -> None:
         if self.current is None:
             return
         model, self.current = self.current, None

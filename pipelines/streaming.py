@@ -3,18 +3,58 @@
 All model work runs on one long-lived thread. PyTorch's CPU kernels keep an OpenMP thread team
 per calling thread; a fresh thread per job (or Gradio's pool of handler threads) leaves idle teams
 spinning against the busy one, which measured here as 2x slower generation on a 2-core CPU.
+
+Every thread that runs a parallel torch kernel gets an OpenMP team of its own, and the teams
+stay. On this 2-core CPU one generation took 0.47 s on the main thread, but 1.0 s on another
+thread once the main thread had run any parallel kernel (loading a model is enough): the two
+teams fight over the cores. So everything that touches model weights (loading, unloading,
+generating, the explorer's encoding and decoding) runs on this one thread: `stream_events` for
+jobs that report progress, `on_device_thread` for plain calls. `python -m bench.threads`
+measures it.
 """
 
 from __future__ import annotations
 
 import queue
+import functools
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import torch
+
 _FINISHED = object()
 # One worker for all device work; jobs queue behind each other (the UI serialises them anyway).
-_DEVICE_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
+_DEVICE_THREAD_IDENT: list[int] = []
+
+
+def _start_device_thread() -> None:
+    _DEVICE_THREAD_IDENT.append(threading.get_ident())
+    torch.set_num_threads(torch.get_num_threads())  # the process-wide count, set for this thread's team
+
+
+_DEVICE_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device", initializer=_start_device_thread)
+
+
+def _on_the_device_thread() -> bool:
+    return threading.get_ident() in _DEVICE_THREAD_IDENT
+
+
+def run_on_device_thread(function: Callable[..., Any], *args, **kwargs) -> Any:
+    """Call `function(*args, **kwargs)` on the device thread and return its result (or raise its
+    exception). Called from the device thread itself, it just calls the function."""
+    if _on_the_device_thread():
+        return function(*args, **kwargs)
+    return _DEVICE_THREAD.submit(function, *args, **kwargs).result()
+
+
+def on_device_thread(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator form of `run_on_device_thread`, for plain (non-generator) functions."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        return run_on_device_thread(function, *args, **kwargs)
+    return wrapper
 
 
 class _Failure:
@@ -24,11 +64,17 @@ class _Failure:
 
 def stream_events(work: Callable[[Callable[[Any], None]], Any]) -> Iterator:
     """Run `work(emit)` on the device thread; yield everything it emits as it happens, then its return
-    value. `work` must not itself call stream_events (it would wait behind itself).
+    value. Called from the device thread itself, `work` runs at once and its events are yielded
+    when it has finished (there is no other thread to run it on).
 
     An exception in `work` is re-raised in the consumer, after the events emitted before it.
     """
     events: queue.Queue = queue.Queue()
+    if _on_the_device_thread():
+        collected: list = []
+        collected.append(work(collected.append))
+        yield from collected
+        return
 
     def target():
         try:

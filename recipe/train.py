@@ -138,7 +138,8 @@ def cache_latents(pixels: torch.Tensor) -> dict:
 # Stage 2: text encoder + UNet, epsilon prediction, min-SNR(5) loss weights, EMA weights kept.
 # ----------------------------------------------------------------------------------------------
 def train_unet(latents: dict, records: list[data.EmojiRecord], tokenizer, steps: int,
-               batch_size: int = 64, lr: float = 5e-4, warmup: int = 300, ema_decay: float = 0.999) -> None:
+               batch_size: int = 64, lr: float = 5e-4, warmup: int = 300, ema_decay: float = 0.999,
+               decay_steps: int = 2500) -> None:
     checkpoint = WORK / "unet.pt"
     unet = architecture.unet()
     text_encoder = architecture.text_encoder(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
@@ -171,7 +172,7 @@ def train_unet(latents: dict, records: list[data.EmojiRecord], tokenizer, steps:
     text_encoder.train()
     while step < steps:
         for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warmup)
+            group["lr"] = lr * _unet_lr_factor(step, steps, warmup, decay_steps)
         index = torch.randint(len(records), (batch_size,))
         captions = ["" if caption_rng.random() < CAPTION_DROPOUT else data.caption(records[i], caption_rng)
                     for i in index.tolist()]
@@ -206,6 +207,20 @@ def train_unet(latents: dict, records: list[data.EmojiRecord], tokenizer, steps:
                               "rng": torch.get_rng_state(), "caption_rng": caption_rng.getstate()},
                              checkpoint)
     progress.close()
+
+
+def _unet_lr_factor(step: int, steps: int, warmup: int, decay_steps: int) -> float:
+    """Linear warm-up, constant, then a cosine cool-down to 10% over the last `decay_steps` steps.
+
+    The factor depends only on the step and the run's planned length, so a resumed run follows
+    the same schedule as an uninterrupted one (as long as --unet-steps is not changed once the
+    cool-down has begun).
+    """
+    factor = min(1.0, (step + 1) / warmup)
+    into_decay = step - (steps - decay_steps)
+    if decay_steps > 0 and into_decay > 0:
+        factor *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(into_decay / decay_steps, 1.0)))
+    return factor
 
 
 def _named_weights(unet, text_encoder) -> dict[str, torch.Tensor]:
@@ -258,8 +273,11 @@ def export(out: Path, tokenizer_folder: Path, latents: dict, use_ema: bool = Tru
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=["data", "vae", "unet", "export", "all"])
-    parser.add_argument("--vae-steps", type=int, default=3000)
-    parser.add_argument("--unet-steps", type=int, default=30000)
+    # The defaults reproduce the shipped weights (assets/emoji-ldm/TRAINING.json records them).
+    parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--unet-steps", type=int, default=12500)
+    parser.add_argument("--unet-decay-steps", type=int, default=2500,
+                        help="cosine learning-rate cool-down over the last N UNet steps")
     parser.add_argument("--cache", type=Path, default=data.DEFAULT_CACHE)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "assets" / "emoji-ldm")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -276,7 +294,8 @@ def main() -> None:
         train_vae(pixels, args.vae_steps)
     if args.stage in ("unet", "all"):
         from transformers import CLIPTokenizer
-        train_unet(cache_latents(pixels), records, CLIPTokenizer.from_pretrained(tokenizer_folder), args.unet_steps)
+        train_unet(cache_latents(pixels), records, CLIPTokenizer.from_pretrained(tokenizer_folder), args.unet_steps,
+                   decay_steps=args.unet_decay_steps)
     if args.stage in ("export", "all"):
         export(args.out, tokenizer_folder, cache_latents(pixels))
 

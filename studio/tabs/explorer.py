@@ -22,6 +22,7 @@ from pipelines import explorer_forward as forward
 from pipelines import explorer_reverse as reverse
 from pipelines.requests import MAX_STEPS, GenerationRequest
 from pipelines.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES
+from pipelines.streaming import on_device_thread
 from studio.context import StudioContext
 from studio.errors import user_errors
 
@@ -115,6 +116,7 @@ def _build_forward(context: StudioContext) -> None:
                 for name in names]
 
     @user_errors
+    @on_device_thread
     def show_forward(picture, names, steps_total, t, noise_seed):
         if picture is None:
             return None, None, None, None, "Upload an image (or pick an example) to noise it."
@@ -146,6 +148,7 @@ def _build_forward(context: StudioContext) -> None:
     total.release(timestep_range, inputs=[total, timestep], outputs=timestep, api_visibility="private")
 
     @user_errors
+    @on_device_thread
     def markov_vs_closed_form(picture, names, steps_total, t, noise_seed):
         if picture is None:
             raise ValueError("Upload an image (or pick an example) first.")
@@ -172,6 +175,7 @@ def _build_forward(context: StudioContext) -> None:
 
     def export_forward(suffix: str):
         @user_errors
+        @on_device_thread
         def export(picture, names, steps_total, noise_seed):
             if picture is None:
                 raise ValueError("Upload an image (or pick an example) first.")
@@ -328,6 +332,7 @@ def _build_reverse(context: StudioContext) -> None:
 
     # -- scrub, play, step -----------------------------------------------------------------
     @user_errors
+    @on_device_thread
     def render_step(trace, step, kind):
         if trace is None:
             return None, None, None, "Record a run to scrub through its steps."
@@ -441,6 +446,7 @@ def _build_reverse(context: StudioContext) -> None:
     # -- export ----------------------------------------------------------------------------
     def export_trace(suffix: str):
         @user_errors
+        @on_device_thread
         def export(trace, kind, frames_per_second):
             if trace is None:
                 raise ValueError("Record a run first, then export its frames.")

@@ -1,7 +1,7 @@
 """Train the embedded emoji model from scratch: data -> VAE -> latents -> text encoder + UNet -> export.
 
-    python -m recipe.train all --unet-steps 30000        # everything, resuming where it stopped
-    python -m recipe.train vae --vae-steps 3000          # one stage
+    python -m recipe.train all                           # everything, resuming where it stopped
+    python -m recipe.train vae --vae-steps 1500          # one stage
     python -m recipe.train export --out assets/emoji-ldm # write the diffusers folder
 
 Every stage is seeded and resumable: checkpoints and loss logs live in .cache/train/ and a

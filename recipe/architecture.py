@@ -1,6 +1,6 @@
 """The embedded model's parts, in the standard Stable Diffusion layout, at emoji size.
 
-64x64 RGB --VAE (f=8)--> 8x8x8 latents; a 3-layer CLIP text encoder over a BPE vocabulary
+64x64 RGB --VAE (f=8)--> 8x8x4 latents; a 3-layer CLIP text encoder over a BPE vocabulary
 learnt from our captions; a cross-attention UNet; the scaled-linear DDPM schedule of SD 1.x.
 """
 
@@ -15,15 +15,15 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 IMAGE_SIZE = 64
 MAX_TOKENS = 24   # captions are short; longer prompts are chunked by the studio
 TEXT_WIDTH = 256
-LATENT_CHANNELS = 8
+LATENT_CHANNELS = 4       # the shipped model: Stable Diffusion's 4 channels
+WIDE_LATENT_CHANNELS = 8  # stage 1 of the recipe trains on 8, then narrows to 4 (recipe/project.py)
 LATENT_SIZE = IMAGE_SIZE // 8
 
 
-def vae() -> AutoencoderKL:
-    # f=8 keeps the UNet's work at 8x8 (about half the time of f=4 per step on a CPU); eight
-    # latent channels instead of SD's four keep the flat emoji art sharp at that size.
+def vae(latent_channels: int = LATENT_CHANNELS) -> AutoencoderKL:
+    # f=8 keeps the UNet's work at 8x8 (about half the time of f=4 per step on a CPU).
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS,
+        in_channels=3, out_channels=3, latent_channels=latent_channels,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(32, 64, 128, 128), layers_per_block=1, norm_num_groups=16,
         sample_size=IMAGE_SIZE, mid_block_add_attention=False)
@@ -36,9 +36,9 @@ def text_encoder(vocab_size: int, eos_token_id: int, pad_token_id: int) -> CLIPT
         eos_token_id=eos_token_id, pad_token_id=pad_token_id, bos_token_id=eos_token_id - 1))
 
 
-def unet() -> UNet2DConditionModel:
+def unet(latent_channels: int = LATENT_CHANNELS) -> UNet2DConditionModel:
     return UNet2DConditionModel(
-        sample_size=LATENT_SIZE, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+        sample_size=LATENT_SIZE, in_channels=latent_channels, out_channels=latent_channels,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         block_out_channels=(128, 192, 256), layers_per_block=1, norm_num_groups=32,

@@ -1,7 +1,13 @@
-"""Train the embedded emoji model from scratch: data -> VAE -> latents -> text encoder + UNet -> export.
+"""Train the embedded emoji model from scratch, in four stages:
+
+1. data -> a VAE with 8 latent channels ("wide") -> cached latents -> text encoder + UNet on them;
+2. narrow to Stable Diffusion's 4 latent channels by projecting onto the latents' top 4 principal
+   directions (recipe/project.py), then fine-tune the VAE decoder on the narrowed latents;
+3. fine-tune text encoder + UNet on the narrowed latents, from stage 1's projected weights;
+4. export a diffusers Stable Diffusion folder.
 
     python -m recipe.train all                           # everything, resuming where it stopped
-    python -m recipe.train vae --vae-steps 1500          # one stage
+    python -m recipe.train vae --vae-steps 1500          # one stage (data vae unet narrow decoder unet4 export)
     python -m recipe.train export --out assets/emoji-ldm # write the diffusers folder
 
 Every stage is seeded and resumable: checkpoints and loss logs live in .cache/train/ and a
@@ -23,9 +29,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from recipe import architecture, data
+from recipe import architecture, data, project
 
 WORK = Path(__file__).resolve().parent.parent / ".cache" / "train"
+WIDE_UNET_STEPS = 5500  # stage 1's length in the shipped run (constant learning rate after warm-up)
 CAPTION_DROPOUT = 0.15  # empty prompt this often, so classifier-free guidance has an unconditional model
 
 
@@ -58,7 +65,7 @@ def _images_tensor(cache: Path) -> tuple[torch.Tensor, list[data.EmojiRecord], l
 # ----------------------------------------------------------------------------------------------
 def train_vae(pixels: torch.Tensor, steps: int, batch_size: int = 32, lr: float = 1e-3) -> None:
     checkpoint = WORK / "vae.pt"
-    vae = architecture.vae()
+    vae = architecture.vae(architecture.WIDE_LATENT_CHANNELS)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     step = 0
     if checkpoint.exists():
@@ -102,7 +109,8 @@ def train_vae(pixels: torch.Tensor, steps: int, batch_size: int = 32, lr: float 
 
 
 def load_vae():
-    vae = architecture.vae()
+    """The stage-1 (wide, 8-channel) VAE."""
+    vae = architecture.vae(architecture.WIDE_LATENT_CHANNELS)
     vae.load_state_dict(torch.load(WORK / "vae.pt", weights_only=False)["vae"])
     return vae.eval().requires_grad_(False)
 
@@ -135,13 +143,16 @@ def cache_latents(pixels: torch.Tensor) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Stage 2: text encoder + UNet, epsilon prediction, min-SNR(5) loss weights, EMA weights kept.
+# Text encoder + UNet, epsilon prediction, min-SNR(5) loss weights, EMA weights kept. Run twice:
+# stage 1 on the wide latents from scratch, stage 3 on the narrowed latents from stage 1's weights.
 # ----------------------------------------------------------------------------------------------
-def train_unet(latents: dict, records: list[data.EmojiRecord], tokenizer, steps: int,
-               batch_size: int = 64, lr: float = 5e-4, warmup: int = 300, ema_decay: float = 0.999,
-               decay_steps: int = 2500) -> None:
-    checkpoint = WORK / "unet.pt"
-    unet = architecture.unet()
+def train_unet(latents: dict, records: list[data.EmojiRecord], tokenizer, steps: int, *,
+               checkpoint: Path, latent_channels: int, start_from: dict | None = None, decay_steps: int = 0,
+               batch_size: int = 64, lr: float = 5e-4, warmup: int = 300, ema_decay: float = 0.999) -> None:
+    """Train to `steps`, resuming from `checkpoint`. A new run starts from `start_from` ({"unet":
+    state, "text_encoder": state}) when given, else from seeded random weights."""
+    name = checkpoint.stem
+    unet = architecture.unet(latent_channels)
     text_encoder = architecture.text_encoder(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
     noise_scheduler = architecture.scheduler()
     parameters = list(unet.parameters()) + list(text_encoder.parameters())
@@ -159,6 +170,9 @@ def train_unet(latents: dict, records: list[data.EmojiRecord], tokenizer, steps:
         caption_rng.setstate(state["caption_rng"])
     else:
         torch.manual_seed(1)
+        if start_from is not None:
+            unet.load_state_dict(start_from["unet"])
+            text_encoder.load_state_dict(start_from["text_encoder"])
         ema = {k: v.detach().clone() for k, v in _named_weights(unet, text_encoder).items()}
     if step >= steps:
         return
@@ -167,7 +181,7 @@ def train_unet(latents: dict, records: list[data.EmojiRecord], tokenizer, steps:
     snr = alphas_cumprod / (1 - alphas_cumprod)
     loss_weight = torch.clamp(snr, max=5.0) / snr  # min-SNR-gamma weighting (Hang et al. 2023)
     scaling_factor = latents["scaling_factor"]
-    progress = tqdm(total=steps, initial=step, desc="unet")
+    progress = tqdm(total=steps, initial=step, desc=name)
     unet.train()
     text_encoder.train()
     while step < steps:
@@ -195,18 +209,31 @@ def train_unet(latents: dict, records: list[data.EmojiRecord], tokenizer, steps:
         step += 1
         decay = min(ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for name, weight in _named_weights(unet, text_encoder).items():
-                ema[name].lerp_(weight.detach(), 1 - decay)
+            for weight_name, weight in _named_weights(unet, text_encoder).items():
+                ema[weight_name].lerp_(weight.detach(), 1 - decay)
         progress.update(1)
         progress.set_postfix(loss=f"{loss.item():.4f}")
         if step % 50 == 0:
-            _log("unet", step, loss=loss.item(), mse=per_sample.mean().item())
+            _log(name, step, loss=loss.item(), mse=per_sample.mean().item())
         if step % 250 == 0 or step == steps:
             _save_atomically({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
                               "optimizer": optimizer.state_dict(), "ema": ema, "step": step,
                               "rng": torch.get_rng_state(), "caption_rng": caption_rng.getstate()},
                              checkpoint)
     progress.close()
+
+
+def ema_weights(checkpoint: Path) -> dict:
+    """A UNet checkpoint's EMA weights, as {"unet": state, "text_encoder": state, "step": n}."""
+    state = torch.load(checkpoint, weights_only=False)
+    split = {"unet": {}, "text_encoder": {}, "step": state["step"]}
+    for key, value in state["ema"].items():
+        part, _, name = key.partition(".")
+        split[part][name] = value
+    # integer buffers (position ids) are not averaged: take them from the live weights
+    for part in ("unet", "text_encoder"):
+        split[part] = {**{k: v for k, v in state[part].items() if not v.dtype.is_floating_point}, **split[part]}
+    return split
 
 
 def _unet_lr_factor(step: int, steps: int, warmup: int, decay_steps: int) -> float:
@@ -230,25 +257,117 @@ def _named_weights(unet, text_encoder) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Stage 3: export the EMA weights as a standard diffusers Stable Diffusion folder (safetensors).
+# Stage 2: narrow the wide model to 4 latent channels (recipe/project.py), then fine-tune the
+# VAE decoder on the narrowed latents. The encoder stays the exact projection, so the projected
+# cached latents stay valid for stage 3.
 # ----------------------------------------------------------------------------------------------
-def export(out: Path, tokenizer_folder: Path, latents: dict, use_ema: bool = True) -> None:
+def narrow(wide_latents: dict) -> dict:
+    """Project the cached wide latents and write the narrowed VAE's starting point (once)."""
+    stored = WORK / "latents4.pt"
+    if stored.exists():
+        return torch.load(stored, weights_only=False)
+    directions = project.principal_directions(wide_latents["mean"])
+    mean, std = project.project_latents(wide_latents["mean"], wide_latents["std"], directions["P"])
+    narrowed = {"mean": mean, "std": std, "vae_step": wide_latents["vae_step"],
+                # the wide scaling factor: the kept directions' signal reaches the UNet unchanged
+                "scaling_factor": wide_latents["scaling_factor"], **directions}
+    torch.save(narrowed, stored)
+    print(f"narrowed latents to {tuple(mean.shape)}; the 4 kept directions hold "
+          f"{directions['variance_kept']:.2%} of the variance")
+    return narrowed
+
+
+def train_decoder(pixels: torch.Tensor, latents: dict, steps: int, batch_size: int = 32, lr: float = 3e-4) -> None:
+    """Fine-tune the narrowed VAE's decoder (post_quant_conv + decoder) on the projected latents."""
+    checkpoint = WORK / "vae4.pt"
+    vae = architecture.vae()
+    step = 0
+    if checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)
+        vae.load_state_dict(state["vae"])
+        step = state["step"]
+    else:
+        project.narrow_vae(load_vae(), vae, latents["P"], latents["mu"])
+        state = None
+    vae.requires_grad_(False)
+    trained = list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
+    for parameter in trained:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+    else:
+        torch.manual_seed(2)
+    if step == 0:
+        _log("vae4", 0, l1=_decoder_l1(vae, pixels, latents))
+    if step >= steps:
+        return
+    schedule = lambda s: 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))  # cosine to zero
+    progress = tqdm(total=steps, initial=step, desc="decoder")
+    vae.train()
+    while step < steps:
+        for group in optimizer.param_groups:
+            group["lr"] = lr * schedule(step)
+        index = torch.randint(len(pixels), (batch_size,))
+        z = latents["mean"][index] + latents["std"][index] * torch.randn_like(latents["std"][index])
+        l1 = (vae.decode(z).sample - pixels[index]).abs().mean()
+        optimizer.zero_grad(set_to_none=True)
+        l1.backward()
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        optimizer.step()
+        step += 1
+        progress.update(1)
+        progress.set_postfix(l1=f"{l1.item():.4f}")
+        if step % 50 == 0:
+            _log("vae4", step, l1=l1.item())
+        if step % 250 == 0 or step == steps:
+            _save_atomically({"vae": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                              "rng": torch.get_rng_state()}, checkpoint)
+    progress.close()
+
+
+@torch.no_grad()
+def _decoder_l1(vae, pixels: torch.Tensor, latents: dict, count: int = 512) -> float:
+    return (vae.decode(latents["mean"][:count]).sample - pixels[:count]).abs().mean().item()
+
+
+def load_narrow_vae():
+    vae = architecture.vae()
+    vae.load_state_dict(torch.load(WORK / "vae4.pt", weights_only=False)["vae"])
+    return vae.eval().requires_grad_(False)
+
+
+def narrowed_start(latents: dict) -> dict:
+    """Stage 3's starting weights: stage 1's EMA UNet read through the projection, its text encoder."""
+    wide = ema_weights(WORK / "unet.pt")
+    unet = architecture.unet()
+    project.narrow_unet(wide["unet"], unet, latents["P"])
+    return {"unet": unet.state_dict(), "text_encoder": wide["text_encoder"], "wide_step": wide["step"]}
+
+
+@torch.no_grad()
+def psnr(vae, pixels: torch.Tensor, latents: dict, count: int = 512) -> float:
+    reconstruction = torch.cat([vae.decode(m).sample for m in latents["mean"][:count].split(128)])
+    return -10 * math.log10(((reconstruction.clamp(-1, 1) - pixels[:count]) / 2).pow(2).mean().item())
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 4: export the EMA weights as a standard diffusers Stable Diffusion folder (safetensors).
+# ----------------------------------------------------------------------------------------------
+def export(out: Path, tokenizer_folder: Path, pixels: torch.Tensor, latents: dict, wide_latents: dict,
+           use_ema: bool = True) -> None:
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_folder)
-    state = torch.load(WORK / "unet.pt", weights_only=False)
+    state = torch.load(WORK / "unet4.pt", weights_only=False)
+    weights = ema_weights(WORK / "unet4.pt") if use_ema else state
     unet = architecture.unet()
     text_encoder = architecture.text_encoder(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
-    if use_ema:
-        unet.load_state_dict({k[len("unet."):]: v for k, v in state["ema"].items() if k.startswith("unet.")},
-                             strict=False)
-        text_encoder.load_state_dict({k[len("text_encoder."):]: v for k, v in state["ema"].items()
-                                      if k.startswith("text_encoder.")}, strict=False)
-    else:
-        unet.load_state_dict(state["unet"])
-        text_encoder.load_state_dict(state["text_encoder"])
-    vae = load_vae()
+    unet.load_state_dict(weights["unet"])
+    text_encoder.load_state_dict(weights["text_encoder"])
+    vae = load_narrow_vae()
     vae.register_to_config(scaling_factor=latents["scaling_factor"])
     scheduler = DPMSolverMultistepScheduler.from_config(architecture.scheduler().config)
     pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
@@ -260,24 +379,35 @@ def export(out: Path, tokenizer_folder: Path, latents: dict, use_ema: bool = Tru
     unet.to(torch.float16)
     vae.to(torch.float16)
     pipeline.save_pretrained(partial, safe_serialization=True)
+    wide_unet_step = torch.load(WORK / "unet.pt", weights_only=False)["step"]
+    vae_step = torch.load(WORK / "vae4.pt", weights_only=False)["step"]
     (partial / "TRAINING.json").write_text(json.dumps({
-        "unet_steps": state["step"], "vae_steps": latents["vae_step"], "ema": use_ema,
-        "vae_psnr_db": round(latents["psnr"], 2), "recipe": "python -m recipe.train all"}, indent=2))
+        "stage1_wide_vae_steps": wide_latents["vae_step"], "stage1_wide_unet_steps": wide_unet_step,
+        "stage2_variance_kept": round(latents["variance_kept"], 4), "stage2_decoder_steps": vae_step,
+        "stage3_unet_steps": state["step"], "ema": use_ema,
+        "vae_psnr_db": round(psnr(load_narrow_vae(), pixels, latents), 2),
+        "wide_vae_psnr_db": round(wide_latents["psnr"], 2),
+        "recipe": "python -m recipe.train all"}, indent=2))
     if out.exists():
         import shutil
         shutil.rmtree(out)
     os.replace(partial, out)
-    print(f"exported {out} at UNet step {state['step']}")
+    print(f"exported {out}: wide UNet {wide_unet_step} steps, narrowed UNet {state['step']} steps")
+
+
+STAGES = ["data", "vae", "unet", "narrow", "decoder", "unet4", "export", "all"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["data", "vae", "unet", "export", "all"])
+    parser.add_argument("stage", choices=STAGES)
     # The defaults reproduce the shipped weights (assets/emoji-ldm/TRAINING.json records them).
-    parser.add_argument("--vae-steps", type=int, default=1500)
-    parser.add_argument("--unet-steps", type=int, default=12500)
-    parser.add_argument("--unet-decay-steps", type=int, default=2500,
-                        help="cosine learning-rate cool-down over the last N UNet steps")
+    parser.add_argument("--vae-steps", type=int, default=1500, help="stage 1: the wide VAE")
+    parser.add_argument("--wide-unet-steps", type=int, default=WIDE_UNET_STEPS, help="stage 1: the wide UNet")
+    parser.add_argument("--decoder-steps", type=int, default=600, help="stage 2: the narrowed VAE's decoder")
+    parser.add_argument("--unet-steps", type=int, default=6000, help="stage 3: the narrowed UNet")
+    parser.add_argument("--unet-decay-steps", type=int, default=2000,
+                        help="stage 3: cosine learning-rate cool-down over its last N steps")
     parser.add_argument("--cache", type=Path, default=data.DEFAULT_CACHE)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "assets" / "emoji-ldm")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -290,14 +420,26 @@ def main() -> None:
     tokenizer_folder = WORK / "tokenizer"
     if not (tokenizer_folder / "vocab.json").exists():
         architecture.build_tokenizer(data.all_caption_words(records), tokenizer_folder)
-    if args.stage in ("vae", "all"):
+    run = lambda stage: args.stage in (stage, "all")  # noqa: E731
+    if run("vae"):
         train_vae(pixels, args.vae_steps)
-    if args.stage in ("unet", "all"):
+    if run("unet"):
         from transformers import CLIPTokenizer
-        train_unet(cache_latents(pixels), records, CLIPTokenizer.from_pretrained(tokenizer_folder), args.unet_steps,
-                   decay_steps=args.unet_decay_steps)
-    if args.stage in ("export", "all"):
-        export(args.out, tokenizer_folder, cache_latents(pixels))
+        train_unet(cache_latents(pixels), records, CLIPTokenizer.from_pretrained(tokenizer_folder),
+                   args.wide_unet_steps, checkpoint=WORK / "unet.pt",
+                   latent_channels=architecture.WIDE_LATENT_CHANNELS)
+    if run("narrow") or run("decoder"):
+        train_decoder(pixels, narrow(cache_latents(pixels)), args.decoder_steps)
+    if run("unet4"):
+        from transformers import CLIPTokenizer
+        latents = narrow(cache_latents(pixels))
+        start = None if (WORK / "unet4.pt").exists() else narrowed_start(latents)
+        train_unet(latents, records, CLIPTokenizer.from_pretrained(tokenizer_folder), args.unet_steps,
+                   checkpoint=WORK / "unet4.pt", latent_channels=architecture.LATENT_CHANNELS,
+                   start_from=start, decay_steps=args.unet_decay_steps)
+    if run("export"):
+        wide_latents = cache_latents(pixels)
+        export(args.out, tokenizer_folder, pixels, narrow(wide_latents), wide_latents)
 
 
 if __name__ == "__main__":

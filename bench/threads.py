@@ -1,56 +1,79 @@
-"""Where model work runs: the same diffusers call on the main thread, on a fresh thread, and on
-the studio's device thread (which sets torch's intra-op thread count for itself when it starts).
+"""Where model work runs, on a CPU: the same diffusers call (embedded model, 64x64, 25 steps,
+CFG 7.5) placed three ways, each in a fresh process (a process's OpenMP thread teams outlive the
+calls that made them, so placements cannot share one), in alternating rounds:
 
-Same model, prompt, seed and steps, interleaved runs; prints medians and ratios to the main
-thread (goal: device thread / main thread <= 1.05).
+- main thread:  load and generate on the main thread (a plain script);
+- device thread: the studio's way, loading and generating on its one device thread;
+- split:        load on the main thread, generate on another thread (the studio before the
+                device thread took the loading too).
 
-    python -m bench.threads                 # the embedded model, 64x64, 25 steps, CFG 7.5
+Prints the median of each and the ratios to the main thread (goal: device / main <= 1.05).
+
+    python -m bench.threads [--rounds 3] [--runs 5]
 """
 
 from __future__ import annotations
 
 import argparse
-import threading
+import statistics
+import subprocess
+import sys
+import time
 
-import torch
-
-from bench.timing import interleaved_medians
-from pipelines.memory import MemoryManager
-from pipelines.models import ModelManager
-from pipelines.streaming import stream_events
+PLACEMENTS = ("main thread", "device thread", "split")
 
 
-def _on_fresh_thread(function) -> None:
-    thread = threading.Thread(target=function)
-    thread.start()
-    thread.join()
+def _worker(placement: str, runs: int) -> None:
+    import torch
+
+    from pipelines.memory import MemoryManager
+    from pipelines.models import ModelManager
+    from pipelines.streaming import run_on_device_thread
+
+    if placement == "split":
+        from diffusers import StableDiffusionPipeline
+
+        from pipelines.models import EMBEDDED_MODEL
+        pipeline = StableDiffusionPipeline.from_pretrained(EMBEDDED_MODEL)  # on the main thread
+        pipeline.set_progress_bar_config(disable=True)
+        pipeline("warm-up", num_inference_steps=2)  # the main thread's OpenMP team now exists
+    else:
+        pipeline = ModelManager(MemoryManager(device="cpu")).load("embedded").pipeline
+
+    def call():
+        pipeline(prompt="grinning face", num_inference_steps=25, guidance_scale=7.5, width=64, height=64,
+                 generator=torch.Generator("cpu").manual_seed(1234), output_type="pil")
+
+    place = call if placement == "main thread" else (lambda: run_on_device_thread(call))
+    place()  # warm-up
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        place()
+        times.append(time.perf_counter() - started)
+    print(statistics.median(times))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="embedded")
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=3, help="fresh processes per placement, alternating")
+    parser.add_argument("--runs", type=int, default=5, help="timed generations per process")
+    parser.add_argument("--worker", choices=PLACEMENTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
-
-    manager = ModelManager(MemoryManager(device="cpu"))
-    model = manager.load(args.model)
-    pipeline = model.pipeline
-    size = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
-
-    def call():
-        pipeline(prompt="grinning face", num_inference_steps=args.steps, guidance_scale=7.5, width=size,
-                 height=size, generator=torch.Generator("cpu").manual_seed(1234), output_type="pil")
-
-    candidates = {"main thread": call,
-                  "fresh thread": lambda: _on_fresh_thread(call),
-                  "device thread": lambda: list(stream_events(lambda emit: call()))}
-    median = interleaved_medians(candidates, args.runs)
-    print(f"model {model.name} · {size}x{size} · {args.steps} steps · CFG 7.5 · {torch.get_num_threads()} "
-          f"threads · {args.runs} interleaved runs each")
-    for name, value in median.items():
-        print(f"  {name:14s} median {value * 1000:8.1f} ms   / main thread = {value / median['main thread']:.3f}")
-    print(f"device thread / main thread = {median['device thread'] / median['main thread']:.3f}  (goal <= 1.05)")
+    if args.worker:
+        _worker(args.worker, args.runs)
+        return
+    medians: dict[str, list[float]] = {placement: [] for placement in PLACEMENTS}
+    for _ in range(args.rounds):
+        for placement in PLACEMENTS:
+            output = subprocess.run([sys.executable, "-m", "bench.threads", "--worker", placement,
+                                     "--runs", str(args.runs)], capture_output=True, text=True, check=True)
+            medians[placement].append(float(output.stdout.strip().splitlines()[-1]))
+    result = {placement: statistics.median(values) for placement, values in medians.items()}
+    print(f"embedded model · 64x64 · 25 steps · CFG 7.5 · {args.rounds} processes x {args.runs} runs per placement")
+    for placement, value in result.items():
+        print(f"  {placement:14s} median {value * 1000:7.1f} ms   / main thread = {value / result['main thread']:.3f}")
+    print(f"device thread / main thread = {result['device thread'] / result['main thread']:.3f}  (goal <= 1.05)")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from recipe import architecture, data, project
 
 WORK = Path(__file__).resolve().parent.parent / ".cache" / "train"
-WIDE_UNET_STEPS = 5500  # stage 1's length in the shipped run (constant learning rate after warm-up)
+WIDE_UNET_STEPS = 5000  # stage 1's length in the shipped run (constant learning rate after warm-up)
 CAPTION_DROPOUT = 0.15  # empty prompt this often, so classifier-free guidance has an unconditional model
 
 
@@ -405,8 +405,8 @@ def main() -> None:
     parser.add_argument("--vae-steps", type=int, default=1500, help="stage 1: the wide VAE")
     parser.add_argument("--wide-unet-steps", type=int, default=WIDE_UNET_STEPS, help="stage 1: the wide UNet")
     parser.add_argument("--decoder-steps", type=int, default=600, help="stage 2: the narrowed VAE's decoder")
-    parser.add_argument("--unet-steps", type=int, default=6000, help="stage 3: the narrowed UNet")
-    parser.add_argument("--unet-decay-steps", type=int, default=2000,
+    parser.add_argument("--unet-steps", type=int, default=7000, help="stage 3: the narrowed UNet")
+    parser.add_argument("--unet-decay-steps", type=int, default=2500,
                         help="stage 3: cosine learning-rate cool-down over its last N steps")
     parser.add_argument("--cache", type=Path, default=data.DEFAULT_CACHE)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "assets" / "emoji-ldm")

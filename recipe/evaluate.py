@@ -319,8 +319,21 @@ def export_judge(classifier: EmojiClassifier, class_names: Sequence[str], path: 
                 "class_names": json.dumps(list(class_names)), "provenance": json.dumps(provenance)}
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in classifier.state_dict().items()}
+    if path.exists() and _same_safetensors(path, state, metadata):
+        return path  # safetensors' header order varies between writes: don't touch an identical file
     _write_atomically(path, lambda partial: save_file(state, str(partial), metadata=metadata))
     return path
+
+
+def _same_safetensors(path: Path, state: dict, metadata: dict) -> bool:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        if handle.metadata() != metadata:
+            return False
+    stored = load_file(str(path))
+    return stored.keys() == state.keys() and all(torch.equal(stored[k], v) for k, v in state.items())
 
 
 def load_judge(path: Path = SHIPPED_JUDGE) -> tuple[EmojiClassifier, list[str]]:

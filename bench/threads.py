@@ -30,15 +30,15 @@ def _worker(placement: str, runs: int) -> None:
     from pipelines.models import ModelManager
     from pipelines.streaming import run_on_device_thread
 
-    if placement == "split":
+    if placement == "device thread":
+        pipeline = ModelManager(MemoryManager(device="cpu")).load("embedded").pipeline
+    else:
         from diffusers import StableDiffusionPipeline
 
         from pipelines.models import EMBEDDED_MODEL
         pipeline = StableDiffusionPipeline.from_pretrained(EMBEDDED_MODEL)  # on the main thread
         pipeline.set_progress_bar_config(disable=True)
         pipeline("warm-up", num_inference_steps=2)  # the main thread's OpenMP team now exists
-    else:
-        pipeline = ModelManager(MemoryManager(device="cpu")).load("embedded").pipeline
 
     def call():
         pipeline(prompt="grinning face", num_inference_steps=25, guidance_scale=7.5, width=64, height=64,

@@ -562,7 +562,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--report", type=Path, default=DEFAULT_REPORT)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    # Everything on the studio's device thread: one OpenMP thread team for the judge and the
+    # generator (two teams halve the speed on a small CPU; see pipelines/streaming.py).
+    from pipelines.streaming import run_on_device_thread
+    return run_on_device_thread(_evaluate, args, argv)
 
+
+def _evaluate(args: argparse.Namespace, argv: Sequence[str] | None) -> dict:
     # 1. Real images and the judge
     data.fetch(args.cache)
     records, class_names = data.load_records(args.cache)

@@ -21,10 +21,10 @@ from pipelines.samplers import model_default_sampler
 REPORT = EMBEDDED_MODEL.parent / "emoji-ldm-eval.json"
 # The first prompts of the committed evaluation (drawn with random.Random(0) from the caption set,
 # not picked by hand), each with its evaluation seed. Chance top-5 over 1,906 classes is 0.26%,
-# i.e. 0.04 hits in 16; the shipped model scores 10 of 16 (step 4250); the bound is set under that, so the test
+# i.e. 0.04 hits in 16; the shipped model scores 11 of 16; the bound is set under that, so the test
 # fails if the model (or the studio's generation path) stops producing recognisable emoji.
 PROMPTS_CHECKED = 16
-MIN_TOP5_HITS = 6
+MIN_TOP5_HITS = 8
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,10 @@ def test_inpainting_and_controlnet_pipelines_derive_from_the_embedded_model():
                       num_inference_steps=12, generator=seed()).images[0]
     change = np.abs(np.asarray(painted, dtype=np.int16) - np.asarray(source, dtype=np.int16)).mean(axis=2)
     inside, outside = change[:, :24].mean(), change[:, 40:].mean()  # away from the mask's edge
-    assert inside > 3 * outside, (inside, outside)
+    # Outside the mask the latents are the source's, but every pixel is decoded again by the VAE
+    # (an 8x8 latent: its decoder sees the whole image), so it moves a little; without the mask
+    # both halves would change alike.
+    assert inside > 2 * outside, (inside, outside)
 
     # ControlNet: a new ControlNet's output convs start at zero, so until it is trained the
     # controlled pipeline draws exactly what the base model draws, whatever the control image.

@@ -108,6 +108,13 @@ def train_vae(pixels: torch.Tensor, steps: int, batch_size: int = 32, lr: float 
     progress.close()
 
 
+@torch.no_grad()
+def reconstruction_psnr(vae, pixels: torch.Tensor, latent_means: torch.Tensor, count: int = 512) -> float:
+    """PSNR of decoding the first `count` images' latent means, in dB (pixels in [-1, 1])."""
+    reconstruction = torch.cat([vae.decode(m).sample for m in latent_means[:count].split(128)])
+    return -10 * math.log10(((reconstruction.clamp(-1, 1) - pixels[:count]) / 2).pow(2).mean().item())
+
+
 def load_vae():
     """The stage-1 (wide, 8-channel) VAE."""
     vae = architecture.vae(architecture.WIDE_LATENT_CHANNELS)
@@ -131,8 +138,7 @@ def cache_latents(pixels: torch.Tensor) -> dict:
             means.append(posterior.mean)
             stds.append(posterior.std)
     mean, std = torch.cat(means), torch.cat(stds)
-    reconstruction = torch.cat([vae.decode(m).sample for m in mean[:512].split(128)])
-    psnr = -10 * math.log10(((reconstruction.clamp(-1, 1) - pixels[:512]) / 2).pow(2).mean().item())
+    psnr = reconstruction_psnr(vae, pixels, mean)
     cached = {"mean": mean, "std": std, "vae_step": vae_step,
               # SD's convention: scale latents to unit variance before diffusion.
               "scaling_factor": 1.0 / mean.std().item(), "psnr": psnr}
@@ -300,7 +306,7 @@ def train_decoder(pixels: torch.Tensor, latents: dict, steps: int, batch_size: i
     else:
         torch.manual_seed(2)
     if step == 0:
-        _log("vae4", 0, l1=_decoder_l1(vae, pixels, latents))
+        _log("vae4", 0, psnr=reconstruction_psnr(vae, pixels, latents["mean"]))
     if step >= steps:
         return
     schedule = lambda s: 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))  # cosine to zero
@@ -327,11 +333,6 @@ def train_decoder(pixels: torch.Tensor, latents: dict, steps: int, batch_size: i
     progress.close()
 
 
-@torch.no_grad()
-def _decoder_l1(vae, pixels: torch.Tensor, latents: dict, count: int = 512) -> float:
-    return (vae.decode(latents["mean"][:count]).sample - pixels[:count]).abs().mean().item()
-
-
 def load_narrow_vae():
     vae = architecture.vae()
     vae.load_state_dict(torch.load(WORK / "vae4.pt", weights_only=False)["vae"])
@@ -344,12 +345,6 @@ def narrowed_start(latents: dict) -> dict:
     unet = architecture.unet()
     project.narrow_unet(wide["unet"], unet, latents["P"])
     return {"unet": unet.state_dict(), "text_encoder": wide["text_encoder"], "wide_step": wide["step"]}
-
-
-@torch.no_grad()
-def psnr(vae, pixels: torch.Tensor, latents: dict, count: int = 512) -> float:
-    reconstruction = torch.cat([vae.decode(m).sample for m in latents["mean"][:count].split(128)])
-    return -10 * math.log10(((reconstruction.clamp(-1, 1) - pixels[:count]) / 2).pow(2).mean().item())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,7 +380,7 @@ def export(out: Path, tokenizer_folder: Path, pixels: torch.Tensor, latents: dic
         "stage1_wide_vae_steps": wide_latents["vae_step"], "stage1_wide_unet_steps": wide_unet_step,
         "stage2_variance_kept": round(latents["variance_kept"], 4), "stage2_decoder_steps": vae_step,
         "stage3_unet_steps": state["step"], "ema": use_ema,
-        "vae_psnr_db": round(psnr(load_narrow_vae(), pixels, latents), 2),
+        "vae_psnr_db": round(reconstruction_psnr(load_narrow_vae(), pixels, latents["mean"]), 2),
         "wide_vae_psnr_db": round(wide_latents["psnr"], 2),
         "recipe": "python -m recipe.train all"}, indent=2))
     if out.exists():

@@ -19,6 +19,7 @@ from pipelines.generate import Generator
 from pipelines.memory import MemoryManager
 from pipelines.models import EMBEDDED_MODEL, ModelManager, ModelSource
 from pipelines.requests import GenerationRequest
+from pipelines.streaming import run_on_device_thread
 
 
 def main() -> None:
@@ -47,8 +48,10 @@ def main() -> None:
             trace.frame(index, "x_t")
             trace.frame(index, "x0_pred")
 
-    candidates = {"generate": lambda: generator.generate(request), "record trace": lambda: record_trace(manager, request),
-                  "record + decode all frames": decode_all}
+    # on the device thread, as in the studio (generate goes there itself); see pipelines/streaming.py
+    candidates = {"generate": lambda: generator.generate(request),
+                  "record trace": lambda: run_on_device_thread(record_trace, manager, request),
+                  "record + decode all frames": lambda: run_on_device_thread(decode_all)}
     median = interleaved_medians(candidates, args.runs)
     print(f"model {manager.current.name} · {side}x{side} · {args.steps} steps · CFG 7.5 · {args.runs} interleaved runs")
     for name, value in median.items():

@@ -1,9 +1,5 @@
 """Stream a blocking job's events: the job runs on the device thread and emits into a queue.
 
-All model work runs on one long-lived thread. PyTorch's CPU kernels keep an OpenMP thread team
-per calling thread; a fresh thread per job (or Gradio's pool of handler threads) leaves idle teams
-spinning against the busy one, which measured here as 2x slower generation on a 2-core CPU.
-
 Every thread that runs a parallel torch kernel gets an OpenMP team of its own, and the teams
 stay. On this 2-core CPU one generation took 0.47 s on the main thread, but 1.0 s on another
 thread once the main thread had run any parallel kernel (loading a model is enough): the two
@@ -15,8 +11,8 @@ measures it.
 
 from __future__ import annotations
 
-import queue
 import functools
+import queue
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -69,12 +65,12 @@ def stream_events(work: Callable[[Callable[[Any], None]], Any]) -> Iterator:
 
     An exception in `work` is re-raised in the consumer, after the events emitted before it.
     """
-    events: queue.Queue = queue.Queue()
     if _on_the_device_thread():
         collected: list = []
         collected.append(work(collected.append))
         yield from collected
         return
+    events: queue.Queue = queue.Queue()
 
     def target():
         try:

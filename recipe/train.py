@@ -356,8 +356,8 @@ def export(out: Path, tokenizer_folder: Path, pixels: torch.Tensor, latents: dic
     from transformers import CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_folder)
-    state = torch.load(WORK / "unet4.pt", weights_only=False)
-    weights = ema_weights(WORK / "unet4.pt") if use_ema else state
+    checkpoint = WORK / "unet4.pt"
+    weights = ema_weights(checkpoint) if use_ema else torch.load(checkpoint, weights_only=False)
     unet = architecture.unet()
     text_encoder = architecture.text_encoder(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
     unet.load_state_dict(weights["unet"])
@@ -379,7 +379,7 @@ def export(out: Path, tokenizer_folder: Path, pixels: torch.Tensor, latents: dic
     (partial / "TRAINING.json").write_text(json.dumps({
         "stage1_wide_vae_steps": wide_latents["vae_step"], "stage1_wide_unet_steps": wide_unet_step,
         "stage2_variance_kept": round(latents["variance_kept"], 4), "stage2_decoder_steps": vae_step,
-        "stage3_unet_steps": state["step"], "ema": use_ema,
+        "stage3_unet_steps": weights["step"], "ema": use_ema,
         "vae_psnr_db": round(reconstruction_psnr(load_narrow_vae(), pixels, latents["mean"]), 2),
         "wide_vae_psnr_db": round(wide_latents["psnr"], 2),
         "recipe": "python -m recipe.train all"}, indent=2))
@@ -387,7 +387,7 @@ def export(out: Path, tokenizer_folder: Path, pixels: torch.Tensor, latents: dic
         import shutil
         shutil.rmtree(out)
     os.replace(partial, out)
-    print(f"exported {out}: wide UNet {wide_unet_step} steps, narrowed UNet {state['step']} steps")
+    print(f"exported {out}: wide UNet {wide_unet_step} steps, narrowed UNet {weights['step']} steps")
 
 
 STAGES = ["data", "vae", "unet", "narrow", "decoder", "unet4", "export", "all"]

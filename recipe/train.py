@@ -78,12 +78,11 @@ def train_vae(pixels: torch.Tensor, steps: int, batch_size: int = 32, lr: float 
         torch.manual_seed(0)
     if step >= steps:
         return
-    schedule = lambda s: 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))  # cosine to zero
     progress = tqdm(total=steps, initial=step, desc="vae")
     vae.train()
     while step < steps:
         for group in optimizer.param_groups:
-            group["lr"] = lr * schedule(step)
+            group["lr"] = lr * _cosine_to_zero(step, steps)
         batch = pixels[torch.randint(len(pixels), (batch_size,))]
         if step % 4 != 3:  # three steps in four on crops, one on whole images
             y, x = np.random.randint(0, 33, size=2)
@@ -242,6 +241,11 @@ def ema_weights(checkpoint: Path) -> dict:
     return split
 
 
+def _cosine_to_zero(step: int, steps: int) -> float:
+    """The VAE stages' learning-rate factor: half a cosine from 1 at step 0 to 0 at `steps`."""
+    return 0.5 * (1 + math.cos(math.pi * min(step / steps, 1.0)))
+
+
 def _unet_lr_factor(step: int, steps: int, warmup: int, decay_steps: int) -> float:
     """Linear warm-up, constant, then a cosine cool-down to 10% over the last `decay_steps` steps.
 
@@ -309,12 +313,11 @@ def train_decoder(pixels: torch.Tensor, latents: dict, steps: int, batch_size: i
         _log("vae4", 0, psnr=reconstruction_psnr(vae, pixels, latents["mean"]))
     if step >= steps:
         return
-    schedule = lambda s: 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))  # cosine to zero
     progress = tqdm(total=steps, initial=step, desc="decoder")
     vae.train()
     while step < steps:
         for group in optimizer.param_groups:
-            group["lr"] = lr * schedule(step)
+            group["lr"] = lr * _cosine_to_zero(step, steps)
         index = torch.randint(len(pixels), (batch_size,))
         z = latents["mean"][index] + latents["std"][index] * torch.randn_like(latents["std"][index])
         l1 = (vae.decode(z).sample - pixels[index]).abs().mean()

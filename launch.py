@@ -48,23 +48,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build(args: argparse.Namespace):
     """The Gradio app and its context, from parsed flags (no serving)."""
     from pipelines.generate import Generator
+    from pipelines.jobs import DeviceWorker
     from pipelines.memory import MemoryManager
     from pipelines.models import ModelLoadError, ModelManager
     from studio.app import build_app
     from studio.context import StudioContext
 
     memory = MemoryManager(device=args.device, dtype=args.dtype, memory=args.memory)
-    models = ModelManager(memory, allow_pickle=args.allow_pickle, models_dir=ROOT / "models")
+    # The one thread all model work runs on (pipelines/jobs.py)
+    models = ModelManager(memory, worker=DeviceWorker(), allow_pickle=args.allow_pickle,
+                          models_dir=ROOT / "models")
     outputs = Path(args.outputs).resolve()
     context = StudioContext(models=models, generator=Generator(models, outputs), outputs_dir=outputs)
     if args.model != "none":
         try:
             models.load(args.model, config=args.model_config)
         except ModelLoadError as error:
-            context.startup_note = str(error)
+            context.startup_error = str(error)
             logging.getLogger("studio").warning("no model loaded: %s", error)
     else:
-        context.startup_note = "Started with --model none."
+        context.startup_error = "Started with --model none."
     return build_app(context), context
 
 

@@ -17,7 +17,7 @@ import torch
 from pipelines.generate import Generator
 from pipelines.memory import MemoryManager
 from pipelines.models import ModelManager
-from pipelines.requests import GenerationRequest
+from pipelines.tasks import Txt2ImgRequest
 from pipelines.samplers import model_default_sampler
 
 
@@ -31,8 +31,8 @@ def main() -> None:
     manager = ModelManager(MemoryManager(device="cpu"))
     model = manager.load("embedded")
     generator = Generator(manager, outputs_dir=None)
-    request = GenerationRequest(prompt="grinning face", sampler=model_default_sampler(model.scheduler_config),
-                                steps=25, guidance_scale=7.5, width=64, height=64, seed=0)
+    request = Txt2ImgRequest(prompt="grinning face", sampler=model_default_sampler(model.scheduler_config),
+                             steps=25, guidance_scale=7.5, width=64, height=64, seed=0)
     unet_seconds = []
     started_at = {}
     unet = model.pipeline.unet

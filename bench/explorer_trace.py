@@ -18,8 +18,7 @@ from pipelines.explorer_reverse import record_trace
 from pipelines.generate import Generator
 from pipelines.memory import MemoryManager
 from pipelines.models import EMBEDDED_MODEL, ModelManager, ModelSource
-from pipelines.requests import GenerationRequest
-from pipelines.streaming import run_on_device_thread
+from pipelines.tasks import Txt2ImgRequest
 
 
 def main() -> None:
@@ -36,10 +35,9 @@ def main() -> None:
         manager.adopt(build_tiny_pipeline(folder), ModelSource("folder", str(folder), "tiny"))
     else:
         manager.load(args.model or "embedded")
-    pipeline = manager.current.pipeline
-    side = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
-    request = GenerationRequest(prompt="grinning face", steps=args.steps, guidance_scale=7.5, width=side,
-                                height=side, seed=1234)
+    side = manager.current.native_side
+    request = Txt2ImgRequest(prompt="grinning face", steps=args.steps, guidance_scale=7.5, width=side,
+                             height=side, seed=1234)
     generator = Generator(manager, outputs_dir=None)
 
     def decode_all():
@@ -48,10 +46,10 @@ def main() -> None:
             trace.frame(index, "x_t")
             trace.frame(index, "x0_pred")
 
-    # on the device thread, as in the studio (generate goes there itself); see pipelines/streaming.py
+    # on the device worker's thread, as in the studio (generate goes there itself); see pipelines/jobs.py
     candidates = {"generate": lambda: generator.generate(request),
-                  "record trace": lambda: run_on_device_thread(record_trace, manager, request),
-                  "record + decode all frames": lambda: run_on_device_thread(decode_all)}
+                  "record trace": lambda: manager.worker.call(record_trace, manager, request),
+                  "record + decode all frames": lambda: manager.worker.call(decode_all)}
     median = interleaved_medians(candidates, args.runs)
     print(f"model {manager.current.name} · {side}x{side} · {args.steps} steps · CFG 7.5 · {args.runs} interleaved runs")
     for name, value in median.items():

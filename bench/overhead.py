@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,9 +20,8 @@ from bench.timing import interleaved_medians
 from pipelines.generate import Generator
 from pipelines.memory import MemoryManager
 from pipelines.models import EMBEDDED_MODEL, ModelManager
-from pipelines.requests import GenerationRequest
+from pipelines.tasks import Txt2ImgRequest
 from pipelines.samplers import make_scheduler
-from pipelines.streaming import stream_events
 
 
 def main() -> None:
@@ -44,15 +44,15 @@ def main() -> None:
         manager.load(args.model or "embedded")
     model = manager.current
     pipeline = model.pipeline
-    size = args.size or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    size = args.size or model.native_side
     generator = Generator(manager, outputs_dir=None)
-    request = GenerationRequest(prompt="grinning face", negative_prompt="", sampler=args.sampler, steps=args.steps,
-                                guidance_scale=7.5, width=size, height=size, seed=1234)
-    with_previews = GenerationRequest(**{**request.__dict__, "preview_every": 1})
+    request = Txt2ImgRequest(prompt="grinning face", negative_prompt="", sampler=args.sampler, steps=args.steps,
+                             guidance_scale=7.5, width=size, height=size, seed=1234)
+    with_previews = replace(request, preview_every=1)
 
     def raw_diffusers():
         # on the same device thread the studio uses, so both run with the same OpenMP thread team
-        list(stream_events(lambda emit: raw_call()))
+        manager.worker.call(raw_call)
 
     def raw_call():
         pipeline.scheduler = make_scheduler(args.sampler, model.scheduler_config)

@@ -28,10 +28,11 @@ def _worker(placement: str, runs: int) -> None:
 
     from pipelines.memory import MemoryManager
     from pipelines.models import ModelManager
-    from pipelines.streaming import run_on_device_thread
+    from pipelines.jobs import DeviceWorker
 
+    worker = DeviceWorker()
     if placement == "device thread":
-        pipeline = ModelManager(MemoryManager(device="cpu")).load("embedded").pipeline
+        pipeline = ModelManager(MemoryManager(device="cpu"), worker=worker).load("embedded").pipeline
     else:
         from diffusers import StableDiffusionPipeline
 
@@ -44,7 +45,7 @@ def _worker(placement: str, runs: int) -> None:
         pipeline(prompt="grinning face", num_inference_steps=25, guidance_scale=7.5, width=64, height=64,
                  generator=torch.Generator("cpu").manual_seed(1234), output_type="pil")
 
-    place = call if placement == "main thread" else (lambda: run_on_device_thread(call))
+    place = call if placement == "main thread" else (lambda: worker.call(call))
     place()  # warm-up
     times = []
     for _ in range(runs):

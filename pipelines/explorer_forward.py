@@ -24,6 +24,8 @@ from diffusers import DDPMScheduler
 from matplotlib.figure import Figure
 from PIL import Image
 
+from pipelines.denoise import decode, encode
+
 SCHEDULE_NAMES: tuple[str, ...] = ("linear", "scaled_linear", "cosine", "model")
 MIN_NUM_STEPS = 2
 MAX_NUM_STEPS = 4000
@@ -313,32 +315,6 @@ def tensor_to_image(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(array.permute(1, 2, 0).numpy(), mode="RGB")
 
 
-def _vae_scale_and_shift(vae: Any) -> tuple[float, float]:
-    # SD3/Flux VAEs also have a `shift_factor`; latents = (mean - shift) * scale.
-    shift_factor = getattr(vae.config, "shift_factor", None) or 0.0
-    return float(vae.config.scaling_factor), float(shift_factor)
-
-
-@torch.no_grad()
-def encode_latents(vae: Any, image_tensor: torch.Tensor) -> torch.Tensor:
-    """x_0 in latent space: the posterior mean of the VAE encoder times `scaling_factor`.
-
-    The mean (not a sample) keeps x_0 deterministic, so all noise comes from the forward process.
-    """
-    scaling_factor, shift_factor = _vae_scale_and_shift(vae)
-    image_tensor = image_tensor.to(device=vae.device, dtype=vae.dtype)
-    mean = vae.encode(image_tensor).latent_dist.mean
-    return (mean - shift_factor) * scaling_factor
-
-
-@torch.no_grad()
-def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
-    """Latents -> image tensor (roughly in [-1, 1]): undo `scaling_factor`, then run the decoder."""
-    scaling_factor, shift_factor = _vae_scale_and_shift(vae)
-    latents = latents.to(device=vae.device, dtype=vae.dtype)
-    return vae.decode(latents / scaling_factor + shift_factor).sample
-
-
 def animation_timesteps(schedule: NoiseSchedule, *, num_frames: int) -> list[int]:
     """`num_frames` timesteps evenly spaced from 0 to T - 1, for the x_0 -> x_T animation."""
     if not 2 <= num_frames <= schedule.num_steps:
@@ -358,7 +334,7 @@ def forward_frames(
     """Frames x_t for each t in `timesteps`, all noised with the same seeded epsilon.
 
     Without `vae` the forward process runs on the pixels. With `vae` it runs on the latents
-    z_0 = encode_latents(vae, x0_pixels), and each z_t is decoded back to pixels for display.
+    z_0 = encode(vae, x0_pixels), and each z_t is decoded back to pixels for display.
     `include_clean` prepends x_0 itself (in latent space: the VAE reconstruction of z_0).
     """
     # 1. Check inputs
@@ -369,11 +345,11 @@ def forward_frames(
     timesteps = [_check_timestep(t, schedule) for t in timesteps]
 
     # 2. Choose the space the forward process runs in
-    x0 = x0_pixels if vae is None else encode_latents(vae, x0_pixels)
+    x0 = x0_pixels if vae is None else encode(vae, x0_pixels)
     noise = FixedNoise(seed).like(x0)
 
     def to_image(x: torch.Tensor) -> Image.Image:
-        return tensor_to_image(x if vae is None else decode_latents(vae, x))
+        return tensor_to_image(x if vae is None else decode(vae, x)[0])
 
     # 3. Noise and render one frame at a time, so memory does not grow with the frame count
     frames = [to_image(x0)] if include_clean else []

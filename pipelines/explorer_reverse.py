@@ -47,21 +47,17 @@ from typing import Any
 import matplotlib
 import numpy as np
 import torch
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image, ImageDraw, ImageFont
 
+from pipelines.denoise import Denoiser, PreparedCall, decode, prepare, prompt_embeddings, to_pil, uses_cfg
 from pipelines.explorer_forward import export_animation
-from pipelines.generate import check_size
 from pipelines.models import ModelManager
-from pipelines.preview import decode_latents, to_pil
-from pipelines.prompts import prompt_arguments
-from pipelines.requests import MAX_STEPS, GenerationRequest
-from pipelines.streaming import stream_events
-from pipelines.samplers import SAMPLER_NAMES, STOCHASTIC, make_scheduler
+from pipelines.samplers import SAMPLER_NAMES, STOCHASTIC
+from pipelines.tasks import MAX_STEPS, Txt2ImgRequest
 
 # A trace is recorded for one text-to-image request; batch_size and batch_count must be 1.
-TraceRequest = GenerationRequest
+TraceRequest = Txt2ImgRequest
 
 FRAME_KINDS: tuple[str, ...] = ("x_t", "x0_pred", "eps_uncond", "eps_cond", "eps_guided")
 NOISE_KINDS: tuple[str, ...] = ("eps_uncond", "eps_cond", "eps_guided")
@@ -168,7 +164,7 @@ class Trace:
     and PNDM once more at its start, so `len(trace.steps)` can exceed `request.steps`.
     """
 
-    request: GenerationRequest      # resolved: the seed is concrete
+    request: Txt2ImgRequest      # resolved: the seed is concrete
     steps: list[TraceStep]
     final_latents: torch.Tensor     # CPU copy
     final_image: Image.Image        # bit-identical to Generator's image for the same request
@@ -180,7 +176,7 @@ class Trace:
     changes: dict = field(default_factory=dict)
     # Which settings ran from which step on: [(0, first request), (k, request from step k on), ...].
     # `replayable` is False once another sampler took over, which diffusers' loop cannot replay.
-    settings: list[tuple[int, GenerationRequest]] = field(default_factory=list)
+    settings: list[tuple[int, Txt2ImgRequest]] = field(default_factory=list)
     replayable: bool = True
     _decoded: dict = field(default_factory=dict, repr=False)
     _noise_scale: float | None = field(default=None, repr=False)
@@ -236,7 +232,7 @@ class Trace:
         if vae is None:
             raise ValueError("The model this trace was recorded with has been unloaded, so its frames can no "
                              "longer be decoded. Record again.")
-        images, _ = decode_latents(vae, latents.to(vae.device))
+        images, _ = decode(vae, latents)
         return to_pil(images)[0]
 
 
@@ -291,7 +287,7 @@ def rms_distance(image_a: Image.Image, image_b: Image.Image) -> float:
 # ----------------------------------------------------------------------------- recording
 
 
-def record_trace(models: ModelManager, request: GenerationRequest, *, stop: threading.Event | None = None,
+def record_trace(models: ModelManager, request: Txt2ImgRequest, *, stop: threading.Event | None = None,
                  on_step: Callable[[int, int], None] | None = None) -> Trace:
     """Generate `request` as Generator does, recording every step. `on_step(done, total)` reports progress;
     a set `stop` ends the run at the next step (the trace is then partial and `stopped`)."""
@@ -299,84 +295,30 @@ def record_trace(models: ModelManager, request: GenerationRequest, *, stop: thre
     return _record(run, stop=stop, on_step=on_step)
 
 
-@dataclass
-class _Run:
-    """One prepared pipeline call: the request, its pipeline with the request's sampler, its prompts."""
-    pipeline: Any
-    request: GenerationRequest
-    prompts: dict
-    device: torch.device
-    notes: list[str]
-
-
-def _prepare(models: ModelManager, request: GenerationRequest) -> _Run:
-    # 1. Check inputs and resolve the seed, as Generator does
-    if not isinstance(request, GenerationRequest):
-        raise ValueError(f"Expected a GenerationRequest but received {type(request).__name__}.")
-    request = request.resolved()
-    if request.task != "txt2img":
-        raise ValueError("The explorer records text-to-image runs; this request has an init image.")
+def _prepare(models: ModelManager, request: Txt2ImgRequest) -> PreparedCall:
+    """Generator's preparation (pipelines/denoise.py), for the one image a trace records."""
+    if not isinstance(request, Txt2ImgRequest):
+        raise ValueError(f"The explorer records text-to-image runs (a Txt2ImgRequest) but received "
+                         f"{type(request).__name__}.")
     if request.batch_size != 1 or request.batch_count != 1:
         raise ValueError(f"The explorer records one image at a time, but batch_size is {request.batch_size} "
                          f"and batch_count is {request.batch_count}; set both to 1.")
-    model = models.require()
-    pipeline = models.pipeline("txt2img")
-    check_size(request.width, request.height, pipeline.vae_scale_factor)
-    # 2. Sampler from the model's own scheduler config
-    pipeline.scheduler = make_scheduler(request.sampler, model.scheduler_config)
-    if hasattr(pipeline.scheduler, "noise_sampler_seed"):
-        # DPM++ SDE draws its Brownian noise from torch's global RNG unless seeded: seed it (one tree per
-        # image, as a list), so a trace can be replayed (and branched) exactly
-        pipeline.scheduler.noise_sampler_seed = [request.seed]
-    # 3. Prompts (chunked when longer than the tokenizer window)
-    device = pipeline._execution_device
-    prompts, note = prompt_arguments(pipeline, request.prompt, request.negative_prompt, device)
-    return _Run(pipeline=pipeline, request=request, prompts=prompts, device=device, notes=[note] if note else [])
+    return prepare(models, request)
 
 
-def _initial_noise(run: _Run) -> tuple[torch.Tensor, list[torch.Generator]]:
+def _initial_noise(run: PreparedCall) -> tuple[torch.Tensor, list[torch.Generator]]:
     """The pipeline's own initial noise (prepare_latents' randn_tensor call) from Generator's CPU generator.
 
     We draw it here and pass it as `latents=` so the recorder knows x_T; the generator, advanced by the
     same draw, goes on to the pipeline for stochastic samplers, exactly as in Generator.
     """
     pipeline, request = run.pipeline, run.request
-    generators = [torch.Generator("cpu").manual_seed(request.seed)]
+    generators = run.generators(0)
     shape = (1, pipeline.unet.config.in_channels, request.height // pipeline.vae_scale_factor,
              request.width // pipeline.vae_scale_factor)
     # encode_prompt casts the embeddings to this dtype, and prepare_latents draws in the embeddings' dtype
     dtype = pipeline.text_encoder.dtype if pipeline.text_encoder is not None else pipeline.unet.dtype
     return randn_tensor(shape, generator=generators, device=run.device, dtype=dtype), generators
-
-
-@contextmanager
-def _exposed_tensors(pipeline, names: Sequence[str]):
-    """Let callback_on_step_end see more of the denoising loop's locals, for one call."""
-    own = "_callback_tensor_inputs" in vars(pipeline)
-    saved = pipeline._callback_tensor_inputs
-    pipeline._callback_tensor_inputs = [*saved, *(name for name in names if name not in saved)]
-    try:
-        yield
-    finally:
-        if own:
-            pipeline._callback_tensor_inputs = saved
-        else:
-            del pipeline._callback_tensor_inputs
-
-
-def _call_pipeline(run: _Run, noise: torch.Tensor, generators: list, *, callback=None) -> torch.Tensor:
-    """Generator._denoise's pipeline call for one image, returning latents."""
-    request = run.request
-    arguments = dict(run.prompts, num_inference_steps=request.steps, guidance_scale=request.guidance_scale,
-                     guidance_rescale=request.guidance_rescale, num_images_per_prompt=1, generator=generators,
-                     output_type="latent", width=request.width, height=request.height, latents=noise)
-    if request.guidance_rescale == 0.0:
-        arguments.pop("guidance_rescale")  # not every pipeline takes it
-    if callback is None:
-        return run.pipeline(**arguments).images
-    arguments.update(callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents", "noise_pred"])
-    with _exposed_tensors(run.pipeline, ["noise_pred"]):
-        return run.pipeline(**arguments).images
 
 
 def _cpu(tensor: torch.Tensor) -> torch.Tensor:
@@ -452,14 +394,14 @@ class _Recorder:
                          x0_pred=x0, eps_cond=cond, eps_uncond=uncond, eps_guided=guided)
 
 
-def _recorder_for(run: _Run, *, first_latents, stop, on_step, total=None, offset=0) -> _Recorder:
+def _recorder_for(run: PreparedCall, *, first_latents, stop, on_step, total=None, offset=0) -> _Recorder:
     scheduler = run.pipeline.scheduler
     return _Recorder(first_latents=first_latents, alphas_cumprod=scheduler.alphas_cumprod,
                      prediction_type=scheduler.config.get("prediction_type", "epsilon"), stop=stop,
                      on_step=on_step, total=total, offset=offset)
 
 
-def _record(run: _Run, *, stop, on_step, switches: dict[int, Callable] | None = None) -> Trace:
+def _record(run: PreparedCall, *, stop, on_step, switches: dict[int, Callable] | None = None) -> Trace:
     """Run the pipeline with the recorder attached; `switches[k](pipe)` runs before iteration k."""
     pipeline = run.pipeline
     noise, generators = _initial_noise(run)
@@ -474,20 +416,18 @@ def _record(run: _Run, *, stop, on_step, switches: dict[int, Callable] | None = 
         return outputs
 
     with recorder.listening(pipeline.unet):
-        latents = _call_pipeline(run, noise, generators, callback=step_end)
+        latents = run(0, generators=generators, latents=noise, callback=step_end, expose=("noise_pred",))
     return _finish(run, recorder.steps, latents, stopped=recorder.stopped)
 
 
-def _finish(run: _Run, steps: list[TraceStep], latents: torch.Tensor, *, stopped: bool, **extra) -> Trace:
+def _finish(run: PreparedCall, steps: list[TraceStep], latents: torch.Tensor, *, stopped: bool, **extra) -> Trace:
     pipeline = run.pipeline
+    final_image = run.decode(latents)[0]
     notes = list(run.notes)
-    decoded, upcast = decode_latents(pipeline.vae, latents)
-    if upcast:
-        notes.append("The VAE overflowed in fp16 (the black-image bug), so it now decodes in fp32.")
     if stopped:
         notes.append(f"Stopped after {len(steps)} step(s); the final image is the unfinished latent decoded.")
     extra.setdefault("settings", [(0, run.request)])
-    return Trace(request=run.request, steps=steps, final_latents=_cpu(latents), final_image=to_pil(decoded)[0],
+    return Trace(request=run.request, steps=steps, final_latents=_cpu(latents), final_image=final_image,
                  prediction_type=pipeline.scheduler.config.get("prediction_type", "epsilon"),
                  vae=weakref.ref(pipeline.vae), stopped=stopped, notes=notes, **extra)
 
@@ -540,28 +480,13 @@ def branch(models: ModelManager, trace: Trace, at_step: int, changes: dict, *,
     return _take_over(models, trace, request, at_step, details, stop=stop, on_step=on_step)
 
 
-def _uses_cfg(pipeline, guidance_scale: float) -> bool:
-    """StableDiffusionPipeline.do_classifier_free_guidance for this scale."""
-    return guidance_scale > 1 and pipeline.unet.config.time_cond_proj_dim is None
-
-
-def _embeddings(pipeline, request: GenerationRequest, device, *, cfg: bool) -> tuple[torch.Tensor, str | None]:
-    """The loop's `prompt_embeds` for `request`: [negative, positive] with CFG, positive alone without."""
-    prompts, note = prompt_arguments(pipeline, request.prompt, request.negative_prompt, device)
-    with torch.no_grad():
-        positive, negative = pipeline.encode_prompt(
-            prompts.get("prompt"), device, 1, cfg, prompts.get("negative_prompt"),
-            prompt_embeds=prompts.get("prompt_embeds"), negative_prompt_embeds=prompts.get("negative_prompt_embeds"))
-    return (torch.cat([negative, positive]) if cfg else positive), note
-
-
-def _switch(run: _Run, before: GenerationRequest, after: GenerationRequest) -> Callable[[Any], dict]:
+def _switch(run: PreparedCall, before: Txt2ImgRequest, after: Txt2ImgRequest) -> Callable[[Any], dict]:
     """A step-end action that turns the running loop from `before`'s settings to `after`'s."""
     pipeline = run.pipeline
-    old_cfg, new_cfg = _uses_cfg(pipeline, before.guidance_scale), _uses_cfg(pipeline, after.guidance_scale)
+    old_cfg, new_cfg = uses_cfg(pipeline, before.guidance_scale), uses_cfg(pipeline, after.guidance_scale)
     embeddings = None
     if (after.prompt, after.negative_prompt) != (before.prompt, before.negative_prompt) or old_cfg != new_cfg:
-        embeddings, note = _embeddings(pipeline, after, run.device, cfg=new_cfg)
+        embeddings, note = prompt_embeddings(pipeline, after, run.device, cfg=new_cfg)
         if note:
             run.notes.append(note)
 
@@ -574,7 +499,7 @@ def _switch(run: _Run, before: GenerationRequest, after: GenerationRequest) -> C
     return switch
 
 
-def _replay(models, request: GenerationRequest, details: dict, *, stop, on_step) -> Trace:
+def _replay(models, request: Txt2ImgRequest, details: dict, *, stop, on_step) -> Trace:
     """Rerun from the seed with the first settings, switching at every later step the plan names."""
     plan = details["settings"]
     run = _prepare(models, plan[0][1])
@@ -585,7 +510,7 @@ def _replay(models, request: GenerationRequest, details: dict, *, stop, on_step)
     return result
 
 
-def _take_over(models, trace: Trace, request: GenerationRequest, at_step: int, details: dict, *,
+def _take_over(models, trace: Trace, request: Txt2ImgRequest, at_step: int, details: dict, *,
                stop, on_step) -> Trace:
     """The new sampler continues from trace.steps[at_step] with our own short loop (diffusers' loop, step 7)."""
     run = _prepare(models, request)
@@ -612,40 +537,22 @@ def _take_over(models, trace: Trace, request: GenerationRequest, at_step: int, d
     latents = model_input / scale
 
     # 3. Prompts, guidance and the step's extra arguments, as the pipeline prepares them
-    cfg = _uses_cfg(pipeline, request.guidance_scale)
-    embeddings, note = _embeddings(pipeline, request, device, cfg=cfg)
-    if note:
-        run.notes.append(note)
-    timestep_cond = None
-    if pipeline.unet.config.time_cond_proj_dim is not None:
-        timestep_cond = pipeline.get_guidance_scale_embedding(
-            torch.tensor([request.guidance_scale - 1]), embedding_dim=pipeline.unet.config.time_cond_proj_dim,
-        ).to(device=device, dtype=latents.dtype)
-    generators = [torch.Generator("cpu").manual_seed(request.seed)]
-    extra_step_kwargs = pipeline.prepare_extra_step_kwargs(generators, 0.0)
+    denoiser = Denoiser(run)
 
-    # 4. Denoising loop over the remaining timesteps
+    # 4. Denoising loop over the remaining timesteps, one explicit step at a time
     remaining = timesteps[start:]
     start_latents = latents
     recorder = _recorder_for(run, first_latents=lambda: start_latents, stop=stop, on_step=on_step,
                              total=at_step + len(remaining), offset=at_step)
-    with recorder.listening(pipeline.unet), torch.no_grad():
+    with recorder.listening(pipeline.unet):
         for index, t in enumerate(remaining):
             if stop is not None and stop.is_set():
                 recorder.stopped = True
                 break
-            model_input = torch.cat([latents] * 2) if cfg else latents
-            model_input = scheduler.scale_model_input(model_input, t)
-            noise_pred = pipeline.unet(model_input, t, encoder_hidden_states=embeddings, timestep_cond=timestep_cond,
-                                       return_dict=False)[0]
-            if cfg:
-                noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
-                noise_pred = noise_pred_uncond + request.guidance_scale * (noise_pred_text - noise_pred_uncond)
-                if request.guidance_rescale > 0.0:
-                    noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text,
-                                                   guidance_rescale=request.guidance_rescale)
-            latents = scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
-            recorder.step_end(pipeline, start + index, t, {"latents": latents, "noise_pred": noise_pred})
+            step = denoiser.step(latents, t)
+            latents = step.latents
+            recorder.step_end(pipeline, start + index, t, {"latents": latents,
+                                                            "noise_pred": step.prediction.eps_guided})
     return _finish(run, trace.steps[:at_step] + recorder.steps, latents, stopped=recorder.stopped,
                    replayable=False, **details)
 
@@ -672,7 +579,7 @@ class CompareRow:
                 round(self.seconds, 3), self.unet_calls, self.model_evaluations]
 
 
-def compare(models: ModelManager, request: GenerationRequest, *, samplers: list[str] | None = None,
+def compare(models: ModelManager, request: Txt2ImgRequest, *, samplers: list[str] | None = None,
             steps: list[int] | None = None, cfgs: list[float] | None = None, reference_steps: int = 100,
             reference_sampler: str | None = DEFAULT_REFERENCE_SAMPLER, stop: threading.Event | None = None,
             on_step: Callable[[int, int], None] | None = None) -> tuple[Image.Image, list[CompareRow]]:
@@ -719,7 +626,7 @@ def compare(models: ModelManager, request: GenerationRequest, *, samplers: list[
     return _grid(images, rows, columns=len(steps) * len(cfgs)), rows
 
 
-def _measured_generation(models: ModelManager, request: GenerationRequest) -> tuple[Image.Image, float, int, int]:
+def _measured_generation(models: ModelManager, request: Txt2ImgRequest) -> tuple[Image.Image, float, int, int]:
     """The Generator-identical image, its wall time and how often the UNet ran."""
     run = _prepare(models, request)
     counts = {"calls": 0, "evaluations": 0}
@@ -732,11 +639,9 @@ def _measured_generation(models: ModelManager, request: GenerationRequest) -> tu
     started = time.perf_counter()
     try:
         noise, generators = _initial_noise(run)
-        latents = _call_pipeline(run, noise, generators)
-        decoded, _ = decode_latents(run.pipeline.vae, latents)
+        image = run.decode(run(0, generators=generators, latents=noise))[0]
     finally:
         handle.remove()
-    image = to_pil(decoded)[0]
     return image, time.perf_counter() - started, counts["calls"], counts["evaluations"]
 
 
@@ -790,33 +695,9 @@ def parse_compare_lists(samplers: str, steps: str, cfgs: str) -> dict:
     return {"samplers": sampler_list or None, "steps": step_list or None, "cfgs": cfg_list or None}
 
 
-# ----------------------------------------------------------------------------- export and streaming
+# ----------------------------------------------------------------------------- export
 
 
 def export_trace(trace: Trace, kind: str, path: Path, *, fps: int = 8) -> Path:
     """A GIF or MP4 (by suffix) of the trace's frames of `kind`, via explorer_forward.export_animation."""
     return export_animation(trace.frames(kind), Path(path), fps=fps)
-
-
-def native_side(models: ModelManager) -> int | None:
-    """The loaded model's native image side in pixels, or None without a model."""
-    if models.current is None:
-        return None
-    pipeline = models.current.pipeline
-    side = getattr(getattr(pipeline, "unet", None), "config", None)
-    side = getattr(side, "sample_size", None)
-    return side * pipeline.vae_scale_factor if isinstance(side, int) else None
-
-
-@dataclass
-class Progress:
-    done: int
-    total: int
-
-
-def stream(work: Callable[[Callable[[int, int], None]], Any]) -> Iterator:
-    """Run `work(on_step)` in a worker thread; yield a Progress per step, then work's result.
-
-    For UIs that stream: `for event in stream(lambda on_step: record_trace(..., on_step=on_step))`.
-    """
-    return stream_events(lambda emit: work(lambda done, total: emit(Progress(done, total))))

@@ -75,15 +75,15 @@ def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
 
 
 def choose_mode(*, device: torch.device, requested: str, weights_bytes: int, free_vram_bytes: int | None,
-                width: int = 512, height: int = 512) -> MemoryMode:
-    """`auto` picks the highest rung whose estimated peak fits in free VRAM at this resolution."""
+                width: int = 512, height: int = 512, batch_size: int = 1) -> MemoryMode:
+    """`auto` picks the highest rung whose estimated peak fits in free VRAM for this request's size."""
     if device.type != "cuda":
         return MemoryMode.CPU if device.type == "cpu" else MemoryMode.HIGH
     if requested != "auto":
         return MemoryMode(requested)
     if free_vram_bytes is None:
         return MemoryMode.BALANCED
-    megapixels = width * height / 1e6
+    megapixels = width * height * batch_size / 1e6
     activations = ACTIVATION_GIB_PER_MEGAPIXEL * megapixels * GIB
     budget = free_vram_bytes - CONTEXT_RESERVE_GIB * GIB
     if weights_bytes + activations <= budget:
@@ -94,6 +94,20 @@ def choose_mode(*, device: torch.device, requested: str, weights_bytes: int, fre
     if 0.75 * weights_bytes + activations / 4 <= budget:
         return MemoryMode.LOW
     return MemoryMode.SEQUENTIAL
+
+
+def weights_bytes(pipelines) -> int:
+    """Bytes of parameters in the modules of `pipelines` (pipelines or single modules), each counted once."""
+    seen, total = set(), 0
+    for item in pipelines:
+        modules = [m for m in item.components.values() if isinstance(m, torch.nn.Module)] \
+            if hasattr(item, "components") else [item]
+        for module in modules:
+            for parameter in module.parameters():
+                if id(parameter) not in seen:
+                    seen.add(id(parameter))
+                    total += parameter.numel() * parameter.element_size()
+    return total
 
 
 @dataclass
@@ -128,13 +142,13 @@ class MemoryManager:
         free, _ = torch.cuda.mem_get_info(self.device)
         return free
 
-    def place(self, pipeline, *, width: int = 512, height: int = 512, mode: MemoryMode | None = None) -> MemoryMode:
-        """Put `pipeline` on the device according to `mode` (or the requested/auto mode)."""
-        weights = sum(p.numel() * p.element_size() for m in pipeline.components.values()
-                      if isinstance(m, torch.nn.Module) for p in m.parameters())
-        if mode is None:
-            mode = choose_mode(device=self.device, requested=self.requested_mode, weights_bytes=weights,
-                               free_vram_bytes=self.free_vram(), width=width, height=height)
+    def mode_for(self, weights: int, *, width: int, height: int, batch_size: int = 1) -> MemoryMode:
+        """The mode the requested setting (or `auto`, given free VRAM) gives for this much work."""
+        return choose_mode(device=self.device, requested=self.requested_mode, weights_bytes=weights,
+                           free_vram_bytes=self.free_vram(), width=width, height=height, batch_size=batch_size)
+
+    def place(self, pipeline, *, mode: MemoryMode) -> MemoryMode:
+        """Put `pipeline` on the device in `mode`."""
         if hasattr(pipeline, "remove_all_hooks"):
             pipeline.remove_all_hooks()
         if mode in (MemoryMode.HIGH, MemoryMode.CPU):

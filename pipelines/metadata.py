@@ -29,6 +29,8 @@ from typing import BinaryIO
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
+from pipelines.tasks import SHARED_INFOTEXT_FIELDS, TASKS
+
 PARAMETERS_CHUNK = "parameters"   # A1111's chunk name
 STUDIO_CHUNK = "studio"
 NEGATIVE_PROMPT_PREFIX = "Negative prompt:"
@@ -144,16 +146,9 @@ def infotext_to_settings(params: dict[str, str]) -> dict:
     guidance_rescale, batch_size, model, model_hash.
     """
     settings: dict[str, object] = {}
-    for key, name, convert in (
-        ("Steps", "steps", int),
-        ("CFG scale", "guidance_scale", float),
-        ("Seed", "seed", int),
-        ("Denoising strength", "strength", float),
-        ("Guidance rescale", "guidance_rescale", float),
-        ("Batch size", "batch_size", int),
-    ):
-        if key in params:
-            settings[name] = _typed(params, key, convert)
+    for item in (*SHARED_INFOTEXT_FIELDS, *(item for task in TASKS.values() for item in task.infotext_fields)):
+        if item.key in params:
+            settings[item.field] = _typed(params, item.key, item.kind)
 
     if "Sampler" in params:
         sampler = params["Sampler"]

@@ -1,6 +1,13 @@
-"""The model manager: one per app. Loads a diffusers model from the embedded assets, a local
-folder, a single `.safetensors` checkpoint or a Hugging Face hub id; derives task pipelines
-from the one loaded base with `from_pipe` (shared weights); releases a model on switch."""
+"""The model manager: one per app. Holds models in named slots and loads them from the embedded
+assets, a local folder, a single `.safetensors` checkpoint or a Hugging Face hub id.
+
+Slots: `base` (the model every task runs on; each task's pipeline is derived from it once with
+`from_pipe`, sharing its weights), and later `draft` (speculative sampling), `controlnet:NAME`
+(ControlNets) and LoRA adapters (peft adapters on the base, chosen per request, never merged).
+`fit(request)` places what a request needs, given its size, within one memory budget.
+
+All loading, placing and releasing runs on the device worker's thread (pipelines/jobs.py).
+"""
 
 from __future__ import annotations
 
@@ -8,19 +15,23 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image, DiffusionPipeline
+from diffusers import AutoPipelineForText2Image, DiffusionPipeline
 
-from pipelines.memory import MemoryManager, MemoryMode, is_out_of_memory
-from pipelines.streaming import run_on_device_thread
+from pipelines.jobs import DeviceWorker
+from pipelines.memory import MemoryManager, MemoryMode, is_out_of_memory, weights_bytes
+from pipelines.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_MODEL = ROOT / "assets" / "emoji-ldm"
 EMBEDDED_NAME = "embedded"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-TASKS = ("txt2img", "img2img")
+BASE_SLOT = "base"
+DRAFT_SLOT = "draft"
+CONTROLNET_SLOT_PREFIX = "controlnet:"
 
 
 class ModelLoadError(ValueError):
@@ -81,17 +92,38 @@ def file_hash(path: Path) -> str:
     return digest.hexdigest()[:10]
 
 
+def check_slot(slot: str) -> None:
+    if slot in (BASE_SLOT, DRAFT_SLOT) or (slot.startswith(CONTROLNET_SLOT_PREFIX) and
+                                          len(slot) > len(CONTROLNET_SLOT_PREFIX)):
+        return
+    raise ValueError(f"Unknown model slot {slot!r}; slots are {BASE_SLOT!r}, {DRAFT_SLOT!r} and "
+                     f"'{CONTROLNET_SLOT_PREFIX}NAME'.")
+
+
 @dataclass
 class LoadedModel:
+    """What one slot holds: a pipeline (base, draft) or a single model (a ControlNet)."""
     source: ModelSource
-    pipeline: DiffusionPipeline            # the base (text-to-image) pipeline
+    pipeline: Any                          # the base (text-to-image) pipeline, or the slot's model
     scheduler_config: dict                 # the model's own, kept pristine for every sampler
-    derived: dict = field(default_factory=dict)
+    derived: dict = field(default_factory=dict)    # task name -> pipeline derived with from_pipe
+    previewer: Any = None                  # the live-preview map fitted to this model's VAE
     _hash: str | None = None
 
     @property
     def name(self) -> str:
         return self.source.name
+
+    @property
+    def native_side(self) -> int | None:
+        """The image side, in pixels, the model was trained at (UNet sample size × VAE factor)."""
+        sample_size = getattr(getattr(getattr(self.pipeline, "unet", None), "config", None), "sample_size", None)
+        factor = getattr(self.pipeline, "vae_scale_factor", None)
+        return sample_size * factor if isinstance(sample_size, int) and isinstance(factor, int) else None
+
+    @property
+    def pipelines(self) -> list:
+        return [self.pipeline, *self.derived.values()]
 
     @property
     def model_hash(self) -> str | None:
@@ -111,48 +143,63 @@ class LoadedModel:
 
 
 class ModelManager:
-    """Loads, holds and releases the one current model; derives task pipelines from it."""
+    """Loads, holds and releases models in named slots; derives task pipelines from the base."""
 
-    def __init__(self, memory: MemoryManager, *, allow_pickle: bool = False, models_dir: Path | None = None):
+    def __init__(self, memory: MemoryManager, *, worker: DeviceWorker | None = None, allow_pickle: bool = False,
+                 models_dir: Path | None = None):
         self.memory = memory
+        self.worker = worker or DeviceWorker()
         self.allow_pickle = allow_pickle
         self.models_dir = models_dir or ROOT / "models"
-        self.current: LoadedModel | None = None
+        self.slots: dict[str, LoadedModel] = {}
+
+    @property
+    def current(self) -> LoadedModel | None:
+        """The base model, or None."""
+        return self.slots.get(BASE_SLOT)
 
     # -- loading ---------------------------------------------------------------------------
-    # Loading, placing and releasing weights run on the device thread (see pipelines/streaming.py).
-    def load(self, spec: str, *, from_ui: bool = False, config: str | None = None) -> LoadedModel:
-        """Load `spec` (embedded, folder, .safetensors file or hub id), replacing the current model."""
-        return run_on_device_thread(self._load, spec, from_ui=from_ui, config=config)
+    def load(self, spec: str, *, slot: str = BASE_SLOT, from_ui: bool = False, config: str | None = None) -> LoadedModel:
+        """Load `spec` (embedded, folder, .safetensors file or hub id) into `slot`, replacing what it held.
+        The new model is read before the old one is released, so a failed load keeps the old one."""
+        return self.worker.call(self._load, spec, slot=slot, from_ui=from_ui, config=config)
 
-    def _load(self, spec: str, *, from_ui: bool = False, config: str | None = None) -> LoadedModel:
+    def _load(self, spec: str, *, slot: str, from_ui: bool, config: str | None) -> LoadedModel:
+        check_slot(slot)
         roots = (self.models_dir, EMBEDDED_MODEL.parent) if from_ui else None
         source = resolve_source(spec, allowed_roots=roots, allow_pickle=self.allow_pickle)
-        self.unload()  # release first: two models at once may not fit
-        pipeline = self._from_source(source, config=config)
-        return self.adopt(pipeline, source)
+        pipeline = self._from_source(source, config=config)   # read into RAM; the old model still serves
+        return self._adopt(pipeline, source, slot)
 
-    def adopt(self, pipeline: DiffusionPipeline, source: ModelSource) -> LoadedModel:
-        """Make an already-built pipeline the current model (used by load, and by tests on tiny models)."""
-        return run_on_device_thread(self._adopt, pipeline, source)
+    def adopt(self, pipeline, source: ModelSource, *, slot: str = BASE_SLOT) -> LoadedModel:
+        """Put an already-built pipeline (or model) into `slot` (used by load, and by tests on tiny models)."""
+        return self.worker.call(self._adopt, pipeline, source, slot)
 
-    def _adopt(self, pipeline: DiffusionPipeline, source: ModelSource) -> LoadedModel:
-        if self.current is not None and self.current.pipeline is not pipeline:
-            self.unload()
-        pipeline.set_progress_bar_config(disable=True)
-        self.memory.place(pipeline)
-        self.current = LoadedModel(source=source, pipeline=pipeline,
-                                   scheduler_config=dict(pipeline.scheduler.config))
-        return self.current
+    def _adopt(self, pipeline, source: ModelSource, slot: str) -> LoadedModel:
+        check_slot(slot)
+        held = self.slots.get(slot)
+        if held is not None and held.pipeline is not pipeline:
+            self._unload(slot)  # release first: the device may not hold both
+        if hasattr(pipeline, "set_progress_bar_config"):
+            pipeline.set_progress_bar_config(disable=True)
+        scheduler = getattr(pipeline, "scheduler", None)
+        model = LoadedModel(source=source, pipeline=pipeline,
+                            scheduler_config=dict(scheduler.config) if scheduler is not None else {})
+        side = model.native_side or 512
+        mode = self.memory.mode_for(weights_bytes([pipeline, *self._resident(exclude=slot)]), width=side,
+                                    height=side)
+        self.memory.place(pipeline, mode=mode)
+        self.slots[slot] = model
+        return model
+
+    def _resident(self, *, exclude: str | None = None) -> list:
+        return [model.pipeline for name, model in self.slots.items() if name != exclude]
 
     def _from_source(self, source: ModelSource, *, config: str | None) -> DiffusionPipeline:
         dtype = self.memory.dtype
         use_safetensors = None if self.allow_pickle else True
         try:
-            if source.kind in ("embedded", "folder"):
-                return AutoPipelineForText2Image.from_pretrained(
-                    source.location, dtype=dtype, use_safetensors=use_safetensors)
-            if source.kind == "hub":
+            if source.kind in ("embedded", "folder", "hub"):
                 return AutoPipelineForText2Image.from_pretrained(
                     source.location, dtype=dtype, use_safetensors=use_safetensors)
             return self._from_single_file(Path(source.location), config=config)
@@ -181,18 +228,16 @@ class ModelManager:
 
     # -- task pipelines --------------------------------------------------------------------
     def pipeline(self, task: str) -> DiffusionPipeline:
-        """The pipeline for `task`, derived once from the loaded base with `from_pipe` (shared weights)."""
+        """The pipeline for `task`, derived once from the base by the task's registry entry (shared weights)."""
         model = self.require()
-        if task == "txt2img":
-            return model.pipeline
+        if task not in TASKS:
+            raise ValueError(f"Unknown task {task!r}; known tasks: {', '.join(TASKS)}.")
         if task not in model.derived:
-            builders = {"img2img": AutoPipelineForImage2Image}
-            if task not in builders:
-                raise ValueError(f"Unknown task {task!r}; known tasks: {', '.join(TASKS)}.")
-            derived = builders[task].from_pipe(model.pipeline)
-            derived.set_progress_bar_config(disable=True)
-            if self.memory.mode not in (MemoryMode.HIGH, MemoryMode.CPU):
-                self.memory.place(derived, mode=self.memory.mode)
+            derived = TASKS[task].derive(model.pipeline)
+            if derived is not model.pipeline:
+                derived.set_progress_bar_config(disable=True)
+                if self.memory.mode not in (MemoryMode.HIGH, MemoryMode.CPU):
+                    self.memory.place(derived, mode=self.memory.mode)
             model.derived[task] = derived
         return model.derived[task]
 
@@ -202,29 +247,53 @@ class ModelManager:
                              "folder under models/, a hub id or a .safetensors file), or start with --model.")
         return self.current
 
-    def set_memory_mode(self, mode: MemoryMode) -> None:
-        """Re-place the current model (and its derived pipelines) in `mode`."""
-        run_on_device_thread(self._set_memory_mode, mode)
+    # -- memory ----------------------------------------------------------------------------
+    def fit(self, request) -> MemoryMode:
+        """Place what `request` needs (its slots' weights, its size and batch) within the memory budget:
+        re-placed only when the mode this request calls for differs from the current one."""
+        needed = [self.slots[name].pipeline for name in request.slots() if name in self.slots]
+        mode = self.memory.mode_for(weights_bytes(needed), width=request.width, height=request.height,
+                                    batch_size=request.batch_size)
+        if mode is not self.memory.mode:
+            self._place_all(mode)
+        return mode
 
-    def _set_memory_mode(self, mode: MemoryMode) -> None:
-        model = self.require()
-        self.memory.place(model.pipeline, mode=mode)
-        for derived in model.derived.values():
-            self.memory.place(derived, mode=mode)
+    def set_memory_mode(self, choice: str | MemoryMode) -> MemoryMode:
+        """Use memory mode `choice` (`auto` or a mode) from now on, re-placing every loaded pipeline
+        (derived ones too) on the device thread. Returns the mode in force."""
+        return self.worker.call(self._set_memory_mode, choice)
+
+    def _set_memory_mode(self, choice: str | MemoryMode) -> MemoryMode:
+        choice = MemoryMode(choice).value if isinstance(choice, MemoryMode) else choice
+        if choice not in ("auto", *(mode.value for mode in MemoryMode if mode is not MemoryMode.CPU)):
+            raise ValueError(f"Unknown memory mode {choice!r}; choose auto, high, balanced, low or sequential.")
+        self.memory.requested_mode = choice
+        if self.current is None:
+            return self.memory.mode
+        side = self.current.native_side or 512
+        mode = self.memory.mode_for(weights_bytes(self._resident()), width=side, height=side)
+        self._place_all(mode)
+        return mode
+
+    def _place_all(self, mode: MemoryMode) -> None:
+        for model in self.slots.values():
+            for pipeline in model.pipelines:
+                self.memory.place(pipeline, mode=mode)
 
     # -- releasing -------------------------------------------------------------------------
-    def unload(self) -> None:
-        """Drop every reference to the current model and give its memory back."""
-        run_on_device_thread(self._unload)
+    def unload(self, slot: str = BASE_SLOT) -> None:
+        """Drop every reference to the model in `slot` and give its memory back."""
+        self.worker.call(self._unload, slot)
 
-    def _unload(self) -> None:
-        if self.current is None:
+    def _unload(self, slot: str) -> None:
+        model = self.slots.pop(slot, None)
+        if model is None:
             return
-        model, self.current = self.current, None
-        for pipeline in [model.pipeline, *model.derived.values()]:
+        for pipeline in model.pipelines:
             if hasattr(pipeline, "remove_all_hooks"):
                 pipeline.remove_all_hooks()
         model.derived.clear()
+        model.previewer = None
         del model
         self.memory.release()
 

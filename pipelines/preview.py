@@ -1,4 +1,4 @@
-"""Live previews of latents, and the one decode path with the fp16 NaN fix.
+"""Live previews of latents.
 
 The cheap preview is one linear map from latent channels to RGB (ComfyUI's latent_preview
 idea). Instead of shipping coefficients per VAE family we fit them, once per VAE, by least
@@ -15,31 +15,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipelines.denoise import decode, encode, to_pil
+
 FULL_DECODE_BUDGET = 0.10  # at most this share of the time between previews goes to decoding
-
-
-def _latent_stats(vae) -> tuple[float, float]:
-    return vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
-
-
-def decode_latents(vae, latents: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """Latents (scaled, as the UNet sees them) -> images in [-1, 1].
-
-    fp16 VAEs of SD 1.x/XL can overflow to NaN (the black-image bug); then the VAE is upcast to
-    fp32 for good and the decode repeated. Returns (images, whether an upcast happened).
-    """
-    scaling, shift = _latent_stats(vae)
-    with torch.no_grad():
-        images = vae.decode(latents.to(vae.dtype) / scaling + shift).sample
-        if vae.dtype == torch.float16 and not torch.isfinite(images).all():
-            vae.to(torch.float32)
-            return vae.decode(latents.float() / scaling + shift).sample, True
-    return images, False
-
-
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    array = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in array]
 
 
 class LatentPreviewer:
@@ -56,11 +34,7 @@ class LatentPreviewer:
         generator = torch.Generator().manual_seed(seed)
         coarse = torch.rand(samples, 3, 4, 4, generator=generator) * 2 - 1
         images = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
-        parameter = next(self.vae.parameters())
-        scaling, shift = _latent_stats(self.vae)
-        with torch.no_grad():
-            latents = self.vae.encode(images.to(parameter.device, parameter.dtype)).latent_dist.mean
-        latents = ((latents.float() - shift) * scaling).cpu()
+        latents = encode(self.vae, images).float().cpu()
         targets = torch.nn.functional.avg_pool2d(images, self.scale)
         features = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
         features = torch.cat([features, torch.ones(len(features), 1)], dim=1)
@@ -78,7 +52,7 @@ class LatentPreviewer:
 
     def full(self, latents: torch.Tensor) -> list[Image.Image]:
         started = time.perf_counter()
-        images, _ = decode_latents(self.vae, latents)
+        images, _ = decode(self.vae, latents)
         result = to_pil(images)
         self._decode_seconds = time.perf_counter() - started
         return result

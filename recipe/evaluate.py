@@ -369,13 +369,14 @@ def evaluation_prompts(records: Sequence[data.EmojiRecord], n: int, seed: int = 
     return random.Random(seed).sample(candidates, n)
 
 
-def studio_generator(model: str, device: str = "cpu"):
-    """The studio's `Generator` on `model`, without saving images, and its loaded model."""
+def studio_generator(model: str, device: str = "cpu", worker=None):
+    """The studio's `Generator` on `model`, without saving images, and its loaded model. Give the
+    `worker` this runs on, so that the judge and the generator share one thread."""
     from pipelines.generate import Generator
     from pipelines.memory import MemoryManager
     from pipelines.models import ModelManager
 
-    manager = ModelManager(MemoryManager(device=device))
+    manager = ModelManager(MemoryManager(device=device), worker=worker)
     loaded = manager.load(model)
     return Generator(manager, outputs_dir=None), loaded
 
@@ -384,12 +385,11 @@ def studio_defaults(loaded) -> dict:
     """What the studio's text-to-image tab starts with for this model: its own sampler, the
     request's default steps and CFG, the native size (as `studio.app.model_defaults`, which this
     recipe cannot import: it lives beside gradio)."""
-    from pipelines.requests import GenerationRequest
+    from pipelines.tasks import Txt2ImgRequest
     from pipelines.samplers import model_default_sampler
 
-    fields = GenerationRequest.__dataclass_fields__
-    pipeline = loaded.pipeline
-    side = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    fields = Txt2ImgRequest.__dataclass_fields__
+    side = loaded.native_side
     return {"sampler": model_default_sampler(loaded.scheduler_config), "steps": fields["steps"].default,
             "guidance_scale": fields["guidance_scale"].default, "width": side, "height": side}
 
@@ -398,12 +398,12 @@ def generate_samples(generator, prompts: Sequence[str], *, sampler: str, steps: 
                      width: int, height: int, first_seed: int = FIRST_SEED,
                      log: Callable[[str], None] | None = print) -> list[Image.Image]:
     """One image per prompt, prompt i with seed `first_seed + i`, one request each."""
-    from pipelines.requests import GenerationRequest
+    from pipelines.tasks import Txt2ImgRequest
 
     samples, started = [], time.perf_counter()
     for i, prompt in enumerate(prompts):
-        request = GenerationRequest(prompt=prompt, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
-                                    width=width, height=height, seed=first_seed + i)
+        request = Txt2ImgRequest(prompt=prompt, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
+                                 width=width, height=height, seed=first_seed + i)
         samples.append(generator.generate(request).images[0].image)
         if log and ((i + 1) % 25 == 0 or i + 1 == len(prompts)):
             log(f"generated {i + 1}/{len(prompts)} ({time.perf_counter() - started:.0f} s)")
@@ -562,13 +562,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--report", type=Path, default=DEFAULT_REPORT)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    # Everything on the studio's device thread: one OpenMP thread team for the judge and the
-    # generator (two teams halve the speed on a small CPU; see pipelines/streaming.py).
-    from pipelines.streaming import run_on_device_thread
-    return run_on_device_thread(_evaluate, args, argv)
+    # Everything on one device worker's thread: one OpenMP thread team for the judge and the
+    # generator (two teams halve the speed on a small CPU; see pipelines/jobs.py).
+    from pipelines.jobs import DeviceWorker
+    worker = DeviceWorker()
+    return worker.call(_evaluate, args, argv, worker)
 
 
-def _evaluate(args: argparse.Namespace, argv: Sequence[str] | None) -> dict:
+def _evaluate(args: argparse.Namespace, argv: Sequence[str] | None, worker) -> dict:
     # 1. Real images and the judge
     data.fetch(args.cache)
     records, class_names = data.load_records(args.cache)
@@ -584,7 +585,7 @@ def _evaluate(args: argparse.Namespace, argv: Sequence[str] | None) -> dict:
     chosen = evaluation_prompts(records, args.prompts)
     from pipelines.models import ModelLoadError
     try:
-        generator, loaded = studio_generator(args.model, args.device)
+        generator, loaded = studio_generator(args.model, args.device, worker)
     except ModelLoadError as error:
         raise SystemExit(f"error: {error}") from error
     settings = studio_defaults(loaded)

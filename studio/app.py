@@ -4,68 +4,118 @@ from __future__ import annotations
 
 import gradio as gr
 
+from pipelines.models import LoadedModel
 from pipelines.samplers import model_default_sampler
 from studio.context import StudioContext
+from studio.errors import user_errors
 from studio.tabs.explorer import build_explorer_tab
-from studio.tabs.generate import build_generate_tab, settings_from_infotext
+from studio.tabs.generate import GenerationTab, settings_from_infotext, wire_resume
+from studio.tabs.img2img import build_img2img_tab
 from studio.tabs.models import build_models_tab
 from studio.tabs.pnginfo import build_pnginfo_tab
-from studio.errors import user_errors
+from studio.tabs.txt2img import build_txt2img_tab
 
 TITLE = "Diffusion Studio"
+FALLBACK_SIDE = 512
 
 
-def model_defaults(context: StudioContext) -> dict:
-    """Native size and sampler of the loaded model, for the controls' starting values."""
-    model = context.models.current
+def model_defaults(model: LoadedModel | None) -> dict:
+    """Native size and sampler of a model, for the controls' starting values."""
     if model is None:
-        return {"width": 512, "height": 512}
-    pipeline = model.pipeline
-    side = pipeline.unet.config.sample_size * pipeline.vae_scale_factor if hasattr(pipeline, "unet") else 512
-    side = side if isinstance(side, int) else 512
+        return {"width": FALLBACK_SIDE, "height": FALLBACK_SIDE}
+    side = model.native_side or FALLBACK_SIDE
     return {"width": side, "height": side, "sampler": model_default_sampler(model.scheduler_config),
             "preview_every": 1 if side <= 128 else 5}
 
 
 def build_app(context: StudioContext) -> gr.Blocks:
-    defaults = model_defaults(context)
+    defaults = model_defaults(context.models.current)
     with gr.Blocks(title=TITLE) as app:
         gr.Markdown(f"# {TITLE}")
         header = gr.Markdown(context.status_markdown(), elem_id="studio-status")
         with gr.Tabs() as tabs:
             with gr.Tab("Text-to-Image", id="txt2img"):
-                txt2img = build_generate_tab(context, task="txt2img", defaults=defaults)
+                txt2img = build_txt2img_tab(context, defaults)
                 send_to_img2img = gr.Button("Send selected image to Image-to-Image", size="sm")
             with gr.Tab("Image-to-Image", id="img2img"):
-                img2img = build_generate_tab(context, task="img2img", defaults=defaults)
+                img2img = build_img2img_tab(context, defaults)
             with gr.Tab("PNG Info", id="pnginfo"):
-                png_text, png_to_txt2img, png_to_img2img, png_file = build_pnginfo_tab()
+                pnginfo = build_pnginfo_tab()
             with gr.Tab("Diffusion Explorer", id="explorer"):
                 build_explorer_tab(context)
             with gr.Tab("Models & memory", id="models"):
-                build_models_tab(context, status_outputs=[header])
-
-        def selected_image(gallery_value, index, texts):
-            if not gallery_value:
-                raise gr.Error("Generate an image first, then select it in the gallery.")
-            index = index or 0
-            item = gallery_value[index]
-            image = item[0] if isinstance(item, (list, tuple)) else item.get("image", item)
-            image = getattr(image, "path", None) or (image.get("path") if isinstance(image, dict) else image)
-            settings = settings_from_infotext(texts[index]) if texts and index < len(texts) else \
-                [gr.skip()] * len(img2img.settings_outputs())
-            return [image, *settings, gr.Tabs(selected="img2img")]
-
-        send_to_img2img.click(user_errors(selected_image), inputs=[txt2img.gallery, txt2img.selected, txt2img.infotexts],
-                              outputs=[img2img.init_image, *img2img.settings_outputs(), tabs], api_visibility="private")
-
-        def restore(text, target):
-            return [*settings_from_infotext(text), gr.Tabs(selected=target)]
-
-        png_to_txt2img.click(user_errors(lambda text: restore(text, "txt2img")), inputs=png_text,
-                             outputs=[*txt2img.settings_outputs(), tabs], api_visibility="private")
-        png_to_img2img.click(user_errors(lambda text, path: [path, *restore(text, "img2img")]),
-                             inputs=[png_text, png_file], outputs=[img2img.init_image, *img2img.settings_outputs(), tabs],
-                             api_visibility="private")
+                models_tab = build_models_tab(context, header=header)
+        generation_tabs = (txt2img, img2img)
+        _wire_send_to(send_to_img2img, txt2img, img2img, tabs)
+        _wire_pnginfo(pnginfo, generation_tabs, tabs)
+        _wire_model_defaults(context, models_tab.loaded, generation_tabs)
+        for tab in generation_tabs:
+            wire_resume(app, context, tab)
+        _wire_jobs_api(context)
         app.load(context.status_markdown, outputs=header, api_visibility="private")
     return app
+
+
+def _wire_send_to(button: gr.Button, txt2img: GenerationTab, img2img: GenerationTab, tabs: gr.Tabs) -> None:
+    def selected_image(gallery_value, index, texts):
+        if not gallery_value:
+            raise gr.Error("Generate an image first, then select it in the gallery.")
+        index = index or 0
+        item = gallery_value[index]
+        image = item[0] if isinstance(item, (list, tuple)) else item.get("image", item)
+        image = getattr(image, "path", None) or (image.get("path") if isinstance(image, dict) else image)
+        settings = settings_from_infotext(texts[index], img2img) if texts and index < len(texts) else {}
+        return {img2img.controls["init_image"]: image, **settings, tabs: gr.Tabs(selected="img2img")}
+
+    button.click(user_errors(selected_image), inputs=[txt2img.gallery, txt2img.selected, txt2img.infotexts],
+                 outputs={img2img.controls["init_image"], *img2img.controls.values(), tabs},
+                 api_visibility="private")
+
+
+def _wire_pnginfo(pnginfo, generation_tabs: tuple[GenerationTab, ...], tabs: gr.Tabs) -> None:
+    """PNG Info's send-to buttons restore the infotext's settings (and, for img2img, the image) by name."""
+    for tab, button in zip(generation_tabs, (pnginfo.to_txt2img, pnginfo.to_img2img)):
+        def restore(text, path, tab=tab):
+            values = {**settings_from_infotext(text, tab), tabs: gr.Tabs(selected=tab.task)}
+            if "init_image" in tab.controls and path:
+                values[tab.controls["init_image"]] = path
+            return values
+
+        button.click(user_errors(restore), inputs=[pnginfo.infotext, pnginfo.file],
+                     outputs={*tab.controls.values(), tabs}, api_visibility="private")
+
+
+def _wire_model_defaults(context: StudioContext, loaded, generation_tabs: tuple[GenerationTab, ...]) -> None:
+    """After a model loads, the size and sampler controls start from that model's native values."""
+    def refresh():
+        defaults = model_defaults(context.models.current)
+        return {tab.controls[name]: value for tab in generation_tabs for name, value in defaults.items()
+                if name in tab.controls}
+
+    loaded.success(refresh, outputs={tab.controls[name] for tab in generation_tabs
+                                  for name in ("width", "height", "sampler", "preview_every")},
+                api_visibility="private")
+
+
+def _wire_jobs_api(context: StudioContext) -> None:
+    """API endpoints for jobs by id: how a script (or a reloaded page) follows and stops its work."""
+    def job(job_id: str) -> dict:
+        """The state and progress of job `job_id` (as returned next to a generation's images)."""
+        found = context.find_job(job_id)
+        if found is None:
+            raise gr.Error(f"No job {job_id!r}: it never existed or finished long ago.")
+        progress = found.progress
+        return {"id": found.id, "kind": found.kind, "state": found.state.value,
+                "progress": None if progress is None else {"done": progress.done, "total": progress.total,
+                                                           "message": progress.message}}
+
+    def stop(job_id: str) -> dict:
+        """Stop job `job_id` at its next step; finished images are kept."""
+        found = context.find_job(job_id)
+        if found is None:
+            raise gr.Error(f"No job {job_id!r}: it never existed or finished long ago.")
+        found.cancel()
+        return job(job_id)
+
+    gr.api(job, api_name="job", queue=False)
+    gr.api(stop, api_name="stop", queue=False)

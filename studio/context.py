@@ -1,12 +1,14 @@
-"""What the tabs share: the pipeline services and per-session stop flags."""
+"""What the tabs share: the pipeline services, the device worker, and who owns which job."""
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+import gradio as gr
+
 from pipelines.generate import Generator
+from pipelines.jobs import Job, DeviceWorker
 from pipelines.models import ModelManager
 
 
@@ -15,26 +17,28 @@ class StudioContext:
     models: ModelManager
     generator: Generator
     outputs_dir: Path
-    startup_note: str = ""                      # e.g. why no model is loaded
-    _stops: dict[str, threading.Event] = field(default_factory=dict)
+    # Why the model named at launch did not load; shown until a model is loaded. It is about the one
+    # model every session shares, so it is app-wide; what one user did is told to that user alone.
+    startup_error: str = ""
 
-    def stop_event(self, session: str | None) -> threading.Event:
-        """A fresh (cleared) stop flag for this browser session's next generation."""
-        event = self._stops.setdefault(session or "api", threading.Event())
-        event.clear()
-        return event
+    @property
+    def worker(self) -> DeviceWorker:
+        return self.models.worker
 
-    def stop(self, session: str | None) -> None:
-        event = self._stops.get(session or "api")
-        if event is not None:
-            event.set()
+    def find_job(self, job_id: str | None) -> Job | None:
+        return self.worker.find(job_id) if job_id else None
 
     def status_markdown(self) -> str:
         stats = self.models.memory.stats().summary()
         if self.models.current is None:
-            note = self.startup_note or "No model is loaded."
+            note = self.startup_error or "No model is loaded."
             return (f"**No model loaded.** {note} Load one in *Models & memory* (the embedded model, a folder "
                     f"under `models/`, a hub id from your Hugging Face cache, or a `.safetensors` file) or start "
                     f"with `python launch.py --model ...`.  \n{stats}")
         model = self.models.current
         return f"**Model:** {model.name} ({model.source.kind}) · hash {model.model_hash or '—'}  \n{stats}"
+
+
+def session_of(request: gr.Request | None) -> str | None:
+    """The browser session (or gradio_client) a request comes from: the owner of the jobs it starts."""
+    return request.session_hash if request is not None else None

@@ -21,13 +21,43 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def worker():
+    """One device worker for the whole test session, as the studio has one (pipelines/jobs.py)."""
+    from pipelines.jobs import DeviceWorker
+    return DeviceWorker()
+
+
 @pytest.fixture
-def studio(tiny_model_dir, tmp_path):
+def studio(tiny_model_dir, tmp_path, worker):
     """A model manager with the tiny model loaded from its folder, and a generator saving to tmp."""
     from pipelines.generate import Generator
     from pipelines.memory import MemoryManager
     from pipelines.models import ModelManager
 
-    manager = ModelManager(MemoryManager(device="cpu"), models_dir=tmp_path / "models")
+    manager = ModelManager(MemoryManager(device="cpu"), worker=worker, models_dir=tmp_path / "models")
     manager.load(str(tiny_model_dir))
     return Generator(manager, tmp_path / "outputs")
+
+
+@pytest.fixture
+def pretend_cuda(studio, monkeypatch):
+    """The studio's memory manager believes it drives a CUDA GPU with 24 GiB free; the pipelines record
+    the placements the memory policy makes (device moves, offload, slicing) instead of doing them.
+    Yields the list of (method name, id(pipeline)) calls, in order."""
+    import torch
+
+    from pipelines.memory import MemoryMode
+
+    memory = studio.models.memory
+    monkeypatch.setattr(memory, "device", torch.device("cuda"))
+    monkeypatch.setattr(memory, "free_vram", lambda: 24 * 1024 ** 3)
+    monkeypatch.setattr(memory, "mode", MemoryMode.HIGH)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "ipc_collect", lambda: None)
+    calls: list[tuple[str, int]] = []
+    pipelines = [studio.models.pipeline("txt2img"), studio.models.pipeline("img2img")]
+    for pipeline in pipelines:
+        for name in ("to", "enable_model_cpu_offload", "enable_sequential_cpu_offload", "enable_attention_slicing"):
+            monkeypatch.setattr(pipeline, name, lambda *a, _name=name, _id=id(pipeline), **k: calls.append((_name, _id)))
+    return calls

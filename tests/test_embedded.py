@@ -15,7 +15,7 @@ from pipelines.generate import Generator
 from pipelines.memory import MemoryManager
 from pipelines.models import EMBEDDED_MODEL, ModelManager
 from pipelines.preview import is_blank
-from pipelines.requests import GenerationRequest
+from pipelines.tasks import Img2ImgRequest, Txt2ImgRequest
 from pipelines.samplers import model_default_sampler
 
 REPORT = EMBEDDED_MODEL.parent / "emoji-ldm-eval.json"
@@ -89,8 +89,8 @@ def test_inpainting_and_controlnet_pipelines_derive_from_the_embedded_model():
 
 
 def test_img2img_and_every_sampler_run_on_the_embedded_model(embedded_studio):
-    source = embedded_studio.generate(GenerationRequest(prompt="red apple", seed=1, steps=10)).images[0].image
-    changed = embedded_studio.generate(GenerationRequest(prompt="green apple", seed=1, steps=10, init_image=source,
+    source = embedded_studio.generate(Txt2ImgRequest(prompt="red apple", seed=1, steps=10)).images[0].image
+    changed = embedded_studio.generate(Img2ImgRequest(prompt="green apple", seed=1, steps=10, init_image=source,
                                                          strength=0.7)).images[0].image
     assert np.abs(np.asarray(source, dtype=np.int16) - np.asarray(changed, dtype=np.int16)).mean() > 2.0
 
@@ -106,7 +106,7 @@ def test_the_default_model_draws_what_the_prompt_names(embedded_studio):
     assert settings["sampler"] == model_default_sampler(model.scheduler_config)  # the studio's defaults
     images = []
     for sample in samples:
-        request = GenerationRequest(prompt=sample["prompt"], seed=sample["seed"], sampler=settings["sampler"],
+        request = Txt2ImgRequest(prompt=sample["prompt"], seed=sample["seed"], sampler=settings["sampler"],
                                     steps=settings["steps"], guidance_scale=settings["guidance_scale"],
                                     width=settings["width"], height=settings["height"])
         images.append(np.asarray(embedded_studio.generate(request).images[0].image))

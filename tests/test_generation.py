@@ -11,29 +11,54 @@ from PIL import Image
 
 from pipelines.metadata import infotext_to_settings, parse_infotext, read_png_metadata
 from pipelines.preview import is_blank
-from pipelines.requests import GeneratedImage, GenerationDone, GenerationRequest, Preview
-from pipelines.samplers import SAMPLER_NAMES
+from pipelines.requests import GeneratedImage, GenerationDone, Preview
+from pipelines.tasks import Img2ImgRequest, Txt2ImgRequest
+from pipelines.samplers import SAMPLER_NAMES, SAMPLERS
 
 
 def pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.int16)
 
 
-def request(**overrides) -> GenerationRequest:
+def _basics(**overrides) -> dict:
+    return dict(prompt="red apple", seed=1234, steps=4, width=64, height=64, guidance_scale=5.0) | overrides
+
+
+def request(**overrides) -> Txt2ImgRequest:
     values = dict(prompt="red apple", seed=1234, steps=4, width=64, height=64, guidance_scale=5.0)
     values.update(overrides)
-    return GenerationRequest(**values)
+    return Txt2ImgRequest(**values)
 
 
 @pytest.mark.parametrize("sampler", SAMPLER_NAMES)
 def test_every_sampler_builds_from_the_model_config_and_samples(studio, sampler):
-    done = studio.generate(request(sampler=sampler, steps=3))
+    pipeline = studio.models.pipeline("txt2img")
+    stepped_by = []
+    original_step = type(pipeline).__call__
+
+    def spy_call(pipe, *args, **kwargs):  # which scheduler the loop really steps with
+        stepped_by.append(pipe.scheduler)
+        return original_step(pipe, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(pipeline), "__call__", spy_call)
+        done = studio.generate(request(sampler=sampler, steps=3))
+    scheduler_class, overrides = SAMPLERS[sampler]
+    (scheduler,) = stepped_by
+    assert type(scheduler) is scheduler_class
+    assert all(scheduler.config[key] == value for key, value in overrides.items())
     model_config = studio.models.current.scheduler_config
-    scheduler = studio.models.pipeline("txt2img").scheduler
     assert scheduler.config.beta_schedule == model_config["beta_schedule"]
     assert scheduler.config.beta_end == model_config["beta_end"]
     image = pixels(done.images[0].image)
     assert image.shape == (64, 64, 3) and not is_blank(done.images[0].image)
+    assert f"Sampler: {sampler}" in done.images[0].infotext
+
+
+def test_the_sampler_changes_the_image(studio):
+    euler = pixels(studio.generate(request(sampler="Euler", steps=3)).images[0].image)
+    ddim = pixels(studio.generate(request(sampler="DDIM", steps=3)).images[0].image)
+    assert np.abs(euler - ddim).mean() > 0.5
 
 
 def test_unknown_sampler_is_an_error_listing_the_valid_ones():
@@ -120,8 +145,8 @@ def test_outputs_are_named_by_counter_and_seed(studio):
 
 def test_img2img_strength_zero_returns_the_input(studio):
     source = studio.generate(request()).images[0].image
-    same = studio.generate(request(init_image=source, strength=0.0)).images[0].image
-    changed = studio.generate(request(init_image=source, strength=0.9, steps=10)).images[0].image
+    same = studio.generate(Img2ImgRequest(**_basics(), init_image=source, strength=0.0)).images[0].image
+    changed = studio.generate(Img2ImgRequest(**_basics(steps=10), init_image=source, strength=0.9)).images[0].image
     assert np.array_equal(pixels(source), pixels(same))
     assert np.abs(pixels(source) - pixels(changed)).mean() > 1.0
     assert studio.models.pipeline("img2img").unet is studio.models.pipeline("txt2img").unet  # from_pipe shares
@@ -162,7 +187,10 @@ def test_sizes_must_be_multiples_of_eight(studio, width, height):
                                                ("strength", 1.5, "strength")])
 def test_bad_values_are_refused_with_what_was_received(field, value, words):
     with pytest.raises(ValueError, match=words) as error:
-        request(**{field: value})
+        if field == "strength":
+            Img2ImgRequest(**_basics(), init_image=Image.new("RGB", (64, 64)), strength=value)
+        else:
+            request(**{field: value})
     assert str(value) in str(error.value)
 
 
@@ -196,7 +224,7 @@ def test_out_of_memory_in_the_lowest_mode_is_an_actionable_error(studio, monkeyp
 
 def test_fp16_vae_that_overflows_is_upcast_and_decodes(studio):
     """The black-image bug: an fp16 VAE decode overflowing to NaN is redone in fp32, once and for good."""
-    from pipelines.preview import decode_latents
+    from pipelines.denoise import decode
 
     vae = studio.models.current.pipeline.vae
     original = {name: tensor.clone() for name, tensor in vae.state_dict().items()}
@@ -213,21 +241,18 @@ def test_fp16_vae_that_overflows_is_upcast_and_decodes(studio):
         with torch.no_grad():
             raw = vae.decode(latents.half() / vae.config.scaling_factor).sample
         assert not torch.isfinite(raw).all(), "the fixture no longer overflows in fp16"
-        images, upcast = decode_latents(vae, latents)
+        images, upcast = decode(vae, latents)
         assert upcast and vae.dtype == torch.float32 and torch.isfinite(images).all()
     finally:
         vae.to(torch.float32)
         vae.load_state_dict(original)
 
 
-def test_out_of_memory_is_retried_once_one_mode_lower_and_the_user_is_told(studio, monkeypatch):
+def test_out_of_memory_is_retried_once_one_mode_lower_and_the_user_is_told(studio, pretend_cuda, monkeypatch):
     from pipelines.memory import MemoryMode
 
     memory = studio.models.memory
-    monkeypatch.setattr(memory, "mode", MemoryMode.HIGH)
-    placed = []
-    monkeypatch.setattr(studio.models, "set_memory_mode", lambda mode: placed.append(mode) or
-                        setattr(memory, "mode", mode))
+    assert memory.mode is MemoryMode.HIGH
     unet = studio.models.current.pipeline.unet
     real_forward = unet.forward
     calls = {"n": 0}
@@ -237,10 +262,12 @@ def test_out_of_memory_is_retried_once_one_mode_lower_and_the_user_is_told(studi
         if calls["n"] == 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_forward(*args, **kwargs)
-    monkeypatch.setattr(unet, "forward", first_call_runs_out)
-    done = studio.generate(request(steps=3))
-    monkeypatch.undo()
-    assert placed == [MemoryMode.BALANCED]
+    with monkeypatch.context() as patch:
+        patch.setattr(unet, "forward", first_call_runs_out)
+        done = studio.generate(request(steps=3))
+    # the real re-placement ran: model offload for the base pipeline, and the lower mode stays in force
+    assert ("enable_model_cpu_offload", id(studio.models.current.pipeline)) in pretend_cuda
+    assert memory.mode is MemoryMode.BALANCED and memory.requested_mode == "balanced"
     assert any("retried once in mode balanced" in message for message in done.messages)
     expected = studio.generate(request(steps=3)).images[0].image
     assert np.array_equal(pixels(done.images[0].image), pixels(expected))  # the retry restarted from the seed

@@ -50,8 +50,10 @@ def test_api_generates_an_image_with_metadata(server):
 
     url, context = server
     client = Client(url, verbose=False)
-    gallery, infotext, status, *_ = client.predict(
-        "red apple", "", "Euler a", 6, 5.0, 0.0, 64, 64, 99, 1, 1, 0, api_name="/txt2img")
+    gallery, infotext, status, job_id, *_ = client.predict(
+        prompt="red apple", sampler="Euler a", steps=6, guidance_scale=5.0, width=64, height=64, seed=99,
+        preview_every=0, api_name="/txt2img")
+    assert client.predict(job_id=job_id, api_name="/job")["state"] == "done"
     assert "Seed 99" in status
     _, _, parameters = parse_infotext(infotext)
     assert parameters["Seed"] == "99" and parameters["Sampler"] == "Euler a"
@@ -61,6 +63,23 @@ def test_api_generates_an_image_with_metadata(server):
     assert text == infotext and extra["request"]["steps"] == 6
     served = Image.open(gallery[0]["image"]).convert("RGB")
     assert np.asarray(served).std() > 2.0
+
+
+def test_stop_cancels_the_job_it_names_and_no_other_clients(server):
+    from gradio_client import Client
+
+    url, _ = server
+    alice, bob = Client(url, verbose=False), Client(url, verbose=False)
+    long = bob.submit(prompt="a cat", steps=150, batch_count=2, seed=5, preview_every=0, api_name="/txt2img")
+    next(iter(long))                      # bob's job exists (its id comes first) and is on the device
+    short = alice.submit(prompt="red apple", steps=4, seed=6, preview_every=0, api_name="/txt2img")
+    alice_job = next(iter(short))[3]
+    stopped = alice.predict(job_id=alice_job, api_name="/stop")
+    assert stopped["id"] == alice_job
+    assert "Stopped before it started" in short.result()[2]
+    _, _, bob_status, bob_job, *_ = long.result()
+    assert "Seed 5 · 2 image(s)" in bob_status and "Stopped" not in bob_status
+    assert alice.predict(job_id=bob_job, api_name="/job")["state"] == "done"
 
 
 def test_api_reports_bad_input_and_keeps_serving(server):

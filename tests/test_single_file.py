@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from pipelines.generate import Generator
 from pipelines.memory import MemoryManager
 from pipelines.models import ModelLoadError, ModelManager
-from pipelines.requests import GenerationRequest
+from pipelines.tasks import Txt2ImgRequest
 from recipe.single_file import main as export_main
 from recipe.single_file import save_single_file
 
@@ -87,7 +87,7 @@ def test_single_file_loads_the_same_weights_and_images(tiny_model_dir, tiny_sing
         different = [key for key in expected if not torch.equal(actual[key], expected[key])]
         assert not different, f"{component}: {different[:5]}"
 
-    request = GenerationRequest(prompt="red apple", seed=3, steps=3, width=64, height=64)
+    request = Txt2ImgRequest(prompt="red apple", seed=3, steps=3, width=64, height=64)
     pixels = [np.asarray(Generator(models, None).generate(request).images[0].image)
               for models in (from_folder, from_file)]
     assert pixels[0].shape == (64, 64, 3) and pixels[0].std() > 0   # an image, not a blank

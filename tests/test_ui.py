@@ -1,4 +1,4 @@
-"""UI helpers that need no browser: restoring settings from infotexts, the error boundary."""
+"""UI helpers that need no browser: restoring settings from infotexts, requests from controls, the error boundary."""
 
 from __future__ import annotations
 
@@ -6,22 +6,69 @@ import gradio as gr
 import pytest
 
 from studio.errors import user_errors
-from studio.tabs.generate import settings_from_infotext
+from studio.tabs.generate import request_from_controls, settings_from_infotext
 
 A1111 = ("a castle on a hill, sunset\nNegative prompt: blurry, lowres\n"
          "Steps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 3456, Size: 512x768, "
          "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Version: v1.10.1")
 
 
-def test_a1111_infotext_restores_into_the_tab_controls():
-    prompt, negative, sampler, steps, cfg, rescale, width, height, seed = settings_from_infotext(A1111)
-    assert (prompt, negative) == ("a castle on a hill, sunset", "blurry, lowres")
-    assert (sampler, steps, cfg, rescale, width, height, seed) == ("DPM++ 2M Karras", 30, 6.5, 0.0, 512, 768, 3456)
+@pytest.fixture(scope="module")
+def tabs(tmp_path_factory):
+    """Both generation tabs, built without a model."""
+    from pipelines.generate import Generator
+    from pipelines.memory import MemoryManager
+    from pipelines.models import ModelManager
+    from studio.context import StudioContext
+    from studio.tabs.img2img import build_img2img_tab
+    from studio.tabs.txt2img import build_txt2img_tab
+
+    folder = tmp_path_factory.mktemp("ui")
+    models = ModelManager(MemoryManager(device="cpu"), models_dir=folder / "models")
+    context = StudioContext(models=models, generator=Generator(models, None), outputs_dir=folder)
+    with gr.Blocks():
+        return build_txt2img_tab(context, {}), build_img2img_tab(context, {})
 
 
-def test_text_without_parameters_is_refused_clearly():
+def test_a1111_infotext_restores_into_the_tab_controls_by_name(tabs):
+    txt2img, img2img = tabs
+    restored = settings_from_infotext(A1111, txt2img)
+    by_name = {name: restored[component] for name, component in txt2img.controls.items() if component in restored}
+    assert by_name == {"prompt": "a castle on a hill, sunset", "negative_prompt": "blurry, lowres",
+                       "sampler": "DPM++ 2M Karras", "steps": 30, "guidance_scale": 6.5, "guidance_rescale": 0.0,
+                       "width": 512, "height": 768, "seed": 3456}
+    with_strength = settings_from_infotext(A1111 + ", Denoising strength: 0.4", img2img)
+    assert with_strength[img2img.controls["strength"]] == 0.4
+    assert "strength" not in {name for name, c in txt2img.controls.items()
+                              if c in settings_from_infotext(A1111 + ", Denoising strength: 0.4", txt2img)}
+
+
+def test_text_without_parameters_is_refused_clearly(tabs):
     with pytest.raises(gr.Error, match="no `Steps"):
-        settings_from_infotext("just a prompt")
+        settings_from_infotext("just a prompt", tabs[0])
+
+
+def test_requests_are_built_from_controls_by_field_name():
+    from PIL import Image
+
+    from pipelines.tasks import Img2ImgRequest, Txt2ImgRequest
+
+    request = request_from_controls("txt2img", {"prompt": "red apple", "steps": 12.0, "guidance_scale": 6,
+                                                "seed": None, "width": 64.0})
+    assert isinstance(request, Txt2ImgRequest)
+    assert (request.steps, request.guidance_scale, request.seed, request.width) == (12, 6.0, -1, 64)
+    assert isinstance(request.steps, int) and isinstance(request.guidance_scale, float)
+    image = Image.new("RGB", (64, 64))
+    assert isinstance(request_from_controls("img2img", {"prompt": "", "init_image": image, "strength": 0.3}),
+                      Img2ImgRequest)
+    with pytest.raises(ValueError, match="`steps` must be a whole number but is 12.5"):
+        request_from_controls("txt2img", {"prompt": "x", "steps": 12.5})
+    with pytest.raises(ValueError, match="`seed` must be a whole number but is 'abc'"):
+        request_from_controls("txt2img", {"prompt": "x", "seed": "abc"})
+    with pytest.raises(ValueError, match="needs an input image"):
+        request_from_controls("img2img", {"prompt": "x", "init_image": None})
+    with pytest.raises(ValueError, match="has no setting `strength`"):
+        request_from_controls("txt2img", {"prompt": "x", "strength": 0.5})
 
 
 def test_error_boundary_turns_bad_input_into_gr_error_and_keeps_generators_streaming():

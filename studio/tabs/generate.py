@@ -1,155 +1,247 @@
-"""Text-to-Image and Image-to-Image tabs: the same controls, one with an input image.
+"""What every generation tab shares: the sampling controls, the results, and their wiring.
 
-The handlers only turn UI values into a `GenerationRequest`, hand it to the generator and
-render the events it yields (previews, finished images, the final summary).
+A tab is a dict of controls keyed by its request's field names (`prompt`, `steps`, `init_image`…).
+`request_from_controls` turns their values into the task's request (pipelines/tasks.py); the
+public API takes them under the same names; restored settings (PNG Info, send-to) are written back
+by name. A tab file (txt2img.py, img2img.py) adds its task's own controls and calls
+`build_generation_tab`.
+
+Generating is a job on the device worker (pipelines/jobs.py). The handler follows the job's
+events; the job's id goes to the page (and the browser's storage), so Stop cancels that job alone,
+and a reloaded page picks the running job up again.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import MISSING, dataclass, fields
 
 import gradio as gr
 
+from pipelines.jobs import Job, JobCancelled, JobState
 from pipelines.metadata import infotext_to_settings, parse_infotext
-from pipelines.requests import MAX_BATCH, MAX_SIDE, MAX_STEPS, GeneratedImage, GenerationDone, GenerationRequest, Preview, draw_seed
+from pipelines.requests import GeneratedImage, GenerationDone, Preview
 from pipelines.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES
-from studio.context import StudioContext
+from pipelines.tasks import MAX_BATCH, MAX_SIDE, MAX_STEPS, TASKS, SamplingSettings, draw_seed
+from studio.context import StudioContext, session_of
 from studio.errors import user_errors
+
+# Generations are not held in Gradio's queue: each becomes a job at once, and the device worker runs
+# jobs one at a time (pipelines/jobs.py). So a queued generation already has a job id to stop it by.
+JOB_QUEUE = {"concurrency_limit": None}
 
 
 @dataclass
-class GenerateControls:
-    """The components of one generation tab, in the order the handler takes them."""
-    prompt: gr.Textbox
-    negative_prompt: gr.Textbox
-    sampler: gr.Dropdown
-    steps: gr.Slider
-    guidance_scale: gr.Slider
-    guidance_rescale: gr.Slider
-    width: gr.Slider
-    height: gr.Slider
-    seed: gr.Number
-    batch_size: gr.Slider
-    batch_count: gr.Slider
-    preview_every: gr.Slider
-    init_image: gr.Image | None
-    strength: gr.Slider | None
+class GenerationTab:
+    task: str
+    controls: dict[str, gr.components.Component]   # request field -> the component holding its value
     generate: gr.Button
     stop: gr.Button
     gallery: gr.Gallery
     infotext: gr.Textbox
     status: gr.Markdown
+    job_id: gr.Textbox            # the running (or last) job, for the API and for Stop
+    saved_job: gr.BrowserState    # the same id in the browser's storage, to find the job after a reload
     infotexts: gr.State
     selected: gr.State
 
-    def inputs(self) -> list:
-        values = [self.prompt, self.negative_prompt, self.sampler, self.steps, self.guidance_scale,
-                  self.guidance_rescale, self.width, self.height, self.seed, self.batch_size, self.batch_count,
-                  self.preview_every]
-        return values + ([self.init_image, self.strength] if self.init_image is not None else [])
-
-    def settings_outputs(self) -> list:
-        """Components that restored settings (PNG Info, send-to) are written into."""
-        return [self.prompt, self.negative_prompt, self.sampler, self.steps, self.guidance_scale,
-                self.guidance_rescale, self.width, self.height, self.seed]
+    @property
+    def results(self) -> list:
+        """What a generation returns, in the API's order: images, infotext, status, job id (then page state)."""
+        return [self.gallery, self.infotext, self.status, self.job_id, self.infotexts, self.selected, self.saved_job]
 
 
-def build_generate_tab(context: StudioContext, *, task: str, defaults: dict) -> GenerateControls:
-    """Lay out one generation tab and wire its events. `task` is txt2img or img2img."""
+def request_from_controls(task: str, values: dict) -> SamplingSettings:
+    """The task's request from control values keyed by field name (None: the field's default; a
+    required field left empty is passed on as None, for the request to say what it needs)."""
+    request_class = TASKS[task].request_class
+    kinds = typing.get_type_hints(request_class)
+    required = {item.name for item in fields(request_class)
+                if item.default is MISSING and item.default_factory is MISSING}
+    arguments = {}
+    for name, value in values.items():
+        if name not in kinds:
+            raise ValueError(f"{TASKS[task].label} has no setting `{name}`; its settings are "
+                             f"{', '.join(k for k in kinds if k != 'task')}.")
+        if value is None:
+            if name in required:
+                arguments[name] = None
+            continue
+        kind = kinds[name]
+        try:
+            if kind is int:
+                if float(value) != int(float(value)):
+                    raise ValueError
+                value = int(float(value))
+            elif kind is float:
+                value = float(value)
+        except (TypeError, ValueError):
+            wanted = "a whole number" if kind is int else "a number"
+            raise ValueError(f"`{name}` must be {wanted} but is {value!r}.") from None
+        arguments[name] = value
+    return request_class(**arguments)
+
+
+def _sampling_controls(task: str, defaults: dict) -> dict:
+    """The SamplingSettings fields' components, laid out in rows (inside the caller's column)."""
+    controls = {}
+    with gr.Row():
+        controls["sampler"] = gr.Dropdown(list(SAMPLER_NAMES), value=defaults.get("sampler", DEFAULT_SAMPLER),
+                                          label="Sampler")
+        controls["steps"] = gr.Slider(1, MAX_STEPS, value=defaults.get("steps", 25), step=1, label="Steps",
+                                      elem_id=f"{task}-steps")
+    with gr.Row():
+        controls["guidance_scale"] = gr.Slider(1.0, 20.0, value=defaults.get("guidance_scale", 7.5), step=0.5,
+                                               label="CFG scale", info="1 turns guidance (and its extra pass) off")
+        controls["guidance_rescale"] = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="Guidance rescale")
+    with gr.Row():
+        controls["width"] = gr.Slider(64, MAX_SIDE, value=defaults.get("width", 512), step=8, label="Width")
+        controls["height"] = gr.Slider(64, MAX_SIDE, value=defaults.get("height", 512), step=8, label="Height")
+    return controls
+
+
+def build_generation_tab(context: StudioContext, task: str, defaults: dict,
+                         task_controls: Callable[[], dict] = dict) -> GenerationTab:
+    """Lay out one generation tab and wire its events. `task_controls()` builds the task's own controls
+    (keyed by request field) at the top of the settings column."""
+    # 1. Layout
+    controls: dict[str, gr.components.Component] = {}
     with gr.Row():
         with gr.Column(scale=3):
-            prompt = gr.Textbox(label="Prompt", lines=2, placeholder="e.g. red apple",
-                                elem_id=f"{task}-prompt", value=defaults.get("prompt", ""))
-            negative_prompt = gr.Textbox(label="Negative prompt", lines=1, elem_id=f"{task}-negative")
+            controls["prompt"] = gr.Textbox(label="Prompt", lines=2, placeholder="e.g. red apple",
+                                            elem_id=f"{task}-prompt")
+            controls["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=1, elem_id=f"{task}-negative")
         with gr.Column(scale=1, min_width=160):
             generate = gr.Button("Generate", variant="primary", elem_id=f"{task}-generate")
             stop = gr.Button("Stop", variant="stop", elem_id=f"{task}-stop")
     with gr.Row():
         with gr.Column(scale=2):
-            init_image = strength = None
-            if task == "img2img":
-                init_image = gr.Image(label="Input image", type="pil", elem_id="img2img-input", height=256)
-                strength = gr.Slider(0.0, 1.0, value=0.6, step=0.01, label="Denoising strength",
-                                     info="0 keeps the input; 1 ignores it")
+            controls.update(task_controls())
+            controls.update(_sampling_controls(task, defaults))
             with gr.Row():
-                sampler = gr.Dropdown(list(SAMPLER_NAMES), value=defaults.get("sampler", DEFAULT_SAMPLER),
-                                      label="Sampler")
-                steps = gr.Slider(1, MAX_STEPS, value=defaults.get("steps", 25), step=1, label="Steps",
-                                  elem_id=f"{task}-steps")
-            with gr.Row():
-                guidance_scale = gr.Slider(1.0, 20.0, value=defaults.get("guidance_scale", 7.5), step=0.5,
-                                           label="CFG scale", info="1 turns guidance (and its extra pass) off")
-                guidance_rescale = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="Guidance rescale")
-            with gr.Row():
-                width = gr.Slider(64, MAX_SIDE, value=defaults.get("width", 512), step=8, label="Width")
-                height = gr.Slider(64, MAX_SIDE, value=defaults.get("height", 512), step=8, label="Height")
-            with gr.Row():
-                seed = gr.Number(value=-1, precision=0, label="Seed", info="-1 draws one", elem_id=f"{task}-seed")
+                controls["seed"] = gr.Number(value=-1, precision=0, label="Seed", info="-1 draws one",
+                                             elem_id=f"{task}-seed")
                 dice = gr.Button("🎲", scale=0, min_width=48)
                 reuse = gr.Button("♻️", scale=0, min_width=48)
             with gr.Row():
-                batch_size = gr.Slider(1, MAX_BATCH, value=1, step=1, label="Batch size")
-                batch_count = gr.Slider(1, 16, value=1, step=1, label="Batch count")
-                preview_every = gr.Slider(0, 50, value=defaults.get("preview_every", 1), step=1,
-                                          label="Preview every N steps", info="0 = off")
+                controls["batch_size"] = gr.Slider(1, MAX_BATCH, value=1, step=1, label="Batch size")
+                controls["batch_count"] = gr.Slider(1, 16, value=1, step=1, label="Batch count")
+                controls["preview_every"] = gr.Slider(0, 50, value=defaults.get("preview_every", 1), step=1,
+                                                      label="Preview every N steps", info="0 = off")
         with gr.Column(scale=3):
             gallery = gr.Gallery(label="Images", columns=2, height=420, object_fit="contain",
                                  elem_id=f"{task}-gallery", format="png")
             status = gr.Markdown(elem_id=f"{task}-status")
             infotext = gr.Textbox(label="Generation parameters", lines=4, elem_id=f"{task}-infotext",
                                   buttons=["copy"])
-    infotexts = gr.State([])
-    selected = gr.State(None)
-    controls = GenerateControls(prompt, negative_prompt, sampler, steps, guidance_scale, guidance_rescale, width,
-                                height, seed, batch_size, batch_count, preview_every, init_image, strength,
-                                generate, stop, gallery, infotext, status, infotexts, selected)
+            job_id = gr.Textbox(label="Job id", visible=False, elem_id=f"{task}-job")
+    tab = GenerationTab(task=task, controls=controls, generate=generate, stop=stop, gallery=gallery,
+                        infotext=infotext, status=status, job_id=job_id,
+                        saved_job=gr.BrowserState(None, storage_key=f"diffusion-studio-{task}-job"),
+                        infotexts=gr.State([]), selected=gr.State(None))
+    # 2. Wiring
+    _wire_generate(context, tab)
+    _wire_seed_buttons(tab, dice, reuse)
+    return tab
 
+
+def _wire_generate(context: StudioContext, tab: GenerationTab) -> None:
     @user_errors
-    def run(prompt_value, negative, sampler_value, steps_value, cfg, rescale, width_value, height_value, seed_value,
-            batch_size_value, batch_count_value, preview_value, init_image_value=None, strength_value=0.75,
-            request: gr.Request = None):
-        if task == "img2img" and init_image_value is None:
-            raise gr.Error("Upload an input image first (or send one from Text-to-Image).")
-        generation = GenerationRequest(
-            prompt=prompt_value or "", negative_prompt=negative or "", sampler=sampler_value, steps=int(steps_value),
-            guidance_scale=float(cfg), guidance_rescale=float(rescale), width=int(width_value),
-            height=int(height_value), seed=int(seed_value if seed_value is not None else -1),
-            batch_size=int(batch_size_value), batch_count=int(batch_count_value), preview_every=int(preview_value),
-            init_image=init_image_value, strength=float(strength_value))
-        stop_event = context.stop_event(request.session_hash if request else None)
-        finished: list[GeneratedImage] = []
-        for event in context.generator.run(generation, stop=stop_event):
-            if isinstance(event, Preview):
-                frames = [(item.path or item.image, f"seed {item.seed}") for item in finished]
-                frames += [(image, f"step {event.step}/{event.total_steps}") for image in event.images]
-                yield frames, gr.skip(), f"Step {event.step} of {event.total_steps}…", gr.skip(), gr.skip()
-            elif isinstance(event, GeneratedImage):
-                finished.append(event)
-                yield ([(i.path or i.image, _caption(i)) for i in finished], gr.skip(),
-                       f"{len(finished)} image(s) done…", gr.skip(), gr.skip())
-            elif isinstance(event, GenerationDone):
-                summary = f"Seed {event.seed} · {len(event.images)} image(s)"
-                if event.images and event.images[0].path:
-                    summary += f" · saved as `{event.images[0].path}`" + (" …" if len(event.images) > 1 else "")
-                notes = "  \n".join([summary, *event.messages])
-                texts = [i.infotext for i in event.images]
-                yield ([(i.path or i.image, _caption(i)) for i in event.images], texts[0] if texts else "",
-                       notes, texts, 0 if texts else None)
+    def run(request: gr.Request = None, **values) -> Iterator[dict]:
+        generation = request_from_controls(tab.task, values)
+        job = context.generator.submit(generation, owner=session_of(request))
+        waiting = len([other for other in context.worker.jobs() if other.state is JobState.QUEUED]) - 1
+        # the job id goes out at once, so that Stop (and an API client) can name the job while it waits
+        yield {tab.job_id: job.id, tab.saved_job: job.id,
+               tab.status: f"Queued behind {waiting} job(s)…" if waiting > 0 else "Starting…"}
+        yield from follow_job(tab, job)
 
-    outputs = [gallery, infotext, status, infotexts, selected]
-    generate.click(run, inputs=controls.inputs(), outputs=outputs, concurrency_id="device",
-                   concurrency_limit=1, api_name=task)
-    def stop_generation(request: gr.Request = None):
-        context.stop(request.session_hash if request else None)
-    stop.click(stop_generation, inputs=None, outputs=None, api_name=f"{task}_stop")
+    def stop_job(job_id: str | None) -> None:
+        job = context.find_job(job_id)
+        if job is not None:
+            job.cancel()
+
+    run.__signature__ = _api_signature(TASKS[tab.task].request_class, tab.controls)
+    tab.generate.click(run, inputs_kwargs=tab.controls, outputs=tab.results, api_name=tab.task, **JOB_QUEUE)
+    # Stop is not queued behind the generation it stops
+    tab.stop.click(stop_job, inputs=tab.job_id, outputs=None, queue=False, api_visibility="private")
+
+
+def _api_signature(request_class: type[SamplingSettings], controls: dict) -> inspect.Signature:
+    """The handler's signature as the API shows it: one keyword per control, named as the request's field.
+    Fields with a default default to None here (Gradio's mark of an optional API parameter), which
+    `request_from_controls` turns into the request's default; so only what the task cannot do without
+    (the prompt, an image) is required."""
+    required = {item.name for item in fields(request_class)
+                if item.default is MISSING and item.default_factory is MISSING}
+    parameters = [inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+                                    annotation=gr.Request)]
+    parameters += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
+                                     default=inspect.Parameter.empty if name in required else None)
+                   for name in controls]
+    return inspect.Signature(parameters)
+
+
+def wire_resume(app: gr.Blocks, context: StudioContext, tab: GenerationTab) -> None:
+    """When the page loads, show the job this browser started last: followed live while it runs, its
+    results once it has finished (while the studio still remembers it)."""
+    @user_errors
+    def resume(job_id: str | None) -> Iterator[dict]:
+        job = context.find_job(job_id)
+        if job is None:
+            return
+        yield from follow_job(tab, job)
+
+    app.load(resume, inputs=tab.saved_job, outputs=tab.results, api_visibility="private", **JOB_QUEUE)
+
+
+def follow_job(tab: GenerationTab, job: Job) -> Iterator[dict]:
+    """Render a generation job's events into the tab's results, as they come (each update names the job)."""
+    for results in _job_results(tab, job):
+        yield {tab.job_id: job.id, tab.saved_job: job.id, **results}
+
+
+def _job_results(tab: GenerationTab, job: Job) -> Iterator[dict]:
+    finished: list[GeneratedImage] = []
+    for event in job.events():
+        if isinstance(event, Preview):
+            frames = [(item.path or item.image, _caption(item)) for item in finished]
+            frames += [(image, f"step {event.step}/{event.total_steps}") for image in event.images]
+            yield {tab.gallery: frames, tab.status: f"Step {event.step} of {event.total_steps}…"}
+        elif isinstance(event, GeneratedImage):
+            finished.append(event)
+            yield {tab.gallery: [(i.path or i.image, _caption(i)) for i in finished],
+                   tab.status: f"{len(finished)} image(s) done…"}
+    try:
+        done: GenerationDone = job.result()
+    except JobCancelled:
+        yield {tab.status: "Stopped before it started."}
+        return
+    yield done_results(tab, done)
+
+
+def done_results(tab: GenerationTab, done: GenerationDone) -> dict:
+    summary = f"Seed {done.seed} · {len(done.images)} image(s)"
+    if done.images and done.images[0].path:
+        summary += f" · saved as `{done.images[0].path}`" + (" …" if len(done.images) > 1 else "")
+    texts = [item.infotext for item in done.images]
+    return {tab.gallery: [(item.path or item.image, _caption(item)) for item in done.images],
+            tab.infotext: texts[0] if texts else "", tab.status: "  \n".join([summary, *done.messages]),
+            tab.infotexts: texts, tab.selected: 0 if texts else None}
+
+
+def _wire_seed_buttons(tab: GenerationTab, dice: gr.Button, reuse: gr.Button) -> None:
+    seed = tab.controls["seed"]
     dice.click(lambda: draw_seed(), outputs=seed, api_visibility="private")
-    reuse.click(lambda texts, index: _seed_of(texts, index), inputs=[infotexts, selected], outputs=seed,
+    reuse.click(lambda texts, index: _seed_of(texts, index), inputs=[tab.infotexts, tab.selected], outputs=seed,
                 api_visibility="private")
 
     def on_select(texts, event: gr.SelectData):
         return (texts[event.index] if texts and event.index < len(texts) else ""), event.index
-    gallery.select(on_select, inputs=infotexts, outputs=[infotext, selected], api_visibility="private")
-    return controls
+    tab.gallery.select(on_select, inputs=tab.infotexts, outputs=[tab.infotext, tab.selected],
+                       api_visibility="private")
 
 
 def _caption(item: GeneratedImage) -> str:
@@ -163,17 +255,15 @@ def _seed_of(texts: list[str], index: int | None) -> int:
     return int(parameters.get("Seed", -1))
 
 
-def settings_from_infotext(text: str) -> list:
-    """Values for `GenerateControls.settings_outputs()` restored from an infotext (ours or A1111's)."""
+def settings_from_infotext(text: str, tab: GenerationTab) -> dict:
+    """{component: value} for the settings an infotext (ours or A1111's) restores into `tab`'s controls."""
     prompt, negative, parameters = parse_infotext(text or "")
     if not parameters:
         raise gr.Error("These are not generation parameters: no `Steps: …, Sampler: …` line was found.")
-    settings = infotext_to_settings(parameters)
+    settings = {"prompt": prompt, "negative_prompt": negative, "guidance_rescale": 0.0,
+                **infotext_to_settings(parameters)}
     sampler = settings.get("sampler")
     if sampler is not None and sampler not in SAMPLER_NAMES:
         gr.Warning(f"Sampler {sampler!r} is not available here; keeping the current one.")
-        sampler = None
-    keep = gr.skip()
-    return [prompt, negative, sampler or keep, settings.get("steps", keep), settings.get("guidance_scale", keep),
-            settings.get("guidance_rescale", 0.0), settings.get("width", keep), settings.get("height", keep),
-            settings.get("seed", keep)]
+        del settings["sampler"]
+    return {tab.controls[name]: value for name, value in settings.items() if name in tab.controls}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import gradio as gr
 
 from pipelines.memory import MemoryMode
@@ -10,6 +12,12 @@ from studio.context import StudioContext
 from studio.errors import user_errors
 
 MODE_CHOICES = ["auto", *(m.value for m in MemoryMode if m is not MemoryMode.CPU)]
+DEVICE_QUEUE = {"concurrency_id": "device", "concurrency_limit": 1}
+
+
+@dataclass
+class ModelsTab:
+    loaded: object     # the Load event: app.py chains what follows a successful load (the tabs' defaults)
 
 
 def local_choices(context: StudioContext) -> list[str]:
@@ -23,10 +31,10 @@ def local_choices(context: StudioContext) -> list[str]:
     return choices
 
 
-def build_models_tab(context: StudioContext, status_outputs: list) -> None:
+def build_models_tab(context: StudioContext, *, header: gr.Markdown) -> ModelsTab:
     gr.Markdown("Load the embedded model, a diffusers folder or `.safetensors` file under `models/`, or a "
                 "Hugging Face hub id (from your local cache when offline). Loading replaces the current model "
-                "and gives its memory back.")
+                "and gives its memory back; if the new one fails to load, the current one stays.")
     with gr.Row():
         picker = gr.Dropdown(local_choices(context), value=EMBEDDED_NAME, label="Local models",
                              allow_custom_value=False, scale=3)
@@ -39,39 +47,34 @@ def build_models_tab(context: StudioContext, status_outputs: list) -> None:
                     info="high: all on GPU · balanced: model offload · low: + attention slicing, VAE tiling · "
                          "sequential: layer-by-layer offload")
     status = gr.Markdown(context.status_markdown(), elem_id="models-status")
+    statuses = {status, header}
+
+    def both(markdown: str) -> dict:
+        return {status: markdown, header: markdown}
 
     @user_errors
     def load_model(choice, typed, progress=gr.Progress()):
         spec = (typed or "").strip() or choice
         progress(0, desc=f"Loading {spec}…")
         context.models.load(spec, from_ui=True)
-        context.startup_note = ""
-        markdown = context.status_markdown()
-        return [markdown] * (1 + len(status_outputs))
+        context.startup_error = ""
+        return both(context.status_markdown())
 
     @user_errors
     def unload_model():
         context.models.unload()
-        context.startup_note = "The model was unloaded."
-        markdown = context.status_markdown()
-        return [markdown] * (1 + len(status_outputs))
+        gr.Info("The model was unloaded and its memory given back.")
+        return both(context.status_markdown())
 
     @user_errors
     def change_mode(choice):
-        context.models.memory.requested_mode = choice
-        if context.models.current is not None and context.models.memory.device.type == "cuda":
-            if choice == "auto":
-                context.models.memory.place(context.models.current.pipeline)
-            else:
-                context.models.set_memory_mode(MemoryMode(choice))
-        elif context.models.memory.device.type != "cuda":
+        if context.models.memory.device.type != "cuda":
             gr.Info("Memory modes apply to CUDA GPUs; on this device everything stays where it is.")
+        context.models.set_memory_mode(choice)
         return context.status_markdown()
 
-    outputs = [status, *status_outputs]
-    load.click(load_model, inputs=[picker, custom], outputs=outputs, concurrency_id="device", concurrency_limit=1,
-               api_name="load_model")
-    unload.click(unload_model, outputs=outputs, concurrency_id="device", concurrency_limit=1, api_name="unload_model")
-    mode.change(change_mode, inputs=mode, outputs=status, concurrency_id="device", concurrency_limit=1,
-                api_visibility="private")
+    loaded = load.click(load_model, inputs=[picker, custom], outputs=statuses, api_name="load_model", **DEVICE_QUEUE)
+    unload.click(unload_model, outputs=statuses, api_name="unload_model", **DEVICE_QUEUE)
+    mode.change(change_mode, inputs=mode, outputs=status, api_visibility="private", **DEVICE_QUEUE)
     refresh.click(lambda: gr.Dropdown(choices=local_choices(context)), outputs=picker, api_visibility="private")
+    return ModelsTab(loaded=loaded)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import gradio as gr
 
@@ -10,8 +11,16 @@ from pipelines.metadata import read_png_metadata
 from studio.errors import user_errors
 
 
-def build_pnginfo_tab():
-    """Returns (infotext box, send-to-txt2img button, send-to-img2img button)."""
+@dataclass
+class PngInfoTab:
+    file: gr.File
+    infotext: gr.Textbox
+    to_txt2img: gr.Button
+    to_img2img: gr.Button
+
+
+def build_pnginfo_tab() -> PngInfoTab:
+    """The tab's layout and its read handler; app.py wires the send-to buttons to the tabs."""
     gr.Markdown("Drop a PNG made by this studio or by AUTOMATIC1111: its parameters appear below and can be "
                 "sent back to a tab.")
     with gr.Row():
@@ -33,4 +42,4 @@ def build_pnginfo_tab():
         return text or "", json.loads(json.dumps(extra)) if extra else None
 
     upload.change(read, inputs=upload, outputs=[infotext, details], api_name="png_info")
-    return infotext, to_txt2img, to_img2img, upload
+    return PngInfoTab(file=upload, infotext=infotext, to_txt2img=to_txt2img, to_img2img=to_img2img)

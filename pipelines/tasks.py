@@ -1,0 +1,251 @@
+"""The task registry: each kind of generation, its request, its pipeline and its infotext fields.
+
+Every request shares `SamplingSettings` (prompt, negative prompt, sampler, steps, CFG, seed, size,
+batch, previews) and validates itself in `__post_init__`, saying what it received and what is
+allowed. A task adds its own fields and answers four questions for the one generation path
+(`pipelines/denoise.py`, `pipelines/generate.py`):
+
+    pipeline_arguments()   what the task adds to the diffusers call (size, or image + strength)
+    notes()                what the request did to its input that the user should know
+    unchanged_image()      an answer that needs no denoising at all (img2img at strength 0)
+    check_steps()          whether the request leaves any denoising step to run
+
+The registry entry names the request class, the pipeline the task runs on (derived once from the
+loaded base with `from_pipe`, so all tasks share one set of weights) and the infotext fields the
+task writes and reads back. Adding a task (inpainting, ControlNet) is one request class and one
+`register(Task(...))`; nothing else branches on the task's name.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, ClassVar
+
+from PIL import Image
+
+from pipelines.samplers import DEFAULT_SAMPLER, check_sampler
+
+MAX_SIDE = 2048
+MAX_BATCH = 16
+MAX_BATCH_COUNT = 100
+MAX_STEPS = 200
+MAX_GUIDANCE_SCALE = 50.0
+SEED_LIMIT = 2 ** 32
+PREVIEW_MODES = ("auto", "linear", "full")
+
+
+def draw_seed() -> int:
+    return secrets.randbelow(SEED_LIMIT)
+
+
+def _check_whole(name: str, value: Any, low: int, high: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError(f"`{name}` must be a whole number from {low} to {high} but is {value!r}.")
+
+
+@dataclass(kw_only=True)
+class SamplingSettings:
+    """What every task asks for. Subclasses set `task` and add their own fields."""
+
+    task: ClassVar[str] = ""
+    prompt: str
+    negative_prompt: str = ""
+    sampler: str = DEFAULT_SAMPLER
+    steps: int = 25
+    guidance_scale: float = 7.5
+    guidance_rescale: float = 0.0
+    width: int = 64
+    height: int = 64
+    seed: int = -1               # -1: draw one, and report it
+    batch_size: int = 1          # images per pipeline call (image i uses seed + i)
+    batch_count: int = 1         # pipeline calls, one after another
+    preview_every: int = 0       # steps between live previews; 0 = off
+    preview_mode: str = "auto"   # auto | linear | full
+
+    def __post_init__(self):
+        for name in ("prompt", "negative_prompt"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"`{name}` must be text but is {type(getattr(self, name)).__name__}.")
+        check_sampler(self.sampler)
+        for name, low, high in (("steps", 1, MAX_STEPS), ("batch_size", 1, MAX_BATCH),
+                                ("batch_count", 1, MAX_BATCH_COUNT), ("width", 8, MAX_SIDE),
+                                ("height", 8, MAX_SIDE)):
+            _check_whole(name, getattr(self, name), low, high)
+        if not 0.0 <= self.guidance_scale <= MAX_GUIDANCE_SCALE:
+            raise ValueError(f"`guidance_scale` (CFG) must be between 0 and {MAX_GUIDANCE_SCALE:g} "
+                             f"but is {self.guidance_scale}.")
+        if not 0.0 <= self.guidance_rescale <= 1.0:
+            raise ValueError(f"`guidance_rescale` must be between 0 and 1 but is {self.guidance_rescale}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not -1 <= self.seed < SEED_LIMIT:
+            raise ValueError(f"`seed` must be -1 (random) or a whole number from 0 to 2**32-1 but is {self.seed!r}.")
+        if self.preview_every < 0:
+            raise ValueError(f"`preview_every` must be 0 (off) or a positive number of steps "
+                             f"but is {self.preview_every}.")
+        if self.preview_mode not in PREVIEW_MODES:
+            raise ValueError(f"`preview_mode` must be one of {', '.join(PREVIEW_MODES)} "
+                             f"but is {self.preview_mode!r}.")
+
+    # -- seeds ----------------------------------------------------------------------------------
+    def resolved(self):
+        """A copy with a concrete seed (-1 drawn now)."""
+        return self if self.seed != -1 else replace(self, seed=draw_seed())
+
+    def seed_for(self, batch_index: int, image_index: int) -> int:
+        return (self.seed + batch_index * self.batch_size + image_index) % SEED_LIMIT
+
+    # -- what the task adds (overridden per task) ----------------------------------------------
+    def pipeline_arguments(self) -> dict:
+        """Keyword arguments the task adds to the diffusers pipeline call."""
+        return {"width": self.width, "height": self.height}
+
+    def notes(self) -> list[str]:
+        """What the request did to its input that the user should be told."""
+        return []
+
+    def unchanged_image(self) -> Image.Image | None:
+        """The answer when no denoising step is needed (None: denoise as usual)."""
+        return None
+
+    def check_steps(self) -> None:
+        """Raise when the request leaves no denoising step to run."""
+
+    def slots(self) -> tuple[str, ...]:
+        """The model slots (pipelines/models.py) this request runs on."""
+        return ("base",)
+
+    # -- records --------------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        """The request as JSON-ready values (images as their sizes), with its task's name."""
+        values: dict[str, Any] = {"task": self.task}
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, Image.Image):
+                values[f"{item.name}_size"] = list(value.size)
+            else:
+                values[item.name] = value
+        return values
+
+
+@dataclass(kw_only=True)
+class Txt2ImgRequest(SamplingSettings):
+    task: ClassVar[str] = "txt2img"
+
+
+def fit_image(image: Image.Image, width: int, height: int) -> Image.Image:
+    """`image` as RGB at width×height: cropped to that aspect ratio around its centre, then resized
+    (A1111's "crop and resize"), so a different aspect ratio is never stretched."""
+    image = image.convert("RGB")
+    source_width, source_height = image.size
+    if source_width * height != source_height * width:
+        if source_width * height > source_height * width:   # wider than wanted: trim the sides
+            crop_width = round(source_height * width / height)
+            left = (source_width - crop_width) // 2
+            image = image.crop((left, 0, left + crop_width, source_height))
+        else:                                                 # taller than wanted: trim top and bottom
+            crop_height = round(source_width * height / width)
+            top = (source_height - crop_height) // 2
+            image = image.crop((0, top, source_width, top + crop_height))
+    return image.resize((width, height), Image.Resampling.LANCZOS)
+
+
+@dataclass(kw_only=True)
+class Img2ImgRequest(SamplingSettings):
+    """Image-to-image: start from `init_image` noised to `strength` of the schedule (SDEdit)."""
+
+    task: ClassVar[str] = "img2img"
+    init_image: Image.Image = field(repr=False)
+    strength: float = 0.75
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.init_image, Image.Image):
+            raise ValueError("Image-to-Image needs an input image (`init_image`); upload one or send one from "
+                             "Text-to-Image.")
+        if not 0.0 <= self.strength <= 1.0:
+            raise ValueError(f"`strength` must be between 0 and 1 but is {self.strength}.")
+
+    def fitted_image(self) -> Image.Image:
+        return fit_image(self.init_image, self.width, self.height)
+
+    def pipeline_arguments(self) -> dict:
+        return {"image": self.fitted_image(), "strength": self.strength}
+
+    def notes(self) -> list[str]:
+        if self.strength == 0.0:
+            return ["Strength 0 keeps the input image unchanged."]
+        width, height = self.init_image.size
+        if width * self.height == height * self.width:
+            return []
+        return [f"The input image is {width}×{height}, another shape than {self.width}×{self.height}: it was "
+                "cropped around its centre to that shape, not stretched. Set the size to the input's shape "
+                "to keep all of it."]
+
+    def unchanged_image(self) -> Image.Image | None:
+        return self.fitted_image() if self.strength == 0.0 else None
+
+    def check_steps(self) -> None:
+        if int(self.steps * self.strength) < 1:
+            raise ValueError(f"`strength` {self.strength} × {self.steps} steps leaves no denoising step; raise the "
+                             "steps or the strength (or use strength 0 to keep the image).")
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class InfotextField:
+    """One `Key: value` of the A1111 infotext and the request field it holds."""
+    key: str
+    field: str
+    kind: type
+
+
+# Written by every task (Sampler and Size have formats of their own, see pipelines/metadata.py).
+SHARED_INFOTEXT_FIELDS = (InfotextField("Steps", "steps", int), InfotextField("CFG scale", "guidance_scale", float),
+                          InfotextField("Seed", "seed", int), InfotextField("Guidance rescale", "guidance_rescale", float),
+                          InfotextField("Batch size", "batch_size", int))
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    label: str
+    request_class: type[SamplingSettings]
+    derive: Callable[[Any], Any]      # the task's pipeline from the base pipeline, sharing its weights
+    infotext_fields: tuple[InfotextField, ...] = ()
+
+    def infotext_values(self, request: SamplingSettings) -> dict:
+        return {item.key: getattr(request, item.field) for item in self.infotext_fields}
+
+
+TASKS: dict[str, Task] = {}
+
+
+def register(task: Task) -> Task:
+    if task.request_class.task != task.name:
+        raise ValueError(f"Task {task.name!r} names request class {task.request_class.__name__}, whose task is "
+                         f"{task.request_class.task!r}.")
+    TASKS[task.name] = task
+    return task
+
+
+def task_of(request: SamplingSettings) -> Task:
+    if request.task not in TASKS:
+        raise ValueError(f"Unknown task {request.task!r}; known tasks: {', '.join(TASKS)}.")
+    return TASKS[request.task]
+
+
+def _text_to_image(base):
+    return base
+
+
+def _image_to_image(base):
+    from diffusers import AutoPipelineForImage2Image
+    return AutoPipelineForImage2Image.from_pipe(base)
+
+
+register(Task("txt2img", "Text-to-Image", Txt2ImgRequest, _text_to_image))
+register(Task("img2img", "Image-to-Image", Img2ImgRequest, _image_to_image,
+              (InfotextField("Denoising strength", "strength", float),)))

@@ -1,4 +1,5 @@
-"""Tests for the forward-process math of the Diffusion Explorer (pipelines/explorer_forward.py)."""
+"""Tests for the forward-process math of the Diffusion Explorer (pipelines/explorer_forward.py) and the
+Explorer service's forward operations (pipelines/explorer.py)."""
 
 import math
 
@@ -10,16 +11,17 @@ from diffusers import AutoencoderKL, DDPMScheduler
 from PIL import Image
 from scipy.stats import ks_2samp
 
+from pipelines import explorer_forward
+from pipelines.denoise import decode, encode
+from pipelines.explorer import ANIMATION_FRAMES, FORWARD_SIDE_PX, MOMENT_DRAWS, MOMENT_SIDE_PX, Explorer
 from pipelines.explorer_forward import (
     FORMULAS,
     SCHEDULE_NAMES,
     FixedNoise,
     NoiseSchedule,
     animation_timesteps,
-    decode_latents,
     draw_samples,
     empirical_moments,
-    encode_latents,
     export_animation,
     fixed_noise,
     forward_frames,
@@ -283,19 +285,19 @@ def test_latent_frames_noise_latents_and_decode_each(tiny_vae):
     x0 = image_to_tensor(gradient_image(16, 16))
     schedule = make_schedule("scaled_linear", 50)
 
-    latents = encode_latents(tiny_vae, x0)
+    latents = encode(tiny_vae, x0)
     with torch.no_grad():
         posterior_mean = tiny_vae.encode(x0).latent_dist.mean
     torch.testing.assert_close(latents, posterior_mean * 0.5)  # times scaling_factor
     assert latents.shape == (1, 4, 8, 8)
-    decoded = decode_latents(tiny_vae, latents)
+    decoded, _ = decode(tiny_vae, latents)
     with torch.no_grad():
         torch.testing.assert_close(decoded, tiny_vae.decode(posterior_mean).sample)  # divided back
 
     frames = forward_frames(x0, schedule=schedule, timesteps=[0, 49], seed=9, vae=tiny_vae)
     assert len(frames) == 2 and all(frame.size == (16, 16) for frame in frames)
     noisy_latents = forward_sample(latents, t=49, schedule=schedule, noise=fixed_noise(latents.shape, 9))
-    expected = tensor_to_image(decode_latents(tiny_vae, noisy_latents))
+    expected = tensor_to_image(decode(tiny_vae, noisy_latents)[0])
     assert np.array_equal(np.asarray(frames[1]), np.asarray(expected))
     assert not np.array_equal(np.asarray(frames[0]), np.asarray(frames[1]))
 
@@ -401,3 +403,100 @@ def test_export_rejects_bad_requests(tmp_path):
     with pytest.raises(ValueError, match="empty"):
         export_animation([], tmp_path / "forward.gif")
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- the Explorer service
+
+
+@pytest.fixture
+def on_worker(studio, monkeypatch) -> list[bool]:
+    """Whether each forward_sample call (the noising every forward operation does) ran on the device worker."""
+    calls: list[bool] = []
+    original = explorer_forward.forward_sample
+
+    def spy(*args, **kwargs):
+        calls.append(studio.models.worker.on_worker_thread())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(explorer_forward, "forward_sample", spy)
+    return calls
+
+
+def test_forward_view_shows_x_t_in_pixel_and_latent_space(studio, on_worker):
+    image = gradient_image(64, 48)
+    view = Explorer(studio.models).forward_view(image, schedule_names=["linear", "cosine"], num_steps=1000.0,
+                                                t=250.0, seed=3)
+    # pixel space: the closed form with the seeded epsilon, bit for bit
+    x0 = image_to_tensor(image, size=FORWARD_SIDE_PX)
+    schedule = make_schedule("linear", 1000)
+    expected = tensor_to_image(forward_sample(x0, t=250, schedule=schedule, noise=FixedNoise(3).like(x0)))
+    # the shorter side scaled to 128 px, then cropped to multiples of 8: 171 x 128 -> 168 x 128
+    assert view.x_t.size == (168, 128) and np.array_equal(np.asarray(view.x_t), np.asarray(expected))
+    # latent space: the model's VAE at the model's native side, the same t and seed
+    side = studio.models.current.native_side
+    latent_expected = studio.models.worker.call(
+        forward_frames, image_to_tensor(image, size=side), schedule=schedule, timesteps=[250], seed=3,
+        vae=studio.models.current.pipeline.vae)[0]
+    assert view.latent_x_t is not None and view.latent_x_t.size[1] == side
+    assert np.array_equal(np.asarray(view.latent_x_t), np.asarray(latent_expected))
+    # the plots and the caption
+    assert len(view.schedule_figure.axes) == 3 and len(view.schedule_figure.axes[1].lines) == 3  # 2 schedules + t
+    assert len(view.histogram.axes) == 1
+    alpha_cumprod = schedule.alphas_cumprod[250].item()
+    assert view.caption.startswith(f"**linear**, t = 250 of T = 1000: ᾱ_t = {alpha_cumprod:.4g}")
+    assert "Load a model" not in view.caption
+    assert on_worker and all(on_worker)
+
+
+def test_forward_view_without_a_model_has_no_latent_image(studio, tmp_path):
+    from pipelines.memory import MemoryManager
+    from pipelines.models import ModelManager
+
+    explorer = Explorer(ModelManager(MemoryManager(device="cpu"), worker=studio.models.worker,
+                                     models_dir=tmp_path / "models"))
+    view = explorer.forward_view(gradient_image(32, 32), schedule_names=["cosine"], num_steps=100, t=500, seed=0)
+    assert view.x_t.size == (FORWARD_SIDE_PX, FORWARD_SIDE_PX) and view.latent_x_t is None
+    assert "t = 99 of T = 100" in view.caption  # t is clamped to T - 1
+    assert view.caption.endswith("Load a model to see the same t in its latent space.")
+    with pytest.raises(ValueError, match='Schedule "model" needs a loaded model'):
+        explorer.forward_view(gradient_image(32, 32), schedule_names=["model"], num_steps=100, t=5, seed=0)
+
+
+def test_forward_operations_refuse_bad_input_clearly(studio):
+    explorer = Explorer(studio.models)
+    image = gradient_image(32, 32)
+    with pytest.raises(ValueError, match="Tick at least one schedule"):
+        explorer.forward_view(image, schedule_names=[], num_steps=100, t=5, seed=0)
+    with pytest.raises(ValueError, match="Upload an image"):
+        explorer.markov_check(None, schedule_names=["linear"], num_steps=100, t=5, seed=0)
+    with pytest.raises(ValueError, match="Upload an image"):
+        explorer.export_forward(None, schedule_names=["linear"], num_steps=100, seed=0, suffix=".gif")
+    with pytest.raises(ValueError, match="`seed` has to be a whole number but is None"):
+        explorer.forward_view(image, schedule_names=["linear"], num_steps=100, t=5, seed=None)
+    # "model" is the loaded model's own betas
+    view = explorer.forward_view(image, schedule_names=["model"], num_steps=100, t=5, seed=0)
+    assert view.caption.startswith("**model (")
+
+
+def test_markov_check_agrees_with_the_closed_form_and_theory(studio, on_worker):
+    check = Explorer(studio.models).markov_check(gradient_image(64, 64), schedule_names=["linear"], num_steps=1000,
+                                                 t=300, seed=5)
+    theory = 1 - make_schedule("linear", 1000).alphas_cumprod[300].item()
+    assert check.t == 300 and check.draws == MOMENT_DRAWS and check.side_px == MOMENT_SIDE_PX
+    assert check.theory_variance == pytest.approx(theory)
+    for moments in (check.closed_form, check.markov_chain):
+        # the mean of 3072 per-pixel variances, each over 32 draws: within a few percent of 1 - abar_t
+        assert moments.variance == pytest.approx(theory, rel=0.05)
+        assert moments.mean_error < 3 * math.sqrt(theory / MOMENT_DRAWS)
+        assert moments.mean_image.size == (MOMENT_SIDE_PX, MOMENT_SIDE_PX)
+    assert not np.array_equal(np.asarray(check.closed_form.mean_image), np.asarray(check.markov_chain.mean_image))
+    assert on_worker and all(on_worker)
+
+
+def test_export_forward_animates_x_0_to_x_T(studio):
+    path = Explorer(studio.models).export_forward(gradient_image(32, 32), schedule_names=["cosine", "linear"],
+                                                  num_steps=1000, seed=1, suffix=".gif")
+    assert path.name == "forward-cosine.gif" and path.is_file()
+    with Image.open(path) as gif:
+        assert gif.n_frames == ANIMATION_FRAMES + 1  # x_0, then ANIMATION_FRAMES noisier ones
+        assert gif.size == (FORWARD_SIDE_PX, FORWARD_SIDE_PX)

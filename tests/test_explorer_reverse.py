@@ -1,7 +1,10 @@
-"""Tests for the reverse half of the Diffusion Explorer (pipelines/explorer_reverse.py, studio/tabs/explorer.py),
-on the seeded tiny model of tests/conftest.py."""
+"""Tests for the reverse half of the Diffusion Explorer (pipelines/explorer_reverse.py, the Explorer service
+in pipelines/explorer.py, studio/tabs/explorer.py), on the seeded tiny model of tests/conftest.py."""
 
 from __future__ import annotations
+
+import math
+import threading
 
 import imageio.v2 as imageio
 import numpy as np
@@ -9,18 +12,22 @@ import pytest
 import torch
 from PIL import Image
 
+from pipelines import explorer_reverse
+from pipelines.explorer import Explorer
 from pipelines.explorer_reverse import (
+    COMPARE_COLUMNS,
     FORMULAS_REVERSE,
     LATEX_DELIMITERS,
+    Trace,
     branch,
     compare,
     difference_map,
     export_trace,
     parse_compare_lists,
     record_trace,
-    stream,
 )
-from pipelines.requests import GenerationRequest
+from pipelines.jobs import JobState, Progress
+from pipelines.tasks import Txt2ImgRequest
 
 
 @pytest.fixture(autouse=True)
@@ -33,14 +40,42 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-def request(**overrides) -> GenerationRequest:
+def request(**overrides) -> Txt2ImgRequest:
     values = dict(prompt="red apple", negative_prompt="blurry", sampler="DPM++ 2M", steps=5, guidance_scale=5.0,
                   width=64, height=64, seed=1234)
-    return GenerationRequest(**(values | overrides))
+    return Txt2ImgRequest(**(values | overrides))
 
 
 def pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
+
+
+class Held:
+    """A run of an explorer_reverse function that waits after reporting one step (see `hold_at`)."""
+
+    def __init__(self):
+        self.reached = threading.Event()    # the run has reported the step and waits
+        self.release = threading.Event()    # the test lets it go on
+        self.on_worker: list[bool] = []     # per run: whether it ran on the device worker's thread
+
+
+def hold_at(monkeypatch, worker, name: str, step: int) -> Held:
+    """Make `explorer_reverse.<name>` (record_trace or branch) wait after reporting `step`, until released,
+    so a test can cancel its job mid-run without racing it."""
+    held, original = Held(), getattr(explorer_reverse, name)
+
+    def holding(*args, on_step, **kwargs):
+        held.on_worker.append(worker.on_worker_thread())
+
+        def report(done, total):
+            on_step(done, total)
+            if done == step:
+                held.reached.set()
+                held.release.wait(timeout=60)
+        return original(*args, on_step=report, **kwargs)
+
+    monkeypatch.setattr(explorer_reverse, name, holding)
+    return held
 
 
 # ----------------------------------------------------------------------------- recording
@@ -109,10 +144,29 @@ def test_stop_ends_the_recording_early(studio):
     assert trace.stopped and trace.num_steps == 2
 
 
-def test_stream_yields_progress_then_the_trace(studio):
-    events = list(stream(lambda on_step: record_trace(studio.models, request(steps=3), on_step=on_step)))
-    assert [(e.done, e.total) for e in events[:-1]] == [(1, 3), (2, 3), (3, 3)]
-    assert events[-1].num_steps == 3
+def test_a_record_job_streams_progress_then_the_trace(studio):
+    job = Explorer(studio.models).record(request(steps=3), owner="session-a")
+    assert job.owner == "session-a" and job.kind == "explorer-record"
+    events = list(job.stream())
+    progress = [(e.done, e.total) for e in events[:-1]]
+    # a follower that joined before the first step sees every step; one that joined late, the latest
+    assert progress[-1] == (3, 3) and progress == sorted(set(progress)) and set(progress) <= {(1, 3), (2, 3), (3, 3)}
+    assert events[-1].num_steps == 3 and job.state is JobState.DONE
+    direct = studio.models.worker.call(record_trace, studio.models, request(steps=3))  # same thread, same numbers
+    assert np.array_equal(pixels(events[-1].final_image), pixels(direct.final_image))
+
+
+def test_a_cancelled_record_job_ends_with_a_stopped_trace(studio, monkeypatch):
+    held = hold_at(monkeypatch, studio.models.worker, "record_trace", step=2)
+    job = Explorer(studio.models).record(request(steps=8))
+    assert held.reached.wait(timeout=60)
+    reported = job.progress
+    job.cancel()
+    held.release.set()
+    trace = job.result(timeout=60)
+    assert (reported.done, reported.total) == (2, 8)
+    assert trace.stopped and trace.num_steps == 2 and job.state is JobState.CANCELLED
+    assert held.on_worker == [True]
 
 
 def test_bad_requests_are_refused_with_clear_messages(studio):
@@ -179,6 +233,22 @@ def test_branch_to_another_sampler_continues_from_the_same_x_t(studio):
         branch(studio.models, original, 6, {})
 
 
+def test_a_branch_job_stops_when_its_owner_cancels(studio, monkeypatch):
+    explorer = Explorer(studio.models)
+    original = record_trace(studio.models, request(steps=6))
+    with pytest.raises(ValueError, match="Record a run first"):
+        explorer.branch(None, 3, {})
+    held = hold_at(monkeypatch, studio.models.worker, "branch", step=4)
+    job = explorer.branch(original, 3.0, {"guidance_scale": 12.0}, owner="session-b")
+    assert held.reached.wait(timeout=60)
+    assert studio.models.worker.cancel(owner="session-b") == [job]  # a session's Stop
+    held.release.set()
+    branched = job.result(timeout=60)
+    assert branched.stopped and branched.num_steps == 4 and job.state is JobState.CANCELLED
+    assert branched.branched_at == 3 and branched.changes == {"guidance_scale": 12.0}
+    assert held.on_worker == [True]
+
+
 def test_difference_map_of_identical_images_is_uniform():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8))
     same = pixels(difference_map(image, image))
@@ -202,7 +272,9 @@ def test_compare_grid_cells_counts_and_reference(studio):
     for row in rows:
         assert row.unet_calls == row.steps
         assert row.model_evaluations == row.steps * (2 if row.guidance_scale > 1 else 1)
-        assert row.seconds > 0
+        assert isinstance(row.seconds, float) and math.isfinite(row.seconds)  # timed, never compared
+        assert len(row.values()) == len(COMPARE_COLUMNS)
+        assert row.values()[:3] == [row.sampler, row.steps, row.guidance_scale]
     # DDIM at the reference's step count is the reference
     assert [r.rms_to_reference for r in rows if r.sampler == "DDIM" and r.steps == 4] == [0.0, 0.0]
     assert all(r.rms_to_reference > 0 for r in rows if r.sampler == "Euler")
@@ -227,6 +299,15 @@ def test_compare_refuses_too_many_cells_and_parses_lists(studio):
         parse_compare_lists("", "10, many", "")
 
 
+def test_a_compare_job_reports_each_image_then_the_grid(studio):
+    job = Explorer(studio.models).compare(request(), samplers=["DDIM", "Euler"], steps=[2], reference_steps=2)
+    events = list(job.stream())
+    grid, rows = events[-1]
+    assert events[-2] == Progress(2, 2) and job.kind == "explorer-compare"
+    assert [(row.sampler, row.steps, row.guidance_scale) for row in rows] == [("DDIM", 2, 5.0), ("Euler", 2, 5.0)]
+    assert rows[0].rms_to_reference == 0.0 and grid.height > grid.width  # a row per sampler, one column
+
+
 # ----------------------------------------------------------------------------- export and formulas
 
 
@@ -244,6 +325,39 @@ def test_exported_gif_and_mp4_have_one_frame_per_step(studio, tmp_path):
         reader.close()
 
 
+def test_step_views_decode_on_the_worker_and_clamp_the_step(studio, monkeypatch):
+    explorer = Explorer(studio.models)
+    trace = record_trace(studio.models, request(steps=3, guidance_scale=1.0))
+    decoded_on_worker = []
+    decode = Trace._decode
+
+    def spy(self, latents):
+        decoded_on_worker.append(studio.models.worker.on_worker_thread())
+        return decode(self, latents)
+
+    monkeypatch.setattr(Trace, "_decode", spy)
+    views = explorer.step_views(trace, 7, "eps_uncond")  # past the end: the last step
+    assert views.info.startswith("**Step 2 of 2** · t = ") and "CFG is off at this step" in views.info
+    assert views.noise is None  # CFG 1 made no unconditional pass
+    assert views.x_t is trace.frame(2, "x_t") and views.x0_pred is trace.frame(2, "x0_pred")
+    assert decoded_on_worker == [True, True]
+    guided = explorer.step_views(trace, 0, "eps_guided")
+    assert guided.noise.size == (64, 64) and "CFG is off" not in guided.info
+    with pytest.raises(ValueError, match="Unknown noise prediction 'x_t'"):
+        explorer.step_views(trace, 0, "x_t")
+
+
+def test_export_trace_writes_every_frame(studio):
+    explorer = Explorer(studio.models)
+    with pytest.raises(ValueError, match="Record a run first, then export its frames"):
+        explorer.export_trace(None, "x_t", fps=8, suffix=".gif")
+    trace = record_trace(studio.models, request(steps=3))
+    path = explorer.export_trace(trace, "x0_pred", fps=8.0, suffix=".gif")
+    assert path.name == "reverse-x0_pred-seed1234.gif"
+    with Image.open(path) as animation:
+        assert animation.n_frames == trace.num_steps
+
+
 def test_formulas_are_display_math_for_gradio_markdown():
     assert {"ddpm_update", "ddim_update", "x0_from_eps", "cfg"} <= set(FORMULAS_REVERSE)
     for text in FORMULAS_REVERSE.values():
@@ -254,7 +368,12 @@ def test_formulas_are_display_math_for_gradio_markdown():
 # ----------------------------------------------------------------------------- the tab
 
 
-def test_explorer_tab_builds_with_its_components_and_device_queue(studio, tmp_path):
+def handlers(demo) -> dict:
+    """The tab's event handlers by function name, as Gradio calls them."""
+    return {block_fn.name: block_fn.fn for block_fn in demo.fns.values()}
+
+
+def test_explorer_tab_builds_with_its_components_and_device_queue(studio, tmp_path, monkeypatch):
     import gradio as gr
 
     from studio.context import StudioContext
@@ -262,17 +381,37 @@ def test_explorer_tab_builds_with_its_components_and_device_queue(studio, tmp_pa
 
     context = StudioContext(models=studio.models, generator=studio, outputs_dir=tmp_path)
     with gr.Blocks() as demo:
-        build_explorer_tab(context)
+        tab = build_explorer_tab(context)
     elem_ids = {getattr(block, "elem_id", None) for block in demo.blocks.values()}
-    assert {"explorer-record", "explorer-frame", "explorer-play", "explorer-step-slider", "explorer-branch",
-            "explorer-compare", "explorer-forward-image"} <= elem_ids
+    assert {"explorer-record", "explorer-frame", "explorer-play", "explorer-pause", "explorer-step-slider",
+            "explorer-branch", "explorer-compare", "explorer-forward-image", "explorer-final", "explorer-prompt",
+            "explorer-seed", "explorer-steps"} <= elem_ids
     markdowns = [b for b in demo.blocks.values() if isinstance(b, gr.Markdown) and "$$" in str(b.value)]
     assert markdowns and all({"left": "$$", "right": "$$", "display": True} in b.latex_delimiters for b in markdowns)
     record = [f for f in demo.fns.values() if f.name == "record_reverse"]
-    assert record and record[0].concurrency_id == "device" and record[0].concurrency_limit == 1
+    assert record and record[0].api_name == "explorer_record"
+    assert record[0].concurrency_id == "device" and record[0].concurrency_limit == 1
+    assert tab.reverse.settings["size"].value == studio.models.current.native_side
+
+    # Record, then Stop while it runs: the session's job stops, and the tab shows the partial trace
+    held = hold_at(monkeypatch, studio.models.worker, "record_trace", step=1)
+    found = handlers(demo)
+    recording = found["record_reverse"](noise_kind="eps_guided", prompt="red apple", negative_prompt="blurry",
+                                        sampler="Euler", steps=6, guidance_scale=5.0, seed=1234, size=64)
+    job_id = next(recording)[tab.reverse.job_id]
+    assert held.reached.wait(timeout=60)
+    found["stop_job"](job_id=job_id)
+    held.release.set()
+    shown = list(recording)[-1]
+    player, trace = tab.reverse.player, shown[tab.reverse.trace]
+    assert trace.stopped and trace.num_steps == 1 and context.find_job(job_id).state is JobState.CANCELLED
+    assert shown[player.final] is trace.final_image and shown[player.x_t] is trace.frame(0, "x_t")
+    assert shown[tab.reverse.status].startswith("Recorded 1 steps · seed 1234 · Euler, CFG 5")
+    assert "Stopped after 1 step(s)" in shown[tab.reverse.status]
+    assert shown[tab.reverse.branch.changes["prompt"]] == "red apple"
 
 
-def test_explorer_tab_builds_without_a_model(tmp_path):
+def test_explorer_tab_without_a_model_falls_back_and_explains(tmp_path, worker):
     import gradio as gr
 
     from pipelines.generate import Generator
@@ -281,7 +420,27 @@ def test_explorer_tab_builds_without_a_model(tmp_path):
     from studio.context import StudioContext
     from studio.tabs.explorer import build_explorer_tab
 
-    models = ModelManager(MemoryManager(device="cpu"), models_dir=tmp_path / "models")
+    models = ModelManager(MemoryManager(device="cpu"), worker=worker, models_dir=tmp_path / "models")
     context = StudioContext(models=models, generator=Generator(models, None), outputs_dir=tmp_path)
-    with gr.Blocks():
-        build_explorer_tab(context)
+    with gr.Blocks() as demo:
+        tab = build_explorer_tab(context)
+    assert tab.reverse.settings["size"].value == 512  # no model to take the native size from
+    found = handlers(demo)
+
+    # Forward works on pixels alone, and says what a model would add
+    image = Image.new("RGB", (40, 40), "red")
+    shown = found["show_forward"](image=image, schedule_names=["linear"], num_steps=1000, t=250, seed=0)
+    assert shown[tab.forward.pixel].size == (128, 128) and shown[tab.forward.latent] is None
+    assert "Load a model to see the same t in its latent space" in shown[tab.forward.caption]
+    with pytest.raises(gr.Error, match='Schedule "model" needs a loaded model'):
+        found["show_forward"](image=image, schedule_names=["model"], num_steps=1000, t=250, seed=0)
+    empty = found["show_forward"](image=None, schedule_names=["linear"], num_steps=1000, t=250, seed=0)
+    assert empty[tab.forward.pixel] is None and empty[tab.forward.caption].startswith("Upload an image")
+
+    # Reverse explains what is missing
+    scrubbed = found["render_step"](trace=None, step=0, noise_kind="eps_guided")
+    assert scrubbed[tab.reverse.player.info] == "Record a run to scrub through its steps."
+    recording = found["record_reverse"](noise_kind="eps_guided", prompt="red apple", negative_prompt="",
+                                        sampler="Euler", steps=2, guidance_scale=7.5, seed=1, size=64)
+    with pytest.raises(gr.Error, match="No model is loaded"):
+        list(recording)

@@ -7,46 +7,160 @@ Reverse: a real text-to-image run of the loaded model, recorded step by step (x_
 noise predictions), scrubbed or played; branched at any step with other settings; compared across
 samplers, step counts and CFG scales.
 
-The handlers only build requests, call `pipelines.explorer_forward` / `pipelines.explorer_reverse`
-and render what comes back. A recorded trace lives in this browser session's gr.State.
+The handlers build arguments, call the `Explorer` service (pipelines/explorer.py) and render what
+comes back; the service does the math and picks the device thread. A recorded trace lives in this
+browser session's gr.State, and so does the id of the job the session started last, which Stop
+cancels.
 """
 
 from __future__ import annotations
 
-import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
 
 from pipelines import explorer_forward as forward
 from pipelines import explorer_reverse as reverse
-from pipelines.requests import MAX_STEPS, GenerationRequest
+from pipelines.explorer import Explorer, MarkovCheck, StepViews
+from pipelines.jobs import Job, JobCancelled, Progress
 from pipelines.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES
-from pipelines.streaming import on_device_thread
-from studio.context import StudioContext
+from pipelines.tasks import MAX_STEPS, Txt2ImgRequest
+from studio.context import StudioContext, session_of
 from studio.errors import user_errors
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "assets" / "examples"
-FORWARD_SIDE_PX = 128        # the pixel-space image is resized so that its shorter side is this
-MOMENT_SIDE_PX = 32          # the Markov-chain check runs on a small copy ...
-MOMENT_DRAWS = 32            # ... with this many independent draws per method
-ANIMATION_FRAMES = 40
+FALLBACK_SIDE = 512
 PLAY_INTERVAL_S = 0.6
 SAME_SAMPLER = "same sampler"
 NOISE_CHOICES = [("ε_u (negative prompt)", "eps_uncond"), ("ε_c (prompt)", "eps_cond"),
                  ("ε̂ (guided)", "eps_guided")]
 EXPORT_CHOICES = [("x_t", "x_t"), ("x̂_0", "x0_pred"), ("ε_u", "eps_uncond"), ("ε_c", "eps_cond"),
                   ("ε̂", "eps_guided")]
-DEVICE = {"concurrency_id": "device", "concurrency_limit": 1}
+DEVICE_QUEUE = {"concurrency_id": "device", "concurrency_limit": 1}
+PRIVATE = {"api_visibility": "private"}
 
 
-def _session(request: gr.Request | None) -> str | None:
-    return request.session_hash if request else None
+# ----------------------------------------------------------------------------- the components
 
 
-def _export_path(name: str) -> Path:
-    """A fresh file in the system temp folder, which Gradio serves from."""
-    return Path(tempfile.mkdtemp(prefix="explorer-")) / name
+@dataclass
+class ForwardTab:
+    inputs: dict[str, gr.components.Component]  # Explorer.forward_view's arguments -> their controls
+    pixel: gr.Image
+    latent: gr.Image
+    caption: gr.Markdown
+    plot: gr.Plot
+    histogram: gr.Plot
+    markov: gr.Button
+    closed_mean: gr.Image
+    chain_mean: gr.Image
+    moments: gr.Markdown
+    export_gif: gr.Button
+    export_mp4: gr.Button
+    animation: gr.File
+
+    @property
+    def view(self) -> set:
+        return {self.pixel, self.latent, self.caption, self.plot, self.histogram}
+
+
+@dataclass
+class Player:
+    """The recorded steps: a slider, play and step buttons, and the views of the step shown."""
+    step: gr.Slider
+    previous: gr.Button
+    play: gr.Button
+    pause: gr.Button
+    following: gr.Button
+    noise_kind: gr.Radio
+    info: gr.Markdown
+    x_t: gr.Image
+    x0_pred: gr.Image
+    noise: gr.Image
+    final: gr.Image
+    timer: gr.Timer
+    playing: gr.State
+
+    @property
+    def views(self) -> set:
+        return {self.x_t, self.x0_pred, self.noise, self.info}
+
+
+@dataclass
+class BranchPanel:
+    changes: dict[str, gr.components.Component]  # the branch's settings (BRANCH_FIELDS) -> their controls
+    button: gr.Button
+    scrub: gr.Button
+    original: gr.Image
+    result: gr.Image
+    difference: gr.Image
+    status: gr.Markdown
+
+
+@dataclass
+class ComparePanel:
+    inputs: dict[str, gr.components.Component]  # the comparison's own arguments -> their controls
+    button: gr.Button
+    status: gr.Markdown
+    grid: gr.Image
+    table: gr.Dataframe
+
+
+@dataclass
+class TraceExport:
+    kind: gr.Radio
+    fps: gr.Slider
+    gif: gr.Button
+    mp4: gr.Button
+    file: gr.File
+
+
+@dataclass
+class ReverseTab:
+    settings: dict[str, gr.components.Component]  # the recorded request's settings -> their controls
+    record: gr.Button
+    stop: gr.Button
+    status: gr.Markdown
+    player: Player
+    branch: BranchPanel
+    compare: ComparePanel
+    export: TraceExport
+    trace: gr.State        # the Trace shown
+    branched: gr.State     # the latest branch, until it is scrubbed
+    job_id: gr.State       # the job this session started last: what Stop cancels
+
+
+@dataclass
+class ExplorerTab:
+    explorer: Explorer
+    forward: ForwardTab
+    reverse: ReverseTab
+
+
+def build_explorer_tab(context: StudioContext) -> ExplorerTab:
+    """Lay out the Forward and Reverse sub-tabs and wire their events."""
+    explorer = Explorer(context.models)
+    side = (context.models.current.native_side if context.models.current else None) or FALLBACK_SIDE
+    # 1. Layout
+    with gr.Tabs():
+        with gr.Tab("Forward: noising", id="explorer-forward"):
+            forward_tab = _layout_forward()
+        with gr.Tab("Reverse: denoising", id="explorer-reverse"):
+            reverse_tab = _layout_reverse(side)
+    # 2. Wiring
+    _wire_forward(explorer, forward_tab)
+    _wire_markov(explorer, forward_tab)
+    _wire_forward_export(explorer, forward_tab)
+    _wire_record(explorer, reverse_tab)
+    _wire_stop(context, reverse_tab)
+    _wire_scrub(explorer, reverse_tab)
+    _wire_playback(reverse_tab)
+    _wire_branch(explorer, reverse_tab)
+    _wire_compare(explorer, reverse_tab)
+    _wire_trace_export(explorer, reverse_tab)
+    return ExplorerTab(explorer=explorer, forward=forward_tab, reverse=reverse_tab)
 
 
 def _formulas(formulas: dict[str, str]) -> gr.Markdown:
@@ -54,19 +168,10 @@ def _formulas(formulas: dict[str, str]) -> gr.Markdown:
                        elem_classes=["explorer-formulas"])
 
 
-def build_explorer_tab(context: StudioContext) -> None:
-    """Lay out the Forward and Reverse sub-tabs and wire their events."""
-    with gr.Tabs():
-        with gr.Tab("Forward: noising", id="explorer-forward"):
-            _build_forward(context)
-        with gr.Tab("Reverse: denoising", id="explorer-reverse"):
-            _build_reverse(context)
-
-
 # ----------------------------------------------------------------------------- forward
 
 
-def _build_forward(context: StudioContext) -> None:
+def _layout_forward() -> ForwardTab:
     gr.Markdown("Noise your own image: $x_t$ for any $t$, always with the same $\\varepsilon$, so only "
                 "$\\bar\\alpha_t$ changes as you move $t$.", latex_delimiters=reverse.LATEX_DELIMITERS)
     with gr.Row():
@@ -79,10 +184,10 @@ def _build_forward(context: StudioContext) -> None:
                                          label="Schedules (the first checked one noises the image)",
                                          info="model: the loaded model's own betas",
                                          elem_id="explorer-forward-schedules")
-            total = gr.Slider(10, forward.MAX_NUM_STEPS, value=forward.DEFAULT_NUM_STEPS, step=1, label="T",
-                              elem_id="explorer-forward-T")
-            timestep = gr.Slider(0, forward.DEFAULT_NUM_STEPS - 1, value=250, step=1, label="t",
-                                 elem_id="explorer-forward-t")
+            num_steps = gr.Slider(10, forward.MAX_NUM_STEPS, value=forward.DEFAULT_NUM_STEPS, step=1, label="T",
+                                  elem_id="explorer-forward-T")
+            t = gr.Slider(0, forward.DEFAULT_NUM_STEPS - 1, value=250, step=1, label="t",
+                          elem_id="explorer-forward-t")
             seed = gr.Number(value=0, precision=0, label="Noise seed (the fixed ε)")
         with gr.Column(scale=3):
             with gr.Row():
@@ -103,357 +208,374 @@ def _build_forward(context: StudioContext) -> None:
         chain_mean = gr.Image(label="Mean over draws: Markov chain", interactive=False, height=160)
         moments = gr.Markdown(elem_id="explorer-forward-moments")
     animation = gr.File(label="Animation", elem_id="explorer-forward-file")
+    return ForwardTab(inputs={"image": image, "schedule_names": schedules, "num_steps": num_steps, "t": t,
+                              "seed": seed},
+                      pixel=pixel, latent=latent, caption=caption, plot=plot, histogram=histogram, markov=markov,
+                      closed_mean=closed_mean, chain_mean=chain_mean, moments=moments, export_gif=export_gif,
+                      export_mp4=export_mp4, animation=animation)
 
-    def active_schedules(names, steps_total):
-        if not names:
-            raise ValueError("Tick at least one schedule.")
-        config = None
-        if "model" in names:
-            if context.models.current is None:
-                raise ValueError('Schedule "model" needs a loaded model; load one in Models & memory or untick it.')
-            config = context.models.current.scheduler_config
-        return [forward.make_schedule(name, int(steps_total), scheduler_config=config if name == "model" else None)
-                for name in names]
+
+def _wire_forward(explorer: Explorer, tab: ForwardTab) -> None:
+    controls = tab.inputs
 
     @user_errors
-    @on_device_thread
-    def show_forward(picture, names, steps_total, t, noise_seed):
-        if picture is None:
-            return None, None, None, None, "Upload an image (or pick an example) to noise it."
-        schedules_list = active_schedules(names, steps_total)
-        active, t = schedules_list[0], min(int(t), int(steps_total) - 1)
-        x0 = forward.image_to_tensor(picture, size=FORWARD_SIDE_PX)
-        x_t = forward.forward_sample(x0, t=t, schedule=active, noise=forward.FixedNoise(int(noise_seed)).like(x0))
-        latent_image = None
-        if context.models.current is not None:
-            side = reverse.native_side(context.models) or FORWARD_SIDE_PX
-            latent_image = forward.forward_frames(forward.image_to_tensor(picture, size=side), schedule=active,
-                                                  timesteps=[t], seed=int(noise_seed),
-                                                  vae=context.models.current.pipeline.vae)[0]
-        alpha_cumprod = active.alphas_cumprod[t].item()
-        text = (f"**{active.name}**, t = {t} of T = {active.num_steps}: ᾱ_t = {alpha_cumprod:.4g}, "
-                f"signal × {alpha_cumprod ** 0.5:.3f}, noise × {(1 - alpha_cumprod) ** 0.5:.3f}")
-        if latent_image is None:
-            text += "  \nLoad a model to see the same t in its latent space."
-        return (forward.tensor_to_image(x_t), latent_image, forward.schedule_plot(schedules_list, t=t),
-                forward.value_histogram(x_t, t=t, schedule=active, x0=x0), text)
+    def show_forward(image, **settings) -> dict:
+        if image is None:
+            return {tab.pixel: None, tab.latent: None, tab.plot: None, tab.histogram: None,
+                    tab.caption: "Upload an image (or pick an example) to noise it."}
+        view = explorer.forward_view(image, **settings)
+        return {tab.pixel: view.x_t, tab.latent: view.latent_x_t, tab.plot: view.schedule_figure,
+                tab.histogram: view.histogram, tab.caption: view.caption}
 
-    inputs = [image, schedules, total, timestep, seed]
-    outputs = [pixel, latent, plot, histogram, caption]
-    for trigger in (image.change, schedules.change, total.release, timestep.release, seed.change):
-        trigger(show_forward, inputs=inputs, outputs=outputs, api_visibility="private", **DEVICE)
-    def timestep_range(steps_total, t):
-        return gr.Slider(maximum=int(steps_total) - 1, value=min(int(t), int(steps_total) - 1))
+    for trigger in (controls["image"].change, controls["schedule_names"].change, controls["num_steps"].release,
+                    controls["t"].release, controls["seed"].change):
+        trigger(show_forward, inputs_kwargs=controls, outputs=tab.view, **PRIVATE, **DEVICE_QUEUE)
 
-    total.release(timestep_range, inputs=[total, timestep], outputs=timestep, api_visibility="private")
+    def t_range(num_steps, t) -> dict:
+        last = int(num_steps) - 1
+        return {controls["t"]: gr.Slider(maximum=last, value=min(int(t), last))}
 
+    controls["num_steps"].release(t_range, inputs_kwargs={"num_steps": controls["num_steps"], "t": controls["t"]},
+                                  outputs={controls["t"]}, **PRIVATE)
+
+
+def _wire_markov(explorer: Explorer, tab: ForwardTab) -> None:
     @user_errors
-    @on_device_thread
-    def markov_vs_closed_form(picture, names, steps_total, t, noise_seed):
-        if picture is None:
-            raise ValueError("Upload an image (or pick an example) first.")
-        active = active_schedules(names, steps_total)[0]
-        t = min(int(t), int(steps_total) - 1)
-        x0 = forward.image_to_tensor(picture, size=MOMENT_SIDE_PX)[0]
-        alpha_cumprod = active.alphas_cumprod[t].item()
-        results = {}
-        for method in ("closed_form", "markov_chain"):
-            mean, variance = forward.empirical_moments(x0, t=t, schedule=active, n_draws=MOMENT_DRAWS,
-                                                       seed=int(noise_seed), method=method)
-            mean_error = (mean - alpha_cumprod ** 0.5 * x0).abs().mean().item()
-            results[method] = (forward.tensor_to_image(mean), mean_error, variance.mean().item())
-        table = (f"{MOMENT_DRAWS} draws of a {MOMENT_SIDE_PX}-px copy, t = {t}\n\n"
-                 "| | closed form | Markov chain | theory |\n|---|---|---|---|\n"
-                 f"| mean \\|mean − √ᾱ·x₀\\| | {results['closed_form'][1]:.4f} | "
-                 f"{results['markov_chain'][1]:.4f} | 0 |\n"
-                 f"| mean variance | {results['closed_form'][2]:.4f} | {results['markov_chain'][2]:.4f} | "
-                 f"{1 - alpha_cumprod:.4f} |")
-        return results["closed_form"][0], results["markov_chain"][0], table
+    def markov_vs_closed_form(**values) -> dict:
+        check = explorer.markov_check(**values)
+        return {tab.closed_mean: check.closed_form.mean_image, tab.chain_mean: check.markov_chain.mean_image,
+                tab.moments: _moments_table(check)}
 
-    markov.click(markov_vs_closed_form, inputs=inputs, outputs=[closed_mean, chain_mean, moments],
-                 api_visibility="private")
+    tab.markov.click(markov_vs_closed_form, inputs_kwargs=tab.inputs,
+                     outputs={tab.closed_mean, tab.chain_mean, tab.moments}, **PRIVATE)
 
-    def export_forward(suffix: str):
+
+def _moments_table(check: MarkovCheck) -> str:
+    closed, chain = check.closed_form, check.markov_chain
+    return (f"{check.draws} draws of a {check.side_px}-px copy, t = {check.t}\n\n"
+            "| | closed form | Markov chain | theory |\n|---|---|---|---|\n"
+            f"| mean \\|mean − √ᾱ·x₀\\| | {closed.mean_error:.4f} | {chain.mean_error:.4f} | 0 |\n"
+            f"| mean variance | {closed.variance:.4f} | {chain.variance:.4f} | {check.theory_variance:.4f} |")
+
+
+def _wire_forward_export(explorer: Explorer, tab: ForwardTab) -> None:
+    inputs = {name: control for name, control in tab.inputs.items() if name != "t"}
+
+    def exporter(suffix: str) -> Callable[..., dict]:
         @user_errors
-        @on_device_thread
-        def export(picture, names, steps_total, noise_seed):
-            if picture is None:
-                raise ValueError("Upload an image (or pick an example) first.")
-            active = active_schedules(names, steps_total)[0]
-            frames = forward.forward_frames(
-                forward.image_to_tensor(picture, size=FORWARD_SIDE_PX), schedule=active, include_clean=True,
-                timesteps=forward.animation_timesteps(active, num_frames=min(ANIMATION_FRAMES, active.num_steps)),
-                seed=int(noise_seed))
-            return str(forward.export_animation(frames, _export_path(f"forward-{names[0]}{suffix}"), fps=10))
-        return export
+        def export_forward(**values) -> dict:
+            return {tab.animation: str(explorer.export_forward(**values, suffix=suffix))}
+        return export_forward
 
-    for button, suffix in ((export_gif, ".gif"), (export_mp4, ".mp4")):
-        button.click(export_forward(suffix), inputs=[image, schedules, total, seed], outputs=animation,
-                     api_visibility="private")
+    for button, suffix in ((tab.export_gif, ".gif"), (tab.export_mp4, ".mp4")):
+        button.click(exporter(suffix), inputs_kwargs=inputs, outputs={tab.animation}, **PRIVATE)
 
 
-# ----------------------------------------------------------------------------- reverse
+# ----------------------------------------------------------------------------- reverse: layout
 
 
-def _step_views(trace: reverse.Trace, step: int, noise_kind: str):
-    """x_t, x̂_0 and the chosen noise map of one step, and a line naming the step."""
-    step = max(0, min(int(step), trace.num_steps - 1))
-    record = trace.steps[step]
-    has_noise = getattr(record, noise_kind) is not None
-    info = f"**Step {step} of {trace.num_steps - 1}** · {record.describe()}"
-    if not has_noise:
-        info += "  \nCFG is off at this step (scale ≤ 1): the model made no unconditional pass, so there is no ε_u."
-    return (trace.frame(step, "x_t"), trace.frame(step, "x0_pred"),
-            trace.frame(step, noise_kind) if has_noise else None, info)
-
-
-def _build_reverse(context: StudioContext) -> None:
-    side = reverse.native_side(context.models) or 512
+def _layout_reverse(side: int) -> ReverseTab:
+    settings: dict[str, gr.components.Component] = {}
     with gr.Row():
         with gr.Column(scale=3):
-            prompt = gr.Textbox(label="Prompt", lines=2, placeholder="e.g. red apple", elem_id="explorer-prompt")
-            negative = gr.Textbox(label="Negative prompt", elem_id="explorer-negative")
+            settings["prompt"] = gr.Textbox(label="Prompt", lines=2, placeholder="e.g. red apple",
+                                            elem_id="explorer-prompt")
+            settings["negative_prompt"] = gr.Textbox(label="Negative prompt", elem_id="explorer-negative")
         with gr.Column(scale=1, min_width=160):
             record = gr.Button("Record", variant="primary", elem_id="explorer-record")
             stop = gr.Button("Stop", variant="stop", elem_id="explorer-stop")
     with gr.Row():
-        sampler = gr.Dropdown(list(SAMPLER_NAMES), value=DEFAULT_SAMPLER, label="Sampler", elem_id="explorer-sampler")
-        steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps", elem_id="explorer-steps")
-        cfg = gr.Slider(1.0, 20.0, value=7.5, step=0.5, label="CFG scale", info="1 turns guidance off",
-                        elem_id="explorer-cfg")
-        seed = gr.Number(value=-1, precision=0, label="Seed", info="-1 draws one", elem_id="explorer-seed")
-        size = gr.Slider(64, 1024, value=side, step=8, label="Size (px)", elem_id="explorer-size")
+        settings["sampler"] = gr.Dropdown(list(SAMPLER_NAMES), value=DEFAULT_SAMPLER, label="Sampler",
+                                          elem_id="explorer-sampler")
+        settings["steps"] = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps", elem_id="explorer-steps")
+        settings["guidance_scale"] = gr.Slider(1.0, 20.0, value=7.5, step=0.5, label="CFG scale",
+                                               info="1 turns guidance off", elem_id="explorer-cfg")
+        settings["seed"] = gr.Number(value=-1, precision=0, label="Seed", info="-1 draws one", elem_id="explorer-seed")
+        settings["size"] = gr.Slider(64, 1024, value=side, step=8, label="Size (px)", elem_id="explorer-size")
     status = gr.Markdown(elem_id="explorer-status")
+    player = _layout_player()
+    with gr.Accordion("Branch: change the settings from this step on", open=False):
+        branch = _layout_branch()
+    with gr.Accordion("Compare samplers, step counts and CFG scales (same seed)", open=False):
+        compare = _layout_compare()
+    with gr.Accordion("Export the recorded frames", open=False):
+        export = _layout_trace_export()
+    with gr.Accordion("The formulas", open=True):
+        _formulas(reverse.FORMULAS_REVERSE)
+    return ReverseTab(settings=settings, record=record, stop=stop, status=status, player=player, branch=branch,
+                      compare=compare, export=export, trace=gr.State(None), branched=gr.State(None),
+                      job_id=gr.State(None))
 
+
+def _layout_player() -> Player:
     with gr.Row():
-        step_slider = gr.Slider(0, 1, value=0, step=1, label="Step (0: pure noise)", scale=4,
-                                elem_id="explorer-step-slider")
+        step = gr.Slider(0, 1, value=0, step=1, label="Step (0: pure noise)", scale=4, elem_id="explorer-step-slider")
         previous = gr.Button("Step −", scale=0, min_width=80, elem_id="explorer-step-prev")
         play = gr.Button("▶ Play", scale=0, min_width=80, elem_id="explorer-play")
         pause = gr.Button("Pause", scale=0, min_width=80, elem_id="explorer-pause")
         following = gr.Button("Step +", scale=0, min_width=80, elem_id="explorer-step-next")
     noise_kind = gr.Radio(NOISE_CHOICES, value="eps_guided", label="Noise prediction shown",
                           elem_id="explorer-noise-kind")
-    step_info = gr.Markdown(elem_id="explorer-step-info")
+    info = gr.Markdown(elem_id="explorer-step-info")
     with gr.Row():
-        x_t_image = gr.Image(label="x_t (what the UNet sees)", interactive=False, height=256, elem_id="explorer-frame")
-        x0_image = gr.Image(label="x̂_0 (its guess of the clean image)", interactive=False, height=256,
-                            elem_id="explorer-x0")
-        noise_image = gr.Image(label="Noise prediction, |ε| per pixel", interactive=False, height=256,
-                               elem_id="explorer-noise")
-        final_image = gr.Image(label="Final image", interactive=False, height=256, elem_id="explorer-final")
+        x_t = gr.Image(label="x_t (what the UNet sees)", interactive=False, height=256, elem_id="explorer-frame")
+        x0_pred = gr.Image(label="x̂_0 (its guess of the clean image)", interactive=False, height=256,
+                           elem_id="explorer-x0")
+        noise = gr.Image(label="Noise prediction, |ε| per pixel", interactive=False, height=256,
+                         elem_id="explorer-noise")
+        final = gr.Image(label="Final image", interactive=False, height=256, elem_id="explorer-final")
+    return Player(step=step, previous=previous, play=play, pause=pause, following=following, noise_kind=noise_kind,
+                  info=info, x_t=x_t, x0_pred=x0_pred, noise=noise, final=final,
+                  timer=gr.Timer(PLAY_INTERVAL_S, active=False), playing=gr.State(False))
 
-    with gr.Accordion("Branch: change the settings from this step on", open=False):
-        with gr.Row():
-            branch_prompt = gr.Textbox(label="Prompt", elem_id="explorer-branch-prompt")
-            branch_negative = gr.Textbox(label="Negative prompt", elem_id="explorer-branch-negative")
-            branch_sampler = gr.Dropdown(list(SAMPLER_NAMES), value=DEFAULT_SAMPLER, label="Sampler",
+
+def _layout_branch() -> BranchPanel:
+    changes: dict[str, gr.components.Component] = {}
+    with gr.Row():
+        changes["prompt"] = gr.Textbox(label="Prompt", elem_id="explorer-branch-prompt")
+        changes["negative_prompt"] = gr.Textbox(label="Negative prompt", elem_id="explorer-branch-negative")
+        changes["sampler"] = gr.Dropdown(list(SAMPLER_NAMES), value=DEFAULT_SAMPLER, label="Sampler",
                                          elem_id="explorer-branch-sampler")
-            branch_cfg = gr.Slider(1.0, 20.0, value=7.5, step=0.5, label="CFG scale", elem_id="explorer-branch-cfg")
-        with gr.Row():
-            branch_button = gr.Button("Branch at this step", variant="primary", elem_id="explorer-branch")
-            scrub_branch = gr.Button("Scrub the branch", elem_id="explorer-branch-scrub")
-        with gr.Row():
-            original_final = gr.Image(label="Original", interactive=False, elem_id="explorer-branch-original")
-            branch_final = gr.Image(label="Branch", interactive=False, elem_id="explorer-branch-result")
-            difference = gr.Image(label="Difference (×4)", interactive=False, elem_id="explorer-branch-difference")
-        branch_status = gr.Markdown(elem_id="explorer-branch-status")
+        changes["guidance_scale"] = gr.Slider(1.0, 20.0, value=7.5, step=0.5, label="CFG scale",
+                                              elem_id="explorer-branch-cfg")
+    with gr.Row():
+        button = gr.Button("Branch at this step", variant="primary", elem_id="explorer-branch")
+        scrub = gr.Button("Scrub the branch", elem_id="explorer-branch-scrub")
+    with gr.Row():
+        original = gr.Image(label="Original", interactive=False, elem_id="explorer-branch-original")
+        result = gr.Image(label="Branch", interactive=False, elem_id="explorer-branch-result")
+        difference = gr.Image(label="Difference (×4)", interactive=False, elem_id="explorer-branch-difference")
+    status = gr.Markdown(elem_id="explorer-branch-status")
+    return BranchPanel(changes=changes, button=button, scrub=scrub, original=original, result=result,
+                       difference=difference, status=status)
 
-    with gr.Accordion("Compare samplers, step counts and CFG scales (same seed)", open=False):
-        with gr.Row():
-            compare_samplers = gr.Textbox(label="Samplers", placeholder="e.g. Euler, DDIM, DPM++ 2M",
-                                          info="empty: the sampler above", elem_id="explorer-compare-samplers")
-            compare_steps = gr.Textbox(label="Steps", placeholder="e.g. 5, 10, 20", info="empty: the steps above",
-                                       elem_id="explorer-compare-steps")
-            compare_cfgs = gr.Textbox(label="CFG scales", placeholder="e.g. 1, 4, 7.5", info="empty: the CFG above",
-                                      elem_id="explorer-compare-cfgs")
-        with gr.Row():
-            reference_sampler = gr.Dropdown([reverse.DEFAULT_REFERENCE_SAMPLER, SAME_SAMPLER, *SAMPLER_NAMES],
-                                            value=reverse.DEFAULT_REFERENCE_SAMPLER, label="Reference sampler")
-            reference_steps = gr.Slider(1, MAX_STEPS, value=100, step=1, label="Reference steps")
-            compare_button = gr.Button("Compare", variant="primary", elem_id="explorer-compare")
-        compare_status = gr.Markdown(elem_id="explorer-compare-status")
-        grid = gr.Image(label="Comparison", interactive=False, elem_id="explorer-compare-grid")
-        table = gr.Dataframe(headers=list(reverse.COMPARE_COLUMNS), interactive=False,
-                             elem_id="explorer-compare-table")
 
-    with gr.Accordion("Export the recorded frames", open=False):
-        with gr.Row():
-            export_kind = gr.Radio(EXPORT_CHOICES, value="x_t", label="Frames", elem_id="explorer-export-kind")
-            fps = gr.Slider(1, 30, value=8, step=1, label="Frames per second")
-            export_gif = gr.Button("Export GIF", elem_id="explorer-export-gif")
-            export_mp4 = gr.Button("Export MP4", elem_id="explorer-export-mp4")
-        exported = gr.File(label="Animation", elem_id="explorer-export-file")
+def _layout_compare() -> ComparePanel:
+    inputs: dict[str, gr.components.Component] = {}
+    with gr.Row():
+        inputs["samplers_text"] = gr.Textbox(label="Samplers", placeholder="e.g. Euler, DDIM, DPM++ 2M",
+                                             info="empty: the sampler above", elem_id="explorer-compare-samplers")
+        inputs["steps_text"] = gr.Textbox(label="Steps", placeholder="e.g. 5, 10, 20", info="empty: the steps above",
+                                          elem_id="explorer-compare-steps")
+        inputs["cfgs_text"] = gr.Textbox(label="CFG scales", placeholder="e.g. 1, 4, 7.5",
+                                         info="empty: the CFG above", elem_id="explorer-compare-cfgs")
+    with gr.Row():
+        inputs["reference_sampler"] = gr.Dropdown(
+            [reverse.DEFAULT_REFERENCE_SAMPLER, SAME_SAMPLER, *SAMPLER_NAMES],
+            value=reverse.DEFAULT_REFERENCE_SAMPLER, label="Reference sampler")
+        inputs["reference_steps"] = gr.Slider(1, MAX_STEPS, value=100, step=1, label="Reference steps")
+        button = gr.Button("Compare", variant="primary", elem_id="explorer-compare")
+    status = gr.Markdown(elem_id="explorer-compare-status")
+    grid = gr.Image(label="Comparison", interactive=False, elem_id="explorer-compare-grid")
+    table = gr.Dataframe(headers=list(reverse.COMPARE_COLUMNS), interactive=False, elem_id="explorer-compare-table")
+    return ComparePanel(inputs=inputs, button=button, status=status, grid=grid, table=table)
 
-    with gr.Accordion("The formulas", open=True):
-        _formulas(reverse.FORMULAS_REVERSE)
 
-    trace_state = gr.State(None)
-    branch_state = gr.State(None)
-    playing = gr.State(False)
-    timer = gr.Timer(PLAY_INTERVAL_S, active=False)
+def _layout_trace_export() -> TraceExport:
+    with gr.Row():
+        kind = gr.Radio(EXPORT_CHOICES, value="x_t", label="Frames", elem_id="explorer-export-kind")
+        fps = gr.Slider(1, 30, value=8, step=1, label="Frames per second")
+        gif = gr.Button("Export GIF", elem_id="explorer-export-gif")
+        mp4 = gr.Button("Export MP4", elem_id="explorer-export-mp4")
+    file = gr.File(label="Animation", elem_id="explorer-export-file")
+    return TraceExport(kind=kind, fps=fps, gif=gif, mp4=mp4, file=file)
 
-    def generation_request(prompt_value, negative_value, sampler_value, steps_value, cfg_value, seed_value,
-                           size_value) -> GenerationRequest:
-        return GenerationRequest(prompt=prompt_value or "", negative_prompt=negative_value or "",
-                                 sampler=sampler_value, steps=int(steps_value), guidance_scale=float(cfg_value),
-                                 width=int(size_value), height=int(size_value),
-                                 seed=int(seed_value if seed_value is not None else -1)).resolved()
 
-    # -- record ----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- reverse: wiring
+
+
+def _request(*, prompt, negative_prompt, sampler, steps, guidance_scale, seed, size) -> Txt2ImgRequest:
+    """The text-to-image request the reverse settings describe, with its seed drawn (to report it)."""
+    return Txt2ImgRequest(prompt=prompt or "", negative_prompt=negative_prompt or "", sampler=sampler,
+                          steps=int(steps), guidance_scale=float(guidance_scale), width=int(size), height=int(size),
+                          seed=int(seed if seed is not None else -1)).resolved()
+
+
+def _follow(job: Job, status: gr.Markdown, progress: str) -> Iterator[dict]:
+    """Show `job`'s progress in `status` as it comes (`progress` with {done} and {total} filled in); returns
+    the job's result (None when the job was stopped before it started): `result = yield from _follow(...)`."""
+    for event in job.events():
+        if isinstance(event, Progress):
+            yield {status: progress.format(done=event.done, total=event.total)}
+    try:
+        return job.result()
+    except JobCancelled:
+        yield {status: "Stopped before it started."}
+        return None
+
+
+def _views(player: Player, views: StepViews) -> dict:
+    return {player.x_t: views.x_t, player.x0_pred: views.x0_pred, player.noise: views.noise, player.info: views.info}
+
+
+def _step_slider(trace: reverse.Trace, value: int) -> gr.Slider:
+    return gr.Slider(minimum=0, maximum=max(trace.num_steps - 1, 1), value=value, step=1)
+
+
+def _wire_record(explorer: Explorer, tab: ReverseTab) -> None:
+    player, changes = tab.player, tab.branch.changes
+
     @user_errors
-    def record_reverse(prompt_value, negative_value, sampler_value, steps_value, cfg_value, seed_value, size_value,
-                       kind, request: gr.Request = None):
-        generation = generation_request(prompt_value, negative_value, sampler_value, steps_value, cfg_value,
-                                        seed_value, size_value)
-        stop_event = context.stop_event(_session(request))
-        trace = None
-        for event in reverse.stream(lambda on_step: reverse.record_trace(context.models, generation, stop=stop_event,
-                                                                         on_step=on_step)):
-            if isinstance(event, reverse.Progress):
-                yield [gr.skip()] * 7 + [f"Recording step {event.done} of {event.total}…"] + [gr.skip()] * 4
-            else:
-                trace = event
-        x_t, x0, noise, info = _step_views(trace, 0, kind)
-        summary = "  \n".join([f"Recorded {trace.num_steps} steps · seed {generation.seed} · "
-                               f"{generation.sampler}, CFG {generation.guidance_scale:g}", *trace.notes])
-        yield (trace, gr.Slider(minimum=0, maximum=max(trace.num_steps - 1, 1), value=0, step=1), x_t, x0, noise,
-               info, trace.final_image, summary, generation.prompt, generation.negative_prompt, generation.sampler,
-               generation.guidance_scale)
+    def record_reverse(noise_kind, request: gr.Request = None, **settings) -> Iterator[dict]:
+        job = explorer.record(_request(**settings), owner=session_of(request))
+        yield {tab.job_id: job.id}
+        trace = yield from _follow(job, tab.status, "Recording step {done} of {total}…")
+        if trace is None:
+            return
+        recorded = trace.request
+        summary = "  \n".join([f"Recorded {trace.num_steps} steps · seed {recorded.seed} · "
+                               f"{recorded.sampler}, CFG {recorded.guidance_scale:g}", *trace.notes])
+        yield {tab.trace: trace, player.step: _step_slider(trace, 0),
+               **_views(player, explorer.step_views(trace, 0, noise_kind)), player.final: trace.final_image,
+               tab.status: summary, changes["prompt"]: recorded.prompt,
+               changes["negative_prompt"]: recorded.negative_prompt, changes["sampler"]: recorded.sampler,
+               changes["guidance_scale"]: recorded.guidance_scale}
 
-    record.click(record_reverse, inputs=[prompt, negative, sampler, steps, cfg, seed, size, noise_kind],
-                 outputs=[trace_state, step_slider, x_t_image, x0_image, noise_image, step_info, final_image, status,
-                          branch_prompt, branch_negative, branch_sampler, branch_cfg],
-                 api_name="explorer_record", **DEVICE)
-    def stop_recording(request: gr.Request = None):
-        context.stop(_session(request))
+    tab.record.click(record_reverse, inputs_kwargs={**tab.settings, "noise_kind": player.noise_kind},
+                     outputs={tab.job_id, tab.trace, player.step, *player.views, player.final, tab.status,
+                              *changes.values()},
+                     api_name="explorer_record", **DEVICE_QUEUE)
 
-    stop.click(stop_recording, inputs=None, outputs=None, api_visibility="private")
 
-    # -- scrub, play, step -----------------------------------------------------------------
+def _wire_stop(context: StudioContext, tab: ReverseTab) -> None:
+    def stop_job(job_id: str | None) -> None:
+        job = context.find_job(job_id)
+        if job is not None:
+            job.cancel()
+
+    # Stop is not queued behind the job it stops
+    tab.stop.click(stop_job, inputs_kwargs={"job_id": tab.job_id}, outputs=None, queue=False, **PRIVATE)
+
+
+def _wire_scrub(explorer: Explorer, tab: ReverseTab) -> None:
+    player = tab.player
+
     @user_errors
-    @on_device_thread
-    def render_step(trace, step, kind):
+    def render_step(trace, step, noise_kind) -> dict:
         if trace is None:
-            return None, None, None, "Record a run to scrub through its steps."
-        return _step_views(trace, step, kind)
+            return {player.x_t: None, player.x0_pred: None, player.noise: None,
+                    player.info: "Record a run to scrub through its steps."}
+        return _views(player, explorer.step_views(trace, step, noise_kind))
 
-    for trigger in (step_slider.change, noise_kind.change):
-        trigger(render_step, inputs=[trace_state, step_slider, noise_kind],
-                outputs=[x_t_image, x0_image, noise_image, step_info], api_visibility="private", **DEVICE)
+    shown = {"trace": tab.trace, "step": player.step, "noise_kind": player.noise_kind}
+    for trigger in (player.step.change, player.noise_kind.change):
+        trigger(render_step, inputs_kwargs=shown, outputs=player.views, **PRIVATE, **DEVICE_QUEUE)
 
-    def moved(trace, step, delta):
-        if trace is None:
-            return gr.skip()
-        return max(0, min(int(step) + delta, trace.num_steps - 1))
+    def stepper(delta: int) -> Callable[..., dict]:
+        def move(trace, step) -> dict:
+            if trace is None:
+                return {player.step: gr.skip()}
+            return {player.step: max(0, min(int(step) + delta, trace.num_steps - 1))}
+        return move
 
-    previous.click(lambda trace, step: moved(trace, step, -1), inputs=[trace_state, step_slider],
-                   outputs=step_slider, api_visibility="private")
-    following.click(lambda trace, step: moved(trace, step, +1), inputs=[trace_state, step_slider],
-                    outputs=step_slider, api_visibility="private")
+    position = {"trace": tab.trace, "step": player.step}
+    player.previous.click(stepper(-1), inputs_kwargs=position, outputs={player.step}, **PRIVATE)
+    player.following.click(stepper(+1), inputs_kwargs=position, outputs={player.step}, **PRIVATE)
 
-    def start_playing(trace, step):
+
+def _wire_playback(tab: ReverseTab) -> None:
+    player = tab.player
+
+    def start_playing(trace, step) -> dict:
         if trace is None:
             raise gr.Error("Record a run first, then play it.")
         at_end = int(step) >= trace.num_steps - 1
-        return gr.Timer(active=True), True, (0 if at_end else gr.skip())
+        return {player.timer: gr.Timer(active=True), player.playing: True, player.step: 0 if at_end else gr.skip()}
 
-    def stop_playing():
-        return gr.Timer(active=False), False
+    def stop_playing() -> dict:
+        return {player.timer: gr.Timer(active=False), player.playing: False}
 
-    def tick(trace, step, is_playing):
-        if not is_playing or trace is None:
-            return gr.skip(), gr.Timer(active=False), False
-        following_step = int(step) + 1
-        if following_step >= trace.num_steps - 1:  # show the last step, then stop
-            return min(following_step, trace.num_steps - 1), gr.Timer(active=False), False
-        return following_step, gr.skip(), True
+    def tick(trace, step, playing) -> dict:
+        if not playing or trace is None:
+            return stop_playing()
+        following = int(step) + 1
+        if following >= trace.num_steps - 1:  # show the last step, then stop
+            return {player.step: min(following, trace.num_steps - 1), **stop_playing()}
+        return {player.step: following}
 
-    play.click(start_playing, inputs=[trace_state, step_slider], outputs=[timer, playing, step_slider],
-               api_visibility="private")
-    pause.click(stop_playing, outputs=[timer, playing], api_visibility="private")
-    timer.tick(tick, inputs=[trace_state, step_slider, playing], outputs=[step_slider, timer, playing],
-               api_visibility="private")
+    player.play.click(start_playing, inputs_kwargs={"trace": tab.trace, "step": player.step},
+                      outputs={player.timer, player.playing, player.step}, **PRIVATE)
+    player.pause.click(stop_playing, outputs={player.timer, player.playing}, **PRIVATE)
+    player.timer.tick(tick, inputs_kwargs={"trace": tab.trace, "step": player.step, "playing": player.playing},
+                      outputs={player.step, player.timer, player.playing}, **PRIVATE)
 
-    # -- branch ----------------------------------------------------------------------------
+
+def _wire_branch(explorer: Explorer, tab: ReverseTab) -> None:
+    panel, player = tab.branch, tab.player
+
     @user_errors
-    def branch_reverse(trace, step, prompt_value, negative_value, sampler_value, cfg_value,
-                       request: gr.Request = None):
-        if trace is None:
-            raise ValueError("Record a run first, then branch it at a step.")
-        step = int(step)
-        changes = {"prompt": prompt_value or "", "negative_prompt": negative_value or "", "sampler": sampler_value,
-                   "guidance_scale": float(cfg_value)}
-        stop_event = context.stop_event(_session(request))
-        result = None
-        for event in reverse.stream(lambda on_step: reverse.branch(context.models, trace, step, changes,
-                                                                   stop=stop_event, on_step=on_step)):
-            if isinstance(event, reverse.Progress):
-                yield gr.skip(), gr.skip(), gr.skip(), f"Branch: step {event.done} of {event.total}…", gr.skip()
-            else:
-                result = event
-        changed = ", ".join(f"{key} {getattr(trace.request, key)!r} → {value!r}"
-                            for key, value in result.changes.items()) or "nothing (a replay of the original)"
-        distance = reverse.rms_distance(trace.final_image, result.final_image)
-        summary = "  \n".join([f"Branched at step {step} ({trace.steps[step].describe()}); changed {changed}. "
-                               f"RMS difference {distance:.2f} (0–255).", *result.notes])
-        yield (trace.final_image, result.final_image, reverse.difference_map(trace.final_image, result.final_image),
-               summary, result)
+    def branch_reverse(trace, step, prompt, negative_prompt, sampler, guidance_scale,
+                       request: gr.Request = None) -> Iterator[dict]:
+        changes = {"prompt": prompt or "", "negative_prompt": negative_prompt or "", "sampler": sampler,
+                   "guidance_scale": float(guidance_scale)}
+        job = explorer.branch(trace, step, changes, owner=session_of(request))
+        yield {tab.job_id: job.id}
+        result = yield from _follow(job, panel.status, "Branch: step {done} of {total}…")
+        if result is None:
+            return
+        yield {panel.original: trace.final_image, panel.result: result.final_image,
+               panel.difference: reverse.difference_map(trace.final_image, result.final_image),
+               panel.status: _branch_summary(trace, result), tab.branched: result}
 
-    branch_button.click(branch_reverse,
-                        inputs=[trace_state, step_slider, branch_prompt, branch_negative, branch_sampler, branch_cfg],
-                        outputs=[original_final, branch_final, difference, branch_status, branch_state],
-                        api_visibility="private", **DEVICE)
+    panel.button.click(branch_reverse, inputs_kwargs={"trace": tab.trace, "step": player.step, **panel.changes},
+                       outputs={tab.job_id, panel.original, panel.result, panel.difference, panel.status,
+                                tab.branched},
+                       **PRIVATE, **DEVICE_QUEUE)
 
-    def scrub_the_branch(branched):
+    def scrub_the_branch(branched) -> dict:
         if branched is None:
             raise gr.Error("Make a branch first.")
-        return (branched, gr.Slider(minimum=0, maximum=max(branched.num_steps - 1, 1), value=branched.branched_at or 0,
-                                    step=1), branched.final_image)
+        return {tab.trace: branched, player.step: _step_slider(branched, branched.branched_at or 0),
+                player.final: branched.final_image}
 
-    scrub_branch.click(scrub_the_branch, inputs=branch_state, outputs=[trace_state, step_slider, final_image],
-                       api_visibility="private")
+    panel.scrub.click(scrub_the_branch, inputs_kwargs={"branched": tab.branched},
+                      outputs={tab.trace, player.step, player.final}, **PRIVATE)
 
-    # -- compare ---------------------------------------------------------------------------
+
+def _branch_summary(trace: reverse.Trace, branched: reverse.Trace) -> str:
+    step = branched.branched_at
+    changed = ", ".join(f"{key} {getattr(trace.request, key)!r} → {value!r}"
+                        for key, value in branched.changes.items()) or "nothing (a replay of the original)"
+    distance = reverse.rms_distance(trace.final_image, branched.final_image)
+    return "  \n".join([f"Branched at step {step} ({trace.steps[step].describe()}); changed {changed}. "
+                        f"RMS difference {distance:.2f} (0–255).", *branched.notes])
+
+
+def _wire_compare(explorer: Explorer, tab: ReverseTab) -> None:
+    panel = tab.compare
+
     @user_errors
-    def compare_reverse(prompt_value, negative_value, sampler_value, steps_value, cfg_value, seed_value, size_value,
-                        samplers_text, steps_text, cfgs_text, reference, reference_steps_value,
-                        request: gr.Request = None):
+    def compare_reverse(samplers_text, steps_text, cfgs_text, reference_sampler, reference_steps,
+                        request: gr.Request = None, **settings) -> Iterator[dict]:
         lists = reverse.parse_compare_lists(samplers_text, steps_text, cfgs_text)
-        generation = generation_request(prompt_value, negative_value, sampler_value, steps_value, cfg_value,
-                                        seed_value, size_value)
-        stop_event = context.stop_event(_session(request))
-        result = None
-        work = lambda on_step: reverse.compare(  # noqa: E731
-            context.models, generation, **lists, reference_steps=int(reference_steps_value),
-            reference_sampler=None if reference == SAME_SAMPLER else reference, stop=stop_event, on_step=on_step)
-        for event in reverse.stream(work):
-            if isinstance(event, reverse.Progress):
-                yield gr.skip(), gr.skip(), f"Image {event.done} of {event.total} done…"
-            else:
-                result = event
-        image, rows = result
-        reference_name = "each cell's own sampler" if reference == SAME_SAMPLER else reference
-        yield (image, gr.Dataframe(value=[row.values() for row in rows], headers=list(reverse.COMPARE_COLUMNS)),
-               f"Seed {generation.seed} · reference: {reference_name} at {int(reference_steps_value)} steps. "
-               "NFE counts UNet calls; with CFG one call carries both passes (2 evaluations).")
+        generation = _request(**settings)
+        reference = None if reference_sampler == SAME_SAMPLER else reference_sampler
+        job = explorer.compare(generation, **lists, reference_sampler=reference, reference_steps=reference_steps,
+                               owner=session_of(request))
+        yield {tab.job_id: job.id}
+        result = yield from _follow(job, panel.status, "Image {done} of {total} done…")
+        if result is None:
+            return
+        grid, rows = result
+        reference_name = reference or "each cell's own sampler"
+        yield {panel.grid: grid,
+               panel.table: gr.Dataframe(value=[row.values() for row in rows], headers=list(reverse.COMPARE_COLUMNS)),
+               panel.status: f"Seed {generation.seed} · reference: {reference_name} at {int(reference_steps)} steps. "
+                             "NFE counts UNet calls; with CFG one call carries both passes (2 evaluations)."}
 
-    compare_button.click(compare_reverse,
-                         inputs=[prompt, negative, sampler, steps, cfg, seed, size, compare_samplers, compare_steps,
-                                 compare_cfgs, reference_sampler, reference_steps],
-                         outputs=[grid, table, compare_status], api_visibility="private", **DEVICE)
+    panel.button.click(compare_reverse, inputs_kwargs={**tab.settings, **panel.inputs},
+                       outputs={tab.job_id, panel.grid, panel.table, panel.status}, **PRIVATE, **DEVICE_QUEUE)
 
-    # -- export ----------------------------------------------------------------------------
-    def export_trace(suffix: str):
+
+def _wire_trace_export(explorer: Explorer, tab: ReverseTab) -> None:
+    panel = tab.export
+
+    def exporter(suffix: str) -> Callable[..., dict]:
         @user_errors
-        @on_device_thread
-        def export(trace, kind, frames_per_second):
-            if trace is None:
-                raise ValueError("Record a run first, then export its frames.")
-            path = _export_path(f"reverse-{kind}-seed{trace.request.seed}{suffix}")
-            return str(reverse.export_trace(trace, kind, path, fps=int(frames_per_second)))
-        return export
+        def export_trace(trace, kind, fps) -> dict:
+            return {panel.file: str(explorer.export_trace(trace, kind, fps=fps, suffix=suffix))}
+        return export_trace
 
-    for button, suffix in ((export_gif, ".gif"), (export_mp4, ".mp4")):
-        button.click(export_trace(suffix), inputs=[trace_state, export_kind, fps], outputs=exported,
-                     api_visibility="private", **DEVICE)
+    for button, suffix in ((panel.gif, ".gif"), (panel.mp4, ".mp4")):
+        button.click(exporter(suffix), inputs_kwargs={"trace": tab.trace, "kind": panel.kind, "fps": panel.fps},
+                     outputs={panel.file}, **PRIVATE, **DEVICE_QUEUE)

@@ -1,0 +1,247 @@
+"""The Diffusion Explorer as one service: every operation its tab offers, on the loaded model.
+
+The tab (studio/tabs/explorer.py) builds the arguments, calls one method and renders what comes
+back; all tensor math lives in `explorer_forward` (noising) and `explorer_reverse` (denoising),
+and everything that touches tensors runs on the models' device worker (pipelines/jobs.py), which
+`Explorer` picks itself:
+
+    forward_view, markov_check, export_forward    short work: run on the worker, return the answer
+    step_views, export_trace                      decode frames of a recorded trace the same way
+    record, branch, compare                       long work: a `Job` on the worker, which reports
+                                                  progress through `job.report` and stops early
+                                                  (the trace then `stopped`) when `job.cancel()`ed
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+from PIL import Image
+
+from pipelines import explorer_forward as forward
+from pipelines import explorer_reverse as reverse
+from pipelines.jobs import DeviceWorker, Job
+from pipelines.models import ModelManager
+from pipelines.tasks import Txt2ImgRequest
+
+FORWARD_SIDE_PX = 128        # the pixel-space image is resized so that its shorter side is this
+MOMENT_SIDE_PX = 32          # the Markov-chain check runs on a small copy ...
+MOMENT_DRAWS = 32            # ... with this many independent draws per method
+ANIMATION_FRAMES = 40        # frames of the exported x_0 -> x_T animation
+ANIMATION_FPS = 10
+NO_IMAGE = "Upload an image (or pick an example) first."
+
+
+@dataclass
+class ForwardView:
+    """Your image noised to x_t at one t of the first schedule, and what explains it."""
+    x_t: Image.Image                    # in pixel space
+    latent_x_t: Image.Image | None      # in the loaded model's latent space, decoded by its VAE; None without a model
+    schedule_figure: Figure             # beta_t, abar_t and log-SNR of every schedule, t marked
+    histogram: Figure                   # the values of x_t against the theoretical marginal
+    caption: str
+
+
+@dataclass
+class Moments:
+    """Per-pixel statistics of x_t over many independent draws by one method."""
+    mean_image: Image.Image
+    mean_error: float                   # mean |mean - sqrt(abar_t) x_0|; theory: 0
+    variance: float                     # mean per-pixel variance; theory: 1 - abar_t
+
+
+@dataclass
+class MarkovCheck:
+    """The Markov chain and the closed form, each drawn `draws` times from a `side_px` copy."""
+    t: int
+    draws: int
+    side_px: int
+    alpha_cumprod: float
+    closed_form: Moments
+    markov_chain: Moments
+
+    @property
+    def theory_variance(self) -> float:
+        return 1.0 - self.alpha_cumprod
+
+
+@dataclass
+class StepViews:
+    """One recorded step, as images and a line naming it."""
+    x_t: Image.Image
+    x0_pred: Image.Image
+    noise: Image.Image | None           # the chosen noise prediction; None where that step has none (ε_u at CFG 1)
+    info: str
+
+
+def export_path(name: str) -> Path:
+    """A fresh file in the system temp folder, which Gradio serves from."""
+    return Path(tempfile.mkdtemp(prefix="explorer-")) / name
+
+
+def _whole(name: str, value: Any) -> int:
+    """A whole number from a UI control (sliders send floats like 250.0)."""
+    try:
+        number = float(value)
+        if number != int(number):
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"`{name}` has to be a whole number but is {value!r}.") from None
+    return int(number)
+
+
+class Explorer:
+    """Forward and reverse diffusion on `models`' loaded model, with model work on `models.worker`."""
+
+    def __init__(self, models: ModelManager):
+        self.models = models
+
+    @property
+    def worker(self) -> DeviceWorker:
+        return self.models.worker
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward_view(self, image: Image.Image, *, schedule_names: list[str], num_steps: int, t: int,
+                     seed: int) -> ForwardView:
+        """x_t of `image` at `t` (clamped to T − 1) of the first schedule, noised with the seeded ε."""
+        return self.worker.call(self._forward_view, image, schedule_names, num_steps, t, seed)
+
+    def markov_check(self, image: Image.Image, *, schedule_names: list[str], num_steps: int, t: int,
+                     seed: int) -> MarkovCheck:
+        """Moments of x_t by the Markov chain and by the closed form, which theory says agree."""
+        return self.worker.call(self._markov_check, image, schedule_names, num_steps, t, seed)
+
+    def export_forward(self, image: Image.Image, *, schedule_names: list[str], num_steps: int, seed: int,
+                       suffix: str) -> Path:
+        """A GIF or MP4 (by `suffix`) of `image` noised from x_0 to x_T with the first schedule."""
+        return self.worker.call(self._export_forward, image, schedule_names, num_steps, seed, suffix)
+
+    def schedules(self, schedule_names: list[str], num_steps: int) -> list[forward.NoiseSchedule]:
+        """The ticked schedules with T steps; "model" is the loaded model's own betas."""
+        if not schedule_names:
+            raise ValueError("Tick at least one schedule.")
+        config = None
+        if "model" in schedule_names:
+            if self.models.current is None:
+                raise ValueError('Schedule "model" needs a loaded model; load one in Models & memory or untick it.')
+            config = self.models.current.scheduler_config
+        return [forward.make_schedule(name, num_steps, scheduler_config=config if name == "model" else None)
+                for name in schedule_names]
+
+    def _forward_view(self, image, schedule_names, num_steps, t, seed) -> ForwardView:
+        # 1. Check inputs
+        if image is None:
+            raise ValueError(NO_IMAGE)
+        num_steps, seed = _whole("T", num_steps), _whole("seed", seed)
+        schedules = self.schedules(schedule_names, num_steps)
+        active, t = schedules[0], min(_whole("t", t), num_steps - 1)
+
+        # 2. Pixel space: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, eps fixed by the seed
+        x0 = forward.image_to_tensor(image, size=FORWARD_SIDE_PX)
+        x_t = forward.forward_sample(x0, t=t, schedule=active, noise=forward.FixedNoise(seed).like(x0))
+
+        # 3. Latent space: the same process on the VAE's latents, decoded back for display
+        model = self.models.current
+        latent_x_t = None
+        if model is not None:
+            side = model.native_side or FORWARD_SIDE_PX
+            latent_x_t = forward.forward_frames(forward.image_to_tensor(image, size=side), schedule=active,
+                                                timesteps=[t], seed=seed, vae=model.pipeline.vae)[0]
+
+        # 4. What explains it
+        alpha_cumprod = active.alphas_cumprod[t].item()
+        caption = (f"**{active.name}**, t = {t} of T = {active.num_steps}: ᾱ_t = {alpha_cumprod:.4g}, "
+                   f"signal × {alpha_cumprod ** 0.5:.3f}, noise × {(1 - alpha_cumprod) ** 0.5:.3f}")
+        if latent_x_t is None:
+            caption += "  \nLoad a model to see the same t in its latent space."
+        return ForwardView(x_t=forward.tensor_to_image(x_t), latent_x_t=latent_x_t,
+                           schedule_figure=forward.schedule_plot(schedules, t=t),
+                           histogram=forward.value_histogram(x_t, t=t, schedule=active, x0=x0), caption=caption)
+
+    def _markov_check(self, image, schedule_names, num_steps, t, seed) -> MarkovCheck:
+        if image is None:
+            raise ValueError(NO_IMAGE)
+        num_steps, seed = _whole("T", num_steps), _whole("seed", seed)
+        active = self.schedules(schedule_names, num_steps)[0]
+        t = min(_whole("t", t), num_steps - 1)
+        x0 = forward.image_to_tensor(image, size=MOMENT_SIDE_PX)[0]
+        alpha_cumprod = active.alphas_cumprod[t].item()
+        results = {}
+        for method in ("closed_form", "markov_chain"):
+            mean, variance = forward.empirical_moments(x0, t=t, schedule=active, n_draws=MOMENT_DRAWS, seed=seed,
+                                                       method=method)
+            mean_error = (mean - alpha_cumprod ** 0.5 * x0).abs().mean().item()
+            results[method] = Moments(forward.tensor_to_image(mean), mean_error, variance.mean().item())
+        return MarkovCheck(t=t, draws=MOMENT_DRAWS, side_px=MOMENT_SIDE_PX, alpha_cumprod=alpha_cumprod,
+                           closed_form=results["closed_form"], markov_chain=results["markov_chain"])
+
+    def _export_forward(self, image, schedule_names, num_steps, seed, suffix) -> Path:
+        if image is None:
+            raise ValueError(NO_IMAGE)
+        active = self.schedules(schedule_names, _whole("T", num_steps))[0]
+        timesteps = forward.animation_timesteps(active, num_frames=min(ANIMATION_FRAMES, active.num_steps))
+        frames = forward.forward_frames(forward.image_to_tensor(image, size=FORWARD_SIDE_PX), schedule=active,
+                                        timesteps=timesteps, seed=_whole("seed", seed), include_clean=True)
+        return forward.export_animation(frames, export_path(f"forward-{schedule_names[0]}{suffix}"),
+                                        fps=ANIMATION_FPS)
+
+    # -- reverse ---------------------------------------------------------------------------------
+    def record(self, request: Txt2ImgRequest, *, owner: str | None = None) -> Job:
+        """A job recording `request` step by step; its result is the `Trace`."""
+        request = request.resolved()
+        return self.worker.submit(
+            lambda job: reverse.record_trace(self.models, request, stop=job.stop, on_step=job.report),
+            kind="explorer-record", owner=owner)
+
+    def branch(self, trace: reverse.Trace | None, step: int, changes: dict, *, owner: str | None = None) -> Job:
+        """A job continuing `trace` from `step` with `changes` (keys in BRANCH_FIELDS); its result is the
+        branched `Trace`."""
+        if trace is None:
+            raise ValueError("Record a run first, then branch it at a step.")
+        step = _whole("step", step)
+        return self.worker.submit(
+            lambda job: reverse.branch(self.models, trace, step, changes, stop=job.stop, on_step=job.report),
+            kind="explorer-branch", owner=owner)
+
+    def compare(self, request: Txt2ImgRequest, *, samplers: list[str] | None = None,
+                steps: list[int] | None = None, cfgs: list[float] | None = None,
+                reference_sampler: str | None = reverse.DEFAULT_REFERENCE_SAMPLER, reference_steps: int = 100,
+                owner: str | None = None) -> Job:
+        """A job running `request`'s seed over samplers × steps × CFG scales (None: the request's value);
+        its result is (grid image, CompareRows). `reference_sampler` None: each cell's own sampler."""
+        request, reference_steps = request.resolved(), _whole("reference steps", reference_steps)
+        return self.worker.submit(
+            lambda job: reverse.compare(self.models, request, samplers=samplers, steps=steps, cfgs=cfgs,
+                                        reference_steps=reference_steps, reference_sampler=reference_sampler,
+                                        stop=job.stop, on_step=job.report),
+            kind="explorer-compare", owner=owner)
+
+    def step_views(self, trace: reverse.Trace, step: int, noise_kind: str) -> StepViews:
+        """x_t, x̂_0 and the `noise_kind` map of `step` (clamped to the trace), decoded on the worker."""
+        return self.worker.call(self._step_views, trace, step, noise_kind)
+
+    def export_trace(self, trace: reverse.Trace | None, kind: str, *, fps: int, suffix: str) -> Path:
+        """A GIF or MP4 (by `suffix`) of every frame of `kind` the trace recorded."""
+        if trace is None:
+            raise ValueError("Record a run first, then export its frames.")
+        path = export_path(f"reverse-{kind}-seed{trace.request.seed}{suffix}")
+        return self.worker.call(reverse.export_trace, trace, kind, path, fps=_whole("fps", fps))
+
+    @staticmethod
+    def _step_views(trace: reverse.Trace, step, noise_kind: str) -> StepViews:
+        if noise_kind not in reverse.NOISE_KINDS:
+            raise ValueError(f"Unknown noise prediction {noise_kind!r}; valid ones are "
+                             f"{', '.join(reverse.NOISE_KINDS)}.")
+        step = max(0, min(_whole("step", step), trace.num_steps - 1))
+        record = trace.steps[step]
+        has_noise = getattr(record, noise_kind) is not None
+        info = f"**Step {step} of {trace.num_steps - 1}** · {record.describe()}"
+        if not has_noise:
+            info += ("  \nCFG is off at this step (scale ≤ 1): the model made no unconditional pass, "
+                     "so there is no ε_u.")
+        return StepViews(x_t=trace.frame(step, "x_t"), x0_pred=trace.frame(step, "x0_pred"),
+                         noise=trace.frame(step, noise_kind) if has_noise else None, info=info)

@@ -173,14 +173,13 @@ class Img2ImgRequest(SamplingSettings):
         return {"image": self.fitted_image(), "strength": self.strength}
 
     def notes(self) -> list[str]:
-        if self.strength == 0.0:
-            return ["Strength 0 keeps the input image unchanged."]
+        notes = ["Strength 0 keeps the input image unchanged."] if self.strength == 0.0 else []
         width, height = self.init_image.size
-        if width * self.height == height * self.width:
-            return []
-        return [f"The input image is {width}×{height}, another shape than {self.width}×{self.height}: it was "
-                "cropped around its centre to that shape, not stretched. Set the size to the input's shape "
-                "to keep all of it."]
+        if width * self.height != height * self.width:
+            notes.append(f"The input image is {width}×{height}, another shape than {self.width}×{self.height}: it "
+                         "was cropped around its centre to that shape, not stretched. Set the size to the input's "
+                         "shape to keep all of it.")
+        return notes
 
     def unchanged_image(self) -> Image.Image | None:
         return self.fitted_image() if self.strength == 0.0 else None

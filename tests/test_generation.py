@@ -271,3 +271,17 @@ def test_out_of_memory_is_retried_once_one_mode_lower_and_the_user_is_told(studi
     assert any("retried once in mode balanced" in message for message in done.messages)
     expected = studio.generate(request(steps=3)).images[0].image
     assert np.array_equal(pixels(done.images[0].image), pixels(expected))  # the retry restarted from the seed
+
+
+def test_img2img_crops_an_input_of_another_shape_instead_of_stretching_it_and_says_so(studio):
+    wide = np.zeros((64, 128, 3), dtype=np.uint8)
+    wide[:, :32] = (255, 0, 0)       # the outer quarters would be squeezed in by a stretch
+    wide[:, 96:] = (0, 0, 255)
+    wide[:, 32:96] = (0, 200, 0)     # the centre square is what a 64×64 crop keeps
+    done = studio.generate(Img2ImgRequest(**_basics(), init_image=Image.fromarray(wide), strength=0.0))
+    kept = pixels(done.images[0].image)
+    assert np.abs(kept - np.array([0, 200, 0])).max() <= 2    # all green: cropped around the centre
+    assert any("cropped around its centre" in message and "128×64" in message for message in done.messages)
+    same_shape = studio.generate(Img2ImgRequest(**_basics(), init_image=Image.fromarray(wide[:, 32:96]),
+                                                strength=0.0))
+    assert not any("cropped" in message for message in same_shape.messages)

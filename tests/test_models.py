@@ -135,3 +135,76 @@ def test_device_and_dtype_choices_are_validated():
             MemoryManager(device="cuda")
     stats = MemoryManager(device="cpu").stats()
     assert stats.device == "cpu" and stats.dtype == "fp32" and stats.ram_used_gib > 0
+
+
+# ----------------------------------------------------------------------------- slots, placement, failures
+
+
+def test_a_failed_load_keeps_the_model_that_was_loaded(studio, tmp_path):
+    models = studio.models
+    before = models.current
+    broken = models.models_dir / "broken-model"
+    broken.mkdir(parents=True)
+    (broken / "model_index.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="broken-model"):
+        models.load(str(broken), from_ui=True)
+    assert models.current is before
+    assert studio.generate(_request()).images[0].image.size == (64, 64)  # and it still generates
+
+
+def test_slots_hold_several_models_and_unload_one_at_a_time(studio, tiny_model_dir):
+    models = studio.models
+    base = models.current
+    draft = models.load(str(tiny_model_dir), slot="draft")
+    assert models.current is base and models.slots["draft"] is draft
+    assert draft.pipeline.unet is not base.pipeline.unet
+    with pytest.raises(ValueError, match="Unknown model slot 'lora'"):
+        models.load(str(tiny_model_dir), slot="lora")
+    models.unload("draft")
+    assert set(models.slots) == {"base"} and models.current is base
+
+
+def test_changing_the_memory_mode_places_every_pipeline_on_the_device_thread(studio, pretend_cuda, monkeypatch):
+    import threading
+
+    models = studio.models
+    derived = models.pipeline("img2img")
+    placed_on = []
+    place = models.memory.place
+    monkeypatch.setattr(models.memory, "place",
+                        lambda pipeline, **kw: placed_on.append(threading.get_ident()) or place(pipeline, **kw))
+    assert models.set_memory_mode("balanced") is MemoryMode.BALANCED
+    offloaded = {pipeline for name, pipeline in pretend_cuda if name == "enable_model_cpu_offload"}
+    assert offloaded == {id(models.current.pipeline), id(derived)}   # the derived img2img pipeline too
+    assert set(placed_on) == {models.worker.call(threading.get_ident)}
+    assert models.memory.requested_mode == "balanced"
+    with pytest.raises(ValueError, match="Unknown memory mode 'fast'"):
+        models.set_memory_mode("fast")
+
+
+def test_auto_memory_mode_is_chosen_for_each_request_s_size(studio, pretend_cuda, monkeypatch):
+    models = studio.models
+    monkeypatch.setattr(models.memory, "free_vram", lambda: 2 * GIB)  # 1.2 GiB after the context reserve
+    assert models.fit(_request(width=1024, height=1024)) is MemoryMode.LOW   # 1 MP of activations: offload + slicing
+    assert ("enable_attention_slicing", id(models.current.pipeline)) in pretend_cuda
+    pretend_cuda.clear()
+    studio.generate(_request())                                           # 64 px fits whole
+    assert models.memory.mode is MemoryMode.HIGH
+    assert ("to", id(models.current.pipeline)) in pretend_cuda
+    pretend_cuda.clear()
+    studio.generate(_request(seed=2))
+    assert pretend_cuda == []                                             # same mode: nothing moves
+
+
+def test_switching_models_frees_the_old_vae_even_after_live_previews(studio, tiny_model_dir):
+    models = studio.models
+    studio.generate(_request(preview_every=1, preview_mode="linear"))
+    old_vae = weakref.ref(models.current.pipeline.vae)
+    models.load(str(tiny_model_dir))
+    gc.collect()
+    assert old_vae() is None
+
+
+def _request(**overrides):
+    from pipelines.tasks import Txt2ImgRequest
+    return Txt2ImgRequest(**(dict(prompt="red apple", steps=2, width=64, height=64, seed=1) | overrides))

@@ -90,3 +90,44 @@ def test_error_boundary_turns_bad_input_into_gr_error_and_keeps_generators_strea
     assert [next(stream), next(stream)] == [0, 1]
     with pytest.raises(gr.Error, match="Unexpected error \\(RuntimeError: disk on fire\\).*still running"):
         next(stream)
+
+
+# ----------------------------------------------------------------------------- the assembled app
+
+
+@pytest.fixture
+def app_on_tiny(studio, tmp_path):
+    """The whole app around the `studio` fixture's tiny model, and its context."""
+    from studio.app import build_app
+    from studio.context import StudioContext
+
+    context = StudioContext(models=studio.models, generator=studio, outputs_dir=tmp_path / "outputs",
+                            startup_error="")
+    return build_app(context), context
+
+
+def handler(app, name: str):
+    (found,) = [block_fn.fn for block_fn in app.fns.values() if block_fn.name == name]
+    return found
+
+
+def test_what_one_user_does_is_not_the_header_every_user_reads(app_on_tiny):
+    app, context = app_on_tiny
+    context.startup_error = "The model named at launch could not be loaded."
+    handler(app, "load_model")("embedded", "")
+    assert "could not be loaded" not in context.status_markdown()      # loading a model ends the startup note
+    handler(app, "unload_model")()
+    header = context.status_markdown()
+    assert header.startswith("**No model loaded.** No model is loaded.")  # no other user's action in it
+
+
+def test_after_a_model_loads_the_tabs_start_from_its_native_size(app_on_tiny, tiny_model_dir):
+    from recipe.tiny import build_tiny_pipeline
+
+    app, context = app_on_tiny
+    bigger = build_tiny_pipeline(tiny_model_dir.parent / "bigger")
+    bigger.unet.register_to_config(sample_size=32)                    # 32 latent px × VAE factor 4 = 128 px
+    context.models.adopt(bigger, context.models.current.source)
+    updates = handler(app, "refresh")()
+    widths = {value for component, value in updates.items() if getattr(component, "label", "") == "Width"}
+    assert widths == {128}                                            # in Text-to-Image and Image-to-Image

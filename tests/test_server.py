@@ -64,6 +64,11 @@ def test_api_generates_an_image_with_metadata(server):
     served = Image.open(gallery[0]["image"]).convert("RGB")
     assert np.asarray(served).std() > 2.0
 
+    from gradio_client import handle_file
+    _, img2img_text, _, img2img_job, *_ = client.predict(prompt="green apple", init_image=handle_file(str(saved[-1])),
+                                                         strength=0.5, steps=4, api_name="/img2img")
+    assert "Denoising strength: 0.5" in img2img_text and img2img_job != job_id
+
 
 def test_stop_cancels_the_job_it_names_and_no_other_clients(server):
     from gradio_client import Client

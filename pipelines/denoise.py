@@ -46,6 +46,17 @@ def _latent_stats(vae) -> tuple[float, float]:
     return float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
 
 
+def execution_device(module) -> torch.device:
+    """Where `module` computes: under CPU offload its weights wait on the CPU (or `meta`) and an
+    accelerate hook moves them to the GPU for each call, so its inputs must go there, not to `module.device`
+    (as diffusers' `_execution_device` finds it)."""
+    for part in module.modules():
+        device = getattr(getattr(part, "_hf_hook", None), "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+    return module.device
+
+
 def decode(vae, latents: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """Latents (scaled, as the UNet sees them) -> images in about [-1, 1].
 
@@ -53,11 +64,12 @@ def decode(vae, latents: torch.Tensor) -> tuple[torch.Tensor, bool]:
     fp32 for good and the decode repeated. Returns (images, whether an upcast happened).
     """
     scaling, shift = _latent_stats(vae)
+    device = execution_device(vae)
     with torch.no_grad():
-        images = vae.decode(latents.to(vae.device, vae.dtype) / scaling + shift).sample
+        images = vae.decode(latents.to(device, vae.dtype) / scaling + shift).sample
         if vae.dtype == torch.float16 and not torch.isfinite(images).all():
             vae.to(torch.float32)
-            return vae.decode(latents.to(vae.device, torch.float32) / scaling + shift).sample, True
+            return vae.decode(latents.to(device, torch.float32) / scaling + shift).sample, True
     return images, False
 
 
@@ -66,7 +78,7 @@ def encode(vae, images: torch.Tensor) -> torch.Tensor:
     so x_0 is deterministic), shifted and scaled."""
     scaling, shift = _latent_stats(vae)
     with torch.no_grad():
-        mean = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mean
+        mean = vae.encode(images.to(execution_device(vae), vae.dtype)).latent_dist.mean
     return (mean - shift) * scaling
 
 
@@ -133,6 +145,9 @@ class PreparedCall:
         `latents` replaces the initial noise (drawn from `generators`); `callback` is
         callback_on_step_end, which also sees the loop's tensors named in `expose`.
         """
+        if self.task.run is not None:
+            return self.task.run(self, batch_index, generators=generators, latents=latents, callback=callback,
+                                 expose=expose)
         if hasattr(self.pipeline.scheduler, "noise_sampler_seed"):
             # DPM++ SDE draws its Brownian noise from torch's global RNG unless seeded: one tree per image
             self.pipeline.scheduler.noise_sampler_seed = [self.request.seed_for(batch_index, i)
@@ -147,11 +162,11 @@ class PreparedCall:
             return self.pipeline(**arguments).images
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        """The call's latents as images (noting an fp16 VAE upcast)."""
+        """The call's latents as the task's final images (noting an fp16 VAE upcast)."""
         images, upcast = decode(self.pipeline.vae, latents)
-        if upcast:
+        if upcast and VAE_UPCAST_NOTE not in self.notes:
             self.notes.append(VAE_UPCAST_NOTE)
-        return to_pil(images)
+        return [self.request.composite(image) for image in to_pil(images)]
 
 
 def prepare(models, request: SamplingSettings) -> PreparedCall:
@@ -186,12 +201,13 @@ def uses_cfg(pipeline, guidance_scale: float) -> bool:
     return guidance_scale > 1 and pipeline.unet.config.time_cond_proj_dim is None
 
 
-def prompt_embeddings(pipeline, request: SamplingSettings, device, *, cfg: bool) -> tuple[torch.Tensor, str | None]:
-    """The loop's `prompt_embeds`: [negative, positive] with CFG, positive alone without."""
+def prompt_embeddings(pipeline, request: SamplingSettings, device, *, cfg: bool,
+                      count: int = 1) -> tuple[torch.Tensor, str | None]:
+    """The loop's `prompt_embeds` for `count` images: [negative, positive] with CFG, positive alone without."""
     prompts, note = prompt_arguments(pipeline, request.prompt, request.negative_prompt, device)
     with torch.no_grad():
         positive, negative = pipeline.encode_prompt(
-            prompts.get("prompt"), device, 1, cfg, prompts.get("negative_prompt"),
+            prompts.get("prompt"), device, count, cfg, prompts.get("negative_prompt"),
             prompt_embeds=prompts.get("prompt_embeds"), negative_prompt_embeds=prompts.get("negative_prompt_embeds"))
     return (torch.cat([negative, positive]) if cfg else positive), note
 
@@ -213,9 +229,13 @@ class StepResult:
 
 
 class Denoiser:
-    """The denoising loop's body for one prepared call, one explicit step at a time."""
+    """The denoising loop's body for one prepared call, one explicit step at a time, for a batch of
+    `call.request.batch_size` images. A stochastic sampler draws its fresh noise from `generators`: pass the
+    ones that drew the starting noise to continue them, as diffusers' loop does; the default restarts the
+    seed (the explorer's take-over: "fresh noise from the seed, restarted at the branch")."""
 
-    def __init__(self, call: PreparedCall, *, cross_attention_kwargs: dict | None = None):
+    def __init__(self, call: PreparedCall, *, generators: list[torch.Generator] | None = None,
+                 cross_attention_kwargs: dict | None = None):
         pipeline, request = call.pipeline, call.request
         self.call = call
         self.unet = pipeline.unet
@@ -224,7 +244,8 @@ class Denoiser:
         self.guidance_rescale = request.guidance_rescale
         self.cross_attention_kwargs = cross_attention_kwargs
         self.cfg = uses_cfg(pipeline, request.guidance_scale)
-        self.embeddings, note = prompt_embeddings(pipeline, request, call.device, cfg=self.cfg)
+        self.embeddings, note = prompt_embeddings(pipeline, request, call.device, cfg=self.cfg,
+                                                  count=request.batch_size)
         if note:
             call.notes.append(note)
         self.timestep_cond = None
@@ -232,15 +253,19 @@ class Denoiser:
             self.timestep_cond = pipeline.get_guidance_scale_embedding(
                 torch.tensor([request.guidance_scale - 1]), embedding_dim=self.unet.config.time_cond_proj_dim,
             ).to(device=call.device, dtype=self.unet.dtype)
-        # The seed restarted: what a stochastic sampler draws its fresh noise from
-        self.extra_step_kwargs = pipeline.prepare_extra_step_kwargs(call.generators(0), 0.0)
+        # What a stochastic sampler draws its fresh noise from (by default the seed, restarted)
+        self.extra_step_kwargs = pipeline.prepare_extra_step_kwargs(generators or call.generators(0), 0.0)
         self.deterministic = request.sampler not in STOCHASTIC
 
-    def predict(self, latents: torch.Tensor, t, *, down_block_additional_residuals=None,
-                mid_block_additional_residual=None) -> NoisePrediction:
-        """eps_u, eps_c from one batched UNet call (CFG), and the guided prediction."""
+    def predict(self, latents: torch.Tensor, t, *, extra_channels: torch.Tensor | None = None,
+                down_block_additional_residuals=None, mid_block_additional_residual=None) -> NoisePrediction:
+        """eps_u, eps_c from one batched UNet call (CFG), and the guided prediction. `extra_channels` are
+        appended to the scaled input (an inpainting UNet's mask and masked-image latents)."""
         model_input = torch.cat([latents] * 2) if self.cfg else latents
         model_input = self.scheduler.scale_model_input(model_input, t)
+        if extra_channels is not None:
+            model_input = torch.cat([model_input, torch.cat([extra_channels] * 2) if self.cfg else extra_channels],
+                                    dim=1)
         with torch.no_grad():
             noise_pred = self.unet(model_input, t, encoder_hidden_states=self.embeddings,
                                    timestep_cond=self.timestep_cond, cross_attention_kwargs=self.cross_attention_kwargs,
@@ -255,9 +280,9 @@ class Denoiser:
             guided = rescale_noise_cfg(guided, eps_cond, guidance_rescale=self.guidance_rescale)
         return NoisePrediction(eps_cond=eps_cond, eps_uncond=eps_uncond, eps_guided=guided)
 
-    def step(self, latents: torch.Tensor, t, **residuals) -> StepResult:
+    def step(self, latents: torch.Tensor, t, **unet_inputs) -> StepResult:
         """Predict at (x_t, t) and let the sampler take its step to x_{t-1}."""
-        prediction = self.predict(latents, t, **residuals)
+        prediction = self.predict(latents, t, **unet_inputs)
         with torch.no_grad():
             output = self.scheduler.step(prediction.eps_guided, t, latents, **self.extra_step_kwargs,
                                          return_dict=True)

@@ -30,7 +30,8 @@ from typing import Any
 
 import torch
 
-KEEP_FINISHED_JOBS = 100      # finished jobs the worker still answers for (by id), newest kept
+KEEP_FINISHED_JOBS = 100      # finished jobs the worker still answers for (by id), newest kept ...
+KEEP_FINISHED_RESULTS = 8     # ... and how many of them keep their events and result (images, traces)
 
 
 class Priority(enum.IntEnum):
@@ -87,6 +88,7 @@ class Job:
         self._paused = False
         self._result: Any = None
         self._error: BaseException | None = None
+        self.expired = False                 # finished long enough ago that its events and result were let go
 
     # -- reporting (from the work) --------------------------------------------------------------
     def emit(self, event: Any, *, transient: bool = False) -> None:
@@ -108,15 +110,16 @@ class Job:
 
     def checkpoint(self) -> None:
         """Call between the steps of long work: queued jobs that outrank this one run now, and a
-        paused job waits here."""
+        paused job waits here. Only outside a diffusers pipeline call: a job run here may change the
+        pipeline's scheduler and flags under that call."""
         self._worker.checkpoint(self)
 
     # -- control (from anywhere) ----------------------------------------------------------------
     def cancel(self) -> None:
-        """Ask the job to stop at its next step (a queued job never starts)."""
+        """Ask the job to stop at its next step; a queued job is taken off the queue and ends now."""
         self.stop.set()
         self.resume()
-        self._worker._wake()
+        self._worker._unqueue(self)
 
     def pause(self) -> None:
         self._paused = True
@@ -156,7 +159,7 @@ class Job:
                     self._subscribers.remove(follower)
 
     def result(self, timeout: float | None = None) -> Any:
-        """Wait for the job and return its result, or raise its error."""
+        """Wait for the job and return its result (None once `expired`), or raise its error."""
         if not self._finished.wait(timeout):
             raise TimeoutError(f"Job {self.id} ({self.kind}) has not finished after {timeout} s.")
         if self._error is not None:
@@ -176,9 +179,14 @@ class Job:
             self.state = (JobState.FAILED if error is not None and not isinstance(error, JobCancelled)
                           else JobState.CANCELLED if self.stop.is_set() else JobState.DONE)
             self._finished.set()
+            self._work = None                # let go of what the work closed over (requests, images)
             for subscriber in self._subscribers:
                 subscriber.put(_END)
             self._subscribers.clear()
+
+    def _expire(self) -> None:
+        with self._lock:
+            self._history, self._transient, self._result, self.expired = [], None, None, True
 
     def __repr__(self) -> str:
         return f"Job({self.id}, {self.kind}, owner={self.owner}, {self.state.value})"
@@ -283,11 +291,23 @@ class DeviceWorker:
         with self._condition:
             self._condition.notify_all()
 
+    def _unqueue(self, job: Job) -> None:
+        with self._condition:
+            entries = [entry for entry in self._queue if entry[2] is job]
+            for entry in entries:
+                self._queue.remove(entry)
+            heapq.heapify(self._queue)
+            self._condition.notify_all()
+        if entries:
+            job._finish(error=JobCancelled(f"Job {job.id} ({job.kind}) was cancelled before it started."))
+
     def _remember(self, job: Job) -> None:
         self._jobs[job.id] = job
-        finished = [key for key, known in self._jobs.items() if known.finished]
-        for key in finished[:max(0, len(finished) - KEEP_FINISHED_JOBS)]:
-            del self._jobs[key]
+        finished = [known for known in self._jobs.values() if known.finished]   # oldest first
+        for old in finished[:max(0, len(finished) - KEEP_FINISHED_RESULTS)]:
+            old._expire()
+        for old in finished[:max(0, len(finished) - KEEP_FINISHED_JOBS)]:
+            del self._jobs[old.id]
 
     def _loop(self) -> None:
         self._thread_ident = threading.get_ident()

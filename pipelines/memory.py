@@ -96,15 +96,16 @@ def choose_mode(*, device: torch.device, requested: str, weights_bytes: int, fre
     return MemoryMode.SEQUENTIAL
 
 
-def weights_bytes(pipelines) -> int:
-    """Bytes of parameters in the modules of `pipelines` (pipelines or single modules), each counted once."""
+def weights_bytes(pipelines, *, on: str | None = None) -> int:
+    """Bytes of parameters in the modules of `pipelines` (pipelines or single modules), each counted once;
+    with `on` (a device type), only those that are there now."""
     seen, total = set(), 0
     for item in pipelines:
         modules = [m for m in item.components.values() if isinstance(m, torch.nn.Module)] \
             if hasattr(item, "components") else [item]
         for module in modules:
             for parameter in module.parameters():
-                if id(parameter) not in seen:
+                if id(parameter) not in seen and (on is None or parameter.device.type == on):
                     seen.add(id(parameter))
                     total += parameter.numel() * parameter.element_size()
     return total
@@ -142,13 +143,21 @@ class MemoryManager:
         free, _ = torch.cuda.mem_get_info(self.device)
         return free
 
-    def mode_for(self, weights: int, *, width: int, height: int, batch_size: int = 1) -> MemoryMode:
-        """The mode the requested setting (or `auto`, given free VRAM) gives for this much work."""
-        return choose_mode(device=self.device, requested=self.requested_mode, weights_bytes=weights,
-                           free_vram_bytes=self.free_vram(), width=width, height=height, batch_size=batch_size)
+    def mode_for(self, pipelines, *, width: int, height: int, batch_size: int = 1) -> MemoryMode:
+        """The mode the requested setting (or `auto`) gives for running `pipelines` at this size. The budget
+        is the free VRAM plus what their weights already take there (they are counted once, as weights)."""
+        free = self.free_vram()
+        if free is not None:
+            free += weights_bytes(pipelines, on=self.device.type)
+        return choose_mode(device=self.device, requested=self.requested_mode, weights_bytes=weights_bytes(pipelines),
+                           free_vram_bytes=free, width=width, height=height, batch_size=batch_size)
 
     def place(self, pipeline, *, mode: MemoryMode) -> MemoryMode:
-        """Put `pipeline` on the device in `mode`."""
+        """Put `pipeline` on the device in `mode`. A lone model (a ControlNet in its slot) goes to the device
+        in high mode and otherwise waits on the CPU, to be offloaded with the task pipeline that uses it."""
+        if not hasattr(pipeline, "components"):
+            pipeline.to(self.device if mode in (MemoryMode.HIGH, MemoryMode.CPU) else "cpu")
+            return mode
         if hasattr(pipeline, "remove_all_hooks"):
             pipeline.remove_all_hooks()
         if mode in (MemoryMode.HIGH, MemoryMode.CPU):

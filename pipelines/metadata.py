@@ -132,6 +132,12 @@ def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
 
 def _typed(params: dict[str, str], key: str, convert: type):
     text = params[key]
+    if convert is str:
+        return text
+    if convert is bool:
+        if text not in ("True", "False"):
+            raise ValueError(f"Infotext field `{key}` should be True or False but is {text!r}.")
+        return text == "True"
     try:
         return convert(text)
     except ValueError:

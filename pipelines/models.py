@@ -21,7 +21,7 @@ import torch
 from diffusers import AutoPipelineForText2Image, DiffusionPipeline
 
 from pipelines.jobs import DeviceWorker
-from pipelines.memory import MemoryManager, MemoryMode, is_out_of_memory, weights_bytes
+from pipelines.memory import MemoryManager, MemoryMode, is_out_of_memory
 from pipelines.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -185,15 +185,17 @@ class ModelManager:
         scheduler = getattr(pipeline, "scheduler", None)
         model = LoadedModel(source=source, pipeline=pipeline,
                             scheduler_config=dict(scheduler.config) if scheduler is not None else {})
-        side = model.native_side or 512
-        mode = self.memory.mode_for(weights_bytes([pipeline, *self._resident(exclude=slot)]), width=side,
-                                    height=side)
-        self.memory.place(pipeline, mode=mode)
         self.slots[slot] = model
+        side = model.native_side or (self.current.native_side if self.current else None) or 512
+        mode = self.memory.mode_for(self._resident(), width=side, height=side)
+        if mode is self.memory.mode:
+            self.memory.place(pipeline, mode=mode)
+        else:
+            self._place_all(mode)     # one mode for everything resident
         return model
 
-    def _resident(self, *, exclude: str | None = None) -> list:
-        return [model.pipeline for name, model in self.slots.items() if name != exclude]
+    def _resident(self) -> list:
+        return [model.pipeline for model in self.slots.values()]
 
     def _from_source(self, source: ModelSource, *, config: str | None) -> DiffusionPipeline:
         dtype = self.memory.dtype
@@ -252,7 +254,7 @@ class ModelManager:
         """Place what `request` needs (its slots' weights, its size and batch) within the memory budget:
         re-placed only when the mode this request calls for differs from the current one."""
         needed = [self.slots[name].pipeline for name in request.slots() if name in self.slots]
-        mode = self.memory.mode_for(weights_bytes(needed), width=request.width, height=request.height,
+        mode = self.memory.mode_for(needed, width=request.width, height=request.height,
                                     batch_size=request.batch_size)
         if mode is not self.memory.mode:
             self._place_all(mode)
@@ -264,14 +266,14 @@ class ModelManager:
         return self.worker.call(self._set_memory_mode, choice)
 
     def _set_memory_mode(self, choice: str | MemoryMode) -> MemoryMode:
-        choice = MemoryMode(choice).value if isinstance(choice, MemoryMode) else choice
+        choice = choice.value if isinstance(choice, MemoryMode) else choice
         if choice not in ("auto", *(mode.value for mode in MemoryMode if mode is not MemoryMode.CPU)):
             raise ValueError(f"Unknown memory mode {choice!r}; choose auto, high, balanced, low or sequential.")
         self.memory.requested_mode = choice
         if self.current is None:
             return self.memory.mode
         side = self.current.native_side or 512
-        mode = self.memory.mode_for(weights_bytes(self._resident()), width=side, height=side)
+        mode = self.memory.mode_for(self._resident(), width=side, height=side)
         self._place_all(mode)
         return mode
 

@@ -115,11 +115,17 @@ class SamplingSettings:
         """The model slots (pipelines/models.py) this request runs on."""
         return ("base",)
 
+    def composite(self, image: Image.Image) -> Image.Image:
+        """The final image from a decoded one (inpainting pastes it back onto the original)."""
+        return image
+
     # -- records --------------------------------------------------------------------------------
     def to_json(self) -> dict:
         """The request as JSON-ready values (images as their sizes), with its task's name."""
         values: dict[str, Any] = {"task": self.task}
         for item in fields(self):
+            if not item.init:
+                continue
             value = getattr(self, item.name)
             if isinstance(value, Image.Image):
                 values[f"{item.name}_size"] = list(value.size)
@@ -214,9 +220,14 @@ class Task:
     request_class: type[SamplingSettings]
     derive: Callable[[Any], Any]      # the task's pipeline from the base pipeline, sharing its weights
     infotext_fields: tuple[InfotextField, ...] = ()
+    # The task's own denoising loop (pipelines/denoise.py `PreparedCall.__call__`'s signature), for tasks
+    # that diffusers' pipeline call does not cover; None: the derived pipeline's own call.
+    run: Callable[..., Any] | None = None
 
     def infotext_values(self, request: SamplingSettings) -> dict:
-        return {item.key: getattr(request, item.field) for item in self.infotext_fields}
+        """The task's `Key: value`s; a switch that is off is left out, as A1111 does."""
+        return {item.key: None if getattr(request, item.field) is False else getattr(request, item.field)
+                for item in self.infotext_fields}
 
 
 TASKS: dict[str, Task] = {}
@@ -248,3 +259,7 @@ def _image_to_image(base):
 register(Task("txt2img", "Text-to-Image", Txt2ImgRequest, _text_to_image))
 register(Task("img2img", "Image-to-Image", Img2ImgRequest, _image_to_image,
               (InfotextField("Denoising strength", "strength", float),)))
+
+# Tasks defined in their own modules register themselves there; importing them here makes every
+# task known wherever the registry is (PNG Info reads their infotext fields).
+import pipelines.inpaint  # noqa: E402,F401

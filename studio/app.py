@@ -11,6 +11,7 @@ from studio.errors import user_errors
 from studio.tabs.explorer import build_explorer_tab
 from studio.tabs.generate import GenerationTab, settings_from_infotext, wire_resume
 from studio.tabs.img2img import build_img2img_tab
+from studio.tabs.inpaint import build_inpaint_tab
 from studio.tabs.models import build_models_tab
 from studio.tabs.pnginfo import build_pnginfo_tab
 from studio.tabs.txt2img import build_txt2img_tab
@@ -36,19 +37,25 @@ def build_app(context: StudioContext) -> gr.Blocks:
         with gr.Tabs() as tabs:
             with gr.Tab("Text-to-Image", id="txt2img"):
                 txt2img = build_txt2img_tab(context, defaults)
-                send_to_img2img = gr.Button("Send selected image to Image-to-Image", size="sm")
+                with gr.Row():
+                    send_to_img2img = gr.Button("Send selected image to Image-to-Image", size="sm")
+                    send_to_inpaint = gr.Button("Send selected image to Inpainting", size="sm",
+                                                elem_id="txt2img-send-to-inpaint")
             with gr.Tab("Image-to-Image", id="img2img"):
                 img2img = build_img2img_tab(context, defaults)
+            with gr.Tab("Inpainting", id="inpaint"):
+                inpaint = build_inpaint_tab(context, defaults)
             with gr.Tab("PNG Info", id="pnginfo"):
                 pnginfo = build_pnginfo_tab()
             with gr.Tab("Diffusion Explorer", id="explorer"):
-                build_explorer_tab(context)
+                explorer = build_explorer_tab(context)
             with gr.Tab("Models & memory", id="models"):
                 models_tab = build_models_tab(context, header=header)
-        generation_tabs = (txt2img, img2img)
+        generation_tabs = (txt2img, img2img, inpaint)
         _wire_send_to(send_to_img2img, txt2img, img2img, tabs)
+        _wire_send_to(send_to_inpaint, txt2img, inpaint, tabs)
         _wire_pnginfo(pnginfo, generation_tabs, tabs)
-        _wire_model_defaults(context, models_tab.loaded, generation_tabs)
+        _wire_model_defaults(context, models_tab.loaded, generation_tabs, explorer.reverse.settings["size"])
         for tab in generation_tabs:
             wire_resume(app, context, tab)
         _wire_jobs_api(context)
@@ -56,7 +63,8 @@ def build_app(context: StudioContext) -> gr.Blocks:
     return app
 
 
-def _wire_send_to(button: gr.Button, txt2img: GenerationTab, img2img: GenerationTab, tabs: gr.Tabs) -> None:
+def _wire_send_to(button: gr.Button, txt2img: GenerationTab, target: GenerationTab, tabs: gr.Tabs) -> None:
+    """The selected Text-to-Image result, and its settings, into `target`'s image input and controls."""
     def selected_image(gallery_value, index, texts):
         if not gallery_value:
             raise gr.Error("Generate an image first, then select it in the gallery.")
@@ -64,37 +72,40 @@ def _wire_send_to(button: gr.Button, txt2img: GenerationTab, img2img: Generation
         item = gallery_value[index]
         image = item[0] if isinstance(item, (list, tuple)) else item.get("image", item)
         image = getattr(image, "path", None) or (image.get("path") if isinstance(image, dict) else image)
-        settings = settings_from_infotext(texts[index], img2img) if texts and index < len(texts) else {}
-        return {img2img.controls["init_image"]: image, **settings, tabs: gr.Tabs(selected="img2img")}
+        settings = settings_from_infotext(texts[index], target) if texts and index < len(texts) else {}
+        return {target.own.image_input: image, **settings, tabs: gr.Tabs(selected=target.task)}
 
     button.click(user_errors(selected_image), inputs=[txt2img.gallery, txt2img.selected, txt2img.infotexts],
-                 outputs={img2img.controls["init_image"], *img2img.controls.values(), tabs},
-                 api_visibility="private")
+                 outputs={target.own.image_input, *target.controls.values(), tabs}, api_visibility="private")
 
 
 def _wire_pnginfo(pnginfo, generation_tabs: tuple[GenerationTab, ...], tabs: gr.Tabs) -> None:
     """PNG Info's send-to buttons restore the infotext's settings (and, for img2img, the image) by name."""
-    for tab, button in zip(generation_tabs, (pnginfo.to_txt2img, pnginfo.to_img2img)):
+    for tab, button in zip(generation_tabs, (pnginfo.to_txt2img, pnginfo.to_img2img, pnginfo.to_inpaint)):
         def restore(text, path, tab=tab):
             values = {**settings_from_infotext(text, tab), tabs: gr.Tabs(selected=tab.task)}
-            if "init_image" in tab.controls and path:
-                values[tab.controls["init_image"]] = path
+            if tab.own.image_input is not None and path:
+                values[tab.own.image_input] = path
             return values
 
-        button.click(user_errors(restore), inputs=[pnginfo.infotext, pnginfo.file],
-                     outputs={*tab.controls.values(), tabs}, api_visibility="private")
+        outputs = {*tab.controls.values(), tabs} | ({tab.own.image_input} if tab.own.image_input else set())
+        button.click(user_errors(restore), inputs=[pnginfo.infotext, pnginfo.file], outputs=outputs,
+                     api_visibility="private")
 
 
-def _wire_model_defaults(context: StudioContext, loaded, generation_tabs: tuple[GenerationTab, ...]) -> None:
-    """After a model loads, the size and sampler controls start from that model's native values."""
+def _wire_model_defaults(context: StudioContext, loaded, generation_tabs: tuple[GenerationTab, ...],
+                         explorer_size: gr.Slider) -> None:
+    """After a model loads, the size and sampler controls (the explorer's size too) start from that model's
+    native values."""
     def refresh():
         defaults = model_defaults(context.models.current)
-        return {tab.controls[name]: value for tab in generation_tabs for name, value in defaults.items()
-                if name in tab.controls}
+        updates = {tab.controls[name]: value for tab in generation_tabs for name, value in defaults.items()
+                   if name in tab.controls}
+        return updates | {explorer_size: defaults["width"]}
 
-    loaded.success(refresh, outputs={tab.controls[name] for tab in generation_tabs
-                                  for name in ("width", "height", "sampler", "preview_every")},
-                api_visibility="private")
+    outputs = {explorer_size} | {tab.controls[name] for tab in generation_tabs
+                                 for name in ("width", "height", "sampler", "preview_every")}
+    loaded.success(refresh, outputs=outputs, api_visibility="private")
 
 
 def _wire_jobs_api(context: StudioContext) -> None:

@@ -139,3 +139,25 @@ def test_cross_attention_kwargs_carry_a_lora_scale_to_the_unet(studio):
     base, off, on = studio.models.worker.call(predictions)
     torch.testing.assert_close(off.eps_guided, base.eps_guided)
     assert (on.eps_guided - base.eps_guided).abs().mean() > 1e-4
+
+
+def test_a_stochastic_sampler_continues_the_generators_that_drew_its_start(studio):
+    models = studio.models
+    wanted = request(sampler="Euler a")
+
+    def both():
+        reference = prepare(models, wanted)(0)            # diffusers draws x_T, then each step's noise
+        call = prepare(models, wanted)
+        generators = call.generators(0)
+        pipeline = call.pipeline
+        shape = (1, pipeline.unet.config.in_channels, 64 // pipeline.vae_scale_factor, 64 // pipeline.vae_scale_factor)
+        latents = randn_tensor(shape, generator=generators, dtype=pipeline.unet.dtype)
+        denoiser = Denoiser(call, generators=generators)    # the same generators, advanced by that draw
+        pipeline.scheduler.set_timesteps(wanted.steps)
+        latents = latents * pipeline.scheduler.init_noise_sigma
+        for t in pipeline.scheduler.timesteps:
+            latents = denoiser.step(latents, t).latents
+        return reference, latents
+
+    reference, explicit = models.worker.call(both)
+    assert torch.equal(reference, explicit)

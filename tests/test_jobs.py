@@ -91,8 +91,8 @@ def test_cancel_stops_one_job_and_a_queued_job_never_starts(worker):
     theirs = worker.submit(lambda job: "theirs ran", kind="generate", owner="bob")
     queued = worker.submit(lambda job: "should not run", kind="generate", owner="alice")
     assert started.wait(WAIT)
-    queued.cancel()
-    assert worker.cancel(owner="alice") == [mine, queued]
+    queued.cancel()                                      # ends at once: it never started
+    assert worker.cancel(owner="alice") == [mine]        # alice's unfinished jobs
     release.set()
     assert mine.result(WAIT) == "stopped early" and mine.state is JobState.CANCELLED
     with pytest.raises(JobCancelled):
@@ -151,3 +151,32 @@ def test_jobs_are_listed_by_owner_and_plain_calls_are_not(worker):
     assert worker.jobs(owner="alice", active=False) == [done]
     assert worker.jobs(owner="alice") == []  # finished
     assert worker.jobs(active=False) == [done]
+
+
+def test_cancelling_a_queued_job_ends_it_at_once_while_another_runs(worker):
+    release = threading.Event()
+    running = worker.submit(lambda job: release.wait(WAIT), kind="long")
+    queued = worker.submit(lambda job: "should not run", kind="queued")
+    queued.cancel()
+    with pytest.raises(JobCancelled):
+        queued.result(timeout=WAIT)          # returns while `running` still holds the worker
+    assert queued.state is JobState.CANCELLED and not running.finished
+    release.set()
+    assert running.result(WAIT) is True
+
+
+def test_old_finished_jobs_let_go_of_their_results_then_are_forgotten(worker, monkeypatch):
+    from pipelines import jobs
+
+    monkeypatch.setattr(jobs, "KEEP_FINISHED_RESULTS", 2)
+    monkeypatch.setattr(jobs, "KEEP_FINISHED_JOBS", 3)
+    done = []
+    for number in range(5):
+        job = worker.submit(lambda job, n=number: (job.emit(f"event {n}"), n)[1], kind="small")
+        job.result(WAIT)
+        done.append(job)
+    worker.submit(lambda job: None, kind="last").result(WAIT)   # each submit prunes what finished before it
+    assert [worker.find(job.id) is not None for job in done] == [False, False, True, True, True]
+    assert [job.expired for job in done] == [True, True, True, False, False]
+    assert done[2].result() is None and list(done[2].events()) == []
+    assert done[4].result() == 4 and list(done[4].events()) == ["event 4"]

@@ -186,3 +186,55 @@ def test_browser_explorer_records_and_plays_a_denoising_animation(server, browse
         "([selector, src]) => { const e = document.querySelector(selector); return e && e.src !== src; }",
         arg=["#explorer-frame img", first_frame], timeout=30_000)
     page.close()
+
+
+def test_api_inpaints_and_outpaints_images_of_any_size(server, tmp_path):
+    from gradio_client import Client, handle_file
+
+    url, _ = server
+    client = Client(url, verbose=False)
+    source = Image.fromarray(np.random.default_rng(3).integers(0, 255, (70, 90, 3), dtype=np.uint8))
+    source.save(tmp_path / "source.png")
+    mask = np.zeros((70, 90), dtype=np.uint8)
+    mask[20:40, 30:60] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    gallery, infotext, status, *_ = client.predict(prompt="blue car", init_image=handle_file(str(tmp_path / "source.png")),
+                                                   mask=handle_file(str(tmp_path / "mask.png")), mask_blur=0, steps=4,
+                                                   api_name="/inpaint")
+    result = np.asarray(Image.open(gallery[0]["image"]).convert("RGB"))
+    assert result.shape == (70, 90, 3) and "Masked content: original" in infotext
+    assert np.array_equal(result[mask == 0], np.asarray(source)[mask == 0])
+    gallery, *_ = client.predict(prompt="blue sky", init_image=handle_file(str(tmp_path / "source.png")), left=16,
+                                 steps=4, api_name="/outpaint")
+    extended = np.asarray(Image.open(gallery[0]["image"]).convert("RGB"))
+    assert extended.shape == (70, 106, 3) and np.array_equal(extended[:, 16:], np.asarray(source))
+
+
+def test_browser_inpaints_only_under_a_painted_stroke(server, browser, tmp_path):
+    url, context = server
+    Image.new("RGB", (64, 64), (200, 60, 60)).save(tmp_path / "red.png")
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url, wait_until="load")
+    page.get_by_role("tab", name="Inpainting").click()
+    with page.expect_file_chooser() as chooser:
+        page.locator("#inpaint-editor button[aria-label=Upload]").click()
+    chooser.value.set_files(str(tmp_path / "red.png"))
+    page.locator("#inpaint-editor button[aria-label=Brush]").click()
+    canvas = page.locator("#inpaint-editor canvas").last
+    canvas.wait_for(state="visible")
+    box = canvas.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.35, box["y"] + box["height"] * 0.5)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.65, box["y"] + box["height"] * 0.5, steps=12)
+    page.mouse.up()
+    page.locator("#inpaint-prompt textarea").fill("blue car")
+    page.locator("#inpaint-seed input").fill("777")
+    page.locator("#inpaint-generate").click()
+    page.locator("#inpaint-status").get_by_text("Seed 777").wait_for(timeout=120_000)
+    page.screenshot(path=str(tmp_path / "inpaint.png"))
+    result = np.asarray(Image.open(sorted(context.outputs_dir.rglob("*-777.png"))[-1]).convert("RGB"), dtype=np.int16)
+    red = np.array([200, 60, 60])
+    assert result.shape == (64, 64, 3)
+    assert (result[:12] == red).all() and (result[-12:] == red).all()     # far above and below the stroke
+    assert np.abs(result[28:36, 26:38] - red).mean() > 10                  # under the stroke's middle
+    page.close()

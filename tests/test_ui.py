@@ -23,15 +23,17 @@ def tabs(tmp_path_factory):
     from studio.tabs.img2img import build_img2img_tab
     from studio.tabs.txt2img import build_txt2img_tab
 
+    from studio.tabs.inpaint import build_inpaint_tab
+
     folder = tmp_path_factory.mktemp("ui")
     models = ModelManager(MemoryManager(device="cpu"), models_dir=folder / "models")
     context = StudioContext(models=models, generator=Generator(models, None), outputs_dir=folder)
     with gr.Blocks():
-        return build_txt2img_tab(context, {}), build_img2img_tab(context, {})
+        return build_txt2img_tab(context, {}), build_img2img_tab(context, {}), build_inpaint_tab(context, {})
 
 
 def test_a1111_infotext_restores_into_the_tab_controls_by_name(tabs):
-    txt2img, img2img = tabs
+    txt2img, img2img, inpaint = tabs
     restored = settings_from_infotext(A1111, txt2img)
     by_name = {name: restored[component] for name, component in txt2img.controls.items() if component in restored}
     assert by_name == {"prompt": "a castle on a hill, sunset", "negative_prompt": "blurry, lowres",
@@ -41,6 +43,18 @@ def test_a1111_infotext_restores_into_the_tab_controls_by_name(tabs):
     assert with_strength[img2img.controls["strength"]] == 0.4
     assert "strength" not in {name for name, c in txt2img.controls.items()
                               if c in settings_from_infotext(A1111 + ", Denoising strength: 0.4", txt2img)}
+
+
+def test_a1111_inpainting_keys_restore_into_the_inpainting_tab(tabs):
+    inpaint = tabs[2]
+    text = A1111 + (", Denoising strength: 0.55, Mask blur: 9, Mask mode: Inpaint not masked, Masked content: "
+                    "latent noise, Inpaint area: Only masked, Masked area padding: 48, Soft inpainting enabled: True")
+    restored = settings_from_infotext(text, inpaint)
+    by_name = {name: restored[component] for name, component in inpaint.controls.items() if component in restored}
+    assert {key: by_name[key] for key in ("strength", "mask_blur", "mask_mode", "masked_content", "inpaint_area",
+                                          "only_masked_padding", "soft_inpainting")} == {
+        "strength": 0.55, "mask_blur": 9, "mask_mode": "Inpaint not masked", "masked_content": "latent noise",
+        "inpaint_area": "Only masked", "only_masked_padding": 48, "soft_inpainting": True}
 
 
 def test_text_without_parameters_is_refused_clearly(tabs):
@@ -130,4 +144,6 @@ def test_after_a_model_loads_the_tabs_start_from_its_native_size(app_on_tiny, ti
     context.models.adopt(bigger, context.models.current.source)
     updates = handler(app, "refresh")()
     widths = {value for component, value in updates.items() if getattr(component, "label", "") == "Width"}
-    assert widths == {128}                                            # in Text-to-Image and Image-to-Image
+    assert widths == {128}                                    # in Text-to-Image, Image-to-Image and Inpainting
+    sizes = {value for component, value in updates.items() if getattr(component, "label", "") == "Size (px)"}
+    assert sizes == {128}                                     # and the explorer

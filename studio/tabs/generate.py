@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 import typing
 from collections.abc import Callable, Iterator
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 
 import gradio as gr
 
@@ -28,9 +28,22 @@ from pipelines.tasks import MAX_BATCH, MAX_SIDE, MAX_STEPS, TASKS, SamplingSetti
 from studio.context import StudioContext, session_of
 from studio.errors import user_errors
 
-# Generations are not held in Gradio's queue: each becomes a job at once, and the device worker runs
-# jobs one at a time (pipelines/jobs.py). So a queued generation already has a job id to stop it by.
-JOB_QUEUE = {"concurrency_limit": None}
+# Generations are hardly held in Gradio's queue: each becomes a job at once, and the device worker runs
+# jobs one at a time (pipelines/jobs.py), so a waiting generation already has a job id to stop it by.
+# The limit only keeps handlers that follow their jobs from taking every one of Gradio's threads.
+JOB_QUEUE = {"concurrency_id": "jobs", "concurrency_limit": 16}
+
+
+@dataclass
+class TaskControls:
+    """A tab's own controls. `fields` are keyed by request field and are the API's parameters too. A tab
+    whose page builds a field from something else (inpainting's image editor holds the image and the
+    painted mask) lists those components in `page`, with `to_fields` turning their values into fields;
+    the page's Generate then goes through `to_fields`, and the API takes the fields themselves."""
+    fields: dict[str, gr.components.Component]
+    page: dict[str, gr.components.Component] = field(default_factory=dict)
+    to_fields: Callable[[dict], dict] | None = None
+    image_input: gr.components.Component | None = None    # where "send to" puts an image
 
 
 @dataclass
@@ -46,6 +59,7 @@ class GenerationTab:
     saved_job: gr.BrowserState    # the same id in the browser's storage, to find the job after a reload
     infotexts: gr.State
     selected: gr.State
+    own: TaskControls = field(default_factory=lambda: TaskControls({}))
 
     @property
     def results(self) -> list:
@@ -103,9 +117,9 @@ def _sampling_controls(task: str, defaults: dict) -> dict:
 
 
 def build_generation_tab(context: StudioContext, task: str, defaults: dict,
-                         task_controls: Callable[[], dict] = dict) -> GenerationTab:
+                         task_controls: Callable[[], TaskControls] | None = None) -> GenerationTab:
     """Lay out one generation tab and wire its events. `task_controls()` builds the task's own controls
-    (keyed by request field) at the top of the settings column."""
+    at the top of the settings column."""
     # 1. Layout
     controls: dict[str, gr.components.Component] = {}
     with gr.Row():
@@ -118,7 +132,8 @@ def build_generation_tab(context: StudioContext, task: str, defaults: dict,
             stop = gr.Button("Stop", variant="stop", elem_id=f"{task}-stop")
     with gr.Row():
         with gr.Column(scale=2):
-            controls.update(task_controls())
+            own = task_controls() if task_controls is not None else TaskControls({})
+            controls.update(own.fields)
             controls.update(_sampling_controls(task, defaults))
             with gr.Row():
                 controls["seed"] = gr.Number(value=-1, precision=0, label="Seed", info="-1 draws one",
@@ -140,31 +155,50 @@ def build_generation_tab(context: StudioContext, task: str, defaults: dict,
     tab = GenerationTab(task=task, controls=controls, generate=generate, stop=stop, gallery=gallery,
                         infotext=infotext, status=status, job_id=job_id,
                         saved_job=gr.BrowserState(None, storage_key=f"diffusion-studio-{task}-job"),
-                        infotexts=gr.State([]), selected=gr.State(None))
+                        infotexts=gr.State([]), selected=gr.State(None), own=own)
     # 2. Wiring
-    _wire_generate(context, tab)
+    wire_generation(context, tab, task=task, button=generate, controls=controls, own=own)
+    _wire_stop(context, tab)
     _wire_seed_buttons(tab, dice, reuse)
     return tab
 
 
-def _wire_generate(context: StudioContext, tab: GenerationTab) -> None:
-    @user_errors
-    def run(request: gr.Request = None, **values) -> Iterator[dict]:
-        generation = request_from_controls(tab.task, values)
-        job = context.generator.submit(generation, owner=session_of(request))
-        waiting = len([other for other in context.worker.jobs() if other.state is JobState.QUEUED]) - 1
-        # the job id goes out at once, so that Stop (and an API client) can name the job while it waits
-        yield {tab.job_id: job.id, tab.saved_job: job.id,
-               tab.status: f"Queued behind {waiting} job(s)…" if waiting > 0 else "Starting…"}
-        yield from follow_job(tab, job)
+def wire_generation(context: StudioContext, tab: GenerationTab, *, task: str, button: gr.Button,
+                    controls: dict, own: TaskControls) -> None:
+    """`button` generates `task` from `controls` (request field -> component) into `tab`'s results, as a job;
+    the API endpoint named after the task takes the same fields."""
+    def handler(to_fields):
+        @user_errors
+        def run(request: gr.Request = None, **values) -> Iterator[dict]:
+            generation = request_from_controls(task, to_fields(values) if to_fields else values)
+            job = context.generator.submit(generation, owner=session_of(request))
+            waiting = len([other for other in context.worker.jobs() if other.state is JobState.QUEUED
+                           and other is not job])
+            # the job id goes out at once, so that Stop (and an API client) can name the job while it waits
+            yield {tab.job_id: job.id, tab.saved_job: job.id,
+                   tab.status: f"Queued behind {waiting} job(s)…" if waiting > 0 else "Starting…"}
+            yield from follow_job(tab, job)
+        return run
 
+    api = handler(None)
+    api.__signature__ = _api_signature(TASKS[task].request_class, controls)
+    if not own.page:
+        button.click(api, inputs_kwargs=controls, outputs=tab.results, api_name=task, **JOB_QUEUE)
+        return
+    page_controls = {name: c for name, c in controls.items() if name not in own.fields or c.visible} | own.page
+    button.click(handler(own.to_fields), inputs_kwargs=page_controls, outputs=tab.results,
+                 api_visibility="private", **JOB_QUEUE)
+    # the API's own trigger: a button no one sees, on the request's fields
+    gr.Button(visible=False, render=True).click(api, inputs_kwargs=controls, outputs=tab.results, api_name=task,
+                                                **JOB_QUEUE)
+
+
+def _wire_stop(context: StudioContext, tab: GenerationTab) -> None:
     def stop_job(job_id: str | None) -> None:
         job = context.find_job(job_id)
         if job is not None:
             job.cancel()
 
-    run.__signature__ = _api_signature(TASKS[tab.task].request_class, tab.controls)
-    tab.generate.click(run, inputs_kwargs=tab.controls, outputs=tab.results, api_name=tab.task, **JOB_QUEUE)
     # Stop is not queued behind the generation it stops
     tab.stop.click(stop_job, inputs=tab.job_id, outputs=None, queue=False, api_visibility="private")
 
@@ -192,6 +226,9 @@ def wire_resume(app: gr.Blocks, context: StudioContext, tab: GenerationTab) -> N
         job = context.find_job(job_id)
         if job is None:
             return
+        if job.state is JobState.FAILED:   # its error was shown when it happened
+            yield {tab.job_id: job.id, tab.status: "The last generation of this page failed."}
+            return
         yield from follow_job(tab, job)
 
     app.load(resume, inputs=tab.saved_job, outputs=tab.results, api_visibility="private", **JOB_QUEUE)
@@ -215,9 +252,12 @@ def _job_results(tab: GenerationTab, job: Job) -> Iterator[dict]:
             yield {tab.gallery: [(i.path or i.image, _caption(i)) for i in finished],
                    tab.status: f"{len(finished)} image(s) done…"}
     try:
-        done: GenerationDone = job.result()
+        done: GenerationDone | None = job.result()
     except JobCancelled:
         yield {tab.status: "Stopped before it started."}
+        return
+    if done is None:
+        yield {tab.status: "That generation finished a while ago; its images are in the outputs folder."}
         return
     yield done_results(tab, done)
 

@@ -5,15 +5,14 @@ from __future__ import annotations
 import gradio as gr
 
 from studio.context import StudioContext
-from studio.tabs.generate import GenerationTab, build_generation_tab
+from studio.tabs.generate import GenerationTab, TaskControls, build_generation_tab
 
 
-def _image_controls() -> dict:
-    return {
-        "init_image": gr.Image(label="Input image", type="pil", elem_id="img2img-input", height=256),
-        "strength": gr.Slider(0.0, 1.0, value=0.6, step=0.01, label="Denoising strength",
-                              info="0 keeps the input; 1 ignores it"),
-    }
+def _image_controls() -> TaskControls:
+    image = gr.Image(label="Input image", type="pil", elem_id="img2img-input", height=256)
+    strength = gr.Slider(0.0, 1.0, value=0.6, step=0.01, label="Denoising strength",
+                         info="0 keeps the input; 1 ignores it")
+    return TaskControls({"init_image": image, "strength": strength}, image_input=image)
 
 
 def build_img2img_tab(context: StudioContext, defaults: dict) -> GenerationTab:

@@ -71,10 +71,10 @@ def build_models_tab(context: StudioContext, *, header: gr.Markdown) -> ModelsTa
         if context.models.memory.device.type != "cuda":
             gr.Info("Memory modes apply to CUDA GPUs; on this device everything stays where it is.")
         context.models.set_memory_mode(choice)
-        return context.status_markdown()
+        return both(context.status_markdown())
 
     loaded = load.click(load_model, inputs=[picker, custom], outputs=statuses, api_name="load_model", **DEVICE_QUEUE)
     unload.click(unload_model, outputs=statuses, api_name="unload_model", **DEVICE_QUEUE)
-    mode.change(change_mode, inputs=mode, outputs=status, api_visibility="private", **DEVICE_QUEUE)
+    mode.change(change_mode, inputs=mode, outputs=statuses, api_visibility="private", **DEVICE_QUEUE)
     refresh.click(lambda: gr.Dropdown(choices=local_choices(context)), outputs=picker, api_visibility="private")
     return ModelsTab(loaded=loaded)

@@ -17,6 +17,7 @@ class PngInfoTab:
     infotext: gr.Textbox
     to_txt2img: gr.Button
     to_img2img: gr.Button
+    to_inpaint: gr.Button
 
 
 def build_pnginfo_tab() -> PngInfoTab:
@@ -31,15 +32,17 @@ def build_pnginfo_tab() -> PngInfoTab:
             with gr.Row():
                 to_txt2img = gr.Button("Send to Text-to-Image")
                 to_img2img = gr.Button("Send to Image-to-Image")
+                to_inpaint = gr.Button("Send to Inpainting", elem_id="pnginfo-to-inpaint")
 
     @user_errors
     def read(path):
         if not path:
-            return "", None
+            return {infotext: "", details: None}
         text, extra = read_png_metadata(path)
         if text is None:
             gr.Warning("This PNG carries no generation parameters.")
-        return text or "", json.loads(json.dumps(extra)) if extra else None
+        return {infotext: text or "", details: json.loads(json.dumps(extra)) if extra else None}
 
     upload.change(read, inputs=upload, outputs=[infotext, details], api_name="png_info")
-    return PngInfoTab(file=upload, infotext=infotext, to_txt2img=to_txt2img, to_img2img=to_img2img)
+    return PngInfoTab(file=upload, infotext=infotext, to_txt2img=to_txt2img, to_img2img=to_img2img,
+                      to_inpaint=to_inpaint)

@@ -81,11 +81,14 @@ def main(argv: list[str] | None = None) -> None:
         if not user or not password:
             raise SystemExit("--auth takes USER:PASS, both non-empty.")
         auth = (user, password)
+    from studio.app import serve
+
     app, context = build(args)
     Path(context.outputs_dir).mkdir(parents=True, exist_ok=True)
-    app.queue(default_concurrency_limit=1)
-    app.launch(server_name=args.host, server_port=args.port, auth=auth, share=args.share,
-               allowed_paths=[str(context.outputs_dir)], show_error=True)
+    print(f"Diffusion Studio: http://{args.host}:{args.port}/  (--share for a public link, --help for all flags)",
+          flush=True)
+    serve(app, server_name=args.host, server_port=args.port, auth=auth, share=args.share,
+          allowed_paths=[str(context.outputs_dir)], show_error=True, quiet=True)
 
 
 if __name__ == "__main__":

@@ -189,6 +189,10 @@ def prepare(models, request: SamplingSettings) -> PreparedCall:
     device = pipeline._execution_device
     prompts, note = prompt_arguments(pipeline, request.prompt, request.negative_prompt, device)
     notes = request.notes() + ([note] if note else [])
+    side = model.native_side
+    if side and max(request.width, request.height) > 2 * side:
+        notes.append(f"{request.width}×{request.height} is more than twice this model's native size ({side} px): "
+                     "expect repeated patterns or doubled subjects. Generate at its native size and upscale.")
     return PreparedCall(request=request, task=task, model=model, pipeline=pipeline, prompts=prompts, device=device,
                         notes=notes)
 

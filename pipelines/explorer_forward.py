@@ -411,7 +411,9 @@ def value_histogram(x_t: torch.Tensor, *, t: int, schedule: NoiseSchedule, x0: t
     axes.set_title(f"t = {t}   " + r"$\bar\alpha_t$" + f" = {alpha_cumprod:.4g}")
     axes.set_xlabel("value")
     axes.set_ylabel("density")
-    axes.legend(fontsize="small")
+    # below the axes, so it never covers the bars
+    axes.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3, frameon=False)
+    figure.tight_layout()
     return figure
 
 

@@ -146,8 +146,10 @@ class Generator:
                 image_index: int) -> GeneratedImage:
         request, model = call.request, call.model
         finished = not interrupted
-        infotext = metadata.build_infotext(request.prompt, request.negative_prompt,
-                                           infotext_parameters(request, model, seed, image_index))
+        parameters = infotext_parameters(request, model, seed, image_index)
+        if not finished:   # the settings asked for, and the truth of this image
+            parameters["Stopped at step"] = steps_done
+        infotext = metadata.build_infotext(request.prompt, request.negative_prompt, parameters)
         path = None
         if finished and self.outputs_dir is not None:
             extra = {"request": replace(request, seed=seed, batch_count=1).to_json() | {"batch_seed": request.seed},

@@ -123,7 +123,8 @@ class MemoryStats:
     def summary(self) -> str:
         vram = "" if self.vram_used_gib is None else \
             f" · VRAM {self.vram_used_gib:.2f} / {self.vram_total_gib:.1f} GiB"
-        return f"{self.device} · {self.dtype} · memory mode {self.mode} · RAM {self.ram_used_gib:.2f} GiB{vram}"
+        mode = "no GPU memory modes on the CPU" if self.mode == MemoryMode.CPU.value else f"memory mode {self.mode}"
+        return f"{self.device} · {self.dtype} · {mode} · RAM {self.ram_used_gib:.2f} GiB{vram}"
 
 
 class MemoryManager:

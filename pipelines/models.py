@@ -201,9 +201,11 @@ class ModelManager:
         dtype = self.memory.dtype
         use_safetensors = None if self.allow_pickle else True
         try:
-            if source.kind in ("embedded", "folder", "hub"):
+            if source.kind in ("embedded", "folder"):
                 return AutoPipelineForText2Image.from_pretrained(
                     source.location, dtype=dtype, use_safetensors=use_safetensors)
+            if source.kind == "hub":
+                return _from_hub(source, dtype=dtype, use_safetensors=use_safetensors)
             return self._from_single_file(Path(source.location), config=config)
         except ModelLoadError:
             raise
@@ -298,6 +300,35 @@ class ModelManager:
         model.previewer = None
         del model
         self.memory.release()
+
+
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def _from_hub(source: ModelSource, *, dtype, use_safetensors) -> DiffusionPipeline:
+    """A hub id from the local cache; downloaded only when it is not cached and the hub answers. Offline
+    (HF_HUB_OFFLINE, or the hub not reachable within a few seconds) an uncached id fails at once with the
+    reason, instead of after the hub client's retries."""
+    try:
+        return AutoPipelineForText2Image.from_pretrained(source.location, dtype=dtype, use_safetensors=use_safetensors,
+                                                         local_files_only=True)
+    except Exception as not_cached:
+        if _hub_offline() or not _hub_reachable():
+            raise ModelLoadError(_explain_load_failure(source, OSError(f"offline: {not_cached}"))) from not_cached
+    return AutoPipelineForText2Image.from_pretrained(source.location, dtype=dtype, use_safetensors=use_safetensors)
+
+
+def _hub_reachable() -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        with socket.create_connection((host, 443), timeout=HUB_PROBE_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
 
 
 def _hub_offline() -> bool:

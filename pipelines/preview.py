@@ -17,7 +17,7 @@ from PIL import Image
 
 from pipelines.denoise import decode, encode, to_pil
 
-FULL_DECODE_BUDGET = 0.10  # at most this share of the time between previews goes to decoding
+FULL_DECODE_BUDGET = 0.15  # at most this share of the time between previews goes to decoding
 
 
 class LatentPreviewer:
@@ -47,7 +47,8 @@ class LatentPreviewer:
             self.fit_linear_map()
         latents = latents.float().cpu()
         rgb = torch.einsum("bchw,cr->brhw", latents, self._linear[:-1]) + self._linear[-1].view(1, 3, 1, 1)
-        return [image.resize((image.width * self.scale, image.height * self.scale), Image.Resampling.NEAREST)
+        # one colour per latent pixel, enlarged smoothly: blocks (nearest) would hide the picture forming
+        return [image.resize((image.width * self.scale, image.height * self.scale), Image.Resampling.BICUBIC)
                 for image in to_pil(rgb)]
 
     def full(self, latents: torch.Tensor) -> list[Image.Image]:

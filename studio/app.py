@@ -8,8 +8,8 @@ from pipelines.models import LoadedModel
 from pipelines.samplers import model_default_sampler
 from studio.context import StudioContext
 from studio.errors import user_errors
-from studio.tabs.explorer import build_explorer_tab
-from studio.tabs.generate import GenerationTab, settings_from_infotext, wire_resume
+from studio.tabs.explorer import build_explorer_tab, wire_explorer_load
+from studio.tabs.generate import GenerationTab, settings_from_infotext, size_hint, wire_resume
 from studio.tabs.img2img import build_img2img_tab
 from studio.tabs.inpaint import build_inpaint_tab
 from studio.tabs.models import build_models_tab
@@ -18,6 +18,38 @@ from studio.tabs.txt2img import build_txt2img_tab
 
 TITLE = "Diffusion Studio"
 FALLBACK_SIDE = 512
+PREVIEW_EVERY = 5
+
+# Small images (the embedded model draws 64 px) are shown whole, enlarged by a whole number with sharp
+# pixels: every <img> inside an element of class `studio-pixels` is sized by `fitPixels` below.
+CSS = """
+.studio-pixels img { image-rendering: pixelated; object-fit: contain !important; }
+.studio-pixels .thumbnail-item { max-width: 420px; max-height: 420px; }
+"""
+HEAD = """<script>
+(() => {
+  function fitPixels(img) {
+    const box = img.parentElement && img.parentElement.getBoundingClientRect();
+    const area = img.closest(".studio-pixels").getBoundingClientRect();   // what the component shows
+    if (!img.naturalWidth || !box || !box.width || !box.height) return;
+    const width = Math.min(box.width, area.width);
+    const height = Math.min(box.height, area.height);
+    const fit = Math.min(width / img.naturalWidth, height / img.naturalHeight);
+    const scale = fit >= 1 ? Math.floor(fit) : fit;      // enlarge by whole numbers, shrink smoothly
+    img.style.width = Math.round(img.naturalWidth * scale) + "px";
+    img.style.height = Math.round(img.naturalHeight * scale) + "px";
+    img.style.imageRendering = scale >= 2 ? "pixelated" : "auto";
+  }
+  const fitAll = () => document.querySelectorAll(".studio-pixels img").forEach(fitPixels);
+  new MutationObserver(fitAll).observe(document.documentElement, {subtree: true, childList: true,
+                                                                   attributes: true, attributeFilter: ["src"]});
+  document.addEventListener("load", (event) => { if (event.target.tagName === "IMG") fitAll(); }, true);
+  window.addEventListener("resize", fitAll);
+})();
+</script>"""
+# Gradio's queue wakes every millisecond while idle (2 to 5% of a core here); every 50 ms is plenty
+# for a studio whose jobs take seconds.
+IDLE_QUEUE_POLL_S = 0.05
 
 
 def model_defaults(model: LoadedModel | None) -> dict:
@@ -25,8 +57,18 @@ def model_defaults(model: LoadedModel | None) -> dict:
     if model is None:
         return {"width": FALLBACK_SIDE, "height": FALLBACK_SIDE}
     side = model.native_side or FALLBACK_SIDE
+    # every 5 steps a small model's full decode costs under 15% of the time between previews, so the
+    # previews are the real picture (pipelines/preview.py)
     return {"width": side, "height": side, "sampler": model_default_sampler(model.scheduler_config),
-            "preview_every": 1 if side <= 128 else 5}
+            "preview_every": PREVIEW_EVERY, "native_side": model.native_side}
+
+
+def serve(app: gr.Blocks, **launch_options):
+    """Queue and launch `app` with the studio's page additions (CSS, scripts) and idle polling."""
+    app.queue(default_concurrency_limit=1)
+    app._queue.sleep_when_free = IDLE_QUEUE_POLL_S
+    app._queue.progress_update_sleep_when_free = IDLE_QUEUE_POLL_S
+    return app.launch(css=CSS, head=HEAD, **launch_options)
 
 
 def build_app(context: StudioContext) -> gr.Blocks:
@@ -58,6 +100,7 @@ def build_app(context: StudioContext) -> gr.Blocks:
         _wire_model_defaults(context, models_tab.loaded, generation_tabs, explorer.reverse.settings["size"])
         for tab in generation_tabs:
             wire_resume(app, context, tab)
+        wire_explorer_load(app, explorer)
         _wire_jobs_api(context)
         app.load(context.status_markdown, outputs=header, api_visibility="private")
     return app
@@ -100,8 +143,11 @@ def _wire_model_defaults(context: StudioContext, loaded, generation_tabs: tuple[
     def refresh():
         defaults = model_defaults(context.models.current)
         updates = {tab.controls[name]: value for tab in generation_tabs for name, value in defaults.items()
-                   if name in tab.controls}
-        return updates | {explorer_size: defaults["width"]}
+                   if name in tab.controls and name not in ("width", "height")}
+        hint = size_hint(defaults.get("native_side"))
+        sizes = {tab.controls[name]: gr.Slider(value=defaults[name], info=hint) for tab in generation_tabs
+                 for name in ("width", "height")}
+        return updates | sizes | {explorer_size: defaults["width"]}
 
     outputs = {explorer_size} | {tab.controls[name] for tab in generation_tabs
                                  for name in ("width", "height", "sampler", "preview_every")}

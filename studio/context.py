@@ -31,12 +31,14 @@ class StudioContext:
     def status_markdown(self) -> str:
         stats = self.models.memory.stats().summary()
         if self.models.current is None:
-            note = self.startup_error or "No model is loaded."
-            return (f"**No model loaded.** {note} Load one in *Models & memory* (the embedded model, a folder "
+            note = f" {self.startup_error}" if self.startup_error else ""
+            return (f"**No model loaded.**{note} Load one in *Models & memory* (the embedded model, a folder "
                     f"under `models/`, a hub id from your Hugging Face cache, or a `.safetensors` file) or start "
                     f"with `python launch.py --model ...`.  \n{stats}")
         model = self.models.current
-        return f"**Model:** {model.name} ({model.source.kind}) · hash {model.model_hash or '—'}  \n{stats}"
+        where = "" if model.source.kind == "embedded" else f" ({model.source.kind} `{model.source.location}`)"
+        return (f"**Model:** {model.name}{where} · hash {model.model_hash or '—'} · native size {model.native_side} px"
+                f"  \n{stats}")
 
 
 def session_of(request: gr.Request | None) -> str | None:

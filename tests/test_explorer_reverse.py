@@ -406,7 +406,7 @@ def test_explorer_tab_builds_with_its_components_and_device_queue(studio, tmp_pa
     player, trace = tab.reverse.player, shown[tab.reverse.trace]
     assert trace.stopped and trace.num_steps == 1 and context.find_job(job_id).state is JobState.CANCELLED
     assert shown[player.final] is trace.final_image and shown[player.x_t] is trace.frame(0, "x_t")
-    assert shown[tab.reverse.status].startswith("Recorded 1 steps · seed 1234 · Euler, CFG 5")
+    assert shown[tab.reverse.status].startswith("Recorded 1 UNet evaluations (steps 0–0) · seed 1234 · Euler, CFG 5")
     assert "Stopped after 1 step(s)" in shown[tab.reverse.status]
     assert shown[tab.reverse.branch.changes["prompt"]] == "red apple"
 

@@ -157,6 +157,9 @@ def test_previews_arrive_every_n_steps_before_the_image(studio):
     previews = [e for e in events if isinstance(e, Preview)]
     assert [p.step for p in previews] == [2, 4]
     assert previews[0].images[0].size == (64, 64)
+    # enlarged smoothly from the latent grid (one latent pixel = 4x4 image pixels here), not in blocks
+    cell = np.asarray(previews[0].images[0])[:4, :4].reshape(-1, 3)
+    assert len(np.unique(cell, axis=0)) > 1
     assert isinstance(events[-2], GeneratedImage) and isinstance(events[-1], GenerationDone)
 
 
@@ -173,7 +176,9 @@ def test_stop_interrupts_at_the_next_step_and_keeps_finished_images(studio):
     partial = [item for item in done.images if not item.finished]
     assert len(finished) == 1 and finished[0].path is not None
     assert len(partial) == 1 and partial[0].path is None and partial[0].steps_done == 3
-    assert any("Stopped" in message for message in done.messages)
+    assert "Stopped at step: 3" in partial[0].infotext and "Stopped at step" not in finished[0].infotext
+    assert any("Stopped: 1 finished image(s) kept, the unfinished one shown but not saved." == message
+               for message in done.messages)
 
 
 @pytest.mark.parametrize("width,height", [(100, 64), (64, 60)])
@@ -285,3 +290,9 @@ def test_img2img_crops_an_input_of_another_shape_instead_of_stretching_it_and_sa
     same_shape = studio.generate(Img2ImgRequest(**_basics(), init_image=Image.fromarray(wide[:, 32:96]),
                                                 strength=0.0))
     assert not any("cropped" in message for message in same_shape.messages)
+
+
+def test_a_size_past_twice_the_native_one_is_warned_about(studio):
+    done = studio.generate(request(width=136, height=64, steps=2))
+    assert any("more than twice this model's native size (64 px)" in message for message in done.messages)
+    assert not any("native size" in message for message in studio.generate(request(width=128, steps=2)).messages)

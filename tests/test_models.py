@@ -208,3 +208,17 @@ def test_switching_models_frees_the_old_vae_even_after_live_previews(studio, tin
 def _request(**overrides):
     from pipelines.tasks import Txt2ImgRequest
     return Txt2ImgRequest(**(dict(prompt="red apple", steps=2, width=64, height=64, seed=1) | overrides))
+
+
+def test_an_uncached_hub_id_fails_at_once_when_the_hub_cannot_be_reached(tmp_path, monkeypatch):
+    from pipelines import models as models_module
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    import huggingface_hub.constants as constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    probes = []
+    monkeypatch.setattr(models_module, "_hub_reachable", lambda: probes.append(1) or False)
+    with pytest.raises(ModelLoadError, match="'someone/not-a-model' is not in the local Hugging Face cache"):
+        manager(tmp_path).load("someone/not-a-model")
+    assert probes == [1]      # asked once whether the hub answers, and never tried to download

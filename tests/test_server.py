@@ -32,10 +32,11 @@ def server(tiny_model_dir, tmp_path_factory):
     outputs = tmp_path_factory.mktemp("outputs")
     args = launch.parse_args(["--model", str(tiny_model_dir), "--device", "cpu", "--outputs", str(outputs),
                               "--port", str(free_port())])
+    from studio.app import serve
+
     app, context = launch.build(args)
-    app.queue(default_concurrency_limit=1)
-    app.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=True, quiet=True,
-               allowed_paths=[str(outputs)])
+    serve(app, server_name=args.host, server_port=args.port, prevent_thread_lock=True, quiet=True,
+          allowed_paths=[str(outputs)])
     yield f"http://{args.host}:{args.port}/", context
     app.close()
 
@@ -68,6 +69,10 @@ def test_api_generates_an_image_with_metadata(server):
     _, img2img_text, _, img2img_job, *_ = client.predict(prompt="green apple", init_image=handle_file(str(saved[-1])),
                                                          strength=0.5, steps=4, api_name="/img2img")
     assert "Denoising strength: 0.5" in img2img_text and img2img_job != job_id
+
+    read_text, details, shown = client.predict(handle_file(str(saved[-1])), api_name="/png_info")
+    assert read_text == infotext and details["request"]["seed"] == 99
+    assert np.array_equal(np.asarray(Image.open(shown).convert("RGB")), np.asarray(Image.open(saved[-1]).convert("RGB")))
 
 
 def test_stop_cancels_the_job_it_names_and_no_other_clients(server):
@@ -238,3 +243,80 @@ def test_browser_inpaints_only_under_a_painted_stroke(server, browser, tmp_path)
     assert (result[:12] == red).all() and (result[-12:] == red).all()     # far above and below the stroke
     assert np.abs(result[28:36, 26:38] - red).mean() > 10                  # under the stroke's middle
     page.close()
+
+
+WHOLE_IMAGE = """e => { const r = e.getBoundingClientRect(); const area = e.closest('.studio-pixels').getBoundingClientRect();
+  return {inside_component: r.top >= area.top - 1 && r.bottom <= area.bottom + 1 && r.left >= area.left - 1
+                            && r.right <= area.right + 1,
+          on_screen: r.top >= 0 && r.bottom <= window.innerHeight,
+          scale: r.width / e.naturalWidth, aspect: (r.width / r.height) / (e.naturalWidth / e.naturalHeight)}; }"""
+
+
+@pytest.mark.parametrize("width,height", [(1400, 1000), (1920, 1080)])
+def test_browser_shows_a_generated_image_whole_and_every_tab_renders(server, browser, tmp_path, width, height):
+    url, _ = server
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.goto(url, wait_until="load")
+    assert "Drop" not in page.locator("#txt2img-gallery").inner_text()        # an output, not an upload box
+    page.locator("#txt2img-prompt textarea").fill("red apple")
+    page.locator("#txt2img-seed input").fill("31")
+    page.locator("#txt2img-generate").click()
+    page.locator("#txt2img-status").get_by_text("Seed 31").wait_for(timeout=120_000)
+    image = page.locator("#txt2img-gallery img").first
+    page.wait_for_function("e => e.complete && e.style.width", arg=image.element_handle())
+    shown = image.evaluate(WHOLE_IMAGE)
+    assert shown["inside_component"] and shown["on_screen"], shown
+    assert shown["scale"] >= 2 and shown["scale"] == int(shown["scale"]) and abs(shown["aspect"] - 1) < 0.01, shown
+    page.screenshot(path=str(tmp_path / f"txt2img-{width}.png"))
+    for tab in ("Image-to-Image", "Inpainting", "PNG Info", "Diffusion Explorer", "Models & memory"):
+        page.get_by_role("tab", name=tab).click()
+        page.screenshot(path=str(tmp_path / f"{tab.split()[0].lower()}-{width}.png"), full_page=True)
+        assert page.get_by_role("tab", name=tab).get_attribute("aria-selected") == "true"
+    page.close()
+
+
+def test_browser_keeps_the_last_images_when_a_generation_fails(server, browser, tiny_model_dir):
+    url, context = server
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url, wait_until="load")
+    page.locator("#txt2img-prompt textarea").fill("red apple")
+    page.locator("#txt2img-seed input").fill("32")
+    page.locator("#txt2img-generate").click()
+    page.locator("#txt2img-status").get_by_text("Seed 32").wait_for(timeout=120_000)
+    context.models.unload()
+    try:
+        page.locator("#txt2img-generate").click()
+        page.locator("#txt2img-status").get_by_text("Failed: No model is loaded").wait_for(timeout=60_000)
+        assert page.locator("#txt2img-gallery img").count() == 1               # the last image is still there
+        assert "Seed: 32" in page.locator("#txt2img-infotext textarea").input_value()
+        assert page.locator("#txt2img-gallery img").first.is_visible()
+    finally:
+        context.models.load(str(tiny_model_dir))
+    page.close()
+
+
+def test_browser_explorer_t_follows_a_typed_value_and_enter(server, browser):
+    url, _ = server
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url, wait_until="load")
+    page.get_by_role("tab", name="Diffusion Explorer").click()
+    caption = page.locator("#explorer-forward-caption")
+    caption.get_by_text("t = 250 of T = 1000").wait_for(timeout=60_000)      # opens on an example, already drawn
+    box = page.locator("#explorer-forward-t input[type=number]")
+    box.fill("600")
+    box.press("Enter")
+    caption.get_by_text("t = 600 of T = 1000").wait_for(timeout=60_000)
+    page.close()
+
+
+def test_the_idle_server_polls_its_queue_gently():
+    """Gradio's queue wakes every millisecond while idle (5.6% of a core here against 0.7%,
+    `python -m bench.idle`); the studio's `serve` makes it every 50 ms."""
+    from studio.app import IDLE_QUEUE_POLL_S, serve
+
+    app, _ = launch.build(launch.parse_args(["--model", "none", "--device", "cpu"]))
+    serve(app, server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        assert app._queue.sleep_when_free == app._queue.progress_update_sleep_when_free == IDLE_QUEUE_POLL_S >= 0.05
+    finally:
+        app.close()

@@ -132,7 +132,7 @@ def test_what_one_user_does_is_not_the_header_every_user_reads(app_on_tiny):
     assert "could not be loaded" not in context.status_markdown()      # loading a model ends the startup note
     handler(app, "unload_model")()
     header = context.status_markdown()
-    assert header.startswith("**No model loaded.** No model is loaded.")  # no other user's action in it
+    assert header.startswith("**No model loaded.** Load one in")       # no other user's action in it
 
 
 def test_after_a_model_loads_the_tabs_start_from_its_native_size(app_on_tiny, tiny_model_dir):
@@ -143,7 +143,8 @@ def test_after_a_model_loads_the_tabs_start_from_its_native_size(app_on_tiny, ti
     bigger.unet.register_to_config(sample_size=32)                    # 32 latent px × VAE factor 4 = 128 px
     context.models.adopt(bigger, context.models.current.source)
     updates = handler(app, "refresh")()
-    widths = {value for component, value in updates.items() if getattr(component, "label", "") == "Width"}
+    widths = {getattr(value, "value", value) for component, value in updates.items()
+              if getattr(component, "label", "") == "Width"}
     assert widths == {128}                                    # in Text-to-Image, Image-to-Image and Inpainting
     sizes = {value for component, value in updates.items() if getattr(component, "label", "") == "Size (px)"}
     assert sizes == {128}                                     # and the explorer

@@ -38,8 +38,12 @@ NOISE_CHOICES = [("ε_u (negative prompt)", "eps_uncond"), ("ε_c (prompt)", "ep
                  ("ε̂ (guided)", "eps_guided")]
 EXPORT_CHOICES = [("x_t", "x_t"), ("x̂_0", "x0_pred"), ("ε_u", "eps_uncond"), ("ε_c", "eps_cond"),
                   ("ε̂", "eps_guided")]
-DEVICE_QUEUE = {"concurrency_id": "device", "concurrency_limit": 1}
+# Gradio's progress overlay is off (the status lines report progress): on an error it would replace the
+# shown images with "Error" badges.
+DEVICE_QUEUE = {"concurrency_id": "device", "concurrency_limit": 1, "show_progress": "hidden"}
 PRIVATE = {"api_visibility": "private"}
+# Small images shown whole and enlarged by whole numbers (studio/app.py's CSS and script), saved as PNG
+PIXELS = {"elem_classes": ["studio-pixels"], "format": "png"}
 
 
 # ----------------------------------------------------------------------------- the components
@@ -176,8 +180,10 @@ def _layout_forward() -> ForwardTab:
                 "$\\bar\\alpha_t$ changes as you move $t$.", latex_delimiters=reverse.LATEX_DELIMITERS)
     with gr.Row():
         with gr.Column(scale=2):
-            image = gr.Image(label="Your image", type="pil", height=256, elem_id="explorer-forward-image")
             examples = sorted(EXAMPLES_DIR.glob("*.png")) if EXAMPLES_DIR.is_dir() else []
+            # opens on an example, so the view and the plots are there before anything is uploaded
+            image = gr.Image(value=str(examples[0]) if examples else None, label="Your image", type="pil",
+                             height=256, elem_id="explorer-forward-image", format="png")
             if examples:
                 gr.Examples([[str(path)] for path in examples], inputs=[image], label="Example images")
             schedules = gr.CheckboxGroup(list(forward.SCHEDULE_NAMES), value=["linear", "cosine"],
@@ -192,9 +198,9 @@ def _layout_forward() -> ForwardTab:
         with gr.Column(scale=3):
             with gr.Row():
                 pixel = gr.Image(label="x_t in pixel space", interactive=False, height=256,
-                                 elem_id="explorer-forward-pixel")
+                                 elem_id="explorer-forward-pixel", **PIXELS)
                 latent = gr.Image(label="x_t in latent space (decoded by the model's VAE)", interactive=False,
-                                  height=256, elem_id="explorer-forward-latent")
+                                  height=256, elem_id="explorer-forward-latent", **PIXELS)
             caption = gr.Markdown(elem_id="explorer-forward-caption")
             _formulas(forward.FORMULAS)
     plot = gr.Plot(label="Schedules", elem_id="explorer-forward-plot")
@@ -204,8 +210,8 @@ def _layout_forward() -> ForwardTab:
         export_gif = gr.Button("Export GIF", elem_id="explorer-forward-gif")
         export_mp4 = gr.Button("Export MP4", elem_id="explorer-forward-mp4")
     with gr.Row():
-        closed_mean = gr.Image(label="Mean over draws: closed form", interactive=False, height=160)
-        chain_mean = gr.Image(label="Mean over draws: Markov chain", interactive=False, height=160)
+        closed_mean = gr.Image(label="Mean over draws: closed form", interactive=False, height=200, **PIXELS)
+        chain_mean = gr.Image(label="Mean over draws: Markov chain", interactive=False, height=200, **PIXELS)
         moments = gr.Markdown(elem_id="explorer-forward-moments")
     animation = gr.File(label="Animation", elem_id="explorer-forward-file")
     return ForwardTab(inputs={"image": image, "schedule_names": schedules, "num_steps": num_steps, "t": t,
@@ -215,9 +221,7 @@ def _layout_forward() -> ForwardTab:
                       export_mp4=export_mp4, animation=animation)
 
 
-def _wire_forward(explorer: Explorer, tab: ForwardTab) -> None:
-    controls = tab.inputs
-
+def _forward_handler(explorer: Explorer, tab: ForwardTab):
     @user_errors
     def show_forward(image, **settings) -> dict:
         if image is None:
@@ -226,17 +230,32 @@ def _wire_forward(explorer: Explorer, tab: ForwardTab) -> None:
         view = explorer.forward_view(image, **settings)
         return {tab.pixel: view.x_t, tab.latent: view.latent_x_t, tab.plot: view.schedule_figure,
                 tab.histogram: view.histogram, tab.caption: view.caption}
+    return show_forward
 
-    for trigger in (controls["image"].change, controls["schedule_names"].change, controls["num_steps"].release,
-                    controls["t"].release, controls["seed"].change):
-        trigger(show_forward, inputs_kwargs=controls, outputs=tab.view, **PRIVATE, **DEVICE_QUEUE)
+
+def wire_explorer_load(app: gr.Blocks, tab: "ExplorerTab") -> None:
+    """The forward view is drawn for the example image it opens on as soon as the page loads."""
+    app.load(_forward_handler(tab.explorer, tab.forward), inputs_kwargs=tab.forward.inputs, outputs=tab.forward.view,
+             **PRIVATE, **DEVICE_QUEUE)
+
+
+def _wire_forward(explorer: Explorer, tab: ForwardTab) -> None:
+    controls = tab.inputs
+    show_forward = _forward_handler(explorer, tab)
+
+    # `change` (typing a number and Enter, arrow keys, dragging) rather than `release` (the mouse alone);
+    # while dragging only the latest value is rendered
+    for trigger in (controls["image"].change, controls["schedule_names"].change, controls["num_steps"].change,
+                    controls["t"].change, controls["seed"].change):
+        trigger(show_forward, inputs_kwargs=controls, outputs=tab.view, trigger_mode="always_last", **PRIVATE,
+                **DEVICE_QUEUE)
 
     def t_range(num_steps, t) -> dict:
         last = int(num_steps) - 1
         return {controls["t"]: gr.Slider(maximum=last, value=min(int(t), last))}
 
-    controls["num_steps"].release(t_range, inputs_kwargs={"num_steps": controls["num_steps"], "t": controls["t"]},
-                                  outputs={controls["t"]}, **PRIVATE)
+    controls["num_steps"].change(t_range, inputs_kwargs={"num_steps": controls["num_steps"], "t": controls["t"]},
+                                 outputs={controls["t"]}, trigger_mode="always_last", **PRIVATE)
 
 
 def _wire_markov(explorer: Explorer, tab: ForwardTab) -> None:
@@ -253,7 +272,7 @@ def _wire_markov(explorer: Explorer, tab: ForwardTab) -> None:
 def _moments_table(check: MarkovCheck) -> str:
     closed, chain = check.closed_form, check.markov_chain
     return (f"{check.draws} draws of a {check.side_px}-px copy, t = {check.t}\n\n"
-            "| | closed form | Markov chain | theory |\n|---|---|---|---|\n"
+            "| | closed form | Markov chain | in theory |\n|:--|--:|--:|--:|\n"
             f"| mean \\|mean − √ᾱ·x₀\\| | {closed.mean_error:.4f} | {chain.mean_error:.4f} | 0 |\n"
             f"| mean variance | {closed.variance:.4f} | {chain.variance:.4f} | {check.theory_variance:.4f} |")
 
@@ -318,12 +337,13 @@ def _layout_player() -> Player:
                           elem_id="explorer-noise-kind")
     info = gr.Markdown(elem_id="explorer-step-info")
     with gr.Row():
-        x_t = gr.Image(label="x_t (what the UNet sees)", interactive=False, height=256, elem_id="explorer-frame")
-        x0_pred = gr.Image(label="x̂_0 (its guess of the clean image)", interactive=False, height=256,
+        x_t = gr.Image(label="x_t (what the UNet sees)", interactive=False, height=256, elem_id="explorer-frame",
+                       **PIXELS)
+        x0_pred = gr.Image(label="x̂_0 (its guess of the clean image)", interactive=False, height=256, **PIXELS,
                            elem_id="explorer-x0")
-        noise = gr.Image(label="Noise prediction, |ε| per pixel", interactive=False, height=256,
+        noise = gr.Image(label="Noise prediction, |ε| per pixel", interactive=False, height=256, **PIXELS,
                          elem_id="explorer-noise")
-        final = gr.Image(label="Final image", interactive=False, height=256, elem_id="explorer-final")
+        final = gr.Image(label="Final image", interactive=False, height=256, elem_id="explorer-final", **PIXELS)
     return Player(step=step, previous=previous, play=play, pause=pause, following=following, noise_kind=noise_kind,
                   info=info, x_t=x_t, x0_pred=x0_pred, noise=noise, final=final,
                   timer=gr.Timer(PLAY_INTERVAL_S, active=False), playing=gr.State(False))
@@ -342,9 +362,11 @@ def _layout_branch() -> BranchPanel:
         button = gr.Button("Branch at this step", variant="primary", elem_id="explorer-branch")
         scrub = gr.Button("Scrub the branch", elem_id="explorer-branch-scrub")
     with gr.Row():
-        original = gr.Image(label="Original", interactive=False, elem_id="explorer-branch-original")
-        result = gr.Image(label="Branch", interactive=False, elem_id="explorer-branch-result")
-        difference = gr.Image(label="Difference (×4)", interactive=False, elem_id="explorer-branch-difference")
+        original = gr.Image(label="Original", interactive=False, elem_id="explorer-branch-original", height=256,
+                            **PIXELS)
+        result = gr.Image(label="Branch", interactive=False, elem_id="explorer-branch-result", height=256, **PIXELS)
+        difference = gr.Image(label="Difference (×4)", interactive=False, elem_id="explorer-branch-difference",
+                              height=256, **PIXELS)
     status = gr.Markdown(elem_id="explorer-branch-status")
     return BranchPanel(changes=changes, button=button, scrub=scrub, original=original, result=result,
                        difference=difference, status=status)
@@ -366,7 +388,7 @@ def _layout_compare() -> ComparePanel:
         inputs["reference_steps"] = gr.Slider(1, MAX_STEPS, value=100, step=1, label="Reference steps")
         button = gr.Button("Compare", variant="primary", elem_id="explorer-compare")
     status = gr.Markdown(elem_id="explorer-compare-status")
-    grid = gr.Image(label="Comparison", interactive=False, elem_id="explorer-compare-grid")
+    grid = gr.Image(label="Comparison", interactive=False, elem_id="explorer-compare-grid", format="png")
     table = gr.Dataframe(headers=list(reverse.COMPARE_COLUMNS), interactive=False, elem_id="explorer-compare-table")
     return ComparePanel(inputs=inputs, button=button, status=status, grid=grid, table=table)
 
@@ -423,7 +445,8 @@ def _wire_record(explorer: Explorer, tab: ReverseTab) -> None:
         if trace is None:
             return
         recorded = trace.request
-        summary = "  \n".join([f"Recorded {trace.num_steps} steps · seed {recorded.seed} · "
+        summary = "  \n".join([f"Recorded {trace.num_steps} UNet evaluations (steps 0–{trace.num_steps - 1}) · "
+                                f"seed {recorded.seed} · "
                                f"{recorded.sampler}, CFG {recorded.guidance_scale:g}", *trace.notes])
         yield {tab.trace: trace, player.step: _step_slider(trace, 0),
                **_views(player, explorer.step_views(trace, 0, noise_kind)), player.final: trace.final_image,

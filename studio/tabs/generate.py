@@ -31,7 +31,9 @@ from studio.errors import user_errors
 # Generations are hardly held in Gradio's queue: each becomes a job at once, and the device worker runs
 # jobs one at a time (pipelines/jobs.py), so a waiting generation already has a job id to stop it by.
 # The limit only keeps handlers that follow their jobs from taking every one of Gradio's threads.
-JOB_QUEUE = {"concurrency_id": "jobs", "concurrency_limit": 16}
+# Progress shows in the status line and the previews; Gradio's own overlay is off because it replaces
+# the shown images with "Error" badges when a generation fails, and the last images should stay.
+JOB_QUEUE = {"concurrency_id": "jobs", "concurrency_limit": 16, "show_progress": "hidden"}
 
 
 @dataclass
@@ -111,9 +113,16 @@ def _sampling_controls(task: str, defaults: dict) -> dict:
                                                label="CFG scale", info="1 turns guidance (and its extra pass) off")
         controls["guidance_rescale"] = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="Guidance rescale")
     with gr.Row():
-        controls["width"] = gr.Slider(64, MAX_SIDE, value=defaults.get("width", 512), step=8, label="Width")
-        controls["height"] = gr.Slider(64, MAX_SIDE, value=defaults.get("height", 512), step=8, label="Height")
+        native = size_hint(defaults.get("native_side"))
+        controls["width"] = gr.Slider(64, MAX_SIDE, value=defaults.get("width", 512), step=8, label="Width",
+                                      info=native)
+        controls["height"] = gr.Slider(64, MAX_SIDE, value=defaults.get("height", 512), step=8, label="Height",
+                                       info=native)
     return controls
+
+
+def size_hint(native_side: int | None) -> str | None:
+    return None if native_side is None else f"the model's native size is {native_side} px; past twice it, it repeats"
 
 
 def build_generation_tab(context: StudioContext, task: str, defaults: dict,
@@ -124,9 +133,10 @@ def build_generation_tab(context: StudioContext, task: str, defaults: dict,
     controls: dict[str, gr.components.Component] = {}
     with gr.Row():
         with gr.Column(scale=3):
-            controls["prompt"] = gr.Textbox(label="Prompt", lines=2, placeholder="e.g. red apple",
+            controls["prompt"] = gr.Textbox(label="Prompt", lines=2, max_lines=6, placeholder="e.g. red apple",
                                             elem_id=f"{task}-prompt")
-            controls["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=1, elem_id=f"{task}-negative")
+            controls["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=1, max_lines=4,
+                                                     elem_id=f"{task}-negative")
         with gr.Column(scale=1, min_width=160):
             generate = gr.Button("Generate", variant="primary", elem_id=f"{task}-generate")
             stop = gr.Button("Stop", variant="stop", elem_id=f"{task}-stop")
@@ -146,8 +156,9 @@ def build_generation_tab(context: StudioContext, task: str, defaults: dict,
                 controls["preview_every"] = gr.Slider(0, 50, value=defaults.get("preview_every", 1), step=1,
                                                       label="Preview every N steps", info="0 = off")
         with gr.Column(scale=3):
-            gallery = gr.Gallery(label="Images", columns=2, height=420, object_fit="contain",
-                                 elem_id=f"{task}-gallery", format="png")
+            gallery = gr.Gallery(label="Images", columns=3, height=460, object_fit="contain", allow_preview=False,
+                                 elem_id=f"{task}-gallery", elem_classes=["studio-pixels"], format="png",
+                                 interactive=False)
             status = gr.Markdown(elem_id=f"{task}-status")
             infotext = gr.Textbox(label="Generation parameters", lines=4, elem_id=f"{task}-infotext",
                                   buttons=["copy"])
@@ -256,6 +267,9 @@ def _job_results(tab: GenerationTab, job: Job) -> Iterator[dict]:
     except JobCancelled:
         yield {tab.status: "Stopped before it started."}
         return
+    except Exception as error:      # said in the status line too, then raised for the error boundary
+        yield {tab.status: f"**Failed:** {error}"}
+        raise
     if done is None:
         yield {tab.status: "That generation finished a while ago; its images are in the outputs folder."}
         return
@@ -263,9 +277,10 @@ def _job_results(tab: GenerationTab, job: Job) -> Iterator[dict]:
 
 
 def done_results(tab: GenerationTab, done: GenerationDone) -> dict:
-    summary = f"Seed {done.seed} · {len(done.images)} image(s)"
-    if done.images and done.images[0].path:
-        summary += f" · saved as `{done.images[0].path}`" + (" …" if len(done.images) > 1 else "")
+    saved = [item.path for item in done.images if item.path]
+    summary = f"Seed {done.seed} · {sum(item.finished for item in done.images)} image(s)"
+    if saved:
+        summary += f" · saved as `{saved[0]}`" + (" …" if len(saved) > 1 else "")
     texts = [item.infotext for item in done.images]
     return {tab.gallery: [(item.path or item.image, _caption(item)) for item in done.images],
             tab.infotext: texts[0] if texts else "", tab.status: "  \n".join([summary, *done.messages]),

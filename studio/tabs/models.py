@@ -74,6 +74,8 @@ def build_models_tab(context: StudioContext, *, header: gr.Markdown) -> ModelsTa
         return both(context.status_markdown())
 
     loaded = load.click(load_model, inputs=[picker, custom], outputs=statuses, api_name="load_model", **DEVICE_QUEUE)
+    # whatever happened (a failed load keeps the model that was there), the status says what is loaded now
+    loaded.then(lambda: both(context.status_markdown()), outputs=statuses, api_visibility="private")
     unload.click(unload_model, outputs=statuses, api_name="unload_model", **DEVICE_QUEUE)
     mode.change(change_mode, inputs=mode, outputs=statuses, api_visibility="private", **DEVICE_QUEUE)
     refresh.click(lambda: gr.Dropdown(choices=local_choices(context)), outputs=picker, api_visibility="private")

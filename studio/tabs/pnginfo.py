@@ -25,7 +25,10 @@ def build_pnginfo_tab() -> PngInfoTab:
     gr.Markdown("Drop a PNG made by this studio or by AUTOMATIC1111: its parameters appear below and can be "
                 "sent back to a tab.")
     with gr.Row():
-        upload = gr.File(label="PNG file", file_types=[".png"], type="filepath", elem_id="pnginfo-file")
+        with gr.Column():
+            upload = gr.File(label="PNG file", file_types=[".png"], type="filepath", elem_id="pnginfo-file")
+            shown = gr.Image(label="The image", interactive=False, height=256, elem_id="pnginfo-image",
+                             elem_classes=["studio-pixels"], format="png")
         with gr.Column():
             infotext = gr.Textbox(label="Parameters", lines=6, elem_id="pnginfo-infotext")
             details = gr.JSON(label="Full request and library versions (this studio's PNGs only)")
@@ -37,12 +40,12 @@ def build_pnginfo_tab() -> PngInfoTab:
     @user_errors
     def read(path):
         if not path:
-            return {infotext: "", details: None}
+            return {infotext: "", details: None, shown: None}
         text, extra = read_png_metadata(path)
         if text is None:
             gr.Warning("This PNG carries no generation parameters.")
-        return {infotext: text or "", details: json.loads(json.dumps(extra)) if extra else None}
+        return {infotext: text or "", details: json.loads(json.dumps(extra)) if extra else None, shown: path}
 
-    upload.change(read, inputs=upload, outputs=[infotext, details], api_name="png_info")
+    upload.change(read, inputs=upload, outputs=[infotext, details, shown], api_name="png_info")
     return PngInfoTab(file=upload, infotext=infotext, to_txt2img=to_txt2img, to_img2img=to_img2img,
                       to_inpaint=to_inpaint)

@@ -131,6 +131,17 @@ def browser():
         chromium.close()
 
 
+def _page_with_an_image(browser, url: str, seed: int, *, width: int = 1400, height: int = 1000):
+    """A fresh page on the studio that has generated "red apple" with `seed` in Text-to-Image."""
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.goto(url, wait_until="load")
+    page.locator("#txt2img-prompt textarea").fill("red apple")
+    page.locator("#txt2img-seed input").fill(str(seed))
+    page.locator("#txt2img-generate").click()
+    page.locator("#txt2img-status").get_by_text(f"Seed {seed}").wait_for(timeout=120_000)
+    return page
+
+
 def _gallery_image(page) -> Image.Image:
     image = page.locator("#txt2img-gallery img").first
     image.wait_for(state="visible", timeout=60_000)
@@ -139,12 +150,7 @@ def _gallery_image(page) -> Image.Image:
 
 def test_browser_generates_an_image_with_previews_and_stop_works(server, browser, tmp_path):
     url, _ = server
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(url, wait_until="load")
-    page.locator("#txt2img-prompt textarea").fill("red apple")
-    page.locator("#txt2img-seed input").fill("4242")
-    page.locator("#txt2img-generate").click()
-    page.locator("#txt2img-status").get_by_text("Seed 4242").wait_for(timeout=120_000)
+    page = _page_with_an_image(browser, url, 4242)
     image = _gallery_image(page)
     page.screenshot(path=str(tmp_path / "studio.png"))
     assert np.asarray(image, dtype=np.float32).std() > 2.0, "the gallery image is blank"
@@ -255,13 +261,8 @@ WHOLE_IMAGE = """e => { const r = e.getBoundingClientRect(); const area = e.clos
 @pytest.mark.parametrize("width,height", [(1400, 1000), (1920, 1080)])
 def test_browser_shows_a_generated_image_whole_and_every_tab_renders(server, browser, tmp_path, width, height):
     url, _ = server
-    page = browser.new_page(viewport={"width": width, "height": height})
-    page.goto(url, wait_until="load")
+    page = _page_with_an_image(browser, url, 31, width=width, height=height)
     assert "Drop" not in page.locator("#txt2img-gallery").inner_text()        # an output, not an upload box
-    page.locator("#txt2img-prompt textarea").fill("red apple")
-    page.locator("#txt2img-seed input").fill("31")
-    page.locator("#txt2img-generate").click()
-    page.locator("#txt2img-status").get_by_text("Seed 31").wait_for(timeout=120_000)
     image = page.locator("#txt2img-gallery img").first
     page.wait_for_function("e => e.complete && e.style.width", arg=image.element_handle())
     shown = image.evaluate(WHOLE_IMAGE)
@@ -277,12 +278,7 @@ def test_browser_shows_a_generated_image_whole_and_every_tab_renders(server, bro
 
 def test_browser_keeps_the_last_images_when_a_generation_fails(server, browser, tiny_model_dir):
     url, context = server
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(url, wait_until="load")
-    page.locator("#txt2img-prompt textarea").fill("red apple")
-    page.locator("#txt2img-seed input").fill("32")
-    page.locator("#txt2img-generate").click()
-    page.locator("#txt2img-status").get_by_text("Seed 32").wait_for(timeout=120_000)
+    page = _page_with_an_image(browser, url, 32)
     context.models.unload()
     try:
         page.locator("#txt2img-generate").click()

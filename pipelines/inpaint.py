@@ -49,6 +49,8 @@ PREFILLS = ("edge", "blur")
 MAX_MASK_BLUR = 64
 MAX_PADDING = 512
 MAX_EXTEND = 1024
+MAX_IMAGE_PIXELS = 16_000_000          # 4000 × 4000: larger inputs are refused before any work
+MAX_XRAY_SIDE_PX = 1024
 XRAY_COLOURS = {"masked": (255, 64, 64), "dilated": (255, 200, 0)}
 
 
@@ -60,6 +62,18 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 def _check_range(name: str, value, low: int, high: int, unit: str = "px") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ValueError(f"`{name}` must be a whole number of {unit} from {low} to {high} but is {value!r}.")
+
+
+def _check_pixels(image: Image.Image) -> None:
+    if image.width * image.height > MAX_IMAGE_PIXELS:
+        raise ValueError(f"The image is {image.width}×{image.height}; at most {MAX_IMAGE_PIXELS / 1e6:g} megapixels "
+                         "are taken. Scale it down first.")
+
+
+def _full_cells(mask: np.ndarray, factor: int) -> np.ndarray:
+    """Latent cells that `mask` (> 0) covers completely (a min-pool)."""
+    binary = torch.from_numpy((mask > 0).astype(np.float32))[None, None]
+    return -F.max_pool2d(-binary, factor)[0, 0].numpy()
 
 
 def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
@@ -96,6 +110,7 @@ class InpaintRequest(SamplingSettings):
     """Repaint what `mask` covers (white = repaint) in `init_image`, of any size; the rest stays as it was."""
 
     task: ClassVar[str] = "inpaint"
+    prompt: str = ""                        # the image and the mask are what inpainting cannot do without
     init_image: Image.Image = field(repr=False)
     mask: Image.Image = field(repr=False)
     mask_blur: int = 4
@@ -113,6 +128,7 @@ class InpaintRequest(SamplingSettings):
             if not isinstance(getattr(self, name), Image.Image):
                 what = "an input image" if name == "init_image" else "a mask (white = repaint; paint one or upload one)"
                 raise ValueError(f"Inpainting needs {what} as `{name}`.")
+        _check_pixels(self.init_image)
         _check_range("mask_blur", self.mask_blur, 0, MAX_MASK_BLUR)
         _check_range("only_masked_padding", self.only_masked_padding, 0, MAX_PADDING)
         _check_choice("mask_mode", self.mask_mode, MASK_MODES)
@@ -150,10 +166,18 @@ class InpaintRequest(SamplingSettings):
             mask = np.asarray(self.repaint_mask(), dtype=np.float32) / 255.0
             if self.mask_blur == 0:
                 return mask
-            grey = self.repaint_mask()
+            # only around the mask: elsewhere the alpha is 0, and a big image with a small mask stays cheap
+            rows, columns = np.nonzero(mask)
+            margin = self.mask_blur + 1
+            top, left = max(int(rows.min()) - margin, 0), max(int(columns.min()) - margin, 0)
+            bottom, right = int(rows.max()) + 1 + margin, int(columns.max()) + 1 + margin
+            near = mask[top:bottom, left:right]
+            grey = Image.fromarray((near * 255).astype(np.uint8))
             blurred = np.asarray(grey.filter(ImageFilter.GaussianBlur(self.mask_blur / 3)), dtype=np.float32) / 255.0
-            reach = ndimage.distance_transform_edt(mask == 0) <= self.mask_blur
-            return np.where(reach, np.maximum(blurred, mask), 0.0).astype(np.float32)
+            reach = ndimage.distance_transform_edt(near == 0) <= self.mask_blur
+            alpha = np.zeros_like(mask)
+            alpha[top:bottom, left:right] = np.where(reach, np.maximum(blurred, near), 0.0)
+            return alpha
         return self._once("alpha", compute)
 
     def box(self) -> tuple[int, int, int, int]:
@@ -182,8 +206,7 @@ class InpaintRequest(SamplingSettings):
             soft = crop_mask.filter(ImageFilter.GaussianBlur(self.mask_blur / 2)) if self.mask_blur else crop_mask
             repaint = np.asarray(soft, dtype=np.float32) / 255.0
         latent_mask = _latent_pool(repaint, vae_scale_factor)
-        full_cells = -F.max_pool2d(-torch.from_numpy(binary)[None, None], vae_scale_factor)[0, 0].numpy()
-        cells_dilated = int((latent_mask > 0).sum() - (full_cells > 0).sum())
+        cells_dilated = int((latent_mask > 0).sum() - (_full_cells(binary, vae_scale_factor) > 0).sum())
         return Region(box=box, image=crop_image, mask=repaint, latent_mask=latent_mask, cells_dilated=cells_dilated)
 
     # -- the task's answers -----------------------------------------------------------------------
@@ -194,6 +217,11 @@ class InpaintRequest(SamplingSettings):
                          f"{self.init_image.width}×{self.init_image.height}: the mask was resized to the image.")
         if self.strength == 0.0:
             notes.append("Strength 0 keeps the input image unchanged.")
+        left, top, right, bottom = self.box()
+        box_aspect, wanted = (right - left) / (bottom - top), self.width / self.height
+        if self.inpaint_area == "Only masked" and abs(box_aspect / wanted - 1) > 0.02:
+            notes.append(f"The box around the mask ({right - left}×{bottom - top}) cannot grow to the shape of "
+                         f"{self.width}×{self.height} inside the image, so it is stretched to it and back.")
         return notes
 
     def unchanged_image(self) -> Image.Image | None:
@@ -225,6 +253,7 @@ class OutpaintRequest(SamplingSettings):
     inpainted together with an `overlap` band of the original, whose region comes back unchanged."""
 
     task: ClassVar[str] = "outpaint"
+    prompt: str = ""
     init_image: Image.Image = field(repr=False)
     left: int = 0
     right: int = 0
@@ -249,7 +278,13 @@ class OutpaintRequest(SamplingSettings):
                              "are all 0.")
         _check_range("overlap", self.overlap, 0, min(self.init_image.size))
         _check_choice("prefill", self.prefill, PREFILLS)
-        self.as_inpainting()   # checks the rest (blur, area, padding, strength) as inpainting does
+        _check_range("mask_blur", self.mask_blur, 0, MAX_MASK_BLUR)
+        _check_range("only_masked_padding", self.only_masked_padding, 0, MAX_PADDING)
+        _check_choice("inpaint_area", self.inpaint_area, INPAINT_AREAS)
+        if not 0.0 <= self.strength <= 1.0:
+            raise ValueError(f"`strength` must be between 0 and 1 but is {self.strength}.")
+        width, height = self.init_image.size
+        _check_pixels(Image.new("1", (width + self.left + self.right, height + self.top + self.bottom)))
 
     def canvas(self) -> tuple[Image.Image, Image.Image]:
         """The extended canvas with its new area pre-filled, and the mask (new area + overlap band)."""
@@ -276,7 +311,7 @@ class OutpaintRequest(SamplingSettings):
             return InpaintRequest(**shared, init_image=canvas, mask=mask, mask_blur=self.mask_blur,
                                   masked_content="original", inpaint_area=self.inpaint_area,
                                   only_masked_padding=self.only_masked_padding, strength=self.strength)
-        if "inpainting" not in self._derived:
+        if "inpainting" not in self._derived:    # built when first needed: `replace` makes fresh requests
             self._derived["inpainting"] = compute()
         return self._derived["inpainting"]
 
@@ -289,10 +324,21 @@ class OutpaintRequest(SamplingSettings):
         self.as_inpainting().check_steps()
 
     def composite(self, image: Image.Image) -> Image.Image:
-        """The inpainted canvas, with the original pasted back over its region, bit for bit."""
-        result = self.as_inpainting().composite(image)
-        result.paste(self.init_image.convert("RGB"), (self.left, self.top))
-        return result
+        """The inpainted canvas with the original pasted back over its region, bit for bit. The overlap band
+        was repainted so that the new area continues the picture; the seam at the original's edge is then
+        feathered on the new side: over `mask_blur` px the new area fades from the pre-fill (which continues
+        the original's edge) to what was generated."""
+        inpainting = self.as_inpainting()
+        generated = np.asarray(inpainting.composite(image), dtype=np.float32)
+        prefilled = np.asarray(inpainting.init_image, dtype=np.float32)
+        original_area = np.zeros(generated.shape[:2], dtype=bool)
+        width, height = self.init_image.size
+        original_area[self.top:self.top + height, self.left:self.left + width] = True
+        distance = ndimage.distance_transform_edt(~original_area)       # px from the original region
+        weight = np.clip(distance / max(self.mask_blur, 1), 0.0, 1.0)[..., None]
+        result = np.round(prefilled * (1 - weight) + generated * weight).astype(np.uint8)
+        result[self.top:self.top + height, self.left:self.left + width] = np.asarray(self.init_image.convert("RGB"))
+        return Image.fromarray(result)
 
 
 def _mask_values(mask: Image.Image) -> Image.Image:
@@ -320,17 +366,17 @@ def crop_box(mask: np.ndarray, *, padding: int, aspect: float, image_size: tuple
     return left, top, left + box_width, top + box_height
 
 
-def mask_xray(request: InpaintRequest, vae_scale_factor: int, *, scale: int = 4) -> tuple[Image.Image, str]:
+def mask_xray(request: InpaintRequest, vae_scale_factor: int) -> tuple[Image.Image, str]:
     """The mask the UNet sees: the region at the processing size, enlarged, with each latent cell that
     is repainted tinted (red: the mask fills it; amber: only touched, dilated by the pooling) and the grid."""
     region = request.region(vae_scale_factor)
     width, height = region.image.size
+    scale = max(1, min(4, MAX_XRAY_SIDE_PX // max(width, height)))
     picture = region.image.resize((width * scale, height * scale), Image.Resampling.NEAREST).convert("RGBA")
     overlay = Image.new("RGBA", picture.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(overlay)
     cell = vae_scale_factor * scale
-    full = -F.max_pool2d(-torch.from_numpy((region.mask > 0).astype(np.float32))[None, None],
-                         vae_scale_factor)[0, 0].numpy()
+    full = _full_cells(region.mask, vae_scale_factor)
     for row, column in zip(*np.nonzero(region.latent_mask > 0)):
         colour = XRAY_COLOURS["masked" if full[row, column] > 0 else "dilated"]
         strength = int(80 + 100 * float(region.latent_mask[row, column]))
@@ -373,6 +419,10 @@ def run_inpaint(call, batch_index: int, *, generators=None, latents=None, callba
     """The inpainting task's loop for one batch (the `Task.run` of pipelines/tasks.py); latents out."""
     request, pipeline = call.request.as_inpainting(), call.pipeline
     unet, vae, scheduler = pipeline.unet, pipeline.vae, pipeline.scheduler
+    if unet.config.addition_embed_type is not None:
+        raise ValueError(f"Inpainting here takes SD 1.x/2.x-style models; {call.model.name} adds "
+                         f"`{unet.config.addition_embed_type}` embeddings to its UNet (SDXL and kin), which this loop "
+                         "does not give it yet.")
     device, dtype, batch = call.device, unet.dtype, request.batch_size
     generators = generators or call.generators(batch_index)
 
@@ -394,8 +444,10 @@ def run_inpaint(call, batch_index: int, *, generators=None, latents=None, callba
     elif request.masked_content == "latent nothing":
         start = image_latents * (1 - latent_mask)
     if latents is None:
-        latents = noise * scheduler.init_noise_sigma if request.strength >= 1.0 else \
-            scheduler.add_noise(start, noise, timesteps[:1])
+        # at full strength "original" starts from pure noise, as diffusers does; the other contents are noised
+        # like any start, so what they put under the mask still shows through at the first step
+        full_noise = request.strength >= 1.0 and request.masked_content == "original"
+        latents = noise * scheduler.init_noise_sigma if full_noise else scheduler.add_noise(start, noise, timesteps[:1])
 
     # 4. The loop: a 9-channel UNet sees the mask and the masked image; a 4-channel one is re-anchored
     extra = None
@@ -407,7 +459,7 @@ def run_inpaint(call, batch_index: int, *, generators=None, latents=None, callba
     pipeline._num_timesteps, pipeline._interrupt = len(timesteps), False
     for index, t in enumerate(timesteps):
         latents = denoiser.step(latents, t, extra_channels=extra).latents
-        if extra is None:
+        if extra is None or request.soft_inpainting:   # a 9-channel UNet needs no re-anchoring, but soft does
             last = index == len(timesteps) - 1
             known = image_latents if last else scheduler.add_noise(image_latents, noise, timesteps[index + 1:index + 2])
             keep = latent_mask

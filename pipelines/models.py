@@ -319,15 +319,12 @@ def _from_hub(source: ModelSource, *, dtype, use_safetensors) -> DiffusionPipeli
 
 
 def _hub_reachable() -> bool:
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-    host = urlparse(constants.ENDPOINT).hostname
+    """Whether the hub answers within a few seconds (through the hub client's own session and proxies)."""
+    from huggingface_hub import constants, get_session
     try:
-        with socket.create_connection((host, 443), timeout=HUB_PROBE_TIMEOUT_S):
-            return True
-    except OSError:
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
+        return True
+    except Exception:  # any failure to get an answer means: do not wait for the download to fail
         return False
 
 

@@ -40,7 +40,12 @@ HEAD = """<script>
     img.style.height = Math.round(img.naturalHeight * scale) + "px";
     img.style.imageRendering = scale >= 2 ? "pixelated" : "auto";
   }
-  const fitAll = () => document.querySelectorAll(".studio-pixels img").forEach(fitPixels);
+  let pending = false;     // at most one pass per frame, however many changes come in
+  const fitAll = () => {
+    if (pending) return;
+    pending = true;
+    requestAnimationFrame(() => { pending = false; document.querySelectorAll(".studio-pixels img").forEach(fitPixels); });
+  };
   new MutationObserver(fitAll).observe(document.documentElement, {subtree: true, childList: true,
                                                                    attributes: true, attributeFilter: ["src"]});
   document.addEventListener("load", (event) => { if (event.target.tagName === "IMG") fitAll(); }, true);
@@ -116,10 +121,16 @@ def _wire_send_to(button: gr.Button, txt2img: GenerationTab, target: GenerationT
         image = item[0] if isinstance(item, (list, tuple)) else item.get("image", item)
         image = getattr(image, "path", None) or (image.get("path") if isinstance(image, dict) else image)
         settings = settings_from_infotext(texts[index], target) if texts and index < len(texts) else {}
-        return {target.own.image_input: image, **settings, tabs: gr.Tabs(selected=target.task)}
+        return {target.own.image_input: image, **settings, **_cleared_page(target), tabs: gr.Tabs(selected=target.task)}
 
     button.click(user_errors(selected_image), inputs=[txt2img.gallery, txt2img.selected, txt2img.infotexts],
-                 outputs={target.own.image_input, *target.controls.values(), tabs}, api_visibility="private")
+                 outputs={target.own.image_input, *target.controls.values(), *target.own.page.values(), tabs},
+                 api_visibility="private")
+
+
+def _cleared_page(tab: GenerationTab) -> dict:
+    """A new image empties the tab's other page inputs (an uploaded mask belongs to the old image)."""
+    return {component: None for component in tab.own.page.values() if component is not tab.own.image_input}
 
 
 def _wire_pnginfo(pnginfo, generation_tabs: tuple[GenerationTab, ...], tabs: gr.Tabs) -> None:
@@ -128,10 +139,11 @@ def _wire_pnginfo(pnginfo, generation_tabs: tuple[GenerationTab, ...], tabs: gr.
         def restore(text, path, tab=tab):
             values = {**settings_from_infotext(text, tab), tabs: gr.Tabs(selected=tab.task)}
             if tab.own.image_input is not None and path:
-                values[tab.own.image_input] = path
+                values |= {tab.own.image_input: path, **_cleared_page(tab)}
             return values
 
-        outputs = {*tab.controls.values(), tabs} | ({tab.own.image_input} if tab.own.image_input else set())
+        outputs = {*tab.controls.values(), *tab.own.page.values(), tabs} | \
+            ({tab.own.image_input} if tab.own.image_input else set())
         button.click(user_errors(restore), inputs=[pnginfo.infotext, pnginfo.file], outputs=outputs,
                      api_visibility="private")
 

@@ -93,13 +93,34 @@ def test_only_masked_edits_a_large_image_at_the_model_s_size(studio):
     assert np.abs(image - pixels(source))[40:60, 150:170].mean() > 5
 
 
-def test_mask_mode_inverts_and_soft_inpainting_scales_change_with_the_grey_level(studio):
+def test_soft_inpainting_lets_a_grey_pixel_join_only_when_the_noise_falls_to_its_value(studio):
+    """At the latent level, before any paste-back: with a uniform grey mask m, soft inpainting keeps the
+    image's latents (noised to the current level) until the last m of the steps, so the result stays near
+    the image, nearer for a darker grey; without it, any grey is a full repaint."""
+    from pipelines.denoise import encode, prepare
+    from pipelines.inpaint import _to_tensor
+
     source = picture(64, 64, seed=6)
-    ramp = Image.fromarray(np.tile(np.linspace(0, 255, 64).astype(np.uint8), (64, 1)))   # 0 left .. 255 right
-    soft = pixels(inpaint(studio, init_image=source, mask=ramp, soft_inpainting=True, mask_blur=0,
-                          steps=10).images[0].image)
-    change = np.abs(soft - pixels(source)).mean(axis=(0, 2))
-    assert change[:8].mean() < change[24:40].mean() < change[-8:].mean()   # more change where the mask is whiter
+
+    def distance_to_source(grey: int, soft: bool) -> float:
+        mask = Image.new("L", (64, 64), grey)
+        request = InpaintRequest(prompt="red apple", init_image=source, mask=mask, soft_inpainting=soft, strength=1.0,
+                                 mask_blur=0, steps=10, seed=13)
+
+        def run():
+            call = prepare(studio.models, request)
+            latents = call(0)
+            return float((latents - encode(call.pipeline.vae, _to_tensor(source))).abs().mean())
+        return studio.models.worker.call(run)
+
+    soft_dark, soft_light = distance_to_source(77, True), distance_to_source(230, True)
+    hard_dark = distance_to_source(77, False)
+    assert soft_dark < soft_light < hard_dark * 1.05
+    assert soft_dark < hard_dark / 2
+
+
+def test_inpaint_not_masked_keeps_what_was_painted(studio):
+    source = picture(64, 64, seed=6)
     inverted = inpaint(studio, init_image=source, mask=box_mask(64, 64, (0, 0, 32, 64)), mask_blur=0,
                        mask_mode="Inpaint not masked")
     kept = pixels(inverted.images[0].image)
@@ -130,12 +151,16 @@ def test_a_nine_channel_inpainting_unet_gets_the_mask_and_masked_image(studio, t
     config = dict(base.unet.config) | {"in_channels": 9}
     unet = UNet2DConditionModel.from_config(config)
     seen = []
-    unet.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    unet.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     pipeline = type(base)(**(base.components | {"unet": unet}))
     studio.models.adopt(pipeline, ModelSource("folder", str(tiny_model_dir), "tiny-inpainting"))
     source, mask = picture(64, 64, seed=7), box_mask(64, 64, (16, 16, 40, 40))
     result = pixels(inpaint(studio, init_image=source, mask=mask, mask_blur=0).images[0].image)
-    assert set(seen) == {9}
+    assert {inputs.shape[1] for inputs in seen} == {9}
+    # channel 4 is the mask on the latent grid (4 px a cell here): the cells of pixels 16..39, i.e. 4..9
+    expected = np.zeros((16, 16))
+    expected[4:10, 4:10] = 1
+    assert all(np.array_equal(inputs[0, 4].numpy(), expected) for inputs in seen)
     assert np.array_equal(result[np.asarray(mask) == 0], pixels(source)[np.asarray(mask) == 0])
 
 
@@ -178,9 +203,13 @@ def test_outpainting_extends_the_canvas_and_keeps_the_original_region(studio, pr
     result = pixels(done.images[0].image)
     assert result.shape == (48 + 16, 64 + 32, 3)
     assert np.array_equal(result[16:, :64], pixels(source))                 # the original, bit for bit
-    new_area = np.ones(result.shape[:2], dtype=bool)
-    new_area[16:, :64] = False
-    assert result[new_area].std() > 2                                       # something was drawn there
+    canvas = pixels(OutpaintRequest(prompt="blue sky", init_image=source, right=32, top=16,
+                                    prefill=prefill).as_inpainting().init_image)
+    far_out = np.zeros(result.shape[:2], dtype=bool)
+    far_out[:, 64 + 8:] = True                                              # beyond the 8-px feather
+    assert np.abs(result - canvas)[far_out].mean() > 5                      # generated, not the pre-fill
+    next_to_original = result[16:, 64]                                      # 1 px out: mostly the pre-fill
+    assert np.abs(next_to_original - canvas[16:, 64]).mean() < np.abs(result - canvas)[far_out].mean()
     _, _, parameters = parse_infotext(done.images[0].infotext)
     assert (parameters["Outpaint right"], parameters["Outpaint top"], parameters["Outpaint prefill"]) == (
         "32", "16", prefill)

@@ -12,14 +12,12 @@ import numpy as np
 import gradio as gr
 from PIL import Image
 
-from pipelines.inpaint import (INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, MAX_EXTEND, MAX_MASK_BLUR, PREFILLS,
-                               mask_xray)
+from pipelines.inpaint import (INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, MAX_EXTEND, MAX_MASK_BLUR, MAX_PADDING,
+                               PREFILLS, mask_xray)
 from studio.context import StudioContext
 from studio.errors import user_errors
 from studio.tabs.generate import (GenerationTab, TaskControls, build_generation_tab, request_from_controls,
                                   wire_generation)
-
-MAX_PADDING_SLIDER = 256
 
 
 def editor_image_and_mask(value) -> tuple[Image.Image | None, Image.Image | None]:
@@ -43,26 +41,31 @@ def _editor_to_fields(values: dict) -> dict:
     uploaded = values.pop("mask_upload")
     if image is None:
         raise ValueError("Upload an image to inpaint first (or send one from Text-to-Image or PNG Info).")
+    if uploaded is not None and np.asarray(painted).any():
+        gr.Info("The uploaded mask is used; the strokes painted on the image are not. Clear the upload to use them.")
     return values | {"init_image": image, "mask": uploaded if uploaded is not None else painted}
 
 
 def _editor_to_outpaint_fields(values: dict) -> dict:
     """Outpainting's fields from the page: the editor's image alone."""
-    fields = _editor_to_fields(values)
-    del fields["mask"]
-    return fields
+    image, _ = editor_image_and_mask(values.pop("editor"))
+    values.pop("mask_upload")
+    if image is None:
+        raise ValueError("Upload an image to outpaint first (or send one from Text-to-Image or PNG Info).")
+    return values | {"init_image": image}
 
 
 def _inpaint_controls() -> TaskControls:
     editor = gr.ImageEditor(label="Image: paint over what should change", type="pil", elem_id="inpaint-editor",
                             brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=6),
                             eraser=gr.Eraser(default_size=6), layers=False, format="png", height=360)
-    mask_upload = gr.Image(label="…or upload a mask (white = repaint)", type="pil", elem_id="inpaint-mask",
-                           height=140)
+    # image_mode None keeps a mask's alpha: transparent with painted strokes, or grey (white = repaint)
+    mask_upload = gr.Image(label="…or upload a mask (white = repaint)", type="pil", image_mode=None,
+                           elem_id="inpaint-mask", height=140)
     with gr.Row():
         mask_blur = gr.Slider(0, MAX_MASK_BLUR, value=4, step=1, label="Mask blur (px)",
                               info="the feather of the paste-back, outside the mask")
-        padding = gr.Slider(0, MAX_PADDING_SLIDER, value=32, step=1, label="Only masked padding (px)")
+        padding = gr.Slider(0, MAX_PADDING, value=32, step=1, label="Only masked padding (px)")
     mask_mode = gr.Radio(list(MASK_MODES), value=MASK_MODES[0], label="Mask mode")
     masked_content = gr.Radio(list(MASKED_CONTENT), value="original", label="Masked content",
                               info="what the masked part starts from")
@@ -72,7 +75,8 @@ def _inpaint_controls() -> TaskControls:
         strength = gr.Slider(0.0, 1.0, value=0.75, step=0.01, label="Denoising strength")
         soft = gr.Checkbox(value=False, label="Soft inpainting",
                            info="grey in the mask is a per-pixel strength (differential diffusion)")
-    fields = {"init_image": gr.Image(type="pil", visible=False), "mask": gr.Image(type="pil", visible=False),
+    fields = {"init_image": gr.Image(type="pil", visible=False),
+              "mask": gr.Image(type="pil", image_mode=None, visible=False),
               "mask_blur": mask_blur, "mask_mode": mask_mode, "masked_content": masked_content,
               "inpaint_area": inpaint_area, "only_masked_padding": padding, "strength": strength,
               "soft_inpainting": soft}
@@ -116,12 +120,17 @@ def _build_outpaint(context: StudioContext, tab: GenerationTab) -> None:
                                info="edge: stretch the border pixels; blur: blurred surroundings")
             overlap = gr.Slider(0, 64, value=8, step=1, label="Overlap (px)",
                                 info="a band of the original repainted with the new area; the original comes back")
+        with gr.Row():   # its own: outpainting wants other defaults than inpainting
+            area = gr.Radio(list(INPAINT_AREAS), value="Only masked", label="Inpaint area",
+                            info="only masked: the new side's box at the model's size")
+            blur = gr.Slider(0, MAX_MASK_BLUR, value=8, step=1, label="Feather (px)",
+                             info="the new area fades in from the pre-fill over this")
+            strength = gr.Slider(0.0, 1.0, value=0.9, step=0.01, label="Denoising strength")
             outpaint = gr.Button("Outpaint", variant="primary", elem_id="outpaint-generate")
-    shared = {name: tab.controls[name] for name in tab.controls
-              if name not in tab.own.fields or name in ("init_image", "mask_blur", "inpaint_area",
-                                                         "only_masked_padding", "strength")}
-    shared.pop("mask", None)
-    controls = shared | sides | {"prefill": prefill, "overlap": overlap}
+    shared = {name: tab.controls[name] for name in tab.controls if name not in tab.own.fields}
+    controls = shared | sides | {"init_image": tab.controls["init_image"], "prefill": prefill, "overlap": overlap,
+                                 "inpaint_area": area, "mask_blur": blur, "only_masked_padding":
+                                 tab.controls["only_masked_padding"], "strength": strength}
     wire_generation(context, tab, task="outpaint", button=outpaint, controls=controls,
                     own=TaskControls({"init_image": tab.controls["init_image"]},
                                      page={"editor": tab.own.page["editor"], "mask_upload": tab.own.page["mask_upload"]},

@@ -31,6 +31,7 @@ from diffusers import DDPMScheduler
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from PIL import Image
 
+from pipelines.lora import LoraUse, split_lora_tags
 from pipelines.prompts import prompt_arguments
 from pipelines.samplers import STOCHASTIC, make_scheduler
 from pipelines.tasks import SamplingSettings, Task, task_of
@@ -121,6 +122,7 @@ class PreparedCall:
     prompts: dict                      # prompt / negative_prompt, or their embeddings when chunked
     device: torch.device
     notes: list[str] = field(default_factory=list)
+    loras: dict = field(default_factory=dict)   # name -> LoadedLora, the LoRAs the prompt switched on
 
     def generators(self, batch_index: int) -> list[torch.Generator]:
         """Image i of batch b draws its noise from seed + b * batch_size + i, on the CPU."""
@@ -185,16 +187,30 @@ def prepare(models, request: SamplingSettings) -> PreparedCall:
     models.fit(request)
     # 2. Sampler from the model's own scheduler config
     pipeline.scheduler = make_scheduler(request.sampler, model.scheduler_config)
-    # 3. Prompts (in windows when longer than the tokenizer's)
+    # 3. LoRAs named in the prompt (<lora:name:weight>), then the prompts (in windows when too long)
+    prompt, negative_prompt, uses, lora_notes = prompt_texts(request)
+    loras = models.use_loras(uses)
+    lora_notes += [f"LoRA {name}: weight {use.weight:g}, {loras[name].modules} modules patched."
+                   for name, use in ((use.name, use) for use in uses)]
     device = pipeline._execution_device
-    prompts, note = prompt_arguments(pipeline, request.prompt, request.negative_prompt, device)
-    notes = request.notes() + ([note] if note else [])
+    prompts, note = prompt_arguments(pipeline, prompt, negative_prompt, device)
+    notes = request.notes() + lora_notes + ([note] if note else [])
     side = model.native_side
     if side and max(request.width, request.height) > 2 * side:
         notes.append(f"{request.width}×{request.height} is more than twice this model's native size ({side} px): "
                      "expect repeated patterns or doubled subjects. Generate at its native size and upscale.")
     return PreparedCall(request=request, task=task, model=model, pipeline=pipeline, prompts=prompts, device=device,
-                        notes=notes)
+                        notes=notes, loras=loras)
+
+
+def prompt_texts(request: SamplingSettings) -> tuple[str, str, list[LoraUse], list[str]]:
+    """The prompt and negative prompt as the text encoder reads them (LoRA tags taken out), the LoRAs the
+    prompt asks for, and notes. Tags in the negative prompt are taken out and not applied, as in A1111."""
+    prompt, uses = split_lora_tags(request.prompt)
+    negative_prompt, ignored = split_lora_tags(request.negative_prompt)
+    notes = [f"<lora:{use.name}:…> in the negative prompt is not applied; LoRAs go in the prompt."
+             for use in ignored]
+    return prompt, negative_prompt, uses, notes
 
 
 # ----------------------------------------------------------------------------- one step at a time
@@ -208,7 +224,8 @@ def uses_cfg(pipeline, guidance_scale: float) -> bool:
 def prompt_embeddings(pipeline, request: SamplingSettings, device, *, cfg: bool,
                       count: int = 1) -> tuple[torch.Tensor, str | None]:
     """The loop's `prompt_embeds` for `count` images: [negative, positive] with CFG, positive alone without."""
-    prompts, note = prompt_arguments(pipeline, request.prompt, request.negative_prompt, device)
+    prompt, negative_prompt, _, _ = prompt_texts(request)
+    prompts, note = prompt_arguments(pipeline, prompt, negative_prompt, device)
     with torch.no_grad():
         positive, negative = pipeline.encode_prompt(
             prompts.get("prompt"), device, count, cfg, prompts.get("negative_prompt"),

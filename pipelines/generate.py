@@ -147,6 +147,10 @@ class Generator:
         request, model = call.request, call.model
         finished = not interrupted
         parameters = infotext_parameters(request, model, seed, image_index)
+        if call.loras:     # A1111's form and place: Lora hashes: "name: hash, name: hash", before Version
+            version = parameters.pop("Version")
+            parameters["Lora hashes"] = ", ".join(f"{name}: {lora.hash}" for name, lora in call.loras.items())
+            parameters["Version"] = version
         if not finished:   # the settings asked for, and the truth of this image
             parameters["Stopped at step"] = steps_done
         infotext = metadata.build_infotext(request.prompt, request.negative_prompt, parameters)

@@ -21,6 +21,7 @@ import torch
 from diffusers import AutoPipelineForText2Image, DiffusionPipeline
 
 from pipelines.jobs import DeviceWorker
+from pipelines.lora import LoadedLora, LoraUse, load_lora, lora_files
 from pipelines.memory import MemoryManager, MemoryMode, is_out_of_memory
 from pipelines.tasks import TASKS
 
@@ -108,6 +109,7 @@ class LoadedModel:
     scheduler_config: dict                 # the model's own, kept pristine for every sampler
     derived: dict = field(default_factory=dict)    # task name -> pipeline derived with from_pipe
     previewer: Any = None                  # the live-preview map fitted to this model's VAE
+    loras: dict = field(default_factory=dict)      # LoRA name -> LoadedLora: adapters on this model
     _hash: str | None = None
 
     @property
@@ -152,6 +154,32 @@ class ModelManager:
         self.allow_pickle = allow_pickle
         self.models_dir = models_dir or ROOT / "models"
         self.slots: dict[str, LoadedModel] = {}
+
+    @property
+    def lora_dir(self) -> Path:
+        return self.models_dir / "lora"
+
+    def use_loras(self, uses: list[LoraUse]) -> dict[str, LoadedLora]:
+        """Make exactly `uses` the active LoRAs of the base model (on the device thread), loading each file
+        once as an adapter; with none, the adapters are switched off. Returns the LoRAs in use."""
+        model = self.require()
+        pipeline = model.pipeline
+        available = lora_files(self.lora_dir)
+        for use in uses:
+            if use.name in model.loras:
+                continue
+            if use.name not in available:
+                names = ", ".join(available) or "none"
+                raise ValueError(f"No LoRA named {use.name!r} in {self.lora_dir} (available: {names}). Put its "
+                                 ".safetensors file there, or fix the name in <lora:…>.")
+            model.loras[use.name] = load_lora(pipeline, use.name, available[use.name])
+        if uses:
+            pipeline.enable_lora()
+            pipeline.set_adapters([model.loras[use.name].adapter for use in uses],
+                                  adapter_weights=[use.weight for use in uses])
+        elif model.loras:
+            pipeline.disable_lora()
+        return {use.name: model.loras[use.name] for use in uses}
 
     @property
     def current(self) -> LoadedModel | None:

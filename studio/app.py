@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from pipelines.lora import lora_files
 from pipelines.models import LoadedModel
 from pipelines.samplers import model_default_sampler
 from studio.context import StudioContext
@@ -186,5 +187,12 @@ def _wire_jobs_api(context: StudioContext) -> None:
         found.cancel()
         return job(job_id)
 
+    def loras() -> list[dict]:
+        """The LoRAs under models/lora/, to name in a prompt as <lora:name:weight>."""
+        folder = context.models.lora_dir
+        return [{"name": name, "file": str(path.relative_to(folder)), "size_mb": round(path.stat().st_size / 1e6, 2)}
+                for name, path in lora_files(folder).items()]
+
+    gr.api(loras, api_name="loras", queue=False)
     gr.api(job, api_name="job", queue=False)
     gr.api(stop, api_name="stop", queue=False)

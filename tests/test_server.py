@@ -316,3 +316,18 @@ def test_the_idle_server_polls_its_queue_gently():
         assert app._queue.sleep_when_free == app._queue.progress_update_sleep_when_free == IDLE_QUEUE_POLL_S >= 0.05
     finally:
         app.close()
+
+
+def test_api_lists_loras_and_a_prompt_applies_one(server, tiny_model_dir, tmp_path, monkeypatch):
+    from gradio_client import Client
+
+    from tests.test_lora import make_kohya_lora
+
+    url, context = server
+    monkeypatch.setattr(context.models, "models_dir", tmp_path / "models")
+    make_kohya_lora(tiny_model_dir / "unet", context.models.lora_dir / "style.safetensors")
+    client = Client(url, verbose=False)
+    assert [entry["name"] for entry in client.predict(api_name="/loras")] == ["style"]
+    _, infotext, status, *_ = client.predict(prompt="red apple <lora:style:0.8>", steps=3, seed=8,
+                                             api_name="/txt2img")
+    assert "Lora hashes: \"style: " in infotext and "LoRA style: weight 0.8" in status

@@ -21,6 +21,7 @@ from dataclasses import MISSING, dataclass, field, fields
 import gradio as gr
 
 from pipelines.jobs import Job, JobCancelled, JobState
+from pipelines.lora import lora_files
 from pipelines.metadata import infotext_to_settings, parse_infotext
 from pipelines.requests import GeneratedImage, GenerationDone, Preview
 from pipelines.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES
@@ -137,6 +138,7 @@ def build_generation_tab(context: StudioContext, task: str, defaults: dict,
                                             elem_id=f"{task}-prompt")
             controls["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=1, max_lines=4,
                                                      elem_id=f"{task}-negative")
+            _lora_picker(context, task, controls["prompt"])
         with gr.Column(scale=1, min_width=160):
             generate = gr.Button("Generate", variant="primary", elem_id=f"{task}-generate")
             stop = gr.Button("Stop", variant="stop", elem_id=f"{task}-stop")
@@ -202,6 +204,26 @@ def wire_generation(context: StudioContext, tab: GenerationTab, *, task: str, bu
     # the API's own trigger: a button no one sees, on the request's fields
     gr.Button(visible=False, render=True).click(api, inputs_kwargs=controls, outputs=tab.results, api_name=task,
                                                 **JOB_QUEUE)
+
+
+def _lora_picker(context: StudioContext, task: str, prompt: gr.Textbox) -> None:
+    """A LoRA list that writes `<lora:name:weight>` into the prompt (the files under models/lora/)."""
+    def names() -> list[str]:
+        return list(lora_files(context.models.lora_dir))
+
+    with gr.Row():
+        picker = gr.Dropdown(names(), value=None, label="LoRA", info="from models/lora/; inserted as <lora:name:weight>",
+                             scale=3, elem_id=f"{task}-lora")
+        weight = gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label="LoRA weight", scale=2)
+        insert = gr.Button("Add to prompt", scale=1, size="sm", elem_id=f"{task}-lora-add")
+
+    def add(text: str, name: str | None, amount: float) -> str:
+        if not name:
+            raise gr.Error("Pick a LoRA first (put .safetensors files in models/lora/).")
+        return f"{text.rstrip()} <lora:{name}:{amount:g}>".strip()
+
+    insert.click(add, inputs=[prompt, picker, weight], outputs=prompt, api_visibility="private")
+    picker.focus(lambda: gr.Dropdown(choices=names()), outputs=picker, api_visibility="private")
 
 
 def _wire_stop(context: StudioContext, tab: GenerationTab) -> None:

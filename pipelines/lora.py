@@ -1,0 +1,123 @@
+"""LoRAs in any prompt: A1111's `<lora:name:weight>`, applied as peft adapters on the loaded model.
+
+- Files live under `models/lora/`: one `.safetensors` file in the kohya / A1111 key format
+  (`lora_unet_…lora_down.weight`), diffusers' or peft's; or a diffusers LoRA folder.
+- Each is loaded once per model as a named adapter, never merged into the base weights (ComfyUI's
+  model patcher idea), and chosen per request with `set_adapters`. A request that names no LoRA
+  turns the adapters off, so its image is the plain one, bit for bit; so is a weight of 0.
+- Loading counts the modules the file matched on the loaded model. A file that matches nothing, or
+  whose shapes differ, is an error that names the base model the file says it was made for.
+- The tags stay in the prompt the infotext records (as A1111 does) and are taken out of the text
+  the text encoder reads; the infotext adds `Lora hashes`, A1111's short SHA-256 of each file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors import safe_open
+
+LORA_TAG = re.compile(r"<lora:([^:>]+)(?::\s*([-+]?(?:\d+\.?\d*|\.\d+)))?\s*>")
+MAX_LORA_WEIGHT = 4.0
+FOLDER_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+@dataclass(frozen=True)
+class LoraUse:
+    name: str
+    weight: float
+
+
+def split_lora_tags(prompt: str) -> tuple[str, list[LoraUse]]:
+    """The prompt without its `<lora:name:weight>` tags, and the LoRAs they ask for (weight 1 when left out)."""
+    uses = {}
+    for match in LORA_TAG.finditer(prompt):
+        name, weight = match.group(1).strip(), float(match.group(2)) if match.group(2) else 1.0
+        if not -MAX_LORA_WEIGHT <= weight <= MAX_LORA_WEIGHT:
+            raise ValueError(f"The weight of <lora:{name}:…> must be between {-MAX_LORA_WEIGHT:g} and "
+                             f"{MAX_LORA_WEIGHT:g} but is {weight:g}.")
+        uses[name] = LoraUse(name, weight)       # a LoRA named twice: the last weight counts, as in A1111
+    text = re.sub(r"\s{2,}", " ", LORA_TAG.sub("", prompt)).strip(" ,")
+    return text, list(uses.values())
+
+
+def lora_files(folder: Path) -> dict[str, Path]:
+    """Name -> file of every LoRA under `folder`: `.safetensors` files, and folders holding diffusers'
+    `pytorch_lora_weights.safetensors`."""
+    if not folder.is_dir():
+        return {}
+    found = {}
+    for entry in sorted(folder.iterdir()):
+        if entry.suffix == ".safetensors" and entry.is_file():
+            found[entry.stem] = entry
+        elif entry.is_dir() and (entry / FOLDER_WEIGHTS).is_file():
+            found[entry.name] = entry / FOLDER_WEIGHTS
+    return found
+
+
+def short_hash(path: Path) -> str:
+    """A1111's `Lora hashes` value: the first 12 hex digits of the file's SHA-256."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def made_for(path: Path) -> str:
+    """What the file says it was trained on (kohya's and modelspec's metadata), for error messages."""
+    with safe_open(str(path), framework="pt") as reader:
+        metadata = reader.metadata() or {}
+    for key in ("ss_sd_model_name", "modelspec.architecture", "ss_base_model_version", "base_model"):
+        if metadata.get(key):
+            return str(metadata[key])
+    return "a model it does not name"
+
+
+@dataclass
+class LoadedLora:
+    adapter: str          # the peft adapter's name on the model
+    path: Path
+    hash: str
+    modules: int          # UNet and text-encoder modules it patches
+
+
+def adapter_name(name: str) -> str:
+    return "lora_" + re.sub(r"\W", "_", name)
+
+
+def load_lora(pipeline, name: str, path: Path) -> LoadedLora:
+    """Load `path` onto `pipeline` as an adapter; refuse a file that does not fit the model."""
+    adapter = adapter_name(name)
+    try:
+        pipeline.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter)
+    except Exception as error:   # diffusers/peft name a shape or key mismatch in many ways; say it once
+        _forget(pipeline, adapter)
+        detail = " ".join(str(error).split())[:200]
+        raise ValueError(f"LoRA {name!r} does not fit the loaded model ({type(error).__name__}: {detail}…). "
+                         f"The file says it was made for {made_for(path)}.") from error
+    modules = count_modules(pipeline, adapter)
+    if modules == 0:
+        _forget(pipeline, adapter)
+        raise ValueError(f"LoRA {name!r} matched no module of the loaded model, so it would do nothing. The file "
+                         f"says it was made for {made_for(path)}.")
+    return LoadedLora(adapter=adapter, path=path, hash=short_hash(path), modules=modules)
+
+
+def count_modules(pipeline, adapter: str) -> int:
+    count = 0
+    for component in (getattr(pipeline, "unet", None), getattr(pipeline, "text_encoder", None)):
+        if component is not None:
+            count += sum(1 for module in component.modules()
+                         if adapter in getattr(module, "lora_A", {}))
+    return count
+
+
+def _forget(pipeline, adapter: str) -> None:
+    listed = json.dumps(pipeline.get_list_adapters()) if hasattr(pipeline, "get_list_adapters") else ""
+    if adapter in listed:
+        pipeline.delete_adapters([adapter])

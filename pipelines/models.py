@@ -177,7 +177,7 @@ class ModelManager:
             pipeline.enable_lora()
             pipeline.set_adapters([model.loras[use.name].adapter for use in uses],
                                   adapter_weights=[use.weight for use in uses])
-        elif model.loras:
+        elif getattr(pipeline.unet, "peft_config", None):   # any adapter: a loaded LoRA, or one in training
             pipeline.disable_lora()
         return {use.name: model.loras[use.name] for use in uses}
 

@@ -13,6 +13,7 @@ from studio.tabs.explorer import build_explorer_tab, wire_explorer_load
 from studio.tabs.generate import GenerationTab, settings_from_infotext, size_hint, wire_resume
 from studio.tabs.img2img import build_img2img_tab
 from studio.tabs.inpaint import build_inpaint_tab
+from studio.tabs.lora import build_lora_tab, wire_lora_resume
 from studio.tabs.models import build_models_tab
 from studio.tabs.pnginfo import build_pnginfo_tab
 from studio.tabs.txt2img import build_txt2img_tab
@@ -93,6 +94,8 @@ def build_app(context: StudioContext) -> gr.Blocks:
                 img2img = build_img2img_tab(context, defaults)
             with gr.Tab("Inpainting", id="inpaint"):
                 inpaint = build_inpaint_tab(context, defaults)
+            with gr.Tab("LoRA training", id="lora"):
+                lora = build_lora_tab(context)
             with gr.Tab("PNG Info", id="pnginfo"):
                 pnginfo = build_pnginfo_tab()
             with gr.Tab("Diffusion Explorer", id="explorer"):
@@ -107,6 +110,7 @@ def build_app(context: StudioContext) -> gr.Blocks:
         for tab in generation_tabs:
             wire_resume(app, context, tab)
         wire_explorer_load(app, explorer)
+        wire_lora_resume(app, context, lora)
         _wire_jobs_api(context)
         app.load(context.status_markdown, outputs=header, api_visibility="private")
     return app

@@ -331,3 +331,51 @@ def test_api_lists_loras_and_a_prompt_applies_one(server, tiny_model_dir, tmp_pa
     _, infotext, status, *_ = client.predict(prompt="red apple <lora:style:0.8>", steps=3, seed=8,
                                              api_name="/txt2img")
     assert "Lora hashes: \"style: " in infotext and "LoRA style: weight 0.8" in status
+
+
+def _frame_images(folder: Path) -> list[Path]:
+    paths = []
+    for number, colour in enumerate(((250, 40, 40), (40, 250, 40), (40, 40, 250), (250, 250, 40))):
+        array = np.zeros((64, 64, 3), dtype=np.uint8)
+        array[16:48, 16:48] = colour
+        paths.append(folder / f"framed_square-{number}.png")
+        Image.fromarray(array).save(paths[-1])
+    paths.append(folder / "framed_square-0.txt")            # the first image's caption
+    paths[-1].write_text("a red square in a dark frame")
+    return paths
+
+
+def test_api_trains_a_lora_and_returns_its_file_and_effect(server, tmp_path, monkeypatch):
+    from gradio_client import Client, handle_file
+
+    url, context = server
+    monkeypatch.setattr(context.models, "models_dir", tmp_path / "models")
+    client = Client(url, verbose=False)
+    status, _, _, result, *_ = client.predict(images=[handle_file(str(p)) for p in _frame_images(tmp_path)],
+                                              name="frames", trigger="framed", steps=10, learning_rate=0.01,
+                                              api_name="/train_lora")
+    assert result["file"] == "models/lora/frames.safetensors" and result["steps"] == 10 and result["moved"]
+    assert (tmp_path / "models" / "lora" / "frames.safetensors").exists() and "<lora:frames:1>" in status
+
+
+def test_browser_trains_a_lora_from_dropped_files_and_generates_with_it(server, browser, tmp_path, monkeypatch):
+    url, context = server
+    monkeypatch.setattr(context.models, "models_dir", tmp_path / "models")
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url, wait_until="load")
+    page.get_by_role("tab", name="LoRA training").click()
+    page.locator("#lora-files input[type=file]").set_input_files([str(p) for p in _frame_images(tmp_path)])
+    page.wait_for_function("() => document.querySelector('#lora-captions').innerText"
+                           ".includes('a red square in a dark frame')", timeout=30_000)   # the caption table
+    page.locator("#lora-name textarea").fill("boxes")
+    page.locator("#lora-trigger textarea").fill("boxy")
+    page.locator("#lora-train").click()
+    page.locator("#lora-status").get_by_text("Saved").wait_for(timeout=240_000)
+    assert page.locator("#lora-loss canvas, #lora-loss svg").count() > 0           # the loss was plotted
+    assert page.locator("#lora-samples img").count() >= 2                           # weight 0 and weight 1
+    page.get_by_role("tab", name="Text-to-Image").click()
+    page.locator("#txt2img-prompt textarea").fill("boxy <lora:boxes:1>")
+    page.locator("#txt2img-seed input").fill("5")
+    page.locator("#txt2img-generate").click()
+    page.locator("#txt2img-status").get_by_text("LoRA boxes: weight 1").wait_for(timeout=120_000)
+    page.close()

@@ -1,0 +1,228 @@
+"""LoRA training: drop images, press Train, watch the loss and the samples, use `<lora:name:1>`.
+
+The training is a background job on the device worker (pipelines/jobs.py), the one thread all model
+work runs on: a second torch thread pool would halve the speed of both on a small CPU. A generation
+asked for meanwhile runs between two training steps; Pause holds the training until Resume. The job's
+id is kept in the browser, so a reloaded page follows the run again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+import gradio as gr
+import pandas as pd
+
+from pipelines.jobs import Job, JobCancelled, Priority
+from pipelines.lora_train import (LoraTrainingRequest, LossPoint, Samples, Warning_, read_dataset, train_lora)
+from studio.context import StudioContext, session_of
+from studio.errors import user_errors
+
+PLOT_EVERY_S = 1.0           # the loss plot is redrawn at most this often
+SMOOTHING = 0.9              # exponential moving average of the loss, for the smoothed curve
+QUEUE = {"concurrency_id": "jobs", "concurrency_limit": 16, "show_progress": "hidden"}
+
+
+@dataclass
+class LoraTab:
+    files: gr.File
+    captions: gr.Dataframe
+    settings: dict                 # LoraTrainingRequest field -> control
+    train: gr.Button
+    pause: gr.Button
+    resume: gr.Button
+    stop: gr.Button
+    status: gr.Markdown
+    loss: gr.LinePlot
+    samples: gr.Gallery
+    result: gr.JSON
+    job_id: gr.Textbox
+    saved_job: gr.BrowserState
+
+    @property
+    def outputs(self) -> list:
+        return [self.status, self.loss, self.samples, self.result, self.job_id, self.saved_job]
+
+
+def build_lora_tab(context: StudioContext) -> LoraTab:
+    tab = _layout()
+    _wire_dataset(tab)
+    _wire_training(context, tab)
+    return tab
+
+
+def _layout() -> LoraTab:
+    gr.Markdown("Drop a handful of images of one subject or style, give the LoRA a name and a trigger word, press "
+                "**Train**. The loss and sample images update as it learns; the file lands in `models/lora/` and "
+                "works in any prompt as `<lora:name:1>` (and in A1111, ComfyUI and diffusers). Training shares the "
+                "one device thread: a generation asked for meanwhile runs between two training steps.")
+    with gr.Row():
+        with gr.Column(scale=2):
+            files = gr.File(file_count="multiple", label="Images (or a .zip; a .txt of the same name is the caption)",
+                            elem_id="lora-files")
+            captions = gr.Dataframe(headers=["file", "caption"], datatype=["str", "str"], col_count=(2, "fixed"),
+                                    interactive=True, label="Captions (edit them; the trigger word goes in front)",
+                                    elem_id="lora-captions")
+            with gr.Row():
+                settings = {"name": gr.Textbox(value="my-lora", label="LoRA name", elem_id="lora-name"),
+                            "trigger": gr.Textbox(label="Trigger word", placeholder="e.g. pencil style",
+                                                  elem_id="lora-trigger")}
+            with gr.Row():
+                settings["steps"] = gr.Slider(10, 3000, value=300, step=10, label="Steps", elem_id="lora-steps")
+                settings["rank"] = gr.Slider(1, 64, value=8, step=1, label="Rank")
+                settings["batch_size"] = gr.Slider(1, 16, value=4, step=1, label="Batch size")
+            with gr.Accordion("More settings", open=False):
+                with gr.Row():
+                    settings["learning_rate"] = gr.Number(value=5e-4, label="Learning rate")
+                    settings["alpha"] = gr.Number(value=8, label="Alpha (scale = alpha / rank)")
+                    settings["warmup_steps"] = gr.Number(value=20, precision=0, label="Warm-up steps")
+                with gr.Row():
+                    settings["min_snr_gamma"] = gr.Number(value=5.0, label="Min-SNR γ (0: off)")
+                    settings["noise_offset"] = gr.Number(value=0.0, label="Noise offset")
+                    settings["caption_dropout"] = gr.Number(value=0.1, label="Caption dropout")
+                with gr.Row():
+                    settings["flip"] = gr.Checkbox(value=True, label="Mirror images at random")
+                    settings["seed"] = gr.Number(value=0, precision=0, label="Seed")
+                    settings["checkpoint_every"] = gr.Number(value=50, precision=0, label="Checkpoint every N steps")
+                    settings["sample_every"] = gr.Number(value=50, precision=0, label="Samples every N steps (0: off)")
+            with gr.Row():
+                train = gr.Button("Train", variant="primary", elem_id="lora-train")
+                pause = gr.Button("Pause", elem_id="lora-pause")
+                resume = gr.Button("Resume", elem_id="lora-resume")
+                stop = gr.Button("Stop", variant="stop", elem_id="lora-stop")
+        with gr.Column(scale=3):
+            status = gr.Markdown(elem_id="lora-status")
+            loss = gr.LinePlot(x="step", y="loss", color="curve", label="Loss", elem_id="lora-loss", height=260)
+            samples = gr.Gallery(label="Samples: step 0 and the latest, same prompts and seeds", columns=4, height=300,
+                                 allow_preview=False, interactive=False, elem_id="lora-samples",
+                                 elem_classes=["studio-pixels"], format="png")
+            result = gr.JSON(label="Result", elem_id="lora-result")
+            job_id = gr.Textbox(visible=False, label="Job id")
+    return LoraTab(files=files, captions=captions, settings=settings, train=train, pause=pause, resume=resume,
+                   stop=stop, status=status, loss=loss, samples=samples, result=result, job_id=job_id,
+                   saved_job=gr.BrowserState(None, storage_key="diffusion-studio-lora-job"))
+
+
+def _wire_dataset(tab: LoraTab) -> None:
+    @user_errors
+    def show_captions(files):
+        if not files:
+            return []
+        return [[item.name, item.caption] for item in read_dataset(files)]
+
+    tab.files.change(show_captions, inputs=tab.files, outputs=tab.captions, api_visibility="private")
+
+
+def training_request(files, captions, settings: dict) -> LoraTrainingRequest:
+    """The training request from the page's (or the API's) values: the table's captions win over the files'."""
+    if not files:
+        raise ValueError("Drop the training images first (png, jpg, webp, or a .zip of them).")
+    dataset = read_dataset(files)
+    rows = captions.values.tolist() if isinstance(captions, pd.DataFrame) else (captions or [])
+    edited = {str(row[0]): str(row[1] or "") for row in rows if row and row[0]}
+    whole = {"steps", "rank", "batch_size", "warmup_steps", "seed", "checkpoint_every", "sample_every"}
+    values = {key: (int(value) if key in whole else float(value) if isinstance(value, (int, float)) and
+                    not isinstance(value, bool) else value) for key, value in settings.items() if value is not None}
+    return LoraTrainingRequest(images=[item.image for item in dataset],
+                               captions=[edited.get(item.name, item.caption) for item in dataset], **values)
+
+
+def _wire_training(context: StudioContext, tab: LoraTab) -> None:
+    @user_errors
+    def train_lora_job(images, captions=None, request: gr.Request = None, **settings) -> Iterator[dict]:
+        training = training_request(images, captions, settings)
+        models = context.models
+        runs = models.lora_dir / ".runs"      # checkpoints of unfinished runs, beside the LoRAs
+        job = context.worker.submit(lambda job: train_lora(models, training, job, cache_dir=runs),
+                                    kind="train-lora", priority=Priority.BACKGROUND, owner=session_of(request))
+        yield {tab.job_id: job.id, tab.saved_job: job.id, tab.status: "Preparing the data…"}
+        yield from follow_training(tab, job)
+
+    def control(job_id, action: str):
+        job = context.find_job(job_id)
+        if job is None or job.finished:
+            raise gr.Error("No training is running.")
+        getattr(job, action)()
+        return {tab.status: {"pause": "Paused: generations run meanwhile; Resume goes on.",
+                             "resume": "Resumed…", "cancel": "Stopping after this step; the LoRA is saved."}[action]}
+
+    inputs = {"images": tab.files, "captions": tab.captions, **tab.settings}
+    tab.train.click(train_lora_job, inputs_kwargs=inputs, outputs=tab.outputs, api_name="train_lora", **QUEUE)
+    for button, action in ((tab.pause, "pause"), (tab.resume, "resume"), (tab.stop, "cancel")):
+        button.click(lambda job_id, action=action: control(job_id, action), inputs=tab.job_id,
+                     outputs={tab.status}, queue=False, api_visibility="private")
+
+
+def wire_lora_resume(app: gr.Blocks, context: StudioContext, tab: LoraTab) -> None:
+    """A reloaded page follows the training it started."""
+    @user_errors
+    def resume(job_id):
+        job = context.find_job(job_id)
+        if job is not None and not job.finished:
+            yield from follow_training(tab, job)
+
+    app.load(resume, inputs=tab.saved_job, outputs=tab.outputs, api_visibility="private", **QUEUE)
+
+
+def follow_training(tab: LoraTab, job: Job) -> Iterator[dict]:
+    """The job's loss points, samples and warnings into the tab, the plot redrawn at most every second."""
+    points, first, latest, warnings, drawn = [], None, None, [], 0.0
+    for event in job.events():
+        update = {}
+        if isinstance(event, LossPoint):
+            points.append(event)
+            if time.monotonic() - drawn >= PLOT_EVERY_S:
+                update[tab.loss], drawn = _loss_frame(points), time.monotonic()
+        elif isinstance(event, Samples):
+            first, latest = (event, latest) if first is None else (first, event)
+            update[tab.samples] = _sample_gallery(first, latest)
+        elif isinstance(event, Warning_):
+            warnings.append(event.message)
+        progress = job.progress
+        if progress is not None:
+            paused = " · paused" if job.paused else ""
+            update[tab.status] = f"Step {progress.done} of {progress.total} · {progress.message}{paused}"
+        if update:
+            yield {tab.job_id: job.id, **update}
+    try:
+        result = job.result()
+    except JobCancelled:
+        yield {tab.status: "Stopped before it started."}
+        return
+    except Exception as error:
+        yield {tab.status: f"**Failed:** {error}"}
+        raise
+    verdict = f"moved the images by {result.effect:.1f} of 255 on average" if result.moved else \
+        f"**barely changes the images** ({result.effect:.2f} of 255)"
+    status = (f"Saved `{result.path}` after {result.steps} steps (final loss {result.final_loss:.4f}); it {verdict}. "
+              f"Use it as `<lora:{result.path.stem}:1>`.")
+    samples = [(image, f"weight 0: {prompt}") for image, prompt in zip(result.before, _prompts(first))] + \
+        [(image, f"weight 1: {prompt}") for image, prompt in zip(result.after, _prompts(first))]
+    yield {tab.job_id: job.id, tab.loss: _loss_frame(points), tab.samples: samples,
+           tab.status: "  \n".join([status, *result.warnings]),
+           # names, not absolute paths: a client would take a path for a file to download
+           tab.result: {"lora": result.path.stem, "file": f"models/lora/{result.path.name}", "steps": result.steps, "final_loss": result.final_loss,
+                        "effect": round(result.effect, 3), "moved": result.moved, "stopped": result.stopped,
+                        "warnings": result.warnings}}
+
+
+def _prompts(samples: Samples | None) -> list[str]:
+    return samples.prompts if samples is not None else [""] * 8
+
+
+def _loss_frame(points: list[LossPoint]) -> pd.DataFrame:
+    smoothed, average = [], None
+    for point in points:
+        average = point.loss if average is None else SMOOTHING * average + (1 - SMOOTHING) * point.loss
+        smoothed.append(average)
+    steps = [point.step for point in points]
+    return pd.DataFrame({"step": steps * 2, "loss": [point.loss for point in points] + smoothed,
+                         "curve": ["loss"] * len(points) + ["smoothed"] * len(points)})
+
+
+def _sample_gallery(first: Samples, latest: Samples | None) -> list:
+    shown = [(image, f"step {first.step}: {prompt}") for image, prompt in zip(first.images, first.prompts)]
+    if latest is not None:
+        shown += [(image, f"step {latest.step}: {prompt}") for image, prompt in zip(latest.images, latest.prompts)]
+    return shown

@@ -1,0 +1,103 @@
+"""LoRA training (pipelines/lora_train.py) on the seeded tiny model: a few steps, as a job."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines.jobs import Priority
+from pipelines.lora_train import LossPoint, LoraTrainingRequest, Warning_, train_lora
+from pipelines.tasks import Txt2ImgRequest
+
+
+def dataset() -> list[Image.Image]:
+    """Four images of one look: a dark frame around a bright square, in four colours."""
+    images = []
+    for colour in ((250, 40, 40), (40, 250, 40), (40, 40, 250), (250, 250, 40)):
+        array = np.zeros((64, 64, 3), dtype=np.uint8)
+        array[16:48, 16:48] = colour
+        images.append(Image.fromarray(array))
+    return images
+
+
+def training(**overrides) -> LoraTrainingRequest:
+    # one caption longer than the tiny tokenizer's window: encoded in two windows, padded for the others
+    values = dict(name="frames", images=dataset(), trigger="framed",
+                  captions=["red square in a dark frame, bright, centred, flat colour", "green", "blue", "yellow"],
+                  steps=12, batch_size=2, learning_rate=1e-2, warmup_steps=2, checkpoint_every=5, sample_every=0,
+                  seed=3)
+    return LoraTrainingRequest(**(values | overrides))
+
+
+def run(studio, request, tmp_path, **submit):
+    job = studio.models.worker.submit(lambda job: train_lora(studio.models, request, job, cache_dir=tmp_path / "runs"),
+                                      kind="train-lora", priority=Priority.BACKGROUND, **submit)
+    return job
+
+
+def test_training_writes_a_kohya_file_that_moves_the_image_and_loads_in_diffusers(studio, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    job = run(studio, training(), tmp_path)
+    result = job.result(timeout=600)
+    losses = [event for event in job.events() if isinstance(event, LossPoint)]
+    assert [point.step for point in losses] == list(range(1, 13)) and result.steps == 12
+    assert result.path == studio.models.lora_dir / "frames.safetensors"
+    with safe_open(str(result.path), framework="pt") as reader:
+        keys, metadata = list(reader.keys()), reader.metadata()
+    assert keys and all(key.startswith("lora_unet_") for key in keys)
+    assert metadata["ss_network_dim"] == "8" and metadata["ss_trigger_words"] == "framed"
+    assert result.moved and result.effect > 2.0
+    # the adapter in training is gone: plain generation is unchanged; the file applies through the prompt
+    plain = np.asarray(studio.generate(Txt2ImgRequest(prompt="framed, red", steps=4, seed=1)).images[0].image,
+                       dtype=np.int16)
+    styled = np.asarray(studio.generate(Txt2ImgRequest(prompt="framed, red <lora:frames:1>", steps=4,
+                                                       seed=1)).images[0].image, dtype=np.int16)
+    assert np.abs(styled - plain).mean() > 1
+    pipeline = StableDiffusionPipeline.from_pretrained(studio.models.current.source.location)
+    pipeline.load_lora_weights(str(result.path.parent), weight_name=result.path.name, adapter_name="frames")
+    assert "frames" in pipeline.get_list_adapters()["unet"]
+
+
+def test_a_stopped_run_resumes_from_its_last_checkpoint(studio, tmp_path):
+    first = run(studio, training(), tmp_path)
+    for event in first.events():
+        if isinstance(event, LossPoint) and event.step == 7:
+            first.cancel()
+    assert first.result(timeout=600).stopped
+    again = run(studio, training(), tmp_path)
+    result = again.result(timeout=600)
+    steps = [event.step for event in again.events() if isinstance(event, LossPoint)]
+    assert steps[0] == 6 and steps[-1] == 12 and result.steps == 12      # from the checkpoint at step 5
+    assert any("Resumed at step 5" in warning for warning in result.warnings)
+
+
+def test_a_non_finite_loss_skips_the_step_and_halves_the_learning_rate(studio, tmp_path, monkeypatch):
+    unet = studio.models.current.pipeline.unet
+    forward = unet.forward
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        output = forward(*args, **kwargs)
+        if calls["n"] == 3 and torch.is_grad_enabled():
+            output.sample = output.sample * float("nan")
+        return output
+    monkeypatch.setattr(unet, "forward", poisoned)
+    job = run(studio, training(steps=6), tmp_path)
+    result = job.result(timeout=600)
+    warnings = [event for event in job.events() if isinstance(event, Warning_)]
+    assert len(warnings) == 1 and "not finite; step skipped, learning rate halved" in warnings[0].message
+    rates = [event.learning_rate for event in job.events() if isinstance(event, LossPoint)]
+    assert result.steps == 6 and np.isfinite(result.final_loss) and rates[3] < rates[1]
+
+
+@pytest.mark.parametrize("overrides,message", [({"name": "../evil"}, "`name` must be"), ({"images": []}, "at least one"),
+                                               ({"captions": ["one"]}, "1 captions for 4 images"),
+                                               ({"steps": 0}, "`steps` must be a whole number from 1")])
+def test_bad_training_requests_say_what_is_wrong(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        training(**overrides)

@@ -107,6 +107,7 @@ class LossPoint:
     step: int
     loss: float
     learning_rate: float
+    seconds: float            # since the training (or its resumption) started
 
 
 @dataclass
@@ -140,11 +141,12 @@ EFFECT_THRESHOLD = 2.0        # mean |Δ| in pixel values below which a LoRA is 
 
 def train_lora(models, request: LoraTrainingRequest, job, *, cache_dir: Path) -> LoraTrainingResult:
     """Run (or resume) the training described by `request`, as job `job`, on the device thread."""
-    from peft import LoraConfig
+    from diffusers import DDPMScheduler
 
     model = models.require()
     pipeline = model.pipeline
-    unet, scheduler = pipeline.unet, pipeline.scheduler
+    # the training schedule itself (not the sampler the last generation used): q(x_t | x_0) at any t
+    unet, scheduler = pipeline.unet, DDPMScheduler.from_config(model.scheduler_config)
     device, dtype = pipeline._execution_device, unet.dtype
     run_dir = cache_dir / request.name
     adapter = "training_" + re.sub(r"\W", "_", request.name)
@@ -166,14 +168,8 @@ def train_lora(models, request: LoraTrainingRequest, job, *, cache_dir: Path) ->
         embeddings = torch.cat([_pad(item, empty, longest) for item in encoded])
         empty = _pad(empty, empty, longest)
 
-    # 2. The LoRA: B zero, A Gaussian (peft's "gaussian" init), on the attention projections
-    _remove_adapter(unet, adapter)
-    unet.add_adapter(LoraConfig(r=request.rank, lora_alpha=request.alpha, init_lora_weights="gaussian",
-                                target_modules=TARGET_MODULES), adapter_name=adapter)
-    unet.set_adapters([adapter])
-    parameters = [p for name, p in unet.named_parameters() if adapter in name]
-    for name, parameter in unet.named_parameters():
-        parameter.requires_grad_(adapter in name)
+    # 2. The LoRA: B zero, A Gaussian, on the attention projections
+    parameters = add_training_adapter(unet, request, adapter)
     optimizer = torch.optim.AdamW(parameters, lr=request.learning_rate, weight_decay=1e-2)
     start, warnings = _resume(run_dir, request, unet, adapter, optimizer), []
     if start:
@@ -232,8 +228,8 @@ def train_lora(models, request: LoraTrainingRequest, job, *, cache_dir: Path) ->
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             strikes, step, loss_value = 0, step + 1, float(loss)
-            job.emit(LossPoint(step, loss_value, rate))
             seconds = time.perf_counter() - started
+            job.emit(LossPoint(step, loss_value, rate, seconds))
             job.report(step, request.steps, f"loss {loss_value:.4f} · {(step - start) / seconds:.2f} steps/s")
 
             # 5. Checkpoints, samples, and room for other jobs
@@ -313,6 +309,20 @@ def read_dataset(paths: list[str | Path]) -> list[TrainingImage]:
     if not dataset:
         raise ValueError("No images among the files given (png, jpg, webp or bmp, or a .zip of them).")
     return dataset
+
+
+def add_training_adapter(unet, request: LoraTrainingRequest, adapter: str) -> list:
+    """A fresh peft LoRA on the UNet's attention (B zero, A Gaussian: peft's "gaussian" init), the only
+    parameters that train; returns them."""
+    from peft import LoraConfig
+
+    _remove_adapter(unet, adapter)
+    unet.add_adapter(LoraConfig(r=request.rank, lora_alpha=request.alpha, init_lora_weights="gaussian",
+                                target_modules=TARGET_MODULES), adapter_name=adapter)
+    unet.set_adapters([adapter])
+    for name, parameter in unet.named_parameters():
+        parameter.requires_grad_(adapter in name)
+    return [parameter for name, parameter in unet.named_parameters() if adapter in name]
 
 
 def _schedule(step: int, request: LoraTrainingRequest) -> float:

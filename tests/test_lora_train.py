@@ -101,3 +101,22 @@ def test_a_non_finite_loss_skips_the_step_and_halves_the_learning_rate(studio, t
 def test_bad_training_requests_say_what_is_wrong(overrides, message):
     with pytest.raises(ValueError, match=message):
         training(**overrides)
+
+
+def test_at_step_zero_the_lora_changes_nothing(studio):
+    from pipelines.lora_train import add_training_adapter
+
+    unet = studio.models.current.pipeline.unet
+    sample = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    context = torch.randn(1, 24, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = unet(sample, 500, encoder_hidden_states=context).sample
+    parameters = add_training_adapter(unet, training(), "test")
+    with torch.no_grad():
+        after = unet(sample, 500, encoder_hidden_states=context).sample
+    ups = [p for name, p in unet.named_parameters() if "lora_B" in name]
+    downs = [p for name, p in unet.named_parameters() if "lora_A" in name]
+    assert ups and all(float(p.abs().max()) == 0 for p in ups)          # B zero
+    assert all(float(p.std()) > 0 for p in downs)                         # A Gaussian
+    assert torch.equal(before, after) and all(p.requires_grad for p in parameters)
+    assert not any(p.requires_grad for name, p in unet.named_parameters() if "lora" not in name)

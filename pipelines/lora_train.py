@@ -317,8 +317,10 @@ def add_training_adapter(unet, request: LoraTrainingRequest, adapter: str) -> li
     from peft import LoraConfig
 
     _remove_adapter(unet, adapter)
-    unet.add_adapter(LoraConfig(r=request.rank, lora_alpha=request.alpha, init_lora_weights="gaussian",
-                                target_modules=TARGET_MODULES), adapter_name=adapter)
+    with torch.random.fork_rng():          # A's Gaussian comes from the seed, and the global RNG is left alone
+        torch.manual_seed(request.seed)
+        unet.add_adapter(LoraConfig(r=request.rank, lora_alpha=request.alpha, init_lora_weights="gaussian",
+                                    target_modules=TARGET_MODULES), adapter_name=adapter)
     unet.set_adapters([adapter])
     for name, parameter in unet.named_parameters():
         parameter.requires_grad_(adapter in name)

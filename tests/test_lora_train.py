@@ -120,3 +120,15 @@ def test_at_step_zero_the_lora_changes_nothing(studio):
     assert all(float(p.std()) > 0 for p in downs)                         # A Gaussian
     assert torch.equal(before, after) and all(p.requires_grad for p in parameters)
     assert not any(p.requires_grad for name, p in unet.named_parameters() if "lora" not in name)
+
+
+def test_the_forward_process_is_the_model_s_own_whatever_sampler_ran_last(studio, tmp_path):
+    """Training noises x_0 with the model's DDPM schedule; the sampler of the last generation (here Euler,
+    whose add_noise works in sigmas on its own step grid) must not leak into it."""
+    losses = {}
+    for sampler in ("Euler", "DDIM"):
+        studio.generate(Txt2ImgRequest(prompt="red", steps=2, sampler=sampler))
+        job = run(studio, training(name=f"after-{sampler.lower()}", steps=3, learning_rate=1e-7), tmp_path)
+        job.result(timeout=600)
+        losses[sampler] = [event.loss for event in job.events() if isinstance(event, LossPoint)]
+    assert losses["Euler"] == losses["DDIM"]

@@ -68,7 +68,7 @@ def main(argv=None) -> None:
     models.load("embedded")
     generator = Generator(models, outputs_dir=None)
 
-    # 1. The dataset
+    # 1. The dataset (its README.md, with the licence, stays)
     DATASET.mkdir(parents=True, exist_ok=True)
     images = []
     for number, prompt in enumerate(TRAINING_PROMPTS):

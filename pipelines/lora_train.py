@@ -130,6 +130,10 @@ class LoraTrainingResult:
     final_loss: float
     effect: float             # mean |Δ| (0..255) between weight 0 and weight 1 on the sample prompts
     moved: bool
+    # how far the samples' mean feature (the judge classifier of recipe/evaluate.py) is from the training
+    # images' at weight 0 and at weight 1: closer means the LoRA pulls towards what it was shown
+    feature_distance_before: float
+    feature_distance_after: float
     before: list[Image.Image]
     after: list[Image.Image]
     stopped: bool
@@ -230,7 +234,9 @@ def train_lora(models, request: LoraTrainingRequest, job, *, cache_dir: Path) ->
             strikes, step, loss_value = 0, step + 1, float(loss)
             seconds = time.perf_counter() - started
             job.emit(LossPoint(step, loss_value, rate, seconds))
-            job.report(step, request.steps, f"loss {loss_value:.4f} · {(step - start) / seconds:.2f} steps/s")
+            speed = (step - start) / seconds
+            job.report(step, request.steps, f"loss {loss_value:.4f} · {speed:.2f} steps/s · "
+                                            f"about {(request.steps - step) / speed:.0f} s to go")
 
             # 5. Checkpoints, samples, and room for other jobs
             if step % request.checkpoint_every == 0 or step == request.steps:
@@ -260,12 +266,26 @@ def train_lora(models, request: LoraTrainingRequest, job, *, cache_dir: Path) ->
     _remove_adapter(unet, adapter)
     effect = float(np.mean([np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean()
                             for a, b in zip(after, before)]))
+    distance_before, distance_after = feature_distances(pictures, before, after)
     if effect < EFFECT_THRESHOLD:
         warnings.append(f"This LoRA barely changes the images (mean change {effect:.2f} of 255 on the sample "
                         "prompts): train longer, raise the learning rate, or use more distinctive images.")
     return LoraTrainingResult(path=path, steps=step, final_loss=loss_value, effect=effect,
-                              moved=effect >= EFFECT_THRESHOLD, before=before, after=after, stopped=stopped,
+                              moved=effect >= EFFECT_THRESHOLD, feature_distance_before=distance_before,
+                              feature_distance_after=distance_after, before=before, after=after, stopped=stopped,
                               warnings=warnings)
+
+
+def feature_distances(training: list, before: list, after: list) -> tuple[float, float]:
+    """|mean feature(samples) - mean feature(training images)| at weight 0 and at weight 1, in the feature
+    space of the emoji judge that recipe/evaluate.py trained on real emoji (images resized to its 64 px)."""
+    from recipe.evaluate import as_array, features, load_judge
+
+    judge, _ = load_judge()
+    size = judge.image_size
+    centre = features(judge, as_array(training, size)).mean(axis=0)
+    return tuple(float(np.linalg.norm(features(judge, as_array(images, size)).mean(axis=0) - centre))
+                 for images in (before, after))
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -276,6 +296,17 @@ class TrainingImage:
     name: str
     image: Image.Image
     caption: str
+
+
+def dataset_folder(spec: str, models_dir: Path) -> list[Path]:
+    """The files of a dataset folder, which must lie under the app's models/ folder."""
+    folder = (models_dir / spec).resolve() if not Path(spec).is_absolute() else Path(spec).resolve()
+    if not folder.is_relative_to(models_dir.resolve()):
+        raise ValueError(f"{spec!r} is outside {models_dir}: put the dataset folder under models/ (e.g. "
+                         "models/datasets/my-style) and name it relative to models/.")
+    if not folder.is_dir():
+        raise ValueError(f"No folder {folder}.")
+    return sorted(path for path in folder.iterdir() if path.is_file())
 
 
 def read_dataset(paths: list[str | Path]) -> list[TrainingImage]:

@@ -97,21 +97,18 @@ def main(argv=None) -> None:
                                                   seed=500 + number)).images[0].image for weight in (0, 1)]
         rows.append(pair)
     plain, styled = style_figures([row[0] for row in rows]), style_figures([row[1] for row in rows])
-    grid = Image.new("RGB", (2 * 64, len(rows) * 64), "white")
-    for y, (left, right) in enumerate(rows):
-        grid.paste(left, (0, 64 * y))
-        grid.paste(right, (64, 64 * y))
-    grid = grid.resize((grid.width * 2, grid.height * 2), Image.Resampling.NEAREST)
-    sheet = Image.new("RGB", (grid.height, grid.width), "white")       # held-out prompts side by side
-    columns = [grid.crop((0, 128 * y, 256, 128 * (y + 1))).rotate(0) for y in range(len(rows))]
-    sheet = Image.new("RGB", (128 * len(rows), 256), "white")
-    for x, column in enumerate(columns):
-        sheet.paste(column.crop((0, 0, 128, 128)), (128 * x, 0))
-        sheet.paste(column.crop((128, 0, 256, 128)), (128 * x, 128))
+    sheet = Image.new("RGB", (64 * len(rows), 128), "white")   # a column per held-out prompt: weight 0, then 1
+    for x, (plain_image, styled_image) in enumerate(rows):
+        sheet.paste(plain_image, (64 * x, 0))
+        sheet.paste(styled_image, (64 * x, 64))
+    sheet = sheet.resize((sheet.width * 2, sheet.height * 2), Image.Resampling.NEAREST)
     sheet.save(GRID)
     report = {"training": {"images": len(images), "steps": result.steps, "seconds": round(seconds, 1),
                            "loss_first_20": round(float(np.mean(losses[:20])), 4),
-                           "loss_last_20": round(float(np.mean(losses[-20:])), 4), "effect_on_samples": round(result.effect, 2),
+                           "loss_last_20": round(float(np.mean(losses[-20:])), 4),
+                           "effect_on_samples": round(result.effect, 2),
+                           "feature_distance_to_training": [round(result.feature_distance_before, 3),
+                                                            round(result.feature_distance_after, 3)],
                            "settings": request.settings()},
               "held_out_prompts": HELD_OUT_PROMPTS, "weight_0": plain, "weight_1": styled,
               "training_images": style_figures(images)}

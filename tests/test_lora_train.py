@@ -51,6 +51,7 @@ def test_training_writes_a_kohya_file_that_moves_the_image_and_loads_in_diffuser
     assert keys and all(key.startswith("lora_unet_") for key in keys)
     assert metadata["ss_network_dim"] == "8" and metadata["ss_trigger_words"] == "framed"
     assert result.moved and result.effect > 2.0
+    assert np.isfinite([result.feature_distance_before, result.feature_distance_after]).all()
     # the adapter in training is gone: plain generation is unchanged; the file applies through the prompt
     plain = np.asarray(studio.generate(Txt2ImgRequest(prompt="framed, red", steps=4, seed=1)).images[0].image,
                        dtype=np.int16)
@@ -93,6 +94,20 @@ def test_a_non_finite_loss_skips_the_step_and_halves_the_learning_rate(studio, t
     assert len(warnings) == 1 and "not finite; step skipped, learning rate halved" in warnings[0].message
     rates = [event.learning_rate for event in job.events() if isinstance(event, LossPoint)]
     assert result.steps == 6 and np.isfinite(result.final_loss) and rates[3] < rates[1]
+
+
+def test_a_dataset_folder_must_lie_under_models(tmp_path):
+    from pipelines.lora_train import dataset_folder, read_dataset
+
+    folder = tmp_path / "models" / "datasets" / "frames"
+    folder.mkdir(parents=True)
+    for number, image in enumerate(dataset()):
+        image.save(folder / f"square_{number}.png")
+    (folder / "square_0.txt").write_text("a red square")
+    items = read_dataset(dataset_folder("datasets/frames", tmp_path / "models"))
+    assert [item.caption for item in items] == ["a red square", "square", "square", "square"]
+    with pytest.raises(ValueError, match="outside"):
+        dataset_folder("../elsewhere", tmp_path / "models")
 
 
 @pytest.mark.parametrize("overrides,message", [({"name": "../evil"}, "`name` must be"), ({"images": []}, "at least one"),

@@ -15,7 +15,8 @@ import gradio as gr
 import pandas as pd
 
 from pipelines.jobs import Job, JobCancelled, Priority
-from pipelines.lora_train import (LoraTrainingRequest, LossPoint, Samples, Warning_, read_dataset, train_lora)
+from pipelines.lora_train import (LoraTrainingRequest, LossPoint, Samples, Warning_, dataset_folder, read_dataset,
+                                  train_lora)
 from studio.context import StudioContext, session_of
 from studio.errors import user_errors
 
@@ -27,6 +28,7 @@ QUEUE = {"concurrency_id": "jobs", "concurrency_limit": 16, "show_progress": "hi
 @dataclass
 class LoraTab:
     files: gr.File
+    folder: gr.Textbox
     captions: gr.Dataframe
     settings: dict                 # LoraTrainingRequest field -> control
     train: gr.Button
@@ -47,7 +49,7 @@ class LoraTab:
 
 def build_lora_tab(context: StudioContext) -> LoraTab:
     tab = _layout()
-    _wire_dataset(tab)
+    _wire_dataset(context, tab)
     _wire_training(context, tab)
     return tab
 
@@ -61,7 +63,9 @@ def _layout() -> LoraTab:
         with gr.Column(scale=2):
             files = gr.File(file_count="multiple", label="Images (or a .zip; a .txt of the same name is the caption)",
                             elem_id="lora-files")
-            captions = gr.Dataframe(headers=["file", "caption"], datatype=["str", "str"], col_count=(2, "fixed"),
+            folder = gr.Textbox(label="…or a dataset folder under models/", placeholder="datasets/my-style",
+                                elem_id="lora-folder")
+            captions = gr.Dataframe(headers=["file", "caption"], datatype=["str", "str"], column_count=(2, "fixed"),
                                     interactive=True, label="Captions (edit them; the trigger word goes in front)",
                                     elem_id="lora-captions")
             with gr.Row():
@@ -99,25 +103,26 @@ def _layout() -> LoraTab:
                                  elem_classes=["studio-pixels"], format="png")
             result = gr.JSON(label="Result", elem_id="lora-result")
             job_id = gr.Textbox(visible=False, label="Job id")
-    return LoraTab(files=files, captions=captions, settings=settings, train=train, pause=pause, resume=resume,
+    return LoraTab(files=files, folder=folder, captions=captions, settings=settings, train=train, pause=pause, resume=resume,
                    stop=stop, status=status, loss=loss, samples=samples, result=result, job_id=job_id,
                    saved_job=gr.BrowserState(None, storage_key="diffusion-studio-lora-job"))
 
 
-def _wire_dataset(tab: LoraTab) -> None:
+def _wire_dataset(context: StudioContext, tab: LoraTab) -> None:
     @user_errors
-    def show_captions(files):
-        if not files:
-            return []
-        return [[item.name, item.caption] for item in read_dataset(files)]
+    def show_captions(files, folder):
+        paths = files or (dataset_folder(folder, context.models.models_dir) if folder else [])
+        return [[item.name, item.caption] for item in read_dataset(paths)] if paths else []
 
-    tab.files.change(show_captions, inputs=tab.files, outputs=tab.captions, api_visibility="private")
+    for trigger in (tab.files.change, tab.folder.submit):
+        trigger(show_captions, inputs=[tab.files, tab.folder], outputs=tab.captions, api_visibility="private")
 
 
 def training_request(files, captions, settings: dict) -> LoraTrainingRequest:
     """The training request from the page's (or the API's) values: the table's captions win over the files'."""
     if not files:
-        raise ValueError("Drop the training images first (png, jpg, webp, or a .zip of them).")
+        raise ValueError("Drop the training images first (png, jpg, webp, or a .zip of them), or name a dataset "
+                         "folder under models/.")
     dataset = read_dataset(files)
     rows = captions.values.tolist() if isinstance(captions, pd.DataFrame) else (captions or [])
     edited = {str(row[0]): str(row[1] or "") for row in rows if row and row[0]}
@@ -130,7 +135,10 @@ def training_request(files, captions, settings: dict) -> LoraTrainingRequest:
 
 def _wire_training(context: StudioContext, tab: LoraTab) -> None:
     @user_errors
-    def train_lora_job(images, captions=None, request: gr.Request = None, **settings) -> Iterator[dict]:
+    def train_lora_job(images=None, folder=None, captions=None, request: gr.Request = None,
+                       **settings) -> Iterator[dict]:
+        if not images and folder:
+            images = dataset_folder(folder, context.models.models_dir)
         training = training_request(images, captions, settings)
         models = context.models
         runs = models.lora_dir / ".runs"      # checkpoints of unfinished runs, beside the LoRAs
@@ -147,7 +155,7 @@ def _wire_training(context: StudioContext, tab: LoraTab) -> None:
         return {tab.status: {"pause": "Paused: generations run meanwhile; Resume goes on.",
                              "resume": "Resumed…", "cancel": "Stopping after this step; the LoRA is saved."}[action]}
 
-    inputs = {"images": tab.files, "captions": tab.captions, **tab.settings}
+    inputs = {"images": tab.files, "folder": tab.folder, "captions": tab.captions, **tab.settings}
     tab.train.click(train_lora_job, inputs_kwargs=inputs, outputs=tab.outputs, api_name="train_lora", **QUEUE)
     for button, action in ((tab.pause, "pause"), (tab.resume, "resume"), (tab.stop, "cancel")):
         button.click(lambda job_id, action=action: control(job_id, action), inputs=tab.job_id,
@@ -196,6 +204,8 @@ def follow_training(tab: LoraTab, job: Job) -> Iterator[dict]:
     verdict = f"moved the images by {result.effect:.1f} of 255 on average" if result.moved else \
         f"**barely changes the images** ({result.effect:.2f} of 255)"
     status = (f"Saved `{result.path}` after {result.steps} steps (final loss {result.final_loss:.4f}); it {verdict}. "
+              f"Distance of the samples to the training images (judge features): "
+              f"{result.feature_distance_before:.2f} at weight 0, {result.feature_distance_after:.2f} at weight 1. "
               f"Use it as `<lora:{result.path.stem}:1>`.")
     samples = [(image, f"weight 0: {prompt}") for image, prompt in zip(result.before, _prompts(first))] + \
         [(image, f"weight 1: {prompt}") for image, prompt in zip(result.after, _prompts(first))]
@@ -204,6 +214,8 @@ def follow_training(tab: LoraTab, job: Job) -> Iterator[dict]:
            # names, not absolute paths: a client would take a path for a file to download
            tab.result: {"lora": result.path.stem, "file": f"models/lora/{result.path.name}", "steps": result.steps, "final_loss": result.final_loss,
                         "effect": round(result.effect, 3), "moved": result.moved, "stopped": result.stopped,
+                        "feature_distance_to_training": {"weight_0": round(result.feature_distance_before, 3),
+                                                         "weight_1": round(result.feature_distance_after, 3)},
                         "warnings": result.warnings}}
 
 

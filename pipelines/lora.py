@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +31,18 @@ class LoraUse:
     weight: float
 
 
+MALFORMED_TAG = re.compile(r"<lora:[^>]*>")
+
+
 def split_lora_tags(prompt: str) -> tuple[str, list[LoraUse]]:
-    """The prompt without its `<lora:name:weight>` tags, and the LoRAs they ask for (weight 1 when left out)."""
+    """The prompt without its `<lora:name:weight>` tags, and the LoRAs they ask for (weight 1 when left out).
+    A prompt without tags comes back exactly as it was."""
+    malformed = [tag for tag in MALFORMED_TAG.findall(prompt) if not LORA_TAG.fullmatch(tag)]
+    if malformed:
+        raise ValueError(f"{malformed[0]} is not a LoRA tag this studio reads: write <lora:name> or "
+                         "<lora:name:0.8> (a plain decimal weight).")
+    if not LORA_TAG.search(prompt):
+        return prompt, []
     uses = {}
     for match in LORA_TAG.finditer(prompt):
         name, weight = match.group(1).strip(), float(match.group(2)) if match.group(2) else 1.0
@@ -84,10 +93,12 @@ class LoadedLora:
     path: Path
     hash: str
     modules: int          # UNet and text-encoder modules it patches
+    stamp: tuple          # the file's (size, mtime) when loaded: a changed file is loaded again
 
 
 def adapter_name(name: str) -> str:
-    return "lora_" + re.sub(r"\W", "_", name)
+    """A peft adapter name for LoRA `name`, distinct for distinct names ("a b" and "a_b" differ)."""
+    return "lora_" + re.sub(r"\W", "_", name) + "_" + hashlib.sha1(name.encode()).hexdigest()[:6]
 
 
 def load_lora(pipeline, name: str, path: Path) -> LoadedLora:
@@ -105,7 +116,12 @@ def load_lora(pipeline, name: str, path: Path) -> LoadedLora:
         _forget(pipeline, adapter)
         raise ValueError(f"LoRA {name!r} matched no module of the loaded model, so it would do nothing. The file "
                          f"says it was made for {made_for(path)}.")
-    return LoadedLora(adapter=adapter, path=path, hash=short_hash(path), modules=modules)
+    return LoadedLora(adapter=adapter, path=path, hash=short_hash(path), modules=modules, stamp=file_stamp(path))
+
+
+def file_stamp(path: Path) -> tuple:
+    status = path.stat()
+    return status.st_size, status.st_mtime_ns
 
 
 def count_modules(pipeline, adapter: str) -> int:
@@ -118,6 +134,6 @@ def count_modules(pipeline, adapter: str) -> int:
 
 
 def _forget(pipeline, adapter: str) -> None:
-    listed = json.dumps(pipeline.get_list_adapters()) if hasattr(pipeline, "get_list_adapters") else ""
-    if adapter in listed:
+    listed = pipeline.get_list_adapters() if hasattr(pipeline, "get_list_adapters") else {}
+    if any(adapter in names for names in listed.values()):
         pipeline.delete_adapters([adapter])

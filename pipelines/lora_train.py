@@ -42,6 +42,7 @@ TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 MAX_IMAGES = 500
 MAX_TRAIN_STEPS = 20_000
 NAN_STRIKES_BEFORE_ROLLBACK = 3
+MAX_ROLLBACKS = 5
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]{0,63}$")
 SAMPLE_STEPS = 20
 
@@ -101,6 +102,18 @@ class LoraTrainingRequest:
     def settings(self) -> dict:
         return {key: value for key, value in vars(self).items() if key not in ("images", "captions")}
 
+    def fingerprint(self) -> dict:
+        """What a checkpoint must match to be resumed: the settings that shape the training, and the data."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for image, prompt in zip(self.images, self.prompts()):
+            digest.update(image.convert("RGB").tobytes())
+            digest.update(prompt.encode())
+        shaping = {key: value for key, value in self.settings().items()
+                   if key not in ("checkpoint_every", "sample_every", "sample_prompts")}
+        return json.loads(json.dumps(shaping | {"data": digest.hexdigest()}))
+
 
 @dataclass
 class LossPoint:
@@ -118,7 +131,7 @@ class Samples:
 
 
 @dataclass
-class Warning_:
+class TrainingWarning:
     step: int
     message: str
 
@@ -149,11 +162,20 @@ def train_lora(models, request: LoraTrainingRequest, job, *, cache_dir: Path) ->
 
     model = models.require()
     pipeline = model.pipeline
+    if pipeline.unet.config.addition_embed_type is not None:
+        raise ValueError(f"LoRA training here takes SD 1.x/2.x-style models; {model.name} (SDXL and kin) is not "
+                         "supported yet.")
+    if model.scheduler_config.get("prediction_type", "epsilon") != "epsilon":
+        raise ValueError(f"LoRA training here learns an eps-prediction; {model.name} predicts "
+                         f"{model.scheduler_config['prediction_type']}, which it does not support yet.")
+    models.use_loras([])      # no other LoRA may shape the cached embeddings or the "before" samples
     # the training schedule itself (not the sampler the last generation used): q(x_t | x_0) at any t
     unet, scheduler = pipeline.unet, DDPMScheduler.from_config(model.scheduler_config)
     device, dtype = pipeline._execution_device, unet.dtype
     run_dir = cache_dir / request.name
     adapter = "training_" + re.sub(r"\W", "_", request.name)
+    if any(name.startswith("training_") for name in (getattr(unet, "peft_config", None) or {})):
+        raise ValueError("Another LoRA is training on this model; stop it (or let it finish) first.")
     generator = torch.Generator().manual_seed(request.seed)
 
     # 1. Data, cached once: latents of each image and of its mirror image, and the text embeddings
@@ -172,10 +194,23 @@ def train_lora(models, request: LoraTrainingRequest, job, *, cache_dir: Path) ->
         embeddings = torch.cat([_pad(item, empty, longest) for item in encoded])
         empty = _pad(empty, empty, longest)
 
-    # 2. The LoRA: B zero, A Gaussian, on the attention projections
+    # 2. The LoRA: B zero, A Gaussian, on the attention projections (removed again however the run ends)
     parameters = add_training_adapter(unet, request, adapter)
+    try:
+        return _train(models, request, job, pipeline, scheduler, adapter, parameters, run_dir, generator,
+                      pictures, latents, mirrored, embeddings, empty)
+    finally:
+        unet.eval()
+        for parameter in unet.parameters():
+            parameter.requires_grad_(False)
+        _remove_adapter(unet, adapter)
+
+
+def _train(models, request, job, pipeline, scheduler, adapter, parameters, run_dir, generator, pictures, latents,
+           mirrored, embeddings, empty) -> LoraTrainingResult:
+    unet, device, dtype = pipeline.unet, pipeline._execution_device, pipeline.unet.dtype
     optimizer = torch.optim.AdamW(parameters, lr=request.learning_rate, weight_decay=1e-2)
-    start, warnings = _resume(run_dir, request, unet, adapter, optimizer), []
+    start, warnings, rollbacks = _resume(run_dir, request, unet, adapter, optimizer), [], 0
     if start:
         warnings.append(f"Resumed at step {start} from {run_dir}.")
         generator.manual_seed(request.seed + start)
@@ -186,75 +221,80 @@ def train_lora(models, request: LoraTrainingRequest, job, *, cache_dir: Path) ->
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
     step, strikes, learning_rate, loss_value, stopped = start, 0, request.learning_rate, float("nan"), False
     started = time.perf_counter()
-    try:
-        unet.train()
-        while step < request.steps:
-            # 3. One step: x_t from the forward process, the eps-prediction loss with min-SNR weights
-            rate = learning_rate * _schedule(step, request)
-            for group in optimizer.param_groups:
-                group["lr"] = rate
-            index = torch.randint(0, len(pictures), (request.batch_size,), generator=generator)
-            flip = torch.rand(request.batch_size, generator=generator) < 0.5 if request.flip else \
-                torch.zeros(request.batch_size, dtype=torch.bool)
-            x0 = torch.where(flip.view(-1, 1, 1, 1).to(device), mirrored[index], latents[index])
-            noise = torch.randn(x0.shape, generator=generator).to(device, dtype)
-            if request.noise_offset:
-                noise = noise + request.noise_offset * torch.randn(x0.shape[0], x0.shape[1], 1, 1,
-                                                                   generator=generator).to(device, dtype)
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (request.batch_size,), generator=generator)
-            t = t.to(device)
-            drop = torch.rand(request.batch_size, generator=generator) < request.caption_dropout
-            context = torch.where(drop.view(-1, 1, 1).to(device), empty.expand_as(embeddings[index]),
-                                  embeddings[index])
-            x_t = scheduler.add_noise(x0, noise, t)    # the forward process, q(x_t | x_0)
-            prediction = unet(x_t, t, encoder_hidden_states=context).sample
-            loss = (prediction.float() - noise.float()).square().mean(dim=(1, 2, 3))
-            if request.min_snr_gamma:
-                snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
-                loss = loss * torch.clamp(snr, max=request.min_snr_gamma) / snr
-            loss = loss.mean()
-            loss.backward()
+    unet.train()
+    while step < request.steps:
+        # 3. One step: x_t from the forward process, the eps-prediction loss with min-SNR weights
+        rate = learning_rate * _schedule(step, request)
+        for group in optimizer.param_groups:
+            group["lr"] = rate
+        index = torch.randint(0, len(pictures), (request.batch_size,), generator=generator)
+        flip = torch.rand(request.batch_size, generator=generator) < 0.5 if request.flip else \
+            torch.zeros(request.batch_size, dtype=torch.bool)
+        x0 = torch.where(flip.view(-1, 1, 1, 1).to(device), mirrored[index], latents[index])
+        noise = torch.randn(x0.shape, generator=generator).to(device, dtype)
+        if request.noise_offset:
+            noise = noise + request.noise_offset * torch.randn(x0.shape[0], x0.shape[1], 1, 1,
+                                                               generator=generator).to(device, dtype)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (request.batch_size,), generator=generator)
+        t = t.to(device)
+        drop = torch.rand(request.batch_size, generator=generator) < request.caption_dropout
+        context = torch.where(drop.view(-1, 1, 1).to(device), empty.expand_as(embeddings[index]),
+                              embeddings[index])
+        x_t = scheduler.add_noise(x0, noise, t)    # the forward process, q(x_t | x_0)
+        prediction = unet(x_t, t, encoder_hidden_states=context).sample
+        loss = (prediction.float() - noise.float()).square().mean(dim=(1, 2, 3))
+        if request.min_snr_gamma:
+            snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
+            loss = loss * torch.clamp(snr, max=request.min_snr_gamma) / snr
+        loss = loss.mean()
+        loss.backward()
 
-            # 4. NaN guard
-            finite = torch.isfinite(loss) and all(p.grad is None or torch.isfinite(p.grad).all() for p in parameters)
-            if not finite:
-                optimizer.zero_grad(set_to_none=True)
-                strikes += 1
-                learning_rate /= 2
-                message = f"Step {step}: the loss or a gradient was not finite; step skipped, learning rate halved."
-                if strikes >= NAN_STRIKES_BEFORE_ROLLBACK:
-                    step = _resume(run_dir, request, unet, adapter, optimizer)
-                    strikes = 0
-                    message += f" {NAN_STRIKES_BEFORE_ROLLBACK} in a row: rolled back to step {step}."
-                warnings.append(message)
-                job.emit(Warning_(step, message))
-                continue
-            optimizer.step()
+        # 4. NaN guard
+        finite = torch.isfinite(loss) and all(p.grad is None or torch.isfinite(p.grad).all() for p in parameters)
+        if not finite:
             optimizer.zero_grad(set_to_none=True)
-            strikes, step, loss_value = 0, step + 1, float(loss)
-            seconds = time.perf_counter() - started
-            job.emit(LossPoint(step, loss_value, rate, seconds))
-            speed = (step - start) / seconds
-            job.report(step, request.steps, f"loss {loss_value:.4f} · {speed:.2f} steps/s · "
-                                            f"about {(request.steps - step) / speed:.0f} s to go")
-
-            # 5. Checkpoints, samples, and room for other jobs
-            if step % request.checkpoint_every == 0 or step == request.steps:
-                _save_checkpoint(run_dir, request, unet, adapter, optimizer, step)
-            if request.sample_every and step % request.sample_every == 0 and step < request.steps:
-                unet.eval()
-                job.emit(Samples(step, request.samples(), _sample_images(pipeline, request, enabled=True,
-                                                                         adapter=adapter)))
-                unet.train()
-            job.checkpoint()
-            unet.set_adapters([adapter])        # a generation in between may have switched adapters
-            if job.stop.is_set():
+            strikes += 1
+            learning_rate /= 2
+            message = f"Step {step}: the loss or a gradient was not finite; step skipped, learning rate halved."
+            if strikes >= NAN_STRIKES_BEFORE_ROLLBACK:
+                rollbacks += 1
+                if rollbacks > MAX_ROLLBACKS:
+                    raise ValueError(f"The loss kept turning non-finite ({rollbacks} roll-backs); nothing was "
+                                     "saved. Lower the learning rate or check the images.")
+                step = _resume(run_dir, request, unet, adapter, optimizer)
+                if step == 0:           # no checkpoint yet: start the LoRA and the optimiser afresh
+                    parameters = add_training_adapter(unet, request, adapter)
+                    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=1e-2)
+                    unet.train()
+                strikes = 0
+                message += f" {NAN_STRIKES_BEFORE_ROLLBACK} in a row: rolled back to step {step}."
+            warnings.append(message)
+            job.emit(TrainingWarning(step, message))
+            if _yield_to_others(job, unet, adapter):
                 stopped = True
                 break
-    finally:
-        unet.eval()
-        for parameter in unet.parameters():
-            parameter.requires_grad_(False)
+            continue
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        strikes, step, loss_value = 0, step + 1, float(loss)
+        seconds = time.perf_counter() - started
+        job.emit(LossPoint(step, loss_value, rate, seconds))
+        speed = (step - start) / seconds
+        job.report(step, request.steps, f"loss {loss_value:.4f} · {speed:.2f} steps/s · "
+                                        f"about {(request.steps - step) / speed:.0f} s to go")
+
+        # 5. Checkpoints, samples, and room for other jobs
+        if step % request.checkpoint_every == 0 or step == request.steps:
+            _save_checkpoint(run_dir, request, unet, adapter, optimizer, step)
+        if request.sample_every and step % request.sample_every == 0 and step < request.steps:
+            unet.eval()
+            job.emit(Samples(step, request.samples(), _sample_images(pipeline, request, enabled=True,
+                                                                     adapter=adapter)))
+            unet.train()
+        if _yield_to_others(job, unet, adapter):
+            stopped = True
+            break
+    unet.eval()
 
     # 6. The file, then its effect; a finished run needs its checkpoint no more
     path = save_kohya(models, request, unet, adapter, step)
@@ -263,7 +303,6 @@ def train_lora(models, request: LoraTrainingRequest, job, *, cache_dir: Path) ->
             (run_dir / leftover).unlink(missing_ok=True)
     after = _sample_images(pipeline, request, enabled=True, adapter=adapter)
     before = before or _sample_images(pipeline, request, enabled=False)
-    _remove_adapter(unet, adapter)
     effect = float(np.mean([np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean()
                             for a, b in zip(after, before)]))
     distance_before, distance_after = feature_distances(pictures, before, after)
@@ -289,6 +328,8 @@ def feature_distances(training: list, before: list, after: list) -> tuple[float,
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MAX_FILE_BYTES = 50 << 20
+MAX_DATASET_BYTES = 1 << 30
 
 
 @dataclass
@@ -316,21 +357,33 @@ def read_dataset(paths: list[str | Path]) -> list[TrainingImage]:
     import zipfile
 
     files: dict[str, bytes] = {}
+
+    def add(name: str, size: int, read) -> None:
+        if name in files:
+            raise ValueError(f"Two files are named {name}; rename one (captions pair with images by name).")
+        if size > MAX_FILE_BYTES or sum(map(len, files.values())) + size > MAX_DATASET_BYTES:
+            raise ValueError(f"{name} makes the dataset too big: at most {MAX_FILE_BYTES >> 20} MB a file and "
+                             f"{MAX_DATASET_BYTES >> 20} MB in all.")
+        files[name] = read()
+
+    wanted = IMAGE_SUFFIXES + (".txt",)
     for path in map(Path, paths):
         if path.suffix.lower() == ".zip":
             with zipfile.ZipFile(path) as archive:
                 for info in archive.infolist():
-                    if not info.is_dir() and Path(info.filename).suffix.lower() in IMAGE_SUFFIXES + (".txt",):
-                        files[Path(info.filename).name] = archive.read(info)
-        elif path.suffix.lower() in IMAGE_SUFFIXES + (".txt",):
-            files[path.name] = path.read_bytes()
+                    if not info.is_dir() and Path(info.filename).suffix.lower() in wanted:
+                        add(Path(info.filename).name, info.file_size, lambda info=info: archive.read(info))
+        elif path.suffix.lower() in wanted:
+            add(path.name, path.stat().st_size, path.read_bytes)
+    images = [name for name in files if Path(name).suffix.lower() in IMAGE_SUFFIXES]
+    if len(images) > MAX_IMAGES:
+        raise ValueError(f"At most {MAX_IMAGES} images train one LoRA here, but {len(images)} were given.")
     dataset = []
     for name, data in sorted(files.items()):
         if Path(name).suffix.lower() not in IMAGE_SUFFIXES:
             continue
         try:
-            image = Image.open(io.BytesIO(data))
-            image.load()
+            image = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))   # phone photos stand upright
         except Exception as error:
             raise ValueError(f"{name} is not an image this studio can read ({error}).") from error
         sidecar = files.get(Path(name).stem + ".txt")
@@ -340,6 +393,17 @@ def read_dataset(paths: list[str | Path]) -> list[TrainingImage]:
     if not dataset:
         raise ValueError("No images among the files given (png, jpg, webp or bmp, or a .zip of them).")
     return dataset
+
+
+def _yield_to_others(job, unet, adapter: str) -> bool:
+    """Let queued generations run (and wait while paused); then put the training adapter back in charge,
+    whatever they switched. Returns whether the job was asked to stop."""
+    unet.eval()
+    job.checkpoint()
+    unet.enable_adapters()
+    unet.set_adapters([adapter])
+    unet.train()
+    return job.stop.is_set()
 
 
 def add_training_adapter(unet, request: LoraTrainingRequest, adapter: str) -> list:
@@ -352,10 +416,14 @@ def add_training_adapter(unet, request: LoraTrainingRequest, adapter: str) -> li
         torch.manual_seed(request.seed)
         unet.add_adapter(LoraConfig(r=request.rank, lora_alpha=request.alpha, init_lora_weights="gaussian",
                                     target_modules=TARGET_MODULES), adapter_name=adapter)
+    unet.enable_adapters()
     unet.set_adapters([adapter])
     for name, parameter in unet.named_parameters():
         parameter.requires_grad_(adapter in name)
-    return [parameter for name, parameter in unet.named_parameters() if adapter in name]
+    parameters = [parameter for name, parameter in unet.named_parameters() if adapter in name]
+    for parameter in parameters:        # trained in fp32 whatever the model's dtype: AdamW's eps is 0 in fp16
+        parameter.data = parameter.data.float()
+    return parameters
 
 
 def _schedule(step: int, request: LoraTrainingRequest) -> float:
@@ -461,7 +529,9 @@ def _save_checkpoint(run_dir: Path, request: LoraTrainingRequest, unet, adapter:
     partial = run_dir / "checkpoint.safetensors.partial"
     save_file(tensors, str(partial))
     os.replace(partial, run_dir / "checkpoint.safetensors")
-    (run_dir / "checkpoint.json").write_text(json.dumps({"step": step, "settings": request.settings()}))
+    info = run_dir / "checkpoint.json.partial"
+    info.write_text(json.dumps({"step": step, "fingerprint": request.fingerprint()}))
+    os.replace(info, run_dir / "checkpoint.json")
 
 
 def _resume(run_dir: Path, request: LoraTrainingRequest, unet, adapter: str, optimizer) -> int:
@@ -473,8 +543,8 @@ def _resume(run_dir: Path, request: LoraTrainingRequest, unet, adapter: str, opt
     if not (info_path.exists() and tensors_path.exists()):
         return 0
     info = json.loads(info_path.read_text())
-    if info.get("settings") != json.loads(json.dumps(request.settings())) or info["step"] >= request.steps:
-        return 0          # another run's, or a finished one: start afresh
+    if info.get("fingerprint") != request.fingerprint() or info["step"] >= request.steps:
+        return 0          # another run's (other data or settings), or a finished one: start afresh
     tensors = load_file(str(tensors_path))
     set_peft_model_state_dict(unet, {key[len("adapter."):]: value for key, value in tensors.items()
                                      if key.startswith("adapter.")}, adapter_name=adapter)
@@ -483,6 +553,7 @@ def _resume(run_dir: Path, request: LoraTrainingRequest, unet, adapter: str, opt
         state = {key.split(".", 2)[2]: value for key, value in tensors.items()
                  if key.startswith(f"optimizer.{number}.")}
         if state:
-            state["step"] = state["step"].reshape(())
-            optimizer.state[parameter] = {key: value.to(parameter.device) for key, value in state.items()}
+            state["step"] = state["step"].reshape(())      # torch keeps AdamW's step count on the CPU
+            optimizer.state[parameter] = {key: value if key == "step" else value.to(parameter.device)
+                                          for key, value in state.items()}
     return int(info["step"])

@@ -21,7 +21,7 @@ import torch
 from diffusers import AutoPipelineForText2Image, DiffusionPipeline
 
 from pipelines.jobs import DeviceWorker
-from pipelines.lora import LoadedLora, LoraUse, load_lora, lora_files
+from pipelines.lora import LoadedLora, LoraUse, file_stamp, load_lora, lora_files
 from pipelines.memory import MemoryManager, MemoryMode, is_out_of_memory
 from pipelines.tasks import TASKS
 
@@ -166,8 +166,13 @@ class ModelManager:
         pipeline = model.pipeline
         available = lora_files(self.lora_dir)
         for use in uses:
-            if use.name in model.loras:
+            held = model.loras.get(use.name)
+            if held is not None and use.name in available and held.path == available[use.name] and \
+                    held.stamp == file_stamp(held.path):
                 continue
+            if held is not None:          # the file was replaced (retrained, say): load it again
+                pipeline.delete_adapters([held.adapter])
+                del model.loras[use.name]
             if use.name not in available:
                 names = ", ".join(available) or "none"
                 raise ValueError(f"No LoRA named {use.name!r} in {self.lora_dir} (available: {names}). Put its "

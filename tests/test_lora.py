@@ -55,6 +55,9 @@ def test_lora_tags_are_taken_out_of_the_prompt_with_their_weights():
     assert uses == [LoraUse("style", 0.8), LoraUse("Pixel Art", 1.0)]
     with pytest.raises(ValueError, match="between -4 and 4 but is 9"):
         split_lora_tags("<lora:style:9>")
+    with pytest.raises(ValueError, match="<lora:style:abc> is not a LoRA tag"):
+        split_lora_tags("red apple <lora:style:abc>")
+    assert split_lora_tags("red apple,  ") == ("red apple,  ", [])      # no tag: the prompt as it was
 
 
 def test_a_lora_moves_the_image_and_weight_zero_or_no_tag_gives_the_plain_image_bit_for_bit(with_lora):
@@ -90,7 +93,9 @@ def test_a_file_that_plain_diffusers_loads_changes_its_output_the_same_way(with_
     with_lora.generate(request("x <lora:style:1>"))       # loads the adapter in the studio
     ours = dict(studio_unet.named_modules())["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]
     theirs = dict(plain.unet.named_modules())["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]
-    torch.testing.assert_close(ours.lora_B["lora_style"].weight, theirs.lora_B["style"].weight)
+    from pipelines.lora import adapter_name
+
+    torch.testing.assert_close(ours.lora_B[adapter_name("style")].weight, theirs.lora_B["style"].weight)
 
 
 def test_a_lora_for_another_model_or_an_unknown_name_is_a_clear_error(with_lora, tiny_model_dir):
@@ -101,3 +106,12 @@ def test_a_lora_for_another_model_or_an_unknown_name_is_a_clear_error(with_lora,
     with pytest.raises(ValueError, match="No LoRA named 'nope'.*available: style, wide"):
         with_lora.generate(request("red apple <lora:nope:1>"))
     assert with_lora.generate(request("red apple <lora:style:1>")).images    # still serving, adapter intact
+
+
+def test_a_replaced_lora_file_is_loaded_again(with_lora, tiny_model_dir):
+    first = with_lora.generate(request("red apple <lora:style:1>"))
+    make_kohya_lora(tiny_model_dir / "unet", with_lora.models.lora_dir / "style.safetensors", seed=7)  # retrained
+    second = with_lora.generate(request("red apple <lora:style:1>"))
+    assert not np.array_equal(pixels(first.images[0].image), pixels(second.images[0].image))
+    assert parse_infotext(first.images[0].infotext)[2]["Lora hashes"] != \
+        parse_infotext(second.images[0].infotext)[2]["Lora hashes"]

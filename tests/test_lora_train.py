@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from pipelines.jobs import Priority
-from pipelines.lora_train import LossPoint, LoraTrainingRequest, Warning_, train_lora
+from pipelines.lora_train import LossPoint, LoraTrainingRequest, TrainingWarning, train_lora
 from pipelines.tasks import Txt2ImgRequest
 
 
@@ -90,10 +90,15 @@ def test_a_non_finite_loss_skips_the_step_and_halves_the_learning_rate(studio, t
     monkeypatch.setattr(unet, "forward", poisoned)
     job = run(studio, training(steps=6), tmp_path)
     result = job.result(timeout=600)
-    warnings = [event for event in job.events() if isinstance(event, Warning_)]
+    warnings = [event for event in job.events() if isinstance(event, TrainingWarning)]
     assert len(warnings) == 1 and "not finite; step skipped, learning rate halved" in warnings[0].message
+    from pipelines.lora_train import _schedule
+
+    request = training(steps=6)
     rates = [event.learning_rate for event in job.events() if isinstance(event, LossPoint)]
-    assert result.steps == 6 and np.isfinite(result.final_loss) and rates[3] < rates[1]
+    assert result.steps == 6 and np.isfinite(result.final_loss)
+    assert rates[1] == pytest.approx(request.learning_rate * _schedule(1, request))        # before the NaN
+    assert rates[3] == pytest.approx(request.learning_rate / 2 * _schedule(3, request))    # halved after it
 
 
 def test_a_dataset_folder_must_lie_under_models(tmp_path):
@@ -147,3 +152,26 @@ def test_the_forward_process_is_the_model_s_own_whatever_sampler_ran_last(studio
         job.result(timeout=600)
         losses[sampler] = [event.loss for event in job.events() if isinstance(event, LossPoint)]
     assert losses["Euler"] == losses["DDIM"]
+
+
+def test_a_generation_runs_between_training_steps_and_the_training_goes_on(studio, tmp_path):
+    import threading
+
+    from pipelines.lora_train import LossPoint as Point
+
+    reached, plain_job = threading.Event(), {}
+    baseline = studio.generate(Txt2ImgRequest(prompt="red", steps=3, seed=4)).images[0].image
+    job = run(studio, training(steps=12), tmp_path)
+    for event in job.events():
+        if isinstance(event, Point) and event.step == 3 and not reached.is_set():
+            reached.set()
+            job.pause()          # it stops at its next checkpoint, before its last step: the generation runs there
+            plain_job["done"] = studio.generate(Txt2ImgRequest(prompt="red", steps=3, seed=4))
+            assert not job.finished
+            job.resume()
+    result = job.result(timeout=600)
+    assert result.steps == 12 and not result.stopped
+    steps = [event.step for event in job.events() if isinstance(event, Point)]
+    assert steps == list(range(1, 13))
+    # the training adapter was off for the generation in between: it is the plain image
+    assert np.array_equal(np.asarray(plain_job["done"].images[0].image), np.asarray(baseline))

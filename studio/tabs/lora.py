@@ -15,7 +15,7 @@ import gradio as gr
 import pandas as pd
 
 from pipelines.jobs import Job, JobCancelled, Priority
-from pipelines.lora_train import (LoraTrainingRequest, LossPoint, Samples, Warning_, dataset_folder, read_dataset,
+from pipelines.lora_train import (LoraTrainingRequest, LossPoint, Samples, TrainingWarning, dataset_folder, read_dataset,
                                   train_lora)
 from studio.context import StudioContext, session_of
 from studio.errors import user_errors
@@ -167,7 +167,7 @@ def wire_lora_resume(app: gr.Blocks, context: StudioContext, tab: LoraTab) -> No
     @user_errors
     def resume(job_id):
         job = context.find_job(job_id)
-        if job is not None and not job.finished:
+        if job is not None and job.state.value != "failed":    # running: followed; finished: its result
             yield from follow_training(tab, job)
 
     app.load(resume, inputs=tab.saved_job, outputs=tab.outputs, api_visibility="private", **QUEUE)
@@ -185,7 +185,7 @@ def follow_training(tab: LoraTab, job: Job) -> Iterator[dict]:
         elif isinstance(event, Samples):
             first, latest = (event, latest) if first is None else (first, event)
             update[tab.samples] = _sample_gallery(first, latest)
-        elif isinstance(event, Warning_):
+        elif isinstance(event, TrainingWarning):
             warnings.append(event.message)
         progress = job.progress
         if progress is not None:

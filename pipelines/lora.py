@@ -20,6 +20,8 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from pipelines.files import sha256_hex
+
 LORA_TAG = re.compile(r"<lora:([^:>]+)(?::\s*([-+]?(?:\d+\.?\d*|\.\d+)))?\s*>")
 MAX_LORA_WEIGHT = 4.0
 FOLDER_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -70,11 +72,7 @@ def lora_files(folder: Path) -> dict[str, Path]:
 
 def short_hash(path: Path) -> str:
     """A1111's `Lora hashes` value: the first 12 hex digits of the file's SHA-256."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
+    return sha256_hex(path)[:12]
 
 
 def made_for(path: Path) -> str:

@@ -198,7 +198,7 @@ def train_lora(models, request: LoraTrainingRequest, job, *, cache_dir: Path) ->
     parameters = add_training_adapter(unet, request, adapter)
     try:
         return _train(models, request, job, pipeline, scheduler, adapter, parameters, run_dir, generator,
-                      pictures, latents, mirrored, embeddings, empty)
+                      _Data(pictures, latents, mirrored, embeddings, empty))
     finally:
         unet.eval()
         for parameter in unet.parameters():
@@ -206,9 +206,10 @@ def train_lora(models, request: LoraTrainingRequest, job, *, cache_dir: Path) ->
         _remove_adapter(unet, adapter)
 
 
-def _train(models, request, job, pipeline, scheduler, adapter, parameters, run_dir, generator, pictures, latents,
-           mirrored, embeddings, empty) -> LoraTrainingResult:
-    unet, device, dtype = pipeline.unet, pipeline._execution_device, pipeline.unet.dtype
+def _train(models, request, job, pipeline, scheduler, adapter, parameters, run_dir, generator,
+           data: _Data) -> LoraTrainingResult:
+    """Steps 3 to 6 of the module's docstring."""
+    unet, device = pipeline.unet, pipeline._execution_device
     optimizer = torch.optim.AdamW(parameters, lr=request.learning_rate, weight_decay=1e-2)
     start, warnings, rollbacks = _resume(run_dir, request, unet, adapter, optimizer), [], 0
     if start:
@@ -223,30 +224,11 @@ def _train(models, request, job, pipeline, scheduler, adapter, parameters, run_d
     started = time.perf_counter()
     unet.train()
     while step < request.steps:
-        # 3. One step: x_t from the forward process, the eps-prediction loss with min-SNR weights
+        # 3. One step
         rate = learning_rate * _schedule(step, request)
         for group in optimizer.param_groups:
             group["lr"] = rate
-        index = torch.randint(0, len(pictures), (request.batch_size,), generator=generator)
-        flip = torch.rand(request.batch_size, generator=generator) < 0.5 if request.flip else \
-            torch.zeros(request.batch_size, dtype=torch.bool)
-        x0 = torch.where(flip.view(-1, 1, 1, 1).to(device), mirrored[index], latents[index])
-        noise = torch.randn(x0.shape, generator=generator).to(device, dtype)
-        if request.noise_offset:
-            noise = noise + request.noise_offset * torch.randn(x0.shape[0], x0.shape[1], 1, 1,
-                                                               generator=generator).to(device, dtype)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (request.batch_size,), generator=generator)
-        t = t.to(device)
-        drop = torch.rand(request.batch_size, generator=generator) < request.caption_dropout
-        context = torch.where(drop.view(-1, 1, 1).to(device), empty.expand_as(embeddings[index]),
-                              embeddings[index])
-        x_t = scheduler.add_noise(x0, noise, t)    # the forward process, q(x_t | x_0)
-        prediction = unet(x_t, t, encoder_hidden_states=context).sample
-        loss = (prediction.float() - noise.float()).square().mean(dim=(1, 2, 3))
-        if request.min_snr_gamma:
-            snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
-            loss = loss * torch.clamp(snr, max=request.min_snr_gamma) / snr
-        loss = loss.mean()
+        loss = _loss(unet, scheduler, alphas_cumprod, request, generator, data)
         loss.backward()
 
         # 4. NaN guard
@@ -296,8 +278,39 @@ def _train(models, request, job, pipeline, scheduler, adapter, parameters, run_d
             break
     unet.eval()
 
-    # 6. The file, then its effect; a finished run needs its checkpoint no more
-    path = save_kohya(models, request, unet, adapter, step)
+    # 6. The file, then its effect
+    return _finish(models, request, pipeline, adapter, run_dir, data.pictures, step=step, loss=loss_value,
+                   stopped=stopped, before=before, warnings=warnings)
+
+
+def _loss(unet, scheduler, alphas_cumprod, request: LoraTrainingRequest, generator, data: "_Data") -> torch.Tensor:
+    """One batch's loss: x_t from the forward process q(x_t | x_0), the eps-prediction's squared error,
+    weighted by min-SNR: min(SNR_t, gamma) / SNR_t."""
+    device, dtype, size = data.latents.device, data.latents.dtype, request.batch_size
+    index = torch.randint(0, len(data.pictures), (size,), generator=generator)
+    flip = torch.rand(size, generator=generator) < 0.5 if request.flip else torch.zeros(size, dtype=torch.bool)
+    x0 = torch.where(flip.view(-1, 1, 1, 1).to(device), data.mirrored[index], data.latents[index])
+    noise = torch.randn(x0.shape, generator=generator).to(device, dtype)
+    if request.noise_offset:
+        noise = noise + request.noise_offset * torch.randn(x0.shape[0], x0.shape[1], 1, 1,
+                                                           generator=generator).to(device, dtype)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (size,), generator=generator).to(device)
+    drop = torch.rand(size, generator=generator) < request.caption_dropout       # learn the unconditional too
+    context = torch.where(drop.view(-1, 1, 1).to(device), data.empty.expand_as(data.embeddings[index]),
+                          data.embeddings[index])
+    x_t = scheduler.add_noise(x0, noise, t)
+    prediction = unet(x_t, t, encoder_hidden_states=context).sample
+    loss = (prediction.float() - noise.float()).square().mean(dim=(1, 2, 3))
+    if request.min_snr_gamma:
+        snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
+        loss = loss * torch.clamp(snr, max=request.min_snr_gamma) / snr
+    return loss.mean()
+
+
+def _finish(models, request, pipeline, adapter: str, run_dir: Path, pictures, *, step: int, loss: float,
+            stopped: bool, before: list, warnings: list[str]) -> LoraTrainingResult:
+    """The file (a finished run needs its checkpoint no more), then the LoRA's effect on the samples."""
+    path = save_kohya(models, request, pipeline.unet, adapter, step)
     if not stopped:
         for leftover in ("checkpoint.safetensors", "checkpoint.json"):
             (run_dir / leftover).unlink(missing_ok=True)
@@ -309,10 +322,20 @@ def _train(models, request, job, pipeline, scheduler, adapter, parameters, run_d
     if effect < EFFECT_THRESHOLD:
         warnings.append(f"This LoRA barely changes the images (mean change {effect:.2f} of 255 on the sample "
                         "prompts): train longer, raise the learning rate, or use more distinctive images.")
-    return LoraTrainingResult(path=path, steps=step, final_loss=loss_value, effect=effect,
-                              moved=effect >= EFFECT_THRESHOLD, feature_distance_before=distance_before,
-                              feature_distance_after=distance_after, before=before, after=after, stopped=stopped,
-                              warnings=warnings)
+    return LoraTrainingResult(path=path, steps=step, final_loss=loss, effect=effect, moved=effect >= EFFECT_THRESHOLD,
+                              feature_distance_before=distance_before, feature_distance_after=distance_after,
+                              before=before, after=after, stopped=stopped, warnings=warnings)
+
+
+@dataclass
+class _Data:
+    """The training data, computed once: the cropped images, their latents (and their mirror images'),
+    each caption's text embedding, and the empty caption's."""
+    pictures: list
+    latents: torch.Tensor
+    mirrored: torch.Tensor
+    embeddings: torch.Tensor
+    empty: torch.Tensor
 
 
 def feature_distances(training: list, before: list, after: list) -> tuple[float, float]:

@@ -11,7 +11,6 @@ All loading, placing and releasing runs on the device worker's thread (pipelines
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 from diffusers import AutoPipelineForText2Image, DiffusionPipeline
 
+from pipelines.files import sha256_hex
 from pipelines.jobs import DeviceWorker
 from pipelines.lora import LoadedLora, LoraUse, file_stamp, load_lora, lora_files
 from pipelines.memory import MemoryManager, MemoryMode, is_out_of_memory
@@ -86,11 +86,7 @@ def resolve_source(spec: str, *, allowed_roots: tuple[Path, ...] | None = None,
 
 def file_hash(path: Path) -> str:
     """A1111's "Model hash" (AutoV2): the first 10 hex digits of the file's SHA-256."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()[:10]
+    return sha256_hex(path)[:10]
 
 
 def check_slot(slot: str) -> None:

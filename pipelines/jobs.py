@@ -108,11 +108,11 @@ class Job:
         """Progress: `done` of `total` units (steps, images) finished."""
         self.emit(Progress(done, total, message), transient=True)
 
-    def checkpoint(self) -> None:
+    def checkpoint(self) -> bool:
         """Call between the steps of long work: queued jobs that outrank this one run now, and a
         paused job waits here. Only outside a diffusers pipeline call: a job run here may change the
-        pipeline's scheduler and flags under that call."""
-        self._worker.checkpoint(self)
+        pipeline's scheduler and flags under that call. Returns whether another job ran."""
+        return self._worker.checkpoint(self)
 
     # -- control (from anywhere) ----------------------------------------------------------------
     def cancel(self) -> None:
@@ -261,9 +261,10 @@ class DeviceWorker:
         return jobs
 
     # -- running --------------------------------------------------------------------------------
-    def checkpoint(self, job: Job) -> None:
+    def checkpoint(self, job: Job) -> bool:
         if not self.on_worker_thread():
             raise RuntimeError("checkpoint() is called by a running job, on the worker thread.")
+        ran = False
         while True:
             with self._condition:
                 waiting = self._queue[0][2] if self._queue else None
@@ -273,8 +274,9 @@ class DeviceWorker:
                     self._condition.wait()
                     continue
                 else:
-                    return
+                    return ran
             self._run(waiting)
+            ran = True
 
     def close(self) -> None:
         """Let the thread end once the queue is empty."""

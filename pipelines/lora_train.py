@@ -419,13 +419,12 @@ def read_dataset(paths: list[str | Path]) -> list[TrainingImage]:
 
 
 def _yield_to_others(job, unet, adapter: str) -> bool:
-    """Let queued generations run (and wait while paused); then put the training adapter back in charge,
-    whatever they switched. Returns whether the job was asked to stop."""
-    unet.eval()
-    job.checkpoint()
-    unet.enable_adapters()
-    unet.set_adapters([adapter])
-    unet.train()
+    """Let queued generations run (and wait while paused); if one ran, put the training adapter back in
+    charge, whatever it switched. Returns whether the job was asked to stop."""
+    if job.checkpoint():
+        unet.enable_adapters()
+        unet.set_adapters([adapter])
+        unet.train()
     return job.stop.is_set()
 
 

@@ -190,8 +190,8 @@ def prepare(models, request: SamplingSettings) -> PreparedCall:
     # 3. LoRAs named in the prompt (<lora:name:weight>), then the prompts (in windows when too long)
     prompt, negative_prompt, uses, lora_notes = prompt_texts(request)
     loras = models.use_loras(uses)
-    lora_notes += [f"LoRA {name}: weight {use.weight:g}, {loras[name].modules} modules patched."
-                   for name, use in ((use.name, use) for use in uses)]
+    lora_notes += [f"LoRA {use.name}: weight {use.weight:g}, {loras[use.name].modules} modules patched."
+                   for use in uses]
     device = pipeline._execution_device
     prompts, note = prompt_arguments(pipeline, prompt, negative_prompt, device)
     notes = request.notes() + lora_notes + ([note] if note else [])

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from diffusers import AutoPipelineForText2Image, DiffusionPipeline
 
 from pipelines.files import sha256_hex

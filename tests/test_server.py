@@ -131,6 +131,14 @@ def browser():
         chromium.close()
 
 
+def _page_on_tab(browser, url: str, tab: str):
+    """A fresh 1400x1000 page on the studio, on tab `tab`."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url, wait_until="load")
+    page.get_by_role("tab", name=tab).click()
+    return page
+
+
 def _page_with_an_image(browser, url: str, seed: int, *, width: int = 1400, height: int = 1000):
     """A fresh page on the studio that has generated "red apple" with `seed` in Text-to-Image."""
     page = browser.new_page(viewport={"width": width, "height": height})
@@ -171,9 +179,7 @@ def test_browser_generates_an_image_with_previews_and_stop_works(server, browser
 
 def test_browser_explorer_records_and_plays_a_denoising_animation(server, browser):
     url, _ = server
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(url, wait_until="load")
-    page.get_by_role("tab", name="Diffusion Explorer").click()
+    page = _page_on_tab(browser, url, "Diffusion Explorer")
     page.get_by_role("tab", name="Reverse: denoising").click()
     page.locator("#explorer-prompt textarea").fill("red apple")
     page.locator("#explorer-seed input").fill("7")
@@ -224,9 +230,7 @@ def test_api_inpaints_and_outpaints_images_of_any_size(server, tmp_path):
 def test_browser_inpaints_only_under_a_painted_stroke(server, browser, tmp_path):
     url, context = server
     Image.new("RGB", (64, 64), (200, 60, 60)).save(tmp_path / "red.png")
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(url, wait_until="load")
-    page.get_by_role("tab", name="Inpainting").click()
+    page = _page_on_tab(browser, url, "Inpainting")
     with page.expect_file_chooser() as chooser:
         page.locator("#inpaint-editor button[aria-label=Upload]").click()
     chooser.value.set_files(str(tmp_path / "red.png"))
@@ -293,9 +297,7 @@ def test_browser_keeps_the_last_images_when_a_generation_fails(server, browser, 
 
 def test_browser_explorer_t_follows_a_typed_value_and_enter(server, browser):
     url, _ = server
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(url, wait_until="load")
-    page.get_by_role("tab", name="Diffusion Explorer").click()
+    page = _page_on_tab(browser, url, "Diffusion Explorer")
     caption = page.locator("#explorer-forward-caption")
     caption.get_by_text("t = 250 of T = 1000").wait_for(timeout=60_000)      # opens on an example, already drawn
     box = page.locator("#explorer-forward-t input[type=number]")
@@ -361,9 +363,7 @@ def test_api_trains_a_lora_and_returns_its_file_and_effect(server, tmp_path, mon
 def test_browser_trains_a_lora_from_dropped_files_and_generates_with_it(server, browser, tmp_path, monkeypatch):
     url, context = server
     monkeypatch.setattr(context.models, "models_dir", tmp_path / "models")
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(url, wait_until="load")
-    page.get_by_role("tab", name="LoRA training").click()
+    page = _page_on_tab(browser, url, "LoRA training")
     page.locator("#lora-files input[type=file]").set_input_files([str(p) for p in _frame_images(tmp_path)])
     page.wait_for_function("() => document.querySelector('#lora-captions').innerText"
                            ".includes('a red square in a dark frame')", timeout=30_000)   # the caption table

@@ -34,6 +34,7 @@ from PIL import Image
 from pipelines.lora import LoraUse, split_lora_tags
 from pipelines.prompts import prompt_arguments
 from pipelines.samplers import STOCHASTIC, make_scheduler
+from pipelines.speculative import MODEL_DRAFT, run_speculative
 from pipelines.tasks import SamplingSettings, Task, task_of
 
 VAE_UPCAST_NOTE = "The VAE overflowed in fp16 (the black-image bug), so it now decodes in fp32."
@@ -123,6 +124,8 @@ class PreparedCall:
     device: torch.device
     notes: list[str] = field(default_factory=list)
     loras: dict = field(default_factory=dict)   # name -> LoadedLora, the LoRAs the prompt switched on
+    draft: Any = None                  # the draft UNet, for the DDPM speculative sampler's "draft model"
+    speculative: list = field(default_factory=list)   # its ChainStats, one per image generated so far
 
     def generators(self, batch_index: int) -> list[torch.Generator]:
         """Image i of batch b draws its noise from seed + b * batch_size + i, on the CPU."""
@@ -147,6 +150,9 @@ class PreparedCall:
         `latents` replaces the initial noise (drawn from `generators`); `callback` is
         callback_on_step_end, which also sees the loop's tensors named in `expose`.
         """
+        if self.request.speculative:
+            return run_speculative(self, batch_index, generators=generators, latents=latents, callback=callback,
+                                   expose=expose)
         if self.task.run is not None:
             return self.task.run(self, batch_index, generators=generators, latents=latents, callback=callback,
                                  expose=expose)
@@ -199,8 +205,9 @@ def prepare(models, request: SamplingSettings) -> PreparedCall:
     if side and max(request.width, request.height) > 2 * side:
         notes.append(f"{request.width}×{request.height} is more than twice this model's native size ({side} px): "
                      "expect repeated patterns or doubled subjects. Generate at its native size and upscale.")
+    draft = models.draft_unet() if request.speculative and request.draft == MODEL_DRAFT else None
     return PreparedCall(request=request, task=task, model=model, pipeline=pipeline, prompts=prompts, device=device,
-                        notes=notes, loras=loras)
+                        notes=notes, loras=loras, draft=draft)
 
 
 def prompt_texts(request: SamplingSettings) -> tuple[str, str, list[LoraUse], list[str]]:
@@ -292,6 +299,9 @@ class Denoiser:
                                    timestep_cond=self.timestep_cond, cross_attention_kwargs=self.cross_attention_kwargs,
                                    down_block_additional_residuals=down_block_additional_residuals,
                                    mid_block_additional_residual=mid_block_additional_residual, return_dict=False)[0]
+        return self._guided(noise_pred)
+
+    def _guided(self, noise_pred: torch.Tensor) -> NoisePrediction:
         if not self.cfg:
             return NoisePrediction(eps_cond=noise_pred, eps_uncond=None, eps_guided=noise_pred)
         eps_uncond, eps_cond = noise_pred.chunk(2)
@@ -300,6 +310,30 @@ class Denoiser:
         if self.guidance_rescale > 0.0:
             guided = rescale_noise_cfg(guided, eps_cond, guidance_rescale=self.guidance_rescale)
         return NoisePrediction(eps_cond=eps_cond, eps_uncond=eps_uncond, eps_guided=guided)
+
+    def predict_rows(self, latents: torch.Tensor, timesteps: torch.Tensor, rows: torch.Tensor, *,
+                     unet=None) -> torch.Tensor:
+        """The guided prediction for states of different images at different timesteps, in one batched
+        call: row j is image `rows[j]` of the batch at `timesteps[j]` (speculative sampling verifies a
+        whole draft this way). `unet` replaces the model (a draft UNet reading the same prompt embeddings;
+        LoRA scales are not passed to it)."""
+        model = unet if unet is not None else self.unet
+        count = self.call.request.batch_size
+        rows = rows.to(self.embeddings.device)
+        if self.cfg:
+            embeddings = torch.cat([self.embeddings[:count][rows], self.embeddings[count:][rows]])
+            model_input, timesteps = torch.cat([latents, latents]), torch.cat([timesteps, timesteps])
+        else:
+            embeddings, model_input = self.embeddings[rows], latents
+        device = execution_device(model)
+        timestep_cond = None if self.timestep_cond is None or unet is not None else \
+            self.timestep_cond.expand(len(model_input), -1)
+        with torch.no_grad():
+            noise_pred = model(model_input.to(device, model.dtype), timesteps.to(device),
+                               encoder_hidden_states=embeddings.to(device, model.dtype), timestep_cond=timestep_cond,
+                               cross_attention_kwargs=None if unet is not None else self.cross_attention_kwargs,
+                               return_dict=False)[0]
+        return self._guided(noise_pred.to(latents.device, latents.dtype)).eps_guided
 
     def step(self, latents: torch.Tensor, t, **unet_inputs) -> StepResult:
         """Predict at (x_t, t) and let the sampler take its step to x_{t-1}."""

@@ -24,6 +24,7 @@ from PIL import Image
 
 from pipelines import explorer_forward as forward
 from pipelines import explorer_reverse as reverse
+from pipelines.explorer_speculative import speculative_view
 from pipelines.jobs import DeviceWorker, Job
 from pipelines.models import ModelManager
 from pipelines.tasks import Txt2ImgRequest
@@ -196,6 +197,14 @@ class Explorer:
         return self.worker.submit(
             lambda job: reverse.record_trace(self.models, request, stop=job.stop, on_step=job.report),
             kind="explorer-record", owner=owner)
+
+    def speculative(self, request: Txt2ImgRequest, *, owner: str | None = None) -> Job:
+        """A job generating `request` with the DDPM speculative sampler, round by round; its result is the
+        `SpeculativeView` (pipelines/explorer_speculative.py)."""
+        request = request.resolved()
+        return self.worker.submit(
+            lambda job: speculative_view(self.models, request, stop=job.stop, on_round=job.report),
+            kind="explorer-speculative", owner=owner)
 
     def branch(self, trace: reverse.Trace | None, step: int, changes: dict, *, owner: str | None = None) -> Job:
         """A job continuing `trace` from `step` with `changes` (keys in BRANCH_FIELDS); its result is the

@@ -300,6 +300,10 @@ def _prepare(models: ModelManager, request: Txt2ImgRequest) -> PreparedCall:
     if not isinstance(request, Txt2ImgRequest):
         raise ValueError(f"The explorer records text-to-image runs (a Txt2ImgRequest) but received "
                          f"{type(request).__name__}.")
+    if request.speculative:
+        raise ValueError("The step-by-step trace records one model call per step, and DDPM speculative verifies "
+                         "several steps per call: follow it round by round in the \"Speculative sampling\" panel "
+                         "below, or record with DDPM (the same law, one call per step).")
     if request.batch_size != 1 or request.batch_count != 1:
         raise ValueError(f"The explorer records one image at a time, but batch_size is {request.batch_size} "
                          f"and batch_count is {request.batch_count}; set both to 1.")

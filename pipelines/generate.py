@@ -31,6 +31,7 @@ from pipelines.memory import is_out_of_memory
 from pipelines.models import ModelManager
 from pipelines.preview import LatentPreviewer
 from pipelines.requests import GeneratedImage, GenerationDone, Preview
+from pipelines.speculative import ChainStats, speculative_note
 from pipelines.tasks import SamplingSettings, task_of
 
 STUDIO_VERSION = "diffusion-studio 0.1.0"
@@ -77,14 +78,18 @@ class Generator:
                 stopped = True
                 break
             latents, steps_done, interrupted = self._denoise(call, batch_index, job)
+            chains = call.speculative[-request.batch_size:] if request.speculative else None
             for image_index, image in enumerate(call.decode(latents)):
                 seed = request.seed_for(batch_index, image_index)
-                result = self._finish(image, call, seed, steps_done, interrupted, image_index)
+                result = self._finish(image, call, seed, steps_done, interrupted, image_index,
+                                      chains[image_index] if chains else None)
                 images.append(result)
                 job.emit(result)
             if interrupted:
                 stopped = True
                 break
+        if call.speculative:
+            messages.append(speculative_note(request, call.speculative))
         if stopped:
             finished = sum(item.finished for item in images)
             messages.append(f"Stopped: {finished} finished image(s) kept" +
@@ -143,10 +148,14 @@ class Generator:
         return model.previewer
 
     def _finish(self, image: Image.Image, call: PreparedCall, seed: int, steps_done: int, interrupted: bool,
-                image_index: int) -> GeneratedImage:
+                image_index: int, chain: ChainStats | None = None) -> GeneratedImage:
         request, model = call.request, call.model
         finished = not interrupted
         parameters = infotext_parameters(request, model, seed, image_index)
+        if chain is not None:   # what this image's speculative run cost, before Version
+            version = parameters.pop("Version")
+            parameters.update({"Target calls": chain.target_calls,
+                               "Draft acceptance": f"{chain.acceptance_rate:.3f}", "Version": version})
         if call.loras:     # A1111's form and place: Lora hashes: "name: hash, name: hash", before Version
             version = parameters.pop("Version")
             parameters["Lora hashes"] = ", ".join(f"{name}: {lora.hash}" for name, lora in call.loras.items())
@@ -170,6 +179,8 @@ def infotext_parameters(request: SamplingSettings, model, seed: int, image_index
         "Seed": seed, "Size": f"{request.width}x{request.height}",
         "Model hash": model.model_hash, "Model": model.name,
         **task_of(request).infotext_values(request),
+        "Draft": request.draft if request.speculative else None,
+        "Draft length": request.draft_length if request.speculative else None,
         "Guidance rescale": request.guidance_rescale or None,
         "Batch size": request.batch_size if request.batch_size > 1 else None,
         "Batch pos": image_index if request.batch_size > 1 else None,

@@ -27,6 +27,7 @@ from pipelines.tasks import TASKS
 ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_MODEL = ROOT / "assets" / "emoji-ldm"
 EMBEDDED_NAME = "embedded"
+EMBEDDED_DRAFT = ROOT / "assets" / "emoji-ldm-draft"   # the embedded model's draft UNet (recipe/draft.py)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 BASE_SLOT = "base"
@@ -195,9 +196,50 @@ class ModelManager:
     def _load(self, spec: str, *, slot: str, from_ui: bool, config: str | None) -> LoadedModel:
         check_slot(slot)
         roots = (self.models_dir, EMBEDDED_MODEL.parent) if from_ui else None
+        if slot == DRAFT_SLOT:
+            return self._load_draft(spec, roots)
         source = resolve_source(spec, allowed_roots=roots, allow_pickle=self.allow_pickle)
         pipeline = self._from_source(source, config=config)   # read into RAM; the old model still serves
         return self._adopt(pipeline, source, slot)
+
+    def _load_draft(self, spec: str, roots: tuple[Path, ...] | None) -> LoadedModel:
+        """A draft UNet for speculative sampling: a UNet folder (config.json + safetensors), or a diffusers
+        model folder whose UNet is taken; "embedded" (or nothing) is the embedded model's shipped draft."""
+        from diffusers import UNet2DConditionModel
+
+        path = EMBEDDED_DRAFT if (spec or "").strip() in ("", EMBEDDED_NAME) else Path(spec).expanduser().resolve()
+        if roots is not None and not any(path.is_relative_to(root.resolve()) for root in roots):
+            raise ModelLoadError(f"{spec!r} is outside the app's model folders; move or link the draft into models/.")
+        folder = path / "unet" if (path / "model_index.json").exists() else path
+        if not (folder / "config.json").exists():
+            raise ModelLoadError(f"No draft UNet at {path}: expected a UNet folder (config.json and .safetensors "
+                                 "weights) or a diffusers model folder with a unet/ subfolder.")
+        try:
+            unet = UNet2DConditionModel.from_pretrained(folder, dtype=self.memory.dtype,
+                                                        use_safetensors=None if self.allow_pickle else True)
+        except Exception as error:
+            raise ModelLoadError(f"Could not load a draft UNet from {folder}: {type(error).__name__}: {error}") \
+                from error
+        return self._adopt(unet.eval(), ModelSource("folder", str(folder), path.name), DRAFT_SLOT)
+
+    def draft_unet(self):
+        """The draft UNet for the speculative sampler's "draft model" (on the device thread): the draft slot's,
+        else, under the embedded model, its shipped draft (loaded into the slot once). It reads the base
+        model's prompt embeddings, so its latent channels and text width must be the base UNet's."""
+        base = self.require()
+        held = self.slots.get(DRAFT_SLOT)
+        if held is None:
+            if base.source.kind != "embedded" or not (EMBEDDED_DRAFT / "config.json").exists():
+                raise ValueError(f"The draft model needs a draft UNet for {base.name}: load one into the draft slot "
+                                 "(a small UNet trained to imitate this model), or use the frozen target draft, "
+                                 "which needs no model.")
+            held = self._load_draft(EMBEDDED_NAME, None)
+        draft, unet = held.pipeline.config, base.pipeline.unet.config
+        for key in ("in_channels", "out_channels", "cross_attention_dim"):
+            if draft.get(key) != unet.get(key):
+                raise ValueError(f"The draft UNet ({held.name}) does not fit {base.name}: its {key} is "
+                                 f"{draft.get(key)}, the model's is {unet.get(key)}. Load a draft made for this model.")
+        return held.pipeline
 
     def adopt(self, pipeline, source: ModelSource, *, slot: str = BASE_SLOT) -> LoadedModel:
         """Put an already-built pipeline (or model) into `slot` (used by load, and by tests on tiny models)."""

@@ -26,6 +26,8 @@ SAMPLERS: dict[str, tuple[type, dict]] = {
     "LMS": (LMSDiscreteScheduler, {}),
     "DDIM": (DDIMScheduler, {}),
     "DDPM": (DDPMScheduler, {}),
+    # DDPM's chain, sampled speculatively (pipelines/speculative.py): the same law, fewer target calls
+    "DDPM speculative": (DDPMScheduler, {}),
     "PNDM": (PNDMScheduler, {"skip_prk_steps": True}),
     "DPM++ 2M": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "DPM++ 2M Karras": (DPMSolverMultistepScheduler,
@@ -37,7 +39,7 @@ SAMPLERS: dict[str, tuple[type, dict]] = {
 SAMPLER_NAMES = tuple(SAMPLERS)
 DEFAULT_SAMPLER = "DPM++ 2M"
 # Samplers that draw fresh noise at every step (they use the request's generator).
-STOCHASTIC = frozenset({"Euler a", "DDPM", "DPM++ SDE Karras", "LCM"})
+STOCHASTIC = frozenset({"Euler a", "DDPM", "DDPM speculative", "DPM++ SDE Karras", "LCM"})
 
 
 def check_sampler(name: str) -> None:

@@ -39,9 +39,10 @@ from dataclasses import dataclass, field
 import torch
 
 SPECULATIVE_SAMPLER = "DDPM speculative"
-FROZEN_DRAFT = "frozen target"
+FROZEN_DRAFT = "frozen target"        # reuse the target's last noise prediction
+FROZEN_X0_DRAFT = "frozen target x0"  # reuse the target's last prediction of the data, x̂_0
 MODEL_DRAFT = "draft model"
-DRAFTS = (FROZEN_DRAFT, MODEL_DRAFT)
+DRAFTS = (FROZEN_DRAFT, FROZEN_X0_DRAFT, MODEL_DRAFT)
 DEFAULT_DRAFT_LENGTH = 4
 MAX_DRAFT_LENGTH = 16
 
@@ -115,7 +116,9 @@ class DDPMTransitions:
         return x0.clamp(-self.clip_sample, self.clip_sample) if self.clip_sample is not None else x0
 
     def mean(self, x: torch.Tensor, output: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x0 = self.x0(x, output, positions)
+        return self.mean_from_x0(x, self.x0(x, output, positions), positions)
+
+    def mean_from_x0(self, x: torch.Tensor, x0: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self._column(self.coef_x0, positions, x) * x0 + self._column(self.coef_xt, positions, x) * x
 
     def sigmas(self, positions: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -155,6 +158,7 @@ def reflection_coupling(draft_mean: torch.Tensor, target_mean: torch.Tensor, sig
 class Round:
     """One verification round of one chain (what the explorer draws)."""
     start: int                       # the step position the round started from
+    drafted: int                     # steps the draft proposed (verified ones, then any thrown away)
     probabilities: list[float]       # acceptance probability of each verified drafted step, in order
     accepted: int                    # drafted steps accepted
     reflected: bool                  # whether the round ended with a reflection (a rejected step)
@@ -184,7 +188,7 @@ class SpeculativeDDPM:
     """
 
     def __init__(self, transitions: DDPMTransitions, target: ModelFunction, *, draft: ModelFunction | None = None,
-                 draft_length: int = DEFAULT_DRAFT_LENGTH):
+                 draft_length: int = DEFAULT_DRAFT_LENGTH, frozen: str = "eps"):
         if not 1 <= draft_length <= MAX_DRAFT_LENGTH:
             raise ValueError(f"`draft_length` must be a whole number from 1 to {MAX_DRAFT_LENGTH} "
                              f"but is {draft_length!r}.")
@@ -192,6 +196,9 @@ class SpeculativeDDPM:
         self.target = target
         self.draft = draft
         self.draft_length = draft_length
+        if frozen not in ("eps", "x0"):
+            raise ValueError(f"`frozen` must be 'eps' or 'x0' but is {frozen!r}.")
+        self.frozen = frozen     # what the frozen-target draft keeps: the noise prediction or x̂_0
 
     def sample(self, x: torch.Tensor, generators: list[torch.Generator], *, start: int = 0,
                on_round: Callable[[torch.Tensor, list[int]], bool] | None = None
@@ -204,8 +211,8 @@ class SpeculativeDDPM:
         count = x.shape[0]
         positions = [start] * count
         stats = [ChainStats() for _ in range(count)]
-        last_output: torch.Tensor | None = None       # the frozen draft's: the target's latest output per chain
-        if self.draft is None and start < steps:
+        last_output: torch.Tensor | None = None       # the frozen draft's: what it keeps of the target's latest
+        if self.draft is None and start < steps:      # output per chain (the output itself, or its x̂_0)
             last_output = self._first_step(x, positions, generators, stats)
         while True:
             live = [i for i in range(count) if positions[i] < steps]
@@ -222,6 +229,7 @@ class SpeculativeDDPM:
         chains = torch.arange(x.shape[0])
         n = torch.tensor(positions)
         output = self.target(x, n, chains)
+        kept = self._kept(x, output, n)
         mean = self.transitions.mean(x, output, n)
         sigma = self.transitions.sigmas(n, x)
         noise = torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype).to(x.device) for g in generators])
@@ -229,7 +237,10 @@ class SpeculativeDDPM:
         for i in range(x.shape[0]):
             positions[i] += 1
             stats[i].target_calls += 1
-        return output
+        return kept
+
+    def _kept(self, x, output, positions) -> torch.Tensor:
+        return self.transitions.x0(x, output, positions) if self.frozen == "x0" else output
 
     def _round(self, x, positions, live, generators, stats, last_output) -> None:
         steps = len(self.transitions)
@@ -243,12 +254,13 @@ class SpeculativeDDPM:
             current = torch.stack([states[i][k] for i in rows])
             n = torch.tensor([positions[i] + k for i in rows])
             if self.draft is None:
-                output = torch.stack([last_output[i] for i in rows])
+                kept = torch.stack([last_output[i] for i in rows])
+                means = self.transitions.mean_from_x0(current, kept, n) if self.frozen == "x0" else \
+                    self.transitions.mean(current, kept, n)
             else:
-                output = self.draft(current, n, torch.tensor(rows))
+                means = self.transitions.mean(current, self.draft(current, n, torch.tensor(rows)), n)
                 for i in rows:
                     stats[i].draft_calls += 1
-            means = self.transitions.mean(current, output, n)
             sigmas = self.transitions.sigmas(n, current)
             for row, i in enumerate(rows):
                 z = torch.randn(x.shape[1:], generator=generators[i], dtype=x.dtype).to(x.device)
@@ -261,6 +273,7 @@ class SpeculativeDDPM:
         n = torch.tensor([positions[i] + k for i, k in order])
         outputs = self.target(verified, n, torch.tensor([i for i, _ in order]))
         target_means = self.transitions.mean(verified, outputs, n)
+        kept = self._kept(verified, outputs, n) if last_output is not None else None
         sigmas = self.transitions.sigma[n].tolist()
         # 3. Accept or reflect, step by step, per chain
         row = 0
@@ -274,7 +287,7 @@ class SpeculativeDDPM:
                     draft_means[i][k], target_means[row + k], sigmas[row + k], noises[i][k], uniform)
                 probabilities.append(probability)
                 if last_output is not None:
-                    last_output[i] = outputs[row + k]
+                    last_output[i] = kept[row + k]
                 if not accepted:
                     x[i] = state
                     reflected = True
@@ -285,7 +298,75 @@ class SpeculativeDDPM:
             positions[i] += len(probabilities)
             stats[i].proposed += len(probabilities)
             stats[i].accepted += accepted_steps
-            stats[i].rounds.append(Round(start=positions[i] - len(probabilities), probabilities=probabilities,
+            stats[i].rounds.append(Round(start=positions[i] - len(probabilities), drafted=lengths[i],
+                                         probabilities=probabilities,
                                          accepted=accepted_steps, reflected=reflected,
                                          target_calls=stats[i].target_calls))
             row += lengths[i]
+
+
+# ----------------------------------------------------------------------------- in the studio
+
+
+def run_speculative(call, batch_index: int, *, generators=None, latents=None, callback=None, expose=()) -> torch.Tensor:
+    """`PreparedCall.__call__` for the "DDPM speculative" sampler: one batch of Text-to-Image. Image i starts
+    from the same noise as DDPM's image i for that seed (drawn the same way) and continues its own chain
+    from the same CPU generator, so a seed gives the same image twice; the statistics go to
+    `call.speculative` (one ChainStats per image) and the notes. `callback` is called after every round
+    with the least advanced image's step, as diffusers' loop calls it after every step."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from pipelines.denoise import Denoiser
+
+    request, pipeline = call.request, call.pipeline
+    if call.task.name != "txt2img":
+        raise ValueError(f"The {SPECULATIVE_SAMPLER} sampler runs Text-to-Image only; use DDPM for {call.task.label}.")
+    scheduler = pipeline.scheduler
+    scheduler.set_timesteps(request.steps)
+    transitions = DDPMTransitions.from_scheduler(scheduler)
+    generators = generators or call.generators(batch_index)
+    denoiser = Denoiser(call, generators=generators)
+    unet = pipeline.unet
+    factor = pipeline.vae_scale_factor
+    shape = (request.batch_size, unet.config.in_channels, request.height // factor, request.width // factor)
+    if latents is None:
+        latents = randn_tensor(shape, generator=generators, device=torch.device("cpu"), dtype=torch.float32)
+    timesteps = torch.tensor(transitions.timesteps)
+
+    def target(states, positions, chains):
+        return denoiser.predict_rows(states, timesteps[positions], chains).float()
+
+    draft = None
+    if request.draft == MODEL_DRAFT:
+        draft_unet = call.draft
+
+        def draft(states, positions, chains):
+            return denoiser.predict_rows(states, timesteps[positions], chains, unet=draft_unet).float()
+
+    sampler = SpeculativeDDPM(transitions, target, draft=draft, draft_length=request.draft_length,
+                              frozen="x0" if request.draft == FROZEN_X0_DRAFT else "eps")
+    pipeline._num_timesteps, pipeline._interrupt = len(transitions), False
+
+    def on_round(states, positions) -> bool:
+        if callback is not None:
+            step = min(positions) - 1
+            callback(pipeline, step, timesteps[min(step + 1, len(timesteps) - 1)], {"latents": states})
+        return not pipeline._interrupt
+
+    final, stats = sampler.sample(latents.float(), generators, on_round=on_round)
+    call.speculative.extend(stats)
+    return final.to(latents.dtype)
+
+
+def speculative_note(request, stats: list[ChainStats]) -> str:
+    """One line on what the run cost: target calls per image against DDPM's, and the acceptance rate."""
+    calls = sum(s.target_calls for s in stats) / len(stats)
+    proposed = sum(s.proposed for s in stats)
+    rate = sum(s.accepted for s in stats) / proposed if proposed else 0.0
+    draft = f"{request.draft}, L = {request.draft_length}"
+    extra = ""
+    if request.draft == MODEL_DRAFT:
+        extra = f", {sum(s.draft_calls for s in stats) / len(stats):.0f} draft calls"
+    return (f"{SPECULATIVE_SAMPLER} ({draft}): {request.steps} steps in {calls:.1f} target calls per image "
+            f"(plain DDPM: {request.steps}, {1 - calls / request.steps:.0%} fewer){extra}; {rate:.0%} of drafted "
+            "steps accepted.")

@@ -26,6 +26,8 @@ from typing import Any, ClassVar
 from PIL import Image
 
 from pipelines.samplers import DEFAULT_SAMPLER, check_sampler
+from pipelines.speculative import DEFAULT_DRAFT_LENGTH, DRAFTS, FROZEN_X0_DRAFT, MAX_DRAFT_LENGTH, MODEL_DRAFT, \
+    SPECULATIVE_SAMPLER
 
 MAX_SIDE = 2048
 MAX_BATCH = 16
@@ -63,6 +65,9 @@ class SamplingSettings:
     batch_count: int = 1         # pipeline calls, one after another
     preview_every: int = 0       # steps between live previews; 0 = off
     preview_mode: str = "auto"   # auto | linear | full
+    # the DDPM speculative sampler's: the draft, and how many steps it proposes per target call
+    draft: str = FROZEN_X0_DRAFT
+    draft_length: int = DEFAULT_DRAFT_LENGTH
 
     def __post_init__(self):
         for name in ("prompt", "negative_prompt"):
@@ -71,7 +76,7 @@ class SamplingSettings:
         check_sampler(self.sampler)
         for name, low, high in (("steps", 1, MAX_STEPS), ("batch_size", 1, MAX_BATCH),
                                 ("batch_count", 1, MAX_BATCH_COUNT), ("width", 8, MAX_SIDE),
-                                ("height", 8, MAX_SIDE)):
+                                ("height", 8, MAX_SIDE), ("draft_length", 1, MAX_DRAFT_LENGTH)):
             _check_whole(name, getattr(self, name), low, high)
         if not 0.0 <= self.guidance_scale <= MAX_GUIDANCE_SCALE:
             raise ValueError(f"`guidance_scale` (CFG) must be between 0 and {MAX_GUIDANCE_SCALE:g} "
@@ -83,6 +88,8 @@ class SamplingSettings:
         if self.preview_every < 0:
             raise ValueError(f"`preview_every` must be 0 (off) or a positive number of steps "
                              f"but is {self.preview_every}.")
+        if self.draft not in DRAFTS:
+            raise ValueError(f"`draft` must be one of {', '.join(DRAFTS)} but is {self.draft!r}.")
         if self.preview_mode not in PREVIEW_MODES:
             raise ValueError(f"`preview_mode` must be one of {', '.join(PREVIEW_MODES)} "
                              f"but is {self.preview_mode!r}.")
@@ -111,9 +118,13 @@ class SamplingSettings:
     def check_steps(self) -> None:
         """Raise when the request leaves no denoising step to run."""
 
+    @property
+    def speculative(self) -> bool:
+        return self.sampler == SPECULATIVE_SAMPLER
+
     def slots(self) -> tuple[str, ...]:
         """The model slots (pipelines/models.py) this request runs on."""
-        return ("base",)
+        return ("base", "draft") if self.speculative and self.draft == MODEL_DRAFT else ("base",)
 
     def composite(self, image: Image.Image) -> Image.Image:
         """The final image from a decoded one (inpainting pastes it back onto the original)."""
@@ -210,7 +221,8 @@ class InfotextField:
 # Written by every task (Sampler and Size have formats of their own, see pipelines/metadata.py).
 SHARED_INFOTEXT_FIELDS = (InfotextField("Steps", "steps", int), InfotextField("CFG scale", "guidance_scale", float),
                           InfotextField("Seed", "seed", int), InfotextField("Guidance rescale", "guidance_rescale", float),
-                          InfotextField("Batch size", "batch_size", int))
+                          InfotextField("Batch size", "batch_size", int),
+                          InfotextField("Draft", "draft", str), InfotextField("Draft length", "draft_length", int))
 
 
 @dataclass(frozen=True)

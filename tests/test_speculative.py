@@ -158,4 +158,118 @@ def test_same_seed_same_samples_and_counted_target_calls():
     assert all(1 <= n <= 5 for n in calls_first)
     assert sum(len(r.probabilities) for r in stats[0].rounds) == len(transitions)
     # the draft drafts L steps ahead each round (fewer at the end), used or not
-    assert stats[0].draft_calls == sum(min(5, len(transitions) - r.start) for r in stats[0].rounds)
+    assert stats[0].draft_calls == sum(r.drafted for r in stats[0].rounds)
+    assert all(r.drafted == min(5, len(transitions) - r.start) for r in stats[0].rounds)
+
+
+# ----------------------------------------------------------------------------- in the studio (tiny model)
+
+
+def speculative_request(**overrides):
+    from pipelines.tasks import Txt2ImgRequest
+    values = dict(prompt="red apple", seed=1234, steps=12, width=64, height=64, guidance_scale=5.0,
+                  sampler="DDPM speculative", draft_length=4)
+    values.update(overrides)
+    return Txt2ImgRequest(**values)
+
+
+def counting_unet_calls(unet):
+    calls = []
+    handle = unet.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    return calls, handle
+
+
+@pytest.mark.parametrize("draft", ["frozen target", "frozen target x0"])
+def test_studio_run_counts_its_target_calls_and_records_them(studio, draft):
+    from pipelines.metadata import infotext_to_settings, parse_infotext
+
+    calls, handle = counting_unet_calls(studio.models.current.pipeline.unet)
+    try:
+        done = studio.generate(speculative_request(draft=draft))
+    finally:
+        handle.remove()
+    image = done.images[0]
+    _, _, parameters = parse_infotext(image.infotext)
+    assert int(parameters["Target calls"]) == len(calls)          # every UNet call is a counted target call
+    assert all(batch <= 2 * 4 for batch in calls)                  # L states with CFG in one call
+    assert parameters["Draft"] == draft and parameters["Draft length"] == "4"
+    assert 0.0 <= float(parameters["Draft acceptance"]) <= 1.0
+    assert any("DDPM speculative" in message and "target calls" in message for message in done.messages)
+    settings = infotext_to_settings(parameters)                   # PNG Info restores the sampler's settings
+    assert settings["sampler"] == "DDPM speculative" and settings["draft"] == draft and settings["draft_length"] == 4
+    assert image.path is not None and image.finished
+
+
+def test_studio_same_seed_same_image_other_seed_not(studio):
+    import numpy as np
+    first = np.asarray(studio.generate(speculative_request()).images[0].image, dtype=np.float32)
+    torch.manual_seed(99)        # the global RNG must not matter
+    again = np.asarray(studio.generate(speculative_request()).images[0].image, dtype=np.float32)
+    other = np.asarray(studio.generate(speculative_request(seed=1235)).images[0].image, dtype=np.float32)
+    assert np.array_equal(first, again)
+    assert np.abs(first - other).mean() > 1.0
+
+
+def test_a_draft_model_that_is_the_target_is_always_accepted(studio, tmp_path):
+    """The draft slot holds a UNet; one identical to the target proposes the target's own steps, so every
+    drafted step but the deterministic last one is accepted and the run needs ceil(steps / L) calls."""
+    from pipelines.metadata import parse_infotext
+
+    folder = tmp_path / "models" / "draft"
+    studio.models.current.pipeline.unet.save_pretrained(folder)
+    studio.models.load(str(folder), slot="draft")
+    done = studio.generate(speculative_request(draft="draft model", steps=12, draft_length=4))
+    _, _, parameters = parse_infotext(done.images[0].infotext)
+    assert int(parameters["Target calls"]) == 3
+    assert float(parameters["Draft acceptance"]) >= 11 / 12 - 1e-9
+
+
+def test_a_draft_that_does_not_fit_the_model_is_refused_naming_the_mismatch(studio, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    folder = tmp_path / "models" / "other-draft"
+    UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
+                         norm_num_groups=8).save_pretrained(folder)
+    studio.models.load(str(folder), slot="draft")
+    with pytest.raises(ValueError, match="cross_attention_dim is 64, the model's is 32"):
+        studio.generate(speculative_request(draft="draft model"))
+    studio.models.unload("draft")
+    with pytest.raises(ValueError, match="needs a draft UNet.*frozen target"):
+        studio.generate(speculative_request(draft="draft model"))
+
+
+def test_other_tasks_and_bad_settings_get_clear_errors(studio):
+    from PIL import Image
+
+    from pipelines.tasks import Img2ImgRequest
+    with pytest.raises(ValueError, match="Text-to-Image only; use DDPM"):
+        studio.generate(Img2ImgRequest(prompt="x", sampler="DDPM speculative", init_image=Image.new("RGB", (64, 64)),
+                                       steps=8, width=64, height=64))
+    with pytest.raises(ValueError, match="`draft_length` must be a whole number from 1 to 16 but is 0"):
+        speculative_request(draft_length=0)
+    with pytest.raises(ValueError, match="`draft` must be one of"):
+        speculative_request(draft="oracle")
+
+
+def test_stop_ends_the_run_at_the_next_round(studio):
+    import threading
+    stop = threading.Event()
+    job = studio.submit(speculative_request(steps=40, preview_every=1), stop=stop)
+    for event in job.stream():
+        if type(event).__name__ == "Preview":
+            stop.set()
+    done = job.result()
+    assert done.stopped and not done.images[0].finished
+
+
+def test_explorer_view_accounts_for_every_step(studio):
+    from pipelines.explorer import Explorer
+
+    view = Explorer(studio.models).speculative(speculative_request(steps=20, draft_length=5)).result()
+    verified = [round_.start + len(round_.probabilities) for round_ in view.chain.rounds]
+    assert verified[-1] == 20 and verified == sorted(verified)
+    assert len(view.rows) == len(view.chain.rounds) == len(view.round_images)
+    assert view.rows[-1][6] == view.chain.target_calls and view.rows[-1][7] == 20
+    assert view.timeline.size[0] > 400 and "target calls" in view.summary

@@ -16,7 +16,7 @@ cancels.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import gradio as gr
@@ -25,7 +25,9 @@ from pipelines import explorer_forward as forward
 from pipelines import explorer_reverse as reverse
 from pipelines.explorer import Explorer, MarkovCheck, StepViews
 from pipelines.jobs import Job, JobCancelled, Progress
+from pipelines.explorer_speculative import ROUND_COLUMNS
 from pipelines.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES
+from pipelines.speculative import DEFAULT_DRAFT_LENGTH, DRAFTS, FROZEN_X0_DRAFT, MAX_DRAFT_LENGTH, SPECULATIVE_SAMPLER
 from pipelines.tasks import MAX_STEPS, Txt2ImgRequest
 from studio.context import StudioContext, session_of
 from studio.errors import user_errors
@@ -113,6 +115,16 @@ class ComparePanel:
 
 
 @dataclass
+class SpeculativePanel:
+    inputs: dict[str, gr.components.Component]   # draft, draft_length
+    button: gr.Button
+    status: gr.Markdown
+    timeline: gr.Image
+    rounds: gr.Gallery
+    table: gr.Dataframe
+
+
+@dataclass
 class TraceExport:
     kind: gr.Radio
     fps: gr.Slider
@@ -130,6 +142,7 @@ class ReverseTab:
     player: Player
     branch: BranchPanel
     compare: ComparePanel
+    speculative: SpeculativePanel
     export: TraceExport
     trace: gr.State        # the Trace shown
     branched: gr.State     # the latest branch, until it is scrubbed
@@ -163,6 +176,7 @@ def build_explorer_tab(context: StudioContext) -> ExplorerTab:
     _wire_playback(reverse_tab)
     _wire_branch(explorer, reverse_tab)
     _wire_compare(explorer, reverse_tab)
+    _wire_speculative(explorer, reverse_tab)
     _wire_trace_export(explorer, reverse_tab)
     return ExplorerTab(explorer=explorer, forward=forward_tab, reverse=reverse_tab)
 
@@ -317,12 +331,14 @@ def _layout_reverse(side: int) -> ReverseTab:
         branch = _layout_branch()
     with gr.Accordion("Compare samplers, step counts and CFG scales (same seed)", open=False):
         compare = _layout_compare()
+    with gr.Accordion("Speculative sampling, round by round (DDPM speculative)", open=False):
+        speculative = _layout_speculative()
     with gr.Accordion("Export the recorded frames", open=False):
         export = _layout_trace_export()
     with gr.Accordion("The formulas", open=True):
         _formulas(reverse.FORMULAS_REVERSE)
     return ReverseTab(settings=settings, record=record, stop=stop, status=status, player=player, branch=branch,
-                      compare=compare, export=export, trace=gr.State(None), branched=gr.State(None),
+                      compare=compare, speculative=speculative, export=export, trace=gr.State(None), branched=gr.State(None),
                       job_id=gr.State(None))
 
 
@@ -391,6 +407,29 @@ def _layout_compare() -> ComparePanel:
     grid = gr.Image(label="Comparison", interactive=False, elem_id="explorer-compare-grid", format="png")
     table = gr.Dataframe(headers=list(reverse.COMPARE_COLUMNS), interactive=False, elem_id="explorer-compare-table")
     return ComparePanel(inputs=inputs, button=button, status=status, grid=grid, table=table)
+
+
+def _layout_speculative() -> SpeculativePanel:
+    gr.Markdown("The draft proposes L DDPM steps; the model checks all L in one batched call and accepts each "
+                "drafted step with probability min(1, q/p). At the first rejection the next state is the draft's "
+                "noise reflected across the hyperplane between the two means, an exact draw from the model's "
+                "step, so the image has DDPM's law whatever the draft. Prompt, steps, CFG, seed and size are "
+                "the ones above (100 steps shows it best).")
+    inputs: dict[str, gr.components.Component] = {}
+    with gr.Row():
+        inputs["draft"] = gr.Dropdown(list(DRAFTS), value=FROZEN_X0_DRAFT, label="Draft",
+                                      elem_id="explorer-speculative-draft")
+        inputs["draft_length"] = gr.Slider(1, MAX_DRAFT_LENGTH, value=DEFAULT_DRAFT_LENGTH, step=1,
+                                           label="Draft length L", elem_id="explorer-speculative-length")
+        button = gr.Button("Run speculative", variant="primary", elem_id="explorer-speculative-run")
+    status = gr.Markdown(elem_id="explorer-speculative-status")
+    timeline = gr.Image(label="Rounds and target calls", interactive=False, format="png",
+                        elem_id="explorer-speculative-timeline")
+    rounds = gr.Gallery(label="The image after each round", columns=8, height="auto", object_fit="contain",
+                        elem_id="explorer-speculative-rounds")
+    table = gr.Dataframe(headers=list(ROUND_COLUMNS), interactive=False, elem_id="explorer-speculative-table")
+    return SpeculativePanel(inputs=inputs, button=button, status=status, timeline=timeline, rounds=rounds,
+                            table=table)
 
 
 def _layout_trace_export() -> TraceExport:
@@ -588,6 +627,27 @@ def _wire_compare(explorer: Explorer, tab: ReverseTab) -> None:
 
     panel.button.click(compare_reverse, inputs_kwargs={**tab.settings, **panel.inputs},
                        outputs={tab.job_id, panel.grid, panel.table, panel.status}, **PRIVATE, **DEVICE_QUEUE)
+
+
+def _wire_speculative(explorer: Explorer, tab: ReverseTab) -> None:
+    panel = tab.speculative
+
+    @user_errors
+    def explorer_speculative(draft, draft_length, request: gr.Request = None, **settings) -> Iterator[dict]:
+        settings["sampler"] = SPECULATIVE_SAMPLER
+        generation = replace(_request(**settings), draft=draft, draft_length=int(draft_length))
+        job = explorer.speculative(generation, owner=session_of(request))
+        yield {tab.job_id: job.id}
+        view = yield from _follow(job, panel.status, "Step {done} of {total} reached…")
+        if view is None:
+            return
+        yield {panel.timeline: view.timeline, panel.rounds: view.round_images,
+               panel.table: gr.Dataframe(value=view.rows, headers=list(ROUND_COLUMNS)),
+               panel.status: f"Seed {view.request.seed} · " + view.summary}
+
+    panel.button.click(explorer_speculative, inputs_kwargs={**tab.settings, **panel.inputs},
+                       outputs={tab.job_id, panel.timeline, panel.rounds, panel.table, panel.status},
+                       api_name="explorer_speculative", **DEVICE_QUEUE)
 
 
 def _wire_trace_export(explorer: Explorer, tab: ReverseTab) -> None:

@@ -25,6 +25,7 @@ from pipelines.lora import lora_files
 from pipelines.metadata import infotext_to_settings, parse_infotext
 from pipelines.requests import GeneratedImage, GenerationDone, Preview
 from pipelines.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES
+from pipelines.speculative import DEFAULT_DRAFT_LENGTH, DRAFTS, FROZEN_X0_DRAFT, MAX_DRAFT_LENGTH, SPECULATIVE_SAMPLER
 from pipelines.tasks import MAX_BATCH, MAX_SIDE, MAX_STEPS, TASKS, SamplingSettings, draw_seed
 from studio.context import StudioContext, session_of
 from studio.errors import user_errors
@@ -109,6 +110,14 @@ def _sampling_controls(task: str, defaults: dict) -> dict:
                                           label="Sampler")
         controls["steps"] = gr.Slider(1, MAX_STEPS, value=defaults.get("steps", 25), step=1, label="Steps",
                                       elem_id=f"{task}-steps")
+    with gr.Row(visible=defaults.get("sampler") == SPECULATIVE_SAMPLER) as speculative_row:
+        controls["draft"] = gr.Dropdown(list(DRAFTS), value=FROZEN_X0_DRAFT, label="Draft",
+                                        info="what proposes the steps the model verifies; the image's law is "
+                                             "DDPM's whichever you pick")
+        controls["draft_length"] = gr.Slider(1, MAX_DRAFT_LENGTH, value=DEFAULT_DRAFT_LENGTH, step=1,
+                                             label="Draft length L", info="steps proposed per model call")
+    controls["sampler"].change(lambda sampler: gr.Row(visible=sampler == SPECULATIVE_SAMPLER), controls["sampler"],
+                               speculative_row, api_visibility="private", queue=False)
     with gr.Row():
         controls["guidance_scale"] = gr.Slider(1.0, 20.0, value=defaults.get("guidance_scale", 7.5), step=0.5,
                                                label="CFG scale", info="1 turns guidance (and its extra pass) off")

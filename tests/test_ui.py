@@ -148,3 +148,13 @@ def test_after_a_model_loads_the_tabs_start_from_its_native_size(app_on_tiny, ti
     assert widths == {128}                                    # in Text-to-Image, Image-to-Image and Inpainting
     sizes = {value for component, value in updates.items() if getattr(component, "label", "") == "Size (px)"}
     assert sizes == {128}                                     # and the explorer
+
+
+def test_speculative_settings_restore_and_come_last_in_the_api(tabs):
+    txt2img = tabs[0]
+    assert list(txt2img.controls)[-2:] == ["draft", "draft_length"]   # positional API callers keep their order
+    text = ("red apple\nSteps: 100, Sampler: DDPM speculative, CFG scale: 7.5, Seed: 3, Size: 64x64, "
+            "Draft: draft model, Draft length: 8, Target calls: 41, Draft acceptance: 0.640")
+    restored = settings_from_infotext(text, txt2img)
+    by_name = {name: restored[component] for name, component in txt2img.controls.items() if component in restored}
+    assert (by_name["sampler"], by_name["draft"], by_name["draft_length"]) == ("DDPM speculative", "draft model", 8)

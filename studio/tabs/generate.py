@@ -166,6 +166,9 @@ def build_generation_tab(context: StudioContext, task: str, defaults: dict,
                 controls["batch_count"] = gr.Slider(1, 16, value=1, step=1, label="Batch count")
                 controls["preview_every"] = gr.Slider(0, 50, value=defaults.get("preview_every", 1), step=1,
                                                       label="Preview every N steps", info="0 = off")
+            # one sampler's settings come last in the API's parameter order, after what every sampler takes
+            for name in ("draft", "draft_length"):
+                controls[name] = controls.pop(name)
         with gr.Column(scale=3):
             gallery = gr.Gallery(label="Images", columns=3, height=460, object_fit="contain", allow_preview=False,
                                  elem_id=f"{task}-gallery", elem_classes=["studio-pixels"], format="png",

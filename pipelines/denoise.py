@@ -34,7 +34,7 @@ from PIL import Image
 from pipelines.lora import LoraUse, split_lora_tags
 from pipelines.prompts import prompt_arguments
 from pipelines.samplers import STOCHASTIC, make_scheduler
-from pipelines.speculative import MODEL_DRAFT, run_speculative
+from pipelines.speculative import MODEL_DRAFT, check_supported, run_speculative
 from pipelines.tasks import SamplingSettings, Task, task_of
 
 VAE_UPCAST_NOTE = "The VAE overflowed in fp16 (the black-image bug), so it now decodes in fp32."
@@ -188,6 +188,8 @@ def prepare(models, request: SamplingSettings) -> PreparedCall:
     pipeline = models.pipeline(task.name)
     # diffusers' SD pipelines require multiples of 8 whatever the VAE's factor
     check_size(request.width, request.height, max(8, pipeline.vae_scale_factor))
+    if request.speculative:
+        check_supported(task, pipeline, model.name)
     if request.unchanged_image() is None:
         request.check_steps()
     models.fit(request)

@@ -66,7 +66,8 @@ def speculative_view(models, request: Txt2ImgRequest, *, stop: threading.Event |
     stopped = bool(call.pipeline._interrupt)
     final_image = call.decode(latents)[0]
     shown = states[:MAX_ROUND_IMAGES]
-    images = to_pil(decode(call.pipeline.vae, torch.stack(shown))[0]) if shown else []
+    images = [image for chunk in torch.stack(shown).split(8) for image in to_pil(decode(call.pipeline.vae, chunk)[0])] \
+        if shown else []
     captions = [f"after round {index + 1}: step {round_.start + len(round_.probabilities)}"
                 for index, round_ in enumerate(chain.rounds[:len(images)])]
     notes = [speculative_note(call.request, [chain]), *call.notes]

@@ -99,7 +99,7 @@ class Generator:
     def _denoise(self, call: PreparedCall, batch_index: int, job: Job) -> tuple[torch.Tensor, int, bool]:
         request = call.request
         previewer = self._previewer(call) if request.preview_every else None
-        progress = {"steps": 0, "last": time.perf_counter(), "step_seconds": None}
+        progress = {"steps": 0, "last": time.perf_counter(), "step_seconds": None, "previewed": 0}
 
         def on_step_end(pipe, step, timestep, tensors):
             now = time.perf_counter()
@@ -110,7 +110,10 @@ class Generator:
             progress["steps"] = step + 1
             total = pipe.num_timesteps
             job.progress = Progress(step + 1, total, f"batch {batch_index + 1} of {request.batch_count}")
-            if previewer and (step + 1) % request.preview_every == 0 and step + 1 < total:
+            # every N steps; a sampler that advances several steps per call (speculative) previews once it
+            # has gone N past the last preview
+            if previewer and step + 1 - progress["previewed"] >= request.preview_every and step + 1 < total:
+                progress["previewed"] = step + 1
                 frames = previewer(tensors["latents"], mode=request.preview_mode,
                                    seconds_between_previews=progress["step_seconds"] * request.preview_every)
                 job.emit(Preview(images=frames, step=step + 1, total_steps=total, batch_index=batch_index),

@@ -18,6 +18,7 @@ from typing import Any
 
 from diffusers import AutoPipelineForText2Image, DiffusionPipeline
 
+from pipelines.denoise import execution_device
 from pipelines.files import sha256_hex
 from pipelines.jobs import DeviceWorker
 from pipelines.lora import LoadedLora, LoraUse, file_stamp, load_lora, lora_files
@@ -235,10 +236,14 @@ class ModelManager:
                                  "which needs no model.")
             held = self._load_draft(EMBEDDED_NAME, None)
         draft, unet = held.pipeline.config, base.pipeline.unet.config
-        for key in ("in_channels", "out_channels", "cross_attention_dim"):
+        for key in ("in_channels", "out_channels", "cross_attention_dim", "addition_embed_type"):
             if draft.get(key) != unet.get(key):
                 raise ValueError(f"The draft UNet ({held.name}) does not fit {base.name}: its {key} is "
                                  f"{draft.get(key)}, the model's is {unet.get(key)}. Load a draft made for this model.")
+        # a lone model is not moved by the base's offload hooks: it computes where the base UNet does
+        device = execution_device(base.pipeline.unet)
+        if held.pipeline.device != device:
+            held.pipeline.to(device)
         return held.pipeline
 
     def adopt(self, pipeline, source: ModelSource, *, slot: str = BASE_SLOT) -> LoadedModel:
@@ -327,7 +332,7 @@ class ModelManager:
         re-placed only when the mode this request calls for differs from the current one."""
         needed = [self.slots[name].pipeline for name in request.slots() if name in self.slots]
         mode = self.memory.mode_for(needed, width=request.width, height=request.height,
-                                    batch_size=request.batch_size)
+                                    batch_size=request.model_batch())
         if mode is not self.memory.mode:
             self._place_all(mode)
         return mode

@@ -37,6 +37,9 @@ SAMPLERS: dict[str, tuple[type, dict]] = {
     "LCM": (LCMScheduler, {}),
 }
 SAMPLER_NAMES = tuple(SAMPLERS)
+# Samplers that step one model call at a time (every task and the explorer's trace): all but speculative DDPM,
+# which verifies several steps per call and runs Text-to-Image only
+STEPWISE_SAMPLER_NAMES = tuple(name for name in SAMPLER_NAMES if name != "DDPM speculative")
 DEFAULT_SAMPLER = "DPM++ 2M"
 # Samplers that draw fresh noise at every step (they use the request's generator).
 STOCHASTIC = frozenset({"Euler a", "DDPM", "DDPM speculative", "DPM++ SDE Karras", "LCM"})

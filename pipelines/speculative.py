@@ -319,8 +319,6 @@ def run_speculative(call, batch_index: int, *, generators=None, latents=None, ca
     from pipelines.denoise import Denoiser
 
     request, pipeline = call.request, call.pipeline
-    if call.task.name != "txt2img":
-        raise ValueError(f"The {SPECULATIVE_SAMPLER} sampler runs Text-to-Image only; use DDPM for {call.task.label}.")
     scheduler = pipeline.scheduler
     scheduler.set_timesteps(request.steps)
     transitions = DDPMTransitions.from_scheduler(scheduler)
@@ -329,8 +327,9 @@ def run_speculative(call, batch_index: int, *, generators=None, latents=None, ca
     unet = pipeline.unet
     factor = pipeline.vae_scale_factor
     shape = (request.batch_size, unet.config.in_channels, request.height // factor, request.width // factor)
-    if latents is None:
-        latents = randn_tensor(shape, generator=generators, device=torch.device("cpu"), dtype=torch.float32)
+    if latents is None:   # as the pipeline's prepare_latents draws it: in the prompt embeddings' dtype
+        dtype = pipeline.text_encoder.dtype if pipeline.text_encoder is not None else unet.dtype
+        latents = randn_tensor(shape, generator=generators, device=torch.device("cpu"), dtype=dtype)
     timesteps = torch.tensor(transitions.timesteps)
 
     def target(states, positions, chains):
@@ -356,6 +355,16 @@ def run_speculative(call, batch_index: int, *, generators=None, latents=None, ca
     final, stats = sampler.sample(latents.float(), generators, on_round=on_round)
     call.speculative.extend(stats)
     return final.to(latents.dtype)
+
+
+def check_supported(task, pipeline, model_name: str) -> None:
+    """Refuse, before anything is loaded, what the speculative sampler does not run."""
+    if task.name != "txt2img":
+        raise ValueError(f"The {SPECULATIVE_SAMPLER} sampler runs Text-to-Image only; use DDPM for {task.label}.")
+    kind = pipeline.unet.config.addition_embed_type
+    if kind is not None:
+        raise ValueError(f"The {SPECULATIVE_SAMPLER} sampler takes SD 1.x/2.x-style models; {model_name} adds `{kind}` "
+                         "embeddings to its UNet (SDXL and kin), which it does not give it yet. Use DDPM.")
 
 
 def speculative_note(request, stats: list[ChainStats]) -> str:

@@ -122,6 +122,11 @@ class SamplingSettings:
     def speculative(self) -> bool:
         return self.sampler == SPECULATIVE_SAMPLER
 
+    def model_batch(self) -> int:
+        """Rows of the largest model call, for the memory budget: speculative sampling verifies L states
+        per image in one call."""
+        return self.batch_size * (self.draft_length if self.speculative else 1)
+
     def slots(self) -> tuple[str, ...]:
         """The model slots (pipelines/models.py) this request runs on."""
         return ("base", "draft") if self.speculative and self.draft == MODEL_DRAFT else ("base",)

@@ -10,7 +10,8 @@ the means differ by a multiple of the difference between the two models' *guided
 so the draft is distilled on exactly that:
 
 - data: the real emoji latents (the shipped VAE's posterior, sampled) noised to a uniform timestep,
-  captions as in the main recipe, half of them empty (the unconditional branch CFG needs);
+  captions as in the main recipe; every sample trains both of CFG's branches (its caption and the
+  empty prompt);
 - loss: MSE to the target's unconditional prediction, plus MSE to the target's guided prediction at
   CFG 7.5 (divided by 7.5², so both terms weigh alike), weighted per timestep by how much an error there
   moves the transition's mean relative to its standard deviation (≈ sqrt(beta_t / (1 - abar_t)), larger
@@ -40,6 +41,7 @@ from tqdm import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from recipe import architecture, data
+from recipe.train import _save_atomically
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = ROOT / "assets" / "emoji-ldm"
@@ -47,7 +49,6 @@ OUT = ROOT / "assets" / "emoji-ldm-draft"
 WORK = ROOT / ".cache" / "train"
 CHECKPOINT = WORK / "draft.pt"
 GUIDANCE = 7.5
-EMPTY_PROMPTS = 0.5
 HELD_OUT_PROMPTS = 300
 
 
@@ -85,12 +86,6 @@ def training_latents(records, vae: AutoencoderKL) -> dict:
     WORK.mkdir(parents=True, exist_ok=True)
     torch.save(cached, stored)
     return cached
-
-
-def _save_atomically(state: dict, path: Path) -> None:
-    partial = path.with_suffix(".partial")
-    torch.save(state, partial)
-    os.replace(partial, path)
 
 
 def _loss_weights(alphas_cumprod: torch.Tensor, cap: float = 3.0) -> torch.Tensor:

@@ -92,14 +92,37 @@ def plain_ddpm(transitions: DDPMTransitions, eps, count: int, seed: int) -> torc
     return x
 
 
-@pytest.mark.parametrize("draft", ["wrong model", "frozen target"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("clip_sample", [False, True])
+@pytest.mark.parametrize("spacing, offset", [("leading", 1), ("trailing", 0), ("linspace", 0)])
+def test_transitions_are_diffusers_ddpm_steps(prediction_type, clip_sample, spacing, offset):
+    """The Gaussian the sampler couples is DDPMScheduler.step's: its mean plus sigma times the same noise."""
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012, prediction_type=prediction_type, clip_sample=clip_sample,
+                              timestep_spacing=spacing, steps_offset=offset)
+    scheduler.set_timesteps(10)
+    transitions = DDPMTransitions.from_scheduler(scheduler)
+    generator = torch.Generator().manual_seed(0)
+    for n, t in enumerate(scheduler.timesteps):
+        x, output = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 4, 8, 8, generator=generator)
+        expected = scheduler.step(output, t, x, generator=torch.Generator().manual_seed(n)).prev_sample
+        noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(n))
+        positions = torch.full((2,), n)
+        ours = transitions.mean(x, output, positions) + transitions.sigmas(positions, x) * noise
+        assert torch.allclose(ours, expected, atol=1e-5), (n, int(t))
+        assert math.isclose(float(transitions.sigma[n]), float(scheduler._get_variance(t)) ** 0.5 if t > 0 else 0.0,
+                            rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("draft", ["wrong model", "frozen target", "frozen target x0"])
 def test_speculative_samples_have_plain_ddpm_law(draft):
     transitions = toy_transitions()
     mean, var = exact_law(transitions)
     # the exact law really is plain DDPM's: a direct simulation agrees with it
     assert max(abs(z) for z in z_scores(plain_ddpm(transitions, exact_eps(transitions), 4000, 1), mean, var)) < Z_LIMIT
     sampler = SpeculativeDDPM(transitions, exact_eps(transitions), draft_length=4,
-                              draft=wrong_eps(transitions) if draft == "wrong model" else None)
+                              draft=wrong_eps(transitions) if draft == "wrong model" else None,
+                              frozen="x0" if draft == "frozen target x0" else "eps")
     samples, stats = run_chains(sampler, 3000, seed=2)
     scores = z_scores(samples, mean, var)
     assert max(abs(z) for z in scores) < Z_LIMIT, scores
@@ -253,15 +276,40 @@ def test_other_tasks_and_bad_settings_get_clear_errors(studio):
         speculative_request(draft="oracle")
 
 
-def test_stop_ends_the_run_at_the_next_round(studio):
+def test_stop_ends_the_run_at_the_next_round(studio, monkeypatch):
     import threading
+
+    from pipelines.speculative import SpeculativeDDPM
     stop = threading.Event()
-    job = studio.submit(speculative_request(steps=40, preview_every=1), stop=stop)
-    for event in job.stream():
-        if type(event).__name__ == "Preview":
+    rounds = []
+    original = SpeculativeDDPM._round
+
+    def round_then_stop(self, *args):   # Stop pressed during the second round
+        original(self, *args)
+        rounds.append(1)
+        if len(rounds) == 2:
             stop.set()
-    done = job.result()
-    assert done.stopped and not done.images[0].finished
+    monkeypatch.setattr(SpeculativeDDPM, "_round", round_then_stop)
+    done = studio.submit(speculative_request(steps=40), stop=stop).result()
+    assert done.stopped and not done.images[0].finished and len(rounds) == 2
+    assert 2 <= done.images[0].steps_done < 40
+
+
+def test_verification_rows_are_the_guided_predictions_of_their_images(studio):
+    """predict_rows (one call: several images' states at several timesteps) agrees with the plain step's
+    prediction for each row, CFG pairing included."""
+    from pipelines.denoise import Denoiser, prepare
+
+    worker = studio.models.worker
+    call = worker.call(prepare, studio.models, speculative_request(batch_size=3))
+    denoiser = worker.call(Denoiser, call)
+    x = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    rows = torch.tensor([2, 0, 1, 2])
+    timesteps = torch.tensor([901, 501, 301, 101])
+    together = worker.call(denoiser.predict_rows, x[rows], timesteps, rows)
+    for j in range(len(rows)):
+        alone = worker.call(denoiser.predict, x, int(timesteps[j])).eps_guided[int(rows[j])]
+        assert torch.allclose(together[j], alone, atol=1e-4)
 
 
 def test_explorer_view_accounts_for_every_step(studio):

@@ -26,7 +26,7 @@ from pipelines import explorer_reverse as reverse
 from pipelines.explorer import Explorer, MarkovCheck, StepViews
 from pipelines.jobs import Job, JobCancelled, Progress
 from pipelines.explorer_speculative import ROUND_COLUMNS
-from pipelines.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES
+from pipelines.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES, STEPWISE_SAMPLER_NAMES
 from pipelines.speculative import DEFAULT_DRAFT_LENGTH, DRAFTS, FROZEN_X0_DRAFT, MAX_DRAFT_LENGTH, SPECULATIVE_SAMPLER
 from pipelines.tasks import MAX_STEPS, Txt2ImgRequest
 from studio.context import StudioContext, session_of
@@ -318,7 +318,7 @@ def _layout_reverse(side: int) -> ReverseTab:
             record = gr.Button("Record", variant="primary", elem_id="explorer-record")
             stop = gr.Button("Stop", variant="stop", elem_id="explorer-stop")
     with gr.Row():
-        settings["sampler"] = gr.Dropdown(list(SAMPLER_NAMES), value=DEFAULT_SAMPLER, label="Sampler",
+        settings["sampler"] = gr.Dropdown(list(STEPWISE_SAMPLER_NAMES), value=DEFAULT_SAMPLER, label="Sampler",
                                           elem_id="explorer-sampler")
         settings["steps"] = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps", elem_id="explorer-steps")
         settings["guidance_scale"] = gr.Slider(1.0, 20.0, value=7.5, step=0.5, label="CFG scale",
@@ -370,7 +370,7 @@ def _layout_branch() -> BranchPanel:
     with gr.Row():
         changes["prompt"] = gr.Textbox(label="Prompt", elem_id="explorer-branch-prompt")
         changes["negative_prompt"] = gr.Textbox(label="Negative prompt", elem_id="explorer-branch-negative")
-        changes["sampler"] = gr.Dropdown(list(SAMPLER_NAMES), value=DEFAULT_SAMPLER, label="Sampler",
+        changes["sampler"] = gr.Dropdown(list(STEPWISE_SAMPLER_NAMES), value=DEFAULT_SAMPLER, label="Sampler",
                                          elem_id="explorer-branch-sampler")
         changes["guidance_scale"] = gr.Slider(1.0, 20.0, value=7.5, step=0.5, label="CFG scale",
                                               elem_id="explorer-branch-cfg")

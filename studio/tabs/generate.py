@@ -24,7 +24,7 @@ from pipelines.jobs import Job, JobCancelled, JobState
 from pipelines.lora import lora_files
 from pipelines.metadata import infotext_to_settings, parse_infotext
 from pipelines.requests import GeneratedImage, GenerationDone, Preview
-from pipelines.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES
+from pipelines.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES, STEPWISE_SAMPLER_NAMES
 from pipelines.speculative import DEFAULT_DRAFT_LENGTH, DRAFTS, FROZEN_X0_DRAFT, MAX_DRAFT_LENGTH, SPECULATIVE_SAMPLER
 from pipelines.tasks import MAX_BATCH, MAX_SIDE, MAX_STEPS, TASKS, SamplingSettings, draw_seed
 from studio.context import StudioContext, session_of
@@ -106,7 +106,8 @@ def _sampling_controls(task: str, defaults: dict) -> dict:
     """The SamplingSettings fields' components, laid out in rows (inside the caller's column)."""
     controls = {}
     with gr.Row():
-        controls["sampler"] = gr.Dropdown(list(SAMPLER_NAMES), value=defaults.get("sampler", DEFAULT_SAMPLER),
+        names = SAMPLER_NAMES if task == "txt2img" else STEPWISE_SAMPLER_NAMES
+        controls["sampler"] = gr.Dropdown(list(names), value=defaults.get("sampler", DEFAULT_SAMPLER),
                                           label="Sampler")
         controls["steps"] = gr.Slider(1, MAX_STEPS, value=defaults.get("steps", 25), step=1, label="Steps",
                                       elem_id=f"{task}-steps")
@@ -352,7 +353,7 @@ def settings_from_infotext(text: str, tab: GenerationTab) -> dict:
     settings = {"prompt": prompt, "negative_prompt": negative, "guidance_rescale": 0.0,
                 **infotext_to_settings(parameters)}
     sampler = settings.get("sampler")
-    if sampler is not None and sampler not in SAMPLER_NAMES:
+    if sampler is not None and sampler not in [value for _, value in tab.controls["sampler"].choices]:
         gr.Warning(f"Sampler {sampler!r} is not available here; keeping the current one.")
         del settings["sampler"]
     return {tab.controls[name]: value for name, value in settings.items() if name in tab.controls}

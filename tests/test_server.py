@@ -379,3 +379,20 @@ def test_browser_trains_a_lora_from_dropped_files_and_generates_with_it(server, 
     page.locator("#txt2img-generate").click()
     page.locator("#txt2img-status").get_by_text("LoRA boxes: weight 1").wait_for(timeout=120_000)
     page.close()
+
+
+def test_api_samples_speculatively_and_the_explorer_draws_its_rounds(server):
+    from gradio_client import Client
+
+    url, _ = server
+    client = Client(url, verbose=False)
+    _, infotext, status, *_ = client.predict(prompt="red apple", sampler="DDPM speculative", steps=16,
+                                             draft="frozen target x0", draft_length=4, api_name="/txt2img")
+    _, _, parameters = parse_infotext(infotext)
+    assert parameters["Sampler"] == "DDPM speculative" and int(parameters["Target calls"]) <= 16
+    assert "target calls per image" in status
+    timeline, rounds, table, summary = client.predict(prompt="red apple", steps=16, seed=3,
+                                                      api_name="/explorer_speculative")
+    assert Image.open(timeline).size[0] > 400
+    rows = table["value"]["data"]
+    assert rows[-1][7] == 16 and len(rounds) == len(rows)

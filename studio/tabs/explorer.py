@@ -633,9 +633,19 @@ def _wire_speculative(explorer: Explorer, tab: ReverseTab) -> None:
     panel = tab.speculative
 
     @user_errors
-    def explorer_speculative(draft, draft_length, request: gr.Request = None, **settings) -> Iterator[dict]:
-        settings["sampler"] = SPECULATIVE_SAMPLER
-        generation = replace(_request(**settings), draft=draft, draft_length=int(draft_length))
+    def explorer_speculative(prompt: str, negative_prompt: str | None = None, steps: int | None = None,
+                             guidance_scale: float | None = None, seed: int | None = None, size: int | None = None,
+                             draft: str | None = None, draft_length: int | None = None,
+                             request: gr.Request = None) -> Iterator[dict]:
+        """Only the prompt is required; the rest default to 100 steps, CFG 7.5, a drawn seed, the model's size."""
+        fields = Txt2ImgRequest.__dataclass_fields__
+        side = explorer.models.current.native_side if explorer.models.current else None
+        generation = replace(_request(prompt=prompt, negative_prompt=negative_prompt, sampler=SPECULATIVE_SAMPLER,
+                                      steps=100 if steps is None else steps,
+                                      guidance_scale=fields["guidance_scale"].default if guidance_scale is None
+                                      else guidance_scale, seed=seed, size=size or side or FALLBACK_SIDE),
+                             draft=draft or fields["draft"].default,
+                             draft_length=fields["draft_length"].default if draft_length is None else int(draft_length))
         job = explorer.speculative(generation, owner=session_of(request))
         yield {tab.job_id: job.id}
         view = yield from _follow(job, panel.status, "Step {done} of {total} reached…")
@@ -645,8 +655,9 @@ def _wire_speculative(explorer: Explorer, tab: ReverseTab) -> None:
                panel.table: gr.Dataframe(value=view.rows, headers=list(ROUND_COLUMNS)),
                panel.status: f"Seed {view.request.seed} · " + view.summary}
 
-    panel.button.click(explorer_speculative, inputs_kwargs={**tab.settings, **panel.inputs},
-                       outputs={tab.job_id, panel.timeline, panel.rounds, panel.table, panel.status},
+    settings = {name: control for name, control in tab.settings.items() if name != "sampler"}
+    panel.button.click(explorer_speculative, inputs_kwargs={**settings, **panel.inputs},
+                       outputs=[panel.timeline, panel.rounds, panel.table, panel.status, tab.job_id],
                        api_name="explorer_speculative", **DEVICE_QUEUE)
 
 

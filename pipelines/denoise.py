@@ -34,7 +34,7 @@ from PIL import Image
 from pipelines.lora import LoraUse, split_lora_tags
 from pipelines.prompts import prompt_arguments
 from pipelines.samplers import STOCHASTIC, make_scheduler
-from pipelines.speculative import MODEL_DRAFT, check_supported, run_speculative
+from pipelines.speculative import MODEL_DRAFTS, check_supported, run_speculative
 from pipelines.tasks import SamplingSettings, Task, task_of
 
 VAE_UPCAST_NOTE = "The VAE overflowed in fp16 (the black-image bug), so it now decodes in fp32."
@@ -207,7 +207,7 @@ def prepare(models, request: SamplingSettings) -> PreparedCall:
     if side and max(request.width, request.height) > 2 * side:
         notes.append(f"{request.width}×{request.height} is more than twice this model's native size ({side} px): "
                      "expect repeated patterns or doubled subjects. Generate at its native size and upscale.")
-    draft = models.draft_unet() if request.speculative and request.draft == MODEL_DRAFT else None
+    draft = models.draft_unet() if request.speculative and request.draft in MODEL_DRAFTS else None
     return PreparedCall(request=request, task=task, model=model, pipeline=pipeline, prompts=prompts, device=device,
                         notes=notes, loras=loras, draft=draft)
 
@@ -286,6 +286,7 @@ class Denoiser:
         # What a stochastic sampler draws its fresh noise from (by default the seed, restarted)
         self.extra_step_kwargs = pipeline.prepare_extra_step_kwargs(generators or call.generators(0), 0.0)
         self.deterministic = request.sampler not in STOCHASTIC
+        self._devices: dict[int, torch.device] = {}   # model id -> where it computes (predict_rows)
 
     def predict(self, latents: torch.Tensor, t, *, extra_channels: torch.Tensor | None = None,
                 down_block_additional_residuals=None, mid_block_additional_residual=None) -> NoisePrediction:
@@ -327,7 +328,9 @@ class Denoiser:
             model_input, timesteps = torch.cat([latents, latents]), torch.cat([timesteps, timesteps])
         else:
             embeddings, model_input = self.embeddings[rows], latents
-        device = execution_device(model)
+        if id(model) not in self._devices:    # walking the modules for offload hooks costs ~1 ms a call
+            self._devices[id(model)] = execution_device(model)
+        device = self._devices[id(model)]
         timestep_cond = None if self.timestep_cond is None or unet is not None else \
             self.timestep_cond.expand(len(model_input), -1)
         with torch.no_grad():

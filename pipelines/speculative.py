@@ -5,10 +5,13 @@ Sampling" (ICML 2025). DDPM's reverse step is a Gaussian, x_{n+1} ~ q = N(m_q(x_
 needs one call of the target model (the loaded UNet, with CFG). A round:
 
 1. **Draft.** A cheap draft proposes L steps ahead, each from its own Gaussian p = N(m_p(x̃_k), σ² I)
-   with the same variance: x̃_{k+1} = m_p(x̃_k) + σ_k Z_k. Two drafts:
+   with the same variance: x̃_{k+1} = m_p(x̃_k) + σ_k Z_k. The drafts:
    - *frozen target*: reuse the target's last noise prediction (from the previous round) for every
-     drafted step; no model call at all;
-   - *draft model*: a small UNet that imitates the target (recipe/draft.py), with the same CFG.
+     drafted step; no model call at all (the paper's frozen drift, in DDPM's ε form);
+   - *frozen target x0*: reuse the target's last prediction of the data x̂_0 instead, so that the drafted
+     mean still follows the noise each step adds (ε at a new state carries that noise; x̂_0 hardly moves);
+   - *draft model*: a small UNet that imitates the target (recipe/draft.py), with the same CFG;
+   - *anchored draft model*: the target's last x̂_0 plus the draft model's estimate of how it has moved.
 2. **Verify.** The target evaluates all L drafted states in one batched call, giving m_q(x̃_k).
 3. **Accept or reflect**, step by step: accept x̃_{k+1} with probability min(1, q(x̃_{k+1}) / p(x̃_{k+1})).
    At the first rejection the next state is the *reflection maximal coupling*'s other half: the
@@ -41,8 +44,10 @@ import torch
 SPECULATIVE_SAMPLER = "DDPM speculative"
 FROZEN_DRAFT = "frozen target"        # reuse the target's last noise prediction
 FROZEN_X0_DRAFT = "frozen target x0"  # reuse the target's last prediction of the data, x̂_0
-MODEL_DRAFT = "draft model"
-DRAFTS = (FROZEN_DRAFT, FROZEN_X0_DRAFT, MODEL_DRAFT)
+MODEL_DRAFT = "draft model"           # a small UNet that imitates the target (recipe/draft.py)
+ANCHORED_DRAFT = "anchored draft model"   # ... proposing only how x̂_0 moves from the target's last one
+DRAFTS = (FROZEN_DRAFT, FROZEN_X0_DRAFT, MODEL_DRAFT, ANCHORED_DRAFT)
+MODEL_DRAFTS = (MODEL_DRAFT, ANCHORED_DRAFT)
 DEFAULT_DRAFT_LENGTH = 4
 MAX_DRAFT_LENGTH = 16
 
@@ -188,7 +193,7 @@ class SpeculativeDDPM:
     """
 
     def __init__(self, transitions: DDPMTransitions, target: ModelFunction, *, draft: ModelFunction | None = None,
-                 draft_length: int = DEFAULT_DRAFT_LENGTH, frozen: str = "eps"):
+                 draft_length: int = DEFAULT_DRAFT_LENGTH, frozen: str = "eps", anchored: bool = False):
         if not 1 <= draft_length <= MAX_DRAFT_LENGTH:
             raise ValueError(f"`draft_length` must be a whole number from 1 to {MAX_DRAFT_LENGTH} "
                              f"but is {draft_length!r}.")
@@ -199,6 +204,13 @@ class SpeculativeDDPM:
         if frozen not in ("eps", "x0"):
             raise ValueError(f"`frozen` must be 'eps' or 'x0' but is {frozen!r}.")
         self.frozen = frozen     # what the frozen-target draft keeps: the noise prediction or x̂_0
+        if anchored and draft is None:
+            raise ValueError("An anchored draft needs a draft model.")
+        # anchored: the draft model proposes only how x̂_0 changes since the target's last prediction:
+        #   x̂_0 draft(x) = x̂_0 target(parent) + x̂_0 model(x) - x̂_0 model(parent)
+        self.anchored = anchored
+        if anchored:
+            self.frozen = "x0"
 
     def sample(self, x: torch.Tensor, generators: list[torch.Generator], *, start: int = 0,
                on_round: Callable[[torch.Tensor, list[int]], bool] | None = None
@@ -211,25 +223,32 @@ class SpeculativeDDPM:
         count = x.shape[0]
         positions = [start] * count
         stats = [ChainStats() for _ in range(count)]
-        last_output: torch.Tensor | None = None       # the frozen draft's: what it keeps of the target's latest
-        if self.draft is None and start < steps:      # output per chain (the output itself, or its x̂_0)
-            last_output = self._first_step(x, positions, generators, stats)
+        # the frozen and anchored drafts keep the target's latest output per chain (the output, or its x̂_0);
+        # the anchored one also the draft model's x̂_0 at that same state
+        last_output = last_model = None
+        if (self.draft is None or self.anchored) and start < steps:
+            last_output, last_model = self._first_step(x, positions, generators, stats)
         while True:
             live = [i for i in range(count) if positions[i] < steps]
             if not live:
                 break
-            self._round(x, positions, live, generators, stats, last_output)
+            self._round(x, positions, live, generators, stats, last_output, last_model)
             if on_round is not None and on_round(x, positions) is False:
                 break
         return x, stats
 
     # -- one round -----------------------------------------------------------------------------
-    def _first_step(self, x, positions, generators, stats) -> torch.Tensor:
+    def _first_step(self, x, positions, generators, stats) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The frozen draft has nothing to reuse yet: one plain DDPM step with the target (one call)."""
         chains = torch.arange(x.shape[0])
         n = torch.tensor(positions)
         output = self.target(x, n, chains)
         kept = self._kept(x, output, n)
+        model = None
+        if self.anchored:
+            model = self.transitions.x0(x, self.draft(x, n, chains), n)
+            for i in range(x.shape[0]):
+                stats[i].draft_calls += 1
         mean = self.transitions.mean(x, output, n)
         sigma = self.transitions.sigmas(n, x)
         noise = torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype).to(x.device) for g in generators])
@@ -237,18 +256,19 @@ class SpeculativeDDPM:
         for i in range(x.shape[0]):
             positions[i] += 1
             stats[i].target_calls += 1
-        return kept
+        return kept, model
 
     def _kept(self, x, output, positions) -> torch.Tensor:
         return self.transitions.x0(x, output, positions) if self.frozen == "x0" else output
 
-    def _round(self, x, positions, live, generators, stats, last_output) -> None:
+    def _round(self, x, positions, live, generators, stats, last_output, last_model) -> None:
         steps = len(self.transitions)
         lengths = {i: min(self.draft_length, steps - positions[i]) for i in live}
         # 1. Draft: L steps ahead per chain (the draft model batched over chains, one call per level)
         states = {i: [x[i]] for i in live}
         draft_means: dict[int, list[torch.Tensor]] = {i: [] for i in live}
         noises: dict[int, list[torch.Tensor]] = {i: [] for i in live}
+        model_x0: dict[int, list[torch.Tensor]] = {i: [] for i in live}     # anchored: the model's x̂_0
         for k in range(max(lengths.values())):
             rows = [i for i in live if k < lengths[i]]
             current = torch.stack([states[i][k] for i in rows])
@@ -257,6 +277,13 @@ class SpeculativeDDPM:
                 kept = torch.stack([last_output[i] for i in rows])
                 means = self.transitions.mean_from_x0(current, kept, n) if self.frozen == "x0" else \
                     self.transitions.mean(current, kept, n)
+            elif self.anchored:
+                x0 = self.transitions.x0(current, self.draft(current, n, torch.tensor(rows)), n)
+                anchor = torch.stack([last_output[i] - last_model[i] for i in rows])
+                means = self.transitions.mean_from_x0(current, anchor + x0, n)
+                for row, i in enumerate(rows):
+                    model_x0[i].append(x0[row])
+                    stats[i].draft_calls += 1
             else:
                 means = self.transitions.mean(current, self.draft(current, n, torch.tensor(rows)), n)
                 for i in rows:
@@ -288,6 +315,8 @@ class SpeculativeDDPM:
                 probabilities.append(probability)
                 if last_output is not None:
                     last_output[i] = kept[row + k]
+                if last_model is not None:
+                    last_model[i] = model_x0[i][k]
                 if not accepted:
                     x[i] = state
                     reflected = True
@@ -336,14 +365,15 @@ def run_speculative(call, batch_index: int, *, generators=None, latents=None, ca
         return denoiser.predict_rows(states, timesteps[positions], chains).float()
 
     draft = None
-    if request.draft == MODEL_DRAFT:
+    if request.draft in MODEL_DRAFTS:
         draft_unet = call.draft
 
         def draft(states, positions, chains):
             return denoiser.predict_rows(states, timesteps[positions], chains, unet=draft_unet).float()
 
     sampler = SpeculativeDDPM(transitions, target, draft=draft, draft_length=request.draft_length,
-                              frozen="x0" if request.draft == FROZEN_X0_DRAFT else "eps")
+                              frozen="x0" if request.draft == FROZEN_X0_DRAFT else "eps",
+                              anchored=request.draft == ANCHORED_DRAFT)
     pipeline._num_timesteps, pipeline._interrupt = len(transitions), False
 
     def on_round(states, positions) -> bool:
@@ -374,7 +404,7 @@ def speculative_note(request, stats: list[ChainStats]) -> str:
     rate = sum(s.accepted for s in stats) / proposed if proposed else 0.0
     draft = f"{request.draft}, L = {request.draft_length}"
     extra = ""
-    if request.draft == MODEL_DRAFT:
+    if request.draft in MODEL_DRAFTS:
         extra = f", {sum(s.draft_calls for s in stats) / len(stats):.0f} draft calls"
     return (f"{SPECULATIVE_SAMPLER} ({draft}): {request.steps} steps in {calls:.1f} target calls per image "
             f"(plain DDPM: {request.steps}, {1 - calls / request.steps:.0%} fewer){extra}; {rate:.0%} of drafted "

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 from PIL import Image
 
 from pipelines.samplers import DEFAULT_SAMPLER, check_sampler
-from pipelines.speculative import DEFAULT_DRAFT_LENGTH, DRAFTS, FROZEN_X0_DRAFT, MAX_DRAFT_LENGTH, MODEL_DRAFT, \
+from pipelines.speculative import DEFAULT_DRAFT_LENGTH, DRAFTS, FROZEN_X0_DRAFT, MAX_DRAFT_LENGTH, MODEL_DRAFTS, \
     SPECULATIVE_SAMPLER
 
 MAX_SIDE = 2048
@@ -129,7 +129,7 @@ class SamplingSettings:
 
     def slots(self) -> tuple[str, ...]:
         """The model slots (pipelines/models.py) this request runs on."""
-        return ("base", "draft") if self.speculative and self.draft == MODEL_DRAFT else ("base",)
+        return ("base", "draft") if self.speculative and self.draft in MODEL_DRAFTS else ("base",)
 
     def composite(self, image: Image.Image) -> Image.Image:
         """The final image from a decoded one (inpainting pastes it back onto the original)."""

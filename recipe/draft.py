@@ -166,7 +166,7 @@ def export(out: Path = OUT) -> Path:
     unet = draft_unet()
     unet.load_state_dict(state["unet"])
     partial = out.with_name(out.name + ".partial")
-    unet.save_pretrained(partial, safe_serialization=True)
+    unet.half().save_pretrained(partial, safe_serialization=True)   # fp16 on disk, as the target's weights
     (partial / "DRAFT.json").write_text(json.dumps({
         "target": "assets/emoji-ldm", "steps": state["step"], "recipe": "python -m recipe.draft",
         "held_out": f"the classes of the {HELD_OUT_PROMPTS} evaluation prompts (recipe.evaluate.evaluation_prompts)",

@@ -114,15 +114,15 @@ def test_transitions_are_diffusers_ddpm_steps(prediction_type, clip_sample, spac
                             rel_tol=1e-5)
 
 
-@pytest.mark.parametrize("draft", ["wrong model", "frozen target", "frozen target x0"])
+@pytest.mark.parametrize("draft", ["wrong model", "frozen target", "frozen target x0", "anchored wrong model"])
 def test_speculative_samples_have_plain_ddpm_law(draft):
     transitions = toy_transitions()
     mean, var = exact_law(transitions)
     # the exact law really is plain DDPM's: a direct simulation agrees with it
     assert max(abs(z) for z in z_scores(plain_ddpm(transitions, exact_eps(transitions), 4000, 1), mean, var)) < Z_LIMIT
     sampler = SpeculativeDDPM(transitions, exact_eps(transitions), draft_length=4,
-                              draft=wrong_eps(transitions) if draft == "wrong model" else None,
-                              frozen="x0" if draft == "frozen target x0" else "eps")
+                              draft=wrong_eps(transitions) if "wrong model" in draft else None,
+                              frozen="x0" if draft == "frozen target x0" else "eps", anchored=draft.startswith("anchored"))
     samples, stats = run_chains(sampler, 3000, seed=2)
     scores = z_scores(samples, mean, var)
     assert max(abs(z) for z in scores) < Z_LIMIT, scores

@@ -49,8 +49,9 @@ ROWS = {
     "speculative, frozen target (eps), L 4": ("target", "DDPM speculative", 100, "frozen target", 4),
     "speculative, frozen target x0, L 4": ("target", "DDPM speculative", 100, "frozen target x0", 4),
     "speculative, frozen target x0, L 8": ("target", "DDPM speculative", 100, "frozen target x0", 8),
+    "speculative, frozen target x0, L 16": ("target", "DDPM speculative", 100, "frozen target x0", 16),
     "speculative, draft model, L 4": ("target", "DDPM speculative", 100, "draft model", 4),
-    "speculative, draft model, L 8": ("target", "DDPM speculative", 100, "draft model", 8),
+    "speculative, anchored draft model, L 4": ("target", "DDPM speculative", 100, "anchored draft model", 4),
 }
 
 

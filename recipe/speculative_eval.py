@@ -46,6 +46,8 @@ ROWS = {
     "draft only, DDPM 100": ("draft", "DDPM", 100, None, None),
     "target, DDPM 100": ("target", "DDPM", 100, None, None),
     "target, DDPM 30": ("target", "DDPM", 30, None, None),
+    # the same chain again with other seeds: how far sampling noise alone moves the figures
+    "target, DDPM 100, seeds 5000 + i": ("target", "DDPM", 100, None, None),
     "speculative, frozen target (eps), L 4": ("target", "DDPM speculative", 100, "frozen target", 4),
     "speculative, frozen target x0, L 4": ("target", "DDPM speculative", 100, "frozen target x0", 4),
     "speculative, frozen target x0, L 8": ("target", "DDPM speculative", 100, "frozen target x0", 8),
@@ -75,6 +77,7 @@ def run_row(name: str, prompts: list[str], worker, log=print) -> dict:
     from pipelines.tasks import Txt2ImgRequest
 
     model, sampler, steps, draft, length = ROWS[name]
+    first_seed = 5000 if "seeds 5000" in name else evaluate.FIRST_SEED
     manager = ModelManager(MemoryManager(device="cpu"), worker=worker)
     if model == "draft":
         _draft_as_model(manager)
@@ -86,7 +89,7 @@ def run_row(name: str, prompts: list[str], worker, log=print) -> dict:
     started = time.perf_counter()
     for i, prompt in enumerate(prompts):
         request = Txt2ImgRequest(prompt=prompt, sampler=sampler, steps=steps, guidance_scale=GUIDANCE,
-                                 width=64, height=64, seed=evaluate.FIRST_SEED + i, **extra)
+                                 width=64, height=64, seed=first_seed + i, **extra)
         begin = time.perf_counter()
         done = generator.generate(request)
         seconds.append(time.perf_counter() - begin)

@@ -364,14 +364,10 @@ def run_speculative(call, batch_index: int, *, generators=None, latents=None, ca
     def target(states, positions, chains):
         return denoiser.predict_rows(states, timesteps[positions], chains).float()
 
-    draft = None
-    if request.draft in MODEL_DRAFTS:
-        draft_unet = call.draft
+    def draft_model(states, positions, chains):
+        return denoiser.predict_rows(states, timesteps[positions], chains, unet=call.draft).float()
 
-        def draft(states, positions, chains):
-            return denoiser.predict_rows(states, timesteps[positions], chains, unet=draft_unet).float()
-
-    sampler = SpeculativeDDPM(transitions, target, draft=draft, draft_length=request.draft_length,
+    sampler = SpeculativeDDPM(transitions, target, draft=draft_model if request.draft in MODEL_DRAFTS else None, draft_length=request.draft_length,
                               frozen="x0" if request.draft == FROZEN_X0_DRAFT else "eps",
                               anchored=request.draft == ANCHORED_DRAFT)
     pipeline._num_timesteps, pipeline._interrupt = len(transitions), False

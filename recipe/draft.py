@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import random
-import time
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +40,7 @@ from tqdm import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from recipe import architecture, data
-from recipe.train import _save_atomically
+from recipe.train import _log, _save_atomically
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = ROOT / "assets" / "emoji-ldm"
@@ -153,8 +152,7 @@ def train(steps: int, batch_size: int = 32, lr: float = 1e-3) -> None:
         progress.update(1)
         progress.set_postfix(loss=f"{loss.item():.4f}")
         if step % 50 == 0:
-            with open(WORK / "draft.log", "a") as log:
-                log.write(json.dumps({"step": step, "time": round(time.time(), 1), "loss": loss.item()}) + "\n")
+            _log("draft", step, loss=loss.item())
         if step % 250 == 0 or step == steps:
             _save_atomically({"unet": student.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                               "rng": torch.get_rng_state(), "caption_rng": caption_rng.getstate()}, CHECKPOINT)

@@ -53,7 +53,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pipelines.denoise import Denoiser, PreparedCall, decode, prepare, prompt_embeddings, to_pil, uses_cfg
 from pipelines.explorer_forward import export_animation
 from pipelines.models import ModelManager
-from pipelines.samplers import SAMPLER_NAMES, STOCHASTIC
+from pipelines.samplers import STEPWISE_SAMPLER_NAMES, STOCHASTIC
 from pipelines.tasks import MAX_STEPS, Txt2ImgRequest
 
 # A trace is recorded for one text-to-image request; batch_size and batch_count must be 1.
@@ -606,9 +606,9 @@ def compare(models: ModelManager, request: Txt2ImgRequest, *, samplers: list[str
             or not 1 <= reference_steps <= MAX_STEPS:
         raise ValueError(f"`reference_steps` has to be a whole number from 1 to {MAX_STEPS} "
                          f"but is {reference_steps!r}.")
-    if reference_sampler is not None and reference_sampler not in SAMPLER_NAMES:
+    if reference_sampler is not None and reference_sampler not in STEPWISE_SAMPLER_NAMES:
         raise ValueError(f"Unknown reference sampler {reference_sampler!r}. "
-                         f"Valid samplers: {', '.join(SAMPLER_NAMES)}.")
+                         f"Valid samplers: {', '.join(STEPWISE_SAMPLER_NAMES)}.")
 
     # 2. Generate every cell, and each reference once
     references: dict[tuple[str, float], Image.Image] = {}
@@ -680,11 +680,12 @@ def parse_compare_lists(samplers: str, steps: str, cfgs: str) -> dict:
     def items(text: str) -> list[str]:
         return [item.strip() for item in re.split(r"[,;\n]", text or "") if item.strip()]
 
-    by_lower = {name.lower(): name for name in SAMPLER_NAMES}
+    by_lower = {name.lower(): name for name in STEPWISE_SAMPLER_NAMES}   # speculative: its own panel
     sampler_list = []
     for item in items(samplers):
         if item.lower() not in by_lower:
-            raise ValueError(f"Unknown sampler {item!r} in the comparison. Valid samplers: {', '.join(SAMPLER_NAMES)}.")
+            raise ValueError(f"Unknown sampler {item!r} in the comparison. Valid samplers: "
+                             f"{', '.join(STEPWISE_SAMPLER_NAMES)}.")
         sampler_list.append(by_lower[item.lower()])
     try:
         step_list = [int(item) for item in items(steps)]

@@ -63,13 +63,17 @@ def speculative_view(models, request: Txt2ImgRequest, *, stop: threading.Event |
 
     latents = call(0, callback=after_round)
     chain = call.speculative[0]
-    stopped = bool(call.pipeline._interrupt)
+    last = chain.rounds[-1] if chain.rounds else None
+    stopped = last is None or last.start + len(last.probabilities) < call.request.steps
     final_image = call.decode(latents)[0]
-    shown = states[:MAX_ROUND_IMAGES]
+    # at most MAX_ROUND_IMAGES, evenly spread over the rounds, the last included
+    picked = sorted({round(i * (len(states) - 1) / max(MAX_ROUND_IMAGES - 1, 1)) for i in range(MAX_ROUND_IMAGES)}) \
+        if len(states) > MAX_ROUND_IMAGES else list(range(len(states)))
+    shown = [states[i] for i in picked]
     images = [image for chunk in torch.stack(shown).split(8) for image in to_pil(decode(call.pipeline.vae, chunk)[0])] \
         if shown else []
-    captions = [f"after round {index + 1}: step {round_.start + len(round_.probabilities)}"
-                for index, round_ in enumerate(chain.rounds[:len(images)])]
+    captions = [f"after round {index + 1}: step {chain.rounds[index].start + len(chain.rounds[index].probabilities)}"
+                for index in picked[:len(images)]]
     notes = [speculative_note(call.request, [chain]), *call.notes]
     if stopped:
         notes.append(f"Stopped after {len(chain.rounds)} round(s).")

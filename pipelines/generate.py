@@ -138,7 +138,7 @@ class Generator:
                               f"{lower.value}, which stays in force (Models & memory changes it).")
             memory.release()
             self.models.set_memory_mode(lower)
-            progress["steps"] = 0
+            progress["steps"] = progress["previewed"] = 0
             latents = call(batch_index, callback=on_step_end)  # fresh generators: the retry restarts from the seed
         interrupted = bool(getattr(call.pipeline, "_interrupt", False))
         return latents, progress["steps"], interrupted

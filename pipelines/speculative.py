@@ -6,8 +6,8 @@ needs one call of the target model (the loaded UNet, with CFG). A round:
 
 1. **Draft.** A cheap draft proposes L steps ahead, each from its own Gaussian p = N(m_p(x̃_k), σ² I)
    with the same variance: x̃_{k+1} = m_p(x̃_k) + σ_k Z_k. The drafts:
-   - *frozen target*: reuse the target's last noise prediction (from the previous round) for every
-     drafted step; no model call at all (the paper's frozen drift, in DDPM's ε form);
+   - *frozen target*: reuse the target's last output (its noise prediction; v for a v-prediction model)
+     for every drafted step; no model call at all (the paper's frozen drift, in DDPM's ε form);
    - *frozen target x0*: reuse the target's last prediction of the data x̂_0 instead, so that the drafted
      mean still follows the noise each step adds (ε at a new state carries that noise; x̂_0 hardly moves);
    - *draft model*: a small UNet that imitates the target (recipe/draft.py), with the same CFG;
@@ -239,7 +239,8 @@ class SpeculativeDDPM:
 
     # -- one round -----------------------------------------------------------------------------
     def _first_step(self, x, positions, generators, stats) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The frozen draft has nothing to reuse yet: one plain DDPM step with the target (one call)."""
+        """The frozen and anchored drafts have nothing to reuse yet: one plain DDPM step with the target (one
+        call); the anchored draft also evaluates its model at that first state (one draft call)."""
         chains = torch.arange(x.shape[0])
         n = torch.tensor(positions)
         output = self.target(x, n, chains)

@@ -321,3 +321,17 @@ def test_explorer_view_accounts_for_every_step(studio):
     assert len(view.rows) == len(view.chain.rounds) == len(view.round_images)
     assert view.rows[-1][6] == view.chain.target_calls and view.rows[-1][7] == 20
     assert view.timeline.size[0] > 400 and "target calls" in view.summary
+
+
+def test_an_anchored_draft_that_is_the_target_is_always_accepted():
+    """Anchored to the target's own x̂_0, a draft model equal to the target proposes exactly the target's
+    steps: everything is accepted (the deterministic last step when the means agree to the bit), and the
+    draft is called once per drafted state plus once at the first state."""
+    transitions = toy_transitions(20)
+    exact = exact_eps(transitions)
+    sampler = SpeculativeDDPM(transitions, exact, draft=exact, draft_length=4, anchored=True)
+    _, stats = run_chains(sampler, 3, seed=11)
+    for chain in stats:
+        assert chain.accepted >= chain.proposed - 1 and chain.proposed == 19
+        assert chain.draft_calls == sum(r.drafted for r in chain.rounds) + 1
+        assert chain.target_calls == 1 + math.ceil(19 / 4)

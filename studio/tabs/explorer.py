@@ -26,7 +26,7 @@ from pipelines import explorer_reverse as reverse
 from pipelines.explorer import Explorer, MarkovCheck, StepViews
 from pipelines.jobs import Job, JobCancelled, Progress
 from pipelines.explorer_speculative import ROUND_COLUMNS
-from pipelines.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES, STEPWISE_SAMPLER_NAMES
+from pipelines.samplers import DEFAULT_SAMPLER, STEPWISE_SAMPLER_NAMES
 from pipelines.speculative import DEFAULT_DRAFT_LENGTH, DRAFTS, FROZEN_X0_DRAFT, MAX_DRAFT_LENGTH, SPECULATIVE_SAMPLER
 from pipelines.tasks import MAX_STEPS, Txt2ImgRequest
 from studio.context import StudioContext, session_of
@@ -399,7 +399,7 @@ def _layout_compare() -> ComparePanel:
                                          info="empty: the CFG above", elem_id="explorer-compare-cfgs")
     with gr.Row():
         inputs["reference_sampler"] = gr.Dropdown(
-            [reverse.DEFAULT_REFERENCE_SAMPLER, SAME_SAMPLER, *SAMPLER_NAMES],
+            [reverse.DEFAULT_REFERENCE_SAMPLER, SAME_SAMPLER, *STEPWISE_SAMPLER_NAMES],
             value=reverse.DEFAULT_REFERENCE_SAMPLER, label="Reference sampler")
         inputs["reference_steps"] = gr.Slider(1, MAX_STEPS, value=100, step=1, label="Reference steps")
         button = gr.Button("Compare", variant="primary", elem_id="explorer-compare")

@@ -111,14 +111,15 @@ def _sampling_controls(task: str, defaults: dict) -> dict:
                                           label="Sampler")
         controls["steps"] = gr.Slider(1, MAX_STEPS, value=defaults.get("steps", 25), step=1, label="Steps",
                                       elem_id=f"{task}-steps")
-    with gr.Row(visible=defaults.get("sampler") == SPECULATIVE_SAMPLER) as speculative_row:
-        controls["draft"] = gr.Dropdown(list(DRAFTS), value=FROZEN_X0_DRAFT, label="Draft",
-                                        info="what proposes the steps the model verifies; the image's law is "
-                                             "DDPM's whichever you pick")
-        controls["draft_length"] = gr.Slider(1, MAX_DRAFT_LENGTH, value=DEFAULT_DRAFT_LENGTH, step=1,
-                                             label="Draft length L", info="steps proposed per model call")
-    controls["sampler"].change(lambda sampler: gr.Row(visible=sampler == SPECULATIVE_SAMPLER), controls["sampler"],
-                               speculative_row, api_visibility="private", queue=False)
+    if task == "txt2img":   # DDPM speculative's settings, shown when it is picked
+        with gr.Row(visible=defaults.get("sampler") == SPECULATIVE_SAMPLER) as speculative_row:
+            controls["draft"] = gr.Dropdown(list(DRAFTS), value=FROZEN_X0_DRAFT, label="Draft",
+                                            info="what proposes the steps the model verifies; the image's law is "
+                                                 "DDPM's whichever you pick")
+            controls["draft_length"] = gr.Slider(1, MAX_DRAFT_LENGTH, value=DEFAULT_DRAFT_LENGTH, step=1,
+                                                 label="Draft length L", info="steps proposed per model call")
+        controls["sampler"].change(lambda sampler: gr.Row(visible=sampler == SPECULATIVE_SAMPLER),
+                                   controls["sampler"], speculative_row, api_visibility="private", queue=False)
     with gr.Row():
         controls["guidance_scale"] = gr.Slider(1.0, 20.0, value=defaults.get("guidance_scale", 7.5), step=0.5,
                                                label="CFG scale", info="1 turns guidance (and its extra pass) off")
@@ -169,7 +170,8 @@ def build_generation_tab(context: StudioContext, task: str, defaults: dict,
                                                       label="Preview every N steps", info="0 = off")
             # one sampler's settings come last in the API's parameter order, after what every sampler takes
             for name in ("draft", "draft_length"):
-                controls[name] = controls.pop(name)
+                if name in controls:
+                    controls[name] = controls.pop(name)
         with gr.Column(scale=3):
             gallery = gr.Gallery(label="Images", columns=3, height=460, object_fit="contain", allow_preview=False,
                                  elem_id=f"{task}-gallery", elem_classes=["studio-pixels"], format="png",

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from recipe import architecture, data
-from recipe.train import _log, _save_atomically
+from recipe.train import _log, _save_atomically, clipped_step
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = ROOT / "assets" / "emoji-ldm"
@@ -144,10 +144,7 @@ def train(steps: int, batch_size: int = 32, lr: float = 1e-3) -> None:
         per_sample = F.mse_loss(student_u, teacher_u, reduction="none").mean(dim=(1, 2, 3)) + \
             F.mse_loss(student_guided, teacher_guided, reduction="none").mean(dim=(1, 2, 3)) / GUIDANCE ** 2
         loss = (per_sample * weights[t]).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        optimizer.step()
+        clipped_step(optimizer, loss, student.parameters())
         step += 1
         progress.update(1)
         progress.set_postfix(loss=f"{loss.item():.4f}")

@@ -42,6 +42,14 @@ def _save_atomically(state: dict, path: Path) -> None:
     os.replace(partial, path)
 
 
+def clipped_step(optimizer, loss: torch.Tensor, parameters) -> None:
+    """One optimiser step on `loss`, gradients clipped to norm 1 (every stage of the recipe trains so)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+    optimizer.step()
+
+
 def _log(name: str, step: int, **values: float) -> None:
     with open(WORK / f"{name}.log", "a") as log:
         log.write(json.dumps({"step": step, "time": round(time.time(), 1), **values}) + "\n")
@@ -92,10 +100,7 @@ def train_vae(pixels: torch.Tensor, steps: int, batch_size: int = 32, lr: float 
         l1 = (reconstruction - batch).abs().mean()
         kl = posterior.kl().mean() / batch[0].numel()
         loss = l1 + 1e-6 * kl
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
+        clipped_step(optimizer, loss, vae.parameters())
         step += 1
         progress.update(1)
         progress.set_postfix(l1=f"{l1.item():.4f}")
@@ -207,10 +212,7 @@ def train_unet(latents: dict, records: list[data.EmojiRecord], tokenizer, steps:
         predicted_noise = unet(x_t, t, encoder_hidden_states).sample
         per_sample = F.mse_loss(predicted_noise, noise, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * loss_weight[t]).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
+        clipped_step(optimizer, loss, parameters)
         step += 1
         decay = min(ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
@@ -321,10 +323,7 @@ def train_decoder(pixels: torch.Tensor, latents: dict, steps: int, batch_size: i
         index = torch.randint(len(pixels), (batch_size,))
         z = latents["mean"][index] + latents["std"][index] * torch.randn_like(latents["std"][index])
         l1 = (vae.decode(z).sample - pixels[index]).abs().mean()
-        optimizer.zero_grad(set_to_none=True)
-        l1.backward()
-        torch.nn.utils.clip_grad_norm_(trained, 1.0)
-        optimizer.step()
+        clipped_step(optimizer, l1, trained)
         step += 1
         progress.update(1)
         progress.set_postfix(l1=f"{l1.item():.4f}")

@@ -126,6 +126,7 @@ class PreparedCall:
     loras: dict = field(default_factory=dict)   # name -> LoadedLora, the LoRAs the prompt switched on
     draft: Any = None                  # the draft UNet, for the DDPM speculative sampler's "draft model"
     speculative: list = field(default_factory=list)   # its ChainStats, one per image generated so far
+    controlnets: dict = field(default_factory=dict)   # name -> ControlNetModel, for the request's units
 
     def generators(self, batch_index: int) -> list[torch.Generator]:
         """Image i of batch b draws its noise from seed + b * batch_size + i, on the CPU."""
@@ -192,7 +193,10 @@ def prepare(models, request: SamplingSettings) -> PreparedCall:
         check_supported(task, pipeline, model.name)
     if request.unchanged_image() is None:
         request.check_steps()
+    for name in request.controlnet_names():   # loaded first, so that the memory budget counts them
+        models.controlnet(name)
     models.fit(request)
+    controlnets = {name: models.controlnet(name) for name in request.controlnet_names()}   # beside the UNet
     # 2. Sampler from the model's own scheduler config
     pipeline.scheduler = make_scheduler(request.sampler, model.scheduler_config)
     # 3. LoRAs named in the prompt (<lora:name:weight>), then the prompts (in windows when too long)
@@ -209,7 +213,7 @@ def prepare(models, request: SamplingSettings) -> PreparedCall:
                      "expect repeated patterns or doubled subjects. Generate at its native size and upscale.")
     draft = models.draft_unet() if request.speculative and request.draft in MODEL_DRAFTS else None
     return PreparedCall(request=request, task=task, model=model, pipeline=pipeline, prompts=prompts, device=device,
-                        notes=notes, loras=loras, draft=draft)
+                        notes=notes, loras=loras, draft=draft, controlnets=controlnets)
 
 
 def prompt_texts(request: SamplingSettings) -> tuple[str, str, list[LoraUse], list[str]]:

@@ -29,6 +29,7 @@ from typing import BinaryIO
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
+from pipelines.controlnet import read_units
 from pipelines.tasks import SHARED_INFOTEXT_FIELDS, TASKS
 
 PARAMETERS_CHUNK = "parameters"   # A1111's chunk name
@@ -170,6 +171,9 @@ def infotext_to_settings(params: dict[str, str]) -> dict:
             raise ValueError(f"Infotext field `Size` should look like 512x768 but is {params['Size']!r}.")
         settings["width"], settings["height"] = int(size.group(1)), int(size.group(2))
 
+    units = read_units(params)
+    if units:
+        settings["controlnet_units"] = units
     if "Model" in params:
         settings["model"] = params["Model"]
     if "Model hash" in params:

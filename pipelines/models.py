@@ -137,7 +137,8 @@ class LoadedModel:
             return location
         if self.source.kind == "hub":
             location = Path(getattr(self.pipeline, "_internal_dict", {}).get("_name_or_path", "") or "")
-        candidates = sorted((location / "unet").glob("*.safetensors")) if location.is_dir() else []
+        candidates = (sorted((location / "unet").glob("*.safetensors")) or sorted(location.glob("*.safetensors"))) \
+            if location.is_dir() else []
         return candidates[0] if candidates else None
 
 
@@ -245,6 +246,104 @@ class ModelManager:
         if held.pipeline.device != device:
             held.pipeline.to(device)
         return held.pipeline
+
+    def controlnet(self, name: str):
+        """The ControlNet `name` (on the device thread), loaded into its slot `controlnet:NAME` once: a shipped
+        one (assets/emoji-controlnet-*), a folder or `.safetensors` file under models/controlnet/, or a hub id
+        already in the local cache. It must fit the base model; it computes where the base UNet does."""
+        base = self.require()
+        slot = CONTROLNET_SLOT_PREFIX + name
+        held = self.slots.get(slot)
+        if held is None:
+            model, source = self._read_controlnet(name, base)
+            check_controlnet_fits(model, name, base)
+            held = self._adopt(model.eval(), source, slot)
+        check_controlnet_fits(held.pipeline, name, base)
+        device = execution_device(base.pipeline.unet)
+        if held.pipeline.device != device:
+            held.pipeline.to(device)
+        return held.pipeline
+
+    def _read_controlnet(self, name: str, base: LoadedModel):
+        from diffusers import ControlNetModel
+
+        from pipelines.controlnet import SHIPPED_CONTROLNETS
+
+        use_safetensors = None if self.allow_pickle else True
+        if name in SHIPPED_CONTROLNETS:
+            folder = SHIPPED_CONTROLNETS[name]
+            return (ControlNetModel.from_pretrained(folder, dtype=self.memory.dtype, use_safetensors=True),
+                    ModelSource("embedded", str(folder), name))
+        root = (self.models_dir / "controlnet").resolve()
+        path = (root / name).resolve()
+        if (root / name).exists() or "/" not in name or name.startswith((".", "/", "~")):
+            if not path.is_relative_to(root):
+                raise ModelLoadError(f"ControlNet {name!r} is outside models/controlnet/; put ControlNets there "
+                                     "(a diffusers folder or a .safetensors file).")
+            if not path.exists():
+                raise ModelLoadError(f"No ControlNet {name!r}: it is not shipped and not in {root}. Put a diffusers "
+                                     "ControlNet folder or a .safetensors file there.")
+            if path.is_file():
+                return self._controlnet_file(path, base), ModelSource("file", str(path), name)
+            if not (path / "config.json").exists():
+                raise ModelLoadError(f"{path} is not a diffusers ControlNet folder (it has no config.json).")
+            try:
+                model = ControlNetModel.from_pretrained(path, dtype=self.memory.dtype, use_safetensors=use_safetensors)
+            except Exception as error:
+                raise ModelLoadError(f"Could not load the ControlNet in {path}: {type(error).__name__}: {error}") \
+                    from error
+            return model, ModelSource("folder", str(path), name)
+        if not HUB_ID.match(name):
+            raise ModelLoadError(f"{name!r} is neither a ControlNet under models/controlnet/ nor a hub id.")
+        try:
+            model = ControlNetModel.from_pretrained(name, dtype=self.memory.dtype, use_safetensors=use_safetensors,
+                                                    local_files_only=True)
+        except Exception as error:
+            raise ModelLoadError(f"The ControlNet {name!r} is not in the local Hugging Face cache, and nothing is "
+                                 "downloaded here: copy it into models/controlnet/ (a folder with config.json and "
+                                 "its .safetensors weights).") from error
+        return model, ModelSource("hub", name, name)
+
+    def _controlnet_file(self, path: Path, base: LoadedModel):
+        """A single-file ControlNet: diffusers' own keys (save_pretrained's weights), or the original layout
+        (`control_model.…`, as A1111 uses them) converted by diffusers with a config made for the base model."""
+        import tempfile
+
+        from diffusers import ControlNetModel
+        from safetensors.torch import load_file
+
+        if path.suffix.lower() in PICKLE_SUFFIXES and not self.allow_pickle:
+            raise ModelLoadError(f"{path.name} is a pickled checkpoint, which can run arbitrary code when loaded. "
+                                 "Convert it to .safetensors, or start the studio with --allow-pickle.")
+        if path.suffix.lower() != ".safetensors":
+            raise ModelLoadError(f"{path.name} is not a ControlNet checkpoint: expected a .safetensors file.")
+        try:
+            state = load_file(str(path))
+        except Exception as error:
+            raise ModelLoadError(f"{path.name} is not a readable .safetensors file: {error}") from error
+        template = ControlNetModel.from_unet(base.pipeline.unet, load_weights_from_unet=False,
+                                             **_condition_embedding_config(state))
+        if any(key.startswith("controlnet_cond_embedding.") for key in state):
+            model_keys = template.state_dict()
+            wrong = [key for key, value in state.items() if key in model_keys and value.shape != model_keys[key].shape]
+            if wrong or set(model_keys) - set(state):
+                raise ModelLoadError(
+                    f"The ControlNet {path.name} does not fit {base.name}: "
+                    + (f"{wrong[0]} is {tuple(state[wrong[0]].shape)}, the model needs "
+                       f"{tuple(model_keys[wrong[0]].shape)}" if wrong else
+                       f"it lacks {len(set(model_keys) - set(state))} of the weights a ControlNet for it has")
+                    + ". Pick a ControlNet made for this model's family.")
+            template.load_state_dict(state)
+            return template.to(self.memory.dtype)
+        with tempfile.TemporaryDirectory() as folder:
+            template.save_config(folder)
+            try:
+                return ControlNetModel.from_single_file(str(path), config=folder, dtype=self.memory.dtype,
+                                                        local_files_only=True)
+            except Exception as error:
+                raise ModelLoadError(f"Could not read {path.name} as a ControlNet for {base.name} "
+                                     f"({type(error).__name__}: {error}). Is it a ControlNet for this model family?") \
+                    from error
 
     def adopt(self, pipeline, source: ModelSource, *, slot: str = BASE_SLOT) -> LoadedModel:
         """Put an already-built pipeline (or model) into `slot` (used by load, and by tests on tiny models)."""
@@ -378,6 +477,45 @@ class ModelManager:
 
 
 HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def _condition_embedding_config(state: dict) -> dict:
+    """The control-image encoder's shape, read off a diffusers-format state dict (a lone file has no config):
+    conv_in, then per level a conv and a strided conv whose output widths are the level's channels."""
+    conv_in = state.get("controlnet_cond_embedding.conv_in.weight")
+    if conv_in is None:
+        return {}
+    channels, block = [conv_in.shape[0]], 1
+    while f"controlnet_cond_embedding.blocks.{block}.weight" in state:
+        channels.append(state[f"controlnet_cond_embedding.blocks.{block}.weight"].shape[0])
+        block += 2
+    return {"conditioning_embedding_out_channels": tuple(channels), "conditioning_channels": conv_in.shape[1]}
+
+
+FAMILY_BY_TEXT_WIDTH = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL", 256: "the embedded model"}
+
+
+def check_controlnet_fits(controlnet, name: str, base: LoadedModel) -> None:
+    """Refuse a ControlNet whose residuals would not fit the base model's UNet, naming the mismatch (instead
+    of a shape error in the middle of a generation)."""
+    unet, config = base.pipeline.unet.config, controlnet.config
+    for key in ("cross_attention_dim", "in_channels", "block_out_channels", "down_block_types", "layers_per_block",
+                "addition_embed_type"):
+        ours, theirs = unet.get(key), config.get(key)
+        if isinstance(ours, (list, tuple)):
+            ours, theirs = list(ours), list(theirs or [])
+        if ours != theirs:
+            family = ""
+            if key == "cross_attention_dim":
+                family = (f" (a ControlNet for {FAMILY_BY_TEXT_WIDTH.get(theirs, 'another model family')}, on "
+                          f"{FAMILY_BY_TEXT_WIDTH.get(ours, 'a different family')})")
+            raise ValueError(f"The ControlNet {name} does not fit {base.name}: its {key} is {theirs}, the model's is "
+                             f"{ours}{family}. Pick a ControlNet made for this model.")
+    factor = 2 ** (len(config.conditioning_embedding_out_channels) - 1)
+    vae_factor = getattr(base.pipeline, "vae_scale_factor", factor)
+    if factor != vae_factor:
+        raise ValueError(f"The ControlNet {name} reads its control image at 1/{factor} scale, but {base.name}'s "
+                         f"latents are 1/{vae_factor} of the image. Pick a ControlNet made for this model.")
 
 
 def _from_hub(source: ModelSource, *, dtype, use_safetensors) -> DiffusionPipeline:

@@ -131,6 +131,10 @@ class SamplingSettings:
         """The model slots (pipelines/models.py) this request runs on."""
         return ("base", "draft") if self.speculative and self.draft in MODEL_DRAFTS else ("base",)
 
+    def controlnet_names(self) -> tuple[str, ...]:
+        """The ControlNets the request runs with (loaded into their slots by `prepare`)."""
+        return ()
+
     def composite(self, image: Image.Image) -> Image.Image:
         """The final image from a decoded one (inpainting pastes it back onto the original)."""
         return image
@@ -240,11 +244,14 @@ class Task:
     # The task's own denoising loop (pipelines/denoise.py `PreparedCall.__call__`'s signature), for tasks
     # that diffusers' pipeline call does not cover; None: the derived pipeline's own call.
     run: Callable[..., Any] | None = None
+    # `Key: value`s that are not one field each (ControlNet's units), from the request
+    extra_infotext: Callable[[SamplingSettings], dict] | None = None
 
     def infotext_values(self, request: SamplingSettings) -> dict:
         """The task's `Key: value`s; a switch that is off is left out, as A1111 does."""
-        return {item.key: None if getattr(request, item.field) is False else getattr(request, item.field)
-                for item in self.infotext_fields}
+        values = {item.key: None if getattr(request, item.field) is False else getattr(request, item.field)
+                  for item in self.infotext_fields}
+        return values | (self.extra_infotext(request) if self.extra_infotext is not None else {})
 
 
 TASKS: dict[str, Task] = {}
@@ -279,4 +286,5 @@ register(Task("img2img", "Image-to-Image", Img2ImgRequest, _image_to_image,
 
 # Tasks defined in their own modules register themselves there; importing them here makes every
 # task known wherever the registry is (PNG Info reads their infotext fields).
+import pipelines.controlnet  # noqa: E402,F401
 import pipelines.inpaint  # noqa: E402,F401

@@ -41,3 +41,16 @@ def build_tiny_pipeline(folder: Path, seed: int = 0):
                                        requires_safety_checker=False)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def build_tiny_controlnet(unet, seed: int = 0):
+    """A ControlNet for the tiny pipeline (its control image read at the VAE's 1/4 scale), with its
+    zero-initialised output convolutions given seeded random weights, so that it visibly steers."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 32))
+    with torch.no_grad():
+        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            conv.weight.normal_(0, 0.3)
+    return controlnet

@@ -9,6 +9,7 @@ from pipelines.models import LoadedModel
 from pipelines.samplers import model_default_sampler
 from studio.context import StudioContext
 from studio.errors import user_errors
+from studio.tabs.controlnet import build_controlnet_tab
 from studio.tabs.explorer import build_explorer_tab, wire_explorer_load
 from studio.tabs.generate import GenerationTab, settings_from_infotext, size_hint, wire_resume
 from studio.tabs.img2img import build_img2img_tab
@@ -94,6 +95,8 @@ def build_app(context: StudioContext) -> gr.Blocks:
                 img2img = build_img2img_tab(context, defaults)
             with gr.Tab("Inpainting", id="inpaint"):
                 inpaint = build_inpaint_tab(context, defaults)
+            with gr.Tab("ControlNet", id="controlnet"):
+                controlnet = build_controlnet_tab(context, defaults)
             with gr.Tab("LoRA training", id="lora"):
                 lora = build_lora_tab(context)
             with gr.Tab("PNG Info", id="pnginfo"):
@@ -102,7 +105,7 @@ def build_app(context: StudioContext) -> gr.Blocks:
                 explorer = build_explorer_tab(context)
             with gr.Tab("Models & memory", id="models"):
                 models_tab = build_models_tab(context, header=header)
-        generation_tabs = (txt2img, img2img, inpaint)
+        generation_tabs = (txt2img, img2img, inpaint, controlnet)
         _wire_send_to(send_to_img2img, txt2img, img2img, tabs)
         _wire_send_to(send_to_inpaint, txt2img, inpaint, tabs)
         _wire_pnginfo(pnginfo, generation_tabs, tabs)
@@ -134,18 +137,20 @@ def _wire_send_to(button: gr.Button, txt2img: GenerationTab, target: GenerationT
 
 
 def _cleared_page(tab: GenerationTab) -> dict:
-    """A new image empties the tab's other page inputs (an uploaded mask belongs to the old image)."""
-    return {component: None for component in tab.own.page.values() if component is not tab.own.image_input}
+    """A new image empties the tab's other image inputs (an uploaded mask belongs to the old image)."""
+    return {component: None for component in tab.own.page.values()
+            if component is not tab.own.image_input and isinstance(component, (gr.Image, gr.ImageEditor))}
 
 
 def _wire_pnginfo(pnginfo, generation_tabs: tuple[GenerationTab, ...], tabs: gr.Tabs) -> None:
     """PNG Info's send-to buttons restore the infotext's settings (and, for img2img, the image) by name."""
-    for tab, button in zip(generation_tabs, (pnginfo.to_txt2img, pnginfo.to_img2img, pnginfo.to_inpaint)):
+    buttons = (pnginfo.to_txt2img, pnginfo.to_img2img, pnginfo.to_inpaint, pnginfo.to_controlnet)
+    for tab, button in zip(generation_tabs, buttons):
         def restore(text, path, tab=tab):
-            values = {**settings_from_infotext(text, tab), tabs: gr.Tabs(selected=tab.task)}
+            values = {tabs: gr.Tabs(selected=tab.task)}
             if tab.own.image_input is not None and path:
                 values |= {tab.own.image_input: path, **_cleared_page(tab)}
-            return values
+            return values | settings_from_infotext(text, tab)
 
         outputs = {*tab.controls.values(), *tab.own.page.values(), tabs} | \
             ({tab.own.image_input} if tab.own.image_input else set())

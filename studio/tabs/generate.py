@@ -48,6 +48,8 @@ class TaskControls:
     page: dict[str, gr.components.Component] = field(default_factory=dict)
     to_fields: Callable[[dict], dict] | None = None
     image_input: gr.components.Component | None = None    # where "send to" puts an image
+    # restored settings (PNG Info) that are not fields -> {page component: value} (ControlNet's units)
+    restore: Callable[[dict], dict] | None = None
 
 
 @dataclass
@@ -358,4 +360,5 @@ def settings_from_infotext(text: str, tab: GenerationTab) -> dict:
     if sampler is not None and sampler not in [value for _, value in tab.controls["sampler"].choices]:
         gr.Warning(f"Sampler {sampler!r} is not available here; keeping the current one.")
         del settings["sampler"]
-    return {tab.controls[name]: value for name, value in settings.items() if name in tab.controls}
+    restored = {tab.controls[name]: value for name, value in settings.items() if name in tab.controls}
+    return restored | (tab.own.restore(settings) if tab.own.restore is not None else {})

@@ -18,6 +18,7 @@ class PngInfoTab:
     to_txt2img: gr.Button
     to_img2img: gr.Button
     to_inpaint: gr.Button
+    to_controlnet: gr.Button
 
 
 def build_pnginfo_tab() -> PngInfoTab:
@@ -36,6 +37,7 @@ def build_pnginfo_tab() -> PngInfoTab:
                 to_txt2img = gr.Button("Send to Text-to-Image")
                 to_img2img = gr.Button("Send to Image-to-Image")
                 to_inpaint = gr.Button("Send to Inpainting", elem_id="pnginfo-to-inpaint")
+                to_controlnet = gr.Button("Send to ControlNet", elem_id="pnginfo-to-controlnet")
 
     @user_errors
     def read(path):
@@ -48,4 +50,4 @@ def build_pnginfo_tab() -> PngInfoTab:
 
     upload.change(read, inputs=upload, outputs=[infotext, details, shown], api_name="png_info")
     return PngInfoTab(file=upload, infotext=infotext, to_txt2img=to_txt2img, to_img2img=to_img2img,
-                      to_inpaint=to_inpaint)
+                      to_inpaint=to_inpaint, to_controlnet=to_controlnet)

@@ -1,0 +1,250 @@
+"""ControlNet: steer the layout with up to three units, each a control image (uploaded or drawn on the sketch
+pad), a preprocessor with a preview, a ControlNet and sd-webui-controlnet's settings.
+
+The API (`/controlnet`) takes the first unit's settings as fields of their own (`control_image`,
+`preprocessor`, `model`, `weight`, `start`, `end`, `control_mode`, `resize_mode`, …) and further units as a
+JSON list (`more_units`). The page builds those fields from the unit panels. The Control X-ray shows where,
+step by step, the units' residuals pushed the UNet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from pipelines.controlnet import (CONTROL_MODES, CROP_AND_RESIZE, DEFAULT_CONTROLNET, MAX_UNITS, MAX_WEIGHT,
+                                  RESIZE_MODES, UNIT_FIELDS, ControlUnit, available_controlnets, control_xray)
+from pipelines.preprocessors import PREPROCESSORS
+from studio.context import StudioContext
+from studio.errors import user_errors
+from studio.tabs.generate import GenerationTab, TaskControls, build_generation_tab, request_from_controls
+
+# The preprocessor a model's control images come from (picking the model picks it)
+PAIRED_PREPROCESSOR = {"canny": "canny", "scribble": "invert", "colour": "colour grid", "color": "colour grid",
+                       "lineart": "lineart standard", "shuffle": "content shuffle", "hed": "hed", "depth": "midas depth",
+                       "openpose": "openpose", "mlsd": "mlsd", "normal": "normal bae"}
+
+
+def paired_preprocessor(model: str | None) -> str | None:
+    name = (model or "").lower()
+    return next((preprocessor for key, preprocessor in PAIRED_PREPROCESSOR.items() if key in name), None)
+
+
+def sketch_image(value) -> Image.Image | None:
+    """A sketch pad's drawing on white (None when nothing is drawn)."""
+    if not value:
+        return None
+    layers = [layer for layer in (value.get("layers") or []) if layer is not None]
+    composite = value.get("composite")
+    if composite is None or not any(np.asarray(layer.convert("RGBA"))[..., 3].any() for layer in layers):
+        return None
+    white = Image.new("RGBA", composite.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, composite.convert("RGBA")).convert("RGB")
+
+
+@dataclass
+class UnitPanel:
+    enabled: gr.Checkbox
+    upload: gr.Image
+    sketch: gr.Sketchpad
+    settings: dict            # ControlUnit field -> component
+    preview: gr.Image
+    show: gr.Button           # runs the preprocessor into `preview`
+
+    def page(self, number: int) -> dict:
+        return {f"unit{number}_enabled": self.enabled, f"unit{number}_upload": self.upload,
+                f"unit{number}_sketch": self.sketch,
+                **{f"unit{number}_{name}": component for name, component in self.settings.items()}}
+
+
+def _unit_panel(context: StudioContext, number: int) -> UnitPanel:
+    models = available_controlnets(context.models.models_dir)
+    with gr.Row():
+        enabled = gr.Checkbox(value=number == 0, label=f"Enable unit {number}", elem_id=f"controlnet-{number}-enabled")
+    with gr.Row():
+        with gr.Column():
+            with gr.Tabs():
+                with gr.Tab("Upload"):
+                    upload = gr.Image(label="Control image", type="pil", height=220,
+                                      elem_id=f"controlnet-{number}-upload")
+                with gr.Tab("Draw", id=f"controlnet-{number}-draw"):
+                    sketch = gr.Sketchpad(label="Draw (black on white; the invert preprocessor makes it a scribble)",
+                                          type="pil", height=300, canvas_size=(256, 256), elem_id=f"controlnet-{number}-sketch",
+                                          brush=gr.Brush(colors=["#000000"], color_mode="fixed", default_size=6),
+                                          layers=False)
+        with gr.Column():
+            preview = gr.Image(label="Preprocessed (what the ControlNet reads)", interactive=False, height=220,
+                               elem_id=f"controlnet-{number}-preview", elem_classes=["studio-pixels"], format="png")
+            show = gr.Button("Preview the preprocessor", size="sm", elem_id=f"controlnet-{number}-preview-button")
+    with gr.Row():
+        preprocessor = gr.Dropdown(list(PREPROCESSORS), value="canny", label="Preprocessor",
+                                   info="those needing weights read them from models/annotators/")
+        model = gr.Dropdown(models, value=DEFAULT_CONTROLNET if DEFAULT_CONTROLNET in models else (models or [None])[0],
+                            label="Model", allow_custom_value=True, info="shipped, or from models/controlnet/",
+                            elem_id=f"controlnet-{number}-model")
+    with gr.Row():
+        weight = gr.Slider(0.0, MAX_WEIGHT, value=1.0, step=0.05, label="Control weight")
+        start = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Starting control step")
+        end = gr.Slider(0.0, 1.0, value=1.0, step=0.01, label="Ending control step")
+    with gr.Row():
+        control_mode = gr.Radio(list(CONTROL_MODES), value=CONTROL_MODES[0], label="Control mode")
+        resize_mode = gr.Radio(list(RESIZE_MODES), value=CROP_AND_RESIZE, label="Resize mode")
+    with gr.Row():
+        pixel_perfect = gr.Checkbox(value=True, label="Pixel perfect",
+                                    info="preprocess at the generation's size")
+        resolution = gr.Slider(64, 2048, value=512, step=8, label="Preprocessor resolution",
+                               info="used when pixel perfect is off")
+    settings = {"preprocessor": preprocessor, "model": model, "weight": weight, "start": start, "end": end,
+                "control_mode": control_mode, "resize_mode": resize_mode, "pixel_perfect": pixel_perfect,
+                "processor_resolution": resolution}
+    panel = UnitPanel(enabled=enabled, upload=upload, sketch=sketch, settings=settings, preview=preview, show=show)
+
+    def pick_preprocessor(name):
+        paired = paired_preprocessor(name)
+        return gr.Dropdown(value=paired) if paired else gr.Dropdown()
+    model.change(pick_preprocessor, model, preprocessor, api_visibility="private", queue=False)
+    model.focus(lambda: gr.Dropdown(choices=available_controlnets(context.models.models_dir)), outputs=model,
+                api_visibility="private", queue=False)
+    sketch.change(lambda value: "invert" if sketch_image(value) is not None else gr.Dropdown(), sketch, preprocessor,
+                  api_visibility="private", queue=False)
+    return panel
+
+
+def _unit_values(values: dict, number: int) -> dict | None:
+    """Unit `number`'s ControlUnit fields from the page's values (None: disabled)."""
+    if not values.pop(f"unit{number}_enabled"):
+        for name in ("upload", "sketch", *UNIT_FIELDS):
+            values.pop(f"unit{number}_{name}")
+        return None
+    upload, sketch = values.pop(f"unit{number}_upload"), values.pop(f"unit{number}_sketch")
+    image = upload if upload is not None else sketch_image(sketch)
+    if image is None:
+        raise ValueError(f"ControlNet unit {number} is enabled but has no control image: upload one or draw on its "
+                         "sketch pad (or untick it).")
+    unit = {name: values.pop(f"unit{number}_{name}") for name in UNIT_FIELDS}
+    unit["processor_resolution"] = int(unit["processor_resolution"])
+    return {"image": image, **unit}
+
+
+def _page_to_fields(values: dict) -> dict:
+    units = [unit for unit in (_unit_values(values, number) for number in range(MAX_UNITS)) if unit is not None]
+    if not units:
+        raise ValueError("Enable at least one ControlNet unit and give it a control image (or use Text-to-Image).")
+    first, more = units[0], units[1:]
+    return values | {"control_image": first.pop("image"), **first, "more_units": more}
+
+
+def _controlnet_controls(context: StudioContext, panels: list) -> TaskControls:
+    with gr.Tabs():
+        for number in range(MAX_UNITS):
+            with gr.Tab(f"Unit {number}", id=f"controlnet-unit-{number}"):
+                panels.append(_unit_panel(context, number))
+    with gr.Accordion("Start from an image (Image-to-Image with control)", open=False):
+        with gr.Row():
+            init_image = gr.Image(label="Init image (optional)", type="pil", height=200, elem_id="controlnet-init")
+            strength = gr.Slider(0.01, 1.0, value=0.75, step=0.01, label="Denoising strength",
+                                 info="only with an init image")
+    first = panels[0].settings
+    hidden = {name: type(component)(visible=False, **_kept(component)) for name, component in first.items()}
+    fields = {"control_image": gr.Image(type="pil", visible=False), **hidden,
+              "more_units": gr.JSON(visible=False, value=[]), "init_image": init_image, "strength": strength}
+    page = {name: component for number, panel in enumerate(panels) for name, component in panel.page(number).items()}
+    return TaskControls(fields, page=page, to_fields=_page_to_fields, image_input=panels[0].upload,
+                        restore=lambda settings: _restored_units(panels, settings))
+
+
+def _kept(component) -> dict:
+    """The API-only copy of a unit control: its choices and value (so the API shows the same choices)."""
+    kept = {"value": component.value, "label": component.label}
+    if isinstance(component, (gr.Dropdown, gr.Radio)):
+        kept["choices"] = [value for _, value in component.choices]
+        if isinstance(component, gr.Dropdown):
+            kept["allow_custom_value"] = True
+    if isinstance(component, gr.Slider):
+        kept |= {"minimum": component.minimum, "maximum": component.maximum, "step": component.step}
+    return kept
+
+
+def _restored_units(panels: list[UnitPanel], settings: dict) -> dict:
+    """The units an infotext names (`ControlNet N: "Module: …"`) into the unit panels (images are not stored)."""
+    updates = {}
+    units = settings.get("controlnet_units") or []
+    for number, panel in enumerate(panels):
+        unit = units[number] if number < len(units) else None
+        updates[panel.enabled] = unit is not None
+        for name, value in (unit or {}).items():
+            if name in panel.settings:
+                updates[panel.settings[name]] = value
+    if units:
+        gr.Info("ControlNet settings restored; the control images are not stored in a PNG: add them again.")
+    return updates
+
+
+def build_controlnet_tab(context: StudioContext, defaults: dict) -> GenerationTab:
+    panels: list[UnitPanel] = []
+    tab = build_generation_tab(context, "controlnet", defaults,
+                               task_controls=lambda: _controlnet_controls(context, panels))
+    for number, panel in enumerate(panels):
+        _wire_preview(tab, panel, number)
+    _build_xray(context, tab)
+    return tab
+
+
+def _wire_preview(tab: GenerationTab, panel: UnitPanel, number: int) -> None:
+    @user_errors
+    def preview(upload, sketch, width, height, **settings):
+        image = upload if upload is not None else sketch_image(sketch)
+        if image is None:
+            raise gr.Error(f"Unit {number} has no control image yet: upload one or draw on the sketch pad.")
+        settings["processor_resolution"] = int(settings["processor_resolution"])
+        unit = ControlUnit(image=image, **settings)
+        return unit.control_image(int(width), int(height))
+
+    inputs = {"upload": panel.upload, "sketch": panel.sketch, "width": tab.controls["width"],
+              "height": tab.controls["height"], **panel.settings}
+    panel.show.click(preview, inputs_kwargs=inputs, outputs=panel.preview, api_visibility="private")
+
+
+def _build_xray(context: StudioContext, tab: GenerationTab) -> None:
+    with gr.Accordion("Control X-ray: where the ControlNet pushes, step by step", open=False):
+        gr.Markdown("Generates the first image of the current settings and records, at every step, the residuals "
+                    "the units add to the UNet: their mean magnitude per place (red: strong), summed over blocks, "
+                    "and per block. Move the start/end sliders or the weight and record again to see control fade "
+                    "in and out.")
+        record = gr.Button("Record the X-ray", elem_id="controlnet-xray-button")
+        with gr.Row():
+            with gr.Column():
+                step = gr.Slider(0, 1, value=0, step=1, label="Step", elem_id="controlnet-xray-step")
+                picture = gr.Image(label="Residual magnitude on the image", interactive=False, height=300,
+                                   elem_id="controlnet-xray", elem_classes=["studio-pixels"], format="png")
+            plot = gr.LinePlot(x="step", y="magnitude", color="block", label="Mean |residual| per block",
+                               elem_id="controlnet-xray-plot")
+        summary = gr.Markdown(elem_id="controlnet-xray-text")
+        state = gr.State(None)
+
+    @user_errors
+    def run(**values):
+        request = request_from_controls("controlnet", tab.own.to_fields(dict(values)))
+        xray = control_xray(context.generator, request)
+        rows = [{"step": index, "block": name, "magnitude": float(xray.blocks[index, k])}
+                for index in range(len(xray.maps)) for k, name in enumerate(xray.block_names)]
+        acting = [index for index in range(len(xray.maps)) if xray.blocks[index].sum() > 0]
+        text = (f"{len(xray.maps)} steps; the units acted at steps {acting[0]}–{acting[-1]}." if acting else
+                f"{len(xray.maps)} steps; no unit acted (weight 0, or an empty start–end range).")
+        last = len(xray.maps) - 1
+        return {state: xray, plot: pd.DataFrame(rows), summary: text, picture: xray.overlay(0),
+                step: gr.Slider(0, max(last, 1), value=0, step=1)}
+
+    def show(xray, index):
+        if xray is None:
+            return None
+        return xray.overlay(min(int(index), len(xray.maps) - 1))
+
+    inputs = {name: component for name, component in tab.controls.items() if component.visible} | tab.own.page
+    record.click(run, inputs_kwargs=inputs, outputs={state, plot, summary, picture, step}, api_visibility="private")
+    step.change(show, inputs=[state, step], outputs=picture, api_visibility="private", queue=False)
+

@@ -396,3 +396,78 @@ def test_api_samples_speculatively_and_the_explorer_draws_its_rounds(server):
     assert Image.open(timeline).size[0] > 400
     rows = table["value"]["data"]
     assert rows[-1][7] == 16 and len(rounds) == len(rows)
+
+
+def _tiny_controlnet(context, tmp_path, monkeypatch) -> None:
+    """A seeded tiny ControlNet for the server's tiny model, as models/controlnet/tiny-cn."""
+    from recipe.tiny import build_tiny_controlnet
+
+    monkeypatch.setattr(context.models, "models_dir", tmp_path / "models")
+    build_tiny_controlnet(context.models.current.pipeline.unet).save_pretrained(
+        tmp_path / "models" / "controlnet" / "tiny-cn")
+
+
+def test_api_controlnet_takes_a_control_image_and_more_units_as_json(server, tmp_path, monkeypatch):
+    import base64
+
+    from gradio_client import Client, handle_file
+
+    url, context = server
+    _tiny_controlnet(context, tmp_path, monkeypatch)
+    control = Image.new("RGB", (64, 64), "white")
+    control.paste((0, 0, 0), (20, 10, 44, 54))
+    control.save(tmp_path / "control.png")
+    client = Client(url, verbose=False)
+    gallery, infotext, status, *_ = client.predict(prompt="red apple", control_image=handle_file(
+        str(tmp_path / "control.png")), model="tiny-cn", steps=4, seed=21, api_name="/controlnet")
+    assert 'ControlNet 0: "Module: canny, Model: tiny-cn, Weight: 1' in infotext and "Seed 21" in status
+    encoded = base64.b64encode((tmp_path / "control.png").read_bytes()).decode()
+    _, infotext, *_ = client.predict(prompt="red apple", control_image=handle_file(str(tmp_path / "control.png")),
+                                     model="tiny-cn", steps=4, seed=21, more_units=[
+                                         {"image": encoded, "model": "tiny-cn", "preprocessor": "invert",
+                                          "weight": 0.5}], api_name="/controlnet")
+    assert 'ControlNet 1: "Module: invert, Model: tiny-cn, Weight: 0.5' in infotext
+    with pytest.raises(Exception, match=r"`start` \(0.9\) must not be after `end` \(0.1\)"):
+        client.predict(prompt="red apple", control_image=handle_file(str(tmp_path / "control.png")),
+                       model="tiny-cn", start=0.9, end=0.1, api_name="/controlnet")
+    plain, *_ = client.predict(prompt="red apple", steps=4, seed=21, api_name="/txt2img")   # still serving
+
+
+def test_browser_draws_a_scribble_and_generates_with_control(server, browser, tmp_path, monkeypatch):
+    from pipelines.tasks import Txt2ImgRequest
+
+    url, context = server
+    _tiny_controlnet(context, tmp_path, monkeypatch)
+    page = _page_on_tab(browser, url, "ControlNet")
+    page.get_by_role("tab", name="Draw").first.click()
+    page.locator("#controlnet-0-sketch button[aria-label=Brush]").click()
+    canvas = page.locator("#controlnet-0-sketch canvas").last
+    canvas.wait_for(state="visible")
+    box = canvas.bounding_box()
+    centre_x, centre_y, radius = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, box["height"] / 5
+    page.mouse.move(centre_x + radius, centre_y)
+    page.mouse.down()
+    for angle in np.linspace(0, 2 * np.pi, 40):          # a circle, drawn by hand
+        page.mouse.move(centre_x + radius * np.cos(angle), centre_y + radius * np.sin(angle))
+    page.mouse.up()
+    # the server has the drawing once it has picked the invert preprocessor for it
+    page.wait_for_function("() => document.querySelector('#controlnet-0-preprocessor input').value === 'invert'",
+                           timeout=30_000)
+    model = page.locator("#controlnet-0-model input")
+    model.fill("tiny-cn")
+    model.press("Enter")
+    page.locator("#controlnet-prompt textarea").fill("red apple")
+    page.locator("#controlnet-seed input").fill("4321")
+    page.locator("#controlnet-generate").click()
+    page.locator("#controlnet-status").get_by_text("Seed 4321").wait_for(timeout=120_000)
+    page.screenshot(path=str(tmp_path / "controlnet.png"))
+    infotext = page.locator("#controlnet-infotext textarea").input_value()
+    assert 'ControlNet 0: "Module: invert, Model: tiny-cn' in infotext     # drawing picked the invert preprocessor
+    steered = Image.open(sorted(context.outputs_dir.rglob("*-4321.png"))[-1]).convert("RGB")
+    _, _, parameters = parse_infotext(infotext)
+    width, height = map(int, parameters["Size"].split("x"))
+    plain = context.generator.generate(Txt2ImgRequest(
+        prompt="red apple", seed=4321, steps=int(parameters["Steps"]), sampler=parameters["Sampler"],
+        guidance_scale=float(parameters["CFG scale"]), width=width, height=height)).images[0].image
+    assert np.abs(np.asarray(steered, np.int16) - np.asarray(plain, np.int16)).mean() > 3   # the drawing steered it
+    page.close()

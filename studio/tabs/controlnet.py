@@ -72,7 +72,7 @@ def _unit_panel(context: StudioContext, number: int) -> UnitPanel:
                     upload = gr.Image(label="Control image", type="pil", height=220,
                                       elem_id=f"controlnet-{number}-upload")
                 with gr.Tab("Draw", id=f"controlnet-{number}-draw"):
-                    sketch = gr.Sketchpad(label="Draw (black on white; the invert preprocessor makes it a scribble)",
+                    sketch = gr.Sketchpad(label="Draw: pick the brush, black on white (the invert preprocessor makes it a scribble)",
                                           type="pil", height=300, canvas_size=(256, 256), elem_id=f"controlnet-{number}-sketch",
                                           brush=gr.Brush(colors=["#000000"], color_mode="fixed", default_size=6),
                                           layers=False)
@@ -82,7 +82,8 @@ def _unit_panel(context: StudioContext, number: int) -> UnitPanel:
             show = gr.Button("Preview the preprocessor", size="sm", elem_id=f"controlnet-{number}-preview-button")
     with gr.Row():
         preprocessor = gr.Dropdown(list(PREPROCESSORS), value="canny", label="Preprocessor",
-                                   info="those needing weights read them from models/annotators/")
+                                   info="those needing weights read them from models/annotators/",
+                                   elem_id=f"controlnet-{number}-preprocessor")
         model = gr.Dropdown(models, value=DEFAULT_CONTROLNET if DEFAULT_CONTROLNET in models else (models or [None])[0],
                             label="Model", allow_custom_value=True, info="shipped, or from models/controlnet/",
                             elem_id=f"controlnet-{number}-model")
@@ -201,6 +202,7 @@ def _wire_preview(tab: GenerationTab, panel: UnitPanel, number: int) -> None:
         if image is None:
             raise gr.Error(f"Unit {number} has no control image yet: upload one or draw on the sketch pad.")
         settings["processor_resolution"] = int(settings["processor_resolution"])
+        settings["model"] = settings["model"] or "(preview only)"    # the preprocessor needs no model
         unit = ControlUnit(image=image, **settings)
         return unit.control_image(int(width), int(height))
 

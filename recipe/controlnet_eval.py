@@ -11,7 +11,7 @@ balanced) and without it (Text-to-Image, same prompt, seed, sampler and steps).
 
 The embedded model has seen these emoji (only the ControlNets have not), and its Text-to-Image puts each one
 centred and full size, where the real emoji's lines are: unmoved ("as drawn") controls would credit the
-prompt with what the control should do. So the control is made from the emoji *moved* (scaled to 50-80%,
+prompt with what the control should do. So the control is made from the emoji *moved* (scaled to 65-85%,
 shifted; `evaluation_placement`, seeded), and also, for the first 100, as drawn. Figures:
 
     edge F1       canny and scribble: F1 between the canny edges (100/200) of the generated image and the
@@ -20,7 +20,8 @@ shifted; `evaluation_placement`, seeded), and also, for the first 100, as drawn.
     colour error  colour layout: the mean absolute difference, in 0-255 levels per channel, between the 8×8
                   mean-colour grid of the generated image and the control grid
     top-5         the shipped judge's (recipe/evaluate.py) top-5 accuracy on the prompts' classes: the prompt
-                  must still count with control on
+                  must still count with control on. The judge knows emoji centred and full size, so a moved
+                  emoji is judged on the box the control put it in, cut out and resized (`unplace`)
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ from recipe import controlnet, data, evaluate
 ROOT = Path(__file__).resolve().parent.parent
 REPORT = ROOT / "assets" / "controlnet-eval.json"
 GRID = ROOT / "assets" / "controlnet-grid.png"
+EXAMPLES_DIR = ROOT / "assets" / "examples" / "held-out"   # a few held-out emoji, for the tests
+EXAMPLES = 6
 
 
 def edge_f1(generated: np.ndarray, control: np.ndarray, tolerance_px: int = 1) -> float:
@@ -142,16 +145,22 @@ def main(argv=None) -> dict:
                 continue
             results = measure(kind, generator, held_out[:count], images[:count], without, settings=settings,
                               moved=moved)
+            # the judge knows emoji centred and full size: a moved one is cut out where the control put it
+            judged = [controlnet.unplace(image, *controlnet.evaluation_placement(i)) if moved else image
+                      for i, image in enumerate(results["with"])]
             figures[kind]["moved" if moved else "as drawn"] = {
                 "with control": float(np.mean(results["score_with"])),
                 "text-to-image": float(np.mean(results["score_without"])),
-                "top-5 with control": top5(results["with"]), "top-5 text-to-image": top5(results["without"])}
+                "top-5 with control": top5(judged), "top-5 text-to-image": top5(results["without"])}
             if moved:
                 grid_rows.append((kind, results))
         print(kind, json.dumps(figures[kind]))
     args.report.write_text(json.dumps(figures, indent=2) + "\n")
     if args.report == REPORT:
         _grid(grid_rows, held_out).save(GRID)
+        for record, image in zip(held_out[:EXAMPLES], images):   # for tests/test_embedded.py
+            EXAMPLES_DIR.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(EXAMPLES_DIR / f"{record.style}-{record.prompt.replace(' ', '-')}.png")
     return figures
 
 

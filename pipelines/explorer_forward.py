@@ -417,6 +417,18 @@ def value_histogram(x_t: torch.Tensor, *, t: int, schedule: NoiseSchedule, x0: t
     return figure
 
 
+def schedule_data(schedules: Sequence[NoiseSchedule], *, t: int) -> dict:
+    """The schedule plot's numbers, for the API: per schedule beta_t, abar_t and log-SNR over t = 0..T-1, and the
+    closed form's two coefficients at `t` (x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps)."""
+    first = schedules[0]
+    alpha_cumprod = first.alphas_cumprod[t].item()
+    return {"t": t, "T": first.num_steps, "signal_coefficient": math.sqrt(alpha_cumprod),
+            "noise_coefficient": math.sqrt(1 - alpha_cumprod),
+            "schedules": {schedule.name: {"betas": schedule.betas.tolist(),
+                                          "alphas_cumprod": schedule.alphas_cumprod.tolist(),
+                                          "log_snr": schedule.log_snr.tolist()} for schedule in schedules}}
+
+
 def schedule_plot(schedules: Sequence[NoiseSchedule], *, t: int | None = None) -> Figure:
     """beta_t, abar_t and log-SNR_t of each schedule against t/T, with a marker at the current t.
 

@@ -107,7 +107,7 @@ def scribble_from_edges(edges: np.ndarray, rng: np.random.Generator, *, dropout:
 # ----------------------------------------------------------------------------- the menu
 
 
-ANNOTATORS = Path("models") / "annotators"
+ANNOTATORS = Path(__file__).resolve().parent.parent / "models" / "annotators"   # beside models/controlnet/
 
 
 @dataclass(frozen=True)

@@ -168,6 +168,7 @@ def build_explorer_tab(context: StudioContext) -> ExplorerTab:
             reverse_tab = _layout_reverse(side)
     # 2. Wiring
     _wire_forward(explorer, forward_tab)
+    _wire_forward_api(explorer, forward_tab)
     _wire_markov(explorer, forward_tab)
     _wire_forward_export(explorer, forward_tab)
     _wire_record(explorer, reverse_tab)
@@ -270,6 +271,28 @@ def _wire_forward(explorer: Explorer, tab: ForwardTab) -> None:
 
     controls["num_steps"].change(t_range, inputs_kwargs={"num_steps": controls["num_steps"], "t": controls["t"]},
                                  outputs={controls["t"]}, trigger_mode="always_last", **PRIVATE)
+
+
+def _wire_forward_api(explorer: Explorer, tab: ForwardTab) -> None:
+    """`/explorer_forward`: an image noised to x_t by the closed form, and the numbers behind the plots."""
+    data = gr.JSON(visible=False, label="Schedules: beta_t, abar_t, log-SNR per t; the coefficients at t")
+
+    @user_errors
+    def explorer_forward(image, schedule: str = "linear", T: int = forward.DEFAULT_NUM_STEPS, t: int = 250,
+                         seed: int = 0):
+        if image is None:
+            raise ValueError("`image` is required: the image to noise.")
+        T, t, seed = int(T), int(t), int(seed)
+        view = explorer.forward_view(image, schedule_names=[schedule], num_steps=T, t=t, seed=seed)
+        numbers = forward.schedule_data(explorer.schedules([schedule], T), t=min(t, T - 1))
+        return view.x_t, view.latent_x_t, view.caption, numbers
+
+    inputs = {"image": tab.inputs["image"], "schedule": gr.Dropdown(list(forward.SCHEDULE_NAMES), value="linear",
+                                                                      visible=False, label="Schedule"),
+              "T": tab.inputs["num_steps"], "t": tab.inputs["t"], "seed": tab.inputs["seed"]}
+    gr.Button(visible=False).click(explorer_forward, inputs=list(inputs.values()),
+                                   outputs=[tab.pixel, tab.latent, tab.caption, data], api_name="explorer_forward",
+                                   **DEVICE_QUEUE)
 
 
 def _wire_markov(explorer: Explorer, tab: ForwardTab) -> None:

@@ -65,21 +65,20 @@ def _check_choice(name: str, value, choices) -> None:
 
 
 def decode_image(value, name: str = "image") -> Image.Image:
-    """An image given as a PIL image, a file path, or base64 (optionally a data URL, as A1111's API sends)."""
+    """An image given as a PIL image or as base64 text (optionally a data URL, as A1111's API sends). Never a
+    path: a request does not get to read files on the server."""
     if isinstance(value, Image.Image):
         return value
-    if isinstance(value, dict) and "path" in value:   # a Gradio FileData
-        value = value["path"]
     if not isinstance(value, str) or not value:
         raise ValueError(f"`{name}` must be an image (a file, or base64 text) but is {type(value).__name__}.")
     try:
-        if len(value) < 1024 and Path(value).is_file():
-            return Image.open(value)
         data = value.split(",", 1)[1] if value.startswith("data:") else value
-        return Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+        image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+        image.load()
+        return image
     except Exception as error:
         raise ValueError(f"`{name}` could not be read as an image ({type(error).__name__}): send a PNG or JPEG "
-                         "file, or its base64 text.") from None
+                         "as base64 text.") from None
 
 
 @dataclass(kw_only=True)
@@ -185,6 +184,10 @@ def unit_from_json(values: dict, position: int) -> ControlUnit:
     return ControlUnit(**{key: value for key, value in values.items() if key != "enabled"})
 
 
+def _enabled(values) -> bool:
+    return not (isinstance(values, dict) and values.get("enabled") is False)
+
+
 @dataclass(kw_only=True)
 class ControlNetRequest(SamplingSettings):
     """Text-to-Image (or, with `init_image`, Image-to-Image) steered by one to three ControlNet units: the first
@@ -222,7 +225,7 @@ class ControlNetRequest(SamplingSettings):
         first = ControlUnit(image=self.control_image, **{name: getattr(self, name) for name in UNIT_FIELDS})
         self.control_image = first.image
         more = [unit if isinstance(unit, ControlUnit) else unit_from_json(unit, i)
-                for i, unit in enumerate(self.more_units)]
+                for i, unit in enumerate(self.more_units) if _enabled(unit)]
         self.units = (first, *more)
         if self.init_image is not None:
             self.init_image = decode_image(self.init_image, "init_image")
@@ -470,17 +473,20 @@ def control_xray(generator, request: ControlNetRequest, job=None) -> ControlXRay
         call = denoise.prepare(models, request)
 
         def on_step(pipeline, index, t, tensors):
-            recorded.append((int(t), tensors["control_residuals"]))
+            residuals = tensors["control_residuals"]   # summarised now: a step's residuals can be large
+            recorded.append((int(t), None if residuals is None else residual_maps(
+                residuals, (request.height, request.width), len(residuals), prompt_branch=cfg)))
             if job is not None and job.stop.is_set():
                 pipeline._interrupt = True
             return tensors
+        cfg = denoise.uses_cfg(call.pipeline, request.guidance_scale)
         latents = call(0, callback=on_step, expose=("control_residuals",))
-        return call.decode(latents)[0], denoise.uses_cfg(call.pipeline, request.guidance_scale)
+        return call.decode(latents)[0]
 
-    image, cfg = models.worker.call(run) if job is None else run()
-    count = next((len(r) for _, r in recorded if r is not None), 0)
-    maps, blocks = zip(*[residual_maps(r, (request.height, request.width), count, prompt_branch=cfg)
-                         for _, r in recorded]) if recorded else ((), ())
+    image = models.worker.call(run) if job is None else run()
+    count = next((len(summary[1]) for _, summary in recorded if summary is not None), 0)
+    empty = (np.zeros((request.height, request.width), np.float32), np.zeros(count, np.float32))
+    maps, blocks = zip(*[summary or empty for _, summary in recorded]) if recorded else ((), ())
     return ControlXRay(image=image, maps=list(maps), blocks=np.array(blocks).reshape(len(recorded), count),
                        block_names=block_names(count), timesteps=[t for t, _ in recorded])
 

@@ -84,6 +84,12 @@ def test_two_units_add_their_residuals(studio, tiny_controlnets):
     assert np.abs(other - whole).mean() > 2     # a second, different unit changes the image
 
 
+def test_a_unit_sent_disabled_is_left_out():
+    request = ControlNetRequest(**BASE, control_image=circle(), more_units=[
+        {"image": "not even looked at", "enabled": False}, {"image": ControlUnit(image=circle()).image}])
+    assert len(request.units) == 2
+
+
 def test_control_modes_scale_blocks_and_branches():
     unit = ControlUnit(image=circle(), weight=0.8)
     assert unit.block_scales(3) == [0.8] * 3
@@ -186,7 +192,8 @@ def test_infotext_round_trips_the_units_in_sd_webui_controlnet_form(studio, tiny
     ({"preprocessor": "magic"}, "`preprocessor` must be one of"), ({"control_mode": "loud"}, "`control_mode`"),
     ({"control_image": None}, "needs a control image"), ({"more_units": [{"model": "x"}]}, "needs its control `image`"),
     ({"more_units": [{"image": "bm90IGFuIGltYWdl", "model": "x"}]}, "could not be read as an image"),
-    ({"more_units": "[{"}, "not JSON"), ({"more_units": [{"image": "x", "colour": 1}]}, "unknown keys"),
+    ({"more_units": "[{"}, "not JSON"),
+    ({"more_units": [{"image": "/etc/hostname", "model": "x"}]}, "could not be read as an image"),   # never a path ({"more_units": [{"image": "x", "colour": 1}]}, "unknown keys"),
     ({"control_image": Image.new("RGB", (2, 2))}, "at least 8×8"), ({"strength": 0.0}, "`strength`")])
 def test_bad_controlnet_requests_are_refused_clearly(change, message):
     with pytest.raises(ValueError, match=message):

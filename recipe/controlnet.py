@@ -29,10 +29,8 @@ Shipped as fp16 safetensors in `assets/emoji-controlnet-<kind>`, loadable by pla
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +44,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from pipelines import preprocessors
 from recipe import architecture, data
 from recipe.draft import held_out_classes
-from recipe.train import WORK, _log, _save_atomically, clipped_step
+from recipe.train import WORK, _log, _save_atomically, clipped_step, export_model
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "assets" / "emoji-ldm"
@@ -221,18 +219,10 @@ def export(kind: str) -> Path:
     state = torch.load(_checkpoint(kind), weights_only=False)
     controlnet = ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(BASE / "unet"))
     controlnet.load_state_dict(state["controlnet"])
-    out = output_folder(kind)
-    partial = out.with_name(out.name + ".partial")
-    controlnet.half().save_pretrained(partial, safe_serialization=True)
-    (partial / "CONTROLNET.json").write_text(json.dumps({
+    return export_model(controlnet, output_folder(kind), "CONTROLNET.json", {
         "base": "assets/emoji-ldm", "kind": kind, "preprocessor": PREPROCESSOR[kind], "steps": state["step"],
         "recipe": f"python -m recipe.controlnet {kind}",
-        "held_out": "the classes of the 300 evaluation prompts (recipe.evaluate.evaluation_prompts)",
-    }, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(partial, out)
-    return out
+        "held_out": "the classes of the 300 evaluation prompts (recipe.evaluate.evaluation_prompts)"})
 
 
 def main() -> None:

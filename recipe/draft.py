@@ -27,7 +27,6 @@ resumable; loss logs in .cache/train/draft.log.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 from pathlib import Path
@@ -40,7 +39,7 @@ from tqdm import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from recipe import architecture, data
-from recipe.train import _log, _save_atomically, clipped_step
+from recipe.train import _log, _save_atomically, clipped_step, export_model
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = ROOT / "assets" / "emoji-ldm"
@@ -160,17 +159,9 @@ def export(out: Path = OUT) -> Path:
     state = torch.load(CHECKPOINT, weights_only=False)
     unet = draft_unet()
     unet.load_state_dict(state["unet"])
-    partial = out.with_name(out.name + ".partial")
-    unet.half().save_pretrained(partial, safe_serialization=True)   # fp16 on disk, as the target's weights
-    (partial / "DRAFT.json").write_text(json.dumps({
+    return export_model(unet, out, "DRAFT.json", {   # fp16 on disk, as the target's weights
         "target": "assets/emoji-ldm", "steps": state["step"], "recipe": "python -m recipe.draft",
-        "held_out": f"the classes of the {HELD_OUT_PROMPTS} evaluation prompts (recipe.evaluate.evaluation_prompts)",
-    }, indent=2) + "\n")
-    if out.exists():
-        import shutil
-        shutil.rmtree(out)
-    os.replace(partial, out)
-    return out
+        "held_out": f"the classes of the {HELD_OUT_PROMPTS} evaluation prompts (recipe.evaluate.evaluation_prompts)"})
 
 
 def main() -> None:

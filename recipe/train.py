@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import random
 import time
 from pathlib import Path
@@ -40,6 +41,18 @@ def _save_atomically(state: dict, path: Path) -> None:
     partial = path.with_suffix(".partial")
     torch.save(state, partial)
     os.replace(partial, path)
+
+
+def export_model(model, out: Path, record_name: str, record: dict) -> Path:
+    """`model` saved in fp16 safetensors with a JSON record of how it was made, as folder `out`: written beside it
+    and renamed into place, so `out` is never half written."""
+    partial = out.with_name(out.name + ".partial")
+    model.half().save_pretrained(partial, safe_serialization=True)
+    (partial / record_name).write_text(json.dumps(record, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(partial, out)
+    return out
 
 
 def clipped_step(optimizer, loss: torch.Tensor, parameters) -> None:

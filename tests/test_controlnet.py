@@ -209,3 +209,60 @@ def test_an_init_image_turns_it_into_image_to_image_with_control(studio, tiny_co
     assert closeness[0] < closeness[1]
     assert "Denoising strength: 0.2" in studio.generate(ControlNetRequest(**BASE | {"steps": 10}, **common,
                                                                           strength=0.2)).images[0].infotext
+
+
+@pytest.fixture(scope="module")
+def controlnet_tab(tmp_path_factory):
+    """The ControlNet tab, built without a model."""
+    import gradio as gr
+
+    from pipelines.generate import Generator
+    from pipelines.memory import MemoryManager
+    from pipelines.models import ModelManager
+    from studio.context import StudioContext
+    from studio.tabs.controlnet import build_controlnet_tab
+
+    folder = tmp_path_factory.mktemp("ui")
+    models = ModelManager(MemoryManager(device="cpu"), models_dir=folder / "models")
+    context = StudioContext(models=models, generator=Generator(models, None), outputs_dir=folder)
+    with gr.Blocks():
+        return build_controlnet_tab(context, {})
+
+
+def test_png_info_restores_the_units_into_the_unit_panels(controlnet_tab):
+    from studio.tabs.generate import settings_from_infotext
+
+    text = ('red apple\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 5, Size: 64x64, ControlNet 0: "Module: '
+            'canny, Model: control_v11p_sd15_canny [d14c016b], Weight: 0.6, Resize Mode: Just Resize, Processor Res: '
+            '512, Guidance Start: 0.1, Guidance End: 0.8, Pixel Perfect: False, Control Mode: ControlNet is more '
+            'important", ControlNet 1: "Module: color, Model: emoji-controlnet-colour, Weight: 1"')
+    restored = settings_from_infotext(text, controlnet_tab)
+    page = controlnet_tab.own.page
+    values = {name: restored[component] for name, component in page.items() if component in restored}
+    assert values["unit0_enabled"] and values["unit1_enabled"] and not values["unit2_enabled"]
+    assert (values["unit0_model"], values["unit0_weight"], values["unit0_start"], values["unit0_end"]) == \
+        ("control_v11p_sd15_canny", 0.6, 0.1, 0.8)
+    assert values["unit0_control_mode"] == CONTROL_FIRST and values["unit0_resize_mode"] == "just resize"
+    assert values["unit1_preprocessor"] == "colour grid" and values["unit1_model"] == "emoji-controlnet-colour"
+    assert restored[controlnet_tab.controls["steps"]] == 20
+
+
+def test_the_page_builds_the_api_fields_from_enabled_units(controlnet_tab):
+    from studio.tabs.controlnet import sketch_image
+
+    page = {name: None for name in controlnet_tab.own.page}
+    unit = dict(preprocessor="canny", model="m", weight=1.0, start=0.0, end=1.0, control_mode="balanced",
+                resize_mode="crop and resize", pixel_perfect=True, processor_resolution=512.0)
+    drawing = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    ImageDraw.Draw(drawing).line((5, 5, 50, 50), fill=(0, 0, 0, 255), width=3)
+    for number in range(3):
+        page |= {f"unit{number}_{key}": value for key, value in unit.items()}
+    page |= {"unit0_enabled": True, "unit0_upload": circle(), "unit1_enabled": False, "unit2_enabled": True,
+             "unit2_sketch": {"background": None, "layers": [drawing], "composite": drawing}, "unit2_model": "n"}
+    fields = controlnet_tab.own.to_fields(dict(page))
+    assert fields["model"] == "m" and fields["control_image"] is page["unit0_upload"]
+    assert [unit["model"] for unit in fields["more_units"]] == ["n"]
+    assert np.asarray(fields["more_units"][0]["image"])[30, 30].tolist() == [0, 0, 0]      # drawn on white
+    assert sketch_image({"background": None, "layers": [], "composite": None}) is None
+    with pytest.raises(ValueError, match="unit 1 is enabled but has no control image"):
+        controlnet_tab.own.to_fields(dict(page, unit1_enabled=True))

@@ -199,7 +199,7 @@ def prepare(models, request: SamplingSettings) -> PreparedCall:
     controlnets = {name: models.controlnet(name) for name in request.controlnet_names()}   # beside the UNet
     # 2. Sampler from the model's own scheduler config
     pipeline.scheduler = make_scheduler(request.sampler, model.scheduler_config)
-    # 3. LoRAs named in the prompt (<lora:name:weight>), then the prompts (in windows when too long)
+    # 3. LoRAs named in the prompt (<lora:name:weight>), then the prompts (weighted, in windows when too long)
     prompt, negative_prompt, uses, lora_notes = prompt_texts(request)
     loras = models.use_loras(uses)
     lora_notes += [f"LoRA {use.name}: weight {use.weight:g}, {loras[use.name].modules} modules patched."
@@ -234,11 +234,12 @@ def uses_cfg(pipeline, guidance_scale: float) -> bool:
     return guidance_scale > 1 and pipeline.unet.config.time_cond_proj_dim is None
 
 
-def prompt_embeddings(pipeline, request: SamplingSettings, device, *, cfg: bool,
-                      count: int = 1) -> tuple[torch.Tensor, str | None]:
-    """The loop's `prompt_embeds` for `count` images: [negative, positive] with CFG, positive alone without."""
+def prompt_embeddings(pipeline, request: SamplingSettings, device, *, cfg: bool, count: int = 1,
+                      emphasis: bool = True) -> tuple[torch.Tensor, str | None]:
+    """The loop's `prompt_embeds` for `count` images: [negative, positive] with CFG, positive alone without.
+    `emphasis`: A1111's (word:1.2) and BREAK apply (pipelines/prompts.py); otherwise the text is read literally."""
     prompt, negative_prompt, _, _ = prompt_texts(request)
-    prompts, note = prompt_arguments(pipeline, prompt, negative_prompt, device)
+    prompts, note = prompt_arguments(pipeline, prompt, negative_prompt, device, emphasis=emphasis)
     with torch.no_grad():
         positive, negative = pipeline.encode_prompt(
             prompts.get("prompt"), device, count, cfg, prompts.get("negative_prompt"),

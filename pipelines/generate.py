@@ -25,12 +25,14 @@ import torch
 from PIL import Image
 
 from pipelines import metadata
-from pipelines.denoise import PreparedCall, prepare
+from pipelines.denoise import PreparedCall, prepare, prompt_texts
 from pipelines.jobs import Job, Progress
 from pipelines.memory import is_out_of_memory
 from pipelines.models import ModelManager
 from pipelines.preview import LatentPreviewer
+from pipelines.prompts import EMPHASIS, uses_emphasis
 from pipelines.requests import GeneratedImage, GenerationDone, Preview
+from pipelines.samplers import a1111_sampler
 from pipelines.speculative import ChainStats, speculative_note
 from pipelines.tasks import SamplingSettings, task_of
 
@@ -177,9 +179,13 @@ class Generator:
 
 
 def infotext_parameters(request: SamplingSettings, model, seed: int, image_index: int) -> dict:
+    """The infotext's `Key: value`s, in A1111 >= 1.9's form: the sampler as its `Sampler` + `Schedule type`,
+    `RNG: CPU` (our noise is drawn on the CPU), and `Emphasis` when the prompts weigh words."""
+    sampler, schedule_type = a1111_sampler(request.sampler)
+    prompt, negative_prompt, _, _ = prompt_texts(request)
     return {
-        "Steps": request.steps, "Sampler": request.sampler, "CFG scale": request.guidance_scale,
-        "Seed": seed, "Size": f"{request.width}x{request.height}",
+        "Steps": request.steps, "Sampler": sampler, "Schedule type": schedule_type,
+        "CFG scale": request.guidance_scale, "Seed": seed, "Size": f"{request.width}x{request.height}",
         "Model hash": model.model_hash, "Model": model.name,
         **task_of(request).infotext_values(request),
         "Draft": request.draft if request.speculative else None,
@@ -187,5 +193,7 @@ def infotext_parameters(request: SamplingSettings, model, seed: int, image_index
         "Guidance rescale": request.guidance_rescale or None,
         "Batch size": request.batch_size if request.batch_size > 1 else None,
         "Batch pos": image_index if request.batch_size > 1 else None,
+        "RNG": "CPU",
+        "Emphasis": EMPHASIS if uses_emphasis(prompt) or uses_emphasis(negative_prompt) else None,
         "Version": STUDIO_VERSION,
     }

@@ -463,7 +463,9 @@ def _tensor(image: Image.Image) -> torch.Tensor:
 
 def _embed(pipeline, text: str, device) -> torch.Tensor:
     request = Txt2ImgRequest(prompt=text, guidance_scale=1.0)
-    embeddings, _ = prompt_embeddings(pipeline, request, device, cfg=False)
+    # captions are read literally, as kohya's trainer reads them unless told otherwise, and as the sample
+    # images' prompts are
+    embeddings, _ = prompt_embeddings(pipeline, request, device, cfg=False, emphasis=False)
     return embeddings
 
 

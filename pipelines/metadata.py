@@ -2,13 +2,14 @@
 
 An infotext is the text AUTOMATIC1111 stores in a PNG's `parameters` chunk:
 
-    a photo of a cat, studio lighting
+    a photo of a cat, (studio lighting:1.2)
     Negative prompt: blurry
-    Steps: 25, Sampler: DPM++ 2M, CFG scale: 7.5, Seed: 1234, Size: 64x64
+    Steps: 25, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 1234, Emphasis: Original
 
-We write it exactly as A1111 does and parse it with A1111's own regex, so images move
-both ways between the two tools. A second chunk, `studio`, holds the full request and
-library versions as JSON, for exact reproduction.
+We write it as A1111 >= 1.9 does (pipelines/generate.py `infotext_parameters`) and parse it with
+A1111's own regex, so images move both ways between the two tools; reading names what it could not
+restore. A second chunk, `studio`, holds the full request and library versions as JSON, for exact
+reproduction.
 
 Saved images go to `outputs/<YYYY-MM-DD>/<counter>-<seed>.png`. A file with a final name
 is always complete: the bytes go to a temporary file that is renamed into place, and a
@@ -29,7 +30,10 @@ from typing import BinaryIO
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
+from pipelines.controlnet import MAX_UNITS as MAX_CONTROLNET_UNITS
 from pipelines.controlnet import read_units
+from pipelines.prompts import EMPHASIS
+from pipelines.samplers import sampler_from_a1111
 from pipelines.tasks import SHARED_INFOTEXT_FIELDS, TASKS
 
 PARAMETERS_CHUNK = "parameters"   # A1111's chunk name
@@ -43,6 +47,13 @@ KEY_PATTERN = re.compile(r"\w[\w \-/]+")
 SIZE_PATTERN = re.compile(r"(\d+)x(\d+)")
 # A1111 treats the last line as params only when it holds at least this many pairs.
 MIN_PARAMS_ON_LAST_LINE = 3
+# Keys that describe an image rather than set anything (`Lora hashes`: the prompt's <lora:…> tags are the setting).
+DESCRIPTIVE_KEYS = frozenset({"Version", "Lora hashes", "Batch pos", "Stopped at step", "Target calls",
+                              "Draft acceptance"})
+# A1111 settings whose value here is the only one this studio has: no clip skip, noise drawn on the CPU, A1111's
+# original emphasis (pipelines/prompts.py).
+OUR_ONLY_VALUES = {"Clip skip": "1", "RNG": "CPU", "Emphasis": EMPHASIS}
+CONTROLNET_KEY = re.compile(r"ControlNet (\d+)")
 
 VERSIONED_PACKAGES = ("torch", "diffusers", "transformers", "peft", "gradio")
 
@@ -147,29 +158,42 @@ def _typed(params: dict[str, str], key: str, convert: type):
 
 
 def infotext_to_settings(params: dict[str, str]) -> dict:
-    """Typed settings from parsed infotext params; keys this studio doesn't use are ignored.
+    """Typed settings from parsed infotext params; see `infotext_to_settings_and_dropped`."""
+    return infotext_to_settings_and_dropped(params)[0]
 
-    Returns a subset of: steps, sampler, guidance_scale, seed, width, height, strength,
-    guidance_rescale, batch_size, model, model_hash.
+
+def infotext_to_settings_and_dropped(params: dict[str, str]) -> tuple[dict, dict[str, str]]:
+    """Typed settings from parsed infotext params (ours or A1111's), and the `Key: value`s that restore nothing.
+
+    Settings are a subset of: steps, sampler, guidance_scale, seed, width, height, batch_size, guidance_rescale,
+    the tasks' own fields (strength, mask_blur, …), draft, draft_length, controlnet_units, model, model_hash.
+    The sampler is read in A1111 >= 1.9's form (`Sampler` + `Schedule type`) and the older one-name form.
+
+    Dropped are the keys this studio has no setting for (`Clip skip: 2`, `Hires upscale`, `TI hashes`, an
+    `RNG` other than CPU, a schedule type the sampler doesn't run with here, …), for the caller to name to the
+    user. Keys that only describe the image (`Version`, `Lora hashes`, …) and values that are this studio's
+    only ones (`Clip skip: 1`, `RNG: CPU`, `Emphasis: Original`) are neither.
     """
     settings: dict[str, object] = {}
+    read: set[str] = set()
     for item in (*SHARED_INFOTEXT_FIELDS, *(item for task in TASKS.values() for item in task.infotext_fields)):
         if item.key in params:
             settings[item.field] = _typed(params, item.key, item.kind)
+            read.add(item.key)
 
+    dropped: dict[str, str] = {}
     if "Sampler" in params:
-        sampler = params["Sampler"]
-        # A1111 >= 1.9 writes `Sampler: DPM++ 2M, Schedule type: Karras` for what older
-        # versions (and our sampler names) call `DPM++ 2M Karras`.
-        if params.get("Schedule type") == "Karras" and not sampler.endswith("Karras"):
-            sampler += " Karras"
-        settings["sampler"] = sampler
+        settings["sampler"], dropped_schedule = sampler_from_a1111(params["Sampler"], params.get("Schedule type"))
+        read |= {"Sampler", "Schedule type"}
+        if dropped_schedule is not None:
+            dropped["Schedule type"] = dropped_schedule
 
     if "Size" in params:
         size = SIZE_PATTERN.fullmatch(params["Size"])
         if size is None:
             raise ValueError(f"Infotext field `Size` should look like 512x768 but is {params['Size']!r}.")
         settings["width"], settings["height"] = int(size.group(1)), int(size.group(2))
+        read.add("Size")
 
     units = read_units(params)
     if units:
@@ -178,7 +202,28 @@ def infotext_to_settings(params: dict[str, str]) -> dict:
         settings["model"] = params["Model"]
     if "Model hash" in params:
         settings["model_hash"] = params["Model hash"]
-    return settings
+    read |= {"Model", "Model hash"} | {key for key in params if _is_read_controlnet_key(key)}
+
+    for key, value in params.items():
+        if key in read or key in DESCRIPTIVE_KEYS or OUR_ONLY_VALUES.get(key) == value:
+            continue
+        dropped[key] = value
+    return settings, dropped
+
+
+def infotext_key(field: str) -> str:
+    """The infotext key a setting from `infotext_to_settings_and_dropped` was read from (for messages)."""
+    keys = {item.field: item.key
+            for item in (*SHARED_INFOTEXT_FIELDS, *(item for task in TASKS.values() for item in task.infotext_fields))}
+    keys |= {"sampler": "Sampler", "width": "Size", "height": "Size", "controlnet_units": "ControlNet units",
+             "model": "Model", "model_hash": "Model hash"}
+    return keys.get(field, field)
+
+
+def _is_read_controlnet_key(key: str) -> bool:
+    """`ControlNet N` for a unit `read_units` reads (pipelines/controlnet.py)."""
+    match = CONTROLNET_KEY.fullmatch(key)
+    return match is not None and int(match.group(1)) < MAX_CONTROLNET_UNITS
 
 
 def library_versions() -> dict[str, str]:

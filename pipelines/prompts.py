@@ -1,15 +1,117 @@
-"""Prompts longer than the tokenizer window.
+"""Prompts as the text encoder reads them: A1111's emphasis syntax, BREAK, and prompts longer than the window.
 
-A CLIP text encoder reads at most `model_max_length` tokens (77 for SD, 24 for the embedded
-model). Like A1111 we split a longer prompt into windows, encode each window with its own
-start/end tokens, and concatenate the embeddings along the sequence axis: cross-attention
-accepts any sequence length. The negative prompt is padded with empty windows to the same
-length, since the conditional and unconditional passes share one batch.
+Emphasis, as in A1111 (modules/prompt_parser.py; its rules and examples are kept in tests/test_prompt_weighting.py):
+
+    (word)  × 1.1        ((word))  × 1.21        (word:1.5)  × 1.5        [word]  ÷ 1.1
+    \\( \\) \\[ \\] \\\\   the literal character      BREAK   starts a new window
+
+A weighted prompt is encoded window by window and each token's embedding multiplied by its weight, then the
+window rescaled so that its mean is what it was: A1111's "Original" emphasis (modules/sd_emphasis.py). The
+infotext says so with `Emphasis: Original`. A prompt without weights or BREAK goes the plain way, so it gives
+the very same image as before weights existed.
+
+A CLIP text encoder reads at most `model_max_length` tokens (77 for SD, 24 for the embedded model). Like A1111
+we split a longer prompt into windows, encode each window with its own start/end tokens, and concatenate the
+embeddings along the sequence axis: cross-attention accepts any sequence length. The negative prompt is padded
+with empty windows to the same length, since the conditional and unconditional passes share one batch.
 """
 
 from __future__ import annotations
 
+import re
+
 import torch
+
+EMPHASIS = "Original"             # A1111's name for the emphasis we apply
+ROUND_BRACKET_FACTOR = 1.1
+SQUARE_BRACKET_FACTOR = 1 / 1.1   # A1111 multiplies by this rather than dividing: the same floats as A1111
+BREAK = "BREAK"
+BREAK_WEIGHT = -1                 # A1111's mark of a BREAK among the parsed fragments
+
+# A1111's tokens of the emphasis syntax, in its order of preference.
+EMPHASIS_TOKEN = re.compile(r"""
+    \\[()\[\]\\]?             # an escaped bracket or backslash: that character; a lone backslash: nothing
+  | \(                        # opens a group weighted × 1.1, or by the weight its closing gives
+  | \[                        # opens a group weighted ÷ 1.1
+  | :\s*([+-]?[.\d]+)\s*\)    # closes a ( group with its weight: `:1.5)`
+  | \)
+  | ]
+  | [^\\()\[\]:]+             # text
+  | :                         # a colon that closes nothing is text
+""", re.VERBOSE)
+BREAK_PATTERN = re.compile(r"\s*\bBREAK\b\s*", re.S)
+
+
+# ----------------------------------------------------------------------------- A1111's emphasis syntax
+
+
+def parse_prompt_attention(text: str) -> list[list]:
+    """[fragment, weight] pairs of a prompt, as A1111's parser of the same name returns them (its rules, and its
+    outputs to the last float digit): a BREAK is the pair ["BREAK", -1], and neighbours of equal weight merge."""
+    fragments: list[list] = []
+    open_round: list[int] = []     # where each open bracket's fragments start
+    open_square: list[int] = []
+
+    def multiply_from(start: int, factor: float) -> None:
+        for fragment in fragments[start:]:
+            fragment[1] *= factor
+
+    for match in EMPHASIS_TOKEN.finditer(text):
+        token, weight = match.group(0), match.group(1)
+        if token.startswith("\\"):
+            fragments.append([token[1:], 1.0])
+        elif token == "(":
+            open_round.append(len(fragments))
+        elif token == "[":
+            open_square.append(len(fragments))
+        elif weight is not None and open_round:
+            multiply_from(open_round.pop(), _weight(weight, text))
+        elif token == ")" and open_round:
+            multiply_from(open_round.pop(), ROUND_BRACKET_FACTOR)
+        elif token == "]" and open_square:
+            multiply_from(open_square.pop(), SQUARE_BRACKET_FACTOR)
+        else:   # text, or a bracket that closes nothing
+            for index, part in enumerate(BREAK_PATTERN.split(token)):
+                if index > 0:
+                    fragments.append([BREAK, BREAK_WEIGHT])
+                fragments.append([part, 1.0])
+    # brackets left open weigh everything after them
+    for start in open_round:
+        multiply_from(start, ROUND_BRACKET_FACTOR)
+    for start in open_square:
+        multiply_from(start, SQUARE_BRACKET_FACTOR)
+
+    merged: list[list] = []
+    for fragment in fragments or [["", 1.0]]:
+        if merged and merged[-1][1] == fragment[1]:
+            merged[-1][0] += fragment[0]
+        else:
+            merged.append(fragment)
+    return merged
+
+
+def _weight(text: str, prompt: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"The weight {text!r} in the prompt {prompt!r} is not a number; write weights as in "
+                         "(word:1.2), and literal brackets as \\( and \\).") from None
+
+
+def _is_break(fragment: list) -> bool:
+    return fragment[0] == BREAK and fragment[1] == BREAK_WEIGHT
+
+
+def uses_emphasis(text: str) -> bool:
+    """Whether the prompt weighs any of its words (BREAK alone is no emphasis)."""
+    return any(fragment[1] != 1.0 for fragment in parse_prompt_attention(text) if not _is_break(fragment))
+
+
+def _is_plain(fragments: list[list]) -> bool:
+    return len(fragments) == 1 and fragments[0][1] == 1.0
+
+
+# ----------------------------------------------------------------------------- windows
 
 
 def token_count(tokenizer, text: str) -> int:
@@ -38,7 +140,38 @@ def _windows(tokenizer, text: str) -> list[list[int]]:
     return [ids[i:i + size] for i in range(0, len(ids), size)] or [[]]
 
 
-def _encode_windows(pipeline, windows: list[list[int]], device) -> torch.Tensor:
+def _weighted_windows(tokenizer, fragments: list[list]) -> tuple[list[list[int]], list[list[float]]]:
+    """Token ids and their weights, window by window, as A1111 fills its chunks: a full window or a BREAK
+    starts the next one (a BREAK even when the window is empty)."""
+    size = window(tokenizer)
+    windows: list[list[int]] = []
+    weights: list[list[float]] = []
+    ids: list[int] = []
+    multipliers: list[float] = []
+
+    def close_window() -> None:
+        nonlocal ids, multipliers
+        windows.append(ids)
+        weights.append(multipliers)
+        ids, multipliers = [], []
+
+    for fragment in fragments:
+        if _is_break(fragment):
+            close_window()
+            continue
+        text, weight = fragment
+        for token in tokenizer(text, add_special_tokens=False, truncation=False).input_ids:
+            if len(ids) == size:
+                close_window()
+            ids.append(token)
+            multipliers.append(weight)
+    if ids or not windows:
+        close_window()
+    return windows, weights
+
+
+def _encode_windows(pipeline, windows: list[list[int]], device,
+                    weights: list[list[float]] | None = None) -> torch.Tensor:
     tokenizer, encoder = pipeline.tokenizer, pipeline.text_encoder
     length = tokenizer.model_max_length
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -46,22 +179,61 @@ def _encode_windows(pipeline, windows: list[list[int]], device) -> torch.Tensor:
     ids = torch.tensor(rows, device=device)
     with torch.no_grad():
         hidden = encoder(ids)[0]                      # (windows, length, width)
+    if weights is not None:
+        # the start, end and padding tokens keep weight 1, as in A1111
+        multipliers = torch.tensor([[1.0, *w] + [1.0] * (length - len(w) - 1) for w in weights], device=hidden.device)
+        hidden = _original_emphasis(hidden.float(), multipliers)
     return hidden.reshape(1, -1, hidden.shape[-1]).to(pipeline.unet.dtype)
+
+
+def _original_emphasis(hidden: torch.Tensor, multipliers: torch.Tensor) -> torch.Tensor:
+    """A1111's "Original" emphasis, window by window: z ← z · w (per token), then z ← z · mean(z_before) / mean(z)."""
+    mean_before = hidden.mean(dim=(1, 2), keepdim=True)
+    weighted = hidden * multipliers[..., None]
+    return weighted * (mean_before / weighted.mean(dim=(1, 2), keepdim=True))
+
+
+def _same_count(prompt_rows: list, negative_rows: list, empty) -> tuple[list, list]:
+    count = max(len(prompt_rows), len(negative_rows))
+    return prompt_rows + [empty] * (count - len(prompt_rows)), negative_rows + [empty] * (count - len(negative_rows))
 
 
 def chunked_embeddings(pipeline, prompt: str, negative_prompt: str, device) -> dict:
     """`prompt_embeds` and `negative_prompt_embeds` for a prompt longer than one window."""
-    prompt_windows = _windows(pipeline.tokenizer, prompt)
-    negative_windows = _windows(pipeline.tokenizer, negative_prompt)
-    count = max(len(prompt_windows), len(negative_windows))
-    prompt_windows += [[]] * (count - len(prompt_windows))
-    negative_windows += [[]] * (count - len(negative_windows))
+    prompt_windows, negative_windows = _same_count(_windows(pipeline.tokenizer, prompt),
+                                                   _windows(pipeline.tokenizer, negative_prompt), [])
     return {"prompt_embeds": _encode_windows(pipeline, prompt_windows, device),
             "negative_prompt_embeds": _encode_windows(pipeline, negative_windows, device)}
 
 
-def prompt_arguments(pipeline, prompt: str, negative_prompt: str, device) -> tuple[dict, str | None]:
-    """Pipeline keyword arguments for the prompts, and a note for the user when chunked."""
+def weighted_embeddings(pipeline, prompt: list[list], negative_prompt: list[list], device) -> tuple[dict, int]:
+    """`prompt_embeds` and `negative_prompt_embeds` for parsed prompts with weights or BREAKs, and the number of
+    windows each was encoded in."""
+    prompt_windows, prompt_weights = _weighted_windows(pipeline.tokenizer, prompt)
+    negative_windows, negative_weights = _weighted_windows(pipeline.tokenizer, negative_prompt)
+    prompt_windows, negative_windows = _same_count(prompt_windows, negative_windows, [])
+    prompt_weights, negative_weights = _same_count(prompt_weights, negative_weights, [])
+    return {"prompt_embeds": _encode_windows(pipeline, prompt_windows, device, prompt_weights),
+            "negative_prompt_embeds": _encode_windows(pipeline, negative_windows, device, negative_weights)}, \
+        len(prompt_windows)
+
+
+# ----------------------------------------------------------------------------- what the pipeline call takes
+
+
+def prompt_arguments(pipeline, prompt: str, negative_prompt: str, device, *,
+                     emphasis: bool = True) -> tuple[dict, str | None]:
+    """Pipeline keyword arguments for the prompts, and a note for the user when they were encoded in windows.
+
+    With `emphasis` (A1111's syntax applies) a prompt with weights or BREAK becomes embeddings; otherwise, and
+    for a prompt without them, the text (its escapes resolved) goes to the pipeline as before. Without
+    `emphasis` the text is read literally.
+    """
+    if emphasis:
+        parsed_prompt, parsed_negative = parse_prompt_attention(prompt), parse_prompt_attention(negative_prompt)
+        if not (_is_plain(parsed_prompt) and _is_plain(parsed_negative)):
+            return _weighted_arguments(pipeline, parsed_prompt, parsed_negative, device)
+        prompt, negative_prompt = parsed_prompt[0][0], parsed_negative[0][0]
     if not needs_chunking(pipeline, prompt, negative_prompt):
         return {"prompt": prompt, "negative_prompt": negative_prompt or None}, None
     tokens = max(token_count(pipeline.tokenizer, prompt), token_count(pipeline.tokenizer, negative_prompt))
@@ -72,3 +244,16 @@ def prompt_arguments(pipeline, prompt: str, negative_prompt: str, device) -> tup
     note = (f"The prompt is {tokens} tokens; this model reads {window(pipeline.tokenizer)} at a time, "
             f"so it was encoded in {windows} windows.")
     return chunked_embeddings(pipeline, prompt, negative_prompt, device), note
+
+
+def _weighted_arguments(pipeline, prompt: list[list], negative_prompt: list[list], device) -> tuple[dict, str | None]:
+    if not can_chunk(pipeline):
+        raise ValueError("Prompt weights such as (word:1.2) or [word], and BREAK, are applied on models with one "
+                         "CLIP text encoder (SD 1.x/2.x); this one has more. Take them out of the prompt, and write "
+                         "brackets meant literally as \\( \\) \\[ \\].")
+    arguments, windows = weighted_embeddings(pipeline, prompt, negative_prompt, device)
+    note = None
+    if windows > 1:
+        note = (f"The prompt was encoded in {windows} windows of {window(pipeline.tokenizer)} tokens "
+                f"(a longer prompt, or BREAK, starts the next one).")
+    return arguments, note

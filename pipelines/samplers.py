@@ -1,6 +1,10 @@
 """Samplers by the names people know from A1111, each built from the loaded model's own
 scheduler config with `from_config`, so the training schedule (betas, prediction type,
-timestep spacing) carries over to every sampler."""
+timestep spacing) carries over to every sampler.
+
+A1111 >= 1.9 splits what older versions (and our names) call "DPM++ 2M Karras" into a sampler and a
+`Schedule type`; `a1111_sampler` and `sampler_from_a1111` translate between the two forms.
+"""
 
 from __future__ import annotations
 
@@ -43,6 +47,72 @@ STEPWISE_SAMPLER_NAMES = tuple(name for name in SAMPLER_NAMES if name != "DDPM s
 DEFAULT_SAMPLER = "DPM++ 2M"
 # Samplers that draw fresh noise at every step (they use the request's generator).
 STOCHASTIC = frozenset({"Euler a", "DDPM", "DDPM speculative", "DPM++ SDE Karras", "LCM"})
+
+
+# How A1111 >= 1.9 writes each of our samplers: (its `Sampler`, its `Schedule type`). Its "Automatic" is the
+# sampler's own default: Karras for DPM++ 2M and DPM++ SDE, the model's own sigmas for the others (the
+# schedule ours use), so our plain DPM++ 2M is "Uniform" there (the model's sigmas). A1111 calls PNDM's
+# pseudo linear multi-step method PLMS; it has no DDPM, so those keep our names.
+A1111_SAMPLERS: dict[str, tuple[str, str]] = {
+    "Euler": ("Euler", "Automatic"),
+    "Euler a": ("Euler a", "Automatic"),
+    "Heun": ("Heun", "Automatic"),
+    "LMS": ("LMS", "Automatic"),
+    "DDIM": ("DDIM", "Automatic"),
+    "DDPM": ("DDPM", "Automatic"),
+    "DDPM speculative": ("DDPM speculative", "Automatic"),
+    "PNDM": ("PLMS", "Automatic"),
+    "DPM++ 2M": ("DPM++ 2M", "Uniform"),
+    "DPM++ 2M Karras": ("DPM++ 2M", "Karras"),
+    "DPM++ SDE Karras": ("DPM++ SDE", "Karras"),
+    "UniPC": ("UniPC", "Automatic"),
+    "LCM": ("LCM", "Automatic"),
+}
+# A1111's schedule types (modules/sd_schedulers.py), and what "Automatic" stands for where it is not the model's
+# own sigmas ("Uniform"); of the samplers we share, only these two default to another schedule.
+A1111_SCHEDULE_TYPES = ("Automatic", "Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform",
+                        "KL Optimal", "Align Your Steps", "Simple", "Normal", "DDIM", "Beta")
+A1111_AUTOMATIC_SCHEDULE = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras"}
+
+
+def a1111_sampler(name: str) -> tuple[str, str]:
+    """(`Sampler`, `Schedule type`) as A1111 >= 1.9 writes our sampler `name`."""
+    check_sampler(name)
+    return A1111_SAMPLERS[name]
+
+
+def _concrete_schedule(a1111_name: str, schedule_type: str) -> str:
+    """The schedule an A1111 sampler really runs with: "Automatic" resolved to the sampler's default."""
+    if schedule_type == "Automatic":
+        return A1111_AUTOMATIC_SCHEDULE.get(a1111_name, "Uniform")
+    return schedule_type
+
+
+def sampler_from_a1111(sampler: str, schedule_type: str | None) -> tuple[str, str | None]:
+    """Our sampler for an infotext's `Sampler` and `Schedule type`, and the schedule type if it was not kept.
+
+    Reads both forms: A1111 >= 1.9's "DPM++ 2M" + "Karras", and the one-name form "DPM++ 2M Karras" (ours
+    until now, and A1111's before 1.9), in which a sampler without a schedule type runs its plain schedule
+    ("Uniform"). A sampler we don't have comes back as it is, for the caller to say so; a schedule type that
+    none of ours runs with that sampler gives the sampler as A1111's "Automatic" runs it, and the schedule type
+    back as not kept.
+    """
+    # 1. The one-name form: "DPM++ 2M Karras" is "DPM++ 2M" with the Karras schedule (A1111 reads it so too)
+    for label in sorted(A1111_SCHEDULE_TYPES, key=len, reverse=True):
+        if sampler.lower().endswith((" " + label.lower(), " " + label.lower().replace(" ", "_"))):
+            sampler, schedule_type = sampler[:-len(label) - 1], label
+            break
+    schedule = _concrete_schedule(sampler, schedule_type or "Uniform")
+    # 2. The same sampler and schedule among ours
+    ours_by_schedule = {_concrete_schedule(name, kept): ours for ours, (name, kept) in A1111_SAMPLERS.items()
+                        if name == sampler}
+    if not ours_by_schedule:
+        return sampler, None
+    if schedule in ours_by_schedule:
+        return ours_by_schedule[schedule], None
+    # 3. A schedule none of ours runs with this sampler: the sampler as "Automatic" runs it, the schedule dropped
+    nearest = ours_by_schedule.get(_concrete_schedule(sampler, "Automatic"), next(iter(ours_by_schedule.values())))
+    return nearest, schedule_type or "Uniform"
 
 
 def check_sampler(name: str) -> None:

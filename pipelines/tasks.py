@@ -34,12 +34,17 @@ MAX_BATCH = 16
 MAX_BATCH_COUNT = 100
 MAX_STEPS = 200
 MAX_GUIDANCE_SCALE = 50.0
-SEED_LIMIT = 2 ** 32
+# Seeds as A1111 takes them: any whole number torch's generator accepts (a signed 64-bit one here), counted on
+# within a batch without wrapping. Torch's CPU generator seeds its Mersenne Twister with the seed's low 32
+# bits, so seeds 2**32 apart draw the same noise, as in A1111 with `RNG: CPU`. A drawn seed stays below 2**32,
+# as A1111 draws them.
+MAX_SEED = 2 ** 63 - 1
+DRAWN_SEED_LIMIT = 2 ** 32
 PREVIEW_MODES = ("auto", "linear", "full")
 
 
 def draw_seed() -> int:
-    return secrets.randbelow(SEED_LIMIT)
+    return secrets.randbelow(DRAWN_SEED_LIMIT)
 
 
 def _check_whole(name: str, value: Any, low: int, high: int) -> None:
@@ -83,8 +88,12 @@ class SamplingSettings:
                              f"but is {self.guidance_scale}.")
         if not 0.0 <= self.guidance_rescale <= 1.0:
             raise ValueError(f"`guidance_rescale` must be between 0 and 1 but is {self.guidance_rescale}.")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not -1 <= self.seed < SEED_LIMIT:
-            raise ValueError(f"`seed` must be -1 (random) or a whole number from 0 to 2**32-1 but is {self.seed!r}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not -1 <= self.seed <= MAX_SEED:
+            raise ValueError(f"`seed` must be -1 (random) or a whole number from 0 to 2**63-1 ({MAX_SEED}) "
+                             f"but is {self.seed!r}.")
+        if self.seed + self.batch_count * self.batch_size - 1 > MAX_SEED:
+            raise ValueError(f"`seed` {self.seed} leaves no room for {self.batch_count * self.batch_size} images: "
+                             f"image i uses seed + i, which must stay at most 2**63-1 ({MAX_SEED}).")
         if self.preview_every < 0:
             raise ValueError(f"`preview_every` must be 0 (off) or a positive number of steps "
                              f"but is {self.preview_every}.")
@@ -100,7 +109,8 @@ class SamplingSettings:
         return self if self.seed != -1 else replace(self, seed=draw_seed())
 
     def seed_for(self, batch_index: int, image_index: int) -> int:
-        return (self.seed + batch_index * self.batch_size + image_index) % SEED_LIMIT
+        """Image i of batch b: seed + b * batch_size + i, counted on past 2**32 as A1111 does."""
+        return self.seed + batch_index * self.batch_size + image_index
 
     # -- what the task adds (overridden per task) ----------------------------------------------
     def pipeline_arguments(self) -> dict:

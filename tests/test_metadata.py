@@ -10,9 +10,12 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from pipelines import metadata
+from pipelines.samplers import SAMPLER_NAMES
+from pipelines.tasks import Txt2ImgRequest
 from pipelines.metadata import (
     build_infotext,
     infotext_to_settings,
+    infotext_to_settings_and_dropped,
     library_versions,
     parse_infotext,
     png_bytes_with_metadata,
@@ -29,6 +32,38 @@ A1111_INFOTEXT = (
     "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Version: v1.10.1"
 )
 NOON = datetime(2024, 5, 17, 12, 0, 0)
+
+# Infotexts as A1111 1.9/1.10 writes them (the first three as found in the wild; the others in the order
+# A1111's create_infotext writes its keys): Schedule type, Clip skip, Hires fix, ADetailer, ControlNet, RNG.
+A1111_DPM_ADAPTIVE = (
+    "Anna Yamada, dancing with her hands above her head, happy, full shot, full body <lora:AnnaYamada:1>.\n"
+    "Negative prompt: low quality, blurry, text\n"
+    "Steps: 40, Sampler: DPM adaptive, Schedule type: Automatic, CFG scale: 7, Seed: 524982011, Size: 704x832, "
+    "Clip skip: 2, Model: darkSushiMixMix_225D, Version: v1.10.1")
+A1111_IMG2IMG = (
+    "product shoot in sand with beach elements, warm weather, studio lighting\n"
+    "Negative prompt: incomplete elements\n"
+    "Steps: 20, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 3001968073, Size: 985x1266, "
+    "Model hash: b513c6287d, Model: realism_engine, Denoising strength: 0.75, Mask blur: 2, Version: v1.9.4")
+A1111_CONTROLNET = (
+    "a wooden pallet, photo\n"
+    "Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 512x512, "
+    "Model hash: 6d82a674e1, Model: helloobjects_V15evae, ControlNet 0: \"Module: canny, Model: "
+    "control_v11p_sd15_canny [d14c016b], Weight: 1.0, Resize Mode: Crop and Resize, Processor Res: 512, Threshold "
+    "A: 192.0, Threshold B: 255.0, Guidance Start: 0.0, Guidance End: 1.0, Pixel Perfect: False, Control Mode: "
+    "ControlNet is more important\", Version: v1.10.1")
+A1111_HIRES = (
+    "photo of a cozy cabin in snowy woods, golden hour, (snow:1.3)\n"
+    "Negative prompt: (worst quality:1.4), cartoon\n"
+    "Steps: 25, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6, Seed: 5000000000, Size: 512x768, "
+    "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Denoising strength: 0.45, Clip skip: 2, "
+    "ADetailer model: face_yolov8n.pt, ADetailer prompt: \"detailed face, smile\", ADetailer version: 24.1.2, "
+    "Hires upscale: 2, Hires steps: 10, Hires upscaler: R-ESRGAN 4x+, Lora hashes: \"detail: aabbccddeeff\", "
+    "Version: v1.10.1")
+A1111_SCHEDULES = (
+    "a lighthouse\n"
+    "Steps: 30, Sampler: DPM++ SDE, Schedule type: Karras, CFG scale: 5, Seed: 42, Size: 512x512, Batch size: 4, "
+    "Batch pos: 1, RNG: CPU, Emphasis: No norm, Version: v1.10.1")
 
 
 def make_image(seed=0, size=(16, 12)):
@@ -116,6 +151,128 @@ def test_settings_reject_malformed_values():
         infotext_to_settings({"Steps": "many"})
     with pytest.raises(ValueError, match="`Size` should look like 512x768 but is '512'"):
         infotext_to_settings({"Size": "512"})
+
+
+# ---------------------------------------------------------------------------------------
+# A1111 interoperability: samplers and schedule types, what is restored and what is dropped, seeds
+
+
+# A1111 1.10's reading of `Sampler` + `Schedule type` (modules/sd_samplers.py `get_sampler_and_scheduler`, after
+# infotext_utils fills a missing schedule type in as "Automatic"), for the samplers it shares with us, each with
+# the schedule its "Automatic" runs (None: the model's own sigmas, "Uniform").
+A1111_SAMPLER_DEFAULTS = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "Euler a": None, "Euler": None, "LMS": None,
+                          "Heun": None, "DDIM": None, "PLMS": None, "UniPC": None, "LCM": None}
+A1111_FIRST_SAMPLER = "DPM++ 2M"    # what A1111 falls back to for a sampler name it doesn't know
+
+
+def a1111_reads(params: dict[str, str]) -> tuple[str, str]:
+    """(sampler, the schedule it runs) as A1111 1.10 restores an infotext's params."""
+    name, schedule = params["Sampler"], params.get("Schedule type", "Automatic")
+    for label in ("Automatic", "Uniform", "Karras", "Exponential"):
+        if name.endswith(" " + label):
+            name, schedule = name[:-len(label) - 1], label
+    sampler = name if name in A1111_SAMPLER_DEFAULTS else A1111_FIRST_SAMPLER
+    if schedule == "Automatic":
+        schedule = A1111_SAMPLER_DEFAULTS[sampler] or "Uniform"
+    return sampler, schedule
+
+
+# What A1111 should run for each of our samplers: the same method and the same schedule.
+A1111_RUNS = {"Euler": ("Euler", "Uniform"), "Euler a": ("Euler a", "Uniform"), "Heun": ("Heun", "Uniform"),
+              "LMS": ("LMS", "Uniform"), "DDIM": ("DDIM", "Uniform"), "PNDM": ("PLMS", "Uniform"),
+              "DPM++ 2M": ("DPM++ 2M", "Uniform"), "DPM++ 2M Karras": ("DPM++ 2M", "Karras"),
+              "DPM++ SDE Karras": ("DPM++ SDE", "Karras"), "UniPC": ("UniPC", "Uniform"), "LCM": ("LCM", "Uniform")}
+
+
+@pytest.mark.parametrize("sampler", SAMPLER_NAMES)
+def test_every_sampler_is_written_in_a1111s_form_and_read_back_by_both(sampler):
+    from pipelines.generate import infotext_parameters
+
+    class Model:
+        model_hash, name = "0123456789", "emoji-ldm"
+
+    request = Txt2ImgRequest(prompt="red apple", sampler=sampler, seed=5)
+    text = build_infotext("red apple", "", infotext_parameters(request, Model(), 5, 0))
+    _, _, params = parse_infotext(text)
+    assert params["Schedule type"] in ("Automatic", "Uniform", "Karras") and params["RNG"] == "CPU"
+    assert "Emphasis" not in params                                      # no weights in the prompt
+    settings, dropped = infotext_to_settings_and_dropped(params)
+    assert settings["sampler"] == sampler and dropped == {}              # ours back
+    if sampler in A1111_RUNS:
+        assert a1111_reads(params) == A1111_RUNS[sampler]                # A1111 runs the same thing
+    else:                                                                # DDPM: A1111 has none
+        assert sampler.startswith("DDPM") and a1111_reads(params)[0] == A1111_FIRST_SAMPLER
+
+
+def test_plain_dpm_2m_is_no_longer_opened_as_karras_by_a1111():
+    assert a1111_reads({"Sampler": "DPM++ 2M"}) == ("DPM++ 2M", "Karras")            # what we used to write
+    assert a1111_reads({"Sampler": "DPM++ 2M", "Schedule type": "Uniform"}) == ("DPM++ 2M", "Uniform")  # now
+    assert a1111_reads({"Sampler": "PLMS", "Schedule type": "Automatic"}) == ("PLMS", "Uniform")
+
+
+@pytest.mark.parametrize("params, sampler", [
+    ({"Sampler": "DPM++ 2M"}, "DPM++ 2M"),                     # our PNGs before schedule types, A1111 < 1.9
+    ({"Sampler": "DPM++ 2M Karras"}, "DPM++ 2M Karras"),
+    ({"Sampler": "DPM++ SDE Karras"}, "DPM++ SDE Karras"),
+    ({"Sampler": "PNDM"}, "PNDM"),
+    ({"Sampler": "DDPM speculative"}, "DDPM speculative"),
+    ({"Sampler": "DPM++ 2M", "Schedule type": "Automatic"}, "DPM++ 2M Karras"),   # A1111 >= 1.9
+    ({"Sampler": "DPM++ 2M", "Schedule type": "Karras"}, "DPM++ 2M Karras"),
+    ({"Sampler": "DPM++ 2M", "Schedule type": "Uniform"}, "DPM++ 2M"),
+    ({"Sampler": "DPM++ SDE", "Schedule type": "Automatic"}, "DPM++ SDE Karras"),
+    ({"Sampler": "PLMS", "Schedule type": "Automatic"}, "PNDM"),
+    ({"Sampler": "Euler", "Schedule type": "Uniform"}, "Euler"),
+    ({"Sampler": "DDIM", "Schedule type": "Automatic"}, "DDIM"),
+])
+def test_both_sampler_forms_restore_our_sampler(params, sampler):
+    assert infotext_to_settings_and_dropped(params) == ({"sampler": sampler}, {})
+
+
+@pytest.mark.parametrize("params, sampler, dropped", [
+    ({"Sampler": "Euler", "Schedule type": "Karras"}, "Euler", {"Schedule type": "Karras"}),
+    ({"Sampler": "DPM++ 2M", "Schedule type": "Exponential"}, "DPM++ 2M Karras", {"Schedule type": "Exponential"}),
+    ({"Sampler": "DPM++ 2M", "Schedule type": "Align Your Steps"}, "DPM++ 2M Karras",
+     {"Schedule type": "Align Your Steps"}),
+    ({"Sampler": "DPM++ SDE", "Schedule type": "Uniform"}, "DPM++ SDE Karras", {"Schedule type": "Uniform"}),
+    # a sampler we don't have comes back by its name: the tab says it is not available
+    ({"Sampler": "DPM++ 2M SDE", "Schedule type": "Exponential"}, "DPM++ 2M SDE", {}),
+])
+def test_a_schedule_type_we_cannot_run_is_dropped_by_name(params, sampler, dropped):
+    assert infotext_to_settings_and_dropped(params) == ({"sampler": sampler}, dropped)
+
+
+@pytest.mark.parametrize("text, settings, dropped", [
+    (A1111_DPM_ADAPTIVE, {"sampler": "DPM adaptive", "steps": 40, "seed": 524982011, "width": 704, "height": 832},
+     {"Clip skip": "2"}),
+    (A1111_IMG2IMG, {"sampler": "Euler a", "strength": 0.75, "mask_blur": 2, "seed": 3001968073}, {}),
+    (A1111_CONTROLNET, {"sampler": "DPM++ 2M Karras"}, {}),
+    (A1111_HIRES, {"sampler": "DPM++ 2M Karras", "strength": 0.45, "seed": 5000000000},
+     {"Clip skip": "2", "ADetailer model": "face_yolov8n.pt", "ADetailer prompt": "detailed face, smile",
+      "ADetailer version": "24.1.2", "Hires upscale": "2", "Hires steps": "10", "Hires upscaler": "R-ESRGAN 4x+"}),
+    (A1111_SCHEDULES, {"sampler": "DPM++ SDE Karras", "batch_size": 4}, {"Emphasis": "No norm"}),
+])
+def test_a1111_infotexts_restore_what_we_support_and_name_the_rest(text, settings, dropped):
+    _, _, params = parse_infotext(text)
+    restored, not_restored = infotext_to_settings_and_dropped(params)
+    assert {key: restored[key] for key in settings} == settings
+    assert not_restored == dropped        # Version, Lora hashes, Batch pos, ControlNet 0, RNG: CPU are not dropped
+    if "ControlNet 0" in params:
+        assert restored["controlnet_units"][0]["preprocessor"] == "canny"
+
+
+@pytest.mark.parametrize("key, ours, other", [("Clip skip", "1", "2"), ("RNG", "CPU", "GPU"),
+                                              ("Emphasis", "Original", "Ignore")])
+def test_a_value_that_is_ours_anyway_is_not_dropped_and_another_is(key, ours, other):
+    assert infotext_to_settings_and_dropped({key: ours})[1] == {}
+    assert infotext_to_settings_and_dropped({key: other})[1] == {key: other}
+
+
+def test_a_seed_past_2_to_the_32_is_restored_and_accepted():
+    _, _, params = parse_infotext(A1111_HIRES)
+    seed = infotext_to_settings(params)["seed"]
+    assert seed == 5_000_000_000
+    request = Txt2ImgRequest(prompt="x", seed=seed, batch_size=3)
+    assert [request.seed_for(0, index) for index in range(3)] == [5_000_000_000, 5_000_000_001, 5_000_000_002]
 
 
 def test_library_versions_has_installed_packages():

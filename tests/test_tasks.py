@@ -29,12 +29,24 @@ def test_each_request_names_its_task_and_records_itself_as_json():
     ({"prompt": None}, "`prompt` must be text but is NoneType"),
     ({"steps": 2.5}, "`steps` must be a whole number from 1 to 200 but is 2.5"),
     ({"width": True}, "`width` must be a whole number"),
-    ({"seed": 2 ** 32}, "`seed` must be -1 \\(random\\) or a whole number from 0 to 2\\*\\*32-1 but is 4294967296"),
+    ({"seed": 2 ** 63}, "`seed` must be -1 \\(random\\) or a whole number from 0 to 2\\*\\*63-1 "
+                        "\\(9223372036854775807\\) but is 9223372036854775808"),
+    ({"seed": -2}, "`seed` must be -1 \\(random\\) or a whole number from 0 to 2\\*\\*63-1 .* but is -2"),
+    ({"seed": 2 ** 63 - 2, "batch_size": 4}, "`seed` 9223372036854775806 leaves no room for 4 images"),
     ({"preview_mode": "fast"}, "`preview_mode` must be one of auto, linear, full but is 'fast'"),
 ])
 def test_bad_values_name_the_field_the_value_and_what_is_allowed(values, message):
     with pytest.raises(ValueError, match=message):
         Txt2ImgRequest(**({"prompt": "x"} | values))
+
+
+def test_seeds_past_2_to_the_32_are_accepted_and_a_batch_counts_on_from_them():
+    request = Txt2ImgRequest(prompt="x", seed=2 ** 32 - 1, batch_size=2, batch_count=2)
+    assert [request.seed_for(b, i) for b in range(2) for i in range(2)] == [2 ** 32 - 1, 2 ** 32, 2 ** 32 + 1,
+                                                                            2 ** 32 + 2]
+    largest = Txt2ImgRequest(prompt="x", seed=2 ** 63 - 1)
+    assert largest.seed_for(0, 0) == 2 ** 63 - 1
+    assert 0 <= Txt2ImgRequest(prompt="x").resolved().seed < 2 ** 32   # drawn seeds stay where A1111 draws them
 
 
 def test_fit_image_crops_to_the_requested_shape_around_the_centre():

@@ -22,7 +22,7 @@ import gradio as gr
 
 from pipelines.jobs import Job, JobCancelled, JobState
 from pipelines.lora import lora_files
-from pipelines.metadata import infotext_to_settings, parse_infotext
+from pipelines.metadata import infotext_key, infotext_to_settings_and_dropped, parse_infotext
 from pipelines.requests import GeneratedImage, GenerationDone, Preview
 from pipelines.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES, STEPWISE_SAMPLER_NAMES
 from pipelines.speculative import DEFAULT_DRAFT_LENGTH, DRAFTS, FROZEN_X0_DRAFT, MAX_DRAFT_LENGTH, SPECULATIVE_SAMPLER
@@ -92,9 +92,7 @@ def request_from_controls(task: str, values: dict) -> SamplingSettings:
         kind = kinds[name]
         try:
             if kind is int:
-                if float(value) != int(float(value)):
-                    raise ValueError
-                value = int(float(value))
+                value = _whole_number(value)
             elif kind is float:
                 value = float(value)
         except (TypeError, ValueError):
@@ -102,6 +100,20 @@ def request_from_controls(task: str, values: dict) -> SamplingSettings:
             raise ValueError(f"`{name}` must be {wanted} but is {value!r}.") from None
         arguments[name] = value
     return request_class(**arguments)
+
+
+def _whole_number(value) -> int:
+    """An int from a control's value: ints as they are (a seed may be 2**63-1, past a float's 2**53), whole
+    floats and text ("12", "12.0") as their int; anything else is a ValueError."""
+    if isinstance(value, bool):
+        raise ValueError
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        return int(value)
+    if float(value) != int(float(value)):
+        raise ValueError
+    return int(float(value))
 
 
 def _sampling_controls(task: str, defaults: dict) -> dict:
@@ -161,7 +173,10 @@ def build_generation_tab(context: StudioContext, task: str, defaults: dict,
             controls.update(own.fields)
             controls.update(_sampling_controls(task, defaults))
             with gr.Row():
-                controls["seed"] = gr.Number(value=-1, precision=0, label="Seed", info="-1 draws one",
+                # no minimum/maximum here: the request's check names the field, the value and the range (0 to
+                # 2**63-1); an int from the API arrives exact, the browser's own input holds 2**53 exactly
+                controls["seed"] = gr.Number(value=-1, precision=0, label="Seed",
+                                             info="-1 draws one; image i of a batch uses seed + i",
                                              elem_id=f"{task}-seed")
                 dice = gr.Button("🎲", scale=0, min_width=48)
                 reuse = gr.Button("♻️", scale=0, min_width=48)
@@ -350,15 +365,28 @@ def _seed_of(texts: list[str], index: int | None) -> int:
 
 
 def settings_from_infotext(text: str, tab: GenerationTab) -> dict:
-    """{component: value} for the settings an infotext (ours or A1111's) restores into `tab`'s controls."""
+    """{component: value} for the settings an infotext (ours or A1111's) restores into `tab`'s controls. What it
+    cannot restore is named to the user: keys this studio has no setting for, and settings this tab lacks."""
     prompt, negative, parameters = parse_infotext(text or "")
     if not parameters:
         raise gr.Error("These are not generation parameters: no `Steps: …, Sampler: …` line was found.")
-    settings = {"prompt": prompt, "negative_prompt": negative, "guidance_rescale": 0.0,
-                **infotext_to_settings(parameters)}
+    restored_settings, dropped = infotext_to_settings_and_dropped(parameters)
+    settings = {"prompt": prompt, "negative_prompt": negative, "guidance_rescale": 0.0, **restored_settings}
     sampler = settings.get("sampler")
     if sampler is not None and sampler not in [value for _, value in tab.controls["sampler"].choices]:
         gr.Warning(f"Sampler {sampler!r} is not available here; keeping the current one.")
         del settings["sampler"]
+    if dropped:
+        gr.Warning("Not restored, this studio has no such setting or value: "
+                   + ", ".join(f"{key}: {value}" for key, value in dropped.items()) + ".")
     restored = {tab.controls[name]: value for name, value in settings.items() if name in tab.controls}
-    return restored | (tab.own.restore(settings) if tab.own.restore is not None else {})
+    restored |= tab.own.restore(settings) if tab.own.restore is not None else {}
+    # the model is picked in Models & memory; ControlNet units go to a tab that restores them
+    elsewhere = {"model", "model_hash"} | ({"controlnet_units"} if tab.own.restore is not None else set())
+    missing = dict.fromkeys(infotext_key(name) for name in settings
+                            if name not in tab.controls and name not in elsewhere)
+    if missing:
+        label = TASKS[tab.task].label
+        gr.Info(f"Not restored, {label} has no such setting: "
+                + ", ".join(f"{key}: {parameters[key]}" if key in parameters else key for key in missing) + ".")
+    return restored

@@ -36,7 +36,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--outputs", default=str(ROOT / "outputs"),
                         help="folder for generated images (default ./outputs), saved as <date>/<n>-<seed>.png")
     parser.add_argument("--auth", default=None, metavar="USER:PASS",
-                        help="require this user name and password in the browser and the API")
+                        help="require this user name and password in the browser and the API (the REST API "
+                             "takes them as HTTP basic auth)")
+    parser.add_argument("--api", action="store_true",
+                        help="also serve AUTOMATIC1111's REST API (/sdapi/v1/txt2img, img2img, options, progress, "
+                             "...) on the same server, for programs that speak it")
     parser.add_argument("--share", action="store_true",
                         help="also open a public gradio.live link (off by default; needs internet)")
     parser.add_argument("--allow-pickle", action="store_true",
@@ -71,24 +75,46 @@ def build(args: argparse.Namespace):
     return build_app(context), context
 
 
+def parse_auth(text: str | None) -> tuple[str, str] | None:
+    """(user, password) from --auth USER:PASS."""
+    if not text:
+        return None
+    user, _, password = text.partition(":")
+    if not user or not password:
+        raise SystemExit("--auth takes USER:PASS, both non-empty.")
+    return user, password
+
+
+def start(app, context, args: argparse.Namespace):
+    """Serve the built app without blocking; with --api, the REST API joins it on the same server (Gradio's
+    FastAPI app, which exists once launched). Returns that FastAPI app."""
+    from studio.app import serve
+
+    auth = parse_auth(args.auth)
+    server_app, *_ = serve(app, server_name=args.host, server_port=args.port, auth=auth, share=args.share,
+                           allowed_paths=[str(context.outputs_dir)], show_error=True, quiet=True,
+                           prevent_thread_lock=True)
+    if args.api:
+        from studio.rest_api import mount_rest_api
+        mount_rest_api(server_app, context, auth=auth)
+    return server_app
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    auth = None
-    if args.auth:
-        user, _, password = args.auth.partition(":")
-        if not user or not password:
-            raise SystemExit("--auth takes USER:PASS, both non-empty.")
-        auth = (user, password)
-    from studio.app import serve
+    parse_auth(args.auth)   # a malformed --auth stops us before the model loads
 
     app, context = build(args)
     Path(context.outputs_dir).mkdir(parents=True, exist_ok=True)
-    print(f"Diffusion Studio: http://{args.host}:{args.port}/  (--share for a public link, --help for all flags)",
-          flush=True)
-    serve(app, server_name=args.host, server_port=args.port, auth=auth, share=args.share,
-          allowed_paths=[str(context.outputs_dir)], show_error=True, quiet=True)
+    url = f"http://{args.host}:{args.port}/"
+    print(f"Diffusion Studio: {url}  (--share for a public link, --help for all flags)", flush=True)
+    start(app, context, args)
+    if args.api:
+        print(f"AUTOMATIC1111-compatible REST API: {url}sdapi/v1/ (txt2img, img2img, options, progress, ...)",
+              flush=True)
+    app.block_thread()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,270 @@
+"""The AUTOMATIC1111-compatible REST API (`launch.py --api`), driven by a client we did not write: `webuiapi`."""
+
+from __future__ import annotations
+
+import base64
+import io
+import queue
+import re
+import shutil
+import socket
+import threading
+
+import numpy as np
+import pytest
+import requests
+import webuiapi
+from PIL import Image
+
+import launch
+from pipelines.controlnet import ControlNetRequest
+from pipelines.generate import Generator
+from pipelines.metadata import parse_infotext
+from pipelines.requests import Preview
+from pipelines.samplers import SAMPLER_NAMES
+from pipelines.tasks import Txt2ImgRequest
+from studio import a1111
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _serve(tiny_model_dir, tmp_path_factory, *flags):
+    """The studio as `python launch.py --api ...` starts it, on the tiny model, with its models/ in a tmp folder
+    (a copy of the tiny model as `tiny-copy`, a LoRA file, the tiny ControlNet as `tiny-cn`)."""
+    from recipe.tiny import build_tiny_controlnet
+
+    outputs, models = tmp_path_factory.mktemp("outputs"), tmp_path_factory.mktemp("models")
+    args = launch.parse_args(["--model", str(tiny_model_dir), "--device", "cpu", "--outputs", str(outputs),
+                              "--port", str(free_port()), "--api", *flags])
+    app, context = launch.build(args)
+    context.models.models_dir = models
+    shutil.copytree(tiny_model_dir, models / "tiny-copy")
+    (models / "lora").mkdir()
+    (models / "lora" / "pencil.safetensors").write_bytes(b"listed, never loaded here")
+    build_tiny_controlnet(context.models.current.pipeline.unet).save_pretrained(models / "controlnet" / "tiny-cn")
+    launch.start(app, context, args)
+    return app, context, args
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    app, context, args = _serve(tiny_model_dir, tmp_path_factory)
+    yield args.port, context
+    app.close()
+
+
+@pytest.fixture
+def api(server):
+    port, _ = server
+    return webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="Euler a", steps=6)
+
+
+def _pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def _control_image() -> Image.Image:
+    control = Image.new("RGB", (64, 64), "black")
+    control.paste((255, 255, 255), (20, 10, 44, 54))
+    return control
+
+
+def test_txt2img_answers_as_a1111_and_matches_the_studios_own_generation(api, server):
+    _, context = server
+    saved_before = set(context.outputs_dir.rglob("*.png"))
+    result = api.txt2img(prompt="red apple", seed=99, width=64, height=64, cfg_scale=5.0, batch_size=2)
+    assert [image.size for image in result.images] == [(64, 64), (64, 64)]
+    assert result.info["seed"] == 99 and result.info["all_seeds"] == [99, 100]
+    assert result.info["sampler_name"] == "Euler a" and result.info["steps"] == 6
+    assert result.parameters["prompt"] == "red apple" and result.parameters["cfg_scale"] == 5.0
+    _, _, params = parse_infotext(result.info["infotexts"][1])
+    assert params["Seed"] == "100" and params["Sampler"] == "Euler a" and params["Size"] == "64x64"
+    assert result.images[0].info["parameters"] == result.info["infotexts"][0]   # each PNG carries its infotext
+    assert set(context.outputs_dir.rglob("*.png")) == saved_before              # A1111's API saves only when asked
+    # the same generation through the studio's own service gives the same pixels
+    own = Generator(context.models, None).generate(Txt2ImgRequest(
+        prompt="red apple", sampler="Euler a", steps=6, guidance_scale=5.0, seed=99, width=64, height=64,
+        batch_size=2))
+    for served, made in zip(result.images, own.images):
+        assert np.array_equal(_pixels(served), _pixels(made.image))
+    assert _pixels(result.images[0]).std() > 2.0
+
+    saved = api.txt2img(prompt="red apple", seed=7, width=64, height=64, save_images=True)
+    assert len(set(context.outputs_dir.rglob("*-7.png")) - saved_before) == 1
+    assert saved.images[0].info["parameters"] == saved.info["infotexts"][0]
+
+
+def test_img2img_and_inpainting_with_a1111_fields(api):
+    start = api.txt2img(prompt="red apple", seed=3, width=64, height=64).image
+    moved = api.img2img(images=[start], prompt="green apple", denoising_strength=0.5, seed=4, width=64, height=64)
+    assert moved.info["denoising_strength"] == 0.5
+    assert "Denoising strength: 0.5" in moved.info["infotexts"][0]
+    assert not np.array_equal(_pixels(moved.image), _pixels(start))
+
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (24, 24, 40, 40))
+    painted = api.img2img(images=[start], mask_image=mask, prompt="sunglasses", seed=5, width=64, height=64,
+                          denoising_strength=1.0, mask_blur=4, inpainting_fill=2, inpaint_full_res=False,
+                          inpainting_mask_invert=0)
+    assert painted.image.size == (64, 64)
+    _, _, params = parse_infotext(painted.info["infotexts"][0])
+    assert params["Mask blur"] == "4" and params["Masked content"] == "latent noise"
+    before, after = _pixels(start), _pixels(painted.image)
+    far = np.ones((64, 64), bool)
+    far[24 - 5:40 + 5, 24 - 5:40 + 5] = False            # beyond the mask and its blur: the input, bit for bit
+    assert np.array_equal(before[far], after[far])
+    assert np.abs(before[28:36, 28:36] - after[28:36, 28:36]).mean() > 2.0
+
+
+def test_options_read_and_switch_the_model(api, server):
+    _, context = server
+    titles = [model["title"] for model in api.get_sd_models()]
+    assert {"embedded", "tiny-copy", "tiny-sd"} <= set(titles)
+    assert api.get_options()["sd_model_checkpoint"] == "tiny-sd" == api.util_get_current_model()
+    api.set_options({"sd_model_checkpoint": "tiny-copy"})
+    assert api.get_options()["sd_model_checkpoint"] == "tiny-copy"
+    assert context.models.current.source.location.endswith("tiny-copy")
+    assert api.txt2img(prompt="red apple", seed=1, width=64, height=64).info["sd_model_name"] == "tiny-copy"
+    refused = api.set_options({"sd_model_checkpoint": "nope"})     # webuiapi hands back the JSON as it is
+    assert refused["error"] == "ValueError" and "No checkpoint 'nope'" in refused["detail"]
+    assert api.get_options()["sd_model_checkpoint"] == "tiny-copy"
+    api.util_set_model("tiny-sd")                     # back to the model named at launch (outside models/)
+    assert context.models.current.source.location.endswith("tiny-sd")
+    assert api.get_options()["sd_model_checkpoint"] == "tiny-sd"
+
+
+def test_progress_and_interrupt_during_a_generation_queued_with_the_page(api, server, monkeypatch):
+    from gradio_client import Client
+
+    port, context = server
+    submitted: queue.Queue = queue.Queue()
+    submit = Generator.submit
+
+    def recorded(self, request, **options):
+        job = submit(self, request, **options)
+        submitted.put(job)
+        return job
+    monkeypatch.setattr(Generator, "submit", recorded)
+
+    answers: dict = {}
+    long = threading.Thread(target=lambda: answers.update(result=api.txt2img(
+        prompt="a cat", steps=200, n_iter=100, seed=5, width=64, height=64)))
+    long.start()
+    job = submitted.get(timeout=120)
+    first = next(event for event in job.events() if isinstance(event, Preview))    # the job runs, a preview exists
+
+    progress = api.get_progress()
+    assert 0 < progress["progress"] < 1 and progress["state"]["job_count"] == 100
+    assert progress["state"]["sampling_steps"] == 200 and progress["state"]["sampling_step"] >= first.step
+    assert progress["state"]["job_id"] == job.id and not progress["state"]["interrupted"]
+    preview = Image.open(io.BytesIO(base64.b64decode(progress["current_image"])))
+    assert preview.size == (64, 64)
+
+    # a page's generation asked for meanwhile waits for the REST one: one device, one queue
+    client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    page = client.submit(prompt="red apple", steps=4, seed=6, preview_every=0, api_name="/txt2img")
+    page_job = next(iter(page))[3]
+    assert client.predict(job_id=page_job, api_name="/job")["state"] == "queued"
+
+    api.interrupt()
+    long.join(timeout=120)
+    result = answers["result"]
+    assert any("Stopped" in message for message in result.info["messages"])
+    assert len(result.images) >= 1 and "Stopped at step" in result.info["infotexts"][-1]
+    assert "Seed 6" in page.result()[2]                               # the page's generation ran after it
+    assert api.get_progress()["state"]["job_count"] in (0, 1)         # nothing of the REST job's is left running
+
+
+def test_png_info_and_the_lists(api, server):
+    made = api.txt2img(prompt="red apple", seed=42, width=64, height=64)
+    read = api.png_info(made.image)
+    assert read.info == made.info["infotexts"][0]
+    assert read.json["parameters"]["Seed"] == "42" and read.json["parameters"]["Size-1"] == "64"
+    assert read.json["parameters"]["Prompt"] == "red apple"
+    assert read.json["items"]["studio"]["request"]["seed"] == 42
+    assert [sampler["name"] for sampler in api.get_samplers()] == list(SAMPLER_NAMES)
+    assert {"automatic", "karras"} <= {schedule["name"] for schedule in api.get_schedulers()}
+    assert [lora["name"] for lora in api.get_loras()] == ["pencil"]
+    assert "tiny-cn" in api.controlnet_model_list()
+
+
+def test_a_controlnet_unit_from_webuiapi_steers_as_the_studios_controlnet_does(api, server):
+    _, context = server
+    control = _control_image()
+    unit = webuiapi.ControlNetUnit(image=control, module="invert (from white bg & black line)",
+                                   model="tiny-cn [0123abcd]", weight=0.8, guidance_start=0.0, guidance_end=1.0,
+                                   control_mode=1, resize_mode="Crop and Resize", pixel_perfect=True)
+    off = webuiapi.ControlNetUnit(image=control, module="canny", model="tiny-cn", enabled=False)
+    result = api.txt2img(prompt="red apple", seed=21, steps=4, width=64, height=64, controlnet_units=[unit, off])
+    infotext = result.info["infotexts"][0]
+    assert 'ControlNet 0: "Module: invert, Model: tiny-cn' in infotext and "ControlNet 1" not in infotext
+    assert "Control Mode: My prompt is more important" in infotext and "Weight: 0.8" in infotext
+
+    own = Generator(context.models, None).generate(ControlNetRequest(
+        prompt="red apple", sampler="Euler a", steps=4, seed=21, guidance_scale=7.0, width=64, height=64,
+        control_image=control, preprocessor="invert", model="tiny-cn", weight=0.8,
+        control_mode="my prompt is more important", resize_mode="crop and resize", pixel_perfect=True))
+    assert np.array_equal(_pixels(result.image), _pixels(own.images[0].image))
+    # the plain image from the studio itself: webuiapi's txt2img keeps the units of its last call in its mutable
+    # default `alwayson_scripts`, so a second webuiapi call would still carry this one's ControlNet
+    plain = Generator(context.models, None).generate(Txt2ImgRequest(
+        prompt="red apple", sampler="Euler a", steps=4, seed=21, guidance_scale=7.0, width=64, height=64))
+    assert np.abs(_pixels(result.image) - _pixels(plain.images[0].image)).mean() > 2.0
+
+
+def test_bad_input_gets_a_4xx_naming_the_value_and_the_server_keeps_serving(api, server):
+    port, _ = server
+    cases = [({"steps": -1}, r"`steps`.*-1"), ({"sampler_name": "Nope"}, r"Unknown sampler 'Nope'"),
+             ({"seed": "text"}, r"`seed`.*'text'"), ({"enable_hr": True}, r"`enable_hr`.*Hires fix"),
+             ({"alwayson_scripts": {"ADetailer": {"args": []}}}, r"always on script 'ADetailer' not found"),
+             ({"alwayson_scripts": {"controlnet": {"args": [{"image": "", "model": "tiny-cn", "module": "sobel"}]}}},
+              r"unit 0.*`module` 'sobel'")]
+    for change, message in cases:
+        answer = requests.post(f"http://127.0.0.1:{port}/sdapi/v1/txt2img",
+                               json={"prompt": "red apple", "width": 64, "height": 64, **change})
+        assert answer.status_code == 422, (change, answer.text)
+        body = answer.json()
+        assert set(body) >= {"error", "detail"}
+        assert re.search(message, body["detail"]), (change, body["detail"])
+    with pytest.raises(RuntimeError, match=r"422.*`init_images\[0\]`.*not base64!"):
+        api.custom_post("img2img", baseurl=True, payload={"init_images": ["not base64!"], "prompt": "red apple"})
+    with pytest.raises(RuntimeError, match=r"422.*not a PNG"):
+        api.custom_post("png-info", baseurl=True, payload={"image": base64.b64encode(b"GIF89a not really").decode()})
+    assert len(api.txt2img(prompt="red apple", seed=2, width=64, height=64).images) == 1   # still serving
+
+
+def test_auth_protects_the_rest_api(tiny_model_dir, tmp_path_factory):
+    app, _, args = _serve(tiny_model_dir, tmp_path_factory, "--auth", "ada:secret")
+    try:
+        url = f"http://127.0.0.1:{args.port}/sdapi/v1"
+        answer = requests.get(f"{url}/sd-models")
+        assert answer.status_code == 401 and answer.headers["WWW-Authenticate"] == "Basic"
+        assert "Incorrect username or password" in answer.json()["detail"]
+        assert requests.post(f"{url}/txt2img", json={"prompt": "x"}, auth=("ada", "wrong")).status_code == 401
+        client = webuiapi.WebUIApi(host="127.0.0.1", port=args.port, username="ada", password="secret", steps=3)
+        assert len(client.txt2img(prompt="red apple", width=64, height=64).images) == 1
+    finally:
+        app.close()
+
+
+def test_the_a1111_translation_of_units_and_samplers():
+    units, _ = a1111.controlnet_units({"ControlNet": {"args": [
+        {"input_image": "x", "model": "tiny-cn", "control_mode": 2, "resize_mode": 0, "guidance": 0.5},
+        {"image": "x", "model": "tiny-cn", "enabled": False}, None]}})
+    assert len(units) == 1
+    assert units[0]["control_mode"] == "controlnet is more important" and units[0]["resize_mode"] == "just resize"
+    assert units[0]["end"] == 0.5 and units[0]["image"] == "x" and units[0]["preprocessor"] == "none"
+    assert a1111.resolve_sampler("DPM++ 2M", "automatic") == "DPM++ 2M Karras"     # A1111 >= 1.9's default
+    assert a1111.resolve_sampler("DPM++ 2M", None) == "DPM++ 2M"                    # older clients' meaning
+    assert a1111.resolve_sampler("DPM++ 2M", "Karras") == "DPM++ 2M Karras"
+    assert a1111.resolve_sampler("PLMS", "automatic") == "PNDM"
+    assert a1111.resolve_sampler(None, None) == "Euler"
+    with pytest.raises(ValueError, match="Unknown `scheduler` 'exponential'"):
+        a1111.resolve_sampler("Euler", "Exponential")
+    with pytest.raises(ValueError, match="`sampler_name` 'Heun' has no Karras schedule"):
+        a1111.resolve_sampler("Heun", "karras")
+    assert a1111.in_a1111_terms("`guidance_scale` (CFG) must be") == "`cfg_scale` (CFG) must be"

@@ -13,7 +13,7 @@ from pipelines.metadata import infotext_to_settings, parse_infotext, read_png_me
 from pipelines.preview import is_blank
 from pipelines.requests import GeneratedImage, GenerationDone, Preview
 from pipelines.tasks import Img2ImgRequest, Txt2ImgRequest
-from pipelines.samplers import SAMPLER_NAMES, SAMPLERS
+from pipelines.samplers import SAMPLER_NAMES, SAMPLERS, a1111_sampler
 
 
 def pixels(image: Image.Image) -> np.ndarray:
@@ -53,7 +53,8 @@ def test_every_sampler_builds_from_the_model_config_and_samples(studio, sampler)
     assert scheduler.config.beta_end == model_config["beta_end"]
     image = pixels(done.images[0].image)
     assert image.shape == (64, 64, 3) and not is_blank(done.images[0].image)
-    assert f"Sampler: {sampler}" in done.images[0].infotext
+    a1111_name, schedule_type = a1111_sampler(sampler)       # written in A1111 >= 1.9's form
+    assert f"Sampler: {a1111_name}, Schedule type: {schedule_type}," in done.images[0].infotext
 
 
 def test_the_sampler_changes_the_image(studio):

@@ -35,7 +35,7 @@ from PIL import Image, ImageOps
 
 from pipelines import denoise
 from pipelines.preprocessors import PREPROCESSORS, preprocess
-from pipelines.tasks import SamplingSettings, Task, fit_image, register
+from pipelines.tasks import SamplingSettings, Task, check_input_image, fit_image, register
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_CONTROLNETS = {path.name: path for path in sorted((ROOT / "assets").glob("emoji-controlnet-*"))
@@ -229,6 +229,7 @@ class ControlNetRequest(SamplingSettings):
         self.units = (first, *more)
         if self.init_image is not None:
             self.init_image = decode_image(self.init_image, "init_image")
+            check_input_image("init_image", self.init_image)
         if not 0.0 < self.strength <= 1.0:
             raise ValueError(f"`strength` must be above 0 and at most 1 but is {self.strength}.")
 

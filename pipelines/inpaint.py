@@ -40,7 +40,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 from pipelines import denoise   # as a module: pipelines.tasks imports this one while denoise imports tasks
-from pipelines.tasks import InfotextField, SamplingSettings, Task, register
+from pipelines.tasks import (MAX_INPUT_PIXELS, InfotextField, SamplingSettings, Task, check_input_image,
+                             register)
 
 MASK_MODES = ("Inpaint masked", "Inpaint not masked")
 MASKED_CONTENT = ("original", "fill", "latent noise", "latent nothing")
@@ -49,7 +50,6 @@ PREFILLS = ("edge", "blur")
 MAX_MASK_BLUR = 64
 MAX_PADDING = 512
 MAX_EXTEND = 1024
-MAX_IMAGE_PIXELS = 16_000_000          # 4000 × 4000: larger inputs are refused before any work
 MAX_XRAY_SIDE_PX = 1024
 XRAY_COLOURS = {"masked": (255, 64, 64), "dilated": (255, 200, 0)}
 
@@ -62,12 +62,6 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 def _check_range(name: str, value, low: int, high: int, unit: str = "px") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ValueError(f"`{name}` must be a whole number of {unit} from {low} to {high} but is {value!r}.")
-
-
-def _check_pixels(image: Image.Image) -> None:
-    if image.width * image.height > MAX_IMAGE_PIXELS:
-        raise ValueError(f"The image is {image.width}×{image.height}; at most {MAX_IMAGE_PIXELS / 1e6:g} megapixels "
-                         "are taken. Scale it down first.")
 
 
 def _full_cells(mask: np.ndarray, factor: int) -> np.ndarray:
@@ -128,7 +122,8 @@ class InpaintRequest(SamplingSettings):
             if not isinstance(getattr(self, name), Image.Image):
                 what = "an input image" if name == "init_image" else "a mask (white = repaint; paint one or upload one)"
                 raise ValueError(f"Inpainting needs {what} as `{name}`.")
-        _check_pixels(self.init_image)
+        check_input_image("init_image", self.init_image)
+        check_input_image("mask", self.mask)
         _check_range("mask_blur", self.mask_blur, 0, MAX_MASK_BLUR)
         _check_range("only_masked_padding", self.only_masked_padding, 0, MAX_PADDING)
         _check_choice("mask_mode", self.mask_mode, MASK_MODES)
@@ -284,7 +279,10 @@ class OutpaintRequest(SamplingSettings):
         if not 0.0 <= self.strength <= 1.0:
             raise ValueError(f"`strength` must be between 0 and 1 but is {self.strength}.")
         width, height = self.init_image.size
-        _check_pixels(Image.new("1", (width + self.left + self.right, height + self.top + self.bottom)))
+        canvas_width, canvas_height = width + self.left + self.right, height + self.top + self.bottom
+        if canvas_width * canvas_height > MAX_INPUT_PIXELS:
+            raise ValueError(f"The extended canvas would be {canvas_width}×{canvas_height}; at most "
+                             f"{MAX_INPUT_PIXELS / 1e6:g} megapixels are taken. Extend less, or scale the image down.")
 
     def canvas(self) -> tuple[Image.Image, Image.Image]:
         """The extended canvas with its new area pre-filled, and the mask (new area + overlap band)."""

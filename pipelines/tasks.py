@@ -18,7 +18,9 @@ task writes and reads back. Adding a task (inpainting, ControlNet) is one reques
 
 from __future__ import annotations
 
+import math
 import secrets
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
@@ -34,6 +36,15 @@ MAX_BATCH = 16
 MAX_BATCH_COUNT = 100
 MAX_STEPS = 200
 MAX_GUIDANCE_SCALE = 50.0
+# A prompt is read in windows of 75 tokens, each one text-encoder pass, and the UNet attends to all of them at every
+# step: 5,000 characters is some 15 to 60 windows, far past any prompt written by hand.
+MAX_PROMPT_CHARS = 5_000
+# Input images (img2img, inpainting, ControlNet's init image): 16 megapixels, 4000 × 4000, decoded is 48 MB of RGB.
+# Larger inputs are refused before any work; smaller ones, down to 1 × 1, are cropped and resized to the request.
+MAX_INPUT_PIXELS = 16_000_000
+# Tabs, line breaks and carriage returns are text; every other control character (NUL, ESC of a terminal colour code,
+# ...) is refused, since the infotext carries the prompt into a PNG text chunk, which may not hold them.
+PROMPT_WHITESPACE = "\t\n\r"
 # Seeds as A1111 takes them: any whole number torch's generator accepts (a signed 64-bit one here), counted on
 # within a batch without wrapping. Torch's CPU generator seeds its Mersenne Twister with the seed's low 32
 # bits, so seeds 2**32 apart draw the same noise, as in A1111 with `RNG: CPU`. A drawn seed stays below 2**32,
@@ -50,6 +61,37 @@ def draw_seed() -> int:
 def _check_whole(name: str, value: Any, low: int, high: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
         raise ValueError(f"`{name}` must be a whole number from {low} to {high} but is {value!r}.")
+
+
+def _check_number(name: str, value: Any, low: float, high: float, what: str = "") -> None:
+    """A finite number in [low, high]; NaN and infinities are named as received."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+            not low <= value <= high:
+        raise ValueError(f"`{name}`{what} must be a number from {low:g} to {high:g} but is {value!r}.")
+
+
+def check_prompt(name: str, text: Any) -> None:
+    """Text of at most MAX_PROMPT_CHARS characters, without control characters other than tabs and line breaks."""
+    if not isinstance(text, str):
+        raise ValueError(f"`{name}` must be text but is {type(text).__name__}.")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ValueError(f"`{name}` is {len(text):,} characters long; at most {MAX_PROMPT_CHARS:,} are taken. "
+                         "Shorten it (a prompt is read 75 tokens at a time, and every window costs time and memory).")
+    for position, character in enumerate(text):
+        if unicodedata.category(character) == "Cc" and character not in PROMPT_WHITESPACE:
+            raise ValueError(f"`{name}` holds the control character U+{ord(character):04X} at position {position}; "
+                             "prompts take text, tabs and line breaks only. Remove it (terminal colour codes and "
+                             "NUL bytes come in with copied text).")
+
+
+def check_input_image(name: str, image: Any) -> None:
+    """An image of at most MAX_INPUT_PIXELS pixels (any smaller size is taken, and fitted to the request)."""
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"`{name}` must be an image but is {type(image).__name__}.")
+    if image.width * image.height > MAX_INPUT_PIXELS:
+        raise ValueError(f"`{name}` is {image.width}×{image.height} ({image.width * image.height / 1e6:.1f} "
+                         f"megapixels); at most {MAX_INPUT_PIXELS / 1e6:g} megapixels (4000×4000) are taken. "
+                         "Scale it down first.")
 
 
 @dataclass(kw_only=True)
@@ -76,27 +118,23 @@ class SamplingSettings:
 
     def __post_init__(self):
         for name in ("prompt", "negative_prompt"):
-            if not isinstance(getattr(self, name), str):
-                raise ValueError(f"`{name}` must be text but is {type(getattr(self, name)).__name__}.")
+            check_prompt(name, getattr(self, name))
         check_sampler(self.sampler)
         for name, low, high in (("steps", 1, MAX_STEPS), ("batch_size", 1, MAX_BATCH),
                                 ("batch_count", 1, MAX_BATCH_COUNT), ("width", 8, MAX_SIDE),
                                 ("height", 8, MAX_SIDE), ("draft_length", 1, MAX_DRAFT_LENGTH)):
             _check_whole(name, getattr(self, name), low, high)
-        if not 0.0 <= self.guidance_scale <= MAX_GUIDANCE_SCALE:
-            raise ValueError(f"`guidance_scale` (CFG) must be between 0 and {MAX_GUIDANCE_SCALE:g} "
-                             f"but is {self.guidance_scale}.")
-        if not 0.0 <= self.guidance_rescale <= 1.0:
-            raise ValueError(f"`guidance_rescale` must be between 0 and 1 but is {self.guidance_rescale}.")
+        _check_number("guidance_scale", self.guidance_scale, 0.0, MAX_GUIDANCE_SCALE, " (CFG)")
+        _check_number("guidance_rescale", self.guidance_rescale, 0.0, 1.0)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not -1 <= self.seed <= MAX_SEED:
             raise ValueError(f"`seed` must be -1 (random) or a whole number from 0 to 2**63-1 ({MAX_SEED}) "
                              f"but is {self.seed!r}.")
         if self.seed + self.batch_count * self.batch_size - 1 > MAX_SEED:
             raise ValueError(f"`seed` {self.seed} leaves no room for {self.batch_count * self.batch_size} images: "
                              f"image i uses seed + i, which must stay at most 2**63-1 ({MAX_SEED}).")
-        if self.preview_every < 0:
+        if isinstance(self.preview_every, bool) or not isinstance(self.preview_every, int) or self.preview_every < 0:
             raise ValueError(f"`preview_every` must be 0 (off) or a positive number of steps "
-                             f"but is {self.preview_every}.")
+                             f"but is {self.preview_every!r}.")
         if self.draft not in DRAFTS:
             raise ValueError(f"`draft` must be one of {', '.join(DRAFTS)} but is {self.draft!r}.")
         if self.preview_mode not in PREVIEW_MODES:
@@ -199,8 +237,8 @@ class Img2ImgRequest(SamplingSettings):
         if not isinstance(self.init_image, Image.Image):
             raise ValueError("Image-to-Image needs an input image (`init_image`); upload one or send one from "
                              "Text-to-Image.")
-        if not 0.0 <= self.strength <= 1.0:
-            raise ValueError(f"`strength` must be between 0 and 1 but is {self.strength}.")
+        check_input_image("init_image", self.init_image)
+        _check_number("strength", self.strength, 0.0, 1.0)
 
     def fitted_image(self) -> Image.Image:
         return fit_image(self.init_image, self.width, self.height)

@@ -35,6 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "layer (slowest, least VRAM); auto chooses by free VRAM and image size")
     parser.add_argument("--outputs", default=str(ROOT / "outputs"),
                         help="folder for generated images (default ./outputs), saved as <date>/<n>-<seed>.png")
+    parser.add_argument("--min-free-disk-mb", type=float, default=None, metavar="MB",
+                        help="refuse to save images when the outputs folder's disk would keep less than this free "
+                             "(default 200)")
     parser.add_argument("--auth", default=None, metavar="USER:PASS",
                         help="require this user name and password in the browser and the API (the REST API "
                              "takes them as HTTP basic auth)")
@@ -54,6 +57,7 @@ def build(args: argparse.Namespace):
     from pipelines.generate import Generator
     from pipelines.jobs import DeviceWorker
     from pipelines.memory import MemoryManager
+    from pipelines.metadata import MIN_FREE_DISK_MB
     from pipelines.models import ModelLoadError, ModelManager
     from studio.app import build_app
     from studio.context import StudioContext
@@ -63,7 +67,9 @@ def build(args: argparse.Namespace):
     models = ModelManager(memory, worker=DeviceWorker(), allow_pickle=args.allow_pickle,
                           models_dir=ROOT / "models")
     outputs = Path(args.outputs).resolve()
-    context = StudioContext(models=models, generator=Generator(models, outputs), outputs_dir=outputs)
+    margin = MIN_FREE_DISK_MB if args.min_free_disk_mb is None else args.min_free_disk_mb
+    context = StudioContext(models=models, generator=Generator(models, outputs, min_free_disk_mb=margin),
+                            outputs_dir=outputs)
     if args.model != "none":
         try:
             models.load(args.model, config=args.model_config)

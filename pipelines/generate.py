@@ -40,9 +40,11 @@ STUDIO_VERSION = "diffusion-studio 0.1.0"
 
 
 class Generator:
-    def __init__(self, models: ModelManager, outputs_dir: Path | None):
+    def __init__(self, models: ModelManager, outputs_dir: Path | None, *,
+                 min_free_disk_mb: float = metadata.MIN_FREE_DISK_MB):
         self.models = models
         self.outputs_dir = outputs_dir      # None: keep images in memory only (tests, benchmarks)
+        self.min_free_disk_mb = min_free_disk_mb   # saving refuses to leave the disk with less free
 
     # -- public ----------------------------------------------------------------------------
     def submit(self, request: SamplingSettings, *, owner: str | None = None,
@@ -63,7 +65,9 @@ class Generator:
 
     # -- the work (on the device thread) -----------------------------------------------------
     def _generate(self, request: SamplingSettings, job: Job) -> GenerationDone:
-        # 1. Check inputs, resolve the seed, set up the task's pipeline, sampler and prompts
+        # 1. Check inputs and the disk's margin, resolve the seed, set up the task's pipeline, sampler and prompts
+        if self.outputs_dir is not None:     # refused before any work; each save checks again
+            metadata.check_disk_space(self.outputs_dir, min_free_mb=self.min_free_disk_mb)
         call = prepare(self.models, request)
         request, messages = call.request, call.notes
         unchanged = request.unchanged_image()
@@ -173,7 +177,8 @@ class Generator:
             extra = {"request": replace(request, seed=seed, batch_count=1).to_json() | {"batch_seed": request.seed},
                      "model": {"name": model.name, "source": model.source.kind, "hash": model.model_hash},
                      "versions": metadata.library_versions() | {"studio": STUDIO_VERSION}}
-            path = str(metadata.save_image(image, infotext, extra, self.outputs_dir, seed))
+            path = str(metadata.save_image(image, infotext, extra, self.outputs_dir, seed,
+                                           min_free_mb=self.min_free_disk_mb))
         return GeneratedImage(image=image, seed=seed, infotext=infotext, path=path, finished=finished,
                               steps_done=steps_done)
 

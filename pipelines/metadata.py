@@ -13,7 +13,11 @@ reproduction.
 
 Saved images go to `outputs/<YYYY-MM-DD>/<counter>-<seed>.png`. A file with a final name
 is always complete: the bytes go to a temporary file that is renamed into place, and a
-per-counter reservation keeps concurrent saves from taking the same counter.
+per-counter reservation keeps concurrent saves from taking the same counter. Nothing is saved
+when the disk would be left with less than `MIN_FREE_DISK_MB` free.
+
+An infotext is text anyone can write ("Steps: 99999999, Size: 99999x99999"): what PNG Info
+restores is clamped to what a request takes (`clamp_to_request_limits`), and the clamps are named.
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import math
 import platform
 import re
+import shutil
 from datetime import datetime
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -34,7 +40,8 @@ from pipelines.controlnet import MAX_UNITS as MAX_CONTROLNET_UNITS
 from pipelines.controlnet import read_units
 from pipelines.prompts import EMPHASIS
 from pipelines.samplers import sampler_from_a1111
-from pipelines.tasks import SHARED_INFOTEXT_FIELDS, TASKS
+from pipelines.speculative import MAX_DRAFT_LENGTH
+from pipelines.tasks import MAX_BATCH, MAX_GUIDANCE_SCALE, MAX_SEED, MAX_SIDE, MAX_STEPS, SHARED_INFOTEXT_FIELDS, TASKS
 
 PARAMETERS_CHUNK = "parameters"   # A1111's chunk name
 STUDIO_CHUNK = "studio"
@@ -61,6 +68,13 @@ VERSIONED_PACKAGES = ("torch", "diffusers", "transformers", "peft", "gradio")
 SAVED_NAME_PATTERN = re.compile(r"(\d+)-.*\.png")
 RESERVATION_PATTERN = re.compile(r"\.(\d+)\.reserved")
 MAX_SAVE_ATTEMPTS = 100
+# Free disk space a save leaves at least (launch.py --min-free-disk-mb): a full disk breaks more than the studio.
+MIN_FREE_DISK_MB = 200
+MB = 1024 ** 2
+# The ranges of the settings an infotext restores (pipelines/tasks.py checks the same on every request).
+RESTORED_RANGES = {"steps": (1, MAX_STEPS), "width": (8, MAX_SIDE), "height": (8, MAX_SIDE), "batch_size": (1, MAX_BATCH),
+                   "guidance_scale": (0.0, MAX_GUIDANCE_SCALE), "guidance_rescale": (0.0, 1.0), "strength": (0.0, 1.0),
+                   "draft_length": (1, MAX_DRAFT_LENGTH)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -220,6 +234,29 @@ def infotext_key(field: str) -> str:
     return keys.get(field, field)
 
 
+def clamp_to_request_limits(settings: dict) -> tuple[dict, list[str]]:
+    """`settings` (from `infotext_to_settings_and_dropped`) with every value inside the range a request takes, and
+    a note for each value that was moved or left out: a number past its range is clamped to the nearest end, a
+    NaN or infinite one and a seed outside 0..2**63-1 are not restored."""
+    clamped, notes = dict(settings), []
+    for name, (low, high) in RESTORED_RANGES.items():
+        value = clamped.get(name)
+        if value is None:
+            continue
+        key = f"Size ({name})" if name in ("width", "height") else infotext_key(name)
+        if isinstance(value, float) and not math.isfinite(value):
+            del clamped[name]
+            notes.append(f"{key}: {value} is not a number; not restored.")
+        elif not low <= value <= high:
+            clamped[name] = min(max(value, low), high)
+            notes.append(f"{key}: {value} is outside {low:g} to {high:g}; restored as {clamped[name]:g}.")
+    seed = clamped.get("seed")
+    if seed is not None and not -1 <= seed <= MAX_SEED:
+        del clamped["seed"]
+        notes.append(f"Seed: {seed} is outside 0 to 2**63-1; not restored.")
+    return clamped, notes
+
+
 def _is_read_controlnet_key(key: str) -> bool:
     """`ControlNet N` for a unit `read_units` reads (pipelines/controlnet.py)."""
     match = CONTROLNET_KEY.fullmatch(key)
@@ -280,6 +317,8 @@ def read_png_metadata(path_or_file: str | os.PathLike | BinaryIO) -> tuple[str |
             chunks = dict(image.text)
     except UnidentifiedImageError:
         raise ValueError(f"{name} is not a PNG image (not an image PIL can read).") from None
+    except (OSError, SyntaxError, Image.DecompressionBombError) as error:   # PIL's words for a damaged file
+        raise ValueError(f"{name} is a damaged or truncated PNG ({error}); save or export it again.") from None
 
     infotext = chunks.get(PARAMETERS_CHUNK)
     studio_text = chunks.get(STUDIO_CHUNK)
@@ -334,16 +373,39 @@ def _reserve_counter(day_dir: Path) -> tuple[int, Path]:
                        f"{MAX_SAVE_ATTEMPTS} attempts; other saves kept taking them.")
 
 
+class DiskSpaceError(ValueError):
+    """Saving would leave the disk with less than the set margin free; the message says how much there is."""
+
+
+def free_disk_bytes(folder: Path) -> int:
+    """Free bytes on the disk that holds `folder` (or its nearest existing parent): what the disk check reads."""
+    folder = Path(folder).resolve()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def check_disk_space(outputs_dir: Path, *, image_bytes: int = 0, min_free_mb: float = MIN_FREE_DISK_MB) -> None:
+    """Raise DiskSpaceError when writing `image_bytes` into `outputs_dir` would leave less than `min_free_mb` free."""
+    free = free_disk_bytes(outputs_dir)
+    if free - image_bytes < min_free_mb * MB:
+        needed = f"{min_free_mb:,g} MB" + (f" plus the image's {image_bytes / 1024:,.0f} KB" if image_bytes else "")
+        raise DiskSpaceError(f"Not saving: the disk holding {outputs_dir} has {free / MB:,.0f} MB free, and the studio "
+                             f"keeps at least {needed} free. Free some space, point --outputs at another disk, or "
+                             "lower the margin with --min-free-disk-mb.")
+
+
 def save_image(image: Image.Image, infotext: str, extra: dict, outputs_dir: Path, seed: int,
-               now: datetime | None = None) -> Path:
+               now: datetime | None = None, *, min_free_mb: float = MIN_FREE_DISK_MB) -> Path:
     """Save `image` with its metadata as `outputs_dir/<YYYY-MM-DD>/<counter>-<seed>.png`.
 
     The counter is one more than the highest in that day's folder, starting at 00000.
     The file appears under its final name only when complete; on any error nothing is
-    left behind.
+    left behind. Refused (DiskSpaceError) when the disk would keep less than `min_free_mb` free.
     """
-    # 1. Encode first: a bad image or unserialisable `extra` fails before touching disk.
+    # 1. Encode first: a bad image or unserialisable `extra` fails before touching disk; then the disk's margin.
     png_bytes = png_bytes_with_metadata(image, infotext, extra)
+    check_disk_space(outputs_dir, image_bytes=len(png_bytes), min_free_mb=min_free_mb)
 
     # 2. Claim a counter.
     day_dir = Path(outputs_dir) / (now or datetime.now()).strftime("%Y-%m-%d")

@@ -15,7 +15,8 @@
 The translation to and from our requests is studio/a1111.py. A generation goes through the studio's own
 `Generator.submit`, so it is a job on the one device worker (pipelines/jobs.py), queued with the browser's:
 a REST call and a page never run model work at once. Errors answer as A1111's do, `{"error": kind, "detail":
-message, …}`: 422 for a bad value (named, with what is allowed), 401 without the credentials of `--auth`.
+message, …}`: 422 for a bad value (named, with what is allowed), 401 without the credentials of `--auth`, 507 when
+saving would leave the disk with less than its margin free.
 """
 
 from __future__ import annotations
@@ -132,6 +133,8 @@ def error_response(error: Exception) -> JSONResponse:
                            f"(it is {item.get('input')!r})" for item in error.errors())
     elif is_out_of_memory(error):
         status, detail = 500, f"Out of memory: {error}. Lower the size or batch."
+    elif isinstance(error, metadata.DiskSpaceError):     # the server's disk, not the request, is at fault
+        status, detail = 507, str(error)
     elif isinstance(error, ValueError):
         status, detail = 422, a1111.in_a1111_terms(str(error))
     else:

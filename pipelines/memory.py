@@ -9,12 +9,19 @@ Memory modes form a ladder, most to least VRAM (ComfyUI's high / normal / low VR
     CPU         no accelerator: everything on the CPU
 
 A CUDA out-of-memory error is retried once, one rung lower (`MemoryManager.lower`).
+
+Each request is also held to a budget (`RequestBudget`): the largest width × height × batch, in
+megapixels, the memory the studio could run it in holds. On the CPU (and MPS, whose memory is the
+RAM) that is the free RAM; on CUDA the free VRAM plus the weights already there, on the lowest rung
+the requested mode may fall to (`auto`: sequential offload, with sliced attention). A request past
+it is refused before anything is allocated, with the limit named, instead of ending in an OOM.
 """
 
 from __future__ import annotations
 
 import enum
 import gc
+import math
 import os
 from dataclasses import dataclass
 
@@ -26,6 +33,11 @@ GIB = 1024 ** 3
 # other programs, on top of the weights themselves.
 ACTIVATION_GIB_PER_MEGAPIXEL = 2.5
 CONTEXT_RESERVE_GIB = 0.8
+# Attention slicing and VAE tiling (the low and sequential rungs) keep about a quarter of the activations at once.
+SLICED_ACTIVATION_SHARE = 0.25
+# On the CPU activations are fp32, twice fp16's bytes; RAM kept free for the system and other programs.
+CPU_ACTIVATION_GIB_PER_MEGAPIXEL = 2 * ACTIVATION_GIB_PER_MEGAPIXEL
+RAM_RESERVE_GIB = 0.5
 
 
 class MemoryMode(str, enum.Enum):
@@ -96,6 +108,49 @@ def choose_mode(*, device: torch.device, requested: str, weights_bytes: int, fre
     return MemoryMode.SEQUENTIAL
 
 
+def largest_megapixels(*, mode: MemoryMode, weights_bytes: int, free_bytes: int) -> float:
+    """The most width × height × batch, in megapixels, whose estimated peak fits in `free_bytes` in `mode` (the
+    same estimate `choose_mode` climbs the ladder with). On the CPU the weights are already in the RAM that was
+    measured, so all of it is for activations."""
+    if mode is MemoryMode.CPU:
+        return max(0.0, (free_bytes - RAM_RESERVE_GIB * GIB) / (CPU_ACTIVATION_GIB_PER_MEGAPIXEL * GIB))
+    budget = free_bytes - CONTEXT_RESERVE_GIB * GIB
+    resident = {MemoryMode.HIGH: weights_bytes, MemoryMode.BALANCED: 0.75 * weights_bytes,
+                MemoryMode.LOW: 0.75 * weights_bytes, MemoryMode.SEQUENTIAL: 0.0}[mode]
+    sliced = mode in (MemoryMode.LOW, MemoryMode.SEQUENTIAL)
+    per_megapixel = ACTIVATION_GIB_PER_MEGAPIXEL * GIB * (SLICED_ACTIVATION_SHARE if sliced else 1.0)
+    return max(0.0, (budget - resident) / per_megapixel)
+
+
+@dataclass(frozen=True)
+class RequestBudget:
+    """The largest request the free memory allows: width × height × batch, in megapixels."""
+    megapixels: float
+    free_gib: float
+    memory: str          # "RAM" or "VRAM"
+    mode: MemoryMode     # the rung the limit is computed for
+
+    def check(self, *, width: int, height: int, batch_size: int) -> None:
+        """Refuse (ValueError) a request past the budget, naming the limit and what would fit."""
+        asked = width * height * batch_size / 1e6
+        if asked <= self.megapixels:
+            return
+        fitting_batch = int(self.megapixels * 1e6 // (width * height))
+        instead = f"at {width}×{height} a batch of at most {fitting_batch}" if fitting_batch >= 1 else \
+            f"one image of at most {self.largest_side()}×{self.largest_side()}"
+        raise ValueError(f"{width}×{height} × batch {batch_size} is {asked:.2f} megapixels at once, but with "
+                         f"{self.free_gib:.1f} GiB of free {self.memory} at most {self.megapixels:.2f} megapixels × "
+                         f"batch fit ({instead}). Lower the size or the batch, or free memory.")
+
+    def largest_side(self) -> int:
+        """The side of the largest square single image, in multiples of 8 px."""
+        return int(math.sqrt(self.megapixels * 1e6)) // 8 * 8
+
+    def summary(self) -> str:
+        return (f"largest request {self.megapixels:.2f} MP × batch ({self.largest_side()}² px) with "
+                f"{self.free_gib:.1f} GiB {self.memory} free")
+
+
 def weights_bytes(pipelines, *, on: str | None = None) -> int:
     """Bytes of parameters in the modules of `pipelines` (pipelines or single modules), each counted once;
     with `on` (a device type), only those that are there now."""
@@ -143,6 +198,24 @@ class MemoryManager:
             return None
         free, _ = torch.cuda.mem_get_info(self.device)
         return free
+
+    def free_ram(self) -> int:
+        """RAM the system can give without swapping (psutil's `available`): the CPU's budget."""
+        return psutil.virtual_memory().available
+
+    def budget(self, pipelines) -> RequestBudget:
+        """The largest request (megapixels × batch) that running `pipelines` leaves room for: from free RAM on the
+        CPU and MPS; on CUDA from free VRAM plus what their weights already take there, on the lowest rung the
+        requested mode may fall to (`auto`: sequential; a set mode: one below it, where an OOM is retried)."""
+        if self.device.type != "cuda":
+            free = self.free_ram()
+            return RequestBudget(largest_megapixels(mode=MemoryMode.CPU, weights_bytes=0, free_bytes=free),
+                                 free / GIB, "RAM", MemoryMode.CPU)
+        free = (self.free_vram() or 0) + weights_bytes(pipelines, on=self.device.type)
+        mode = MemoryMode.SEQUENTIAL if self.requested_mode == "auto" else \
+            MemoryMode(self.requested_mode).lower() or MemoryMode(self.requested_mode)
+        return RequestBudget(largest_megapixels(mode=mode, weights_bytes=weights_bytes(pipelines), free_bytes=free),
+                             free / GIB, "VRAM", mode)
 
     def mode_for(self, pipelines, *, width: int, height: int, batch_size: int = 1) -> MemoryMode:
         """The mode the requested setting (or `auto`) gives for running `pipelines` at this size. The budget

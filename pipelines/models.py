@@ -22,7 +22,7 @@ from pipelines.denoise import execution_device
 from pipelines.files import sha256_hex
 from pipelines.jobs import DeviceWorker
 from pipelines.lora import LoadedLora, LoraUse, file_stamp, load_lora, lora_files
-from pipelines.memory import MemoryManager, MemoryMode, is_out_of_memory
+from pipelines.memory import MemoryManager, MemoryMode, RequestBudget, is_out_of_memory
 from pipelines.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,9 +64,11 @@ def resolve_source(spec: str, *, allowed_roots: tuple[Path, ...] | None = None,
     if looks_local:
         path = path.resolve()
         if allowed_roots is not None and not any(path.is_relative_to(root.resolve()) for root in allowed_roots):
+            # resolved: `..` and symbolic links are followed first, so neither leads out of the folders
             roots = ", ".join(str(r) for r in allowed_roots)
-            raise ModelLoadError(f"{spec!r} is outside the app's model folders ({roots}). Move or link it into "
-                                 "models/, or start the studio with `--model PATH`.")
+            raise ModelLoadError(f"{spec!r} is {path}, outside the app's model folders ({roots}); requests never "
+                                 "read outside them (links out of models/ included). Move or copy it into models/, "
+                                 "or start the studio with `--model PATH`.")
         if not path.exists():
             raise ModelLoadError(f"No model at {path}: the file or folder does not exist.")
         if path.is_file():
@@ -393,7 +395,11 @@ class ModelManager:
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         from diffusers.loaders.single_file_utils import infer_diffusers_model_type, load_single_file_checkpoint
 
-        checkpoint = load_single_file_checkpoint(str(path))
+        try:
+            checkpoint = load_single_file_checkpoint(str(path))
+        except Exception as error:   # before diffusers' config lookup, whose offline error would hide this one
+            raise ModelLoadError(f"{path.name} is not a readable checkpoint ({type(error).__name__}: {error}); it "
+                                 "may be truncated or not a model at all. Download or export it again.") from error
         model_type = infer_diffusers_model_type(checkpoint)
         del checkpoint  # from_single_file reads the file again; don't hold two copies
         pipeline_class = StableDiffusionXLPipeline if model_type.startswith("xl") else StableDiffusionPipeline
@@ -428,13 +434,20 @@ class ModelManager:
     # -- memory ----------------------------------------------------------------------------
     def fit(self, request) -> MemoryMode:
         """Place what `request` needs (its slots' weights, its size and batch) within the memory budget:
-        re-placed only when the mode this request calls for differs from the current one."""
+        refused before anything is allocated when no mode has room for it (`MemoryManager.budget`), re-placed
+        only when the mode this request calls for differs from the current one."""
         needed = [self.slots[name].pipeline for name in request.slots() if name in self.slots]
+        self.memory.budget(needed).check(width=request.width, height=request.height,
+                                         batch_size=request.model_batch())
         mode = self.memory.mode_for(needed, width=request.width, height=request.height,
                                     batch_size=request.model_batch())
         if mode is not self.memory.mode:
             self._place_all(mode)
         return mode
+
+    def budget(self) -> RequestBudget | None:
+        """The largest request the base model leaves room for now (None without a model), for the status."""
+        return self.memory.budget([self.current.pipeline]) if self.current is not None else None
 
     def set_memory_mode(self, choice: str | MemoryMode) -> MemoryMode:
         """Use memory mode `choice` (`auto` or a mode) from now on, re-placing every loaded pipeline

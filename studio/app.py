@@ -83,7 +83,7 @@ def build_app(context: StudioContext) -> gr.Blocks:
     defaults = model_defaults(context.models.current)
     with gr.Blocks(title=TITLE) as app:
         gr.Markdown(f"# {TITLE}")
-        header = gr.Markdown(context.status_markdown(), elem_id="studio-status")
+        header = gr.Markdown(context.status_markdown(), label="Studio status", elem_id="studio-status")
         with gr.Tabs() as tabs:
             with gr.Tab("Text-to-Image", id="txt2img"):
                 txt2img = build_txt2img_tab(context, defaults)
@@ -202,6 +202,11 @@ def _wire_jobs_api(context: StudioContext) -> None:
         return [{"name": name, "file": str(path.relative_to(folder)), "size_mb": round(path.stat().st_size / 1e6, 2)}
                 for name, path in lora_files(folder).items()]
 
-    gr.api(loras, api_name="loras", queue=False)
-    gr.api(job, api_name="job", queue=False)
-    gr.api(stop, api_name="stop", queue=False)
+    # a button no one sees triggers them; the hidden components name the values in the API's description
+    job_id = gr.Textbox(visible=False, label="Job id")
+    found_job = gr.JSON(visible=False, label="The job: id, kind, state, progress")
+    trigger = gr.Button(visible=False)
+    trigger.click(loras, outputs=gr.JSON(visible=False, label="LoRAs: name, file, size_mb"), api_name="loras",
+                  queue=False)
+    trigger.click(job, inputs=job_id, outputs=found_job, api_name="job", queue=False)
+    trigger.click(stop, inputs=job_id, outputs=found_job, api_name="stop", queue=False)

@@ -37,8 +37,9 @@ class StudioContext:
                     f"with `python launch.py --model ...`.  \n{stats}")
         model = self.models.current
         where = "" if model.source.kind == "embedded" else f" ({model.source.kind} `{model.source.location}`)"
+        budget = self.models.budget()
         return (f"**Model:** {model.name}{where} · hash {model.model_hash or '—'} · native size {model.native_side} px"
-                f"  \n{stats}")
+                f"  \n{stats}" + (f" · {budget.summary()}" if budget is not None else ""))
 
 
 def session_of(request: gr.Request | None) -> str | None:

@@ -3,7 +3,10 @@ what it cannot do without."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
+import pytest
 from PIL import Image
 
 from tests.test_server import server  # noqa: F401  (the launched studio, tiny model)
@@ -27,3 +30,167 @@ def test_the_forward_process_has_an_endpoint_with_the_plots_numbers(server, tmp_
     abar = curve["alphas_cumprod"][99]
     assert abs(numbers["signal_coefficient"] ** 2 - abar) < 1e-9 and abs(numbers["noise_coefficient"] ** 2 - (1 - abar)) < 1e-9
     assert np.all(np.diff(curve["alphas_cumprod"]) < 0)          # ᾱ_t falls with t
+
+
+# ----------------------------------------------------------------------------- every public endpoint
+
+# What a call may be required to pass: what the task cannot do without (and the job a job endpoint is about)
+REQUIRABLE = {"prompt", "image", "init_image", "mask", "control_image", "images", "job_id"}
+# Parameters that count something: the API must take them as whole numbers
+WHOLE_NUMBERS = {"T", "t", "size", "rank", "left", "right", "top", "bottom", "overlap", "mask_blur",
+                 "only_masked_padding", "processor_resolution"}
+PROMPT = "red apple"
+
+
+def _whole_number_fields() -> set[str]:
+    """The int fields of every request the endpoints build (steps, width, seed, batch_size, …)."""
+    import typing
+    from dataclasses import fields
+
+    from pipelines.lora_train import LoraTrainingRequest
+    from pipelines.tasks import TASKS
+
+    classes = [task.request_class for task in TASKS.values()] + [LoraTrainingRequest]
+    return {item.name for request_class in classes for item in fields(request_class)
+            if typing.get_type_hints(request_class).get(item.name) is int}
+
+
+def _endpoints(client) -> dict:
+    return client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+
+
+def test_every_public_endpoint_has_readable_typed_parameters_and_labelled_outputs(server):  # noqa: F811
+    from gradio_client import Client
+
+    url, _ = server
+    endpoints = _endpoints(Client(url, verbose=False))
+    whole = _whole_number_fields() | WHOLE_NUMBERS
+    assert {"steps", "width", "height", "seed", "batch_size", "batch_count"} <= whole
+    for name, endpoint in endpoints.items():
+        for parameter in endpoint["parameters"]:
+            where = f"{name} parameter {parameter['parameter_name']!r} ({parameter['label']})"
+            assert re.fullmatch(r"[A-Za-z]+(_[a-z]+)*", parameter["parameter_name"]), f"{where}: not a readable name"
+            assert not re.fullmatch(r"(param|parameter|value)_\d+|.*_value", parameter["parameter_name"]), where
+            assert not re.fullmatch(r"parameter_\d+", parameter["label"]), f"{where}: no label"
+            if parameter["parameter_name"] in whole:
+                assert parameter["type"].get("type") == "integer", f"{where}: a count, but typed {parameter['type']}"
+        for output in endpoint["returns"]:
+            assert not re.fullmatch(r"value_\d+|\d+(st|nd|rd|th)", output["label"]), \
+                f"{name} returns an unlabelled {output['component']}"
+
+
+def _png(path, pixels: np.ndarray) -> str:
+    Image.fromarray(pixels).save(path)
+    return str(path)
+
+
+def test_every_public_endpoint_answers_with_only_its_required_arguments(server, tmp_path, monkeypatch):  # noqa: F811
+    """Each endpoint the server lists is called with what it requires and nothing else. The embedded model is
+    loaded first: the shipped ControlNets (the default unit's model) are made for it."""
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    from pipelines.metadata import parse_infotext
+
+    url, context = server
+    monkeypatch.setattr(context.models, "models_dir", tmp_path / "models")   # the trained LoRA lands here
+    context.models.load("embedded")
+    client = Client(url, verbose=False)
+    endpoints = _endpoints(client)
+    rng = np.random.default_rng(0)
+    scribble = np.full((64, 64, 3), 255, dtype=np.uint8)
+    scribble[16:48, 30:34] = 0
+    centre = np.zeros((64, 64), dtype=np.uint8)
+    centre[24:40, 24:40] = 255
+    arguments = {"prompt": PROMPT, "control_image": handle_file(_png(tmp_path / "scribble.png", scribble)),
+                 "mask": handle_file(_png(tmp_path / "mask.png", centre)),
+                 "images": [handle_file(_png(tmp_path / f"square-{i}.png", rng.integers(0, 255, (64, 64, 3),
+                                                                                          dtype=np.uint8)))
+                            for i in range(4)]}
+    made = {}     # what /txt2img made: the job id, the image (a PNG with parameters), its infotext
+
+    def image(path) -> np.ndarray:
+        return np.asarray(Image.open(path).convert("RGB"))
+
+    def generated(out) -> None:
+        assert len(out["Images"]) == 1 and image(out["Images"][0]["image"]).std() > 2.0
+        assert "Seed" in parse_infotext(out["Generation parameters"])[2] and out["Job id"]
+
+    def txt2img(out) -> None:
+        generated(out)
+        made.update(job_id=out["Job id"], infotext=out["Generation parameters"])
+        made["image"] = sorted(context.outputs_dir.rglob("*.png"), key=lambda path: path.stat().st_mtime)[-1]
+        arguments["image"] = arguments["init_image"] = handle_file(str(made["image"]))
+        arguments["job_id"] = made["job_id"]
+
+    def inpaint(out) -> None:
+        generated(out)
+        far = np.ones((64, 64), dtype=bool)
+        far[16:48, 16:48] = False         # farther from the mask than its blur (4 px) and the latent cells
+        assert np.array_equal(image(out["Images"][0]["image"])[far], image(made["image"])[far])
+
+    def controlnet(out) -> None:
+        generated(out)
+        assert "ControlNet 0" in out["Generation parameters"]
+
+    def train_lora(out) -> None:
+        assert out["Result"]["file"] == "models/lora/my-lora.safetensors" and out["Result"]["steps"] > 0
+        assert (tmp_path / "models" / "lora" / "my-lora.safetensors").exists() and "Saved" in out["Status"]
+
+    def png_info(out) -> None:
+        assert out["Parameters"] == made["infotext"]
+        assert out["Full request and library versions (this studio's PNGs only)"]["request"]["prompt"] == PROMPT
+
+    def explorer_forward(out) -> None:
+        assert image(out["x_t in pixel space"]).shape == (64, 64, 3)
+        numbers = out["Schedules: beta_t, abar_t, log-SNR per t; the coefficients at t"]
+        assert abs(numbers["signal_coefficient"] ** 2 + numbers["noise_coefficient"] ** 2 - 1) < 1e-9
+
+    def explorer_record(out) -> None:
+        assert "Recorded" in out["Status"] and image(out["Final image"]).std() > 2.0
+        assert image(out["x_t (what the UNet sees)"]).shape == image(out["Final image"]).shape
+
+    def explorer_speculative(out) -> None:
+        rows = out["Rounds"]["value"]["data"]
+        assert rows and len(out["The image after each round"]) == len(rows) and "Seed" in out["Summary"]
+
+    def loaded(out) -> None:
+        assert out["Studio status"] == out["Model and memory"] and "**Model:** embedded" in out["Studio status"]
+
+    def unloaded(out) -> None:
+        assert "No model loaded" in out["Studio status"] and context.models.current is None
+
+    # in the order they are called: /txt2img makes the image and job the others take; unload, then load, last
+    checks = {
+        "/txt2img": txt2img,
+        "/img2img": generated,
+        "/inpaint": inpaint,
+        # which sides to extend is the outpainting itself: nothing to default to, and the error says so
+        "/outpaint": AppError("at least one side to extend: `left`, `right`, `top` and `bottom`"),
+        "/controlnet": controlnet,
+        "/png_info": png_info,
+        "/train_lora": train_lora,
+        "/loras": lambda out: [lora["name"] for lora in out["LoRAs: name, file, size_mb"]] == ["my-lora"],
+        "/explorer_forward": explorer_forward,
+        "/explorer_record": explorer_record,
+        "/explorer_speculative": explorer_speculative,
+        "/job": lambda out: out["The job: id, kind, state, progress"]["state"] == "done",
+        "/stop": lambda out: out["The job: id, kind, state, progress"]["id"] == made["job_id"],
+        "/unload_model": unloaded,
+        "/load_model": loaded,
+    }
+    assert set(endpoints) == set(checks), "public endpoints this test does not know, or no longer served: " \
+        f"{set(endpoints) ^ set(checks)}"
+    for name, check in checks.items():
+        endpoint = endpoints[name]
+        required = [p["parameter_name"] for p in endpoint["parameters"] if not p["parameter_has_default"]]
+        assert set(required) <= REQUIRABLE, f"{name} requires {set(required) - REQUIRABLE}: give them defaults"
+        call = {parameter: arguments[parameter] for parameter in required}
+        if isinstance(check, AppError):
+            with pytest.raises(AppError, match=re.escape(str(check))):
+                client.predict(**call, api_name=name)
+            continue
+        result = client.predict(**call, api_name=name)
+        result = result if len(endpoint["returns"]) > 1 else (result,)
+        out = dict(zip([output["label"] for output in endpoint["returns"]], result, strict=True))
+        assert check(out) is not False, f"{name} returned {out}"

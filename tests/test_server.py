@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import launch
-from pipelines.metadata import parse_infotext, read_png_metadata
+from pipelines.metadata import infotext_to_settings, parse_infotext, read_png_metadata
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -398,22 +398,25 @@ def test_api_samples_speculatively_and_the_explorer_draws_its_rounds(server):
     assert rows[-1][7] == 16 and len(rounds) == len(rows)
 
 
-def _tiny_controlnet(context, tmp_path, monkeypatch) -> None:
-    """A seeded tiny ControlNet for the server's tiny model, as models/controlnet/tiny-cn."""
+def _tiny_controlnet(context, tiny_model_dir, tmp_path, monkeypatch) -> None:
+    """A seeded tiny ControlNet for the server's tiny model, as models/controlnet/tiny-cn. It is copied from the
+    UNet as saved: the served one may carry LoRA adapters from earlier tests."""
+    from diffusers import UNet2DConditionModel
+
     from recipe.tiny import build_tiny_controlnet
 
     monkeypatch.setattr(context.models, "models_dir", tmp_path / "models")
-    build_tiny_controlnet(context.models.current.pipeline.unet).save_pretrained(
+    build_tiny_controlnet(UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")).save_pretrained(
         tmp_path / "models" / "controlnet" / "tiny-cn")
 
 
-def test_api_controlnet_takes_a_control_image_and_more_units_as_json(server, tmp_path, monkeypatch):
+def test_api_controlnet_takes_a_control_image_and_more_units_as_json(server, tiny_model_dir, tmp_path, monkeypatch):
     import base64
 
     from gradio_client import Client, handle_file
 
     url, context = server
-    _tiny_controlnet(context, tmp_path, monkeypatch)
+    _tiny_controlnet(context, tiny_model_dir, tmp_path, monkeypatch)
     control = Image.new("RGB", (64, 64), "white")
     control.paste((0, 0, 0), (20, 10, 44, 54))
     control.save(tmp_path / "control.png")
@@ -433,11 +436,11 @@ def test_api_controlnet_takes_a_control_image_and_more_units_as_json(server, tmp
     plain, *_ = client.predict(prompt="red apple", steps=4, seed=21, api_name="/txt2img")   # still serving
 
 
-def test_browser_draws_a_scribble_and_generates_with_control(server, browser, tmp_path, monkeypatch):
+def test_browser_draws_a_scribble_and_generates_with_control(server, browser, tiny_model_dir, tmp_path, monkeypatch):
     from pipelines.tasks import Txt2ImgRequest
 
     url, context = server
-    _tiny_controlnet(context, tmp_path, monkeypatch)
+    _tiny_controlnet(context, tiny_model_dir, tmp_path, monkeypatch)
     page = _page_on_tab(browser, url, "ControlNet")
     page.get_by_role("tab", name="Draw").first.click()
     page.locator("#controlnet-0-sketch button[aria-label=Brush]").click()
@@ -464,10 +467,9 @@ def test_browser_draws_a_scribble_and_generates_with_control(server, browser, tm
     infotext = page.locator("#controlnet-infotext textarea").input_value()
     assert 'ControlNet 0: "Module: invert, Model: tiny-cn' in infotext     # drawing picked the invert preprocessor
     steered = Image.open(sorted(context.outputs_dir.rglob("*-4321.png"))[-1]).convert("RGB")
-    _, _, parameters = parse_infotext(infotext)
-    width, height = map(int, parameters["Size"].split("x"))
-    plain = context.generator.generate(Txt2ImgRequest(
-        prompt="red apple", seed=4321, steps=int(parameters["Steps"]), sampler=parameters["Sampler"],
-        guidance_scale=float(parameters["CFG scale"]), width=width, height=height)).images[0].image
+    settings = infotext_to_settings(parse_infotext(infotext)[2])
+    plain = context.generator.generate(Txt2ImgRequest(prompt="red apple", **{
+        name: settings[name] for name in ("seed", "steps", "sampler", "guidance_scale", "width", "height")}))
+    plain = plain.images[0].image
     assert np.abs(np.asarray(steered, np.int16) - np.asarray(plain, np.int16)).mean() > 3   # the drawing steered it
     page.close()

@@ -97,7 +97,7 @@ def _unit_panel(context: StudioContext, number: int) -> UnitPanel:
     with gr.Row():
         pixel_perfect = gr.Checkbox(value=True, label="Pixel perfect",
                                     info="preprocess at the generation's size")
-        resolution = gr.Slider(64, 2048, value=512, step=8, label="Preprocessor resolution",
+        resolution = gr.Slider(64, 2048, value=512, step=8, precision=0, label="Preprocessor resolution",
                                info="used when pixel perfect is off")
     settings = {"preprocessor": preprocessor, "model": model, "weight": weight, "start": start, "end": end,
                 "control_mode": control_mode, "resize_mode": resize_mode, "pixel_perfect": pixel_perfect,
@@ -151,8 +151,8 @@ def _controlnet_controls(context: StudioContext, panels: list) -> TaskControls:
                                  info="only with an init image")
     first = panels[0].settings
     hidden = {name: type(component)(visible=False, **_kept(component)) for name, component in first.items()}
-    fields = {"control_image": gr.Image(type="pil", visible=False), **hidden,
-              "more_units": gr.JSON(visible=False, value=[]), "init_image": init_image, "strength": strength}
+    fields = {"control_image": gr.Image(type="pil", visible=False, label="Control image"), **hidden,
+              "more_units": gr.JSON(visible=False, value=[], label="More units (image as base64, and unit settings)"), "init_image": init_image, "strength": strength}
     page = {name: component for number, panel in enumerate(panels) for name, component in panel.page(number).items()}
     return TaskControls(fields, page=page, to_fields=_page_to_fields, image_input=panels[0].upload,
                         restore=lambda settings: _restored_units(panels, settings))
@@ -166,7 +166,8 @@ def _kept(component) -> dict:
         if isinstance(component, gr.Dropdown):
             kept["allow_custom_value"] = True
     if isinstance(component, gr.Slider):
-        kept |= {"minimum": component.minimum, "maximum": component.maximum, "step": component.step}
+        kept |= {"minimum": component.minimum, "maximum": component.maximum, "step": component.step,
+                 "precision": component.precision}
     return kept
 
 

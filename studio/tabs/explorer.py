@@ -205,9 +205,9 @@ def _layout_forward() -> ForwardTab:
                                          label="Schedules (the first checked one noises the image)",
                                          info="model: the loaded model's own betas",
                                          elem_id="explorer-forward-schedules")
-            num_steps = gr.Slider(10, forward.MAX_NUM_STEPS, value=forward.DEFAULT_NUM_STEPS, step=1, label="T",
-                                  elem_id="explorer-forward-T")
-            t = gr.Slider(0, forward.DEFAULT_NUM_STEPS - 1, value=250, step=1, label="t",
+            num_steps = gr.Slider(10, forward.MAX_NUM_STEPS, value=forward.DEFAULT_NUM_STEPS, step=1, precision=0,
+                                  label="T", elem_id="explorer-forward-T")
+            t = gr.Slider(0, forward.DEFAULT_NUM_STEPS - 1, value=250, step=1, precision=0, label="t",
                           elem_id="explorer-forward-t")
             seed = gr.Number(value=0, precision=0, label="Noise seed (the fixed ε)")
         with gr.Column(scale=3):
@@ -216,7 +216,7 @@ def _layout_forward() -> ForwardTab:
                                  elem_id="explorer-forward-pixel", **PIXELS)
                 latent = gr.Image(label="x_t in latent space (decoded by the model's VAE)", interactive=False,
                                   height=256, elem_id="explorer-forward-latent", **PIXELS)
-            caption = gr.Markdown(elem_id="explorer-forward-caption")
+            caption = gr.Markdown(label="Caption", elem_id="explorer-forward-caption")
             _formulas(forward.FORMULAS)
     plot = gr.Plot(label="Schedules", elem_id="explorer-forward-plot")
     histogram = gr.Plot(label="Values of x_t against theory", elem_id="explorer-forward-histogram")
@@ -343,12 +343,14 @@ def _layout_reverse(side: int) -> ReverseTab:
     with gr.Row():
         settings["sampler"] = gr.Dropdown(list(STEPWISE_SAMPLER_NAMES), value=DEFAULT_SAMPLER, label="Sampler",
                                           elem_id="explorer-sampler")
-        settings["steps"] = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps", elem_id="explorer-steps")
+        settings["steps"] = gr.Slider(1, MAX_STEPS, value=20, step=1, precision=0, label="Steps",
+                                      elem_id="explorer-steps")
         settings["guidance_scale"] = gr.Slider(1.0, 20.0, value=7.5, step=0.5, label="CFG scale",
                                                info="1 turns guidance off", elem_id="explorer-cfg")
         settings["seed"] = gr.Number(value=-1, precision=0, label="Seed", info="-1 draws one", elem_id="explorer-seed")
-        settings["size"] = gr.Slider(64, 1024, value=side, step=8, label="Size (px)", elem_id="explorer-size")
-    status = gr.Markdown(elem_id="explorer-status")
+        settings["size"] = gr.Slider(64, 1024, value=side, step=8, precision=0, label="Size (px)",
+                                     elem_id="explorer-size")
+    status = gr.Markdown(label="Status", elem_id="explorer-status")
     player = _layout_player()
     with gr.Accordion("Branch: change the settings from this step on", open=False):
         branch = _layout_branch()
@@ -367,14 +369,15 @@ def _layout_reverse(side: int) -> ReverseTab:
 
 def _layout_player() -> Player:
     with gr.Row():
-        step = gr.Slider(0, 1, value=0, step=1, label="Step (0: pure noise)", scale=4, elem_id="explorer-step-slider")
+        step = gr.Slider(0, 1, value=0, step=1, precision=0, label="Step (0: pure noise)", scale=4,
+                         elem_id="explorer-step-slider")
         previous = gr.Button("Step −", scale=0, min_width=80, elem_id="explorer-step-prev")
         play = gr.Button("▶ Play", scale=0, min_width=80, elem_id="explorer-play")
         pause = gr.Button("Pause", scale=0, min_width=80, elem_id="explorer-pause")
         following = gr.Button("Step +", scale=0, min_width=80, elem_id="explorer-step-next")
     noise_kind = gr.Radio(NOISE_CHOICES, value="eps_guided", label="Noise prediction shown",
                           elem_id="explorer-noise-kind")
-    info = gr.Markdown(elem_id="explorer-step-info")
+    info = gr.Markdown(label="The step shown", elem_id="explorer-step-info")
     with gr.Row():
         x_t = gr.Image(label="x_t (what the UNet sees)", interactive=False, height=256, elem_id="explorer-frame",
                        **PIXELS)
@@ -442,15 +445,16 @@ def _layout_speculative() -> SpeculativePanel:
     with gr.Row():
         inputs["draft"] = gr.Dropdown(list(DRAFTS), value=FROZEN_X0_DRAFT, label="Draft",
                                       elem_id="explorer-speculative-draft")
-        inputs["draft_length"] = gr.Slider(1, MAX_DRAFT_LENGTH, value=DEFAULT_DRAFT_LENGTH, step=1,
+        inputs["draft_length"] = gr.Slider(1, MAX_DRAFT_LENGTH, value=DEFAULT_DRAFT_LENGTH, step=1, precision=0,
                                            label="Draft length L", elem_id="explorer-speculative-length")
         button = gr.Button("Run speculative", variant="primary", elem_id="explorer-speculative-run")
-    status = gr.Markdown(elem_id="explorer-speculative-status")
+    status = gr.Markdown(label="Summary", elem_id="explorer-speculative-status")
     timeline = gr.Image(label="Rounds and target calls", interactive=False, format="png",
                         elem_id="explorer-speculative-timeline")
     rounds = gr.Gallery(label="The image after each round", columns=8, height="auto", object_fit="contain",
                         elem_id="explorer-speculative-rounds")
-    table = gr.Dataframe(headers=list(ROUND_COLUMNS), interactive=False, elem_id="explorer-speculative-table")
+    table = gr.Dataframe(headers=list(ROUND_COLUMNS), interactive=False, label="Rounds",
+                         elem_id="explorer-speculative-table")
     return SpeculativePanel(inputs=inputs, button=button, status=status, timeline=timeline, rounds=rounds,
                             table=table)
 
@@ -500,8 +504,10 @@ def _wire_record(explorer: Explorer, tab: ReverseTab) -> None:
     player, changes = tab.player, tab.branch.changes
 
     @user_errors
-    def record_reverse(noise_kind, request: gr.Request = None, **settings) -> Iterator[dict]:
-        job = explorer.record(_request(**settings), owner=session_of(request))
+    def record_reverse(prompt: str, negative_prompt: str | None = None, noise_kind: str = "eps_guided",
+                       request: gr.Request = None, **settings) -> Iterator[dict]:
+        job = explorer.record(_request(prompt=prompt, negative_prompt=negative_prompt, **settings),
+                              owner=session_of(request))
         yield {tab.job_id: job.id}
         trace = yield from _follow(job, tab.status, "Recording step {done} of {total}…")
         if trace is None:

@@ -14,6 +14,7 @@ and a reloaded page picks the running job up again.
 from __future__ import annotations
 
 import inspect
+import itertools
 import typing
 from collections.abc import Callable, Iterator
 from dataclasses import MISSING, dataclass, field, fields
@@ -68,9 +69,14 @@ class GenerationTab:
     own: TaskControls = field(default_factory=lambda: TaskControls({}))
 
     @property
+    def api_results(self) -> list:
+        """What the API returns, in order: images, infotext, status, job id."""
+        return [self.gallery, self.infotext, self.status, self.job_id]
+
+    @property
     def results(self) -> list:
-        """What a generation returns, in the API's order: images, infotext, status, job id (then page state)."""
-        return [self.gallery, self.infotext, self.status, self.job_id, self.infotexts, self.selected, self.saved_job]
+        """What a generation updates on the page: the API's results, then the page's state."""
+        return [*self.api_results, self.infotexts, self.selected, self.saved_job]
 
 
 def request_from_controls(task: str, values: dict) -> SamplingSettings:
@@ -123,14 +129,14 @@ def _sampling_controls(task: str, defaults: dict) -> dict:
         names = SAMPLER_NAMES if task == "txt2img" else STEPWISE_SAMPLER_NAMES
         controls["sampler"] = gr.Dropdown(list(names), value=defaults.get("sampler", DEFAULT_SAMPLER),
                                           label="Sampler")
-        controls["steps"] = gr.Slider(1, MAX_STEPS, value=defaults.get("steps", 25), step=1, label="Steps",
-                                      elem_id=f"{task}-steps")
+        controls["steps"] = gr.Slider(1, MAX_STEPS, value=defaults.get("steps", 25), step=1, precision=0,
+                                      label="Steps", elem_id=f"{task}-steps")
     if task == "txt2img":   # DDPM speculative's settings, shown when it is picked
         with gr.Row(visible=defaults.get("sampler") == SPECULATIVE_SAMPLER) as speculative_row:
             controls["draft"] = gr.Dropdown(list(DRAFTS), value=FROZEN_X0_DRAFT, label="Draft",
                                             info="what proposes the steps the model verifies; the image's law is "
                                                  "DDPM's whichever you pick")
-            controls["draft_length"] = gr.Slider(1, MAX_DRAFT_LENGTH, value=DEFAULT_DRAFT_LENGTH, step=1,
+            controls["draft_length"] = gr.Slider(1, MAX_DRAFT_LENGTH, value=DEFAULT_DRAFT_LENGTH, step=1, precision=0,
                                                  label="Draft length L", info="steps proposed per model call")
         controls["sampler"].change(lambda sampler: gr.Row(visible=sampler == SPECULATIVE_SAMPLER),
                                    controls["sampler"], speculative_row, api_visibility="private", queue=False)
@@ -140,10 +146,10 @@ def _sampling_controls(task: str, defaults: dict) -> dict:
         controls["guidance_rescale"] = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="Guidance rescale")
     with gr.Row():
         native = size_hint(defaults.get("native_side"))
-        controls["width"] = gr.Slider(64, MAX_SIDE, value=defaults.get("width", 512), step=8, label="Width",
-                                      info=native)
-        controls["height"] = gr.Slider(64, MAX_SIDE, value=defaults.get("height", 512), step=8, label="Height",
-                                       info=native)
+        controls["width"] = gr.Slider(64, MAX_SIDE, value=defaults.get("width", 512), step=8, precision=0,
+                                      label="Width", info=native)
+        controls["height"] = gr.Slider(64, MAX_SIDE, value=defaults.get("height", 512), step=8, precision=0,
+                                       label="Height", info=native)
     return controls
 
 
@@ -181,10 +187,10 @@ def build_generation_tab(context: StudioContext, task: str, defaults: dict,
                 dice = gr.Button("🎲", scale=0, min_width=48)
                 reuse = gr.Button("♻️", scale=0, min_width=48)
             with gr.Row():
-                controls["batch_size"] = gr.Slider(1, MAX_BATCH, value=1, step=1, label="Batch size")
-                controls["batch_count"] = gr.Slider(1, 16, value=1, step=1, label="Batch count")
+                controls["batch_size"] = gr.Slider(1, MAX_BATCH, value=1, step=1, precision=0, label="Batch size")
+                controls["batch_count"] = gr.Slider(1, 16, value=1, step=1, precision=0, label="Batch count")
                 controls["preview_every"] = gr.Slider(0, 50, value=defaults.get("preview_every", 1), step=1,
-                                                      label="Preview every N steps", info="0 = off")
+                                                      precision=0, label="Preview every N steps", info="0 = off")
             # one sampler's settings come last in the API's parameter order, after what every sampler takes
             for name in ("draft", "draft_length"):
                 if name in controls:
@@ -193,7 +199,7 @@ def build_generation_tab(context: StudioContext, task: str, defaults: dict,
             gallery = gr.Gallery(label="Images", columns=3, height=460, object_fit="contain", allow_preview=False,
                                  elem_id=f"{task}-gallery", elem_classes=["studio-pixels"], format="png",
                                  interactive=False)
-            status = gr.Markdown(elem_id=f"{task}-status")
+            status = gr.Markdown(label="Status", elem_id=f"{task}-status")
             infotext = gr.Textbox(label="Generation parameters", lines=4, elem_id=f"{task}-infotext",
                                   buttons=["copy"])
             job_id = gr.Textbox(label="Job id", visible=False, elem_id=f"{task}-job")
@@ -211,8 +217,8 @@ def build_generation_tab(context: StudioContext, task: str, defaults: dict,
 def wire_generation(context: StudioContext, tab: GenerationTab, *, task: str, button: gr.Button,
                     controls: dict, own: TaskControls) -> None:
     """`button` generates `task` from `controls` (request field -> component) into `tab`'s results, as a job;
-    the API endpoint named after the task takes the same fields."""
-    def handler(to_fields):
+    the API endpoint named after the task takes the same fields and returns `tab.api_results`."""
+    def handler(to_fields, outputs: list):
         @user_errors
         def run(request: gr.Request = None, **values) -> Iterator[dict]:
             generation = request_from_controls(task, to_fields(values) if to_fields else values)
@@ -220,21 +226,20 @@ def wire_generation(context: StudioContext, tab: GenerationTab, *, task: str, bu
             waiting = len([other for other in context.worker.jobs() if other.state is JobState.QUEUED
                            and other is not job])
             # the job id goes out at once, so that Stop (and an API client) can name the job while it waits
-            yield {tab.job_id: job.id, tab.saved_job: job.id,
-                   tab.status: f"Queued behind {waiting} job(s)…" if waiting > 0 else "Starting…"}
-            yield from follow_job(tab, job)
+            started = {tab.job_id: job.id, tab.saved_job: job.id,
+                       tab.status: f"Queued behind {waiting} job(s)…" if waiting > 0 else "Starting…"}
+            for update in itertools.chain([started], follow_job(tab, job)):
+                yield {component: value for component, value in update.items() if component in outputs}
         return run
 
-    api = handler(None)
-    api.__signature__ = _api_signature(TASKS[task].request_class, controls)
-    if not own.page:
-        button.click(api, inputs_kwargs=controls, outputs=tab.results, api_name=task, **JOB_QUEUE)
-        return
     page_controls = {name: c for name, c in controls.items() if name not in own.fields or c.visible} | own.page
-    button.click(handler(own.to_fields), inputs_kwargs=page_controls, outputs=tab.results,
-                 api_visibility="private", **JOB_QUEUE)
-    # the API's own trigger: a button no one sees, on the request's fields
-    gr.Button(visible=False, render=True).click(api, inputs_kwargs=controls, outputs=tab.results, api_name=task,
+    button.click(handler(own.to_fields, tab.results), inputs_kwargs=page_controls if own.page else controls,
+                 outputs=tab.results, api_visibility="private", **JOB_QUEUE)
+    # the API's own trigger: a button no one sees, on the request's fields; the page's state (the job id in
+    # the browser's storage) is no business of a script
+    api = handler(None, tab.api_results)
+    api.__signature__ = _api_signature(TASKS[task].request_class, controls)
+    gr.Button(visible=False, render=True).click(api, inputs_kwargs=controls, outputs=tab.api_results, api_name=task,
                                                 **JOB_QUEUE)
 
 

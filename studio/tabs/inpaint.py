@@ -63,9 +63,9 @@ def _inpaint_controls() -> TaskControls:
     mask_upload = gr.Image(label="…or upload a mask (white = repaint)", type="pil", image_mode=None,
                            elem_id="inpaint-mask", height=140)
     with gr.Row():
-        mask_blur = gr.Slider(0, MAX_MASK_BLUR, value=4, step=1, label="Mask blur (px)",
+        mask_blur = gr.Slider(0, MAX_MASK_BLUR, value=4, step=1, precision=0, label="Mask blur (px)",
                               info="the feather of the paste-back, outside the mask")
-        padding = gr.Slider(0, MAX_PADDING, value=32, step=1, label="Only masked padding (px)")
+        padding = gr.Slider(0, MAX_PADDING, value=32, step=1, precision=0, label="Only masked padding (px)")
     mask_mode = gr.Radio(list(MASK_MODES), value=MASK_MODES[0], label="Mask mode")
     masked_content = gr.Radio(list(MASKED_CONTENT), value="original", label="Masked content",
                               info="what the masked part starts from")
@@ -75,8 +75,8 @@ def _inpaint_controls() -> TaskControls:
         strength = gr.Slider(0.0, 1.0, value=0.75, step=0.01, label="Denoising strength")
         soft = gr.Checkbox(value=False, label="Soft inpainting",
                            info="grey in the mask is a per-pixel strength (differential diffusion)")
-    fields = {"init_image": gr.Image(type="pil", visible=False),
-              "mask": gr.Image(type="pil", image_mode=None, visible=False),
+    fields = {"init_image": gr.Image(type="pil", visible=False, label="Input image"),
+              "mask": gr.Image(type="pil", image_mode=None, visible=False, label="Mask (white = repaint)"),
               "mask_blur": mask_blur, "mask_mode": mask_mode, "masked_content": masked_content,
               "inpaint_area": inpaint_area, "only_masked_padding": padding, "strength": strength,
               "soft_inpainting": soft}
@@ -113,17 +113,17 @@ def _build_xray(context: StudioContext, tab: GenerationTab) -> None:
 def _build_outpaint(context: StudioContext, tab: GenerationTab) -> None:
     with gr.Accordion("Outpaint: extend the canvas", open=False):
         with gr.Row():
-            sides = {side: gr.Slider(0, MAX_EXTEND, value=0, step=8,
+            sides = {side: gr.Slider(0, MAX_EXTEND, value=0, step=8, precision=0,
                                      label=f"{side.capitalize()} (px)") for side in ("left", "right", "top", "bottom")}
         with gr.Row():
             prefill = gr.Radio(list(PREFILLS), value="blur", label="Pre-fill the new area",
                                info="edge: stretch the border pixels; blur: blurred surroundings")
-            overlap = gr.Slider(0, 64, value=8, step=1, label="Overlap (px)",
+            overlap = gr.Slider(0, 64, value=8, step=1, precision=0, label="Overlap (px)",
                                 info="a band of the original repainted with the new area; the original comes back")
         with gr.Row():   # its own: outpainting wants other defaults than inpainting
             area = gr.Radio(list(INPAINT_AREAS), value="Only masked", label="Inpaint area",
                             info="only masked: the new side's box at the model's size")
-            blur = gr.Slider(0, MAX_MASK_BLUR, value=8, step=1, label="Feather (px)",
+            blur = gr.Slider(0, MAX_MASK_BLUR, value=8, step=1, precision=0, label="Feather (px)",
                              info="the new area fades in from the pre-fill over this")
             strength = gr.Slider(0.0, 1.0, value=0.9, step=0.01, label="Denoising strength")
             outpaint = gr.Button("Outpaint", variant="primary", elem_id="outpaint-generate")

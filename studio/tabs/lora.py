@@ -8,6 +8,7 @@ id is kept in the browser, so a reloaded page follows the run again.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,8 +44,14 @@ class LoraTab:
     saved_job: gr.BrowserState
 
     @property
+    def api_outputs(self) -> list:
+        """What `/train_lora` returns, in order: status, loss, samples, result, job id."""
+        return [self.status, self.loss, self.samples, self.result, self.job_id]
+
+    @property
     def outputs(self) -> list:
-        return [self.status, self.loss, self.samples, self.result, self.job_id, self.saved_job]
+        """What training updates on the page: the API's outputs, then the job id in the browser's storage."""
+        return [*self.api_outputs, self.saved_job]
 
 
 def build_lora_tab(context: StudioContext) -> LoraTab:
@@ -70,12 +77,13 @@ def _layout() -> LoraTab:
                                     elem_id="lora-captions")
             with gr.Row():
                 settings = {"name": gr.Textbox(value="my-lora", label="LoRA name", elem_id="lora-name"),
-                            "trigger": gr.Textbox(label="Trigger word", placeholder="e.g. pencil style",
+                            "trigger": gr.Textbox(value="", label="Trigger word", placeholder="e.g. pencil style",
                                                   elem_id="lora-trigger")}
             with gr.Row():
-                settings["steps"] = gr.Slider(10, 3000, value=300, step=10, label="Steps", elem_id="lora-steps")
-                settings["rank"] = gr.Slider(1, 64, value=8, step=1, label="Rank")
-                settings["batch_size"] = gr.Slider(1, 16, value=4, step=1, label="Batch size")
+                settings["steps"] = gr.Slider(10, 3000, value=300, step=10, precision=0, label="Steps",
+                                              elem_id="lora-steps")
+                settings["rank"] = gr.Slider(1, 64, value=8, step=1, precision=0, label="Rank")
+                settings["batch_size"] = gr.Slider(1, 16, value=4, step=1, precision=0, label="Batch size")
             with gr.Accordion("More settings", open=False):
                 with gr.Row():
                     settings["learning_rate"] = gr.Number(value=5e-4, label="Learning rate")
@@ -96,7 +104,7 @@ def _layout() -> LoraTab:
                 resume = gr.Button("Resume", elem_id="lora-resume")
                 stop = gr.Button("Stop", variant="stop", elem_id="lora-stop")
         with gr.Column(scale=3):
-            status = gr.Markdown(elem_id="lora-status")
+            status = gr.Markdown(label="Status", elem_id="lora-status")
             loss = gr.LinePlot(x="step", y="loss", color="curve", label="Loss", elem_id="lora-loss", height=260)
             samples = gr.Gallery(label="Samples: step 0 and the latest, same prompts and seeds", columns=4, height=300,
                                  allow_preview=False, interactive=False, elem_id="lora-samples",
@@ -134,18 +142,22 @@ def training_request(files, captions, settings: dict) -> LoraTrainingRequest:
 
 
 def _wire_training(context: StudioContext, tab: LoraTab) -> None:
-    @user_errors
-    def train_lora_job(images=None, folder=None, captions=None, request: gr.Request = None,
-                       **settings) -> Iterator[dict]:
-        if not images and folder:
-            images = dataset_folder(folder, context.models.models_dir)
-        training = training_request(images, captions, settings)
-        models = context.models
-        runs = models.lora_dir / ".runs"      # checkpoints of unfinished runs, beside the LoRAs
-        job = context.worker.submit(lambda job: train_lora(models, training, job, cache_dir=runs),
-                                    kind="train-lora", priority=Priority.BACKGROUND, owner=session_of(request))
-        yield {tab.job_id: job.id, tab.saved_job: job.id, tab.status: "Preparing the data…"}
-        yield from follow_training(tab, job)
+    def trainer(outputs: list):
+        # `images` has no default: the API requires it (None with a `folder` instead)
+        @user_errors
+        def train_lora_job(images, folder=None, captions=None, request: gr.Request = None,
+                           **settings) -> Iterator[dict]:
+            if not images and folder:
+                images = dataset_folder(folder, context.models.models_dir)
+            training = training_request(images, captions, settings)
+            models = context.models
+            runs = models.lora_dir / ".runs"      # checkpoints of unfinished runs, beside the LoRAs
+            job = context.worker.submit(lambda job: train_lora(models, training, job, cache_dir=runs),
+                                        kind="train-lora", priority=Priority.BACKGROUND, owner=session_of(request))
+            started = {tab.job_id: job.id, tab.saved_job: job.id, tab.status: "Preparing the data…"}
+            for update in itertools.chain([started], follow_training(tab, job)):
+                yield {component: value for component, value in update.items() if component in outputs}
+        return train_lora_job
 
     def control(job_id, action: str):
         job = context.find_job(job_id)
@@ -156,7 +168,11 @@ def _wire_training(context: StudioContext, tab: LoraTab) -> None:
                              "resume": "Resumed…", "cancel": "Stopping after this step; the LoRA is saved."}[action]}
 
     inputs = {"images": tab.files, "folder": tab.folder, "captions": tab.captions, **tab.settings}
-    tab.train.click(train_lora_job, inputs_kwargs=inputs, outputs=tab.outputs, api_name="train_lora", **QUEUE)
+    tab.train.click(trainer(tab.outputs), inputs_kwargs=inputs, outputs=tab.outputs, api_visibility="private",
+                    **QUEUE)
+    # the API's own trigger, which leaves the browser's storage alone
+    gr.Button(visible=False).click(trainer(tab.api_outputs), inputs_kwargs=inputs, outputs=tab.api_outputs,
+                                   api_name="train_lora", **QUEUE)
     for button, action in ((tab.pause, "pause"), (tab.resume, "resume"), (tab.stop, "cancel")):
         button.click(lambda job_id, action=action: control(job_id, action), inputs=tab.job_id,
                      outputs={tab.status}, queue=False, api_visibility="private")

@@ -46,15 +46,15 @@ def build_models_tab(context: StudioContext, *, header: gr.Markdown) -> ModelsTa
     mode = gr.Radio(MODE_CHOICES, value=context.models.memory.requested_mode, label="Memory mode (GPU only)",
                     info="high: all on GPU · balanced: model offload · low: + attention slicing, VAE tiling · "
                          "sequential: layer-by-layer offload")
-    status = gr.Markdown(context.status_markdown(), elem_id="models-status")
+    status = gr.Markdown(context.status_markdown(), label="Model and memory", elem_id="models-status")
     statuses = {status, header}
 
     def both(markdown: str) -> dict:
         return {status: markdown, header: markdown}
 
     @user_errors
-    def load_model(choice, typed, progress=gr.Progress()):
-        spec = (typed or "").strip() or choice
+    def load_model(model, hub_id_or_path=None, progress=gr.Progress()):
+        spec = (hub_id_or_path or "").strip() or model
         progress(0, desc=f"Loading {spec}…")
         context.models.load(spec, from_ui=True)
         context.startup_error = ""

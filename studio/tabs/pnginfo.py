@@ -40,13 +40,13 @@ def build_pnginfo_tab() -> PngInfoTab:
                 to_controlnet = gr.Button("Send to ControlNet", elem_id="pnginfo-to-controlnet")
 
     @user_errors
-    def read(path):
-        if not path:
+    def read(image):
+        if not image:
             return {infotext: "", details: None, shown: None}
-        text, extra = read_png_metadata(path)
+        text, extra = read_png_metadata(image)
         if text is None:
             gr.Warning("This PNG carries no generation parameters.")
-        return {infotext: text or "", details: json.loads(json.dumps(extra)) if extra else None, shown: path}
+        return {infotext: text or "", details: json.loads(json.dumps(extra)) if extra else None, shown: image}
 
     upload.change(read, inputs=upload, outputs=[infotext, details, shown], api_name="png_info")
     return PngInfoTab(file=upload, infotext=infotext, to_txt2img=to_txt2img, to_img2img=to_img2img,

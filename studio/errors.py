@@ -3,6 +3,10 @@
 Bad input (ValueError, ModelLoadError) becomes a `gr.Error` with the message as written by the
 pipeline layer, which says what was received and what to do. Anything unexpected is logged
 with its traceback and shown plainly; the worker and the app keep serving either way.
+
+Gradio reads an API call's values into its components before a handler runs (a slider's range, a
+dropdown's choices, an uploaded file as an image), in words that name neither the setting nor,
+for a file it cannot read, what is wrong with it; `name_input_errors` makes them name both.
 """
 
 from __future__ import annotations
@@ -49,3 +53,32 @@ def user_errors(handler):
         except Exception as error:
             raise _as_gr_error(error) from error
     return wrapper
+
+
+def name_input_errors(controls: dict) -> None:
+    """Make each control's input errors name its request field (`controls`: field -> component) and what it takes.
+    The components are ours, built for this app: their own `preprocess` is wrapped, not Gradio's classes."""
+    for name, component in controls.items():
+        component.preprocess = _named_preprocess(name, component, component.preprocess)
+
+
+def _named_preprocess(name: str, component, preprocess):
+    @functools.wraps(preprocess)
+    def named(payload):
+        try:
+            return preprocess(payload)
+        except Exception as error:
+            raise gr.Error(_input_message(name, component, payload, error)) from error
+    return named
+
+
+def _input_message(name: str, component, payload, error: Exception) -> str:
+    if isinstance(component, (gr.Slider, gr.Number)):
+        low, high = component.minimum, component.maximum
+        if low is not None and high is not None:
+            return f"`{name}` must be a number from {low:g} to {high:g} but is {payload!r}."
+        return f"`{name}` must be a number but is {payload!r}."
+    if isinstance(component, (gr.Image, gr.ImageEditor)):
+        return (f"`{name}` could not be read as an image ({type(error).__name__}: {error}); it may be damaged, "
+                "truncated or not an image at all. Upload a PNG, JPEG or WebP file.")
+    return f"`{name}`: {error}"    # a dropdown's or radio's choices, in Gradio's words

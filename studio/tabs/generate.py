@@ -23,13 +23,14 @@ import gradio as gr
 
 from pipelines.jobs import Job, JobCancelled, JobState
 from pipelines.lora import lora_files
-from pipelines.metadata import infotext_key, infotext_to_settings_and_dropped, parse_infotext
+from pipelines.metadata import (clamp_to_request_limits, infotext_key, infotext_to_settings_and_dropped,
+                                parse_infotext)
 from pipelines.requests import GeneratedImage, GenerationDone, Preview
 from pipelines.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES, STEPWISE_SAMPLER_NAMES
 from pipelines.speculative import DEFAULT_DRAFT_LENGTH, DRAFTS, FROZEN_X0_DRAFT, MAX_DRAFT_LENGTH, SPECULATIVE_SAMPLER
 from pipelines.tasks import MAX_BATCH, MAX_SIDE, MAX_STEPS, TASKS, SamplingSettings, draw_seed
 from studio.context import StudioContext, session_of
-from studio.errors import user_errors
+from studio.errors import name_input_errors, user_errors
 
 # Generations are hardly held in Gradio's queue: each becomes a job at once, and the device worker runs
 # jobs one at a time (pipelines/jobs.py), so a waiting generation already has a job id to stop it by.
@@ -237,6 +238,7 @@ def wire_generation(context: StudioContext, tab: GenerationTab, *, task: str, bu
                  outputs=tab.results, api_visibility="private", **JOB_QUEUE)
     # the API's own trigger: a button no one sees, on the request's fields; the page's state (the job id in
     # the browser's storage) is no business of a script
+    name_input_errors(controls)
     api = handler(None, tab.api_results)
     api.__signature__ = _api_signature(TASKS[task].request_class, controls)
     gr.Button(visible=False, render=True).click(api, inputs_kwargs=controls, outputs=tab.api_results, api_name=task,
@@ -376,6 +378,9 @@ def settings_from_infotext(text: str, tab: GenerationTab) -> dict:
     if not parameters:
         raise gr.Error("These are not generation parameters: no `Steps: …, Sampler: …` line was found.")
     restored_settings, dropped = infotext_to_settings_and_dropped(parameters)
+    restored_settings, clamped = clamp_to_request_limits(restored_settings)   # an infotext is anyone's text
+    if clamped:
+        gr.Warning("Out of range, so changed: " + " ".join(clamped))
     settings = {"prompt": prompt, "negative_prompt": negative, "guidance_rescale": 0.0, **restored_settings}
     sampler = settings.get("sampler")
     if sampler is not None and sampler not in [value for _, value in tab.controls["sampler"].choices]:

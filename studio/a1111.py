@@ -25,7 +25,7 @@ from pipelines.metadata import parse_infotext
 from pipelines.preprocessors import CANNY_HIGH, CANNY_LOW, PREPROCESSORS
 from pipelines.requests import GenerationDone
 from pipelines.samplers import SAMPLER_NAMES
-from pipelines.tasks import Img2ImgRequest, SamplingSettings, Txt2ImgRequest
+from pipelines.tasks import Img2ImgRequest, SamplingSettings, Txt2ImgRequest, check_input_image
 
 # A1111's API takes `sampler_name`, else `sampler_index`, whose default is "Euler"
 A1111_DEFAULT_SAMPLER = "Euler"
@@ -158,6 +158,7 @@ def generation_request(body: dict, *, img2img: bool, native_side: int, preview_e
     if len(images) > 1:
         raise ValueError(f"`init_images` holds {len(images)} images; this studio takes one per request.")
     init_image = read_image(images[0], "init_images[0]")
+    check_input_image("init_images[0]", init_image)      # before it is resized, as the studio's own tabs check it
     strength = body["denoising_strength"]
     mask = body.get("mask")
     if not mask:
@@ -171,6 +172,7 @@ def generation_request(body: dict, *, img2img: bool, native_side: int, preview_e
         raise ValueError("ControlNet units with a `mask` (inpainting with ControlNet) are not supported here: send "
                          "the mask without ControlNet, or ControlNet without a mask.")
     mask = read_image(mask, "mask")
+    check_input_image("mask", mask)
     only_masked = bool(body["inpaint_full_res"])
     if not only_masked:
         init_image = resized(init_image.convert("RGB"), sampling["width"], sampling["height"], body["resize_mode"])

@@ -81,4 +81,5 @@ def _input_message(name: str, component, payload, error: Exception) -> str:
     if isinstance(component, (gr.Image, gr.ImageEditor)):
         return (f"`{name}` could not be read as an image ({type(error).__name__}: {error}); it may be damaged, "
                 "truncated or not an image at all. Upload a PNG, JPEG or WebP file.")
-    return f"`{name}`: {error}"    # a dropdown's or radio's choices, in Gradio's words
+    # a dropdown's or radio's choices, in Gradio's words (a gr.Error's str() is its message's repr)
+    return f"`{name}`: {error.message if isinstance(error, gr.Error) else error}"

@@ -23,6 +23,7 @@ from pathlib import Path
 import gradio as gr
 import pytest
 import requests
+import torch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image, PngImagePlugin
@@ -295,7 +296,7 @@ def test_a_request_past_the_free_memory_is_refused_before_anything_is_allocated(
 
 def test_the_cuda_budget_is_free_vram_plus_resident_weights_on_the_lowest_rung(monkeypatch):
     memory = MemoryManager(device="cpu")
-    monkeypatch.setattr(memory, "device", __import__("torch").device("cuda"))
+    monkeypatch.setattr(memory, "device", torch.device("cuda"))
     monkeypatch.setattr(memory, "free_vram", lambda: 4 * GIB)
     weights = 2 * GIB
     assert largest_megapixels(mode=MemoryMode.HIGH, weights_bytes=weights, free_bytes=4 * GIB) == \

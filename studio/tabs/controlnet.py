@@ -152,7 +152,8 @@ def _controlnet_controls(context: StudioContext, panels: list) -> TaskControls:
     first = panels[0].settings
     hidden = {name: type(component)(visible=False, **_kept(component)) for name, component in first.items()}
     fields = {"control_image": gr.Image(type="pil", visible=False, label="Control image"), **hidden,
-              "more_units": gr.JSON(visible=False, value=[], label="More units (image as base64, and unit settings)"), "init_image": init_image, "strength": strength}
+              "more_units": gr.JSON(visible=False, value=[], label="More units: their images in base64, settings"),
+              "init_image": init_image, "strength": strength}
     page = {name: component for number, panel in enumerate(panels) for name, component in panel.page(number).items()}
     return TaskControls(fields, page=page, to_fields=_page_to_fields, image_input=panels[0].upload,
                         restore=lambda settings: _restored_units(panels, settings))

@@ -40,13 +40,13 @@ def build_pnginfo_tab() -> PngInfoTab:
                 to_controlnet = gr.Button("Send to ControlNet", elem_id="pnginfo-to-controlnet")
 
     @user_errors
-    def read(image):
-        if not image:
+    def read(path):
+        if not path:
             return {infotext: "", details: None, shown: None}
-        text, extra = read_png_metadata(image)
+        text, extra = read_png_metadata(path)
         if text is None:
             gr.Warning("This PNG carries no generation parameters.")
-        return {infotext: text or "", details: json.loads(json.dumps(extra)) if extra else None, shown: image}
+        return {infotext: text or "", details: json.loads(json.dumps(extra)) if extra else None, shown: path}
 
     upload.change(read, inputs=upload, outputs=[infotext, details, shown], api_name="png_info")
     return PngInfoTab(file=upload, infotext=infotext, to_txt2img=to_txt2img, to_img2img=to_img2img,

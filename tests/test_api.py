@@ -79,6 +79,18 @@ def test_every_public_endpoint_has_readable_typed_parameters_and_labelled_output
                 f"{name} returns an unlabelled {output['component']}"
 
 
+def test_the_readme_shows_a_call_of_every_public_endpoint(server):  # noqa: F811
+    from pathlib import Path
+
+    from gradio_client import Client
+
+    url, _ = server
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    scripting = readme[readme.index("## Scripting it"):].split("\n## ")[0]
+    shown = set(re.findall(r'api_name="(/\w+)"', scripting))
+    assert shown == set(_endpoints(Client(url, verbose=False))), "README's Scripting it and the served endpoints differ"
+
+
 def _png(path, pixels: np.ndarray) -> str:
     Image.fromarray(pixels).save(path)
     return str(path)

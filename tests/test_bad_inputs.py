@@ -373,29 +373,29 @@ GRADIO_CASES = [
      r"`control_image` could not be read as an image"),
     ("png-info-truncated", "/png_info", {"path": "truncated"}, r"truncated\.png is a damaged or truncated PNG"),
     ("png-info-not-an-image", "/png_info", {"path": "text"}, r"text\.png is not a PNG image"),
-    ("load-dot-dot", "/load_model", {"choice": "embedded", "typed": "../../etc"}, r"outside the app's model folders"),
-    ("load-absolute", "/load_model", {"choice": "embedded", "typed": "/etc/passwd"},
+    ("load-dot-dot", "/load_model", {"hub_id_or_path": "../../etc"}, r"outside the app's model folders"),
+    ("load-absolute", "/load_model", {"hub_id_or_path": "/etc/passwd"},
      r"'/etc/passwd' is /etc/passwd, outside the app's model folders"),
-    ("load-symlink-out", "/load_model", {"choice": "embedded", "typed": "escape"},
+    ("load-symlink-out", "/load_model", {"hub_id_or_path": "escape"},
      r"escape' is .*outside, outside the app's model folders"),
-    ("load-ckpt", "/load_model", {"choice": "embedded", "typed": "model.ckpt"}, r"model\.ckpt is a pickled checkpoint"),
-    ("load-bin", "/load_model", {"choice": "embedded", "typed": "model.bin"}, r"model\.bin is a pickled checkpoint"),
-    ("load-hub-id-offline", "/load_model", {"choice": "embedded", "typed": "nobody/no-such-model"},
+    ("load-ckpt", "/load_model", {"hub_id_or_path": "model.ckpt"}, r"model\.ckpt is a pickled checkpoint"),
+    ("load-bin", "/load_model", {"hub_id_or_path": "model.bin"}, r"model\.bin is a pickled checkpoint"),
+    ("load-hub-id-offline", "/load_model", {"hub_id_or_path": "nobody/no-such-model"},
      r"not in the local Hugging Face cache and cannot be downloaded \(no network\)"),
 ]
 FILE_FIELDS = ("init_image", "mask", "control_image", "path")
 
 
 def _gradio_arguments(api_name: str, change: dict, files: dict) -> tuple[list, dict]:
-    """Positional arguments for the endpoints whose parameters are positional, keyword arguments otherwise; file
-    fields name a file of the `files` fixture, model paths are under the server's models/."""
+    """The call's arguments: file fields name a file of the `files` fixture, model paths are under the server's
+    models/, and the generation endpoints get the tiny request's settings besides."""
     values = {name: handle_file(str(files[value])) if name in FILE_FIELDS else value for name, value in change.items()}
     if api_name == "/load_model":
-        typed = values["typed"]
-        local = typed not in ("/etc/passwd", "nobody/no-such-model") and not typed.startswith("..")
-        return ["embedded", str(files["models"] / typed) if local else typed], {}
+        path = values["hub_id_or_path"]
+        local = path not in ("/etc/passwd", "nobody/no-such-model") and not path.startswith("..")
+        return [], {"hub_id_or_path": str(files["models"] / path) if local else path}
     if api_name == "/png_info":
-        return [values["path"]], {}
+        return [], values
     return [], TINY | values
 
 

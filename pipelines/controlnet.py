@@ -287,12 +287,14 @@ def control_residuals(active: list[ActiveUnit], index: int, total: int, scaled: 
         model_input = scaled[half:] if prompt_only else scaled
         text = embeddings[half:] if prompt_only else embeddings
         condition = item.condition[half:] if prompt_only else item.condition
+        dtype = condition.dtype     # the ControlNet's (`_condition`); asking the model walks its parameters
         with torch.no_grad():
-            down, mid = item.controlnet(model_input.to(item.controlnet.dtype), t, encoder_hidden_states=text.to(
-                item.controlnet.dtype), controlnet_cond=condition, conditioning_scale=1.0, return_dict=False)
+            down, mid = item.controlnet(model_input.to(dtype), t, encoder_hidden_states=text.to(dtype),
+                                        controlnet_cond=condition, conditioning_scale=1.0, return_dict=False)
         scales = unit.block_scales(len(down) + 1)
-        down = [residual * scale for residual, scale in zip(down, scales)]
-        mid = mid * scales[-1]
+        if any(scale != 1.0 for scale in scales):
+            down = [residual * scale for residual, scale in zip(down, scales)]
+            mid = mid * scales[-1]
         if prompt_only:   # nothing on the negative prompt's branch
             down = [torch.cat([torch.zeros_like(residual), residual]) for residual in down]
             mid = torch.cat([torch.zeros_like(mid), mid])

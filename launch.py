@@ -68,6 +68,8 @@ def build(args: argparse.Namespace):
                           models_dir=ROOT / "models")
     outputs = Path(args.outputs).resolve()
     margin = MIN_FREE_DISK_MB if args.min_free_disk_mb is None else args.min_free_disk_mb
+    if not margin >= 0:     # NaN too: a margin that could never be met or never checked is a typo
+        raise SystemExit(f"--min-free-disk-mb must be 0 or more MB but is {args.min_free_disk_mb}.")
     context = StudioContext(models=models, generator=Generator(models, outputs, min_free_disk_mb=margin),
                             outputs_dir=outputs)
     if args.model != "none":

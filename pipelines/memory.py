@@ -130,15 +130,17 @@ class RequestBudget:
     memory: str          # "RAM" or "VRAM"
     mode: MemoryMode     # the rung the limit is computed for
 
-    def check(self, *, width: int, height: int, batch_size: int) -> None:
-        """Refuse (ValueError) a request past the budget, naming the limit and what would fit."""
-        asked = width * height * batch_size / 1e6
+    def check(self, *, width: int, height: int, batch_size: int, rows_per_image: int = 1) -> None:
+        """Refuse (ValueError) a request past the budget, naming the limit and what would fit. `rows_per_image`:
+        the model rows each image takes at once (speculative sampling verifies L drafted states per image)."""
+        asked = width * height * batch_size * rows_per_image / 1e6
         if asked <= self.megapixels:
             return
-        fitting_batch = int(self.megapixels * 1e6 // (width * height))
+        fitting_batch = int(self.megapixels * 1e6 // (width * height * rows_per_image))
         instead = f"at {width}×{height} a batch of at most {fitting_batch}" if fitting_batch >= 1 else \
             f"one image of at most {self.largest_side()}×{self.largest_side()}"
-        raise ValueError(f"{width}×{height} × batch {batch_size} is {asked:.2f} megapixels at once, but with "
+        rows = f" × {rows_per_image} drafted states per image" if rows_per_image > 1 else ""
+        raise ValueError(f"{width}×{height} × batch {batch_size}{rows} is {asked:.2f} megapixels at once, but with "
                          f"{self.free_gib:.1f} GiB of free {self.memory} at most {self.megapixels:.2f} megapixels × "
                          f"batch fit ({instead}). Lower the size or the batch, or free memory.")
 
@@ -197,7 +199,8 @@ class MemoryManager:
         if self.device.type != "cuda":
             return None
         free, _ = torch.cuda.mem_get_info(self.device)
-        return free
+        # blocks PyTorch's caching allocator holds but no tensor uses are free to this process
+        return free + torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
 
     def free_ram(self) -> int:
         """RAM the system can give without swapping (psutil's `available`): the CPU's budget."""

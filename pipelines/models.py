@@ -437,8 +437,8 @@ class ModelManager:
         refused before anything is allocated when no mode has room for it (`MemoryManager.budget`), re-placed
         only when the mode this request calls for differs from the current one."""
         needed = [self.slots[name].pipeline for name in request.slots() if name in self.slots]
-        self.memory.budget(needed).check(width=request.width, height=request.height,
-                                         batch_size=request.model_batch())
+        self.memory.budget(needed).check(width=request.width, height=request.height, batch_size=request.batch_size,
+                                         rows_per_image=request.model_batch() // request.batch_size)
         mode = self.memory.mode_for(needed, width=request.width, height=request.height,
                                     batch_size=request.model_batch())
         if mode is not self.memory.mode:

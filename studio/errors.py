@@ -59,7 +59,10 @@ def name_input_errors(controls: dict) -> None:
     """Make each control's input errors name its request field (`controls`: field -> component) and what it takes.
     The components are ours, built for this app: their own `preprocess` is wrapped, not Gradio's classes."""
     for name, component in controls.items():
+        if getattr(component, "_errors_named", False):     # shared by two tabs' triggers (inpaint, outpaint)
+            continue
         component.preprocess = _named_preprocess(name, component, component.preprocess)
+        component._errors_named = True
 
 
 def _named_preprocess(name: str, component, preprocess):

@@ -57,6 +57,22 @@ def test_a1111_inpainting_keys_restore_into_the_inpainting_tab(tabs):
         "inpaint_area": "Only masked", "only_masked_padding": 48, "soft_inpainting": True}
 
 
+def test_a_restored_value_the_request_takes_but_the_slider_does_not_is_moved_onto_the_slider(tabs, monkeypatch):
+    """A1111 runs CFG 25 and 100×100 px; a request takes them, the page's sliders (CFG 1-20, sizes 64 and up in
+    steps of 8) would refuse the next Generate. They are moved onto the sliders, and the user is told."""
+    from studio.tabs import generate
+
+    warnings = []
+    monkeypatch.setattr(generate.gr, "Warning", warnings.append)
+    txt2img = tabs[0]
+    text = A1111.replace("CFG scale: 6.5", "CFG scale: 25").replace("Size: 512x768", "Size: 100x16")
+    restored = settings_from_infotext(text, txt2img)
+    by_name = {name: restored[component] for name, component in txt2img.controls.items() if component in restored}
+    assert (by_name["guidance_scale"], by_name["width"], by_name["height"]) == (20, 96, 64)
+    assert any("CFG scale: 25 is not on this tab's slider (1 to 20); restored as 20." in w for w in warnings)
+    request_from_controls("txt2img", by_name)      # the next Generate takes them
+
+
 def test_text_without_parameters_is_refused_clearly(tabs):
     with pytest.raises(gr.Error, match="no `Steps"):
         settings_from_infotext("just a prompt", tabs[0])

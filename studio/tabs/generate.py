@@ -371,6 +371,25 @@ def _seed_of(texts: list[str], index: int | None) -> int:
     return int(parameters.get("Seed", -1))
 
 
+def _fit_to_sliders(settings: dict, controls: dict) -> list[str]:
+    """Move restored numbers onto their sliders (a narrower range than a request's, and a step: sizes in 8s), so
+    that the next Generate takes them; a note for each one moved."""
+    notes = []
+    for name, value in settings.items():
+        slider = controls.get(name)
+        if not isinstance(slider, gr.Slider) or not isinstance(value, (int, float)):
+            continue
+        fitted = min(max(value, slider.minimum), slider.maximum)
+        if slider.step and slider.step >= 1:
+            fitted = slider.minimum + round((fitted - slider.minimum) / slider.step) * slider.step
+            fitted = int(min(fitted, slider.maximum))
+        if fitted != value:
+            settings[name] = fitted
+            notes.append(f"{infotext_key(name)}: {value:g} is not on this tab's slider "
+                         f"({slider.minimum:g} to {slider.maximum:g}); restored as {fitted:g}.")
+    return notes
+
+
 def settings_from_infotext(text: str, tab: GenerationTab) -> dict:
     """{component: value} for the settings an infotext (ours or A1111's) restores into `tab`'s controls. What it
     cannot restore is named to the user: keys this studio has no setting for, and settings this tab lacks."""
@@ -379,6 +398,7 @@ def settings_from_infotext(text: str, tab: GenerationTab) -> dict:
         raise gr.Error("These are not generation parameters: no `Steps: …, Sampler: …` line was found.")
     restored_settings, dropped = infotext_to_settings_and_dropped(parameters)
     restored_settings, clamped = clamp_to_request_limits(restored_settings)   # an infotext is anyone's text
+    clamped += _fit_to_sliders(restored_settings, tab.controls)
     if clamped:
         gr.Warning("Out of range, so changed: " + " ".join(clamped))
     settings = {"prompt": prompt, "negative_prompt": negative, "guidance_rescale": 0.0, **restored_settings}

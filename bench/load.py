@@ -324,8 +324,15 @@ def load_phase(server: Server, args, temp: Path) -> Counter:
     time.sleep(2)
     rss_end = server.rss()
     progress = requests.get(server.url + "sdapi/v1/progress", timeout=30).json()
+    report_load(server, args, runs, elapsed, expected, rss=(rss_start, rss_end, max(rss_samples)),
+                device_job=progress["state"]["job_id"])
+    return expected
 
-    # -- the report
+
+def report_load(server: Server, args, runs: list[ClientRun], elapsed: float, expected: Counter, *,
+                rss: tuple[int, int, int], device_job: str | None) -> None:
+    """Phase 1's figures, per client and in all; `expected` gains the finished images' seeds."""
+    rss_start, rss_end, rss_max = rss
     print(f"\nPhase 1: {args.clients} clients for {elapsed:.0f} s ({args.duration:.0f} s asked, then the requests in "
           f"flight), model {args.model} ({' <-> '.join(server.models)})")
     print(f"{'client':<10}{'API':<8}{'done':>6}{'gen':>6}{'stop':>6}{'switch':>7}{'errors':>7}"
@@ -372,10 +379,9 @@ def load_phase(server: Server, args, temp: Path) -> Counter:
     on_disk = saved_seeds(server.outputs)
     print(f"finished images returned (warm-up included) {sum(expected.values())}, files in outputs/ {sum(on_disk.values())}: "
           f"{'they match, seed by seed' if on_disk == expected else f'MISMATCH: missing {sorted((expected - on_disk).elements())[:10]}, extra {sorted((on_disk - expected).elements())[:10]}'}")
-    print(f"after the load: device job now {progress['state']['job_id'] or 'none (idle)'}")
+    print(f"after the load: device job now {device_job or 'none (idle)'}")
     print(f"server RSS (the server process): start {rss_start / MB:.0f} MB, end {rss_end / MB:.0f} MB, max during "
-          f"{max(rss_samples) / MB:.0f} MB; end / start = {rss_end / rss_start:.3f}")
-    return expected
+          f"{rss_max / MB:.0f} MB; end / start = {rss_end / rss_start:.3f}")
 
 
 # ----------------------------------------------------------------------------- phase 2: load/unload cycles

@@ -17,7 +17,6 @@ import math
 import re
 import shutil
 import threading
-import time
 from pathlib import Path
 
 import gradio as gr
@@ -253,16 +252,16 @@ def test_unload_during_a_generation_lets_it_finish_and_the_next_load_works(serve
     models, generator = context.models, context.generator
     spec = models.current.source.location
     before = output_files(context)
+    # the device is held while the generation and then the unload are queued, so the unload is asked for while
+    # the generation is in flight, in that order, with no race
+    gate = threading.Event()
+    holding = context.worker.submit(lambda _: gate.wait(60), kind="hold the device")
     job = generator.submit(Txt2ImgRequest(**(TINY | {"steps": 40, "preview_every": 1})))
-    deadline = time.monotonic() + 60
-    while job.progress is None and time.monotonic() < deadline:   # on the device, denoising
-        time.sleep(0.01)
-    assert job.progress is not None
-    unloading = threading.Thread(target=models.unload)
-    unloading.start()
+    unloading = context.worker.submit(lambda _: models.unload(), kind="unload")
+    gate.set()
+    assert holding.result(timeout=60) is True
     done = job.result(timeout=120)
-    unloading.join(timeout=60)
-    assert not unloading.is_alive()
+    unloading.result(timeout=60)
     assert not done.stopped and len(done.images) == 1 and done.images[0].steps_done == 40
     assert models.current is None
     with pytest.raises(ValueError, match="No model is loaded. Load one in the Models & memory tab"):
@@ -427,9 +426,7 @@ def test_unload_during_a_gradio_generation_then_load_and_generate(served, client
     _, context, _ = served
     before = output_files(context)
     job = client.submit(**(TINY | {"steps": 40, "preview_every": 1}), api_name="/txt2img")
-    deadline = time.monotonic() + 60
-    while context.worker.current is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    next(iter(job))          # its first output comes once the job is on the device worker, ahead of the unload
     status, _ = client.predict(api_name="/unload_model")
     assert "No model loaded" in status
     gallery, _, job_status, *_ = job.result()

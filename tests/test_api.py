@@ -130,7 +130,8 @@ def test_every_public_endpoint_answers_with_only_its_required_arguments(server, 
     def txt2img(out) -> None:
         generated(out)
         made.update(job_id=out["Job id"], infotext=out["Generation parameters"])
-        made["image"] = sorted(context.outputs_dir.rglob("*.png"), key=lambda path: path.stat().st_mtime)[-1]
+        seed = parse_infotext(made["infotext"])[2]["Seed"]       # saved as <counter>-<seed>.png
+        made["image"] = sorted(context.outputs_dir.rglob(f"*-{seed}.png"))[-1]
         arguments["image"] = arguments["init_image"] = arguments["path"] = handle_file(str(made["image"]))
         arguments["job_id"] = made["job_id"]
 

@@ -177,8 +177,12 @@ class Generator:
             extra = {"request": replace(request, seed=seed, batch_count=1).to_json() | {"batch_seed": request.seed},
                      "model": {"name": model.name, "source": model.source.kind, "hash": model.model_hash},
                      "versions": metadata.library_versions() | {"studio": STUDIO_VERSION}}
-            path = str(metadata.save_image(image, infotext, extra, self.outputs_dir, seed,
-                                           min_free_mb=self.min_free_disk_mb))
+            try:
+                path = str(metadata.save_image(image, infotext, extra, self.outputs_dir, seed,
+                                               min_free_mb=self.min_free_disk_mb))
+            except metadata.DiskSpaceError as error:   # the disk filled during the work: keep the image, say so
+                if not any(note.startswith("Not saved") for note in call.notes):
+                    call.notes.append(f"Not saved from seed {seed} on (the images are shown): {error}")
         return GeneratedImage(image=image, seed=seed, infotext=infotext, path=path, finished=finished,
                               steps_done=steps_done)
 

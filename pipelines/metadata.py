@@ -40,8 +40,7 @@ from pipelines.controlnet import MAX_UNITS as MAX_CONTROLNET_UNITS
 from pipelines.controlnet import read_units
 from pipelines.prompts import EMPHASIS
 from pipelines.samplers import sampler_from_a1111
-from pipelines.speculative import MAX_DRAFT_LENGTH
-from pipelines.tasks import MAX_BATCH, MAX_GUIDANCE_SCALE, MAX_SEED, MAX_SIDE, MAX_STEPS, SHARED_INFOTEXT_FIELDS, TASKS
+from pipelines.tasks import MAX_SEED, NUMBER_RANGES, SHARED_INFOTEXT_FIELDS, TASKS, WHOLE_NUMBER_RANGES
 
 PARAMETERS_CHUNK = "parameters"   # A1111's chunk name
 STUDIO_CHUNK = "studio"
@@ -71,10 +70,10 @@ MAX_SAVE_ATTEMPTS = 100
 # Free disk space a save leaves at least (launch.py --min-free-disk-mb): a full disk breaks more than the studio.
 MIN_FREE_DISK_MB = 200
 MB = 1024 ** 2
-# The ranges of the settings an infotext restores (pipelines/tasks.py checks the same on every request).
-RESTORED_RANGES = {"steps": (1, MAX_STEPS), "width": (8, MAX_SIDE), "height": (8, MAX_SIDE), "batch_size": (1, MAX_BATCH),
-                   "guidance_scale": (0.0, MAX_GUIDANCE_SCALE), "guidance_rescale": (0.0, 1.0), "strength": (0.0, 1.0),
-                   "draft_length": (1, MAX_DRAFT_LENGTH)}
+# The ranges of the settings an infotext restores, in the infotext's order: those every request checks
+# (pipelines/tasks.py).
+RESTORED_RANGES = {name: (WHOLE_NUMBER_RANGES | NUMBER_RANGES)[name] for name in (
+    "steps", "width", "height", "batch_size", "guidance_scale", "guidance_rescale", "strength", "draft_length")}
 
 
 # ---------------------------------------------------------------------------------------

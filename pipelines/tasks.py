@@ -54,6 +54,13 @@ DRAWN_SEED_LIMIT = 2 ** 32
 PREVIEW_MODES = ("auto", "linear", "full")
 
 
+# The ranges every request checks its numbers against (`SamplingSettings`, `Img2ImgRequest`); PNG Info clamps a
+# restored infotext to the same ones (pipelines/metadata.py).
+WHOLE_NUMBER_RANGES = {"steps": (1, MAX_STEPS), "batch_size": (1, MAX_BATCH), "batch_count": (1, MAX_BATCH_COUNT),
+                       "width": (8, MAX_SIDE), "height": (8, MAX_SIDE), "draft_length": (1, MAX_DRAFT_LENGTH)}
+NUMBER_RANGES = {"guidance_scale": (0.0, MAX_GUIDANCE_SCALE), "guidance_rescale": (0.0, 1.0), "strength": (0.0, 1.0)}
+
+
 def draw_seed() -> int:
     return secrets.randbelow(DRAWN_SEED_LIMIT)
 
@@ -120,12 +127,10 @@ class SamplingSettings:
         for name in ("prompt", "negative_prompt"):
             check_prompt(name, getattr(self, name))
         check_sampler(self.sampler)
-        for name, low, high in (("steps", 1, MAX_STEPS), ("batch_size", 1, MAX_BATCH),
-                                ("batch_count", 1, MAX_BATCH_COUNT), ("width", 8, MAX_SIDE),
-                                ("height", 8, MAX_SIDE), ("draft_length", 1, MAX_DRAFT_LENGTH)):
+        for name, (low, high) in WHOLE_NUMBER_RANGES.items():
             _check_whole(name, getattr(self, name), low, high)
-        _check_number("guidance_scale", self.guidance_scale, 0.0, MAX_GUIDANCE_SCALE, " (CFG)")
-        _check_number("guidance_rescale", self.guidance_rescale, 0.0, 1.0)
+        _check_number("guidance_scale", self.guidance_scale, *NUMBER_RANGES["guidance_scale"], " (CFG)")
+        _check_number("guidance_rescale", self.guidance_rescale, *NUMBER_RANGES["guidance_rescale"])
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not -1 <= self.seed <= MAX_SEED:
             raise ValueError(f"`seed` must be -1 (random) or a whole number from 0 to 2**63-1 ({MAX_SEED}) "
                              f"but is {self.seed!r}.")
@@ -238,7 +243,7 @@ class Img2ImgRequest(SamplingSettings):
             raise ValueError("Image-to-Image needs an input image (`init_image`); upload one or send one from "
                              "Text-to-Image.")
         check_input_image("init_image", self.init_image)
-        _check_number("strength", self.strength, 0.0, 1.0)
+        _check_number("strength", self.strength, *NUMBER_RANGES["strength"])
 
     def fitted_image(self) -> Image.Image:
         return fit_image(self.init_image, self.width, self.height)

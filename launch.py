@@ -54,11 +54,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build(args: argparse.Namespace):
     """The Gradio app and its context, from parsed flags (no serving)."""
-    from pipelines.generate import Generator
-    from pipelines.jobs import DeviceWorker
-    from pipelines.memory import MemoryManager
-    from pipelines.metadata import MIN_FREE_DISK_MB
-    from pipelines.models import ModelLoadError, ModelManager
+    from pipelines.generation.generator import Generator
+    from pipelines.io.metadata import MIN_FREE_DISK_MB
+    from pipelines.jobs.worker import DeviceWorker
+    from pipelines.models.manager import ModelLoadError, ModelManager
+    from pipelines.models.memory import MemoryManager
     from studio.app import build_app
     from studio.context import StudioContext
 

@@ -16,12 +16,13 @@ import torch
 from PIL import Image, ImageDraw
 
 from bench.timing import interleaved_medians
-from pipelines.controlnet import DEFAULT_CONTROLNET, ControlNetRequest
-from pipelines.generate import Generator
-from pipelines.memory import MemoryManager
-from pipelines.models import ModelManager
-from pipelines.preprocessors import canny
-from pipelines.tasks import Txt2ImgRequest
+from pipelines.generation.generator import Generator
+from pipelines.models.manager import ModelManager
+from pipelines.models.memory import MemoryManager
+from pipelines.tasks.control_units import DEFAULT_CONTROLNET
+from pipelines.tasks.controlnet import ControlNetRequest
+from pipelines.tasks.preprocessors import canny
+from pipelines.tasks.txt2img import Txt2ImgRequest
 
 
 def main() -> None:

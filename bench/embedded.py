@@ -14,11 +14,11 @@ import time
 
 import torch
 
-from pipelines.generate import Generator
-from pipelines.memory import MemoryManager
-from pipelines.models import ModelManager
-from pipelines.tasks import Txt2ImgRequest
-from pipelines.samplers import model_default_sampler
+from pipelines.core.samplers import model_default_sampler
+from pipelines.generation.generator import Generator
+from pipelines.models.manager import ModelManager
+from pipelines.models.memory import MemoryManager
+from pipelines.tasks.txt2img import Txt2ImgRequest
 
 
 def main() -> None:

@@ -14,11 +14,11 @@ import tempfile
 from pathlib import Path
 
 from bench.timing import interleaved_medians
-from pipelines.explorer_reverse import record_trace
-from pipelines.generate import Generator
-from pipelines.memory import MemoryManager
-from pipelines.models import EMBEDDED_MODEL, ModelManager, ModelSource
-from pipelines.tasks import Txt2ImgRequest
+from pipelines.explorer.reverse import record_trace
+from pipelines.generation.generator import Generator
+from pipelines.models.manager import EMBEDDED_MODEL, ModelManager, ModelSource
+from pipelines.models.memory import MemoryManager
+from pipelines.tasks.txt2img import Txt2ImgRequest
 
 
 def main() -> None:

@@ -16,11 +16,11 @@ import torch
 from PIL import Image
 
 from bench.timing import interleaved_medians
-from pipelines.generate import Generator
-from pipelines.inpaint import InpaintRequest
-from pipelines.memory import MemoryManager
-from pipelines.models import ModelManager
-from pipelines.tasks import Txt2ImgRequest
+from pipelines.generation.generator import Generator
+from pipelines.models.manager import ModelManager
+from pipelines.models.memory import MemoryManager
+from pipelines.tasks.inpaint import InpaintRequest
+from pipelines.tasks.txt2img import Txt2ImgRequest
 
 
 def main() -> None:

@@ -18,11 +18,11 @@ import time
 
 import torch
 
-from pipelines.generate import Generator
-from pipelines.jobs import Priority
-from pipelines.memory import MemoryManager
-from pipelines.models import ModelManager
-from pipelines.tasks import Txt2ImgRequest
+from pipelines.generation.generator import Generator
+from pipelines.jobs.worker import Priority
+from pipelines.models.manager import ModelManager
+from pipelines.models.memory import MemoryManager
+from pipelines.tasks.txt2img import Txt2ImgRequest
 
 
 def training_like(models: ModelManager, stop: threading.Event, first_step: threading.Event,

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from pipelines.jobs import Priority
-from pipelines.lora_train import LossPoint, LoraTrainingRequest, add_training_adapter, train_lora
-from pipelines.memory import MemoryManager
-from pipelines.models import ModelManager
+from pipelines.jobs.worker import Priority
+from pipelines.lora.training import LoraTrainingRequest, LossPoint, add_training_adapter, train_lora
+from pipelines.models.manager import ModelManager
+from pipelines.models.memory import MemoryManager
 
 DATASET = Path(__file__).resolve().parent.parent / "assets" / "lora-example"
 WARM_UP = 5
@@ -31,9 +31,10 @@ def minimal_loop(models: ModelManager, request: LoraTrainingRequest, steps: int)
     """diffusers' train_text_to_image_lora in a nutshell, on cached latents: steps per second."""
     from diffusers import DDPMScheduler
 
-    from pipelines.denoise import encode, prompt_embeddings
-    from pipelines.lora_train import _tensor
-    from pipelines.tasks import Txt2ImgRequest
+    from pipelines.core.denoiser import prompt_embeddings
+    from pipelines.core.vae import encode
+    from pipelines.lora.training import _tensor
+    from pipelines.tasks.txt2img import Txt2ImgRequest
 
     pipeline = models.current.pipeline
     unet, scheduler = pipeline.unet, DDPMScheduler.from_config(models.current.scheduler_config)

@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from bench.timing import interleaved_medians
-from pipelines.generate import Generator
-from pipelines.memory import MemoryManager
-from pipelines.models import EMBEDDED_MODEL, ModelManager
-from pipelines.tasks import Txt2ImgRequest
-from pipelines.samplers import make_scheduler
+from pipelines.core.samplers import make_scheduler
+from pipelines.generation.generator import Generator
+from pipelines.models.manager import EMBEDDED_MODEL, ModelManager
+from pipelines.models.memory import MemoryManager
+from pipelines.tasks.txt2img import Txt2ImgRequest
 
 
 def main() -> None:
@@ -36,8 +36,8 @@ def main() -> None:
 
     manager = ModelManager(MemoryManager(device=args.device))
     if args.model is None and not (EMBEDDED_MODEL / "model_index.json").exists():
+        from pipelines.models.manager import ModelSource
         from recipe.tiny import build_tiny_pipeline
-        from pipelines.models import ModelSource
         folder = Path(tempfile.mkdtemp())
         manager.adopt(build_tiny_pipeline(folder), ModelSource("folder", str(folder), "tiny"))
     else:

@@ -19,11 +19,12 @@ import argparse
 import torch
 
 from bench.timing import interleaved_medians
-from pipelines.denoise import Denoiser, prepare
-from pipelines.generate import Generator
-from pipelines.memory import MemoryManager
-from pipelines.models import ModelManager
-from pipelines.tasks import Txt2ImgRequest
+from pipelines.core.call import prepare
+from pipelines.core.denoiser import Denoiser
+from pipelines.generation.generator import Generator
+from pipelines.models.manager import ModelManager
+from pipelines.models.memory import MemoryManager
+from pipelines.tasks.txt2img import Txt2ImgRequest
 
 PROMPTS = ("red apple", "dog face", "rocket", "sun with face")
 CONFIGS = (("frozen target", 4), ("frozen target x0", 4), ("frozen target x0", 8), ("draft model", 4),

@@ -26,9 +26,9 @@ PLACEMENTS = ("main thread", "device thread", "split")
 def _worker(placement: str, runs: int) -> None:
     import torch
 
-    from pipelines.memory import MemoryManager
-    from pipelines.models import ModelManager
-    from pipelines.jobs import DeviceWorker
+    from pipelines.jobs.worker import DeviceWorker
+    from pipelines.models.manager import ModelManager
+    from pipelines.models.memory import MemoryManager
 
     worker = DeviceWorker()
     if placement == "device thread":
@@ -36,7 +36,7 @@ def _worker(placement: str, runs: int) -> None:
     else:
         from diffusers import StableDiffusionPipeline
 
-        from pipelines.models import EMBEDDED_MODEL
+        from pipelines.models.manager import EMBEDDED_MODEL
         pipeline = StableDiffusionPipeline.from_pretrained(EMBEDDED_MODEL)  # on the main thread
         pipeline.set_progress_bar_config(disable=True)
         pipeline("warm-up", num_inference_steps=2)  # the main thread's OpenMP team now exists

@@ -41,7 +41,7 @@ from PIL import Image
 from tqdm import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from pipelines import preprocessors
+from pipelines.tasks import preprocessors
 from recipe import architecture, data
 from recipe.draft import held_out_classes
 from recipe.train import WORK, _log, _save_atomically, clipped_step, export_model

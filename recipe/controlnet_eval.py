@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipelines import preprocessors
+from pipelines.tasks import preprocessors
 from recipe import controlnet, data, evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,7 +76,7 @@ def score(kind: str, generated: Image.Image, control: Image.Image) -> float:
 
 def text_to_image(generator, records, settings: dict, log=print) -> list[Image.Image]:
     """The Text-to-Image image of every prompt (seed 1000 + i): what each ControlNet is compared with."""
-    from pipelines.tasks import Txt2ImgRequest
+    from pipelines.tasks.txt2img import Txt2ImgRequest
     images, started = [], time.perf_counter()
     for i, record in enumerate(records):
         images.append(generator.generate(Txt2ImgRequest(prompt=record.prompt, seed=evaluate.FIRST_SEED + i,
@@ -90,7 +90,7 @@ def measure(kind: str, generator, records, images, without: list[Image.Image], *
             log=print) -> dict:
     """Generate every held-out emoji with the ControlNet (its control made from the real emoji, moved or as
     drawn); score it and the Text-to-Image image of the same prompt and seed against the control."""
-    from pipelines.controlnet import ControlNetRequest
+    from pipelines.tasks.controlnet import ControlNetRequest
 
     with_control, controls, started = [], [], time.perf_counter()
     for i, (record, image) in enumerate(zip(records, images)):

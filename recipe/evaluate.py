@@ -372,9 +372,9 @@ def evaluation_prompts(records: Sequence[data.EmojiRecord], n: int, seed: int = 
 def studio_generator(model: str, device: str = "cpu", worker=None):
     """The studio's `Generator` on `model`, without saving images, and its loaded model. Give the
     `worker` this runs on, so that the judge and the generator share one thread."""
-    from pipelines.generate import Generator
-    from pipelines.memory import MemoryManager
-    from pipelines.models import ModelManager
+    from pipelines.generation.generator import Generator
+    from pipelines.models.manager import ModelManager
+    from pipelines.models.memory import MemoryManager
 
     manager = ModelManager(MemoryManager(device=device), worker=worker)
     loaded = manager.load(model)
@@ -385,8 +385,8 @@ def studio_defaults(loaded) -> dict:
     """What the studio's text-to-image tab starts with for this model: its own sampler, the
     request's default steps and CFG, the native size (as `studio.app.model_defaults`, which this
     recipe cannot import: it lives beside gradio)."""
-    from pipelines.tasks import Txt2ImgRequest
-    from pipelines.samplers import model_default_sampler
+    from pipelines.core.samplers import model_default_sampler
+    from pipelines.tasks.txt2img import Txt2ImgRequest
 
     fields = Txt2ImgRequest.__dataclass_fields__
     side = loaded.native_side
@@ -398,7 +398,7 @@ def generate_samples(generator, prompts: Sequence[str], *, sampler: str, steps: 
                      width: int, height: int, first_seed: int = FIRST_SEED,
                      log: Callable[[str], None] | None = print) -> list[Image.Image]:
     """One image per prompt, prompt i with seed `first_seed + i`, one request each."""
-    from pipelines.tasks import Txt2ImgRequest
+    from pipelines.tasks.txt2img import Txt2ImgRequest
 
     samples, started = [], time.perf_counter()
     for i, prompt in enumerate(prompts):
@@ -564,7 +564,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     # Everything on one device worker's thread: one OpenMP thread team for the judge and the
     # generator (two teams halve the speed on a small CPU; see pipelines/jobs.py).
-    from pipelines.jobs import DeviceWorker
+    from pipelines.jobs.worker import DeviceWorker
     worker = DeviceWorker()
     return worker.call(_evaluate, args, argv, worker)
 
@@ -583,7 +583,7 @@ def _evaluate(args: argparse.Namespace, argv: Sequence[str] | None, worker) -> d
 
     # 2. Prompts and samples at the studio's defaults
     chosen = evaluation_prompts(records, args.prompts)
-    from pipelines.models import ModelLoadError
+    from pipelines.models.manager import ModelLoadError
     try:
         generator, loaded = studio_generator(args.model, args.device, worker)
     except ModelLoadError as error:

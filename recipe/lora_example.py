@@ -57,12 +57,12 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the studio's default)")
     args = parser.parse_args(argv)
 
-    from pipelines.generate import Generator
-    from pipelines.jobs import DeviceWorker, Priority
-    from pipelines.lora_train import LoraTrainingRequest, LossPoint, train_lora
-    from pipelines.memory import MemoryManager
-    from pipelines.models import ModelManager
-    from pipelines.tasks import Txt2ImgRequest
+    from pipelines.generation.generator import Generator
+    from pipelines.jobs.worker import DeviceWorker, Priority
+    from pipelines.lora.training import LoraTrainingRequest, LossPoint, train_lora
+    from pipelines.models.manager import ModelManager
+    from pipelines.models.memory import MemoryManager
+    from pipelines.tasks.txt2img import Txt2ImgRequest
 
     models = ModelManager(MemoryManager(device="cpu"), worker=DeviceWorker(), models_dir=ROOT / ".cache" / "lora-example")
     models.load("embedded")

@@ -61,7 +61,7 @@ def _draft_as_model(manager) -> None:
     """Put a pipeline whose UNet is the shipped draft into the base slot (the "draft only" row)."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    from pipelines.models import EMBEDDED_DRAFT, EMBEDDED_MODEL, ModelSource
+    from pipelines.models.manager import EMBEDDED_DRAFT, EMBEDDED_MODEL, ModelSource
     pipeline = StableDiffusionPipeline.from_pretrained(EMBEDDED_MODEL, safety_checker=None,
                                                        requires_safety_checker=False)
     pipeline.unet = UNet2DConditionModel.from_pretrained(EMBEDDED_DRAFT)
@@ -70,11 +70,11 @@ def _draft_as_model(manager) -> None:
 
 def run_row(name: str, prompts: list[str], worker, log=print) -> dict:
     """Generate every prompt for one row; returns its images and per-image costs."""
-    from pipelines.generate import Generator
-    from pipelines.memory import MemoryManager
-    from pipelines.metadata import parse_infotext
-    from pipelines.models import ModelManager
-    from pipelines.tasks import Txt2ImgRequest
+    from pipelines.generation.generator import Generator
+    from pipelines.io.metadata import parse_infotext
+    from pipelines.models.manager import ModelManager
+    from pipelines.models.memory import MemoryManager
+    from pipelines.tasks.txt2img import Txt2ImgRequest
 
     model, sampler, steps, draft, length = ROWS[name]
     first_seed = 5000 if "seeds 5000" in name else evaluate.FIRST_SEED
@@ -117,7 +117,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from pipelines.jobs import DeviceWorker
+    from pipelines.jobs.worker import DeviceWorker
     worker = DeviceWorker()
     worker.call(_evaluate, args, worker)
 

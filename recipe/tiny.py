@@ -16,7 +16,7 @@ PHRASES = ["red apple", "green apple", "a cat", "a dog", "smiling face", "blue s
 
 def build_tiny_pipeline(folder: Path, seed: int = 0):
     """A 64x64 SD-layout pipeline (VAE f=4, 2-layer CLIP, small UNet) with seeded random weights."""
-    from diffusers import (AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel)
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from recipe.architecture import build_tokenizer

@@ -20,8 +20,8 @@ import argparse
 import json
 import math
 import os
-import shutil
 import random
+import shutil
 import time
 from pathlib import Path
 

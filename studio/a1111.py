@@ -16,16 +16,31 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
-from pipelines.controlnet import (A1111_CONTROL, A1111_MODULES, A1111_RESIZE, BALANCED, CONTROL_FIRST,
-                                  CROP_AND_RESIZE, JUST_RESIZE, PROMPT_FIRST, RESIZE_AND_FILL, UNIT_FIELDS,
-                                  ControlNetRequest, ControlUnit, decode_image)
-from pipelines.generate import STUDIO_VERSION
-from pipelines.inpaint import InpaintRequest
-from pipelines.metadata import parse_infotext
-from pipelines.preprocessors import CANNY_HIGH, CANNY_LOW, PREPROCESSORS
-from pipelines.requests import GenerationDone
-from pipelines.samplers import SAMPLER_NAMES
-from pipelines.tasks import Img2ImgRequest, SamplingSettings, Txt2ImgRequest, check_input_image
+from pipelines.core.checks import check_input_image
+from pipelines.core.images import decode_image
+from pipelines.core.requests import SamplingSettings
+from pipelines.core.results import GenerationDone
+from pipelines.core.samplers import SAMPLER_NAMES
+from pipelines.generation.generator import STUDIO_VERSION
+from pipelines.io.metadata import parse_infotext
+from pipelines.tasks.control_units import (
+    A1111_CONTROL,
+    A1111_MODULES,
+    A1111_RESIZE,
+    BALANCED,
+    CONTROL_FIRST,
+    CROP_AND_RESIZE,
+    JUST_RESIZE,
+    PROMPT_FIRST,
+    RESIZE_AND_FILL,
+    UNIT_FIELDS,
+    ControlUnit,
+)
+from pipelines.tasks.controlnet import ControlNetRequest
+from pipelines.tasks.img2img import Img2ImgRequest
+from pipelines.tasks.inpaint import InpaintRequest
+from pipelines.tasks.preprocessors import CANNY_HIGH, CANNY_LOW, PREPROCESSORS
+from pipelines.tasks.txt2img import Txt2ImgRequest
 
 # A1111's API takes `sampler_name`, else `sampler_index`, whose default is "Euler"
 A1111_DEFAULT_SAMPLER = "Euler"

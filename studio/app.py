@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import gradio as gr
 
-from pipelines.lora import lora_files
-from pipelines.models import LoadedModel
-from pipelines.samplers import model_default_sampler
+from pipelines.core.samplers import model_default_sampler
+from pipelines.lora.adapters import lora_files
+from pipelines.models.manager import LoadedModel
 from studio.context import StudioContext
 from studio.errors import user_errors
 from studio.tabs.controlnet import build_controlnet_tab

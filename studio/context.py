@@ -7,9 +7,9 @@ from pathlib import Path
 
 import gradio as gr
 
-from pipelines.generate import Generator
-from pipelines.jobs import Job, DeviceWorker
-from pipelines.models import ModelManager
+from pipelines.generation.generator import Generator
+from pipelines.jobs.worker import DeviceWorker, Job
+from pipelines.models.manager import ModelManager
 
 
 @dataclass

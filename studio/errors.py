@@ -17,7 +17,7 @@ import logging
 
 import gradio as gr
 
-from pipelines.memory import is_out_of_memory
+from pipelines.models.memory import is_out_of_memory
 
 log = logging.getLogger("studio")
 

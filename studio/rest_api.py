@@ -42,15 +42,16 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException
 
-from pipelines import metadata
-from pipelines.controlnet import A1111_MODULES, available_controlnets
-from pipelines.generate import STUDIO_VERSION, Generator
-from pipelines.jobs import Job, JobCancelled, JobState
-from pipelines.lora import lora_files
-from pipelines.memory import is_out_of_memory
-from pipelines.models import EMBEDDED_MODEL, EMBEDDED_NAME
-from pipelines.requests import GeneratedImage, GenerationDone, Preview
-from pipelines.tasks import SamplingSettings
+from pipelines.core.requests import SamplingSettings
+from pipelines.core.results import GeneratedImage, GenerationDone, Preview
+from pipelines.generation.generator import STUDIO_VERSION, Generator
+from pipelines.io import metadata
+from pipelines.jobs.worker import Job, JobCancelled, JobState
+from pipelines.lora.adapters import lora_files
+from pipelines.models.controlnets import available_controlnets
+from pipelines.models.manager import EMBEDDED_MODEL, EMBEDDED_NAME
+from pipelines.models.memory import is_out_of_memory
+from pipelines.tasks.control_units import A1111_MODULES
 from studio import a1111
 from studio.app import PREVIEW_EVERY
 from studio.context import StudioContext

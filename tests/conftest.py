@@ -24,16 +24,16 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def worker():
     """One device worker for the whole test session, as the studio has one (pipelines/jobs.py)."""
-    from pipelines.jobs import DeviceWorker
+    from pipelines.jobs.worker import DeviceWorker
     return DeviceWorker()
 
 
 @pytest.fixture
 def studio(tiny_model_dir, tmp_path, worker):
     """A model manager with the tiny model loaded from its folder, and a generator saving to tmp."""
-    from pipelines.generate import Generator
-    from pipelines.memory import MemoryManager
-    from pipelines.models import ModelManager
+    from pipelines.generation.generator import Generator
+    from pipelines.models.manager import ModelManager
+    from pipelines.models.memory import MemoryManager
 
     manager = ModelManager(MemoryManager(device="cpu"), worker=worker, models_dir=tmp_path / "models")
     manager.load(str(tiny_model_dir))
@@ -47,7 +47,7 @@ def pretend_cuda(studio, monkeypatch):
     Yields the list of (method name, id(pipeline)) calls, in order."""
     import torch
 
-    from pipelines.memory import MemoryMode
+    from pipelines.models.memory import MemoryMode
 
     memory = studio.models.memory
     monkeypatch.setattr(memory, "device", torch.device("cuda"))

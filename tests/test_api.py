@@ -47,7 +47,7 @@ def _whole_number_fields() -> set[str]:
     import typing
     from dataclasses import fields
 
-    from pipelines.lora_train import LoraTrainingRequest
+    from pipelines.lora.training import LoraTrainingRequest
     from pipelines.tasks import TASKS
 
     classes = [task.request_class for task in TASKS.values()] + [LoraTrainingRequest]
@@ -102,7 +102,7 @@ def test_every_public_endpoint_answers_with_only_its_required_arguments(server, 
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
 
-    from pipelines.metadata import parse_infotext
+    from pipelines.io.metadata import parse_infotext
 
     url, context = server
     monkeypatch.setattr(context.models, "models_dir", tmp_path / "models")   # the trained LoRA lands here

@@ -26,13 +26,13 @@ import torch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image, PngImagePlugin
+from test_rest_api import _serve  # the REST test server, started once here too
 
-from pipelines import metadata
-from pipelines.memory import GIB, MemoryManager, MemoryMode, largest_megapixels
-from pipelines.metadata import SAVED_NAME_PATTERN, clamp_to_request_limits, infotext_to_settings, parse_infotext
-from pipelines.models import ModelLoadError
-from pipelines.tasks import Txt2ImgRequest
-from test_rest_api import _serve   # the REST test server, started once here too
+from pipelines.io import metadata
+from pipelines.io.metadata import SAVED_NAME_PATTERN, clamp_to_request_limits, infotext_to_settings, parse_infotext
+from pipelines.models.manager import ModelLoadError
+from pipelines.models.memory import GIB, MemoryManager, MemoryMode, largest_megapixels
+from pipelines.tasks.txt2img import Txt2ImgRequest
 
 TINY = {"prompt": "red apple", "sampler": "Euler", "steps": 2, "width": 64, "height": 64, "seed": 1,
         "preview_every": 0}

@@ -8,11 +8,12 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from pipelines.controlnet import (CONTROL_FIRST, PROMPT_FIRST, ControlNetRequest, ControlUnit, control_xray,
-                                  read_units, resize_for)
-from pipelines.metadata import infotext_to_settings, parse_infotext
-from pipelines.preprocessors import OFFLINE_PREPROCESSORS, PREPROCESSORS, preprocess
-from pipelines.tasks import Txt2ImgRequest
+from pipelines.io.metadata import infotext_to_settings, parse_infotext
+from pipelines.tasks.control_units import CONTROL_FIRST, PROMPT_FIRST, ControlUnit, resize_for
+from pipelines.tasks.control_xray import control_xray
+from pipelines.tasks.controlnet import ControlNetRequest, read_units
+from pipelines.tasks.preprocessors import OFFLINE_PREPROCESSORS, PREPROCESSORS, preprocess
+from pipelines.tasks.txt2img import Txt2ImgRequest
 from recipe.tiny import build_tiny_controlnet
 
 BASE = dict(prompt="red apple", negative_prompt="blurry", steps=5, seed=11, width=64, height=64, sampler="DDIM",
@@ -55,7 +56,7 @@ def test_our_loop_is_diffusers_controlnet_pipeline(studio, tiny_controlnets):
     """One balanced unit: the same latents as StableDiffusionControlNetPipeline on the same noise."""
     from diffusers import StableDiffusionControlNetPipeline
 
-    from pipelines.denoise import prepare
+    from pipelines.core.call import prepare
 
     request = ControlNetRequest(**BASE, control_image=circle(), preprocessor="none", model="tiny-a", weight=0.8)
 
@@ -216,9 +217,9 @@ def controlnet_tab(tmp_path_factory):
     """The ControlNet tab, built without a model."""
     import gradio as gr
 
-    from pipelines.generate import Generator
-    from pipelines.memory import MemoryManager
-    from pipelines.models import ModelManager
+    from pipelines.generation.generator import Generator
+    from pipelines.models.manager import ModelManager
+    from pipelines.models.memory import MemoryManager
     from studio.context import StudioContext
     from studio.tabs.controlnet import build_controlnet_tab
 

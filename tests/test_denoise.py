@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from pipelines.denoise import Denoiser, prepare
-from pipelines.tasks import Txt2ImgRequest
+from pipelines.core.call import prepare
+from pipelines.core.denoiser import Denoiser
+from pipelines.tasks.txt2img import Txt2ImgRequest
 
 
 def request(**overrides) -> Txt2ImgRequest:

@@ -12,12 +12,13 @@ from PIL import Image
 from safetensors import safe_open
 
 import launch
-from pipelines.generate import Generator
-from pipelines.memory import MemoryManager
-from pipelines.models import EMBEDDED_MODEL, ModelManager
-from pipelines.preview import is_blank
-from pipelines.tasks import Img2ImgRequest, Txt2ImgRequest
-from pipelines.samplers import SAMPLER_NAMES, STOCHASTIC, model_default_sampler
+from pipelines.core.preview import is_blank
+from pipelines.core.samplers import SAMPLER_NAMES, STOCHASTIC, model_default_sampler
+from pipelines.generation.generator import Generator
+from pipelines.models.manager import EMBEDDED_MODEL, ModelManager
+from pipelines.models.memory import MemoryManager
+from pipelines.tasks.img2img import Img2ImgRequest
+from pipelines.tasks.txt2img import Txt2ImgRequest
 
 REPORT = EMBEDDED_MODEL.parent / "emoji-ldm-eval.json"
 # The first prompts of the committed evaluation (drawn with random.Random(0) from the caption set,
@@ -59,8 +60,12 @@ def test_studio_starts_with_the_embedded_model_by_default():
 
 
 def test_inpainting_and_controlnet_pipelines_derive_from_the_embedded_model():
-    from diffusers import (AutoPipelineForInpainting, ControlNetModel, StableDiffusionControlNetPipeline,
-                           StableDiffusionPipeline)
+    from diffusers import (
+        AutoPipelineForInpainting,
+        ControlNetModel,
+        StableDiffusionControlNetPipeline,
+        StableDiffusionPipeline,
+    )
 
     base = StableDiffusionPipeline.from_pretrained(EMBEDDED_MODEL)
     assert base.unet.config.in_channels == base.vae.config.latent_channels == 4  # SD's layout
@@ -165,7 +170,7 @@ def test_shipped_controlnets_make_held_out_emoji_follow_moved_lines(embedded_stu
     """Emoji the ControlNets never trained on, moved off their usual place: the generated image's edges follow
     the control's lines far better with the ControlNet than Text-to-Image's do (recipe/controlnet_eval.py
     measures the same on 200)."""
-    from pipelines.controlnet import ControlNetRequest
+    from pipelines.tasks.controlnet import ControlNetRequest
     from recipe import controlnet
     from recipe.controlnet_eval import score
 
@@ -185,7 +190,7 @@ def test_shipped_controlnets_make_held_out_emoji_follow_moved_lines(embedded_stu
 
 
 def test_the_colour_controlnet_paints_the_blocked_in_colours(embedded_studio):
-    from pipelines.controlnet import ControlNetRequest
+    from pipelines.tasks.controlnet import ControlNetRequest
     from recipe.controlnet_eval import colour_error
 
     layout = np.full((64, 64, 3), 255, np.uint8)
@@ -196,5 +201,5 @@ def test_the_colour_controlnet_paints_the_blocked_in_colours(embedded_studio):
     steered = embedded_studio.generate(ControlNetRequest(**common, control_image=layout, preprocessor="colour grid",
                                                          model="emoji-controlnet-colour")).images[0].image
     plain = embedded_studio.generate(Txt2ImgRequest(**common)).images[0].image
-    from pipelines.preprocessors import colour_grid
+    from pipelines.tasks.preprocessors import colour_grid
     assert colour_error(steered, colour_grid(layout)) < colour_error(plain, colour_grid(layout)) - 10

@@ -11,10 +11,9 @@ from diffusers import AutoencoderKL, DDPMScheduler
 from PIL import Image
 from scipy.stats import ks_2samp
 
-from pipelines import explorer_forward
-from pipelines.denoise import decode, encode
-from pipelines.explorer import ANIMATION_FRAMES, FORWARD_SIDE_PX, MOMENT_DRAWS, MOMENT_SIDE_PX, Explorer
-from pipelines.explorer_forward import (
+from pipelines.core.vae import decode, encode
+from pipelines.explorer import forward as explorer_forward
+from pipelines.explorer.forward import (
     FORMULAS,
     SCHEDULE_NAMES,
     FixedNoise,
@@ -34,6 +33,7 @@ from pipelines.explorer_forward import (
     theoretical_marginal_density,
     value_histogram,
 )
+from pipelines.explorer.service import ANIMATION_FRAMES, FORWARD_SIDE_PX, MOMENT_DRAWS, MOMENT_SIDE_PX, Explorer
 
 DIFFUSERS_ARGS = {
     "linear": {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02},
@@ -449,8 +449,8 @@ def test_forward_view_shows_x_t_in_pixel_and_latent_space(studio, on_worker):
 
 
 def test_forward_view_without_a_model_has_no_latent_image(studio, tmp_path):
-    from pipelines.memory import MemoryManager
-    from pipelines.models import ModelManager
+    from pipelines.models.manager import ModelManager
+    from pipelines.models.memory import MemoryManager
 
     explorer = Explorer(ModelManager(MemoryManager(device="cpu"), worker=studio.models.worker,
                                      models_dir=tmp_path / "models"))

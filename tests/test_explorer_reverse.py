@@ -12,9 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import explorer_reverse
-from pipelines.explorer import Explorer
-from pipelines.explorer_reverse import (
+from pipelines.explorer import reverse as explorer_reverse
+from pipelines.explorer.reverse import (
     COMPARE_COLUMNS,
     FORMULAS_REVERSE,
     LATEX_DELIMITERS,
@@ -26,8 +25,9 @@ from pipelines.explorer_reverse import (
     parse_compare_lists,
     record_trace,
 )
-from pipelines.jobs import JobState, Progress
-from pipelines.tasks import Txt2ImgRequest
+from pipelines.explorer.service import Explorer
+from pipelines.jobs.worker import JobState, Progress
+from pipelines.tasks.txt2img import Txt2ImgRequest
 
 
 @pytest.fixture(autouse=True)
@@ -416,9 +416,9 @@ def test_explorer_tab_builds_with_its_components_and_device_queue(studio, tmp_pa
 def test_explorer_tab_without_a_model_falls_back_and_explains(tmp_path, worker):
     import gradio as gr
 
-    from pipelines.generate import Generator
-    from pipelines.memory import MemoryManager
-    from pipelines.models import ModelManager
+    from pipelines.generation.generator import Generator
+    from pipelines.models.manager import ModelManager
+    from pipelines.models.memory import MemoryManager
     from studio.context import StudioContext
     from studio.tabs.explorer import build_explorer_tab
 

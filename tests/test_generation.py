@@ -9,11 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.metadata import infotext_to_settings, parse_infotext, read_png_metadata
-from pipelines.preview import is_blank
-from pipelines.requests import GeneratedImage, GenerationDone, Preview
-from pipelines.tasks import Img2ImgRequest, Txt2ImgRequest
-from pipelines.samplers import SAMPLER_NAMES, SAMPLERS, a1111_sampler
+from pipelines.core.preview import is_blank
+from pipelines.core.results import GeneratedImage, GenerationDone, Preview
+from pipelines.core.samplers import SAMPLER_NAMES, SAMPLERS, a1111_sampler
+from pipelines.io.metadata import infotext_to_settings, parse_infotext, read_png_metadata
+from pipelines.tasks.img2img import Img2ImgRequest
+from pipelines.tasks.txt2img import Txt2ImgRequest
 
 
 def pixels(image: Image.Image) -> np.ndarray:
@@ -231,7 +232,7 @@ def test_out_of_memory_in_the_lowest_mode_is_an_actionable_error(studio, monkeyp
 
 def test_fp16_vae_that_overflows_is_upcast_and_decodes(studio):
     """The black-image bug: an fp16 VAE decode overflowing to NaN is redone in fp32, once and for good."""
-    from pipelines.denoise import decode
+    from pipelines.core.vae import decode
 
     vae = studio.models.current.pipeline.vae
     original = {name: tensor.clone() for name, tensor in vae.state_dict().items()}
@@ -256,7 +257,7 @@ def test_fp16_vae_that_overflows_is_upcast_and_decodes(studio):
 
 
 def test_out_of_memory_is_retried_once_one_mode_lower_and_the_user_is_told(studio, pretend_cuda, monkeypatch):
-    from pipelines.memory import MemoryMode
+    from pipelines.models.memory import MemoryMode
 
     memory = studio.models.memory
     assert memory.mode is MemoryMode.HIGH

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
-
-from pipelines.inpaint import InpaintRequest, mask_xray
-from pipelines.metadata import infotext_to_settings, parse_infotext
-
 from scipy import ndimage
+
+from pipelines.io.metadata import infotext_to_settings, parse_infotext
+from pipelines.tasks.inpaint import InpaintRequest
+from pipelines.tasks.masks import mask_xray
 
 
 def picture(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -97,8 +97,9 @@ def test_soft_inpainting_lets_a_grey_pixel_join_only_when_the_noise_falls_to_its
     """At the latent level, before any paste-back: with a uniform grey mask m, soft inpainting keeps the
     image's latents (noised to the current level) until the last m of the steps, so the result stays near
     the image, nearer for a darker grey; without it, any grey is a full repaint."""
-    from pipelines.denoise import encode, prepare
-    from pipelines.inpaint import _to_tensor
+    from pipelines.core.call import prepare
+    from pipelines.core.images import image_to_tensor as _to_tensor
+    from pipelines.core.vae import encode
 
     source = picture(64, 64, seed=6)
 
@@ -145,7 +146,7 @@ def test_the_infotext_carries_a1111_s_inpainting_keys_and_reads_back(studio):
 def test_a_nine_channel_inpainting_unet_gets_the_mask_and_masked_image(studio, tiny_model_dir):
     from diffusers import UNet2DConditionModel
 
-    from pipelines.models import ModelSource
+    from pipelines.models.manager import ModelSource
 
     base = studio.models.current.pipeline
     config = dict(base.unet.config) | {"in_channels": 9}
@@ -184,9 +185,9 @@ def test_a_mask_of_another_size_is_resized_and_the_user_is_told(studio):
 
 @pytest.fixture(scope="module")
 def embedded_generator(worker):
-    from pipelines.generate import Generator
-    from pipelines.memory import MemoryManager
-    from pipelines.models import ModelManager
+    from pipelines.generation.generator import Generator
+    from pipelines.models.manager import ModelManager
+    from pipelines.models.memory import MemoryManager
 
     models = ModelManager(MemoryManager(device="cpu"), worker=worker)
     models.load("embedded")
@@ -195,7 +196,7 @@ def embedded_generator(worker):
 
 @pytest.mark.parametrize("prefill", ["edge", "blur"])
 def test_outpainting_extends_the_canvas_and_keeps_the_original_region(studio, prefill):
-    from pipelines.inpaint import OutpaintRequest
+    from pipelines.tasks.outpaint import OutpaintRequest
 
     source = picture(64, 48, seed=8)
     done = studio.generate(OutpaintRequest(prompt="blue sky", init_image=source, right=32, top=16, prefill=prefill,
@@ -216,7 +217,7 @@ def test_outpainting_extends_the_canvas_and_keeps_the_original_region(studio, pr
 
 
 def test_outpainting_needs_a_side_to_extend():
-    from pipelines.inpaint import OutpaintRequest
+    from pipelines.tasks.outpaint import OutpaintRequest
 
     with pytest.raises(ValueError, match="at least one side"):
         OutpaintRequest(prompt="x", init_image=picture(64, 64))

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from pipelines.jobs import DeviceWorker, JobCancelled, JobState, Priority, Progress
+from pipelines.jobs.worker import DeviceWorker, JobCancelled, JobState, Priority, Progress
 
 WAIT = 30  # seconds a test waits for the worker before it counts as hung
 
@@ -166,7 +166,7 @@ def test_cancelling_a_queued_job_ends_it_at_once_while_another_runs(worker):
 
 
 def test_old_finished_jobs_let_go_of_their_results_then_are_forgotten(worker, monkeypatch):
-    from pipelines import jobs
+    from pipelines.jobs import worker as jobs
 
     monkeypatch.setattr(jobs, "KEEP_FINISHED_RESULTS", 2)
     monkeypatch.setattr(jobs, "KEEP_FINISHED_JOBS", 3)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.lora import LoraUse, split_lora_tags
-from pipelines.metadata import parse_infotext
-from pipelines.tasks import Txt2ImgRequest
+from pipelines.core.prompts import LoraUse, split_lora_tags
+from pipelines.io.metadata import parse_infotext
+from pipelines.tasks.txt2img import Txt2ImgRequest
 
 
 def make_kohya_lora(unet_folder: Path, path: Path, *, seed: int = 0, base: str = "tiny-sd", **unet_overrides) -> Path:
@@ -72,7 +72,7 @@ def test_a_lora_moves_the_image_and_weight_zero_or_no_tag_gives_the_plain_image_
 
 
 def test_the_infotext_keeps_the_tag_and_adds_a1111_s_lora_hashes(with_lora):
-    from pipelines.lora import short_hash
+    from pipelines.lora.adapters import short_hash
 
     done = with_lora.generate(request("red apple <lora:style:0.7>"))
     prompt, _, parameters = parse_infotext(done.images[0].infotext)
@@ -93,7 +93,7 @@ def test_a_file_that_plain_diffusers_loads_changes_its_output_the_same_way(with_
     with_lora.generate(request("x <lora:style:1>"))       # loads the adapter in the studio
     ours = dict(studio_unet.named_modules())["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]
     theirs = dict(plain.unet.named_modules())["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]
-    from pipelines.lora import adapter_name
+    from pipelines.lora.adapters import adapter_name
 
     torch.testing.assert_close(ours.lora_B[adapter_name("style")].weight, theirs.lora_B["style"].weight)
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.jobs import Priority
-from pipelines.lora_train import LossPoint, LoraTrainingRequest, TrainingWarning, train_lora
-from pipelines.tasks import Txt2ImgRequest
+from pipelines.jobs.worker import Priority
+from pipelines.lora.training import LoraTrainingRequest, LossPoint, TrainingWarning, train_lora
+from pipelines.tasks.txt2img import Txt2ImgRequest
 
 
 def dataset() -> list[Image.Image]:
@@ -92,7 +92,7 @@ def test_a_non_finite_loss_skips_the_step_and_halves_the_learning_rate(studio, t
     result = job.result(timeout=600)
     warnings = [event for event in job.events() if isinstance(event, TrainingWarning)]
     assert len(warnings) == 1 and "not finite; step skipped, learning rate halved" in warnings[0].message
-    from pipelines.lora_train import _schedule
+    from pipelines.lora.training import _schedule
 
     request = training(steps=6)
     rates = [event.learning_rate for event in job.events() if isinstance(event, LossPoint)]
@@ -102,7 +102,7 @@ def test_a_non_finite_loss_skips_the_step_and_halves_the_learning_rate(studio, t
 
 
 def test_a_dataset_folder_must_lie_under_models(tmp_path):
-    from pipelines.lora_train import dataset_folder, read_dataset
+    from pipelines.lora.training import dataset_folder, read_dataset
 
     folder = tmp_path / "models" / "datasets" / "frames"
     folder.mkdir(parents=True)
@@ -124,7 +124,7 @@ def test_bad_training_requests_say_what_is_wrong(overrides, message):
 
 
 def test_at_step_zero_the_lora_changes_nothing(studio):
-    from pipelines.lora_train import add_training_adapter
+    from pipelines.lora.training import add_training_adapter
 
     unet = studio.models.current.pipeline.unet
     sample = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -157,7 +157,7 @@ def test_the_forward_process_is_the_model_s_own_whatever_sampler_ran_last(studio
 def test_a_generation_runs_between_training_steps_and_the_training_goes_on(studio, tmp_path):
     import threading
 
-    from pipelines.lora_train import LossPoint as Point
+    from pipelines.lora.training import LossPoint as Point
 
     reached, plain_job = threading.Event(), {}
     baseline = studio.generate(Txt2ImgRequest(prompt="red", steps=3, seed=4)).images[0].image

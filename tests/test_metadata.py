@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from pipelines import metadata
-from pipelines.samplers import SAMPLER_NAMES
-from pipelines.tasks import Txt2ImgRequest
-from pipelines.metadata import (
+from pipelines.core.samplers import SAMPLER_NAMES
+from pipelines.io import metadata
+from pipelines.io.metadata import (
     build_infotext,
     infotext_to_settings,
     infotext_to_settings_and_dropped,
@@ -22,6 +21,7 @@ from pipelines.metadata import (
     read_png_metadata,
     save_image,
 )
+from pipelines.tasks.txt2img import Txt2ImgRequest
 
 PARAMS = {"Steps": 25, "Sampler": "DPM++ 2M", "CFG scale": 7.5, "Seed": 1234, "Size": "64x64",
           "Model hash": "0123456789", "Model": "emoji-ldm"}
@@ -186,7 +186,7 @@ A1111_RUNS = {"Euler": ("Euler", "Uniform"), "Euler a": ("Euler a", "Uniform"), 
 
 @pytest.mark.parametrize("sampler", SAMPLER_NAMES)
 def test_every_sampler_is_written_in_a1111s_form_and_read_back_by_both(sampler):
-    from pipelines.generate import infotext_parameters
+    from pipelines.generation.generator import infotext_parameters
 
     class Model:
         model_hash, name = "0123456789", "emoji-ldm"

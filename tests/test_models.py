@@ -9,8 +9,8 @@ import weakref
 import pytest
 import torch
 
-from pipelines.memory import MemoryManager, MemoryMode, choose_mode
-from pipelines.models import ModelLoadError, ModelManager, resolve_source
+from pipelines.models.manager import ModelLoadError, ModelManager, resolve_source
+from pipelines.models.memory import MemoryManager, MemoryMode, choose_mode
 
 GIB = 1024 ** 3
 
@@ -207,12 +207,12 @@ def test_switching_models_frees_the_old_vae_even_after_live_previews(studio, tin
 
 
 def _request(**overrides):
-    from pipelines.tasks import Txt2ImgRequest
+    from pipelines.tasks.txt2img import Txt2ImgRequest
     return Txt2ImgRequest(**(dict(prompt="red apple", steps=2, width=64, height=64, seed=1) | overrides))
 
 
 def test_an_uncached_hub_id_fails_at_once_when_the_hub_cannot_be_reached(tmp_path, monkeypatch):
-    from pipelines import models as models_module
+    from pipelines.models import manager as models_module
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     import huggingface_hub.constants as constants

@@ -7,10 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.metadata import parse_infotext
-from pipelines.prompts import (BREAK, BREAK_WEIGHT, _original_emphasis, parse_prompt_attention, prompt_arguments,
-                               uses_emphasis)
-from pipelines.tasks import Txt2ImgRequest
+from pipelines.core.prompts import (
+    BREAK,
+    BREAK_WEIGHT,
+    _original_emphasis,
+    parse_prompt_attention,
+    prompt_arguments,
+    uses_emphasis,
+)
+from pipelines.io.metadata import parse_infotext
+from pipelines.tasks.txt2img import Txt2ImgRequest
 
 # A1111's doctests of parse_prompt_attention, to the last float digit
 A1111_EXAMPLES = [

@@ -17,12 +17,12 @@ import webuiapi
 from PIL import Image
 
 import launch
-from pipelines.controlnet import ControlNetRequest
-from pipelines.generate import Generator
-from pipelines.metadata import parse_infotext
-from pipelines.requests import Preview
-from pipelines.samplers import SAMPLER_NAMES
-from pipelines.tasks import Txt2ImgRequest
+from pipelines.core.results import Preview
+from pipelines.core.samplers import SAMPLER_NAMES
+from pipelines.generation.generator import Generator
+from pipelines.io.metadata import parse_infotext
+from pipelines.tasks.controlnet import ControlNetRequest
+from pipelines.tasks.txt2img import Txt2ImgRequest
 from studio import a1111
 
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import launch
-from pipelines.metadata import infotext_to_settings, parse_infotext, read_png_metadata
+from pipelines.io.metadata import infotext_to_settings, parse_infotext, read_png_metadata
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -437,7 +437,7 @@ def test_api_controlnet_takes_a_control_image_and_more_units_as_json(server, tin
 
 
 def test_browser_draws_a_scribble_and_generates_with_control(server, browser, tiny_model_dir, tmp_path, monkeypatch):
-    from pipelines.tasks import Txt2ImgRequest
+    from pipelines.tasks.txt2img import Txt2ImgRequest
 
     url, context = server
     _tiny_controlnet(context, tiny_model_dir, tmp_path, monkeypatch)

@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipelines.generate import Generator
-from pipelines.memory import MemoryManager
-from pipelines.models import ModelLoadError, ModelManager
-from pipelines.tasks import Txt2ImgRequest
+from pipelines.generation.generator import Generator
+from pipelines.models.manager import ModelLoadError, ModelManager
+from pipelines.models.memory import MemoryManager
+from pipelines.tasks.txt2img import Txt2ImgRequest
 from recipe.single_file import main as export_main
 from recipe.single_file import save_single_file
 

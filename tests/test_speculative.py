@@ -18,7 +18,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from pipelines.speculative import DDPMTransitions, SpeculativeDDPM, reflection_coupling
+from pipelines.sampling.speculative import DDPMTransitions, SpeculativeDDPM, reflection_coupling
 
 MU = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
 S = torch.tensor([0.5, 1.0, 0.2, 2.0], dtype=torch.float64)
@@ -189,7 +189,7 @@ def test_same_seed_same_samples_and_counted_target_calls():
 
 
 def speculative_request(**overrides):
-    from pipelines.tasks import Txt2ImgRequest
+    from pipelines.tasks.txt2img import Txt2ImgRequest
     values = dict(prompt="red apple", seed=1234, steps=12, width=64, height=64, guidance_scale=5.0,
                   sampler="DDPM speculative", draft_length=4)
     values.update(overrides)
@@ -204,7 +204,7 @@ def counting_unet_calls(unet):
 
 @pytest.mark.parametrize("draft", ["frozen target", "frozen target x0"])
 def test_studio_run_counts_its_target_calls_and_records_them(studio, draft):
-    from pipelines.metadata import infotext_to_settings, parse_infotext
+    from pipelines.io.metadata import infotext_to_settings, parse_infotext
 
     calls, handle = counting_unet_calls(studio.models.current.pipeline.unet)
     try:
@@ -236,7 +236,7 @@ def test_studio_same_seed_same_image_other_seed_not(studio):
 def test_a_draft_model_that_is_the_target_is_always_accepted(studio, tmp_path):
     """The draft slot holds a UNet; one identical to the target proposes the target's own steps, so every
     drafted step but the deterministic last one is accepted and the run needs ceil(steps / L) calls."""
-    from pipelines.metadata import parse_infotext
+    from pipelines.io.metadata import parse_infotext
 
     folder = tmp_path / "models" / "draft"
     studio.models.current.pipeline.unet.save_pretrained(folder)
@@ -266,7 +266,7 @@ def test_a_draft_that_does_not_fit_the_model_is_refused_naming_the_mismatch(stud
 def test_other_tasks_and_bad_settings_get_clear_errors(studio):
     from PIL import Image
 
-    from pipelines.tasks import Img2ImgRequest
+    from pipelines.tasks.img2img import Img2ImgRequest
     with pytest.raises(ValueError, match="Text-to-Image only; use DDPM"):
         studio.generate(Img2ImgRequest(prompt="x", sampler="DDPM speculative", init_image=Image.new("RGB", (64, 64)),
                                        steps=8, width=64, height=64))
@@ -279,7 +279,7 @@ def test_other_tasks_and_bad_settings_get_clear_errors(studio):
 def test_stop_ends_the_run_at_the_next_round(studio, monkeypatch):
     import threading
 
-    from pipelines.speculative import SpeculativeDDPM
+    from pipelines.sampling.speculative import SpeculativeDDPM
     stop = threading.Event()
     rounds = []
     original = SpeculativeDDPM._round
@@ -298,7 +298,8 @@ def test_stop_ends_the_run_at_the_next_round(studio, monkeypatch):
 def test_verification_rows_are_the_guided_predictions_of_their_images(studio):
     """predict_rows (one call: several images' states at several timesteps) agrees with the plain step's
     prediction for each row, CFG pairing included."""
-    from pipelines.denoise import Denoiser, prepare
+    from pipelines.core.call import prepare
+    from pipelines.core.denoiser import Denoiser
 
     worker = studio.models.worker
     call = worker.call(prepare, studio.models, speculative_request(batch_size=3))
@@ -313,7 +314,7 @@ def test_verification_rows_are_the_guided_predictions_of_their_images(studio):
 
 
 def test_explorer_view_accounts_for_every_step(studio):
-    from pipelines.explorer import Explorer
+    from pipelines.explorer.service import Explorer
 
     view = Explorer(studio.models).speculative(speculative_request(steps=20, draft_length=5)).result()
     verified = [round_.start + len(round_.probabilities) for round_ in view.chain.rounds]

@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.metadata import infotext_to_settings, parse_infotext, read_png_metadata
-from pipelines.tasks import (TASKS, Img2ImgRequest, InfotextField, Task, Txt2ImgRequest, fit_image, register,
-                             task_of)
+from pipelines.core.images import fit_image
+from pipelines.core.registry import InfotextField, Task, register
+from pipelines.io.metadata import infotext_to_settings, parse_infotext, read_png_metadata
+from pipelines.tasks import TASKS, task_of
+from pipelines.tasks.img2img import Img2ImgRequest
+from pipelines.tasks.txt2img import Txt2ImgRequest
 
 
 def test_each_request_names_its_task_and_records_itself_as_json():
@@ -92,3 +95,35 @@ def test_a_new_task_is_a_request_class_and_a_registry_entry(studio):
 def test_a_registry_entry_must_match_its_request_class():
     with pytest.raises(ValueError, match="names request class Txt2ImgRequest, whose task is 'txt2img'"):
         register(Task("other", "Other", Txt2ImgRequest, lambda base: base))
+
+
+def _strength_like_requests():
+    """Every request field that takes a share or a scale, with the other fields a valid request needs."""
+    from pipelines.tasks.controlnet import ControlNetRequest
+    from pipelines.tasks.inpaint import InpaintRequest
+    from pipelines.tasks.outpaint import OutpaintRequest
+
+    image, mask = Image.new("RGB", (32, 32), "red"), Image.new("L", (32, 32), 255)
+    yield "img2img strength", lambda value: Img2ImgRequest(prompt="x", init_image=image, strength=value), "strength"
+    yield "inpaint strength", lambda value: InpaintRequest(init_image=image, mask=mask, strength=value), "strength"
+    yield "outpaint strength", lambda value: OutpaintRequest(init_image=image, left=8, strength=value), "strength"
+    yield "controlnet strength", lambda value: ControlNetRequest(prompt="x", control_image=image, init_image=image,
+                                                                 strength=value), "strength"
+    for name in ("weight", "start", "end"):
+        yield f"controlnet unit {name}", lambda value, name=name: ControlNetRequest(
+            prompt="x", control_image=image, **{name: value}), name
+        yield f"controlnet more_units {name}", lambda value, name=name: ControlNetRequest(
+            prompt="x", control_image=image, more_units=[{"image": image, name: value}]), name
+
+
+@pytest.mark.parametrize("value", ["0.5", True, float("nan"), None])
+@pytest.mark.parametrize("case", list(_strength_like_requests()), ids=lambda case: case[0])
+def test_strength_like_numbers_are_checked_against_the_one_table_of_ranges(case, value):
+    """Bug 12: a string for a strength gave a TypeError (a 500 in the APIs) and `weight=True` passed as 1. Each is
+    refused with the field's name and the range from NUMBER_RANGES, as every other number is."""
+    from pipelines.core.checks import NUMBER_RANGES
+
+    _, build, field_name = case
+    low, high = NUMBER_RANGES[field_name]
+    with pytest.raises(ValueError, match=rf"`{field_name}` must be a number from {low:g} to {high:g} but is "):
+        build(value)

@@ -16,14 +16,13 @@ A1111 = ("a castle on a hill, sunset\nNegative prompt: blurry, lowres\n"
 @pytest.fixture(scope="module")
 def tabs(tmp_path_factory):
     """Both generation tabs, built without a model."""
-    from pipelines.generate import Generator
-    from pipelines.memory import MemoryManager
-    from pipelines.models import ModelManager
+    from pipelines.generation.generator import Generator
+    from pipelines.models.manager import ModelManager
+    from pipelines.models.memory import MemoryManager
     from studio.context import StudioContext
     from studio.tabs.img2img import build_img2img_tab
-    from studio.tabs.txt2img import build_txt2img_tab
-
     from studio.tabs.inpaint import build_inpaint_tab
+    from studio.tabs.txt2img import build_txt2img_tab
 
     folder = tmp_path_factory.mktemp("ui")
     models = ModelManager(MemoryManager(device="cpu"), models_dir=folder / "models")
@@ -81,7 +80,8 @@ def test_text_without_parameters_is_refused_clearly(tabs):
 def test_requests_are_built_from_controls_by_field_name():
     from PIL import Image
 
-    from pipelines.tasks import Img2ImgRequest, Txt2ImgRequest
+    from pipelines.tasks.img2img import Img2ImgRequest
+    from pipelines.tasks.txt2img import Txt2ImgRequest
 
     request = request_from_controls("txt2img", {"prompt": "red apple", "steps": 12.0, "guidance_scale": 6,
                                                 "seed": None, "width": 64.0})

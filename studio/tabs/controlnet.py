@@ -16,9 +16,19 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from pipelines.controlnet import (CONTROL_MODES, CROP_AND_RESIZE, DEFAULT_CONTROLNET, MAX_UNITS, MAX_WEIGHT,
-                                  RESIZE_MODES, UNIT_FIELDS, ControlUnit, available_controlnets, control_xray)
-from pipelines.preprocessors import PREPROCESSORS
+from pipelines.core.checks import MAX_CONTROL_WEIGHT as MAX_WEIGHT
+from pipelines.models.controlnets import available_controlnets
+from pipelines.tasks.control_units import (
+    CONTROL_MODES,
+    CROP_AND_RESIZE,
+    DEFAULT_CONTROLNET,
+    MAX_UNITS,
+    RESIZE_MODES,
+    UNIT_FIELDS,
+    ControlUnit,
+)
+from pipelines.tasks.control_xray import control_xray
+from pipelines.tasks.preprocessors import PREPROCESSORS
 from studio.context import StudioContext
 from studio.errors import user_errors
 from studio.tabs.generate import GenerationTab, TaskControls, build_generation_tab, request_from_controls

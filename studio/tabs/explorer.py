@@ -21,14 +21,22 @@ from pathlib import Path
 
 import gradio as gr
 
-from pipelines import explorer_forward as forward
-from pipelines import explorer_reverse as reverse
-from pipelines.explorer import Explorer, MarkovCheck, StepViews
-from pipelines.jobs import Job, JobCancelled, Progress
-from pipelines.explorer_speculative import ROUND_COLUMNS
-from pipelines.samplers import DEFAULT_SAMPLER, STEPWISE_SAMPLER_NAMES
-from pipelines.speculative import DEFAULT_DRAFT_LENGTH, DRAFTS, FROZEN_X0_DRAFT, MAX_DRAFT_LENGTH, SPECULATIVE_SAMPLER
-from pipelines.tasks import MAX_STEPS, Txt2ImgRequest
+from pipelines.core.checks import MAX_STEPS
+from pipelines.core.samplers import (
+    DEFAULT_DRAFT_LENGTH,
+    DEFAULT_SAMPLER,
+    DRAFTS,
+    FROZEN_X0_DRAFT,
+    MAX_DRAFT_LENGTH,
+    SPECULATIVE_SAMPLER,
+    STEPWISE_SAMPLER_NAMES,
+)
+from pipelines.explorer import forward as forward
+from pipelines.explorer import reverse as reverse
+from pipelines.explorer.service import Explorer, MarkovCheck, StepViews
+from pipelines.explorer.speculative_view import ROUND_COLUMNS
+from pipelines.jobs.worker import Job, JobCancelled, Progress
+from pipelines.tasks.txt2img import Txt2ImgRequest
 from studio.context import StudioContext, session_of
 from studio.errors import user_errors
 

@@ -21,14 +21,28 @@ from dataclasses import MISSING, dataclass, field, fields
 
 import gradio as gr
 
-from pipelines.jobs import Job, JobCancelled, JobState
-from pipelines.lora import lora_files
-from pipelines.metadata import (clamp_to_request_limits, infotext_key, infotext_to_settings_and_dropped,
-                                parse_infotext)
-from pipelines.requests import GeneratedImage, GenerationDone, Preview
-from pipelines.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES, STEPWISE_SAMPLER_NAMES
-from pipelines.speculative import DEFAULT_DRAFT_LENGTH, DRAFTS, FROZEN_X0_DRAFT, MAX_DRAFT_LENGTH, SPECULATIVE_SAMPLER
-from pipelines.tasks import MAX_BATCH, MAX_SIDE, MAX_STEPS, TASKS, SamplingSettings, draw_seed
+from pipelines.core.checks import MAX_BATCH, MAX_SIDE, MAX_STEPS
+from pipelines.core.requests import SamplingSettings, draw_seed
+from pipelines.core.results import GeneratedImage, GenerationDone, Preview
+from pipelines.core.samplers import (
+    DEFAULT_DRAFT_LENGTH,
+    DEFAULT_SAMPLER,
+    DRAFTS,
+    FROZEN_X0_DRAFT,
+    MAX_DRAFT_LENGTH,
+    SAMPLER_NAMES,
+    SPECULATIVE_SAMPLER,
+    STEPWISE_SAMPLER_NAMES,
+)
+from pipelines.io.metadata import (
+    clamp_to_request_limits,
+    infotext_key,
+    infotext_to_settings_and_dropped,
+    parse_infotext,
+)
+from pipelines.jobs.worker import Job, JobCancelled, JobState
+from pipelines.lora.adapters import lora_files
+from pipelines.tasks import TASKS
 from studio.context import StudioContext, session_of
 from studio.errors import name_input_errors, user_errors
 

@@ -8,16 +8,22 @@ really sees, on its latent grid.
 
 from __future__ import annotations
 
-import numpy as np
 import gradio as gr
+import numpy as np
 from PIL import Image
 
-from pipelines.inpaint import (INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, MAX_EXTEND, MAX_MASK_BLUR, MAX_PADDING,
-                               PREFILLS, mask_xray)
+from pipelines.tasks.inpaint import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, MAX_MASK_BLUR, MAX_PADDING
+from pipelines.tasks.masks import mask_xray
+from pipelines.tasks.outpaint import MAX_EXTEND, PREFILLS
 from studio.context import StudioContext
 from studio.errors import user_errors
-from studio.tabs.generate import (GenerationTab, TaskControls, build_generation_tab, request_from_controls,
-                                  wire_generation)
+from studio.tabs.generate import (
+    GenerationTab,
+    TaskControls,
+    build_generation_tab,
+    request_from_controls,
+    wire_generation,
+)
 
 
 def editor_image_and_mask(value) -> tuple[Image.Image | None, Image.Image | None]:

@@ -12,12 +12,20 @@ import itertools
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+
 import gradio as gr
 import pandas as pd
 
-from pipelines.jobs import Job, JobCancelled, Priority
-from pipelines.lora_train import (LoraTrainingRequest, LossPoint, Samples, TrainingWarning, dataset_folder, read_dataset,
-                                  train_lora)
+from pipelines.jobs.worker import Job, JobCancelled, Priority
+from pipelines.lora.training import (
+    LoraTrainingRequest,
+    LossPoint,
+    Samples,
+    TrainingWarning,
+    dataset_folder,
+    read_dataset,
+    train_lora,
+)
 from studio.context import StudioContext, session_of
 from studio.errors import user_errors
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from pipelines.metadata import read_png_metadata
+from pipelines.io.metadata import read_png_metadata
 from studio.errors import user_errors
 
 

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipelines.denoise import decode, encode, to_pil
+from pipelines.core.images import to_pil
+from pipelines.core.vae import decode, encode
 
 FULL_DECODE_BUDGET = 0.15  # at most this share of the time between previews goes to decoding
 

@@ -23,9 +23,13 @@ import matplotlib
 import torch
 from PIL import Image
 
-from pipelines.denoise import decode, prepare, to_pil
-from pipelines.speculative import SPECULATIVE_SAMPLER, ChainStats, speculative_note
-from pipelines.tasks import Txt2ImgRequest
+from pipelines.core.call import prepare
+from pipelines.core.images import to_pil
+from pipelines.core.samplers import SPECULATIVE_SAMPLER
+from pipelines.core.vae import decode
+from pipelines.sampling.speculative import ChainStats
+from pipelines.sampling.studio import speculative_note
+from pipelines.tasks.txt2img import Txt2ImgRequest
 
 ROUND_COLUMNS = ("round", "from step", "drafted", "acceptance probabilities", "accepted", "ended by",
                  "target calls", "DDPM calls")

@@ -41,21 +41,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-SPECULATIVE_SAMPLER = "DDPM speculative"
-FROZEN_DRAFT = "frozen target"        # reuse the target's last noise prediction
-FROZEN_X0_DRAFT = "frozen target x0"  # reuse the target's last prediction of the data, x̂_0
-MODEL_DRAFT = "draft model"           # a small UNet that imitates the target (recipe/draft.py)
-ANCHORED_DRAFT = "anchored draft model"   # ... proposing only how x̂_0 moves from the target's last one
-DRAFTS = (FROZEN_DRAFT, FROZEN_X0_DRAFT, MODEL_DRAFT, ANCHORED_DRAFT)
-MODEL_DRAFTS = (MODEL_DRAFT, ANCHORED_DRAFT)
-DEFAULT_DRAFT_LENGTH = 4
-MAX_DRAFT_LENGTH = 16
+from pipelines.core.ddpm import posterior_coefficients
+from pipelines.core.samplers import DEFAULT_DRAFT_LENGTH, MAX_DRAFT_LENGTH
 
 # (states (M, ...), step positions (M,), chain indices (M,)) -> model outputs (M, ...)
 ModelFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-# ----------------------------------------------------------------------------- DDPM's transitions
 
 
 class DDPMTransitions:
@@ -79,11 +69,7 @@ class DDPMTransitions:
         for t, prev in zip(self.timesteps, previous):
             abar_t = float(abar[t])
             abar_prev = float(abar[prev]) if prev >= 0 else 1.0
-            alpha = abar_t / abar_prev
-            beta = 1.0 - alpha
-            coef_x0 = math.sqrt(abar_prev) * beta / (1 - abar_t)
-            coef_xt = math.sqrt(alpha) * (1 - abar_prev) / (1 - abar_t)
-            variance = max((1 - abar_prev) / (1 - abar_t) * beta, 1e-20) if t > 0 else 0.0
+            coef_x0, coef_xt, variance = posterior_coefficients(abar_t, abar_prev, last=t <= 0)
             rows.append((math.sqrt(abar_t), math.sqrt(1 - abar_t), coef_x0, coef_xt, math.sqrt(variance)))
         table = torch.tensor(rows, dtype=torch.float64)
         self.sqrt_abar, self.sqrt_one_minus_abar, self.coef_x0, self.coef_xt, self.sigma = table.T
@@ -130,9 +116,6 @@ class DDPMTransitions:
         return self._column(self.sigma, positions, like)
 
 
-# ----------------------------------------------------------------------------- one coupled step
-
-
 def reflection_coupling(draft_mean: torch.Tensor, target_mean: torch.Tensor, sigma: float, noise: torch.Tensor,
                         uniform: float) -> tuple[torch.Tensor, bool, float]:
     """Couple p = N(draft_mean, σ² I) and q = N(target_mean, σ² I) through the draft's sample
@@ -154,9 +137,6 @@ def reflection_coupling(draft_mean: torch.Tensor, target_mean: torch.Tensor, sig
     e = delta / norm
     reflected = z - 2 * (e * z).sum() * e
     return target_mean + sigma * reflected.to(noise.dtype), False, probability
-
-
-# ----------------------------------------------------------------------------- the sampler
 
 
 @dataclass
@@ -333,76 +313,3 @@ class SpeculativeDDPM:
                                          accepted=accepted_steps, reflected=reflected,
                                          target_calls=stats[i].target_calls))
             row += lengths[i]
-
-
-# ----------------------------------------------------------------------------- in the studio
-
-
-def run_speculative(call, batch_index: int, *, generators=None, latents=None, callback=None, expose=()) -> torch.Tensor:
-    """`PreparedCall.__call__` for the "DDPM speculative" sampler: one batch of Text-to-Image. Image i starts
-    from the same noise as DDPM's image i for that seed (drawn the same way) and continues its own chain
-    from the same CPU generator, so a seed gives the same image twice; the statistics go to
-    `call.speculative` (one ChainStats per image) and the notes. `callback` is called after every round
-    with the least advanced image's step, as diffusers' loop calls it after every step."""
-    from diffusers.utils.torch_utils import randn_tensor
-
-    from pipelines.denoise import Denoiser
-
-    request, pipeline = call.request, call.pipeline
-    scheduler = pipeline.scheduler
-    scheduler.set_timesteps(request.steps)
-    transitions = DDPMTransitions.from_scheduler(scheduler)
-    generators = generators or call.generators(batch_index)
-    denoiser = Denoiser(call, generators=generators)
-    unet = pipeline.unet
-    factor = pipeline.vae_scale_factor
-    shape = (request.batch_size, unet.config.in_channels, request.height // factor, request.width // factor)
-    if latents is None:   # as the pipeline's prepare_latents draws it: in the prompt embeddings' dtype
-        dtype = pipeline.text_encoder.dtype if pipeline.text_encoder is not None else unet.dtype
-        latents = randn_tensor(shape, generator=generators, device=torch.device("cpu"), dtype=dtype)
-    timesteps = torch.tensor(transitions.timesteps)
-
-    def target(states, positions, chains):
-        return denoiser.predict_rows(states, timesteps[positions], chains).float()
-
-    def draft_model(states, positions, chains):
-        return denoiser.predict_rows(states, timesteps[positions], chains, unet=call.draft).float()
-
-    sampler = SpeculativeDDPM(transitions, target, draft=draft_model if request.draft in MODEL_DRAFTS else None, draft_length=request.draft_length,
-                              frozen="x0" if request.draft == FROZEN_X0_DRAFT else "eps",
-                              anchored=request.draft == ANCHORED_DRAFT)
-    pipeline._num_timesteps, pipeline._interrupt = len(transitions), False
-
-    def on_round(states, positions) -> bool:
-        if callback is not None:
-            step = min(positions) - 1
-            callback(pipeline, step, timesteps[min(step + 1, len(timesteps) - 1)], {"latents": states})
-        return not pipeline._interrupt
-
-    final, stats = sampler.sample(latents.float(), generators, on_round=on_round)
-    call.speculative.extend(stats)
-    return final.to(latents.dtype)
-
-
-def check_supported(task, pipeline, model_name: str) -> None:
-    """Refuse, before anything is loaded, what the speculative sampler does not run."""
-    if task.name != "txt2img":
-        raise ValueError(f"The {SPECULATIVE_SAMPLER} sampler runs Text-to-Image only; use DDPM for {task.label}.")
-    kind = pipeline.unet.config.addition_embed_type
-    if kind is not None:
-        raise ValueError(f"The {SPECULATIVE_SAMPLER} sampler takes SD 1.x/2.x-style models; {model_name} adds `{kind}` "
-                         "embeddings to its UNet (SDXL and kin), which it does not give it yet. Use DDPM.")
-
-
-def speculative_note(request, stats: list[ChainStats]) -> str:
-    """One line on what the run cost: target calls per image against DDPM's, and the acceptance rate."""
-    calls = sum(s.target_calls for s in stats) / len(stats)
-    proposed = sum(s.proposed for s in stats)
-    rate = sum(s.accepted for s in stats) / proposed if proposed else 0.0
-    draft = f"{request.draft}, L = {request.draft_length}"
-    extra = ""
-    if request.draft in MODEL_DRAFTS:
-        extra = f", {sum(s.draft_calls for s in stats) / len(stats):.0f} draft calls"
-    return (f"{SPECULATIVE_SAMPLER} ({draft}): {request.steps} steps in {calls:.1f} target calls per image "
-            f"(plain DDPM: {request.steps}, {1 - calls / request.steps:.0%} fewer){extra}; {rate:.0%} of drafted "
-            "steps accepted.")

@@ -24,7 +24,7 @@ from diffusers import DDPMScheduler
 from matplotlib.figure import Figure
 from PIL import Image
 
-from pipelines.denoise import decode, encode
+from pipelines.core.vae import decode, encode
 
 SCHEDULE_NAMES: tuple[str, ...] = ("linear", "scaled_linear", "cosine", "model")
 MIN_NUM_STEPS = 2

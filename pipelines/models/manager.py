@@ -11,85 +11,27 @@ All loading, placing and releasing runs on the device worker's thread (pipelines
 
 from __future__ import annotations
 
-import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from diffusers import AutoPipelineForText2Image, DiffusionPipeline
 
-from pipelines.denoise import execution_device
-from pipelines.files import sha256_hex
-from pipelines.jobs import DeviceWorker
-from pipelines.lora import LoadedLora, LoraUse, file_stamp, load_lora, lora_files
-from pipelines.memory import MemoryManager, MemoryMode, RequestBudget, is_out_of_memory
+from pipelines.core.paths import ASSETS_DIR, DEFAULT_MODELS_DIR
+from pipelines.core.vae import execution_device
+from pipelines.jobs.worker import DeviceWorker
+from pipelines.core.prompts import LoraUse
+from pipelines.lora.adapters import LoadedLora, file_stamp, load_lora, lora_files
+from pipelines.models.memory import MemoryManager, MemoryMode, RequestBudget, is_out_of_memory
+from pipelines.models.sources import (EMBEDDED_MODEL, EMBEDDED_NAME, HUB_ID, PICKLE_SUFFIXES, ModelLoadError, ModelSource,
+                                      _explain_load_failure, _from_hub, file_hash, resolve_source)
 from pipelines.tasks import TASKS
 
-ROOT = Path(__file__).resolve().parent.parent
-EMBEDDED_MODEL = ROOT / "assets" / "emoji-ldm"
-EMBEDDED_NAME = "embedded"
-EMBEDDED_DRAFT = ROOT / "assets" / "emoji-ldm-draft"   # the embedded model's draft UNet (recipe/draft.py)
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+EMBEDDED_DRAFT = ASSETS_DIR / "emoji-ldm-draft"   # the embedded model's draft UNet (recipe/draft.py)
 BASE_SLOT = "base"
 DRAFT_SLOT = "draft"
 CONTROLNET_SLOT_PREFIX = "controlnet:"
-
-
-class ModelLoadError(ValueError):
-    """A model could not be loaded; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    kind: str        # embedded | folder | file | hub
-    location: str    # path or hub id
-    name: str        # what the UI and the infotext call it
-
-
-def resolve_source(spec: str, *, allowed_roots: tuple[Path, ...] | None = None,
-                   allow_pickle: bool = False) -> ModelSource:
-    """Turn what the user typed into a ModelSource, refusing what must not be loaded.
-
-    `allowed_roots`, when given (requests from the UI), confines local paths to the app's folders.
-    """
-    spec = (spec or "").strip()
-    if spec in ("", EMBEDDED_NAME):
-        if not (EMBEDDED_MODEL / "model_index.json").exists():
-            raise ModelLoadError(f"The embedded model is missing from {EMBEDDED_MODEL}. "
-                                 "Re-clone the repository or rebuild it with `python -m recipe.train all`.")
-        return ModelSource("embedded", str(EMBEDDED_MODEL), EMBEDDED_NAME)
-    path = Path(spec).expanduser()
-    looks_local = path.exists() or spec.startswith((".", "/", "~")) or path.suffix in PICKLE_SUFFIXES + (".safetensors",)
-    if looks_local:
-        path = path.resolve()
-        if allowed_roots is not None and not any(path.is_relative_to(root.resolve()) for root in allowed_roots):
-            # resolved: `..` and symbolic links are followed first, so neither leads out of the folders
-            roots = ", ".join(str(r) for r in allowed_roots)
-            raise ModelLoadError(f"{spec!r} is {path}, outside the app's model folders ({roots}); requests never "
-                                 "read outside them (links out of models/ included). Move or copy it into models/, "
-                                 "or start the studio with `--model PATH`.")
-        if not path.exists():
-            raise ModelLoadError(f"No model at {path}: the file or folder does not exist.")
-        if path.is_file():
-            if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
-                raise ModelLoadError(f"{path.name} is a pickled checkpoint, which can run arbitrary code when "
-                                     "loaded. Convert it to .safetensors, or start the studio with --allow-pickle "
-                                     "if you trust its source.")
-            if path.suffix.lower() not in PICKLE_SUFFIXES + (".safetensors",):
-                raise ModelLoadError(f"{path.name} is not a model checkpoint: expected a .safetensors file.")
-            return ModelSource("file", str(path), path.stem)
-        if not (path / "model_index.json").exists():
-            raise ModelLoadError(f"{path} is not a diffusers model folder (it has no model_index.json).")
-        return ModelSource("folder", str(path), path.name)
-    if HUB_ID.match(spec):
-        return ModelSource("hub", spec, spec)
-    raise ModelLoadError(f"{spec!r} is neither an existing path nor a hub id like 'owner/model-name'.")
-
-
-def file_hash(path: Path) -> str:
-    """A1111's "Model hash" (AutoV2): the first 10 hex digits of the file's SHA-256."""
-    return sha256_hex(path)[:10]
 
 
 def check_slot(slot: str) -> None:
@@ -152,12 +94,32 @@ class ModelManager:
         self.memory = memory
         self.worker = worker or DeviceWorker()
         self.allow_pickle = allow_pickle
-        self.models_dir = models_dir or ROOT / "models"
+        self.models_dir = models_dir or DEFAULT_MODELS_DIR
         self.slots: dict[str, LoadedModel] = {}
+        self.holder: str | None = None      # what holds the base model as it is (a LoRA training), see hold()
 
     @property
     def lora_dir(self) -> Path:
         return self.models_dir / "lora"
+
+    # -- long work that needs the base model as it is ------------------------------------------
+    @contextmanager
+    def hold(self, holder: str):
+        """While the block runs (on the device thread), the base model stays as it is: loading another base
+        model, unloading it and changing the memory mode are refused, naming `holder`. A LoRA training holds
+        it: those actions would otherwise run at its checkpoints, between two of its steps, under it."""
+        if self.holder is not None:
+            raise ValueError(f"{self.holder} is already using the loaded model; stop it or let it finish first.")
+        self.holder = holder
+        try:
+            yield self.require()
+        finally:
+            self.holder = None
+
+    def _check_not_held(self, action: str) -> None:
+        if self.holder is not None:
+            raise ValueError(f"Cannot {action} now: {self.holder} is using the loaded model and goes on with it. "
+                             "Stop it (it saves what it has trained) or let it finish, then try again.")
 
     def use_loras(self, uses: list[LoraUse]) -> dict[str, LoadedLora]:
         """Make exactly `uses` the active LoRAs of the base model (on the device thread), loading each file
@@ -199,6 +161,8 @@ class ModelManager:
 
     def _load(self, spec: str, *, slot: str, from_ui: bool, config: str | None) -> LoadedModel:
         check_slot(slot)
+        if slot == BASE_SLOT:
+            self._check_not_held("load another model")
         roots = (self.models_dir, EMBEDDED_MODEL.parent) if from_ui else None
         if slot == DRAFT_SLOT:
             return self._load_draft(spec, roots)
@@ -269,7 +233,7 @@ class ModelManager:
     def _read_controlnet(self, name: str, base: LoadedModel):
         from diffusers import ControlNetModel
 
-        from pipelines.controlnet import SHIPPED_CONTROLNETS
+        from pipelines.models.controlnets import SHIPPED_CONTROLNETS
 
         use_safetensors = None if self.allow_pickle else True
         if name in SHIPPED_CONTROLNETS:
@@ -353,6 +317,8 @@ class ModelManager:
 
     def _adopt(self, pipeline, source: ModelSource, slot: str) -> LoadedModel:
         check_slot(slot)
+        if slot == BASE_SLOT:
+            self._check_not_held("replace the model")
         held = self.slots.get(slot)
         if held is not None and held.pipeline is not pipeline:
             self._unload(slot)  # release first: the device may not hold both
@@ -467,6 +433,7 @@ class ModelManager:
         return mode
 
     def _place_all(self, mode: MemoryMode) -> None:
+        self._check_not_held(f"change the memory mode to {mode.value}")
         for model in self.slots.values():
             for pipeline in model.pipelines:
                 self.memory.place(pipeline, mode=mode)
@@ -477,6 +444,8 @@ class ModelManager:
         self.worker.call(self._unload, slot)
 
     def _unload(self, slot: str) -> None:
+        if slot == BASE_SLOT and slot in self.slots:
+            self._check_not_held("unload the model")
         model = self.slots.pop(slot, None)
         if model is None:
             return
@@ -487,9 +456,6 @@ class ModelManager:
         model.previewer = None
         del model
         self.memory.release()
-
-
-HUB_PROBE_TIMEOUT_S = 3.0
 
 
 def _condition_embedding_config(state: dict) -> dict:
@@ -531,52 +497,3 @@ def check_controlnet_fits(controlnet, name: str, base: LoadedModel) -> None:
                          f"latents are 1/{vae_factor} of the image. Pick a ControlNet made for this model.")
 
 
-def _from_hub(source: ModelSource, *, dtype, use_safetensors) -> DiffusionPipeline:
-    """A hub id from the local cache; downloaded only when it is not cached and the hub answers. Offline
-    (HF_HUB_OFFLINE, or the hub not reachable within a few seconds) an uncached id fails at once with the
-    reason, instead of after the hub client's retries."""
-    try:
-        return AutoPipelineForText2Image.from_pretrained(source.location, dtype=dtype, use_safetensors=use_safetensors,
-                                                         local_files_only=True)
-    except Exception as not_cached:
-        if _hub_offline() or not _hub_reachable():
-            raise ModelLoadError(_explain_load_failure(source, OSError(f"offline: {not_cached}"))) from not_cached
-    return AutoPipelineForText2Image.from_pretrained(source.location, dtype=dtype, use_safetensors=use_safetensors)
-
-
-def _hub_reachable() -> bool:
-    """Whether the hub answers within a few seconds (through the hub client's own session and proxies)."""
-    from huggingface_hub import constants, get_session
-    try:
-        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
-        return True
-    except Exception:  # any failure to get an answer means: do not wait for the download to fail
-        return False
-
-
-def _hub_offline() -> bool:
-    import os
-
-    from huggingface_hub import constants
-    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-
-
-def _explain_load_failure(source: ModelSource, error: Exception) -> str:
-    text = f"{type(error).__name__}: {error}"
-    offline = _hub_offline() or any(word in text for word in (
-        "offline", "LocalEntryNotFound", "Cannot reach", "couldn't connect", "Connection", "resolve",
-        "outgoing traffic has been disabled"))
-    if source.kind == "hub" and offline:
-        return (f"{source.location!r} is not in the local Hugging Face cache and cannot be downloaded (no network). "
-                f"On a connected machine run `huggingface-cli download {source.location}` (then copy the cache), "
-                "or put the model's folder under models/ and load it from there.")
-    if source.kind == "hub" and ("404" in text or "not found" in text.lower() or "RepositoryNotFound" in text):
-        return f"No model {source.location!r} on the Hugging Face hub (or it is private). Check the id."
-    if source.kind == "file" and offline:
-        return (f"{Path(source.location).name} needs its architecture's diffusers config, which is not cached and "
-                "cannot be downloaded offline. Pass --model-config with a diffusers folder of the same "
-                "architecture (for example the embedded model's for SD 1.x-shaped checkpoints).")
-    if "safetensors" in text and source.kind != "file":
-        return (f"{source.name} has no .safetensors weights (only pickled .bin files?). Convert them, or start "
-                "the studio with --allow-pickle if you trust the source.")
-    return f"Could not load {source.name}: {text}"

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from pipelines.core.paths import DEFAULT_MODELS_DIR
+
 GRID_CELLS = 8            # the colour grid: 8x8 cells over the image (8 px cells at 64 px)
 CANNY_LOW, CANNY_HIGH = 100, 200
 
@@ -107,7 +109,7 @@ def scribble_from_edges(edges: np.ndarray, rng: np.random.Generator, *, dropout:
 # ----------------------------------------------------------------------------- the menu
 
 
-ANNOTATORS = Path(__file__).resolve().parent.parent / "models" / "annotators"   # beside models/controlnet/
+ANNOTATORS = DEFAULT_MODELS_DIR / "annotators"   # beside models/controlnet/
 
 
 @dataclass(frozen=True)

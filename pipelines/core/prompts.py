@@ -14,11 +14,15 @@ A CLIP text encoder reads at most `model_max_length` tokens (77 for SD, 24 for t
 we split a longer prompt into windows, encode each window with its own start/end tokens, and concatenate the
 embeddings along the sequence axis: cross-attention accepts any sequence length. The negative prompt is padded
 with empty windows to the same length, since the conditional and unconditional passes share one batch.
+
+LoRA tags (`<lora:name:weight>`) are prompt syntax too: `split_lora_tags` takes them out of the text the
+encoder reads and says which LoRAs the prompt asks for (pipelines/lora/ applies them).
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
 
@@ -257,3 +261,51 @@ def _weighted_arguments(pipeline, prompt: list[list], negative_prompt: list[list
         note = (f"The prompt was encoded in {windows} windows of {window(pipeline.tokenizer)} tokens "
                 f"(a longer prompt, or BREAK, starts the next one).")
     return arguments, note
+
+
+# ----------------------------------------------------------------------------- LoRA tags (A1111's <lora:name:weight>)
+
+
+LORA_TAG = re.compile(r"<lora:([^:>]+)(?::\s*([-+]?(?:\d+\.?\d*|\.\d+)))?\s*>")
+
+
+MAX_LORA_WEIGHT = 4.0
+
+
+@dataclass(frozen=True)
+class LoraUse:
+    name: str
+    weight: float
+
+
+MALFORMED_TAG = re.compile(r"<lora:[^>]*>")
+
+
+def split_lora_tags(prompt: str) -> tuple[str, list[LoraUse]]:
+    """The prompt without its `<lora:name:weight>` tags, and the LoRAs they ask for (weight 1 when left out).
+    A prompt without tags comes back exactly as it was."""
+    malformed = [tag for tag in MALFORMED_TAG.findall(prompt) if not LORA_TAG.fullmatch(tag)]
+    if malformed:
+        raise ValueError(f"{malformed[0]} is not a LoRA tag this studio reads: write <lora:name> or "
+                         "<lora:name:0.8> (a plain decimal weight).")
+    if not LORA_TAG.search(prompt):
+        return prompt, []
+    uses = {}
+    for match in LORA_TAG.finditer(prompt):
+        name, weight = match.group(1).strip(), float(match.group(2)) if match.group(2) else 1.0
+        if not -MAX_LORA_WEIGHT <= weight <= MAX_LORA_WEIGHT:
+            raise ValueError(f"The weight of <lora:{name}:…> must be between {-MAX_LORA_WEIGHT:g} and "
+                             f"{MAX_LORA_WEIGHT:g} but is {weight:g}.")
+        uses[name] = LoraUse(name, weight)       # a LoRA named twice: the last weight counts, as in A1111
+    text = re.sub(r"\s{2,}", " ", LORA_TAG.sub("", prompt)).strip(" ,")
+    return text, list(uses.values())
+
+
+def prompt_texts(request) -> tuple[str, str, list[LoraUse], list[str]]:
+    """The prompt and negative prompt as the text encoder reads them (LoRA tags taken out), the LoRAs the
+    prompt asks for, and notes. Tags in the negative prompt are taken out and not applied, as in A1111."""
+    prompt, uses = split_lora_tags(request.prompt)
+    negative_prompt, ignored = split_lora_tags(request.negative_prompt)
+    notes = [f"<lora:{use.name}:…> in the negative prompt is not applied; LoRAs go in the prompt."
+             for use in ignored]
+    return prompt, negative_prompt, uses, notes

@@ -22,12 +22,12 @@ from typing import Any
 from matplotlib.figure import Figure
 from PIL import Image
 
-from pipelines import explorer_forward as forward
-from pipelines import explorer_reverse as reverse
-from pipelines.explorer_speculative import speculative_view
-from pipelines.jobs import DeviceWorker, Job
-from pipelines.models import ModelManager
-from pipelines.tasks import Txt2ImgRequest
+from pipelines.explorer import forward as forward
+from pipelines.explorer import reverse as reverse
+from pipelines.explorer.speculative_view import speculative_view
+from pipelines.jobs.worker import DeviceWorker, Job
+from pipelines.models.manager import ModelManager
+from pipelines.tasks.txt2img import Txt2ImgRequest
 
 FORWARD_SIDE_PX = 128        # the pixel-space image is resized so that its shorter side is this
 MOMENT_SIDE_PX = 32          # the Markov-chain check runs on a small copy ...

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import math
+import os
 import platform
 import re
 import shutil
@@ -36,11 +36,13 @@ from typing import BinaryIO
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from pipelines.controlnet import MAX_UNITS as MAX_CONTROLNET_UNITS
-from pipelines.controlnet import read_units
-from pipelines.prompts import EMPHASIS
-from pipelines.samplers import sampler_from_a1111
-from pipelines.tasks import MAX_SEED, NUMBER_RANGES, SHARED_INFOTEXT_FIELDS, TASKS, WHOLE_NUMBER_RANGES
+from pipelines.core.checks import MAX_SEED, NUMBER_RANGES, WHOLE_NUMBER_RANGES
+from pipelines.core.prompts import EMPHASIS
+from pipelines.core.registry import SHARED_INFOTEXT_FIELDS
+from pipelines.core.samplers import sampler_from_a1111
+from pipelines.tasks import TASKS
+from pipelines.tasks.control_units import MAX_UNITS as MAX_CONTROLNET_UNITS
+from pipelines.tasks.controlnet import read_units
 
 PARAMETERS_CHUNK = "parameters"   # A1111's chunk name
 STUDIO_CHUNK = "studio"

@@ -24,17 +24,19 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from pipelines import metadata
-from pipelines.denoise import PreparedCall, prepare, prompt_texts
-from pipelines.jobs import Job, Progress
-from pipelines.memory import is_out_of_memory
-from pipelines.models import ModelManager
-from pipelines.preview import LatentPreviewer
-from pipelines.prompts import EMPHASIS, uses_emphasis
-from pipelines.requests import GeneratedImage, GenerationDone, Preview
-from pipelines.samplers import a1111_sampler
-from pipelines.speculative import ChainStats, speculative_note
-from pipelines.tasks import SamplingSettings, task_of
+from pipelines.core.call import PreparedCall, prepare
+from pipelines.core.preview import LatentPreviewer
+from pipelines.core.prompts import EMPHASIS, prompt_texts, uses_emphasis
+from pipelines.core.requests import SamplingSettings
+from pipelines.core.results import GeneratedImage, GenerationDone, Preview
+from pipelines.core.samplers import a1111_sampler
+from pipelines.io import metadata
+from pipelines.jobs.worker import Job, Progress
+from pipelines.models.manager import ModelManager
+from pipelines.models.memory import is_out_of_memory
+from pipelines.sampling.speculative import ChainStats
+from pipelines.sampling.studio import speculative_note
+from pipelines.tasks import task_of
 
 STUDIO_VERSION = "diffusion-studio 0.1.0"
 

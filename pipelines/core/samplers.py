@@ -8,6 +8,9 @@ A1111 >= 1.9 splits what older versions (and our names) call "DPM++ 2M Karras" i
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
@@ -30,7 +33,7 @@ SAMPLERS: dict[str, tuple[type, dict]] = {
     "LMS": (LMSDiscreteScheduler, {}),
     "DDIM": (DDIMScheduler, {}),
     "DDPM": (DDPMScheduler, {}),
-    # DDPM's chain, sampled speculatively (pipelines/speculative.py): the same law, fewer target calls
+    # DDPM's chain, sampled speculatively (pipelines/sampling/): the same law, fewer target calls
     "DDPM speculative": (DDPMScheduler, {}),
     "PNDM": (PNDMScheduler, {"skip_prk_steps": True}),
     "DPM++ 2M": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
@@ -44,6 +47,16 @@ SAMPLER_NAMES = tuple(SAMPLERS)
 # Samplers that step one model call at a time (every task and the explorer's trace): all but speculative DDPM,
 # which verifies several steps per call and runs Text-to-Image only
 STEPWISE_SAMPLER_NAMES = tuple(name for name in SAMPLER_NAMES if name != "DDPM speculative")
+SPECULATIVE_SAMPLER = "DDPM speculative"
+# The speculative sampler's drafts (pipelines/sampling/speculative.py says what each proposes)
+FROZEN_DRAFT = "frozen target"        # reuse the target's last noise prediction
+FROZEN_X0_DRAFT = "frozen target x0"  # reuse the target's last prediction of the data, x̂_0
+MODEL_DRAFT = "draft model"           # a small UNet that imitates the target (recipe/draft.py)
+ANCHORED_DRAFT = "anchored draft model"   # ... proposing only how x̂_0 moves from the target's last one
+DRAFTS = (FROZEN_DRAFT, FROZEN_X0_DRAFT, MODEL_DRAFT, ANCHORED_DRAFT)
+MODEL_DRAFTS = (MODEL_DRAFT, ANCHORED_DRAFT)
+DEFAULT_DRAFT_LENGTH = 4
+MAX_DRAFT_LENGTH = 16
 DEFAULT_SAMPLER = "DPM++ 2M"
 # Samplers that draw fresh noise at every step (they use the request's generator).
 STOCHASTIC = frozenset({"Euler a", "DDPM", "DDPM speculative", "DPM++ SDE Karras", "LCM"})
@@ -137,3 +150,32 @@ def model_default_sampler(model_scheduler_config: dict) -> str:
         if scheduler_class.__name__ == class_name and overrides.get("use_karras_sigmas", False) == karras:
             return name
     return DEFAULT_SAMPLER
+
+
+# ----------------------------------------------------------------------------- samplers with loops of their own
+
+
+@dataclass(frozen=True)
+class SamplerLoop:
+    """A sampler that is not one scheduler step per model call (speculative DDPM): its own loop, with
+    `PreparedCall.__call__`'s signature, and `check(task, pipeline, model_name)`, which refuses before
+    anything is loaded what the loop does not run."""
+    run: Callable
+    check: Callable
+
+
+# The samplers whose loop lives above the core register it here (pipelines/sampling/ on import).
+SAMPLER_LOOPS: dict[str, SamplerLoop] = {}
+NEEDS_OWN_LOOP = frozenset({SPECULATIVE_SAMPLER})
+
+
+def register_sampler_loop(name: str, loop: SamplerLoop) -> None:
+    check_sampler(name)
+    SAMPLER_LOOPS[name] = loop
+
+
+def sampler_loop(name: str) -> SamplerLoop | None:
+    """The sampler's own loop (None: one scheduler step per model call, in the task's or diffusers' loop)."""
+    if name in NEEDS_OWN_LOOP and name not in SAMPLER_LOOPS:
+        raise RuntimeError(f"The {name} sampler's loop is not registered: import pipelines.sampling first.")
+    return SAMPLER_LOOPS.get(name)

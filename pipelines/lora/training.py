@@ -35,8 +35,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from pipelines.denoise import decode, encode, prompt_embeddings, to_pil
-from pipelines.tasks import Txt2ImgRequest, fit_image
+from pipelines.core.denoiser import prompt_embeddings
+from pipelines.core.images import fit_image, to_pil
+from pipelines.core.vae import decode, encode
+from pipelines.tasks.txt2img import Txt2ImgRequest
 
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 MAX_IMAGES = 500

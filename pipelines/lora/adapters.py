@@ -20,40 +20,9 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from pipelines.files import sha256_hex
+from pipelines.io.files import sha256_hex
 
-LORA_TAG = re.compile(r"<lora:([^:>]+)(?::\s*([-+]?(?:\d+\.?\d*|\.\d+)))?\s*>")
-MAX_LORA_WEIGHT = 4.0
 FOLDER_WEIGHTS = "pytorch_lora_weights.safetensors"
-
-
-@dataclass(frozen=True)
-class LoraUse:
-    name: str
-    weight: float
-
-
-MALFORMED_TAG = re.compile(r"<lora:[^>]*>")
-
-
-def split_lora_tags(prompt: str) -> tuple[str, list[LoraUse]]:
-    """The prompt without its `<lora:name:weight>` tags, and the LoRAs they ask for (weight 1 when left out).
-    A prompt without tags comes back exactly as it was."""
-    malformed = [tag for tag in MALFORMED_TAG.findall(prompt) if not LORA_TAG.fullmatch(tag)]
-    if malformed:
-        raise ValueError(f"{malformed[0]} is not a LoRA tag this studio reads: write <lora:name> or "
-                         "<lora:name:0.8> (a plain decimal weight).")
-    if not LORA_TAG.search(prompt):
-        return prompt, []
-    uses = {}
-    for match in LORA_TAG.finditer(prompt):
-        name, weight = match.group(1).strip(), float(match.group(2)) if match.group(2) else 1.0
-        if not -MAX_LORA_WEIGHT <= weight <= MAX_LORA_WEIGHT:
-            raise ValueError(f"The weight of <lora:{name}:…> must be between {-MAX_LORA_WEIGHT:g} and "
-                             f"{MAX_LORA_WEIGHT:g} but is {weight:g}.")
-        uses[name] = LoraUse(name, weight)       # a LoRA named twice: the last weight counts, as in A1111
-    text = re.sub(r"\s{2,}", " ", LORA_TAG.sub("", prompt)).strip(" ,")
-    return text, list(uses.values())
 
 
 def lora_files(folder: Path) -> dict[str, Path]:

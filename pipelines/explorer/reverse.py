@@ -50,11 +50,15 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image, ImageDraw, ImageFont
 
-from pipelines.denoise import Denoiser, PreparedCall, decode, prepare, prompt_embeddings, to_pil, uses_cfg
-from pipelines.explorer_forward import export_animation
-from pipelines.models import ModelManager
-from pipelines.samplers import STEPWISE_SAMPLER_NAMES, STOCHASTIC
-from pipelines.tasks import MAX_STEPS, Txt2ImgRequest
+from pipelines.core.call import PreparedCall, prepare
+from pipelines.core.checks import MAX_STEPS
+from pipelines.core.denoiser import Denoiser, prompt_embeddings, uses_cfg
+from pipelines.core.images import to_pil
+from pipelines.core.samplers import STEPWISE_SAMPLER_NAMES, STOCHASTIC
+from pipelines.core.vae import decode
+from pipelines.explorer.forward import export_animation
+from pipelines.models.manager import ModelManager
+from pipelines.tasks.txt2img import Txt2ImgRequest
 
 # A trace is recorded for one text-to-image request; batch_size and batch_count must be 1.
 TraceRequest = Txt2ImgRequest

@@ -1,0 +1,147 @@
+"""One way into the denoising loop, for the generator, the explorer and the samplers to come.
+
+`prepare(models, request)` turns a task request into a `PreparedCall`: the task's pipeline with the
+request's sampler (built from the model's own scheduler config), the prompts (in windows when too
+long), the size checked once, and the seeds. Calling it runs one batch, with CPU-seeded noise, so a
+seed gives the same image on any device: through the sampler's own loop where it has one (speculative
+DDPM, registered by pipelines/sampling/), else the task's (inpainting, ControlNet), else diffusers'.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from pipelines.core.images import to_pil
+from pipelines.core.prompts import prompt_arguments, prompt_texts
+from pipelines.core.registry import Task, task_of
+from pipelines.core.requests import SamplingSettings
+from pipelines.core.samplers import MODEL_DRAFTS, make_scheduler, sampler_loop
+from pipelines.core.vae import VAE_UPCAST_NOTE, check_size, decode
+
+
+@contextmanager
+def exposed_tensors(pipeline, names: tuple[str, ...]):
+    """Let callback_on_step_end see more of the denoising loop's locals (e.g. `noise_pred`), for one call."""
+    own = "_callback_tensor_inputs" in vars(pipeline)
+    saved = pipeline._callback_tensor_inputs
+    pipeline._callback_tensor_inputs = [*saved, *(name for name in names if name not in saved)]
+    try:
+        yield
+    finally:
+        if own:
+            pipeline._callback_tensor_inputs = saved
+        else:
+            del pipeline._callback_tensor_inputs
+
+
+@dataclass
+class PreparedCall:
+    """A request made ready for its task's pipeline; call it once per batch."""
+
+    request: SamplingSettings          # resolved: the seed is concrete
+    task: Task
+    model: Any                         # the LoadedModel it runs on
+    pipeline: Any                      # the task's pipeline, with the request's sampler
+    prompts: dict                      # prompt / negative_prompt, or their embeddings when chunked
+    device: torch.device
+    notes: list[str] = field(default_factory=list)
+    loras: dict = field(default_factory=dict)   # name -> LoadedLora, the LoRAs the prompt switched on
+    draft: Any = None                  # the draft UNet, for the DDPM speculative sampler's "draft model"
+    speculative: list = field(default_factory=list)   # its ChainStats, one per image generated so far
+    controlnets: dict = field(default_factory=dict)   # name -> ControlNetModel, for the request's units
+
+    def generators(self, batch_index: int) -> list[torch.Generator]:
+        """Image i of batch b draws its noise from seed + b * batch_size + i, on the CPU."""
+        return [torch.Generator("cpu").manual_seed(self.request.seed_for(batch_index, i))
+                for i in range(self.request.batch_size)]
+
+    def arguments(self, batch_index: int = 0, *, generators: list[torch.Generator] | None = None) -> dict:
+        """The diffusers call's keyword arguments for one batch (latents out)."""
+        request = self.request
+        arguments = dict(self.prompts, num_inference_steps=request.steps, guidance_scale=request.guidance_scale,
+                         num_images_per_prompt=request.batch_size, output_type="latent",
+                         generator=generators if generators is not None else self.generators(batch_index),
+                         **request.pipeline_arguments())
+        if request.guidance_rescale > 0.0:  # not every pipeline takes it
+            arguments["guidance_rescale"] = request.guidance_rescale
+        return arguments
+
+    def __call__(self, batch_index: int = 0, *, generators: list[torch.Generator] | None = None,
+                 latents: torch.Tensor | None = None, callback=None, expose: tuple[str, ...] = ()) -> torch.Tensor:
+        """Run batch `batch_index` (the sampler's own loop, the task's, or diffusers'); returns its final latents.
+
+        `latents` replaces the initial noise (drawn from `generators`); `callback` is
+        callback_on_step_end, which also sees the loop's tensors named in `expose`.
+        """
+        own_loop = sampler_loop(self.request.sampler)
+        run = own_loop.run if own_loop is not None else self.task.run
+        if run is not None:
+            return run(self, batch_index, generators=generators, latents=latents, callback=callback, expose=expose)
+        self.seed_brownian_noise(batch_index)
+        arguments = self.arguments(batch_index, generators=generators)
+        if latents is not None:
+            arguments["latents"] = latents
+        if callback is None:
+            return self.pipeline(**arguments).images
+        arguments.update(callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents", *expose])
+        with exposed_tensors(self.pipeline, expose):
+            return self.pipeline(**arguments).images
+
+    def seed_brownian_noise(self, batch_index: int) -> None:
+        """DPM++ SDE draws its Brownian noise from torch's global RNG unless seeded: one tree per image."""
+        if hasattr(self.pipeline.scheduler, "noise_sampler_seed"):
+            self.pipeline.scheduler.noise_sampler_seed = [self.request.seed_for(batch_index, i)
+                                                          for i in range(self.request.batch_size)]
+
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        """The call's latents as the task's final images (noting an fp16 VAE upcast)."""
+        images, upcast = decode(self.pipeline.vae, latents)
+        if upcast and VAE_UPCAST_NOTE not in self.notes:
+            self.notes.append(VAE_UPCAST_NOTE)
+        return [self.request.composite(image) for image in to_pil(images)]
+
+
+def prepare(models, request: SamplingSettings) -> PreparedCall:
+    """Check `request` against the loaded model and set up its pipeline (on the device thread)."""
+    # 1. Check inputs and resolve the seed
+    if not isinstance(request, SamplingSettings):
+        raise ValueError(f"Expected a task request (e.g. Txt2ImgRequest) but received {type(request).__name__}.")
+    request = request.resolved()
+    task = task_of(request)
+    model = models.require()
+    pipeline = models.pipeline(task.name)
+    # diffusers' SD pipelines require multiples of 8 whatever the VAE's factor
+    check_size(request.width, request.height, max(8, pipeline.vae_scale_factor))
+    own_loop = sampler_loop(request.sampler)
+    if own_loop is not None:
+        own_loop.check(task, pipeline, model.name)
+    if request.unchanged_image() is None:
+        request.check_steps()
+    for name in request.controlnet_names():   # loaded first, so that the memory budget counts them
+        models.controlnet(name)
+    models.fit(request)
+    controlnets = {name: models.controlnet(name) for name in request.controlnet_names()}   # beside the UNet
+    # 2. Sampler from the model's own scheduler config
+    pipeline.scheduler = make_scheduler(request.sampler, model.scheduler_config)
+    # 3. LoRAs named in the prompt (<lora:name:weight>), then the prompts (weighted, in windows when too long)
+    prompt, negative_prompt, uses, lora_notes = prompt_texts(request)
+    loras = models.use_loras(uses)
+    lora_notes += [f"LoRA {use.name}: weight {use.weight:g}, {loras[use.name].modules} modules patched."
+                   for use in uses]
+    device = pipeline._execution_device
+    prompts, note = prompt_arguments(pipeline, prompt, negative_prompt, device)
+    notes = request.notes() + lora_notes + ([note] if note else [])
+    side = model.native_side
+    if side and max(request.width, request.height) > 2 * side:
+        notes.append(f"{request.width}×{request.height} is more than twice this model's native size ({side} px): "
+                     "expect repeated patterns or doubled subjects. Generate at its native size and upscale.")
+    draft = models.draft_unet() if request.speculative and request.draft in MODEL_DRAFTS else None
+    return PreparedCall(request=request, task=task, model=model, pipeline=pipeline, prompts=prompts, device=device,
+                        notes=notes, loras=loras, draft=draft, controlnets=controlnets)
+
+

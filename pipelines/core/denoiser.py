@@ -1,0 +1,163 @@
+"""The denoising loop's body (diffusers' step 7) one step at a time, for code that drives the loop
+itself (the tasks' own loops, the explorer's take-over, speculative sampling). Each step exposes what
+it computed:
+
+    eps_u, eps_c      the UNet's predictions for the negative prompt and the prompt (one batched call)
+    eps_guided        classifier-free guidance: eps_u + w (eps_c - eps_u), then guidance rescale
+    mean, variance    the transition x_t -> x_{t-1} as a Gaussian N(mean, variance I) where the
+                      sampler makes one: a point mass (variance 0) for deterministic samplers, and
+                      DDPM's posterior q(x_{t-1} | x_t, x̂_0) = N(mu_t, beta~_t I) for DDPM
+
+ControlNet residuals and `cross_attention_kwargs` (LoRA scale) pass straight through to the UNet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDPMScheduler
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+from pipelines.core.call import PreparedCall
+from pipelines.core.ddpm import ddpm_posterior
+from pipelines.core.prompts import prompt_arguments, prompt_texts
+from pipelines.core.requests import SamplingSettings
+from pipelines.core.samplers import STOCHASTIC
+from pipelines.core.vae import execution_device
+
+
+def uses_cfg(pipeline, guidance_scale: float) -> bool:
+    """StableDiffusionPipeline.do_classifier_free_guidance for this scale (guidance-distilled UNets embed it)."""
+    return guidance_scale > 1 and pipeline.unet.config.time_cond_proj_dim is None
+
+
+def prompt_embeddings(pipeline, request: SamplingSettings, device, *, cfg: bool, count: int = 1,
+                      emphasis: bool = True) -> tuple[torch.Tensor, str | None]:
+    """The loop's `prompt_embeds` for `count` images: [negative, positive] with CFG, positive alone without.
+    `emphasis`: A1111's (word:1.2) and BREAK apply (pipelines/prompts.py); otherwise the text is read literally."""
+    prompt, negative_prompt, _, _ = prompt_texts(request)
+    prompts, note = prompt_arguments(pipeline, prompt, negative_prompt, device, emphasis=emphasis)
+    with torch.no_grad():
+        positive, negative = pipeline.encode_prompt(
+            prompts.get("prompt"), device, count, cfg, prompts.get("negative_prompt"),
+            prompt_embeds=prompts.get("prompt_embeds"), negative_prompt_embeds=prompts.get("negative_prompt_embeds"))
+    return (torch.cat([negative, positive]) if cfg else positive), note
+
+
+@dataclass
+class NoisePrediction:
+    eps_cond: torch.Tensor               # the model's prediction for the prompt
+    eps_uncond: torch.Tensor | None      # ... for the negative prompt; None when CFG is off
+    eps_guided: torch.Tensor             # what the sampler uses
+
+
+@dataclass
+class StepResult:
+    latents: torch.Tensor                # x_{t-1}, as the sampler produced it
+    prediction: NoisePrediction
+    x0_pred: torch.Tensor | None         # the sampler's x̂_0, where it reports one
+    mean: torch.Tensor | None            # the transition's mean (None: not a Gaussian we can name)
+    variance: float | None               # ... and its variance, per coordinate
+
+
+class Denoiser:
+    """The denoising loop's body for one prepared call, one explicit step at a time, for a batch of
+    `call.request.batch_size` images. A stochastic sampler draws its fresh noise from `generators`: pass the
+    ones that drew the starting noise to continue them, as diffusers' loop does; the default restarts the
+    seed (the explorer's take-over: "fresh noise from the seed, restarted at the branch")."""
+
+    def __init__(self, call: PreparedCall, *, generators: list[torch.Generator] | None = None,
+                 cross_attention_kwargs: dict | None = None):
+        pipeline, request = call.pipeline, call.request
+        self.call = call
+        self.unet = pipeline.unet
+        self.scheduler = pipeline.scheduler
+        self.guidance_scale = request.guidance_scale
+        self.guidance_rescale = request.guidance_rescale
+        self.cross_attention_kwargs = cross_attention_kwargs
+        self.cfg = uses_cfg(pipeline, request.guidance_scale)
+        self.embeddings, note = prompt_embeddings(pipeline, request, call.device, cfg=self.cfg,
+                                                  count=request.batch_size)
+        if note:
+            call.notes.append(note)
+        self.timestep_cond = None
+        if self.unet.config.time_cond_proj_dim is not None:  # guidance-distilled (LCM) UNets embed w
+            self.timestep_cond = pipeline.get_guidance_scale_embedding(
+                torch.tensor([request.guidance_scale - 1]), embedding_dim=self.unet.config.time_cond_proj_dim,
+            ).to(device=call.device, dtype=self.unet.dtype)
+        # What a stochastic sampler draws its fresh noise from (by default the seed, restarted)
+        self.extra_step_kwargs = pipeline.prepare_extra_step_kwargs(generators or call.generators(0), 0.0)
+        self.deterministic = request.sampler not in STOCHASTIC
+        self._devices: dict[int, torch.device] = {}   # model id -> where it computes (predict_rows)
+
+    def predict(self, latents: torch.Tensor, t, *, extra_channels: torch.Tensor | None = None,
+                down_block_additional_residuals=None, mid_block_additional_residual=None) -> NoisePrediction:
+        """eps_u, eps_c from one batched UNet call (CFG), and the guided prediction. `extra_channels` are
+        appended to the scaled input (an inpainting UNet's mask and masked-image latents)."""
+        model_input = torch.cat([latents] * 2) if self.cfg else latents
+        model_input = self.scheduler.scale_model_input(model_input, t)
+        if extra_channels is not None:
+            model_input = torch.cat([model_input, torch.cat([extra_channels] * 2) if self.cfg else extra_channels],
+                                    dim=1)
+        with torch.no_grad():
+            noise_pred = self.unet(model_input, t, encoder_hidden_states=self.embeddings,
+                                   timestep_cond=self.timestep_cond, cross_attention_kwargs=self.cross_attention_kwargs,
+                                   down_block_additional_residuals=down_block_additional_residuals,
+                                   mid_block_additional_residual=mid_block_additional_residual, return_dict=False)[0]
+        return self._guided(noise_pred)
+
+    def _guided(self, noise_pred: torch.Tensor) -> NoisePrediction:
+        if not self.cfg:
+            return NoisePrediction(eps_cond=noise_pred, eps_uncond=None, eps_guided=noise_pred)
+        eps_uncond, eps_cond = noise_pred.chunk(2)
+        # classifier-free guidance: eps_u + w (eps_c - eps_u)
+        guided = eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
+        if self.guidance_rescale > 0.0:
+            guided = rescale_noise_cfg(guided, eps_cond, guidance_rescale=self.guidance_rescale)
+        return NoisePrediction(eps_cond=eps_cond, eps_uncond=eps_uncond, eps_guided=guided)
+
+    def predict_rows(self, latents: torch.Tensor, timesteps: torch.Tensor, rows: torch.Tensor, *,
+                     unet=None) -> torch.Tensor:
+        """The guided prediction for states of different images at different timesteps, in one batched
+        call: row j is image `rows[j]` of the batch at `timesteps[j]` (speculative sampling verifies a
+        whole draft this way). `unet` replaces the model (a draft UNet reading the same prompt embeddings;
+        LoRA scales are not passed to it)."""
+        model = unet if unet is not None else self.unet
+        count = self.call.request.batch_size
+        rows = rows.to(self.embeddings.device)
+        if self.cfg:
+            embeddings = torch.cat([self.embeddings[:count][rows], self.embeddings[count:][rows]])
+            model_input, timesteps = torch.cat([latents, latents]), torch.cat([timesteps, timesteps])
+        else:
+            embeddings, model_input = self.embeddings[rows], latents
+        if id(model) not in self._devices:    # walking the modules for offload hooks costs ~1 ms a call
+            self._devices[id(model)] = execution_device(model)
+        device = self._devices[id(model)]
+        timestep_cond = None if self.timestep_cond is None or unet is not None else \
+            self.timestep_cond.expand(len(model_input), -1)
+        with torch.no_grad():
+            noise_pred = model(model_input.to(device, model.dtype), timesteps.to(device),
+                               encoder_hidden_states=embeddings.to(device, model.dtype), timestep_cond=timestep_cond,
+                               cross_attention_kwargs=None if unet is not None else self.cross_attention_kwargs,
+                               return_dict=False)[0]
+        return self._guided(noise_pred.to(latents.device, latents.dtype)).eps_guided
+
+    def step(self, latents: torch.Tensor, t, **unet_inputs) -> StepResult:
+        """Predict at (x_t, t) and let the sampler take its step to x_{t-1}."""
+        prediction = self.predict(latents, t, **unet_inputs)
+        with torch.no_grad():
+            output = self.scheduler.step(prediction.eps_guided, t, latents, **self.extra_step_kwargs,
+                                         return_dict=True)
+        previous = output.prev_sample
+        x0_pred = getattr(output, "pred_original_sample", None)
+        mean, variance = self._transition(previous, x0_pred, latents, t)
+        return StepResult(latents=previous, prediction=prediction, x0_pred=x0_pred, mean=mean, variance=variance)
+
+    def _transition(self, previous, x0_pred, latents, t) -> tuple[torch.Tensor | None, float | None]:
+        if self.deterministic:
+            return previous, 0.0
+        scheduler = self.scheduler
+        if isinstance(scheduler, DDPMScheduler) and x0_pred is not None and scheduler.variance_type == "fixed_small":
+            return ddpm_posterior(scheduler, x0_pred, latents, int(t))
+        return None, None

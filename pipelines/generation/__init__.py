@@ -1,0 +1,1 @@
+"""Generation for every task: the service the UI and the APIs call (generator.py)."""

@@ -1,0 +1,1 @@
+"""Files: the A1111 infotext and PNG metadata, saving images, file hashes."""

@@ -1,0 +1,1 @@
+"""Device work as jobs on one worker thread (worker.py)."""

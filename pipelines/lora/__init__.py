@@ -1,0 +1,1 @@
+"""LoRAs: applying them as adapters (adapters.py) and training them (training.py)."""

@@ -165,18 +165,92 @@ def test_cancelling_a_queued_job_ends_it_at_once_while_another_runs(worker):
     assert running.result(WAIT) is True
 
 
-def test_old_finished_jobs_let_go_of_their_results_then_are_forgotten(worker, monkeypatch):
+def test_finished_jobs_let_go_of_their_results_then_are_forgotten_in_the_order_they_finished(worker, monkeypatch):
+    """A job submitted first but finished last is the newest: expiry goes by finishing time."""
     from pipelines.jobs import worker as jobs
 
     monkeypatch.setattr(jobs, "KEEP_FINISHED_RESULTS", 2)
     monkeypatch.setattr(jobs, "KEEP_FINISHED_JOBS", 3)
-    done = []
-    for number in range(5):
-        job = worker.submit(lambda job, n=number: (job.emit(f"event {n}"), n)[1], kind="small")
+    paused = threading.Event()
+
+    def waits_for_the_others(job):
+        job.emit("event first")
+        job.pause()
+        paused.set()
+        job.checkpoint()          # paused: the jobs queued behind it run here, and finish before it
+        return "first"
+
+    first = worker.submit(waits_for_the_others, kind="small")
+    assert paused.wait(WAIT)
+    quick = [worker.submit(lambda job, n=n: (job.emit(f"event {n}"), n)[1], kind="small") for n in range(4)]
+    for job in quick:
         job.result(WAIT)
-        done.append(job)
-    worker.submit(lambda job: None, kind="last").result(WAIT)   # each submit prunes what finished before it
-    assert [worker.find(job.id) is not None for job in done] == [False, False, True, True, True]
-    assert [job.expired for job in done] == [True, True, True, False, False]
-    assert done[2].result() is None and list(done[2].events()) == []
-    assert done[4].result() == 4 and list(done[4].events()) == ["event 4"]
+    first.resume()
+    assert first.result(WAIT) == "first"
+    # finished in the order quick 0, 1, 2, 3, first: the 2 newest keep their results, the 3 newest are found
+    done = [first, *quick]
+    assert [worker.find(job.id) is not None for job in done] == [True, False, False, True, True]
+    assert [job.expired for job in done] == [False, True, True, True, False]
+    assert quick[2].result() is None and list(quick[2].events()) == []
+    assert first.result() == "first" and list(first.events()) == ["event first"]
+    assert quick[3].result() == 3 and list(quick[3].events()) == ["event 3"]
+
+
+def test_a_training_keeps_its_result_while_a_stream_of_small_jobs_comes_and_goes(worker, monkeypatch):
+    """Bug 3: finished jobs expired by submission order, so a training (submitted before the generations it let
+    run at its checkpoints, finished after them) lost its result to newer small jobs, and a reloaded LoRA-training
+    page found nothing. Background work's results are kept apart from the small jobs' cap."""
+    from pipelines.jobs import worker as jobs
+
+    monkeypatch.setattr(jobs, "KEEP_FINISHED_RESULTS", 2)
+    monkeypatch.setattr(jobs, "KEEP_FINISHED_JOBS", 3)
+    started, generations_queued = threading.Event(), threading.Event()
+
+    def training(job):
+        started.set()
+        generations_queued.wait(WAIT)
+        job.emit("loss 0.1")
+        job.checkpoint()          # the queued generations run here
+        return "models/lora/mine.safetensors"
+
+    trained = worker.submit(training, kind="train-lora", owner="alice", priority=Priority.BACKGROUND)
+    assert started.wait(WAIT)
+    during = [worker.submit(lambda job, n=n: n, kind="txt2img", owner="bob") for n in range(3)]
+    generations_queued.set()
+    assert trained.result(WAIT) == "models/lora/mine.safetensors"
+    after = [worker.submit(lambda job, n=n: n, kind="txt2img", owner="bob") for n in range(4)]
+    for job in after:
+        job.result(WAIT)
+    # the page reloaded after all of them still finds the training, its events and its result
+    assert worker.find(trained.id) is trained and not trained.expired
+    assert list(trained.stream()) == ["loss 0.1", "models/lora/mine.safetensors"]
+    small = during + after        # finished in this order; the cap holds for them alone
+    assert [worker.find(job.id) is not None for job in small] == [False, False, False, False, True, True, True]
+    assert [job.expired for job in small] == [True, True, True, True, True, False, False]
+
+
+def test_current_never_fails_when_the_running_job_ends_between_the_check_and_the_read(worker):
+    """Bug 8: `current` read the running list twice (`list[-1] if list else None`); a job ending in between (the
+    device thread pops it) made `/progress` raise IndexError. The list here empties right after its first read,
+    as if the job ended just then."""
+    from pipelines.jobs.worker import Job
+
+    class EndsAfterOneLook(list):
+        def _look(self, read):
+            seen = read()
+            self.clear()          # the device thread finishes the job right after this read
+            return seen
+
+        def __bool__(self):
+            return self._look(lambda: list.__len__(self) > 0)
+
+        def __len__(self):
+            return self._look(lambda: list.__len__(self))
+
+        def __getitem__(self, index):
+            return self._look(lambda: list.__getitem__(self, index))
+
+    running = Job(lambda job: None, kind="txt2img", owner="alice", priority=Priority.INTERACTIVE, worker=worker)
+    worker._running = EndsAfterOneLook([running])
+    assert worker.current in (running, None)      # what one look saw: the job, or that it had ended
+    assert worker.current is None                 # it has ended now

@@ -13,6 +13,11 @@ Interactive jobs (a generation) queue before background ones (LoRA training); a 
 so a generation gets in between two training steps. A paused job waits at its next checkpoint
 (and lets every queued job run meanwhile). The worker keeps recent jobs by id, so a page that was
 reloaded, or an API client, finds a running job again and follows or cancels it.
+
+Finished jobs are let go of in the order they finished, not the order they came: a training that
+let twenty generations run at its checkpoints finishes after them, and is the newest. Interactive
+and background jobs are counted apart, so a stream of generations never pushes out the result of
+the training a reloaded LoRA page is looking for.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from typing import Any
 
 import torch
 
-KEEP_FINISHED_JOBS = 100      # finished jobs the worker still answers for (by id), newest kept ...
+# Per class of work (interactive, background), newest finished first:
+KEEP_FINISHED_JOBS = 100      # finished jobs the worker still answers for (by id) ...
 KEEP_FINISHED_RESULTS = 8     # ... and how many of them keep their events and result (images, traces)
 
 
@@ -178,8 +184,11 @@ class Job:
             self._result, self._error = result, error
             self.state = (JobState.FAILED if error is not None and not isinstance(error, JobCancelled)
                           else JobState.CANCELLED if self.stop.is_set() else JobState.DONE)
-            self._finished.set()
             self._work = None                # let go of what the work closed over (requests, images)
+        if self.listed:    # before anyone waiting sees the end, so that older jobs are already let go of then
+            self._worker._retire(self)
+        with self._lock:
+            self._finished.set()
             for subscriber in self._subscribers:
                 subscriber.put(_END)
             self._subscribers.clear()
@@ -201,6 +210,7 @@ class DeviceWorker:
         self._order = itertools.count()
         self._condition = threading.Condition()
         self._jobs: dict[str, Job] = {}
+        self._finished_jobs: dict[str, Job] = {}   # the listed finished jobs, in the order they finished
         self._running: list[Job] = []      # a stack: jobs run inside another's checkpoint sit on top
         self._thread: threading.Thread | None = None
         self._thread_ident: int | None = None
@@ -250,8 +260,11 @@ class DeviceWorker:
 
     @property
     def current(self) -> Job | None:
-        """The job whose step is running now (the innermost, when one runs at another's checkpoint)."""
-        return self._running[-1] if self._running else None
+        """The job whose step is running now (the innermost, when one runs at another's checkpoint). Read from
+        any thread while the device thread pushes and pops: one read of the stack, since a job may end between
+        two (`/progress` polls this)."""
+        top = self._running[-1:]
+        return top[0] if top else None
 
     def cancel(self, *, owner: str) -> list[Job]:
         """Cancel every unfinished job of `owner` (a browser session's Stop); returns them."""
@@ -305,11 +318,21 @@ class DeviceWorker:
 
     def _remember(self, job: Job) -> None:
         self._jobs[job.id] = job
-        finished = [known for known in self._jobs.values() if known.finished]   # oldest first
-        for old in finished[:max(0, len(finished) - KEEP_FINISHED_RESULTS)]:
-            old._expire()
-        for old in finished[:max(0, len(finished) - KEEP_FINISHED_JOBS)]:
-            del self._jobs[old.id]
+
+    def _retire(self, job: Job) -> None:
+        """`job` has finished: it is the newest finished job of its class (interactive or background). The
+        older ones of that class past KEEP_FINISHED_RESULTS let go of their results, past KEEP_FINISHED_JOBS
+        are forgotten."""
+        background = job.priority >= Priority.BACKGROUND
+        with self._condition:
+            self._finished_jobs[job.id] = job
+            same_class = [known for known in self._finished_jobs.values()
+                          if (known.priority >= Priority.BACKGROUND) == background]   # oldest finished first
+            for old in same_class[:max(0, len(same_class) - KEEP_FINISHED_RESULTS)]:
+                old._expire()
+            for old in same_class[:max(0, len(same_class) - KEEP_FINISHED_JOBS)]:
+                del self._finished_jobs[old.id]
+                self._jobs.pop(old.id, None)
 
     def _loop(self) -> None:
         self._thread_ident = threading.get_ident()

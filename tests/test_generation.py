@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import threading
 
 import numpy as np
@@ -144,6 +145,35 @@ def test_outputs_are_named_by_counter_and_seed(studio):
     counters = [int(name.split("-")[0]) for name in names]
     assert [name.split("-")[1] for name in names] == ["7.png", "8.png"]
     assert counters[1] == counters[0] + 1
+
+
+@pytest.mark.parametrize("error", [PermissionError(errno.EACCES, "Permission denied"),
+                                   OSError(errno.EIO, "Input/output error")], ids=["permission", "io"])
+def test_an_image_that_cannot_be_saved_comes_back_with_a_note_and_the_batch_is_kept(studio, monkeypatch, error):
+    """Bug 6: an OSError other than a full disk while saving (a folder made read-only, an I/O error) failed the
+    job, and the whole batch was lost. Now the image comes back unsaved with a note naming the error, the rest of
+    the batch is saved, and the next generation saves again."""
+    from pipelines.io import metadata
+
+    save = metadata.save_image
+    seeds_saved: list[int] = []
+
+    def fails_for_the_second(image, infotext, extra, outputs_dir, seed, *args, **kwargs):
+        seeds_saved.append(seed)
+        if len(seeds_saved) == 2:
+            raise error
+        return save(image, infotext, extra, outputs_dir, seed, *args, **kwargs)
+
+    monkeypatch.setattr(metadata, "save_image", fails_for_the_second)
+    done = studio.generate(request(batch_size=3, seed=20))
+    assert [(item.seed, item.finished) for item in done.images] == [(20, True), (21, True), (22, True)]
+    assert [item.path is not None for item in done.images] == [True, False, True]
+    (note,) = [message for message in done.messages if message.startswith("Not saved")]
+    assert note == f"Not saved, seed 21 (the image is shown): {type(error).__name__}: {error}"
+    assert read_png_metadata(done.images[2].path)[1]["request"]["seed"] == 22
+    assert not is_blank(done.images[1].image)
+    again = studio.generate(request(seed=30))
+    assert again.images[0].path is not None and not any(m.startswith("Not saved") for m in again.messages)
 
 
 def test_img2img_strength_zero_returns_the_input(studio):

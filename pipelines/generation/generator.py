@@ -1,6 +1,6 @@
 """Generation for every task: the one service the UI and the API call.
 
-`Generator.submit(request)` queues a job on the device worker (pipelines/jobs.py) and returns it;
+`Generator.submit(request)` queues a job on the device worker (pipelines/jobs/worker.py) and returns it;
 `Generator.run(request)` follows that job's events, so a UI can stream:
 
     Preview(...)        every `preview_every` steps, when asked for (only the latest is kept for
@@ -8,7 +8,7 @@
     GeneratedImage(...) each finished image, already saved with its metadata
     GenerationDone(...) last: everything, the seed used, whether it was stopped, notes
 
-The request is prepared once (pipelines/denoise.py) and diffusers' own loop runs each batch; its
+The request is prepared once (pipelines/core/call.py) and diffusers' own loop runs each batch; its
 `callback_on_step_end` posts previews and turns the job's stop flag into the pipeline's own
 interrupt at the next step.
 """
@@ -183,8 +183,10 @@ class Generator:
                 path = str(metadata.save_image(image, infotext, extra, self.outputs_dir, seed,
                                                min_free_mb=self.min_free_disk_mb))
             except metadata.DiskSpaceError as error:   # the disk filled during the work: keep the image, say so
-                if not any(note.startswith("Not saved") for note in call.notes):
+                if not any(note.startswith("Not saved from seed") for note in call.notes):   # said once
                     call.notes.append(f"Not saved from seed {seed} on (the images are shown): {error}")
+            except OSError as error:   # a folder made read-only, an I/O error: this image is kept, and said unsaved
+                call.notes.append(f"Not saved, seed {seed} (the image is shown): {type(error).__name__}: {error}")
         return GeneratedImage(image=image, seed=seed, infotext=infotext, path=path, finished=finished,
                               steps_done=steps_done)
 

@@ -54,8 +54,8 @@ def open_capped(data: bytes, name: str, *, max_pixels: int = MAX_INPUT_PIXELS) -
     try:
         image.load()
     except Exception as error:
-        raise ValueError(f"`{name}` could not be read as an image ({type(error).__name__}: it may be truncated or "
-                         "damaged).") from None
+        raise ValueError(f"`{name}` could not be read as an image ({type(error).__name__}): it may be truncated or "
+                         "damaged; send the PNG or JPEG again.") from None
     return image
 
 
@@ -70,6 +70,6 @@ def decode_image(value, name: str = "image", *, max_pixels: int = MAX_INPUT_PIXE
     try:
         data = base64.b64decode(value.split(",", 1)[1] if value.startswith("data:") else value, validate=True)
     except Exception as error:
-        raise ValueError(f"`{name}` is not base64 text ({type(error).__name__}): send a PNG or JPEG as base64 "
-                         "text.") from None
+        raise ValueError(f"`{name}` could not be read as an image ({type(error).__name__}): it is not base64 text; "
+                         "send a PNG or JPEG as base64 text.") from None
     return open_capped(data, name, max_pixels=max_pixels)

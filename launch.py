@@ -63,7 +63,7 @@ def build(args: argparse.Namespace):
     from studio.context import StudioContext
 
     memory = MemoryManager(device=args.device, dtype=args.dtype, memory=args.memory)
-    # The one thread all model work runs on (pipelines/jobs.py)
+    # The one thread all model work runs on (pipelines/jobs/worker.py)
     models = ModelManager(memory, worker=DeviceWorker(), allow_pickle=args.allow_pickle,
                           models_dir=ROOT / "models")
     outputs = Path(args.outputs).resolve()

@@ -1,6 +1,6 @@
 """Where speculative sampling pays on this machine: the batch-cost curve and side-by-side wall-clock.
 
-Speculative DDPM (pipelines/speculative.py) trades L sequential target calls for one call on L states.
+Speculative DDPM (pipelines/sampling/speculative.py) trades L sequential target calls for one call on L states.
 That saves time only where one batched call costs less than the steps it advances. This prints:
 
 1. the target's batch-cost curve on the embedded model: one guided call (CFG on: 2 x L rows) on L

@@ -12,7 +12,7 @@ convolutions, so training starts from the unchanged model), trained as in the Co
   residuals added;
 - 50% of the captions replaced by the empty prompt, so the ControlNet learns to read the control image
   on its own (and classifier-free guidance keeps working);
-- control images from `pipelines/preprocessors.py`, the studio's own functions:
+- control images from `pipelines/tasks/preprocessors.py`, the studio's own functions:
   - canny: `controlnet_aux.CannyDetector`, thresholds drawn at random per image (low 50-150, high 1.5-3× low);
   - scribble: those edges made to look drawn by hand (`scribble_from_edges`: random dilation, erosion,
     dropout and a smooth jitter);

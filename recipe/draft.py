@@ -5,7 +5,7 @@
     python -m recipe.draft export               # write assets/emoji-ldm-draft from the checkpoint
 
 The draft proposes DDPM steps that the embedded model (the target) then verifies
-(pipelines/speculative.py). A drafted step is accepted with probability 2 Φ(-|m_p - m_q| / 2σ), and
+(pipelines/sampling/speculative.py). A drafted step is accepted with probability 2 Φ(-|m_p - m_q| / 2σ), and
 the means differ by a multiple of the difference between the two models' *guided* noise predictions,
 so the draft is distilled on exactly that:
 

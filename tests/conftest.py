@@ -23,7 +23,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def worker():
-    """One device worker for the whole test session, as the studio has one (pipelines/jobs.py)."""
+    """One device worker for the whole test session, as the studio has one (pipelines/jobs/worker.py)."""
     from pipelines.jobs.worker import DeviceWorker
     return DeviceWorker()
 

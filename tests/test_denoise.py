@@ -1,4 +1,4 @@
-"""The one denoising path (pipelines/denoise.py): a prepared call, and the explicit step that exposes the
+"""The one denoising path (pipelines/core/call.py, pipelines/core/denoiser.py): a prepared call, and the explicit step that exposes the
 noise predictions and the transition, on the seeded tiny model."""
 
 from __future__ import annotations

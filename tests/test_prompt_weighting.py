@@ -1,4 +1,4 @@
-"""A1111's prompt emphasis (pipelines/prompts.py): its parser's rules, checked against the examples in A1111's own
+"""A1111's prompt emphasis (pipelines/core/prompts.py): its parser's rules, checked against the examples in A1111's own
 docstring (modules/prompt_parser.py), its "Original" emphasis, BREAK, and what a weight does to an image."""
 
 from __future__ import annotations

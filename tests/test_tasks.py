@@ -1,4 +1,4 @@
-"""The task registry (pipelines/tasks.py): requests validate themselves, and a new task is one request class
+"""The task registry (pipelines/core/registry.py, pipelines/tasks/): requests validate themselves, and a new task is one request class
 and one registry entry, with nothing else to change."""
 
 from __future__ import annotations

@@ -14,19 +14,25 @@ A1111 = ("a castle on a hill, sunset\nNegative prompt: blurry, lowres\n"
 
 
 @pytest.fixture(scope="module")
-def tabs(tmp_path_factory):
-    """Both generation tabs, built without a model."""
+def context(tmp_path_factory):
+    """What the tabs are built on, without a model."""
     from pipelines.generation.generator import Generator
     from pipelines.models.manager import ModelManager
     from pipelines.models.memory import MemoryManager
     from studio.context import StudioContext
+
+    folder = tmp_path_factory.mktemp("ui")
+    models = ModelManager(MemoryManager(device="cpu"), models_dir=folder / "models")
+    return StudioContext(models=models, generator=Generator(models, None), outputs_dir=folder)
+
+
+@pytest.fixture(scope="module")
+def tabs(context):
+    """The generation tabs, built without a model."""
     from studio.tabs.img2img import build_img2img_tab
     from studio.tabs.inpaint import build_inpaint_tab
     from studio.tabs.txt2img import build_txt2img_tab
 
-    folder = tmp_path_factory.mktemp("ui")
-    models = ModelManager(MemoryManager(device="cpu"), models_dir=folder / "models")
-    context = StudioContext(models=models, generator=Generator(models, None), outputs_dir=folder)
     with gr.Blocks():
         return build_txt2img_tab(context, {}), build_img2img_tab(context, {}), build_inpaint_tab(context, {})
 
@@ -70,6 +76,36 @@ def test_a_restored_value_the_request_takes_but_the_slider_does_not_is_moved_ont
     assert (by_name["guidance_scale"], by_name["width"], by_name["height"]) == (20, 96, 64)
     assert any("CFG scale: 25 is not on this tab's slider (1 to 20); restored as 20." in w for w in warnings)
     request_from_controls("txt2img", by_name)      # the next Generate takes them
+
+
+def test_the_sampler_menu_and_the_speculative_controls_come_from_the_tasks_registry_entry(context, tabs, monkeypatch):
+    """Bug 14: the tab chose its sampler menu and the speculative controls by `task == "txt2img"`. A task whose
+    registry entry lists the speculative sampler gets both, whatever its name; one that does not, neither."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from pipelines.core.registry import Task
+    from pipelines.core.samplers import SAMPLER_NAMES, SPECULATIVE_SAMPLER, STEPWISE_SAMPLER_NAMES
+    from pipelines.tasks import TASKS
+    from pipelines.tasks.txt2img import Txt2ImgRequest
+    from studio.tabs.generate import build_generation_tab
+
+    @dataclass(kw_only=True)
+    class SketchRequest(Txt2ImgRequest):
+        task: ClassVar[str] = "sketch"
+
+    monkeypatch.setitem(TASKS, "sketch", Task("sketch", "Sketch", SketchRequest, lambda base: base,
+                                              samplers=SAMPLER_NAMES))
+    with gr.Blocks():
+        sketch = build_generation_tab(context, "sketch", {"sampler": SPECULATIVE_SAMPLER})
+    menus = {tab.task: [value for _, value in tab.controls["sampler"].choices] for tab in (sketch, *tabs)}
+    assert menus == {"sketch": list(SAMPLER_NAMES), "txt2img": list(SAMPLER_NAMES),
+                     "img2img": list(STEPWISE_SAMPLER_NAMES), "inpaint": list(STEPWISE_SAMPLER_NAMES)}
+    speculative = {tab.task: [name for name in ("draft", "draft_length") if name in tab.controls]
+                   for tab in (sketch, *tabs)}
+    assert speculative == {"sketch": ["draft", "draft_length"], "txt2img": ["draft", "draft_length"],
+                           "img2img": [], "inpaint": []}
+    assert sketch.controls["draft"].parent.visible       # shown: the tab opens on the speculative sampler
 
 
 def test_text_without_parameters_is_refused_clearly(tabs):

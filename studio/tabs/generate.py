@@ -30,9 +30,7 @@ from pipelines.core.samplers import (
     DRAFTS,
     FROZEN_X0_DRAFT,
     MAX_DRAFT_LENGTH,
-    SAMPLER_NAMES,
     SPECULATIVE_SAMPLER,
-    STEPWISE_SAMPLER_NAMES,
 )
 from pipelines.io.metadata import (
     clamp_to_request_limits,
@@ -140,13 +138,13 @@ def _whole_number(value) -> int:
 def _sampling_controls(task: str, defaults: dict) -> dict:
     """The SamplingSettings fields' components, laid out in rows (inside the caller's column)."""
     controls = {}
+    entry = TASKS[task]       # what the task runs: its samplers, and whether speculative sampling is one
     with gr.Row():
-        names = SAMPLER_NAMES if task == "txt2img" else STEPWISE_SAMPLER_NAMES
-        controls["sampler"] = gr.Dropdown(list(names), value=defaults.get("sampler", DEFAULT_SAMPLER),
+        controls["sampler"] = gr.Dropdown(list(entry.samplers), value=defaults.get("sampler", DEFAULT_SAMPLER),
                                           label="Sampler")
         controls["steps"] = gr.Slider(1, MAX_STEPS, value=defaults.get("steps", 25), step=1, precision=0,
                                       label="Steps", elem_id=f"{task}-steps")
-    if task == "txt2img":   # DDPM speculative's settings, shown when it is picked
+    if entry.supports(SPECULATIVE_SAMPLER):   # DDPM speculative's settings, shown when it is picked
         with gr.Row(visible=defaults.get("sampler") == SPECULATIVE_SAMPLER) as speculative_row:
             controls["draft"] = gr.Dropdown(list(DRAFTS), value=FROZEN_X0_DRAFT, label="Draft",
                                             info="what proposes the steps the model verifies; the image's law is "

@@ -144,6 +144,24 @@ def test_controlnet_names_that_cannot_load_get_clear_errors(studio, tiny_control
         studio.models.worker.call(studio.models.controlnet, name)
 
 
+def test_a_controlnet_linked_from_outside_models_controlnet_is_neither_listed_nor_loaded(studio, tiny_controlnets,
+                                                                                         tmp_path):
+    """The one path policy on ControlNets: a link in models/controlnet/ that leads out of it is resolved, not listed
+    and refused; a ControlNet there under its own name loads."""
+    from pipelines.models.controlnets import available_controlnets
+
+    outside = tmp_path / "elsewhere"
+    build_tiny_controlnet(studio.models.current.pipeline.unet, seed=3).save_pretrained(outside / "stolen")
+    (tiny_controlnets / "linked").symlink_to(outside / "stolen", target_is_directory=True)
+    listed = available_controlnets(studio.models.models_dir)
+    assert "linked" not in listed and {"tiny-a", "tiny-b.safetensors"} <= set(listed)
+    with pytest.raises(ValueError, match=rf"controlnet/linked' is {outside}/stolen, outside the app's model folders"):
+        studio.models.worker.call(studio.models.controlnet, "linked")
+    assert "controlnet:linked" not in studio.models.slots
+    assert studio.models.worker.call(studio.models.controlnet, "tiny-a") is \
+        studio.models.slots["controlnet:tiny-a"].pipeline
+
+
 def test_every_offline_preprocessor_runs_and_weight_needing_ones_say_which_file(tmp_path):
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8))
     for name in OFFLINE_PREPROCESSORS:

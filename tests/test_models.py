@@ -212,7 +212,7 @@ def _request(**overrides):
 
 
 def test_an_uncached_hub_id_fails_at_once_when_the_hub_cannot_be_reached(tmp_path, monkeypatch):
-    from pipelines.models import manager as models_module
+    from pipelines.models import checkpoints as models_module
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     import huggingface_hub.constants as constants

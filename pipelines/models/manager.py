@@ -6,7 +6,12 @@ Slots: `base` (the model every task runs on; each task's pipeline is derived fro
 (ControlNets) and LoRA adapters (peft adapters on the base, chosen per request, never merged).
 `fit(request)` places what a request needs, given its size, within one memory budget.
 
-All loading, placing and releasing runs on the device worker's thread (pipelines/jobs.py).
+The manager owns the slots; reading what goes into them is elsewhere in this package, through the one
+path and pickle policy (sources.py): checkpoints.py reads a base model, drafts.py a draft UNet,
+controlnets.py a ControlNet. A new model replaces a slot's only once it is read: a failed read leaves the
+old one loaded and in use.
+
+All loading, placing and releasing runs on the device worker's thread (pipelines/jobs/worker.py).
 """
 
 from __future__ import annotations
@@ -16,19 +21,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffusers import AutoPipelineForText2Image, DiffusionPipeline
+from diffusers import DiffusionPipeline
 
-from pipelines.core.paths import ASSETS_DIR, DEFAULT_MODELS_DIR
+from pipelines.core.paths import DEFAULT_MODELS_DIR
+from pipelines.core.prompts import LoraUse
 from pipelines.core.vae import execution_device
 from pipelines.jobs.worker import DeviceWorker
-from pipelines.core.prompts import LoraUse
 from pipelines.lora.adapters import LoadedLora, file_stamp, load_lora, lora_files
-from pipelines.models.memory import MemoryManager, MemoryMode, RequestBudget, is_out_of_memory
-from pipelines.models.sources import (EMBEDDED_MODEL, EMBEDDED_NAME, HUB_ID, PICKLE_SUFFIXES, ModelLoadError, ModelSource,
-                                      _explain_load_failure, _from_hub, file_hash, resolve_source)
+from pipelines.models.checkpoints import read_pipeline
+from pipelines.models.controlnets import check_controlnet_fits, read_controlnet
+from pipelines.models.drafts import EMBEDDED_DRAFT, check_draft_fits, read_draft
+from pipelines.models.memory import MemoryManager, MemoryMode, RequestBudget
+# EMBEDDED_DRAFT, EMBEDDED_NAME, ModelLoadError, ModelSource: also read from here by the studio, bench/ and recipe/
+from pipelines.models.sources import (EMBEDDED_MODEL, EMBEDDED_NAME, ModelLoadError, ModelSource, file_hash,
+                                      resolve_source)
 from pipelines.tasks import TASKS
 
-EMBEDDED_DRAFT = ASSETS_DIR / "emoji-ldm-draft"   # the embedded model's draft UNet (recipe/draft.py)
 BASE_SLOT = "base"
 DRAFT_SLOT = "draft"
 CONTROLNET_SLOT_PREFIX = "controlnet:"
@@ -167,28 +175,14 @@ class ModelManager:
         if slot == DRAFT_SLOT:
             return self._load_draft(spec, roots)
         source = resolve_source(spec, allowed_roots=roots, allow_pickle=self.allow_pickle)
-        pipeline = self._from_source(source, config=config)   # read into RAM; the old model still serves
+        # read into RAM; the old model still serves
+        pipeline = read_pipeline(source, dtype=self.memory.dtype, allow_pickle=self.allow_pickle, config=config)
         return self._adopt(pipeline, source, slot)
 
     def _load_draft(self, spec: str, roots: tuple[Path, ...] | None) -> LoadedModel:
-        """A draft UNet for speculative sampling: a UNet folder (config.json + safetensors), or a diffusers
-        model folder whose UNet is taken; "embedded" (or nothing) is the embedded model's shipped draft."""
-        from diffusers import UNet2DConditionModel
-
-        path = EMBEDDED_DRAFT if (spec or "").strip() in ("", EMBEDDED_NAME) else Path(spec).expanduser().resolve()
-        if roots is not None and not any(path.is_relative_to(root.resolve()) for root in roots):
-            raise ModelLoadError(f"{spec!r} is outside the app's model folders; move or link the draft into models/.")
-        folder = path / "unet" if (path / "model_index.json").exists() else path
-        if not (folder / "config.json").exists():
-            raise ModelLoadError(f"No draft UNet at {path}: expected a UNet folder (config.json and .safetensors "
-                                 "weights) or a diffusers model folder with a unet/ subfolder.")
-        try:
-            unet = UNet2DConditionModel.from_pretrained(folder, dtype=self.memory.dtype,
-                                                        use_safetensors=None if self.allow_pickle else True)
-        except Exception as error:
-            raise ModelLoadError(f"Could not load a draft UNet from {folder}: {type(error).__name__}: {error}") \
-                from error
-        return self._adopt(unet.eval(), ModelSource("folder", str(folder), path.name), DRAFT_SLOT)
+        """A draft UNet for speculative sampling (drafts.py) into the draft slot."""
+        unet, source = read_draft(spec, roots=roots, dtype=self.memory.dtype, allow_pickle=self.allow_pickle)
+        return self._adopt(unet, source, DRAFT_SLOT)
 
     def draft_unet(self):
         """The draft UNet for the speculative sampler's "draft model" (on the device thread): the draft slot's,
@@ -202,16 +196,8 @@ class ModelManager:
                                  "(a small UNet trained to imitate this model), or use the frozen target draft, "
                                  "which needs no model.")
             held = self._load_draft(EMBEDDED_NAME, None)
-        draft, unet = held.pipeline.config, base.pipeline.unet.config
-        for key in ("in_channels", "out_channels", "cross_attention_dim", "addition_embed_type"):
-            if draft.get(key) != unet.get(key):
-                raise ValueError(f"The draft UNet ({held.name}) does not fit {base.name}: its {key} is "
-                                 f"{draft.get(key)}, the model's is {unet.get(key)}. Load a draft made for this model.")
-        # a lone model is not moved by the base's offload hooks: it computes where the base UNet does
-        device = execution_device(base.pipeline.unet)
-        if held.pipeline.device != device:
-            held.pipeline.to(device)
-        return held.pipeline
+        check_draft_fits(held, base)
+        return self._on_base_device(held.pipeline, base)
 
     def controlnet(self, name: str):
         """The ControlNet `name` (on the device thread), loaded into its slot `controlnet:NAME` once: a shipped
@@ -221,95 +207,20 @@ class ModelManager:
         slot = CONTROLNET_SLOT_PREFIX + name
         held = self.slots.get(slot)
         if held is None:
-            model, source = self._read_controlnet(name, base)
+            model, source = read_controlnet(name, base, models_dir=self.models_dir, dtype=self.memory.dtype,
+                                            allow_pickle=self.allow_pickle)
             check_controlnet_fits(model, name, base)
             held = self._adopt(model.eval(), source, slot)
         check_controlnet_fits(held.pipeline, name, base)
+        return self._on_base_device(held.pipeline, base)
+
+    @staticmethod
+    def _on_base_device(model, base: LoadedModel):
+        # a lone model is not moved by the base's offload hooks: it computes where the base UNet does
         device = execution_device(base.pipeline.unet)
-        if held.pipeline.device != device:
-            held.pipeline.to(device)
-        return held.pipeline
-
-    def _read_controlnet(self, name: str, base: LoadedModel):
-        from diffusers import ControlNetModel
-
-        from pipelines.models.controlnets import SHIPPED_CONTROLNETS
-
-        use_safetensors = None if self.allow_pickle else True
-        if name in SHIPPED_CONTROLNETS:
-            folder = SHIPPED_CONTROLNETS[name]
-            return (ControlNetModel.from_pretrained(folder, dtype=self.memory.dtype, use_safetensors=True),
-                    ModelSource("embedded", str(folder), name))
-        root = (self.models_dir / "controlnet").resolve()
-        path = (root / name).resolve()
-        if (root / name).exists() or "/" not in name or name.startswith((".", "/", "~")):
-            if not path.is_relative_to(root):
-                raise ModelLoadError(f"ControlNet {name!r} is outside models/controlnet/; put ControlNets there "
-                                     "(a diffusers folder or a .safetensors file).")
-            if not path.exists():
-                raise ModelLoadError(f"No ControlNet {name!r}: it is not shipped and not in {root}. Put a diffusers "
-                                     "ControlNet folder or a .safetensors file there.")
-            if path.is_file():
-                return self._controlnet_file(path, base), ModelSource("file", str(path), name)
-            if not (path / "config.json").exists():
-                raise ModelLoadError(f"{path} is not a diffusers ControlNet folder (it has no config.json).")
-            try:
-                model = ControlNetModel.from_pretrained(path, dtype=self.memory.dtype, use_safetensors=use_safetensors)
-            except Exception as error:
-                raise ModelLoadError(f"Could not load the ControlNet in {path}: {type(error).__name__}: {error}") \
-                    from error
-            return model, ModelSource("folder", str(path), name)
-        if not HUB_ID.match(name):
-            raise ModelLoadError(f"{name!r} is neither a ControlNet under models/controlnet/ nor a hub id.")
-        try:
-            model = ControlNetModel.from_pretrained(name, dtype=self.memory.dtype, use_safetensors=use_safetensors,
-                                                    local_files_only=True)
-        except Exception as error:
-            raise ModelLoadError(f"The ControlNet {name!r} is not in the local Hugging Face cache, and nothing is "
-                                 "downloaded here: copy it into models/controlnet/ (a folder with config.json and "
-                                 "its .safetensors weights).") from error
-        return model, ModelSource("hub", name, name)
-
-    def _controlnet_file(self, path: Path, base: LoadedModel):
-        """A single-file ControlNet: diffusers' own keys (save_pretrained's weights), or the original layout
-        (`control_model.…`, as A1111 uses them) converted by diffusers with a config made for the base model."""
-        import tempfile
-
-        from diffusers import ControlNetModel
-        from safetensors.torch import load_file
-
-        if path.suffix.lower() in PICKLE_SUFFIXES and not self.allow_pickle:
-            raise ModelLoadError(f"{path.name} is a pickled checkpoint, which can run arbitrary code when loaded. "
-                                 "Convert it to .safetensors, or start the studio with --allow-pickle.")
-        if path.suffix.lower() != ".safetensors":
-            raise ModelLoadError(f"{path.name} is not a ControlNet checkpoint: expected a .safetensors file.")
-        try:
-            state = load_file(str(path))
-        except Exception as error:
-            raise ModelLoadError(f"{path.name} is not a readable .safetensors file: {error}") from error
-        template = ControlNetModel.from_unet(base.pipeline.unet, load_weights_from_unet=False,
-                                             **_condition_embedding_config(state))
-        if any(key.startswith("controlnet_cond_embedding.") for key in state):
-            model_keys = template.state_dict()
-            wrong = [key for key, value in state.items() if key in model_keys and value.shape != model_keys[key].shape]
-            if wrong or set(model_keys) - set(state):
-                raise ModelLoadError(
-                    f"The ControlNet {path.name} does not fit {base.name}: "
-                    + (f"{wrong[0]} is {tuple(state[wrong[0]].shape)}, the model needs "
-                       f"{tuple(model_keys[wrong[0]].shape)}" if wrong else
-                       f"it lacks {len(set(model_keys) - set(state))} of the weights a ControlNet for it has")
-                    + ". Pick a ControlNet made for this model's family.")
-            template.load_state_dict(state)
-            return template.to(self.memory.dtype)
-        with tempfile.TemporaryDirectory() as folder:
-            template.save_config(folder)
-            try:
-                return ControlNetModel.from_single_file(str(path), config=folder, dtype=self.memory.dtype,
-                                                        local_files_only=True)
-            except Exception as error:
-                raise ModelLoadError(f"Could not read {path.name} as a ControlNet for {base.name} "
-                                     f"({type(error).__name__}: {error}). Is it a ControlNet for this model family?") \
-                    from error
+        if model.device != device:
+            model.to(device)
+        return model
 
     def adopt(self, pipeline, source: ModelSource, *, slot: str = BASE_SLOT) -> LoadedModel:
         """Put an already-built pipeline (or model) into `slot` (used by load, and by tests on tiny models)."""
@@ -338,43 +249,6 @@ class ModelManager:
 
     def _resident(self) -> list:
         return [model.pipeline for model in self.slots.values()]
-
-    def _from_source(self, source: ModelSource, *, config: str | None) -> DiffusionPipeline:
-        dtype = self.memory.dtype
-        use_safetensors = None if self.allow_pickle else True
-        try:
-            if source.kind in ("embedded", "folder"):
-                return AutoPipelineForText2Image.from_pretrained(
-                    source.location, dtype=dtype, use_safetensors=use_safetensors)
-            if source.kind == "hub":
-                return _from_hub(source, dtype=dtype, use_safetensors=use_safetensors)
-            return self._from_single_file(Path(source.location), config=config)
-        except ModelLoadError:
-            raise
-        except Exception as error:  # diffusers/hf_hub raise many kinds; translate them once, here
-            if is_out_of_memory(error):
-                raise ModelLoadError(f"Not enough memory to load {source.name}: {error}. "
-                                     "Try --memory low, or a smaller model.") from error
-            raise ModelLoadError(_explain_load_failure(source, error)) from error
-
-    def _from_single_file(self, path: Path, *, config: str | None) -> DiffusionPipeline:
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-        from diffusers.loaders.single_file_utils import infer_diffusers_model_type, load_single_file_checkpoint
-
-        try:
-            checkpoint = load_single_file_checkpoint(str(path))
-        except Exception as error:   # before diffusers' config lookup, whose offline error would hide this one
-            raise ModelLoadError(f"{path.name} is not a readable checkpoint ({type(error).__name__}: {error}); it "
-                                 "may be truncated or not a model at all. Download or export it again.") from error
-        model_type = infer_diffusers_model_type(checkpoint)
-        del checkpoint  # from_single_file reads the file again; don't hold two copies
-        pipeline_class = StableDiffusionXLPipeline if model_type.startswith("xl") else StableDiffusionPipeline
-        kwargs = {"dtype": self.memory.dtype}
-        if config:
-            kwargs["config"] = config
-        if pipeline_class is StableDiffusionPipeline:
-            kwargs.update(safety_checker=None, requires_safety_checker=False)
-        return pipeline_class.from_single_file(str(path), **kwargs)
 
     # -- task pipelines --------------------------------------------------------------------
     def pipeline(self, task: str) -> DiffusionPipeline:
@@ -456,44 +330,4 @@ class ModelManager:
         model.previewer = None
         del model
         self.memory.release()
-
-
-def _condition_embedding_config(state: dict) -> dict:
-    """The control-image encoder's shape, read off a diffusers-format state dict (a lone file has no config):
-    conv_in, then per level a conv and a strided conv whose output widths are the level's channels."""
-    conv_in = state.get("controlnet_cond_embedding.conv_in.weight")
-    if conv_in is None:
-        return {}
-    channels, block = [conv_in.shape[0]], 1
-    while f"controlnet_cond_embedding.blocks.{block}.weight" in state:
-        channels.append(state[f"controlnet_cond_embedding.blocks.{block}.weight"].shape[0])
-        block += 2
-    return {"conditioning_embedding_out_channels": tuple(channels), "conditioning_channels": conv_in.shape[1]}
-
-
-FAMILY_BY_TEXT_WIDTH = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL", 256: "the embedded model"}
-
-
-def check_controlnet_fits(controlnet, name: str, base: LoadedModel) -> None:
-    """Refuse a ControlNet whose residuals would not fit the base model's UNet, naming the mismatch (instead
-    of a shape error in the middle of a generation)."""
-    unet, config = base.pipeline.unet.config, controlnet.config
-    for key in ("cross_attention_dim", "in_channels", "block_out_channels", "down_block_types", "layers_per_block",
-                "addition_embed_type"):
-        ours, theirs = unet.get(key), config.get(key)
-        if isinstance(ours, (list, tuple)):
-            ours, theirs = list(ours), list(theirs or [])
-        if ours != theirs:
-            family = ""
-            if key == "cross_attention_dim":
-                family = (f" (a ControlNet for {FAMILY_BY_TEXT_WIDTH.get(theirs, 'another model family')}, on "
-                          f"{FAMILY_BY_TEXT_WIDTH.get(ours, 'a different family')})")
-            raise ValueError(f"The ControlNet {name} does not fit {base.name}: its {key} is {theirs}, the model's is "
-                             f"{ours}{family}. Pick a ControlNet made for this model.")
-    factor = 2 ** (len(config.conditioning_embedding_out_channels) - 1)
-    vae_factor = getattr(base.pipeline, "vae_scale_factor", factor)
-    if factor != vae_factor:
-        raise ValueError(f"The ControlNet {name} reads its control image at 1/{factor} scale, but {base.name}'s "
-                         f"latents are 1/{vae_factor} of the image. Pick a ControlNet made for this model.")
-
 

@@ -1,0 +1,107 @@
+"""Reading a model source into a text-to-image pipeline: a diffusers folder (the embedded model's too), a
+single-file checkpoint in the original SD layout, or a hub id from the local cache.
+
+What may be read was decided before (sources.py: `resolve_source`, `use_safetensors`); here every failure
+becomes one ModelLoadError that says why and what to do.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from diffusers import AutoPipelineForText2Image, DiffusionPipeline
+
+from pipelines.models.memory import is_out_of_memory
+from pipelines.models.sources import ModelLoadError, ModelSource, use_safetensors
+
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def read_pipeline(source: ModelSource, *, dtype, allow_pickle: bool, config: str | None = None) -> DiffusionPipeline:
+    """The pipeline `source` holds, read into RAM (placing it on the device is the manager's)."""
+    try:
+        if source.kind in ("embedded", "folder"):
+            return AutoPipelineForText2Image.from_pretrained(
+                source.location, dtype=dtype, use_safetensors=use_safetensors(allow_pickle))
+        if source.kind == "hub":
+            return from_hub(source, dtype=dtype, use_safetensors=use_safetensors(allow_pickle))
+        return from_single_file(Path(source.location), dtype=dtype, config=config)
+    except ModelLoadError:
+        raise
+    except Exception as error:  # diffusers/hf_hub raise many kinds; translate them once, here
+        if is_out_of_memory(error):
+            raise ModelLoadError(f"Not enough memory to load {source.name}: {error}. "
+                                 "Try --memory low, or a smaller model.") from error
+        raise ModelLoadError(explain_load_failure(source, error)) from error
+
+
+def from_single_file(path: Path, *, dtype, config: str | None) -> DiffusionPipeline:
+    """A single `.safetensors` (or, allowed, pickled) checkpoint: SD 1.x/2.x or SDXL, told apart by its keys.
+    `config` (--model-config) is a diffusers folder of the same architecture, for offline reading."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type, load_single_file_checkpoint
+
+    try:
+        checkpoint = load_single_file_checkpoint(str(path))
+    except Exception as error:   # before diffusers' config lookup, whose offline error would hide this one
+        raise ModelLoadError(f"{path.name} is not a readable checkpoint ({type(error).__name__}: {error}); it "
+                             "may be truncated or not a model at all. Download or export it again.") from error
+    model_type = infer_diffusers_model_type(checkpoint)
+    del checkpoint  # from_single_file reads the file again; don't hold two copies
+    pipeline_class = StableDiffusionXLPipeline if model_type.startswith("xl") else StableDiffusionPipeline
+    kwargs = {"dtype": dtype}
+    if config:
+        kwargs["config"] = config
+    if pipeline_class is StableDiffusionPipeline:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    return pipeline_class.from_single_file(str(path), **kwargs)
+
+
+def from_hub(source: ModelSource, *, dtype, use_safetensors) -> DiffusionPipeline:
+    """A hub id from the local cache; downloaded only when it is not cached and the hub answers. Offline
+    (HF_HUB_OFFLINE, or the hub not reachable within a few seconds) an uncached id fails at once with the
+    reason, instead of after the hub client's retries."""
+    try:
+        return AutoPipelineForText2Image.from_pretrained(source.location, dtype=dtype, use_safetensors=use_safetensors,
+                                                         local_files_only=True)
+    except Exception as not_cached:
+        if hub_offline() or not _hub_reachable():
+            raise ModelLoadError(explain_load_failure(source, OSError(f"offline: {not_cached}"))) from not_cached
+    return AutoPipelineForText2Image.from_pretrained(source.location, dtype=dtype, use_safetensors=use_safetensors)
+
+
+def _hub_reachable() -> bool:
+    """Whether the hub answers within a few seconds (through the hub client's own session and proxies)."""
+    from huggingface_hub import constants, get_session
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
+        return True
+    except Exception:  # any failure to get an answer means: do not wait for the download to fail
+        return False
+
+
+def hub_offline() -> bool:
+    from huggingface_hub import constants
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def explain_load_failure(source: ModelSource, error: Exception) -> str:
+    text = f"{type(error).__name__}: {error}"
+    offline = hub_offline() or any(word in text for word in (
+        "offline", "LocalEntryNotFound", "Cannot reach", "couldn't connect", "Connection", "resolve",
+        "outgoing traffic has been disabled"))
+    if source.kind == "hub" and offline:
+        return (f"{source.location!r} is not in the local Hugging Face cache and cannot be downloaded (no network). "
+                f"On a connected machine run `huggingface-cli download {source.location}` (then copy the cache), "
+                "or put the model's folder under models/ and load it from there.")
+    if source.kind == "hub" and ("404" in text or "not found" in text.lower() or "RepositoryNotFound" in text):
+        return f"No model {source.location!r} on the Hugging Face hub (or it is private). Check the id."
+    if source.kind == "file" and offline:
+        return (f"{Path(source.location).name} needs its architecture's diffusers config, which is not cached and "
+                "cannot be downloaded offline. Pass --model-config with a diffusers folder of the same "
+                "architecture (for example the embedded model's for SD 1.x-shaped checkpoints).")
+    if "safetensors" in text and source.kind != "file":
+        return (f"{source.name} has no .safetensors weights (only pickled .bin files?). Convert them, or start "
+                "the studio with --allow-pickle if you trust the source.")
+    return f"Could not load {source.name}: {text}"

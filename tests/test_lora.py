@@ -115,3 +115,29 @@ def test_a_replaced_lora_file_is_loaded_again(with_lora, tiny_model_dir):
     assert not np.array_equal(pixels(first.images[0].image), pixels(second.images[0].image))
     assert parse_infotext(first.images[0].infotext)[2]["Lora hashes"] != \
         parse_infotext(second.images[0].infotext)[2]["Lora hashes"]
+
+
+def test_bug10_a_lora_linked_from_outside_models_is_neither_listed_nor_loaded(with_lora, tiny_model_dir, tmp_path):
+    """Bug 10: a link inside models/lora/, to a file or to a folder, that leads outside models/ is not listed and
+    not loaded: links are resolved before the path is confined, as the model picker does. A link that stays
+    inside models/ is a LoRA like any other."""
+    from pipelines.lora.adapters import lora_files
+
+    models = with_lora.models
+    outside = tmp_path / "elsewhere"
+    make_kohya_lora(tiny_model_dir / "unet", outside / "stolen.safetensors", seed=3)
+    make_kohya_lora(tiny_model_dir / "unet", outside / "folder" / "pytorch_lora_weights.safetensors", seed=4)
+    make_kohya_lora(tiny_model_dir / "unet", models.models_dir / "kept" / "inside.safetensors", seed=5)
+    (models.lora_dir / "linked.safetensors").symlink_to(outside / "stolen.safetensors")
+    (models.lora_dir / "linked-folder").symlink_to(outside / "folder", target_is_directory=True)
+    (models.lora_dir / "inside-link.safetensors").symlink_to(models.models_dir / "kept" / "inside.safetensors")
+
+    assert set(lora_files(models.lora_dir)) == {"style", "inside-link"}
+    plain = pixels(with_lora.generate(request("red apple")).images[0].image)
+    for name in ("linked", "linked-folder"):
+        with pytest.raises(ValueError, match=rf"LoRA '{name}'.* is {outside}.*, outside the app's model folders"):
+            with_lora.generate(request(f"red apple <lora:{name}:1>"))
+        assert name not in models.current.loras
+    assert np.array_equal(pixels(with_lora.generate(request("red apple")).images[0].image), plain)
+    linked_inside = with_lora.generate(request("red apple <lora:inside-link:1>"))
+    assert np.abs(pixels(linked_inside.images[0].image) - plain).mean() > 1

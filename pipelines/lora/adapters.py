@@ -1,7 +1,8 @@
 """LoRAs in any prompt: A1111's `<lora:name:weight>`, applied as peft adapters on the loaded model.
 
 - Files live under `models/lora/`: one `.safetensors` file in the kohya / A1111 key format
-  (`lora_unet_…lora_down.weight`), diffusers' or peft's; or a diffusers LoRA folder.
+  (`lora_unet_…lora_down.weight`), diffusers' or peft's; or a diffusers LoRA folder. A link there may
+  lead anywhere inside models/, never out of it: the one path policy (pipelines/models/sources.py).
 - Each is loaded once per model as a named adapter, never merged into the base weights (ComfyUI's
   model patcher idea), and chosen per request with `set_adapters`. A request that names no LoRA
   turns the adapters off, so its image is the plain one, bit for bit; so is a weight of 0.
@@ -21,13 +22,35 @@ from pathlib import Path
 from safetensors import safe_open
 
 from pipelines.io.files import sha256_hex
+from pipelines.models.sources import check_weights_file, confined, inside
 
 FOLDER_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
 def lora_files(folder: Path) -> dict[str, Path]:
-    """Name -> file of every LoRA under `folder`: `.safetensors` files, and folders holding diffusers'
-    `pytorch_lora_weights.safetensors`."""
+    """Name -> file of every LoRA under `folder` (models/lora/): `.safetensors` files, and folders holding
+    diffusers' `pytorch_lora_weights.safetensors`. An entry may be a link that stays inside models/; one that
+    leads outside is not listed, as `load_lora` would refuse it."""
+    roots = lora_roots(folder)
+    return {name: path for name, path in _entries(folder).items() if inside(path, roots)}
+
+
+def lora_roots(folder: Path) -> tuple[Path, ...]:
+    """Where the files of the LoRA folder `folder` may lie once links are resolved: the models/ folder it is in."""
+    return (Path(folder).parent,)
+
+
+def find_lora(folder: Path, name: str) -> Path:
+    """The file of LoRA `name` under `folder` (to hand to `load_lora`), or an error naming what there is."""
+    entry = _entries(folder).get(name)
+    if entry is None:
+        names = ", ".join(lora_files(folder)) or "none"
+        raise ValueError(f"No LoRA named {name!r} in {folder} (available: {names}). Put its .safetensors file "
+                         "there, or fix the name in <lora:…>.")
+    return entry
+
+
+def _entries(folder: Path) -> dict[str, Path]:
     if not folder.is_dir():
         return {}
     found = {}
@@ -57,7 +80,7 @@ def made_for(path: Path) -> str:
 @dataclass
 class LoadedLora:
     adapter: str          # the peft adapter's name on the model
-    path: Path
+    path: Path            # the file read, links resolved
     hash: str
     modules: int          # UNet and text-encoder modules it patches
     stamp: tuple          # the file's (size, mtime) when loaded: a changed file is loaded again
@@ -68,8 +91,11 @@ def adapter_name(name: str) -> str:
     return "lora_" + re.sub(r"\W", "_", name) + "_" + hashlib.sha1(name.encode()).hexdigest()[:6]
 
 
-def load_lora(pipeline, name: str, path: Path) -> LoadedLora:
-    """Load `path` onto `pipeline` as an adapter; refuse a file that does not fit the model."""
+def load_lora(pipeline, name: str, path: Path, *, roots: tuple[Path, ...]) -> LoadedLora:
+    """Load `path` onto `pipeline` as an adapter; refuse a file that leads outside `roots` (links resolved), is
+    not `.safetensors`, or does not fit the model."""
+    path = confined(path, roots, what=f"LoRA {name!r}:", into="models/lora/")
+    check_weights_file(path, allow_pickle=False)     # peft's loader reads LoRAs as .safetensors only
     adapter = adapter_name(name)
     try:
         pipeline.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter)

@@ -27,7 +27,7 @@ from pipelines.core.paths import DEFAULT_MODELS_DIR
 from pipelines.core.prompts import LoraUse
 from pipelines.core.vae import execution_device
 from pipelines.jobs.worker import DeviceWorker
-from pipelines.lora.adapters import LoadedLora, file_stamp, load_lora, lora_files
+from pipelines.lora.adapters import LoadedLora, file_stamp, find_lora, load_lora, lora_roots
 from pipelines.models.checkpoints import read_pipeline
 from pipelines.models.controlnets import check_controlnet_fits, read_controlnet
 from pipelines.models.drafts import EMBEDDED_DRAFT, check_draft_fits, read_draft
@@ -134,20 +134,15 @@ class ModelManager:
         once as an adapter; with none, the adapters are switched off. Returns the LoRAs in use."""
         model = self.require()
         pipeline = model.pipeline
-        available = lora_files(self.lora_dir)
         for use in uses:
+            path = find_lora(self.lora_dir, use.name)
             held = model.loras.get(use.name)
-            if held is not None and use.name in available and held.path == available[use.name] and \
-                    held.stamp == file_stamp(held.path):
+            if held is not None and held.path == path.resolve() and held.stamp == file_stamp(held.path):
                 continue
             if held is not None:          # the file was replaced (retrained, say): load it again
                 pipeline.delete_adapters([held.adapter])
                 del model.loras[use.name]
-            if use.name not in available:
-                names = ", ".join(available) or "none"
-                raise ValueError(f"No LoRA named {use.name!r} in {self.lora_dir} (available: {names}). Put its "
-                                 ".safetensors file there, or fix the name in <lora:…>.")
-            model.loras[use.name] = load_lora(pipeline, use.name, available[use.name])
+            model.loras[use.name] = load_lora(pipeline, use.name, path, roots=lora_roots(self.lora_dir))
         if uses:
             pipeline.enable_lora()
             pipeline.set_adapters([model.loras[use.name].adapter for use in uses],

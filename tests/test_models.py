@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import gc
+import re
 import shutil
 import weakref
 
+import numpy as np
 import pytest
 import torch
 
@@ -223,3 +225,76 @@ def test_an_uncached_hub_id_fails_at_once_when_the_hub_cannot_be_reached(tmp_pat
     with pytest.raises(ModelLoadError, match="'someone/not-a-model' is not in the local Hugging Face cache"):
         manager(tmp_path).load("someone/not-a-model")
     assert probes == [1]      # asked once whether the hub answers, and never tried to download
+
+
+# ----------------------------------------------------------------------------- a placement the device refuses
+
+
+@pytest.fixture
+def other_model(tmp_path):
+    """A second tiny model under models/, with other seeded weights than the studio's: its images differ."""
+    from recipe.tiny import build_tiny_pipeline
+
+    folder = tmp_path / "models" / "other-sd"
+    build_tiny_pipeline(tmp_path / "other-build", seed=5).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def refuse_new_pipelines(models, monkeypatch, error: Exception) -> list:
+    """`memory.place` raises `error` for any pipeline but the loaded model's (as a device that refuses the new
+    weights would); returns the weak references of the pipelines it refused."""
+    old = {id(pipeline) for pipeline in models.current.pipelines}
+    place = models.memory.place
+    refused = []
+
+    def refusing(pipeline, **kwargs):
+        if id(pipeline) not in old:
+            refused.append(weakref.ref(pipeline))
+            raise type(error)(*error.args)    # a fresh one: a raised error's traceback holds the pipeline
+        return place(pipeline, **kwargs)
+
+    monkeypatch.setattr(models.memory, "place", refusing)
+    return refused
+
+
+@pytest.mark.parametrize("refusal", [RuntimeError("CUDA error: out of memory"),
+                                     OSError("the device refused the weights")], ids=["out-of-memory", "os-error"])
+def test_bug7_a_failed_placement_keeps_the_old_model_serving_and_lets_the_new_one_go(studio, other_model,
+                                                                                    monkeypatch, refusal):
+    """Bug 7: placing a model that was read fine fails (the device runs out of memory, or refuses): the model that
+    was loaded stays loaded and generates as before, the error names the model and the failure, the new one is
+    let go; and the same model loads once the device takes it."""
+    models = studio.models
+    before = models.current
+    plain = np.asarray(studio.generate(_request()).images[0].image)
+    refused = refuse_new_pipelines(models, monkeypatch, refusal)
+    named = re.escape(f"{type(refusal).__name__}: {refusal}")
+    with pytest.raises(ModelLoadError, match=rf"Could not place other-sd .*{named}.*tiny-sd is still loaded") \
+            as failure:
+        models.load(str(other_model), from_ui=True)
+    assert refused, "the new model was never placed"
+    assert models.current is before and set(models.slots) == {"base"}
+    again = np.asarray(studio.generate(_request()).images[0].image)
+    assert np.array_equal(again, plain)                    # the old model, bit for bit
+    del failure
+    gc.collect()
+    assert all(pipeline() is None for pipeline in refused)  # nothing holds the refused model any more
+
+    monkeypatch.undo()
+    assert models.load(str(other_model), from_ui=True).name == "other-sd"
+    assert not np.array_equal(np.asarray(studio.generate(_request()).images[0].image), plain)   # another model
+
+
+def test_bug7_on_a_gpu_the_old_model_leaves_the_device_for_the_new_one_and_comes_back(studio, other_model,
+                                                                                   pretend_cuda, monkeypatch):
+    """Bug 7, the memory side: the device may not hold both models, so the old one moves to the CPU while the new
+    one is placed, and back onto the device, in the mode it ran in, when the new one is refused."""
+    models = studio.models
+    before = models.current
+    moves = []
+    monkeypatch.setattr(before.pipeline, "to", lambda device, *a, **k: moves.append(str(device)))
+    refuse_new_pipelines(models, monkeypatch, RuntimeError("CUDA error: out of memory"))
+    with pytest.raises(ModelLoadError, match="Could not place other-sd.*tiny-sd is still loaded.*lower memory mode"):
+        models.load(str(other_model), from_ui=True)
+    assert moves == ["cpu", "cuda"]
+    assert models.current is before and models.memory.mode is MemoryMode.HIGH

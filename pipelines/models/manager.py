@@ -8,8 +8,8 @@ Slots: `base` (the model every task runs on; each task's pipeline is derived fro
 
 The manager owns the slots; reading what goes into them is elsewhere in this package, through the one
 path and pickle policy (sources.py): checkpoints.py reads a base model, drafts.py a draft UNet,
-controlnets.py a ControlNet. A new model replaces a slot's only once it is read: a failed read leaves the
-old one loaded and in use.
+controlnets.py a ControlNet. A new model replaces a slot's only once it is read and placed: a failed read
+or a failed placement leaves the old one loaded and in use.
 
 All loading, placing and releasing runs on the device worker's thread (pipelines/jobs/worker.py).
 """
@@ -31,7 +31,7 @@ from pipelines.lora.adapters import LoadedLora, file_stamp, find_lora, load_lora
 from pipelines.models.checkpoints import read_pipeline
 from pipelines.models.controlnets import check_controlnet_fits, read_controlnet
 from pipelines.models.drafts import EMBEDDED_DRAFT, check_draft_fits, read_draft
-from pipelines.models.memory import MemoryManager, MemoryMode, RequestBudget
+from pipelines.models.memory import MemoryManager, MemoryMode, RequestBudget, is_out_of_memory
 # EMBEDDED_DRAFT, EMBEDDED_NAME, ModelLoadError, ModelSource: also read from here by the studio, bench/ and recipe/
 from pipelines.models.sources import (EMBEDDED_MODEL, EMBEDDED_NAME, ModelLoadError, ModelSource, file_hash,
                                       resolve_source)
@@ -74,7 +74,8 @@ class LoadedModel:
 
     @property
     def pipelines(self) -> list:
-        return [self.pipeline, *self.derived.values()]
+        """The base pipeline and those derived from it, each once (a task may run on the base itself)."""
+        return list({id(pipeline): pipeline for pipeline in (self.pipeline, *self.derived.values())}.values())
 
     @property
     def model_hash(self) -> str | None:
@@ -159,7 +160,7 @@ class ModelManager:
     # -- loading ---------------------------------------------------------------------------
     def load(self, spec: str, *, slot: str = BASE_SLOT, from_ui: bool = False, config: str | None = None) -> LoadedModel:
         """Load `spec` (embedded, folder, .safetensors file or hub id) into `slot`, replacing what it held.
-        The new model is read before the old one is released, so a failed load keeps the old one."""
+        The new model is read and placed before the old one is released, so a failed load keeps the old one."""
         return self.worker.call(self._load, spec, slot=slot, from_ui=from_ui, config=config)
 
     def _load(self, spec: str, *, slot: str, from_ui: bool, config: str | None) -> LoadedModel:
@@ -222,25 +223,75 @@ class ModelManager:
         return self.worker.call(self._adopt, pipeline, source, slot)
 
     def _adopt(self, pipeline, source: ModelSource, slot: str) -> LoadedModel:
+        """Put `pipeline` into `slot` and on the device. The model the slot held leaves the device first (the
+        device may not hold both) but is kept until the new one is placed: when placing fails (out of memory,
+        a device that refuses), the new one is let go and the old one placed back, and the error says so."""
         check_slot(slot)
         if slot == BASE_SLOT:
             self._check_not_held("replace the model")
-        held = self.slots.get(slot)
-        if held is not None and held.pipeline is not pipeline:
-            self._unload(slot)  # release first: the device may not hold both
+        replaced = self.slots.get(slot)
+        if replaced is not None and replaced.pipeline is pipeline:
+            replaced = None           # the same pipeline again: there is nothing to let go
         if hasattr(pipeline, "set_progress_bar_config"):
             pipeline.set_progress_bar_config(disable=True)
         scheduler = getattr(pipeline, "scheduler", None)
         model = LoadedModel(source=source, pipeline=pipeline,
                             scheduler_config=dict(scheduler.config) if scheduler is not None else {})
-        self.slots[slot] = model
-        side = model.native_side or (self.current.native_side if self.current else None) or 512
+        mode_before = self.memory.mode
+        try:
+            if replaced is not None:
+                self._park(replaced)
+            self.slots[slot] = model
+            self._place_new(model, slot)
+        except Exception as error:   # whatever the device said: the old model must survive it
+            raise self._restore(slot, replaced, model, mode_before, error) from error
+        if replaced is not None:
+            self._strip(replaced)
+            replaced = None           # the last reference: its weights are freed by the release
+            self.memory.release()
+        return model
+
+    def _place_new(self, model: LoadedModel, slot: str) -> None:
+        base = model if slot == BASE_SLOT else self.current
+        side = model.native_side or (base.native_side if base else None) or 512
         mode = self.memory.mode_for(self._resident(), width=side, height=side)
         if mode is self.memory.mode:
-            self.memory.place(pipeline, mode=mode)
+            self.memory.place(model.pipeline, mode=mode)
         else:
             self._place_all(mode)     # one mode for everything resident
-        return model
+
+    def _park(self, model: LoadedModel) -> None:
+        """Move `model` off the device (into RAM), whole, to be placed again or let go."""
+        for pipeline in model.pipelines:
+            self.memory.park(pipeline)
+        self.memory.release()
+
+    def _restore(self, slot: str, old: LoadedModel | None, new: LoadedModel, mode: MemoryMode,
+                 error: Exception) -> ModelLoadError:
+        """After `new` could not be placed: let it go, put `old` back into `slot` and everything resident back
+        in `mode`. Returns the error to raise, which says what failed and what is loaded now."""
+        if old is None:
+            self.slots.pop(slot, None)
+        else:
+            self.slots[slot] = old
+        self._strip(new)
+        failed = f"Could not place {new.name} on {self.memory.device} ({type(error).__name__}: {error})"
+        hint = " Not enough device memory: choose a lower memory mode (--memory low, or in the Models & memory " \
+               "tab) or a smaller model." if is_out_of_memory(error) else ""
+        try:
+            self._park(new)   # what of it reached the device leaves it now, though the error still refers to it
+            self._place_resident(mode)
+        except Exception as again:    # the device refuses what it held a moment ago: hold nothing half placed
+            if old is not None:
+                self.slots.pop(slot, None)
+                self._strip(old)
+                self.memory.release()
+            lost = f"{old.name} could not be placed back either, so the {slot} slot is empty now" \
+                if old is not None else "the models already loaded could not be placed back either"
+            return ModelLoadError(f"{failed}, and {lost} ({type(again).__name__}: {again}). Load the model "
+                                  f"again.{hint}")
+        kept = f"{old.name} is still loaded and in use" if old is not None else f"the {slot} slot stays empty"
+        return ModelLoadError(f"{failed}; {kept}.{hint}")
 
     def _resident(self) -> list:
         return [model.pipeline for model in self.slots.values()]
@@ -303,6 +354,9 @@ class ModelManager:
 
     def _place_all(self, mode: MemoryMode) -> None:
         self._check_not_held(f"change the memory mode to {mode.value}")
+        self._place_resident(mode)
+
+    def _place_resident(self, mode: MemoryMode) -> None:
         for model in self.slots.values():
             for pipeline in model.pipelines:
                 self.memory.place(pipeline, mode=mode)
@@ -318,11 +372,16 @@ class ModelManager:
         model = self.slots.pop(slot, None)
         if model is None:
             return
+        self._strip(model)
+        del model
+        self.memory.release()
+
+    @staticmethod
+    def _strip(model: LoadedModel) -> None:
+        """Drop what ties `model`'s weights to the device and to the manager (offload hooks, derived pipelines,
+        the preview map), so that they are freed with the last reference to it."""
         for pipeline in model.pipelines:
             if hasattr(pipeline, "remove_all_hooks"):
                 pipeline.remove_all_hooks()
         model.derived.clear()
         model.previewer = None
-        del model
-        self.memory.release()
-

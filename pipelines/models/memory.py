@@ -255,6 +255,15 @@ class MemoryManager:
         self.mode = mode
         return mode
 
+    def park(self, pipeline) -> None:
+        """Move `pipeline` (or a lone model) off the accelerator into RAM, whole, with its offload hooks removed
+        (they would move it back): room for another model, and `place` puts it back. On the CPU there is
+        nothing to move."""
+        if hasattr(pipeline, "remove_all_hooks"):
+            pipeline.remove_all_hooks()
+        if self.device.type != "cpu":
+            pipeline.to("cpu")
+
     def release(self) -> None:
         """Give freed tensors back: Python's garbage, then the CUDA caching allocator."""
         gc.collect()

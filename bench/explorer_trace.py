@@ -16,8 +16,9 @@ from pathlib import Path
 from bench.timing import interleaved_medians
 from pipelines.explorer.reverse import record_trace
 from pipelines.generation.generator import Generator
-from pipelines.models.manager import EMBEDDED_MODEL, ModelManager, ModelSource
+from pipelines.models.manager import ModelManager
 from pipelines.models.memory import MemoryManager
+from pipelines.models.sources import EMBEDDED_MODEL, ModelSource
 from pipelines.tasks.txt2img import Txt2ImgRequest
 
 
@@ -46,7 +47,7 @@ def main() -> None:
             trace.frame(index, "x_t")
             trace.frame(index, "x0_pred")
 
-    # on the device worker's thread, as in the studio (generate goes there itself); see pipelines/jobs.py
+    # on the device worker's thread, as in the studio (generate goes there itself); see pipelines/jobs/worker.py
     candidates = {"generate": lambda: generator.generate(request),
                   "record trace": lambda: manager.worker.call(record_trace, manager, request),
                   "record + decode all frames": lambda: manager.worker.call(decode_all)}

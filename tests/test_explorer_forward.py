@@ -1,5 +1,6 @@
-"""Tests for the forward-process math of the Diffusion Explorer (pipelines/explorer_forward.py) and the
-Explorer service's forward operations (pipelines/explorer.py)."""
+"""Tests for the forward-process math of the Diffusion Explorer (pipelines/explorer/forward.py, its figures in
+plots.py and animations in animation.py) and the Explorer service's forward operations
+(pipelines/explorer/service.py)."""
 
 import math
 
@@ -13,26 +14,24 @@ from scipy.stats import ks_2samp
 
 from pipelines.core.vae import decode, encode
 from pipelines.explorer import forward as explorer_forward
+from pipelines.explorer.animation import export_animation
+from pipelines.explorer.formulas import FORMULAS
 from pipelines.explorer.forward import (
-    FORMULAS,
     SCHEDULE_NAMES,
     FixedNoise,
     NoiseSchedule,
     animation_timesteps,
     draw_samples,
     empirical_moments,
-    export_animation,
     fixed_noise,
     forward_frames,
     forward_sample,
     image_to_tensor,
     make_schedule,
     markov_chain,
-    schedule_plot,
     tensor_to_image,
-    theoretical_marginal_density,
-    value_histogram,
 )
+from pipelines.explorer.plots import schedule_plot, theoretical_marginal_density, value_histogram
 from pipelines.explorer.service import ANIMATION_FRAMES, FORWARD_SIDE_PX, MOMENT_DRAWS, MOMENT_SIDE_PX, Explorer
 
 DIFFUSERS_ARGS = {

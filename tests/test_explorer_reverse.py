@@ -1,5 +1,6 @@
-"""Tests for the reverse half of the Diffusion Explorer (pipelines/explorer_reverse.py, the Explorer service
-in pipelines/explorer.py, studio/tabs/explorer.py), on the seeded tiny model of tests/conftest.py."""
+"""Tests for the reverse half of the Diffusion Explorer (pipelines/explorer/reverse.py, trace.py, comparison.py,
+the Explorer service in pipelines/explorer/service.py, studio/tabs/explorer*.py), on the seeded tiny model of
+tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -13,19 +14,12 @@ import torch
 from PIL import Image
 
 from pipelines.explorer import reverse as explorer_reverse
-from pipelines.explorer.reverse import (
-    COMPARE_COLUMNS,
-    FORMULAS_REVERSE,
-    LATEX_DELIMITERS,
-    Trace,
-    branch,
-    compare,
-    difference_map,
-    export_trace,
-    parse_compare_lists,
-    record_trace,
-)
+from pipelines.explorer.animation import export_trace
+from pipelines.explorer.comparison import COMPARE_COLUMNS, compare, difference_map, parse_compare_lists
+from pipelines.explorer.formulas import FORMULAS_REVERSE, LATEX_DELIMITERS
+from pipelines.explorer.reverse import branch, record_trace
 from pipelines.explorer.service import Explorer
+from pipelines.explorer.trace import Trace
 from pipelines.jobs.worker import JobState, Progress
 from pipelines.tasks.txt2img import Txt2ImgRequest
 

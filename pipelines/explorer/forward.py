@@ -1,8 +1,7 @@
-"""The forward (noising) process of DDPM, for the Diffusion Explorer tab.
+"""The forward (noising) process of DDPM, for the Diffusion Explorer tab: schedules, closed-form and
+step-by-step noising, and frames of an image noised in pixel or latent space.
 
-Pure computation: schedules, closed-form and step-by-step noising, latent-space
-frames, statistics and plots. No gradio here; figures are built with
-`matplotlib.figure.Figure()` directly, so importing this module selects no backend.
+Pure computation; its figures are in plots.py, its animations in animation.py, its formulas in formulas.py.
 
 Timestep convention (the one diffusers uses): `t` is a 0-based index into `betas`,
 and `alphas_cumprod[t] = prod_{s=0..t} (1 - beta_s)`. So index `t` is the state after
@@ -12,18 +11,16 @@ and `alphas_cumprod[t] = prod_{s=0..t} (1 - beta_s)`. So index `t` is the state 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
 from diffusers import DDPMScheduler
-from matplotlib.figure import Figure
 from PIL import Image
 
+from pipelines.core.images import image_to_tensor as pixels_to_tensor
+from pipelines.core.images import to_pil
 from pipelines.core.vae import decode, encode
 
 SCHEDULE_NAMES: tuple[str, ...] = ("linear", "scaled_linear", "cosine", "model")
@@ -41,29 +38,8 @@ _PRESETS: dict[str, tuple[str, float, float]] = {
 # The keys of a diffusers scheduler config that determine the betas.
 _BETA_CONFIG_KEYS = ("beta_schedule", "beta_start", "beta_end", "trained_betas", "rescale_betas_zero_snr")
 
-# Theoretical densities are mixtures over at most this many pixel values of x_0.
-MAX_MIXTURE_COMPONENTS = 2000
-# Exported MP4s are upscaled (nearest neighbour) until the shorter side reaches this.
-MIN_VIDEO_SIDE_PX = 256
-
-FORMULAS: dict[str, str] = {
-    "forward_closed_form": (
-        "Any noise level can be reached in one jump: the noisy image is a shrunken copy of the "
-        "clean image plus Gaussian noise, "
-        r"$$q(x_t \mid x_0) = \mathcal{N}\!\left(\sqrt{\bar\alpha_t}\,x_0,\ (1-\bar\alpha_t)\,I\right),"
-        r"\qquad \bar\alpha_t = \prod_{s=1}^{t} (1-\beta_s).$$"
-    ),
-    "markov_step": (
-        "Each step shrinks the previous image slightly and adds a little fresh noise, "
-        r"$$x_t = \sqrt{1-\beta_t}\,x_{t-1} + \sqrt{\beta_t}\,z, \qquad z \sim \mathcal{N}(0, I).$$"
-    ),
-    "snr": (
-        "The signal-to-noise ratio compares the power of the remaining image to that of the noise, "
-        "and falls as $t$ grows, "
-        r"$$\mathrm{SNR}(t) = \frac{\bar\alpha_t}{1-\bar\alpha_t}, "
-        r"\qquad \log\mathrm{SNR}(t) = \log\bar\alpha_t - \log(1-\bar\alpha_t).$$"
-    ),
-}
+# How independent draws of x_t are made: in one jump (q(x_t | x_0)) or step by step (the Markov chain)
+DrawMethod = Literal["closed_form", "markov_chain"]
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -178,7 +154,7 @@ def _check_num_steps(num_steps: Any) -> None:
         raise ValueError(f"`num_steps` has to be in [{MIN_NUM_STEPS}, {MAX_NUM_STEPS}] but is {num_steps}.")
 
 
-def _check_timestep(t: Any, schedule: NoiseSchedule) -> int:
+def check_timestep(t: Any, schedule: NoiseSchedule) -> int:
     if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
         raise ValueError(f"`t` has to be an int but is {t!r}.")
     if not 0 <= t < schedule.num_steps:
@@ -214,7 +190,7 @@ def forward_sample(x0: torch.Tensor, *, t: int, schedule: NoiseSchedule, noise: 
 
     Equals `DDPMScheduler.add_noise(x0, noise, torch.tensor([t]))` for the same betas.
     """
-    t = _check_timestep(t, schedule)
+    t = check_timestep(t, schedule)
     if noise.shape != x0.shape:
         raise ValueError(f"`noise` has to have the shape of `x0` {tuple(x0.shape)} but has {tuple(noise.shape)}.")
     alpha_cumprod = schedule.alphas_cumprod[t].item()
@@ -227,7 +203,7 @@ def markov_chain(x0: torch.Tensor, *, t: int, schedule: NoiseSchedule, generator
     Fresh z ~ N(0, I) at every step, drawn from `generator` (on its device). The result has the
     same distribution as `forward_sample` at the same `t`.
     """
-    t = _check_timestep(t, schedule)
+    t = check_timestep(t, schedule)
     x = x0
     for beta in schedule.betas[: t + 1].tolist():
         z = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=x0.dtype).to(x0.device)
@@ -235,15 +211,8 @@ def markov_chain(x0: torch.Tensor, *, t: int, schedule: NoiseSchedule, generator
     return x
 
 
-def empirical_moments(
-    x0: torch.Tensor,
-    *,
-    t: int,
-    schedule: NoiseSchedule,
-    n_draws: int,
-    seed: int,
-    method: Literal["closed_form", "markov_chain"] = "closed_form",
-) -> tuple[torch.Tensor, torch.Tensor]:
+def empirical_moments(x0: torch.Tensor, *, t: int, schedule: NoiseSchedule, n_draws: int, seed: int,
+                      method: DrawMethod = "closed_form") -> tuple[torch.Tensor, torch.Tensor]:
     """Per-element mean and unbiased variance of x_t over `n_draws` independent draws.
 
     Theory: mean = sqrt(abar_t) x_0 and variance = 1 - abar_t for either `method`.
@@ -252,15 +221,8 @@ def empirical_moments(
     return samples.mean(dim=0), samples.var(dim=0)
 
 
-def draw_samples(
-    x0: torch.Tensor,
-    *,
-    t: int,
-    schedule: NoiseSchedule,
-    n_draws: int,
-    seed: int,
-    method: Literal["closed_form", "markov_chain"] = "closed_form",
-) -> torch.Tensor:
+def draw_samples(x0: torch.Tensor, *, t: int, schedule: NoiseSchedule, n_draws: int, seed: int,
+                 method: DrawMethod = "closed_form") -> torch.Tensor:
     """`n_draws` independent x_t stacked along a new dim 0, by closed form or by the Markov chain."""
     if n_draws < 2:
         raise ValueError(f"`n_draws` has to be at least 2 but is {n_draws}.")
@@ -281,7 +243,8 @@ def image_to_tensor(image: Image.Image, *, size: int | None = None) -> torch.Ten
     """PIL image -> float32 tensor in [-1, 1] of shape (1, 3, H, W), H and W multiples of 8.
 
     With `size`, the image is first resized (bicubic) so that its shorter side is `size`;
-    either way it is then centre-cropped to multiples of 8, as the VAE requires.
+    either way it is then centre-cropped to multiples of 8, as the VAE requires. (Not core's `fit_image`:
+    that fits an exact width × height, where the explorer keeps the picture's own aspect ratio.)
     """
     image = image.convert("RGB")
     if size is not None:
@@ -296,9 +259,7 @@ def image_to_tensor(image: Image.Image, *, size: int | None = None) -> torch.Ten
     if width == 0 or height == 0:
         raise ValueError(f"The image has to be at least 8x8 pixels but is {image.width}x{image.height}.")
     left, top = (image.width - width) // 2, (image.height - height) // 2
-    image = image.crop((left, top, left + width, top + height))
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
+    return pixels_to_tensor(image.crop((left, top, left + width, top + height))).contiguous()
 
 
 def tensor_to_image(x: torch.Tensor) -> Image.Image:
@@ -311,8 +272,7 @@ def tensor_to_image(x: torch.Tensor) -> Image.Image:
         x = x[0]
     if x.ndim != 3 or x.shape[0] != 3:
         raise ValueError(f"Expected a tensor of shape (1, 3, H, W) or (3, H, W) but got {tuple(x.shape)}.")
-    array = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return Image.fromarray(array.permute(1, 2, 0).numpy(), mode="RGB")
+    return to_pil(x.detach()[None])[0]
 
 
 def animation_timesteps(schedule: NoiseSchedule, *, num_frames: int) -> list[int]:
@@ -342,7 +302,7 @@ def forward_frames(
         raise ValueError(f"`x0_pixels` has to have shape (1, 3, H, W) but has {tuple(x0_pixels.shape)}.")
     if len(timesteps) == 0:
         raise ValueError("`timesteps` is empty; pass at least one timestep.")
-    timesteps = [_check_timestep(t, schedule) for t in timesteps]
+    timesteps = [check_timestep(t, schedule) for t in timesteps]
 
     # 2. Choose the space the forward process runs in
     x0 = x0_pixels if vae is None else encode(vae, x0_pixels)
@@ -356,177 +316,3 @@ def forward_frames(
     for t in timesteps:
         frames.append(to_image(forward_sample(x0, t=t, schedule=schedule, noise=noise)))
     return frames
-
-
-# ----------------------------------------------------------------------------- statistics and plots
-
-
-def theoretical_marginal_density(
-    grid: np.ndarray,
-    *,
-    x0: torch.Tensor,
-    t: int,
-    schedule: NoiseSchedule,
-    max_components: int = MAX_MIXTURE_COMPONENTS,
-    seed: int = 0,
-) -> np.ndarray:
-    """Density of one value of x_t at `grid`: (1/M) sum_i N(y; sqrt(abar_t) x0_i, 1 - abar_t).
-
-    The mixture runs over a seeded random subset of at most `max_components` values of x_0.
-    """
-    t = _check_timestep(t, schedule)
-    values = x0.detach().flatten().double().cpu().numpy()
-    if values.size > max_components:
-        values = np.random.default_rng(seed).choice(values, size=max_components, replace=False)
-    alpha_cumprod = schedule.alphas_cumprod[t].item()
-    means = math.sqrt(alpha_cumprod) * values
-    variance = 1.0 - alpha_cumprod
-    squared_distance = (np.asarray(grid, dtype=np.float64)[:, None] - means[None, :]) ** 2
-    return np.exp(-squared_distance / (2 * variance)).mean(axis=1) / math.sqrt(2 * math.pi * variance)
-
-
-def value_histogram(x_t: torch.Tensor, *, t: int, schedule: NoiseSchedule, x0: torch.Tensor) -> Figure:
-    """Histogram (density) of the values of x_t against theory.
-
-    Overlays the marginal of q(x_t | x_0) over the pixels (a mixture of N(sqrt(abar_t) x0_i,
-    1 - abar_t)) and the standard normal N(0, 1) that x_T approaches.
-    """
-    t = _check_timestep(t, schedule)
-    values = x_t.detach().flatten().double().cpu().numpy()
-    low, high = min(values.min(), -4.0), max(values.max(), 4.0)
-    grid = np.linspace(low, high, 1200)
-
-    figure = Figure(figsize=(6, 3.5), layout="constrained")
-    axes = figure.add_subplot()
-    axes.hist(values, bins=100, range=(low, high), density=True, color="0.7", label="values of $x_t$")
-    axes.plot(
-        grid,
-        theoretical_marginal_density(grid, x0=x0, t=t, schedule=schedule),
-        color="C0",
-        label=r"theory: mixture of $\mathcal{N}(\sqrt{\bar\alpha_t}\,x_{0,i},\ 1-\bar\alpha_t)$",
-    )
-    axes.plot(grid, np.exp(-(grid**2) / 2) / math.sqrt(2 * math.pi), color="C3", linestyle="--",
-              label=r"$\mathcal{N}(0, 1)$")
-    alpha_cumprod = schedule.alphas_cumprod[t].item()
-    axes.set_title(f"t = {t}   " + r"$\bar\alpha_t$" + f" = {alpha_cumprod:.4g}")
-    axes.set_xlabel("value")
-    axes.set_ylabel("density")
-    # below the axes, so it never covers the bars
-    axes.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3, frameon=False)
-    figure.tight_layout()
-    return figure
-
-
-def schedule_data(schedules: Sequence[NoiseSchedule], *, t: int) -> dict:
-    """The schedule plot's numbers, for the API: per schedule beta_t, abar_t and log-SNR over t = 0..T-1, and the
-    closed form's two coefficients at `t` (x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps)."""
-    first = schedules[0]
-    alpha_cumprod = first.alphas_cumprod[t].item()
-    return {"t": t, "T": first.num_steps, "signal_coefficient": math.sqrt(alpha_cumprod),
-            "noise_coefficient": math.sqrt(1 - alpha_cumprod),
-            "schedules": {schedule.name: {"betas": schedule.betas.tolist(),
-                                          "alphas_cumprod": schedule.alphas_cumprod.tolist(),
-                                          "log_snr": schedule.log_snr.tolist()} for schedule in schedules}}
-
-
-def schedule_plot(schedules: Sequence[NoiseSchedule], *, t: int | None = None) -> Figure:
-    """beta_t, abar_t and log-SNR_t of each schedule against t/T, with a marker at the current t.
-
-    The x axis is the fraction (t + 1)/T, so schedules with different T line up. `t` indexes the
-    first schedule (the active one).
-    """
-    if len(schedules) == 0:
-        raise ValueError("`schedules` is empty; pass at least one NoiseSchedule.")
-    if t is not None:
-        t = _check_timestep(t, schedules[0])
-
-    figure = Figure(figsize=(12, 3.5), layout="constrained")
-    beta_axes, alpha_cumprod_axes, log_snr_axes = figure.subplots(1, 3, sharex=True)
-    for schedule in schedules:
-        fraction = np.arange(1, schedule.num_steps + 1) / schedule.num_steps
-        beta_axes.plot(fraction, schedule.betas.numpy(), label=schedule.name)
-        alpha_cumprod_axes.plot(fraction, schedule.alphas_cumprod.numpy(), label=schedule.name)
-        log_snr_axes.plot(fraction, schedule.log_snr.numpy(), label=schedule.name)
-
-    beta_axes.set_yscale("log")  # cosine betas span 1e-5 .. 0.999
-    beta_axes.set_title(r"$\beta_t$ (log scale)")
-    alpha_cumprod_axes.set_title(r"$\bar\alpha_t = \prod_{s \leq t}(1-\beta_s)$")
-    log_snr_axes.set_title(r"$\log\,\mathrm{SNR} = \log\frac{\bar\alpha_t}{1-\bar\alpha_t}$")
-    for axes in (beta_axes, alpha_cumprod_axes, log_snr_axes):
-        axes.set_xlabel("t / T")
-        axes.set_xlim(0, 1)
-        if t is not None:
-            axes.axvline((t + 1) / schedules[0].num_steps, color="k", linestyle=":", label=f"t = {t}")
-    alpha_cumprod_axes.legend(fontsize="small")
-    return figure
-
-
-# ----------------------------------------------------------------------------- export
-
-
-def export_animation(frames: Sequence[Image.Image], path: Path, *, fps: int = 10) -> Path:
-    """Write `frames` as a looping GIF (Pillow) or an H.264 MP4 (imageio-ffmpeg), chosen by suffix.
-
-    The file appears atomically: it is written under a temporary name in the same folder and
-    then moved into place. MP4 frames are upscaled (nearest neighbour, integer factor) until the
-    shorter side is at least 256 px and padded to even sizes, as yuv420p requires.
-    Pillow merges identical consecutive GIF frames, so a GIF of repeated frames has fewer frames.
-    """
-    # 1. Check inputs
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in (".gif", ".mp4"):
-        raise ValueError(f"Animations can be saved as .gif or .mp4 but the path ends in {path.suffix!r}.")
-    if len(frames) == 0:
-        raise ValueError("`frames` is empty; pass at least one image.")
-    sizes = {frame.size for frame in frames}
-    if len(sizes) != 1:
-        raise ValueError(f"All frames have to have the same size but sizes are {sorted(sizes)}.")
-    if not 1 <= fps <= 60:
-        raise ValueError(f"`fps` has to be in [1, 60] but is {fps}.")
-    frames = [frame.convert("RGB") for frame in frames]
-
-    # 2. Write under a temporary name next to the target, then move it into place
-    path.parent.mkdir(parents=True, exist_ok=True)
-    file_descriptor, temporary_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=suffix)
-    os.close(file_descriptor)
-    try:
-        if suffix == ".gif":
-            frames[0].save(
-                temporary_name,
-                format="GIF",
-                save_all=True,
-                append_images=frames[1:],
-                duration=round(1000 / fps),
-                loop=0,
-            )
-        else:
-            _write_mp4(frames, temporary_name, fps=fps)
-        os.replace(temporary_name, path)
-    except BaseException:
-        Path(temporary_name).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _write_mp4(frames: list[Image.Image], filename: str, *, fps: int) -> None:
-    import imageio.v2 as imageio  # deferred: loads the ffmpeg plugin machinery
-
-    width, height = frames[0].size
-    factor = max(1, math.ceil(MIN_VIDEO_SIDE_PX / min(width, height)))
-    scaled_width, scaled_height = width * factor, height * factor
-    padded_size = (scaled_width + scaled_width % 2, scaled_height + scaled_height % 2)
-    writer = imageio.get_writer(
-        filename,
-        format="FFMPEG",
-        fps=fps,
-        codec="libx264",
-        pixelformat="yuv420p",
-        macro_block_size=1,  # we pad to even sizes ourselves; don't let imageio resize
-    )
-    with writer:
-        for frame in frames:
-            frame = frame.resize((scaled_width, scaled_height), Image.Resampling.NEAREST)
-            canvas = Image.new("RGB", padded_size)
-            canvas.paste(frame, (0, 0))
-            writer.append_data(np.asarray(canvas))

@@ -1,9 +1,9 @@
 """The Diffusion Explorer as one service: every operation its tab offers, on the loaded model.
 
 The tab (studio/tabs/explorer.py) builds the arguments, calls one method and renders what comes
-back; all tensor math lives in `explorer_forward` (noising) and `explorer_reverse` (denoising),
-and everything that touches tensors runs on the models' device worker (pipelines/jobs.py), which
-`Explorer` picks itself:
+back; all tensor math lives in forward.py (noising), reverse.py and trace.py (denoising, recorded),
+comparison.py (samplers side by side) and speculative_view.py, and everything that touches tensors runs
+on the models' device worker (pipelines/jobs/worker.py), which `Explorer` picks itself:
 
     forward_view, markov_check, export_forward    short work: run on the worker, return the answer
     step_views, export_trace                      decode frames of a recorded trace the same way
@@ -22,9 +22,23 @@ from typing import Any
 from matplotlib.figure import Figure
 from PIL import Image
 
-from pipelines.explorer import forward as forward
-from pipelines.explorer import reverse as reverse
+# forward_sample, record_trace and branch are looked up on their modules at each call (tests spy on them there);
+# compare and export_trace are too, as `Explorer` has methods of those names
+from pipelines.explorer import animation, comparison, forward, reverse
+from pipelines.explorer.animation import export_animation
+from pipelines.explorer.forward import (
+    FixedNoise,
+    NoiseSchedule,
+    animation_timesteps,
+    empirical_moments,
+    forward_frames,
+    image_to_tensor,
+    make_schedule,
+    tensor_to_image,
+)
+from pipelines.explorer.plots import schedule_plot, value_histogram
 from pipelines.explorer.speculative_view import speculative_view
+from pipelines.explorer.trace import NOISE_KINDS, Trace
 from pipelines.jobs.worker import DeviceWorker, Job
 from pipelines.models.manager import ModelManager
 from pipelines.tasks.txt2img import Txt2ImgRequest
@@ -121,7 +135,7 @@ class Explorer:
         """A GIF or MP4 (by `suffix`) of `image` noised from x_0 to x_T with the first schedule."""
         return self.worker.call(self._export_forward, image, schedule_names, num_steps, seed, suffix)
 
-    def schedules(self, schedule_names: list[str], num_steps: int) -> list[forward.NoiseSchedule]:
+    def schedules(self, schedule_names: list[str], num_steps: int) -> list[NoiseSchedule]:
         """The ticked schedules with T steps; "model" is the loaded model's own betas."""
         if not schedule_names:
             raise ValueError("Tick at least one schedule.")
@@ -130,7 +144,7 @@ class Explorer:
             if self.models.current is None:
                 raise ValueError('Schedule "model" needs a loaded model; load one in Models & memory or untick it.')
             config = self.models.current.scheduler_config
-        return [forward.make_schedule(name, num_steps, scheduler_config=config if name == "model" else None)
+        return [make_schedule(name, num_steps, scheduler_config=config if name == "model" else None)
                 for name in schedule_names]
 
     def _forward_view(self, image, schedule_names, num_steps, t, seed) -> ForwardView:
@@ -142,16 +156,16 @@ class Explorer:
         active, t = schedules[0], min(_whole("t", t), num_steps - 1)
 
         # 2. Pixel space: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, eps fixed by the seed
-        x0 = forward.image_to_tensor(image, size=FORWARD_SIDE_PX)
-        x_t = forward.forward_sample(x0, t=t, schedule=active, noise=forward.FixedNoise(seed).like(x0))
+        x0 = image_to_tensor(image, size=FORWARD_SIDE_PX)
+        x_t = forward.forward_sample(x0, t=t, schedule=active, noise=FixedNoise(seed).like(x0))
 
         # 3. Latent space: the same process on the VAE's latents, decoded back for display
         model = self.models.current
         latent_x_t = None
         if model is not None:
             side = model.native_side or FORWARD_SIDE_PX
-            latent_x_t = forward.forward_frames(forward.image_to_tensor(image, size=side), schedule=active,
-                                                timesteps=[t], seed=seed, vae=model.pipeline.vae)[0]
+            latent_x_t = forward_frames(image_to_tensor(image, size=side), schedule=active, timesteps=[t], seed=seed,
+                                        vae=model.pipeline.vae)[0]
 
         # 4. What explains it
         alpha_cumprod = active.alphas_cumprod[t].item()
@@ -159,9 +173,9 @@ class Explorer:
                    f"signal × {alpha_cumprod ** 0.5:.3f}, noise × {(1 - alpha_cumprod) ** 0.5:.3f}")
         if latent_x_t is None:
             caption += "  \nLoad a model to see the same t in its latent space."
-        return ForwardView(x_t=forward.tensor_to_image(x_t), latent_x_t=latent_x_t,
-                           schedule_figure=forward.schedule_plot(schedules, t=t),
-                           histogram=forward.value_histogram(x_t, t=t, schedule=active, x0=x0), caption=caption)
+        return ForwardView(x_t=tensor_to_image(x_t), latent_x_t=latent_x_t,
+                           schedule_figure=schedule_plot(schedules, t=t),
+                           histogram=value_histogram(x_t, t=t, schedule=active, x0=x0), caption=caption)
 
     def _markov_check(self, image, schedule_names, num_steps, t, seed) -> MarkovCheck:
         if image is None:
@@ -169,14 +183,14 @@ class Explorer:
         num_steps, seed = _whole("T", num_steps), _whole("seed", seed)
         active = self.schedules(schedule_names, num_steps)[0]
         t = min(_whole("t", t), num_steps - 1)
-        x0 = forward.image_to_tensor(image, size=MOMENT_SIDE_PX)[0]
+        x0 = image_to_tensor(image, size=MOMENT_SIDE_PX)[0]
         alpha_cumprod = active.alphas_cumprod[t].item()
         results = {}
         for method in ("closed_form", "markov_chain"):
-            mean, variance = forward.empirical_moments(x0, t=t, schedule=active, n_draws=MOMENT_DRAWS, seed=seed,
-                                                       method=method)
+            mean, variance = empirical_moments(x0, t=t, schedule=active, n_draws=MOMENT_DRAWS, seed=seed,
+                                               method=method)
             mean_error = (mean - alpha_cumprod ** 0.5 * x0).abs().mean().item()
-            results[method] = Moments(forward.tensor_to_image(mean), mean_error, variance.mean().item())
+            results[method] = Moments(tensor_to_image(mean), mean_error, variance.mean().item())
         return MarkovCheck(t=t, draws=MOMENT_DRAWS, side_px=MOMENT_SIDE_PX, alpha_cumprod=alpha_cumprod,
                            closed_form=results["closed_form"], markov_chain=results["markov_chain"])
 
@@ -184,11 +198,10 @@ class Explorer:
         if image is None:
             raise ValueError(NO_IMAGE)
         active = self.schedules(schedule_names, _whole("T", num_steps))[0]
-        timesteps = forward.animation_timesteps(active, num_frames=min(ANIMATION_FRAMES, active.num_steps))
-        frames = forward.forward_frames(forward.image_to_tensor(image, size=FORWARD_SIDE_PX), schedule=active,
-                                        timesteps=timesteps, seed=_whole("seed", seed), include_clean=True)
-        return forward.export_animation(frames, export_path(f"forward-{schedule_names[0]}{suffix}"),
-                                        fps=ANIMATION_FPS)
+        timesteps = animation_timesteps(active, num_frames=min(ANIMATION_FRAMES, active.num_steps))
+        frames = forward_frames(image_to_tensor(image, size=FORWARD_SIDE_PX), schedule=active,
+                                timesteps=timesteps, seed=_whole("seed", seed), include_clean=True)
+        return export_animation(frames, export_path(f"forward-{schedule_names[0]}{suffix}"), fps=ANIMATION_FPS)
 
     # -- reverse ---------------------------------------------------------------------------------
     def record(self, request: Txt2ImgRequest, *, owner: str | None = None) -> Job:
@@ -200,13 +213,13 @@ class Explorer:
 
     def speculative(self, request: Txt2ImgRequest, *, owner: str | None = None) -> Job:
         """A job generating `request` with the DDPM speculative sampler, round by round; its result is the
-        `SpeculativeView` (pipelines/explorer_speculative.py)."""
+        `SpeculativeView` (speculative_view.py)."""
         request = request.resolved()
         return self.worker.submit(
             lambda job: speculative_view(self.models, request, stop=job.stop, on_round=job.report),
             kind="explorer-speculative", owner=owner)
 
-    def branch(self, trace: reverse.Trace | None, step: int, changes: dict, *, owner: str | None = None) -> Job:
+    def branch(self, trace: Trace | None, step: int, changes: dict, *, owner: str | None = None) -> Job:
         """A job continuing `trace` from `step` with `changes` (keys in BRANCH_FIELDS); its result is the
         branched `Trace`."""
         if trace is None:
@@ -218,33 +231,33 @@ class Explorer:
 
     def compare(self, request: Txt2ImgRequest, *, samplers: list[str] | None = None,
                 steps: list[int] | None = None, cfgs: list[float] | None = None,
-                reference_sampler: str | None = reverse.DEFAULT_REFERENCE_SAMPLER, reference_steps: int = 100,
+                reference_sampler: str | None = comparison.DEFAULT_REFERENCE_SAMPLER, reference_steps: int = 100,
                 owner: str | None = None) -> Job:
         """A job running `request`'s seed over samplers × steps × CFG scales (None: the request's value);
         its result is (grid image, CompareRows). `reference_sampler` None: each cell's own sampler."""
         request, reference_steps = request.resolved(), _whole("reference steps", reference_steps)
         return self.worker.submit(
-            lambda job: reverse.compare(self.models, request, samplers=samplers, steps=steps, cfgs=cfgs,
-                                        reference_steps=reference_steps, reference_sampler=reference_sampler,
-                                        stop=job.stop, on_step=job.report),
+            lambda job: comparison.compare(self.models, request, samplers=samplers, steps=steps, cfgs=cfgs,
+                                           reference_steps=reference_steps, reference_sampler=reference_sampler,
+                                           stop=job.stop, on_step=job.report),
             kind="explorer-compare", owner=owner)
 
-    def step_views(self, trace: reverse.Trace, step: int, noise_kind: str) -> StepViews:
+    def step_views(self, trace: Trace, step: int, noise_kind: str) -> StepViews:
         """x_t, x̂_0 and the `noise_kind` map of `step` (clamped to the trace), decoded on the worker."""
         return self.worker.call(self._step_views, trace, step, noise_kind)
 
-    def export_trace(self, trace: reverse.Trace | None, kind: str, *, fps: int, suffix: str) -> Path:
+    def export_trace(self, trace: Trace | None, kind: str, *, fps: int, suffix: str) -> Path:
         """A GIF or MP4 (by `suffix`) of every frame of `kind` the trace recorded."""
         if trace is None:
             raise ValueError("Record a run first, then export its frames.")
         path = export_path(f"reverse-{kind}-seed{trace.request.seed}{suffix}")
-        return self.worker.call(reverse.export_trace, trace, kind, path, fps=_whole("fps", fps))
+        return self.worker.call(animation.export_trace, trace, kind, path, fps=_whole("fps", fps))
 
     @staticmethod
-    def _step_views(trace: reverse.Trace, step, noise_kind: str) -> StepViews:
-        if noise_kind not in reverse.NOISE_KINDS:
+    def _step_views(trace: Trace, step, noise_kind: str) -> StepViews:
+        if noise_kind not in NOISE_KINDS:
             raise ValueError(f"Unknown noise prediction {noise_kind!r}; valid ones are "
-                             f"{', '.join(reverse.NOISE_KINDS)}.")
+                             f"{', '.join(NOISE_KINDS)}.")
         step = max(0, min(_whole("step", step), trace.num_steps - 1))
         record = trace.steps[step]
         has_noise = getattr(record, noise_kind) is not None

@@ -1,7 +1,7 @@
 """Speculative sampling, round by round, for the Diffusion Explorer's reverse view.
 
 `speculative_view(models, request)` generates one image with the DDPM speculative sampler
-(pipelines/speculative.py) and keeps, for every verification round, what the draft proposed, which
+(pipelines/sampling/) and keeps, for every verification round, what the draft proposed, which
 drafted steps the target accepted and with what probability, where the reflection happened, and the
 image after the round. It draws that as a timeline:
 

@@ -36,6 +36,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from pipelines.core.call import PreparedCall, prepare
 from pipelines.core.denoiser import Denoiser, prompt_embeddings, uses_cfg
+from pipelines.core.loop import run_steps
 from pipelines.core.samplers import STOCHASTIC
 from pipelines.explorer.trace import Trace, TraceStep, predicted_x0
 from pipelines.models.manager import ModelManager
@@ -306,19 +307,21 @@ def _take_over(models, trace: Trace, request: Txt2ImgRequest, at_step: int, deta
     # 3. Prompts, guidance and the step's extra arguments, as the pipeline prepares them
     denoiser = Denoiser(run)
 
-    # 4. Denoising loop over the remaining timesteps, one explicit step at a time
+    # 4. Denoising loop over the remaining timesteps, one explicit step at a time; the recorder's step end
+    #    stops it at the next step when `stop` is set, as it stops diffusers' loop in `_record`
     remaining = timesteps[start:]
     start_latents = latents
     recorder = _recorder_for(run, first_latents=lambda: start_latents, stop=stop, on_step=on_step,
                              total=at_step + len(remaining), offset=at_step)
+
+    def step(index, t, latents):
+        result = denoiser.step(latents, t)
+        return result.latents, {"noise_pred": result.prediction.eps_guided}
+
+    def step_end(pipe, index, t, tensors):
+        return recorder.step_end(pipe, start + index, t, tensors)
+
     with recorder.listening(pipeline.unet):
-        for index, t in enumerate(remaining):
-            if stop is not None and stop.is_set():
-                recorder.stopped = True
-                break
-            step = denoiser.step(latents, t)
-            latents = step.latents
-            recorder.step_end(pipeline, start + index, t, {"latents": latents,
-                                                            "noise_pred": step.prediction.eps_guided})
+        latents = run_steps(run, remaining, start_latents, step, callback=step_end)
     return _finish(run, trace.steps[:at_step] + recorder.steps, latents, stopped=recorder.stopped,
                    replayable=False, **details)

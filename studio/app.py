@@ -7,7 +7,7 @@ import gradio as gr
 from pipelines.core.samplers import model_default_sampler
 from pipelines.lora.adapters import lora_files
 from pipelines.models.manager import LoadedModel
-from studio.context import StudioContext
+from studio.context import OWNER_COOKIE, StudioContext
 from studio.errors import user_errors
 from studio.tabs.controlnet import build_controlnet_tab
 from studio.tabs.explorer import build_explorer_tab, wire_explorer_load
@@ -29,7 +29,14 @@ CSS = """
 .studio-pixels img { image-rendering: pixelated; object-fit: contain !important; }
 .studio-pixels .thumbnail-item { max-width: 420px; max-height: 420px; }
 """
+# The browser's owner id (studio/context.py): random, kept a year, sent with every request to the studio.
 HEAD = """<script>
+(() => {
+  if (!document.cookie.split("; ").some((entry) => entry.startsWith("%(cookie)s="))) {
+    const id = Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
+    document.cookie = "%(cookie)s=" + id + "; path=/; max-age=31536000; SameSite=Strict";
+  }
+})();
 (() => {
   function fitPixels(img) {
     const box = img.parentElement && img.parentElement.getBoundingClientRect();
@@ -54,7 +61,7 @@ HEAD = """<script>
   document.addEventListener("load", (event) => { if (event.target.tagName === "IMG") fitAll(); }, true);
   window.addEventListener("resize", fitAll);
 })();
-</script>"""
+</script>""" % {"cookie": OWNER_COOKIE}
 # Gradio's queue wakes every millisecond while idle (2 to 5% of a core here); every 50 ms is plenty
 # for a studio whose jobs take seconds.
 IDLE_QUEUE_POLL_S = 0.05
@@ -178,23 +185,24 @@ def _wire_model_defaults(context: StudioContext, loaded, generation_tabs: tuple[
 
 def _wire_jobs_api(context: StudioContext) -> None:
     """API endpoints for jobs by id: how a script (or a reloaded page) follows and stops its work."""
-    def job(job_id: str) -> dict:
-        """The state and progress of job `job_id` (as returned next to a generation's images)."""
-        found = context.find_job(job_id)
+    def owned(job_id: str, request: gr.Request | None):
+        found = context.owned_job(job_id, request)
         if found is None:
             raise gr.Error(f"No job {job_id!r}: it never existed or finished long ago.")
+        return found
+
+    def job(job_id: str, request: gr.Request = None) -> dict:
+        """The state and progress of job `job_id` (as returned next to a generation's images), one of yours."""
+        found = owned(job_id, request)
         progress = found.progress
         return {"id": found.id, "kind": found.kind, "state": found.state.value,
                 "progress": None if progress is None else {"done": progress.done, "total": progress.total,
                                                            "message": progress.message}}
 
-    def stop(job_id: str) -> dict:
-        """Stop job `job_id` at its next step; finished images are kept."""
-        found = context.find_job(job_id)
-        if found is None:
-            raise gr.Error(f"No job {job_id!r}: it never existed or finished long ago.")
-        found.cancel()
-        return job(job_id)
+    def stop(job_id: str, request: gr.Request = None) -> dict:
+        """Stop job `job_id`, one of yours, at its next step; finished images are kept."""
+        owned(job_id, request).cancel()
+        return job(job_id, request)
 
     def loras() -> list[dict]:
         """The LoRAs under models/lora/, to name in a prompt as <lora:name:weight>."""

@@ -1,4 +1,11 @@
-"""What the tabs share: the pipeline services, the device worker, and who owns which job."""
+"""What the tabs share: the pipeline services, the device worker, and who owns which job.
+
+A job belongs to whoever started it, and only they follow or stop it by its id (ids are no secret:
+A1111's /progress names the running one). Who that is (`session_of`): with --auth, the logged-in
+user; else the browser, by the random id `app.HEAD`'s script keeps in its cookie `OWNER_COOKIE`,
+so that a reloaded page (a new Gradio session) still owns the job it started; else, for a client
+without that cookie (a script through gradio_client), its Gradio session.
+"""
 
 from __future__ import annotations
 
@@ -26,7 +33,16 @@ class StudioContext:
         return self.models.worker
 
     def find_job(self, job_id: str | None) -> Job | None:
+        """Job `job_id`, whoever owns it; for an id a client sent, `owned_job`."""
         return self.worker.find(job_id) if job_id else None
+
+    def owned_job(self, job_id: str | None, request: gr.Request | None) -> Job | None:
+        """Job `job_id` (None: no such job, or forgotten), refused when `request` comes from someone else."""
+        job = self.find_job(job_id)
+        if job is not None and not owns(request, job):
+            raise gr.Error(f"Job {job_id!r} belongs to another session: only the browser (with --auth, the user) "
+                           "that started a job follows or stops it.")
+        return job
 
     def status_markdown(self) -> str:
         stats = self.models.memory.stats().summary()
@@ -42,6 +58,19 @@ class StudioContext:
                 f"  \n{stats}" + (f" · {budget.summary()}" if budget is not None else ""))
 
 
+OWNER_COOKIE = "diffusion-studio-owner"
+
+
 def session_of(request: gr.Request | None) -> str | None:
-    """The browser session (or gradio_client) a request comes from: the owner of the jobs it starts."""
-    return request.session_hash if request is not None else None
+    """Who a request comes from: the owner of the jobs it starts (see the module's docstring). None: not a
+    request at all (a call from Python)."""
+    if request is None:
+        return None
+    if request.username:
+        return f"user:{request.username}"
+    browser = getattr(request, "cookies", {}).get(OWNER_COOKIE)
+    return f"browser:{browser}" if browser else f"session:{request.session_hash}"
+
+
+def owns(request: gr.Request | None, job: Job) -> bool:
+    return job.owner == session_of(request)

@@ -108,6 +108,22 @@ def test_the_sampler_menu_and_the_speculative_controls_come_from_the_tasks_regis
     assert sketch.controls["draft"].parent.visible       # shown: the tab opens on the speculative sampler
 
 
+def test_with_auth_a_job_belongs_to_the_user_in_every_session_and_browser(context):
+    """Bug 11: with --auth a job is the logged-in user's, whichever page or browser of theirs asks; another user's
+    request is refused."""
+    from studio.context import OWNER_COOKIE, session_of
+
+    first_page = gr.Request(username="ada", session_hash="page-1", cookies={OWNER_COOKIE: "laptop"})
+    other_browser = gr.Request(username="ada", session_hash="page-2", cookies={OWNER_COOKIE: "phone"})
+    someone_else = gr.Request(username="eve", session_hash="page-3", cookies={OWNER_COOKIE: "laptop"})
+    job = context.worker.submit(lambda job: job.stop.is_set(), kind="txt2img", owner=session_of(first_page))
+    job.result(30)
+    assert context.owned_job(job.id, other_browser) is job
+    with pytest.raises(gr.Error, match=f"Job {job.id!r} belongs to another session"):
+        context.owned_job(job.id, someone_else)
+    assert context.owned_job("no-such-job", someone_else) is None
+
+
 def test_text_without_parameters_is_refused_clearly(tabs):
     with pytest.raises(gr.Error, match="no `Steps"):
         settings_from_infotext("just a prompt", tabs[0])

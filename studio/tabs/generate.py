@@ -1,14 +1,15 @@
 """What every generation tab shares: the sampling controls, the results, and their wiring.
 
 A tab is a dict of controls keyed by its request's field names (`prompt`, `steps`, `init_image`…).
-`request_from_controls` turns their values into the task's request (pipelines/tasks.py); the
+`request_from_controls` turns their values into the task's request (pipelines/tasks/); the
 public API takes them under the same names; restored settings (PNG Info, send-to) are written back
 by name. A tab file (txt2img.py, img2img.py) adds its task's own controls and calls
 `build_generation_tab`.
 
-Generating is a job on the device worker (pipelines/jobs.py). The handler follows the job's
+Generating is a job on the device worker (pipelines/jobs/worker.py). The handler follows the job's
 events; the job's id goes to the page (and the browser's storage), so Stop cancels that job alone,
-and a reloaded page picks the running job up again.
+and a reloaded page picks the running job up again. Only the job's owner (studio/context.py) does
+either.
 """
 
 from __future__ import annotations
@@ -41,11 +42,11 @@ from pipelines.io.metadata import (
 from pipelines.jobs.worker import Job, JobCancelled, JobState
 from pipelines.lora.adapters import lora_files
 from pipelines.tasks import TASKS
-from studio.context import StudioContext, session_of
+from studio.context import StudioContext, owns, session_of
 from studio.errors import name_input_errors, user_errors
 
 # Generations are hardly held in Gradio's queue: each becomes a job at once, and the device worker runs
-# jobs one at a time (pipelines/jobs.py), so a waiting generation already has a job id to stop it by.
+# jobs one at a time (pipelines/jobs/worker.py), so a waiting generation already has a job id to stop it by.
 # The limit only keeps handlers that follow their jobs from taking every one of Gradio's threads.
 # Progress shows in the status line and the previews; Gradio's own overlay is off because it replaces
 # the shown images with "Error" badges when a generation fails, and the last images should stay.
@@ -201,7 +202,8 @@ def build_generation_tab(context: StudioContext, task: str, defaults: dict,
                 reuse = gr.Button("♻️", scale=0, min_width=48)
             with gr.Row():
                 controls["batch_size"] = gr.Slider(1, MAX_BATCH, value=1, step=1, precision=0, label="Batch size")
-                controls["batch_count"] = gr.Slider(1, 16, value=1, step=1, precision=0, label="Batch count")
+                controls["batch_count"] = gr.Slider(1, 16, value=1, step=1, precision=0, label="Batch count",
+                                                    elem_id=f"{task}-batch-count")
                 controls["preview_every"] = gr.Slider(0, 50, value=defaults.get("preview_every", 1), step=1,
                                                       precision=0, label="Preview every N steps", info="0 = off")
             # one sampler's settings come last in the API's parameter order, after what every sampler takes
@@ -278,8 +280,9 @@ def _lora_picker(context: StudioContext, task: str, prompt: gr.Textbox) -> None:
 
 
 def _wire_stop(context: StudioContext, tab: GenerationTab) -> None:
-    def stop_job(job_id: str | None) -> None:
-        job = context.find_job(job_id)
+    @user_errors
+    def stop_job(job_id: str | None, request: gr.Request = None) -> None:
+        job = context.owned_job(job_id, request)
         if job is not None:
             job.cancel()
 
@@ -306,9 +309,12 @@ def wire_resume(app: gr.Blocks, context: StudioContext, tab: GenerationTab) -> N
     """When the page loads, show the job this browser started last: followed live while it runs, its
     results once it has finished (while the studio still remembers it)."""
     @user_errors
-    def resume(job_id: str | None) -> Iterator[dict]:
+    def resume(job_id: str | None, request: gr.Request = None) -> Iterator[dict]:
         job = context.find_job(job_id)
         if job is None:
+            return
+        if not owns(request, job):     # the browser's owner cookie was cleared, or another user logged in
+            yield {tab.status: "The job this page started last belongs to another session; it is not shown."}
             return
         if job.state is JobState.FAILED:   # its error was shown when it happened
             yield {tab.job_id: job.id, tab.status: "The last generation of this page failed."}

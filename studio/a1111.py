@@ -294,23 +294,23 @@ def _preprocessor(module, where: str) -> str:
 
 
 def _control_mode(value, where: str) -> str:
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(CONTROL_MODE_NUMBERS):
-        return CONTROL_MODE_NUMBERS[value]
-    by_name = {name.lower(): ours for ours, name in A1111_CONTROL.items()} | {ours: ours for ours in A1111_CONTROL}
-    if isinstance(value, str) and value.strip().lower() in by_name:
-        return by_name[value.strip().lower()]
-    raise ValueError(f"{where}: `control_mode` must be 0, 1, 2 or one of {', '.join(A1111_CONTROL.values())} "
-                     f"but is {value!r}.")
+    return _numbered_choice("control_mode", value, where, CONTROL_MODE_NUMBERS, A1111_CONTROL, {})
 
 
 def _resize_mode(value, where: str) -> str:
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(RESIZE_MODE_NUMBERS):
-        return RESIZE_MODE_NUMBERS[value]
-    by_name = {name.lower(): ours for ours, name in A1111_RESIZE.items()} | {ours: ours for ours in A1111_RESIZE}
-    if isinstance(value, str) and value.strip().lower() in by_name | RESIZE_ALIASES:
-        return (by_name | RESIZE_ALIASES)[value.strip().lower()]
-    raise ValueError(f"{where}: `resize_mode` must be 0, 1, 2 or one of {', '.join(A1111_RESIZE.values())} "
-                     f"but is {value!r}.")
+    return _numbered_choice("resize_mode", value, where, RESIZE_MODE_NUMBERS, A1111_RESIZE, RESIZE_ALIASES)
+
+
+def _numbered_choice(field_name: str, value, where: str, numbers: tuple[str, ...], names: dict[str, str],
+                     aliases: dict[str, str]) -> str:
+    """Our choice for sd-webui-controlnet's number, its display name, our name or an alias (any case)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(numbers):
+        return numbers[value]
+    by_name = {name.lower(): ours for ours, name in names.items()} | {ours: ours for ours in names} | aliases
+    if isinstance(value, str) and value.strip().lower() in by_name:
+        return by_name[value.strip().lower()]
+    raise ValueError(f"{where}: `{field_name}` must be a number from 0 to {len(numbers) - 1} or one of "
+                     f"{', '.join(names.values())} but is {value!r}.")
 
 
 def controlnet_request(sampling: dict, units: list[dict], *, init_image: Image.Image | None,

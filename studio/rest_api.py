@@ -12,9 +12,10 @@
     POST png-info                the infotext of a base64 PNG, raw and parsed
     GET  /controlnet/model_list, /controlnet/module_list
 
-The translation to and from our requests is studio/a1111.py. A generation goes through the studio's own
-`Generator.submit`, so it is a job on the one device worker (pipelines/jobs.py), queued with the browser's:
-a REST call and a page never run model work at once. Errors answer as A1111's do, `{"error": kind, "detail":
+The translation to and from our requests is studio/a1111.py; the bodies, error answers and auth are
+studio/rest_http.py; the checkpoints and options, studio/rest_models.py. A generation goes through the studio's
+own `Generator.submit`, so it is a job on the one device worker (pipelines/jobs/worker.py), queued with the
+browser's: a REST call and a page never run model work at once. Errors answer as A1111's do, `{"error": kind, "detail":
 message, …}`: 422 for a bad value (named, with what is allowed), 401 without the credentials of `--auth`, 507 when
 saving would leave the disk with less than its margin free.
 """
@@ -24,23 +25,13 @@ from __future__ import annotations
 import base64
 import io
 import json
-import logging
-import re
-import secrets
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
-from fastapi.security import HTTPBasic, HTTPBasicCredentials
+from fastapi import APIRouter, Depends, FastAPI
 from PIL import Image
-from pydantic import BaseModel, ConfigDict
-from starlette.exceptions import HTTPException
 
 from pipelines.core.requests import SamplingSettings
 from pipelines.core.results import GeneratedImage, GenerationDone, Preview
@@ -49,128 +40,21 @@ from pipelines.io import metadata
 from pipelines.jobs.worker import Job, JobCancelled, JobState
 from pipelines.lora.adapters import lora_files
 from pipelines.models.controlnets import available_controlnets
-from pipelines.models.manager import EMBEDDED_MODEL, EMBEDDED_NAME
-from pipelines.models.memory import is_out_of_memory
 from pipelines.tasks.control_units import A1111_MODULES
 from studio import a1111
-from studio.app import PREVIEW_EVERY
 from studio.context import StudioContext
-from studio.tabs.models import local_choices
-
-log = logging.getLogger("studio.rest_api")
+from studio.rest_http import (
+    A1111Route,
+    Img2ImgBody,
+    PngInfoBody,
+    Txt2ImgBody,
+    basic_auth,
+)
+from studio.rest_models import ModelOptions
 
 PREFIX = "/sdapi/v1"
-REST_OWNER = "rest-api"      # the owner of the jobs the REST API starts (pipelines/jobs.py)
+REST_OWNER = "rest-api"      # the owner of the jobs the REST API starts (pipelines/jobs/worker.py)
 FALLBACK_SIDE = 512
-
-
-# ----------------------------------------------------------------------------- bodies (A1111's names and defaults)
-
-
-class GenerationBody(BaseModel):
-    """What txt2img and img2img share (A1111's StableDiffusionProcessing fields); other keys are accepted."""
-    model_config = ConfigDict(extra="allow")
-    prompt: str = ""
-    negative_prompt: str = ""
-    styles: list[str] = []
-    seed: int = -1
-    subseed: int = -1
-    subseed_strength: float = 0.0
-    seed_resize_from_h: int = -1
-    seed_resize_from_w: int = -1
-    sampler_name: str | None = None
-    scheduler: str | None = None
-    sampler_index: str = a1111.A1111_DEFAULT_SAMPLER
-    batch_size: int = 1
-    n_iter: int = 1
-    steps: int = 50
-    cfg_scale: float = 7.0
-    width: int | None = None           # A1111: 512; here the loaded model's native size
-    height: int | None = None
-    restore_faces: bool | None = None
-    tiling: bool | None = None
-    override_settings: dict[str, Any] = {}
-    override_settings_restore_afterwards: bool = True
-    script_name: str | None = None
-    script_args: list = []
-    send_images: bool = True
-    save_images: bool = False          # as in A1111, API images go to outputs/ only when asked
-    alwayson_scripts: dict[str, Any] = {}
-
-
-class Txt2ImgBody(GenerationBody):
-    enable_hr: bool = False
-    denoising_strength: float | None = None
-
-
-class Img2ImgBody(GenerationBody):
-    init_images: list[str] | None = None
-    resize_mode: int = 0
-    denoising_strength: float = 0.75
-    mask: str | None = None
-    mask_blur: int = 4
-    inpainting_fill: int = 0
-    inpaint_full_res: bool = True
-    inpaint_full_res_padding: int = 0
-    inpainting_mask_invert: int = 0
-    include_init_images: bool = False
-
-
-class PngInfoBody(BaseModel):
-    image: str
-
-
-# ----------------------------------------------------------------------------- errors, as A1111 answers them
-
-
-def error_response(error: Exception) -> JSONResponse:
-    """`{"error", "detail", "body", "errors"}` with the status the error deserves: what was sent is named."""
-    headers = None
-    if isinstance(error, HTTPException):
-        status, detail, headers = error.status_code, str(error.detail), getattr(error, "headers", None)
-    elif isinstance(error, RequestValidationError):
-        status = 422
-        detail = "; ".join(f"`{'.'.join(str(part) for part in item['loc'] if part != 'body')}`: {item['msg']} "
-                           f"(it is {item.get('input')!r})" for item in error.errors())
-    elif is_out_of_memory(error):
-        status, detail = 500, f"Out of memory: {error}. Lower the size or batch."
-    elif isinstance(error, metadata.DiskSpaceError):     # the server's disk, not the request, is at fault
-        status, detail = 507, str(error)
-    elif isinstance(error, ValueError):
-        status, detail = 422, a1111.in_a1111_terms(str(error))
-    else:
-        log.exception("unexpected error in a REST call", exc_info=error)
-        status = 500
-        detail = (f"Unexpected error ({type(error).__name__}: {error}). The studio is still running; the console "
-                  "has the details.")
-    return JSONResponse(status_code=status, headers=headers,
-                        content={"error": type(error).__name__, "detail": detail, "body": "", "errors": detail})
-
-
-class A1111Route(APIRoute):
-    """A route whose every error, request validation included, answers as A1111's API does."""
-
-    def get_route_handler(self):
-        handler = super().get_route_handler()
-
-        async def answer(request: Request):
-            try:
-                return await handler(request)
-            except Exception as error:
-                return error_response(error)
-        return answer
-
-
-def basic_auth(user: str, password: str):
-    """A dependency that lets through only HTTP basic auth with these credentials (A1111's --api-auth)."""
-    security = HTTPBasic(auto_error=False)
-
-    def check(credentials: HTTPBasicCredentials | None = Depends(security)) -> None:
-        if credentials is None or not (secrets.compare_digest(credentials.username.encode(), user.encode()) &
-                                       secrets.compare_digest(credentials.password.encode(), password.encode())):
-            raise HTTPException(status_code=401, detail="Incorrect username or password (this studio was started "
-                                "with --auth; send HTTP basic auth).", headers={"WWW-Authenticate": "Basic"})
-    return check
 
 
 # ----------------------------------------------------------------------------- the API
@@ -182,16 +66,6 @@ class Followed:
     request: SamplingSettings
     images_done: int = 0
     preview: Image.Image | None = None
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """One entry of /sd-models, and how to load it."""
-    title: str
-    model_name: str
-    filename: str
-    spec: str
-    from_ui: bool       # confined to the app's folders (everything but the model named at launch)
 
 
 def png_base64(image: Image.Image, infotext: str | None = None, extra: dict | None = None) -> str:
@@ -209,9 +83,7 @@ class RestApi:
         self.context = context
         # A1111's API saves nothing unless `save_images`; this generator keeps images in memory (same worker)
         self.unsaved = Generator(context.models, None)
-        self.options = {"show_progress_every_n_steps": PREVIEW_EVERY, "live_previews_enable": True}
-        current = context.models.current
-        self.launch_source = current.source if current is not None else None   # --model may point anywhere
+        self.models = ModelOptions(context)
         self._followed: dict[str, Followed] = {}
         self._first_seen: dict[str, tuple[float, float]] = {}   # job id -> (time, progress) when first polled
         self._lock = threading.Lock()
@@ -221,8 +93,8 @@ class RestApi:
         for path, endpoint, method in (
                 ("/txt2img", self.txt2img, "POST"), ("/img2img", self.img2img, "POST"),
                 ("/progress", self.progress, "GET"), ("/interrupt", self.interrupt, "POST"),
-                ("/options", self.get_options, "GET"), ("/options", self.set_options, "POST"),
-                ("/sd-models", self.sd_models, "GET"), ("/samplers", self.samplers, "GET"),
+                ("/options", self.models.get_options, "GET"), ("/options", self.models.set_options, "POST"),
+                ("/sd-models", self.models.sd_models, "GET"), ("/samplers", self.samplers, "GET"),
                 ("/schedulers", self.schedulers, "GET"), ("/loras", self.loras, "GET"),
                 ("/png-info", self.png_info, "POST"), ("/scripts", self.scripts, "GET")):
             router.add_api_route(PREFIX + path, endpoint, methods=[method])
@@ -242,7 +114,7 @@ class RestApi:
     def _generate(self, body: dict, *, img2img: bool) -> dict:
         started = time.time()
         # 1. The body as the studio's request (errors name A1111's fields)
-        preview_every, notes = self._override_settings(body.get("override_settings") or {})
+        preview_every, notes = self.models.preview_every(body.get("override_settings") or {})
         model = self.context.models.require()
         generation = a1111.generation_request(body, img2img=img2img, native_side=model.native_side or FALLBACK_SIDE,
                                               preview_every=preview_every)
@@ -258,22 +130,6 @@ class RestApi:
                           messages=notes + generation.notes + done.messages)
         images = [self._encoded(item, request, done) for item in done.images] if body["send_images"] else []
         return {"images": images, "parameters": a1111.parameters(body), "info": json.dumps(info)}
-
-    def _override_settings(self, overrides: dict) -> tuple[int, list[str]]:
-        """The preview period for this request, from the options and `override_settings`; a checkpoint override
-        must name the loaded model (switching is POST /options); other settings are named as not used."""
-        if not isinstance(overrides, dict):
-            raise ValueError(f"`override_settings` must be an object but is {type(overrides).__name__}.")
-        options = self._checked_options({key: value for key, value in overrides.items() if key in self.options})
-        every = options.get("show_progress_every_n_steps", self.options["show_progress_every_n_steps"])
-        live = options.get("live_previews_enable", self.options["live_previews_enable"])
-        wanted = overrides.get("sd_model_checkpoint")
-        if wanted is not None and self._find_checkpoint(wanted).title != self._current_title():
-            raise ValueError(f"`override_settings.sd_model_checkpoint` is {wanted!r} but {self._current_title()!r} is "
-                             "loaded; switch models first with POST /sdapi/v1/options {\"sd_model_checkpoint\": …}.")
-        unused = sorted(set(overrides) - set(self.options) - {"sd_model_checkpoint"})
-        notes = [f"override_settings not used by this studio: {', '.join(unused)}."] if unused else []
-        return (every if live and every > 0 else 0), notes
 
     def _follow(self, job: Job, request: SamplingSettings) -> GenerationDone:
         followed = Followed(request)
@@ -351,83 +207,6 @@ class RestApi:
             target.cancel()
         return {}
 
-    # -- models and options ----------------------------------------------------------------------
-    def _checkpoints(self) -> list[Checkpoint]:
-        """The embedded model, the diffusers folders and .safetensors files under models/, and the model the studio
-        was started with (which `--model` may have named anywhere)."""
-        entries = []
-        for choice in local_choices(self.context):
-            if choice == EMBEDDED_NAME:
-                entries.append(Checkpoint(EMBEDDED_NAME, EMBEDDED_NAME, str(EMBEDDED_MODEL), EMBEDDED_NAME, True))
-            else:
-                path = Path(choice)
-                name = path.stem if path.is_file() else path.name
-                entries.append(Checkpoint(path.name, name, str(path), choice, True))
-        source = self.launch_source
-        if source is not None and source.kind != "embedded" and \
-                not any(_same_place(entry.filename, source.location) for entry in entries):
-            entries.append(Checkpoint(Path(source.location).name if source.kind != "hub" else source.location,
-                                      source.name, source.location, source.location, False))
-        return entries
-
-    def _current_title(self) -> str | None:
-        model = self.context.models.current
-        if model is None:
-            return None
-        if model.source.kind == "embedded":
-            return EMBEDDED_NAME
-        for entry in self._checkpoints():
-            if _same_place(entry.filename, model.source.location):
-                return entry.title
-        return model.name
-
-    def _find_checkpoint(self, name) -> Checkpoint:
-        if not isinstance(name, str):
-            raise ValueError(f"`sd_model_checkpoint` must be a checkpoint's title but is {name!r}.")
-        bare = re.sub(r"\s*\[[0-9a-fA-F]+\]$", "", name.strip())    # A1111's titles end in " [hash]"
-        entries = self._checkpoints()
-        for entry in entries:
-            if bare in (entry.title, entry.model_name):
-                return entry
-        raise ValueError(f"No checkpoint {name!r}; GET /sdapi/v1/sd-models lists them: "
-                         f"{', '.join(entry.title for entry in entries)}.")
-
-    def sd_models(self) -> list[dict]:
-        """A1111's /sd-models: title, model_name, hash (of the loaded one), sha256, filename, config."""
-        current, model = self._current_title(), self.context.models.current
-        return [{"title": entry.title, "model_name": entry.model_name,
-                 "hash": model.model_hash if model is not None and entry.title == current else None, "sha256": None,
-                 "filename": entry.filename, "config": None} for entry in self._checkpoints()]
-
-    def get_options(self) -> dict:
-        """The options this studio has, by A1111's names."""
-        return {"sd_model_checkpoint": self._current_title(), "samples_format": "png", **self.options}
-
-    def set_options(self, body: dict[str, Any]) -> dict:
-        """Set options; `sd_model_checkpoint` loads that model (on the device worker, after the queued jobs).
-        Options this studio does not have are named in `ignored`."""
-        checked = self._checked_options({key: value for key, value in body.items() if key in self.options})
-        if body.get("samples_format", "png") != "png":
-            raise ValueError(f"`samples_format` must be 'png' (this studio writes PNGs) but is "
-                             f"{body['samples_format']!r}.")
-        checkpoint = self._find_checkpoint(body["sd_model_checkpoint"]) if "sd_model_checkpoint" in body else None
-        self.options.update(checked)
-        if checkpoint is not None and checkpoint.title != self._current_title():
-            self.context.models.load(checkpoint.spec, from_ui=checkpoint.from_ui)
-            self.context.startup_error = ""
-        known = {*self.options, "sd_model_checkpoint", "samples_format"}
-        return {"applied": sorted(set(body) & known), "ignored": sorted(set(body) - known)}
-
-    @staticmethod
-    def _checked_options(values: dict) -> dict:
-        every = values.get("show_progress_every_n_steps", 0)
-        if isinstance(every, bool) or not isinstance(every, int) or every < -1:
-            raise ValueError(f"`show_progress_every_n_steps` must be a whole number of steps (-1 or 0: no live "
-                             f"previews) but is {every!r}.")
-        if not isinstance(values.get("live_previews_enable", True), bool):
-            raise ValueError(f"`live_previews_enable` must be true or false but is {values['live_previews_enable']!r}.")
-        return values
-
     # -- lists and PNG info ----------------------------------------------------------------------
     def samplers(self) -> list[dict]:
         return a1111.sampler_items()
@@ -463,13 +242,6 @@ class RestApi:
         text, extra = metadata.read_png_metadata(io.BytesIO(data))
         return {"info": text or "", "items": {metadata.STUDIO_CHUNK: extra} if extra else {},
                 "parameters": a1111.png_info_parameters(text or "")}
-
-
-def _same_place(a: str, b: str) -> bool:
-    try:
-        return Path(a).resolve() == Path(b).resolve()
-    except OSError:
-        return a == b
 
 
 def mount_rest_api(app: FastAPI, context: StudioContext, *, auth: tuple[str, str] | None = None) -> RestApi:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from pipelines.core.images import to_pil
@@ -59,6 +60,16 @@ class PreparedCall:
         """Image i of batch b draws its noise from seed + b * batch_size + i, on the CPU."""
         return [torch.Generator("cpu").manual_seed(self.request.seed_for(batch_index, i))
                 for i in range(self.request.batch_size)]
+
+    def initial_noise(self, generators: list[torch.Generator], *, device: torch.device | None = None) -> torch.Tensor:
+        """x_T as the pipeline's `prepare_latents` draws it: one image per generator, drawn from those CPU
+        generators, in the prompt embeddings' dtype (encode_prompt casts them to the text encoder's), not yet
+        scaled by the sampler's initial sigma."""
+        pipeline, request = self.pipeline, self.request
+        factor = pipeline.vae_scale_factor
+        shape = (len(generators), pipeline.unet.config.in_channels, request.height // factor, request.width // factor)
+        dtype = pipeline.text_encoder.dtype if pipeline.text_encoder is not None else pipeline.unet.dtype
+        return randn_tensor(shape, generator=generators, device=device or self.device, dtype=dtype)
 
     def arguments(self, batch_index: int = 0, *, generators: list[torch.Generator] | None = None) -> dict:
         """The diffusers call's keyword arguments for one batch (latents out)."""

@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
 from pipelines.core.call import PreparedCall, prepare
 from pipelines.core.denoiser import Denoiser, prompt_embeddings, uses_cfg
@@ -80,13 +79,8 @@ def initial_noise(run: PreparedCall) -> tuple[torch.Tensor, list[torch.Generator
     We draw it here and pass it as `latents=` so the recorder knows x_T; the generator, advanced by the
     same draw, goes on to the pipeline for stochastic samplers, exactly as in Generator.
     """
-    pipeline, request = run.pipeline, run.request
     generators = run.generators(0)
-    shape = (1, pipeline.unet.config.in_channels, request.height // pipeline.vae_scale_factor,
-             request.width // pipeline.vae_scale_factor)
-    # encode_prompt casts the embeddings to this dtype, and prepare_latents draws in the embeddings' dtype
-    dtype = pipeline.text_encoder.dtype if pipeline.text_encoder is not None else pipeline.unet.dtype
-    return randn_tensor(shape, generator=generators, device=run.device, dtype=dtype), generators
+    return run.initial_noise(generators), generators
 
 
 def _cpu(tensor: torch.Tensor) -> torch.Tensor:

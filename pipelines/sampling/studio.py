@@ -5,7 +5,6 @@ own loop, with the check of what it runs and the note on what it cost."""
 from __future__ import annotations
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
 from pipelines.core.denoiser import Denoiser
 from pipelines.core.loop import begin
@@ -33,12 +32,8 @@ def run_speculative(call, batch_index: int, *, generators=None, latents=None, ca
     transitions = DDPMTransitions.from_scheduler(scheduler)
     generators = generators or call.generators(batch_index)
     denoiser = Denoiser(call, generators=generators)
-    unet = pipeline.unet
-    factor = pipeline.vae_scale_factor
-    shape = (request.batch_size, unet.config.in_channels, request.height // factor, request.width // factor)
-    if latents is None:   # as the pipeline's prepare_latents draws it: in the prompt embeddings' dtype
-        dtype = pipeline.text_encoder.dtype if pipeline.text_encoder is not None else unet.dtype
-        latents = randn_tensor(shape, generator=generators, device=torch.device("cpu"), dtype=dtype)
+    if latents is None:   # DDPM's own x_T for these seeds; the chains run on the CPU
+        latents = call.initial_noise(generators, device=torch.device("cpu"))
     timesteps = torch.tensor(transitions.timesteps)
 
     def target(states, positions, chains):

@@ -9,20 +9,23 @@ with the field named, never silently dropped.
 
 from __future__ import annotations
 
+import base64
+import io
 import re
+import struct
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from PIL import Image, ImageOps
 
-from pipelines.core.checks import check_input_image
+from pipelines.core.checks import MAX_INPUT_PIXELS
 from pipelines.core.images import decode_image
 from pipelines.core.requests import SamplingSettings
 from pipelines.core.results import GenerationDone
 from pipelines.core.samplers import SAMPLER_NAMES
 from pipelines.generation.generator import STUDIO_VERSION
-from pipelines.io.metadata import parse_infotext
+from pipelines.io.metadata import parse_infotext, read_png_metadata
 from pipelines.tasks.control_units import (
     A1111_CONTROL,
     A1111_MODULES,
@@ -31,6 +34,7 @@ from pipelines.tasks.control_units import (
     CONTROL_FIRST,
     CROP_AND_RESIZE,
     JUST_RESIZE,
+    MAX_CONTROL_PIXELS,
     PROMPT_FIRST,
     RESIZE_AND_FILL,
     UNIT_FIELDS,
@@ -84,10 +88,11 @@ def in_a1111_terms(message: str) -> str:
     return message
 
 
-def read_image(value, name: str) -> Image.Image:
-    """An image sent as base64 (or a data URL), the error naming the field and how the text begins."""
+def read_image(value, name: str, *, max_pixels: int = MAX_INPUT_PIXELS) -> Image.Image:
+    """An image sent as base64 (or a data URL), decoded only when its header declares at most `max_pixels`
+    pixels; the error names the field and how the text begins."""
     try:
-        return decode_image(value, name)
+        return decode_image(value, name, max_pixels=max_pixels)
     except ValueError as error:
         if not isinstance(value, str):
             raise
@@ -161,19 +166,22 @@ def generation_request(body: dict, *, img2img: bool, native_side: int, preview_e
                 "sampler": sampler, "steps": body["steps"], "guidance_scale": body["cfg_scale"], "seed": body["seed"],
                 "width": native_side if width is None else width, "height": native_side if height is None else height,
                 "batch_size": body["batch_size"], "batch_count": body["n_iter"], "preview_every": preview_every}
+    # Every size limit is checked before any image is decoded or resized to the size asked for: a 50000×50000
+    # img2img once spent 47 s and 9.3 GB resizing its input before the request refused the size
+    SamplingSettings(**sampling)
     units, notes = controlnet_units(body.get("alwayson_scripts") or {})
     if not img2img:
         if not units:
             return Generation(Txt2ImgRequest(**sampling), notes)
         return Generation(controlnet_request(sampling, units, init_image=None, strength=0.75), notes)
-    # 3. Image-to-Image: one init image, taken to the size as `resize_mode` says (A1111 does so before anything)
+    # 3. Image-to-Image: one init image (decoded only within the input cap), taken to the checked size as
+    #    `resize_mode` says, as A1111 does
     images = body.get("init_images")
     if not images:
         raise ValueError("`init_images` is missing: img2img needs one input image (base64).")
     if len(images) > 1:
         raise ValueError(f"`init_images` holds {len(images)} images; this studio takes one per request.")
     init_image = read_image(images[0], "init_images[0]")
-    check_input_image("init_images[0]", init_image)      # before it is resized, as the studio's own tabs check it
     strength = body["denoising_strength"]
     mask = body.get("mask")
     if not mask:
@@ -187,7 +195,6 @@ def generation_request(body: dict, *, img2img: bool, native_side: int, preview_e
         raise ValueError("ControlNet units with a `mask` (inpainting with ControlNet) are not supported here: send "
                          "the mask without ControlNet, or ControlNet without a mask.")
     mask = read_image(mask, "mask")
-    check_input_image("mask", mask)
     only_masked = bool(body["inpaint_full_res"])
     if not only_masked:
         init_image = resized(init_image.convert("RGB"), sampling["width"], sampling["height"], body["resize_mode"])
@@ -208,9 +215,8 @@ def generation_request(body: dict, *, img2img: bool, native_side: int, preview_e
 
 
 def resized(image: Image.Image, width: int, height: int, resize_mode) -> Image.Image:
-    """A1111's img2img `resize_mode`: 0 (and 3) stretch to width × height, 1 crops to its shape then resizes."""
-    if not isinstance(width, int) or not isinstance(height, int) or width < 8 or height < 8:
-        raise ValueError(f"`width` and `height` must be whole numbers of at least 8 but are {width!r} and {height!r}.")
+    """A1111's img2img `resize_mode`: 0 (and 3) stretch to width × height, 1 crops to its shape then resizes.
+    The size is one the request's checks took (`generation_request`)."""
     if resize_mode in (0, 3) and not isinstance(resize_mode, bool):
         return image.resize((width, height), Image.Resampling.LANCZOS)
     if resize_mode == 1 and not isinstance(resize_mode, bool):
@@ -322,7 +328,7 @@ def controlnet_request(sampling: dict, units: list[dict], *, init_image: Image.I
         where, image = unit.pop("where"), unit.pop("image")
         if image is None and init_image is None:
             raise ValueError(f"{where} has no `image`; send the control image as base64.")
-        image = init_image if image is None else read_image(image, f"{where}.image")
+        image = init_image if image is None else read_image(image, f"{where}.image", max_pixels=MAX_CONTROL_PIXELS)
         try:
             checked.append(ControlUnit(image=image, **unit))
         except ValueError as error:
@@ -373,6 +379,30 @@ def parameters(body: dict) -> dict:
     if not values.pop("include_init_images", False) and "init_images" in values:
         values["init_images"], values["mask"] = None, None
     return values
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def read_png_info(value: str) -> tuple[str | None, dict | None]:
+    """(infotext, studio chunk) of a PNG sent as base64, read as the PNG Info tab reads a file. PIL decodes every
+    pixel to reach the text chunks that may follow them, so the size the PNG declares is held to the input cap
+    first, from its header: IHDR, always the first chunk, gives width and height before any pixel data. (PIL
+    refuses past 179 megapixels without saying the size, and decodes anything below.) Anything that is not a PNG
+    is refused by the reader before it decodes a pixel."""
+    text = value.strip()
+    try:
+        data = base64.b64decode(text.split(",", 1)[1] if text.startswith("data:") else text, validate=True)
+    except ValueError:
+        shown = text if len(text) <= 24 else text[:24] + "…"
+        raise ValueError(f"`image` must be a PNG as base64 text, but it is not base64; it begins {shown!r}.") \
+            from None
+    if data.startswith(PNG_SIGNATURE) and data[12:16] == b"IHDR" and len(data) >= 24:
+        width, height = struct.unpack(">II", data[16:24])
+        if width * height > MAX_INPUT_PIXELS:
+            raise ValueError(f"`image` is {width}×{height} ({width * height / 1e6:.1f} megapixels); at most "
+                             f"{MAX_INPUT_PIXELS / 1e6:g} megapixels are taken. Scale it down first.")
+    return read_png_metadata(io.BytesIO(data))
 
 
 def png_info_parameters(text: str) -> dict:

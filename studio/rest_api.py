@@ -231,15 +231,8 @@ class RestApi:
 
     def png_info(self, body: PngInfoBody) -> dict:
         """A1111's /png-info: `info` (the infotext), `items` (the other chunks: ours holds the full request),
-        `parameters` (the infotext parsed)."""
-        value = body.image.strip()
-        try:
-            data = base64.b64decode(value.split(",", 1)[1] if value.startswith("data:") else value, validate=True)
-        except ValueError:
-            shown = value if len(value) <= 24 else value[:24] + "…"
-            raise ValueError(f"`image` must be a PNG as base64 text, but it is not base64; it begins {shown!r}.") \
-                from None
-        text, extra = metadata.read_png_metadata(io.BytesIO(data))
+        `parameters` (the infotext parsed). A PNG declaring more than the input cap is refused before decoding."""
+        text, extra = a1111.read_png_info(body.image)
         return {"info": text or "", "items": {metadata.STUDIO_CHUNK: extra} if extra else {},
                 "parameters": a1111.png_info_parameters(text or "")}
 

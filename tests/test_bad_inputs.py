@@ -474,6 +474,11 @@ REST_CASES = [
     ("options-dot-dot", "options", {"sd_model_checkpoint": "../outside"},
      r"No checkpoint '\.\./outside'; GET /sdapi/v1/sd-models lists them: embedded"),
     ("options-absolute", "options", {"sd_model_checkpoint": "/etc/passwd"}, r"No checkpoint '/etc/passwd'"),
+    # bug 2: the size is refused before the input is resized to it; bug 13: png-info caps before PIL decodes
+    ("img2img-width-4096", "img2img", {"init_images": ["good"], "width": 4096},
+     r"`width` must be a whole number from 8 to 2048 but is 4096\."),
+    ("png-info-6000px", "png-info", {"image": "huge"},
+     r"`image` is 6000×6000 \(36\.0 megapixels\); at most 16 megapixels"),
 ]
 
 

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import queue
 import re
 import shutil
 import socket
+import struct
 import threading
+import zlib
 
 import numpy as np
 import pytest
 import requests
 import webuiapi
-from PIL import Image
+from PIL import Image, ImageFile
 
 import launch
+from pipelines.core.checks import MAX_INPUT_PIXELS, MAX_SIDE
 from pipelines.core.results import Preview
 from pipelines.core.samplers import SAMPLER_NAMES
 from pipelines.generation.generator import Generator
@@ -268,3 +272,105 @@ def test_the_a1111_translation_of_units_and_samplers():
     with pytest.raises(ValueError, match="`sampler_name` 'Heun' has no Karras schedule"):
         a1111.resolve_sampler("Heun", "karras")
     assert a1111.in_a1111_terms("`guidance_scale` (CFG) must be") == "`cfg_scale` (CFG) must be"
+
+
+# ----------------------------------------------------------------------------- sizes checked before pixels
+
+
+def _base64_png(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _unit(image: str | None) -> dict:
+    return {"alwayson_scripts": {"controlnet": {"args": [{"image": image, "module": "none", "model": "tiny-cn"}]}}}
+
+
+SMALL = _base64_png(Image.new("RGB", (64, 64), (200, 30, 30)))
+SMALL_MASK = _base64_png(Image.new("L", (64, 64), 255))
+# What each route is sent besides the size: every way an image reaches a request
+SIZE_ROUTES = {
+    "txt2img": ("txt2img", {}),
+    "txt2img-controlnet": ("txt2img", _unit(SMALL)),
+    "img2img-just-resize": ("img2img", {"init_images": [SMALL], "resize_mode": 0}),
+    "img2img-crop-and-resize": ("img2img", {"init_images": [SMALL], "resize_mode": 1}),
+    "img2img-controlnet": ("img2img", {"init_images": [SMALL]} | _unit(None)),
+    "inpaint-whole-picture": ("img2img", {"init_images": [SMALL], "mask": SMALL_MASK, "inpaint_full_res": False}),
+    "inpaint-only-masked": ("img2img", {"init_images": [SMALL], "mask": SMALL_MASK, "inpaint_full_res": True}),
+}
+
+
+@pytest.mark.parametrize("route, extra", list(SIZE_ROUTES.values()), ids=list(SIZE_ROUTES))
+def test_a_size_past_the_limit_is_refused_before_any_image_is_resized_to_it(server, monkeypatch, route, extra):
+    """Bug 2: A1111's img2img resized the input to the request's width × height before the size was checked (a
+    50000×50000 request took 47 s and 9.3 GB before its 422). 4096 is past the 2048 limit yet cheap to resize to,
+    so the spy on PIL's resize shows the order without the cost."""
+    port, _ = server
+    resized_to: list[tuple[int, int]] = []
+    resize = Image.Image.resize
+
+    def recorded(image, size, *args, **kwargs):
+        resized_to.append(tuple(size))
+        return resize(image, size, *args, **kwargs)
+    monkeypatch.setattr(Image.Image, "resize", recorded)
+
+    answer = requests.post(f"http://127.0.0.1:{port}/sdapi/v1/{route}",
+                           json={"prompt": "red apple", "steps": 2, "width": 4096, "height": 4096} | extra)
+    assert answer.status_code == 422, answer.text[:300]
+    assert re.search(r"`width` must be a whole number from 8 to 2048 but is 4096\.", answer.json()["detail"])
+    assert [size for size in resized_to if max(size) > MAX_SIDE] == []
+
+
+@functools.cache
+def _bomb(side: int) -> str:
+    """A valid black PNG of side × side one-bit pixels, written chunk by chunk so that the test never holds its
+    pixels: zlib packs the rows of zeros into a few KB, while the header declares the whole size."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    row = bytes(1 + (side + 7) // 8)                  # filter byte 0, then the row's bits
+    packer = zlib.compressobj(9)
+    pixels = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)       # bit depth 1, greyscale
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    return base64.b64encode(png).decode()
+
+
+# Where a base64 image enters: the route, and the body with the bomb in that place
+BOMB_PLACES = {
+    "init-image": ("img2img", lambda bomb: {"init_images": [bomb]}),
+    "mask": ("img2img", lambda bomb: {"init_images": [SMALL], "mask": bomb, "inpaint_full_res": False}),
+    "controlnet-unit-image": ("txt2img", lambda bomb: _unit(bomb)),
+    "png-info": ("png-info", lambda bomb: {"image": bomb}),
+}
+
+
+@pytest.mark.parametrize("side", [6000, 20000])
+@pytest.mark.parametrize("route, body", list(BOMB_PLACES.values()), ids=list(BOMB_PLACES))
+def test_a_base64_decompression_bomb_is_refused_by_its_header_before_it_is_decoded(server, monkeypatch, route, body,
+                                                                                   side):
+    """Bug 13 (API half): base64 images were decoded before their size was checked, so a few KB could declare
+    gigabytes of pixels. 6000×6000 is past the studio's 16-megapixel cap but under PIL's own bomb limit (89
+    megapixels warned, 179 refused), so only the studio's cap can refuse it before decoding; 20000×20000 is past
+    PIL's too (PIL refuses it without naming a limit the client can meet), and the answer must still name the
+    studio's cap. A spy on PIL's decoding shows that nothing that large is decoded."""
+    port, _ = server
+    decoded: list[tuple[int, int]] = []
+    load = ImageFile.ImageFile.load
+
+    def recorded(image):
+        if image.size[0] * image.size[1] > MAX_INPUT_PIXELS:
+            decoded.append(image.size)
+        return load(image)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", recorded)
+
+    url = f"http://127.0.0.1:{port}/sdapi/v1"
+    payload = body(_bomb(side))
+    if route != "png-info":
+        payload |= {"prompt": "red apple", "steps": 2, "width": 64, "height": 64}
+    answer = requests.post(f"{url}/{route}", json=payload)
+    assert answer.status_code == 422, answer.text[:300]
+    assert re.search(r"at most 16(\.\d+)? megapixels", answer.json()["detail"]), answer.json()["detail"]
+    assert decoded == []
+    served = requests.post(f"{url}/txt2img", json={"prompt": "red apple", "steps": 2, "width": 64, "height": 64})
+    assert served.status_code == 200 and len(served.json()["images"]) == 1

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import requests
 import webuiapi
+from fastapi.openapi.utils import get_openapi
 from PIL import Image, ImageFile
 
 import launch
@@ -242,13 +243,28 @@ def test_bad_input_gets_a_4xx_naming_the_value_and_the_server_keeps_serving(api,
 
 
 def test_auth_protects_the_rest_api(tiny_model_dir, tmp_path_factory):
+    """Every route the REST API serves (read from the FastAPI app, so that a new route is covered without editing
+    this test) answers 401 without credentials and with wrong ones, and lets the right ones through."""
     app, _, args = _serve(tiny_model_dir, tmp_path_factory, "--auth", "ada:secret")
     try:
-        url = f"http://127.0.0.1:{args.port}/sdapi/v1"
-        answer = requests.get(f"{url}/sd-models")
-        assert answer.status_code == 401 and answer.headers["WWW-Authenticate"] == "Basic"
-        assert "Incorrect username or password" in answer.json()["detail"]
-        assert requests.post(f"{url}/txt2img", json={"prompt": "x"}, auth=("ada", "wrong")).status_code == 401
+        base = f"http://127.0.0.1:{args.port}"
+        # FastAPI's own listing of what it serves (it wraps included routers, so `app.routes` does not show them)
+        served = get_openapi(title="studio", version="0", routes=app.server_app.routes)["paths"]
+        routes = [(path, method.upper()) for path, operations in served.items()
+                  if path.startswith(("/sdapi/v1/", "/controlnet/")) for method in operations]
+        assert {("/sdapi/v1/txt2img", "POST"), ("/sdapi/v1/img2img", "POST"), ("/sdapi/v1/options", "GET"),
+                ("/sdapi/v1/options", "POST"), ("/controlnet/model_list", "GET")} <= set(routes)
+        for path, method in routes:
+            # a body no route acts on (generation refuses `steps` 0), so that the right credentials run nothing
+            send = {"json": {"steps": 0}} if method == "POST" else {}
+            refused = requests.request(method, base + path, **send)
+            assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == "Basic", (path, method)
+            assert "Incorrect username or password" in refused.json()["detail"], (path, method)
+            wrong = requests.request(method, base + path, auth=("ada", "wrong"), **send)
+            assert wrong.status_code == 401, (path, method)
+            assert requests.request(method, base + path, auth=("eve", "secret"), **send).status_code == 401
+            right = requests.request(method, base + path, auth=("ada", "secret"), **send)
+            assert right.status_code != 401 and right.status_code < 500, (path, method, right.text[:300])
         client = webuiapi.WebUIApi(host="127.0.0.1", port=args.port, username="ada", password="secret", steps=3)
         assert len(client.txt2img(prompt="red apple", width=64, height=64).images) == 1
     finally:

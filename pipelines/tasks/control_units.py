@@ -4,7 +4,7 @@ and the names sd-webui-controlnet gives them."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from PIL import Image, ImageOps
 
@@ -51,9 +51,9 @@ A1111_CONTROL = {BALANCED: "Balanced", PROMPT_FIRST: "My prompt is more importan
 
 
 @dataclass(kw_only=True)
-class ControlUnit:
-    """One ControlNet and its control image, with sd-webui-controlnet's settings."""
-    image: Image.Image = field(repr=False)
+class UnitSettings:
+    """A unit's settings, as sd-webui-controlnet names them (what each does: pipelines/tasks/controlnet.py). The
+    ControlNet request holds its first unit's as fields of its own."""
     preprocessor: str = "canny"
     model: str = DEFAULT_CONTROLNET
     weight: float = 1.0
@@ -63,6 +63,15 @@ class ControlUnit:
     resize_mode: str = CROP_AND_RESIZE
     pixel_perfect: bool = True
     processor_resolution: int = 512
+
+
+UNIT_FIELDS = tuple(item.name for item in fields(UnitSettings))
+
+
+@dataclass(kw_only=True)
+class ControlUnit(UnitSettings):
+    """One ControlNet and its control image, with sd-webui-controlnet's settings."""
+    image: Image.Image = field(repr=False)
     _control: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -127,10 +136,6 @@ def resize_for(image: Image.Image, width: int, height: int, mode: str) -> Image.
     canvas = Image.new("RGB", (width, height))
     canvas.paste(fitted, ((width - fitted.width) // 2, (height - fitted.height) // 2))
     return canvas
-
-
-UNIT_FIELDS = ("preprocessor", "model", "weight", "start", "end", "control_mode", "resize_mode", "pixel_perfect",
-               "processor_resolution")
 
 
 def unit_from_json(values: dict, position: int) -> ControlUnit:

@@ -43,13 +43,11 @@ from pipelines.tasks.control_units import (
     A1111_CONTROL,
     A1111_MODULES,
     A1111_RESIZE,
-    BALANCED,
     CONTROL_FIRST,
-    CROP_AND_RESIZE,
-    DEFAULT_CONTROLNET,
     MAX_UNITS,
     UNIT_FIELDS,
     ControlUnit,
+    UnitSettings,
     _enabled,
     unit_from_json,
 )
@@ -57,21 +55,12 @@ from pipelines.tasks.preprocessors import PREPROCESSORS
 
 
 @dataclass(kw_only=True)
-class ControlNetRequest(SamplingSettings):
+class ControlNetRequest(SamplingSettings, UnitSettings):
     """Text-to-Image (or, with `init_image`, Image-to-Image) steered by one to three ControlNet units: the first
-    unit's settings are fields of their own, the others a list (`more_units`)."""
+    unit's settings are fields of their own (`UnitSettings`), the others a list (`more_units`)."""
 
     task = "controlnet"
     control_image: Image.Image = field(repr=False)
-    preprocessor: str = "canny"
-    model: str = DEFAULT_CONTROLNET
-    weight: float = 1.0
-    start: float = 0.0
-    end: float = 1.0
-    control_mode: str = BALANCED
-    resize_mode: str = CROP_AND_RESIZE
-    pixel_perfect: bool = True
-    processor_resolution: int = 512
     more_units: list = field(default_factory=list)
     init_image: Image.Image | None = field(default=None, repr=False)
     strength: float = 0.75

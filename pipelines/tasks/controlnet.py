@@ -39,18 +39,8 @@ from pipelines.core.loop import noised_start, run_steps, strength_timesteps
 from pipelines.core.registry import Task, register
 from pipelines.core.requests import SamplingSettings
 from pipelines.core.vae import encode, execution_device
-from pipelines.tasks.control_units import (
-    A1111_CONTROL,
-    A1111_MODULES,
-    A1111_RESIZE,
-    CONTROL_FIRST,
-    MAX_UNITS,
-    UNIT_FIELDS,
-    ControlUnit,
-    UnitSettings,
-    _enabled,
-    unit_from_json,
-)
+from pipelines.tasks.control_units import (A1111_CONTROL, A1111_MODULES, A1111_RESIZE, CONTROL_FIRST, MAX_UNITS,
+                                           UNIT_FIELDS, ControlUnit, UnitSettings, _enabled, unit_from_json)
 from pipelines.tasks.preprocessors import PREPROCESSORS
 
 

@@ -44,6 +44,9 @@ def open_capped(data: bytes, name: str, *, max_pixels: int = MAX_INPUT_PIXELS) -
     file can declare a huge image: a decompression bomb)."""
     try:
         image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:    # PIL refuses past 2 × MAX_IMAGE_PIXELS before it tells the size
+        raise ValueError(f"`{name}` declares more than {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels; at most "
+                         f"{max_pixels / 1e6:g} megapixels are taken. Scale it down first.") from None
     except Exception as error:
         raise ValueError(f"`{name}` could not be read as an image ({type(error).__name__}): send a PNG, JPEG or "
                          "WebP file.") from None

@@ -50,8 +50,17 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
-from torch import nn
 
+from pipelines.lora.judge import (  # the judge's inference side ships with the app
+    SHIPPED_JUDGE,
+    EmojiClassifier,
+    as_array,
+    classify,
+    features,
+    load_judge,  # noqa: F401  (recipe.evaluate.load_judge: the other recipes and tests read it here)
+)
+from pipelines.lora.judge import check_images as _check_images
+from pipelines.lora.judge import to_pixels as _to_pixels
 from recipe import data
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,51 +77,9 @@ GRID_CAPTION_LINES = 3
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. The judge: a small CNN trained on real images only.
+# 1. The judge: a small CNN (its architecture and inference: pipelines/lora/judge.py) trained on real
+#    images only.
 # ----------------------------------------------------------------------------------------------
-class EmojiClassifier(nn.Module):
-    """Four conv blocks (32-64-128-256, BatchNorm + ReLU + 2x2 max pool), global average pool, a
-    256-d feature layer (the space the Fréchet distance is measured in) and a linear head."""
-
-    def __init__(self, num_classes: int, image_size: int = 64, widths: tuple = (32, 64, 128, 256),
-                 feature_dim: int = 256):
-        super().__init__()
-        self.num_classes = num_classes
-        self.image_size = image_size
-        layers, channels = [], 3
-        for width in widths:
-            layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
-                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
-            channels = width
-        self.trunk = nn.Sequential(*layers)
-        self.feature = nn.Sequential(nn.Linear(channels, feature_dim, bias=False), nn.BatchNorm1d(feature_dim),
-                                     nn.ReLU(inplace=True))
-        self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(feature_dim, num_classes))
-        self.provenance: dict = {}  # how it was trained and what it scored on held-out images
-
-    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels in [-1, 1], NCHW -> the 256-d features."""
-        return self.feature(self.trunk(pixels).mean(dim=(2, 3)))
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embed(pixels))
-
-
-def _to_pixels(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 NHWC -> float NCHW in [-1, 1]."""
-    images = torch.as_tensor(images)
-    return images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
-def _check_images(images: np.ndarray, name: str = "images") -> None:
-    if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4
-            and images.shape[3] == 3 and images.shape[1] == images.shape[2]):
-        shape = getattr(images, "shape", None)
-        dtype = getattr(images, "dtype", type(images).__name__)
-        raise ValueError(f"`{name}` must be a uint8 array of square RGB images (N, H, H, 3) but is {dtype} "
-                         f"with shape {shape}.")
-
-
 def augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """A different random view of every image of the batch (pixels in [-1, 1], NCHW)."""
     n, device = pixels.shape[0], pixels.device
@@ -220,28 +187,6 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, *, epochs: int = 15
     return classifier.eval()
 
 
-@torch.no_grad()
-def _in_batches(classifier: EmojiClassifier, images: np.ndarray, method, batch_size: int) -> np.ndarray:
-    _check_images(images)
-    if images.shape[1] != classifier.image_size:
-        raise ValueError(f"The classifier was trained on {classifier.image_size}px images but got "
-                         f"{images.shape[1]}px ones; resize them first.")
-    classifier.eval()
-    outputs = [method(_to_pixels(images[start:start + batch_size])).numpy()
-               for start in range(0, len(images), batch_size)]
-    return np.concatenate(outputs).astype(np.float32)
-
-
-def classify(classifier: EmojiClassifier, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Logits (N, classes) for uint8 NHWC images."""
-    return _in_batches(classifier, images, classifier, batch_size)
-
-
-def features(classifier: EmojiClassifier, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """The 256-d feature-layer activations (N, 256) for uint8 NHWC images."""
-    return _in_batches(classifier, images, classifier.embed, batch_size)
-
-
 def holdout_split(labels: np.ndarray, fraction: float = HELD_OUT_FRACTION, seed: int = 0
                   ) -> tuple[np.ndarray, np.ndarray]:
     """(train, held-out) indices: `fraction` of the images at random, never the last image of a
@@ -306,9 +251,6 @@ def prepare_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int,
     return classifier
 
 
-SHIPPED_JUDGE = ROOT / "assets" / "eval" / "emoji-classifier.safetensors"
-
-
 def export_judge(classifier: EmojiClassifier, class_names: Sequence[str], path: Path = SHIPPED_JUDGE) -> Path:
     """Ship the judge for the end-to-end test: weights as safetensors, class names and provenance as
     metadata (no pickle), so CI can recognise emoji without the emoji data."""
@@ -334,18 +276,6 @@ def _same_safetensors(path: Path, state: dict, metadata: dict) -> bool:
             return False
     stored = load_file(str(path))
     return stored.keys() == state.keys() and all(torch.equal(stored[k], v) for k, v in state.items())
-
-
-def load_judge(path: Path = SHIPPED_JUDGE) -> tuple[EmojiClassifier, list[str]]:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata()
-    classifier = EmojiClassifier(int(metadata["num_classes"]), image_size=int(metadata["image_size"]))
-    classifier.load_state_dict(load_file(str(path)))
-    classifier.provenance = json.loads(metadata["provenance"])
-    return classifier.eval(), json.loads(metadata["class_names"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -408,13 +338,6 @@ def generate_samples(generator, prompts: Sequence[str], *, sampler: str, steps: 
         if log and ((i + 1) % 25 == 0 or i + 1 == len(prompts)):
             log(f"generated {i + 1}/{len(prompts)} ({time.perf_counter() - started:.0f} s)")
     return samples
-
-
-def as_array(samples: Sequence[Image.Image], size: int) -> np.ndarray:
-    """PIL samples as uint8 NHWC at the classifier's size (LANCZOS when the model's native size differs)."""
-    return np.stack([np.asarray(s.convert("RGB") if s.size == (size, size)
-                                else s.convert("RGB").resize((size, size), Image.Resampling.LANCZOS))
-                     for s in samples])
 
 
 # ----------------------------------------------------------------------------------------------

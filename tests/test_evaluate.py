@@ -182,6 +182,23 @@ def test_classifier_training_is_seeded():
     np.testing.assert_array_equal(classify(first, images[:8]), classify(second, images[:8]))
 
 
+def test_bug9_the_judge_the_recipe_exports_is_read_by_the_app_without_the_recipe(tmp_path):
+    """Bug 9: the judge's inference side (its architecture, loading, features) lived in this recipe, so the
+    app imported recipe/ to score a LoRA. It lives in pipelines/lora/judge.py; the recipe trains and exports
+    the judge, and the app's loader reads what it exported, with the same features."""
+    from pipelines.lora import judge as app_judge
+    from recipe.evaluate import export_judge
+
+    images, labels = _shapes(32, seed=3)
+    classifier = train_classifier(images, labels, epochs=1, seed=0, batch_size=16, log=None)
+    classifier.provenance = {"settings": {"epochs": 1}, "held_out_index": [0]}
+    path = export_judge(classifier, ["disc", "square", "triangle", "cross"], tmp_path / "judge.safetensors")
+    loaded, names = app_judge.load_judge(path)
+    assert names == ["disc", "square", "triangle", "cross"] and loaded.provenance == {"settings": {"epochs": 1}}
+    np.testing.assert_array_equal(app_judge.features(loaded, images[:4]), features(classifier, images[:4]))
+    assert features is app_judge.features and as_array is app_judge.as_array    # one copy, the app's
+
+
 def test_prepared_classifier_is_cached_and_retrained_when_its_settings_change(tmp_path):
     from recipe.evaluate import prepare_classifier
 

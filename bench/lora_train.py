@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from pipelines.jobs.worker import Priority
-from pipelines.lora.training import LoraTrainingRequest, LossPoint, add_training_adapter, train_lora
+from pipelines.lora.train_request import LoraTrainingRequest, LossPoint
+from pipelines.lora.training import add_training_adapter, train_lora
 from pipelines.models.manager import ModelManager
 from pipelines.models.memory import MemoryManager
 
@@ -32,14 +33,14 @@ def minimal_loop(models: ModelManager, request: LoraTrainingRequest, steps: int)
     from diffusers import DDPMScheduler
 
     from pipelines.core.denoiser import prompt_embeddings
+    from pipelines.core.images import image_to_tensor
     from pipelines.core.vae import encode
-    from pipelines.lora.training import _tensor
     from pipelines.tasks.txt2img import Txt2ImgRequest
 
     pipeline = models.current.pipeline
     unet, scheduler = pipeline.unet, DDPMScheduler.from_config(models.current.scheduler_config)
     with torch.no_grad():
-        latents = torch.cat([encode(pipeline.vae, _tensor(image)) for image in request.images])
+        latents = torch.cat([encode(pipeline.vae, image_to_tensor(image)) for image in request.images])
         context = torch.cat([prompt_embeddings(pipeline, Txt2ImgRequest(prompt=text, guidance_scale=1), "cpu",
                                                cfg=False)[0] for text in request.prompts()])
     parameters = add_training_adapter(unet, request, "bench")

@@ -1,6 +1,6 @@
 """LoRA training: drop images, press Train, watch the loss and the samples, use `<lora:name:1>`.
 
-The training is a background job on the device worker (pipelines/jobs.py), the one thread all model
+The training is a background job on the device worker (pipelines/jobs/worker.py), the one thread all model
 work runs on: a second torch thread pool would halve the speed of both on a small CPU. A generation
 asked for meanwhile runs between two training steps; Pause holds the training until Resume. The job's
 id is kept in the browser, so a reloaded page follows the run again.
@@ -17,15 +17,10 @@ import gradio as gr
 import pandas as pd
 
 from pipelines.jobs.worker import Job, JobCancelled, Priority
-from pipelines.lora.training import (
-    LoraTrainingRequest,
-    LossPoint,
-    Samples,
-    TrainingWarning,
-    dataset_folder,
-    read_dataset,
-    train_lora,
-)
+from pipelines.lora.judge import feature_distances
+from pipelines.lora.train_data import dataset_folder, read_dataset
+from pipelines.lora.train_request import LoraTrainingRequest, LossPoint, Samples, TrainingWarning
+from pipelines.lora.training import train_lora
 from studio.context import StudioContext, session_of
 from studio.errors import user_errors
 
@@ -160,7 +155,9 @@ def _wire_training(context: StudioContext, tab: LoraTab) -> None:
             training = training_request(images, captions, settings)
             models = context.models
             runs = models.lora_dir / ".runs"      # checkpoints of unfinished runs, beside the LoRAs
-            job = context.worker.submit(lambda job: train_lora(models, training, job, cache_dir=runs),
+            # the effect score: the samples' distance to the training images in the shipped emoji judge's features
+            job = context.worker.submit(lambda job: train_lora(models, training, job, cache_dir=runs,
+                                                               score=feature_distances),
                                         kind="train-lora", priority=Priority.BACKGROUND, owner=session_of(request))
             started = {tab.job_id: job.id, tab.saved_job: job.id, tab.status: "Preparing the data…"}
             for update in itertools.chain([started], follow_training(tab, job)):
@@ -227,10 +224,12 @@ def follow_training(tab: LoraTab, job: Job) -> Iterator[dict]:
         raise
     verdict = f"moved the images by {result.effect:.1f} of 255 on average" if result.moved else \
         f"**barely changes the images** ({result.effect:.2f} of 255)"
-    status = (f"Saved `{result.path}` after {result.steps} steps (final loss {result.final_loss:.4f}); it {verdict}. "
-              f"Distance of the samples to the training images (judge features): "
-              f"{result.feature_distance_before:.2f} at weight 0, {result.feature_distance_after:.2f} at weight 1. "
-              f"Use it as `<lora:{result.path.stem}:1>`.")
+    measured = result.feature_distance_before is not None
+    distances = (f"Distance of the samples to the training images (judge features): "
+                 f"{result.feature_distance_before:.2f} at weight 0, {result.feature_distance_after:.2f} at weight 1. "
+                 if measured else "")
+    status = (f"Saved `{result.path}` after {result.steps} steps on {result.base_model} (final loss "
+              f"{result.final_loss:.4f}); it {verdict}. {distances}Use it as `<lora:{result.path.stem}:1>`.")
     samples = [(image, f"weight 0: {prompt}") for image, prompt in zip(result.before, _prompts(first))] + \
         [(image, f"weight 1: {prompt}") for image, prompt in zip(result.after, _prompts(first))]
     yield {tab.job_id: job.id, tab.loss: _loss_frame(points), tab.samples: samples,
@@ -238,8 +237,10 @@ def follow_training(tab: LoraTab, job: Job) -> Iterator[dict]:
            # names, not absolute paths: a client would take a path for a file to download
            tab.result: {"lora": result.path.stem, "file": f"models/lora/{result.path.name}", "steps": result.steps, "final_loss": result.final_loss,
                         "effect": round(result.effect, 3), "moved": result.moved, "stopped": result.stopped,
+                        "base_model": result.base_model,
                         "feature_distance_to_training": {"weight_0": round(result.feature_distance_before, 3),
-                                                         "weight_1": round(result.feature_distance_after, 3)},
+                                                         "weight_1": round(result.feature_distance_after, 3)}
+                        if measured else None,
                         "warnings": result.warnings}}
 
 

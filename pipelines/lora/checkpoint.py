@@ -1,0 +1,117 @@
+"""A training's checkpoints: every `checkpoint_every` steps the adapter, AdamW's moments and the step go to
+`<cache_dir>/<name>/checkpoint.safetensors` + `checkpoint.json` (no pickles), so a stopped or restarted run
+resumes where it was. A checkpoint is resumed only by the same run: the same settings that shape the
+training, the same data, and the same base model (its name and hash); anything else starts at step 0,
+and says why."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from pipelines.lora.train_request import LoraTrainingRequest
+
+CHECKPOINT_FILES = ("checkpoint.safetensors", "checkpoint.json")
+NOT_SHAPING = ("checkpoint_every", "sample_every", "sample_prompts")   # settings a run may change and resume
+
+
+def base_model_identity(model) -> dict:
+    """What names the base model a run trains on: its name, and its weights file's hash (A1111's), or, for a
+    model with no file (built in memory), a hash of its UNet's config and weights. Call it before the
+    training's adapter is added: LoRA layers (a loaded LoRA's too) are left out, the base weights are not."""
+    file_hash = model.model_hash
+    if file_hash:
+        return {"name": model.name, "hash": file_hash}
+    unet = model.pipeline.unet
+    digest = hashlib.sha256(json.dumps(dict(unet.config), sort_keys=True, default=str).encode())
+    for name, parameter in unet.named_parameters():
+        if "lora_" not in name:
+            digest.update(parameter.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return {"name": model.name, "hash": "unet-" + digest.hexdigest()[:16]}
+
+
+def fingerprint(request: LoraTrainingRequest, base_model: dict) -> dict:
+    """What a checkpoint must match to be resumed: the settings that shape the training, the data (each image
+    and its prompt), and the base model."""
+    digest = hashlib.sha256()
+    for image, prompt in zip(request.images, request.prompts()):
+        digest.update(image.convert("RGB").tobytes())
+        digest.update(prompt.encode())
+    shaping = {key: value for key, value in request.settings().items() if key not in NOT_SHAPING}
+    return json.loads(json.dumps(shaping | {"data": digest.hexdigest(), "base_model": base_model}))
+
+
+def adapter_state(unet, adapter: str) -> dict[str, torch.Tensor]:
+    from peft.utils import get_peft_model_state_dict
+    return get_peft_model_state_dict(unet, adapter_name=adapter)
+
+
+def save_checkpoint(run_dir: Path, fingerprint_: dict, unet, adapter: str, optimizer, step: int) -> None:
+    """The adapter, AdamW's moments and the step, as safetensors and JSON (no pickles), written atomically."""
+    from safetensors.torch import save_file
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {f"adapter.{key}": value.detach().contiguous().cpu() for key, value in adapter_state(unet, adapter).items()}
+    for number, parameter in enumerate(p for group in optimizer.param_groups for p in group["params"]):
+        for key, value in optimizer.state.get(parameter, {}).items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{number}.{key}"] = value.detach().contiguous().cpu().reshape(value.shape or (1,))
+    partial = run_dir / "checkpoint.safetensors.partial"
+    save_file(tensors, str(partial))
+    os.replace(partial, run_dir / "checkpoint.safetensors")
+    info = run_dir / "checkpoint.json.partial"
+    info.write_text(json.dumps({"step": step, "fingerprint": fingerprint_}))
+    os.replace(info, run_dir / "checkpoint.json")
+
+
+def resume(run_dir: Path, fingerprint_: dict, steps: int, unet, adapter: str, optimizer) -> tuple[int, str | None]:
+    """(the step of this run's last checkpoint, loaded into the adapter and the optimiser; a note when a
+    checkpoint was there but is not this run's). Step 0 when there is none, it is another run's, or it is
+    a finished one."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    info_path, tensors_path = run_dir / "checkpoint.json", run_dir / "checkpoint.safetensors"
+    if not (info_path.exists() and tensors_path.exists()):
+        return 0, None
+    info = json.loads(info_path.read_text())
+    saved = info.get("fingerprint") or {}
+    if saved != fingerprint_:
+        return 0, f"Started at step 0: the checkpoint in {run_dir} is another run's ({_difference(saved, fingerprint_)})."
+    if info["step"] >= steps:
+        return 0, None             # a finished run's: start afresh
+    tensors = load_file(str(tensors_path))
+    set_peft_model_state_dict(unet, {key[len("adapter."):]: value for key, value in tensors.items()
+                                     if key.startswith("adapter.")}, adapter_name=adapter)
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    for number, parameter in enumerate(parameters):
+        state = {key.split(".", 2)[2]: value for key, value in tensors.items()
+                 if key.startswith(f"optimizer.{number}.")}
+        if state:
+            state["step"] = state["step"].reshape(())      # torch keeps AdamW's step count on the CPU
+            optimizer.state[parameter] = {key: value if key == "step" else value.to(parameter.device)
+                                          for key, value in state.items()}
+    return int(info["step"]), None
+
+
+def _difference(saved: dict, wanted: dict) -> str:
+    """What sets a checkpoint's run apart from this one, in words."""
+    if saved.get("base_model") != wanted.get("base_model"):
+        made_on = saved.get("base_model") or {"name": "an unrecorded model", "hash": "?"}
+        here = wanted["base_model"]
+        return (f"made on the base model {made_on['name']} ({made_on['hash']}), this run is on {here['name']} "
+                f"({here['hash']})")
+    if saved.get("data") != wanted.get("data"):
+        return "made on other images or captions"
+    changed = sorted(key for key in wanted if saved.get(key) != wanted[key])
+    return "made with other settings: " + ", ".join(changed)
+
+
+def remove_checkpoint(run_dir: Path) -> None:
+    """A finished run needs its checkpoint no more."""
+    for leftover in CHECKPOINT_FILES:
+        (run_dir / leftover).unlink(missing_ok=True)

@@ -1,0 +1,50 @@
+"""A trained adapter as a LoRA file others read: `models/lora/<name>.safetensors` in the kohya / A1111 key
+format (`lora_unet_<module path with _>.lora_down.weight`, `.lora_up.weight`, `.alpha`), with kohya's
+`ss_*` metadata, the base model it was trained on among them."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from pipelines.lora.checkpoint import adapter_state
+from pipelines.lora.train_request import LoraTrainingRequest
+
+
+def save_kohya(lora_dir: Path, request: LoraTrainingRequest, base_model, unet, adapter: str, steps: int) -> Path:
+    """`lora_dir/<name>.safetensors`, written atomically and never with a non-finite tensor. `base_model` is
+    the loaded model the run trained on (the one its training held), whose name and hash the file records."""
+    from diffusers.utils import convert_state_dict_to_kohya
+    from safetensors.torch import save_file
+
+    state = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in adapter_state(unet, adapter).items()})
+    # kohya's scale is alpha / rank, as peft's is lora_alpha / r; diffusers' converter writes alpha = rank (scale 1),
+    # which is the trained scale only when alpha equals the rank
+    state |= {key: torch.tensor(float(request.alpha)) for key in state if key.endswith(".alpha")}
+    bad = [key for key, tensor in state.items() if not torch.isfinite(tensor).all()]
+    if bad:
+        raise ValueError(f"The trained LoRA has non-finite values ({len(bad)} tensors, e.g. {bad[0]}); it was not "
+                         "written. Train again with a lower learning rate.")
+    tags: dict[str, int] = {}
+    for prompt in request.prompts():
+        for tag in (part.strip() for part in prompt.split(",")):
+            if tag:
+                tags[tag] = tags.get(tag, 0) + 1
+    side = base_model.native_side
+    metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(request.rank),
+                "ss_network_alpha": str(request.alpha), "ss_steps": str(steps),
+                "ss_sd_model_name": base_model.name, "ss_sd_model_hash": str(base_model.model_hash or ""),
+                "ss_resolution": str((side, side)),
+                "ss_num_train_images": str(len(request.images)), "ss_learning_rate": str(request.learning_rate),
+                "ss_tag_frequency": json.dumps({"dataset": tags}), "ss_trigger_words": request.trigger,
+                "modelspec.architecture": "stable-diffusion-v1/lora", "studio_settings": json.dumps(request.settings())}
+    lora_dir.mkdir(parents=True, exist_ok=True)
+    path = lora_dir / f"{request.name}.safetensors"
+    partial = path.with_suffix(".safetensors.partial")
+    save_file({key: tensor.detach().contiguous().cpu() for key, tensor in state.items()}, str(partial),
+              metadata=metadata)
+    os.replace(partial, path)
+    return path

@@ -7,6 +7,7 @@ import gradio as gr
 from pipelines.core.samplers import model_default_sampler
 from pipelines.lora.adapters import lora_files
 from pipelines.models.manager import LoadedModel
+from pipelines.tasks import TASKS
 from studio.context import OWNER_COOKIE, StudioContext
 from studio.errors import user_errors
 from studio.tabs.controlnet import build_controlnet_tab
@@ -92,17 +93,17 @@ def build_app(context: StudioContext) -> gr.Blocks:
         gr.Markdown(f"# {TITLE}")
         header = gr.Markdown(context.status_markdown(), label="Studio status", elem_id="studio-status")
         with gr.Tabs() as tabs:
-            with gr.Tab("Text-to-Image", id="txt2img"):
+            with gr.Tab(TASKS["txt2img"].label, id="txt2img"):
                 txt2img = build_txt2img_tab(context, defaults)
                 with gr.Row():
-                    send_to_img2img = gr.Button("Send selected image to Image-to-Image", size="sm")
-                    send_to_inpaint = gr.Button("Send selected image to Inpainting", size="sm",
+                    send_to_img2img = gr.Button(f"Send selected image to {TASKS['img2img'].label}", size="sm")
+                    send_to_inpaint = gr.Button(f"Send selected image to {TASKS['inpaint'].label}", size="sm",
                                                 elem_id="txt2img-send-to-inpaint")
-            with gr.Tab("Image-to-Image", id="img2img"):
+            with gr.Tab(TASKS["img2img"].label, id="img2img"):
                 img2img = build_img2img_tab(context, defaults)
-            with gr.Tab("Inpainting", id="inpaint"):
+            with gr.Tab(TASKS["inpaint"].label, id="inpaint"):
                 inpaint = build_inpaint_tab(context, defaults)
-            with gr.Tab("ControlNet", id="controlnet"):
+            with gr.Tab(TASKS["controlnet"].label, id="controlnet"):
                 controlnet = build_controlnet_tab(context, defaults)
             with gr.Tab("LoRA training", id="lora"):
                 lora = build_lora_tab(context)

@@ -242,7 +242,7 @@ def _build_xray(context: StudioContext, tab: GenerationTab) -> None:
 
     @user_errors
     def run(**values):
-        request = request_from_controls("controlnet", tab.own.to_fields(dict(values)))
+        request = request_from_controls(tab.task, tab.own.to_fields(dict(values)))
         xray = control_xray(context.generator, request)
         rows = [{"step": index, "block": name, "magnitude": float(xray.blocks[index, k])}
                 for index in range(len(xray.maps)) for k, name in enumerate(xray.block_names)]

@@ -107,7 +107,7 @@ def _build_xray(context: StudioContext, tab: GenerationTab) -> None:
 
     @user_errors
     def xray(**values):
-        request = request_from_controls("inpaint", _editor_to_fields(dict(values)))
+        request = request_from_controls(tab.task, _editor_to_fields(dict(values)))
         model = context.models.require()
         image, text = mask_xray(request, model.pipeline.vae_scale_factor)
         return {picture: image, explanation: text}

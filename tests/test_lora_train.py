@@ -341,8 +341,10 @@ def test_bug1_changing_the_memory_mode_during_a_training_is_refused(studio, tmp_
     """Bug 1: a memory-mode change at a training's checkpoint re-placed (offloaded) the model it trains."""
     model = studio.models.current
     job = paused_after_first_step(studio, training(), tmp_path)
+    requested = studio.models.memory.requested_mode
     with pytest.raises(ValueError, match="change the memory mode .* now: the LoRA training 'frames' is using"):
         studio.models.set_memory_mode("low")
+    assert studio.models.memory.requested_mode == requested     # the refused choice is not kept for later
     finish_on_the_model_it_started_with(job, studio, model)
 
 

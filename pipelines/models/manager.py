@@ -328,6 +328,8 @@ class ModelManager:
         mode = self.memory.mode_for(needed, width=request.width, height=request.height,
                                     batch_size=request.model_batch())
         if mode is not self.memory.mode:
+            self._check_not_held(f"switch from memory mode {self.memory.mode.value} to {mode.value}, which this "
+                                 f"{request.width}×{request.height} request (batch {request.batch_size}) needs,")
             self._place_all(mode)
         return mode
 
@@ -344,6 +346,7 @@ class ModelManager:
         choice = choice.value if isinstance(choice, MemoryMode) else choice
         if choice not in ("auto", *(mode.value for mode in MemoryMode if mode is not MemoryMode.CPU)):
             raise ValueError(f"Unknown memory mode {choice!r}; choose auto, high, balanced, low or sequential.")
+        self._check_not_held(f"change the memory mode to {choice}")   # before the choice is recorded
         self.memory.requested_mode = choice
         if self.current is None:
             return self.memory.mode

@@ -240,8 +240,8 @@ def _wire_record(explorer: Explorer, tab: ReverseTab) -> None:
 
 
 def _wire_stop(context: StudioContext, tab: ReverseTab) -> None:
-    def stop_job(job_id: str | None) -> None:
-        job = context.find_job(job_id)
+    def stop_job(job_id: str | None, request: gr.Request = None) -> None:
+        job = context.owned_job(job_id, request)
         if job is not None:
             job.cancel()
 

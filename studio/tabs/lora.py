@@ -21,7 +21,7 @@ from pipelines.lora.judge import feature_distances
 from pipelines.lora.train_data import dataset_folder, read_dataset
 from pipelines.lora.train_request import LoraTrainingRequest, LossPoint, Samples, TrainingWarning
 from pipelines.lora.training import train_lora
-from studio.context import StudioContext, session_of
+from studio.context import StudioContext, owns, session_of
 from studio.errors import user_errors
 
 PLOT_EVERY_S = 1.0           # the loss plot is redrawn at most this often
@@ -164,13 +164,15 @@ def _wire_training(context: StudioContext, tab: LoraTab) -> None:
                 yield {component: value for component, value in update.items() if component in outputs}
         return train_lora_job
 
-    def control(job_id, action: str):
-        job = context.find_job(job_id)
-        if job is None or job.finished:
-            raise gr.Error("No training is running.")
-        getattr(job, action)()
-        return {tab.status: {"pause": "Paused: generations run meanwhile; Resume goes on.",
-                             "resume": "Resumed…", "cancel": "Stopping after this step; the LoRA is saved."}[action]}
+    def controller(action: str):
+        def control(job_id, request: gr.Request = None):
+            job = context.owned_job(job_id, request)     # another session's training is not this page's to stop
+            if job is None or job.finished:
+                raise gr.Error("No training is running.")
+            getattr(job, action)()
+            return {tab.status: {"pause": "Paused: generations run meanwhile; Resume goes on.", "resume": "Resumed…",
+                                 "cancel": "Stopping after this step; the LoRA is saved."}[action]}
+        return control
 
     inputs = {"images": tab.files, "folder": tab.folder, "captions": tab.captions, **tab.settings}
     tab.train.click(trainer(tab.outputs), inputs_kwargs=inputs, outputs=tab.outputs, api_visibility="private",
@@ -179,16 +181,18 @@ def _wire_training(context: StudioContext, tab: LoraTab) -> None:
     gr.Button(visible=False).click(trainer(tab.api_outputs), inputs_kwargs=inputs, outputs=tab.api_outputs,
                                    api_name="train_lora", **QUEUE)
     for button, action in ((tab.pause, "pause"), (tab.resume, "resume"), (tab.stop, "cancel")):
-        button.click(lambda job_id, action=action: control(job_id, action), inputs=tab.job_id,
-                     outputs={tab.status}, queue=False, api_visibility="private")
+        button.click(controller(action), inputs=tab.job_id, outputs={tab.status}, queue=False,
+                     api_visibility="private")
 
 
 def wire_lora_resume(app: gr.Blocks, context: StudioContext, tab: LoraTab) -> None:
     """A reloaded page follows the training it started."""
     @user_errors
-    def resume(job_id):
+    def resume(job_id, request: gr.Request = None):
         job = context.find_job(job_id)
-        if job is not None and job.state.value != "failed":    # running: followed; finished: its result
+        if job is not None and not owns(request, job):   # the browser's owner cookie was cleared, or another user
+            yield {tab.status: "The training this page started last belongs to another session; it is not shown."}
+        elif job is not None and job.state.value != "failed":    # running: followed; finished: its result
             yield from follow_training(tab, job)
 
     app.load(resume, inputs=tab.saved_job, outputs=tab.outputs, api_visibility="private", **QUEUE)

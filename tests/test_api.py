@@ -96,6 +96,7 @@ def _png(path, pixels: np.ndarray) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_every_public_endpoint_answers_with_only_its_required_arguments(server, tmp_path, monkeypatch):  # noqa: F811
     """Each endpoint the server lists is called with what it requires and nothing else, on the tiny model; the
     embedded model is loaded for /controlnet, whose default unit's model is a shipped ControlNet made for it."""

@@ -424,6 +424,7 @@ def test_the_gradio_api_fits_a_1px_image_and_reads_a_lying_infotext_as_text(serv
     assert_nothing_partial(context, before, added=1)
 
 
+@pytest.mark.slow
 def test_unload_during_a_gradio_generation_then_load_and_generate(served, client, files):
     _, context, _ = served
     before = output_files(context)

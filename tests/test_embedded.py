@@ -101,6 +101,7 @@ def test_img2img_runs_on_the_embedded_model(embedded_studio):
     assert np.abs(np.asarray(source, dtype=np.int16) - np.asarray(changed, dtype=np.int16)).mean() > 2.0
 
 
+@pytest.mark.slow
 def test_every_sampler_draws_the_embedded_model_s_image(embedded_studio):
     """At 50 steps each deterministic sampler lands near DDIM's image for the seed (another seed is ~32 away),
     each its own way; the stochastic ones draw fresh noise, so they only have to draw a picture at all.
@@ -123,6 +124,7 @@ def test_every_sampler_draws_the_embedded_model_s_image(embedded_studio):
     assert len(distinct) == len([s for s in drawn if s not in STOCHASTIC])   # the sampler name is not ignored
 
 
+@pytest.mark.slow
 def test_the_default_model_draws_what_the_prompt_names(embedded_studio):
     from recipe.evaluate import SHIPPED_JUDGE, classify, load_judge
 
@@ -165,6 +167,7 @@ def test_shipped_controlnets_are_small_fp16_and_load_in_plain_diffusers(name):
     assert image.size == (64, 64) and not is_blank(image)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["canny", "scribble"])
 def test_shipped_controlnets_make_held_out_emoji_follow_moved_lines(embedded_studio, kind):
     """Emoji the ControlNets never trained on, moved off their usual place: the generated image's edges follow

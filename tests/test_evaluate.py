@@ -162,6 +162,7 @@ def _shapes(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(images), np.array(labels)
 
 
+@pytest.mark.slow
 def test_classifier_learns_held_out_shapes():
     train_images, train_labels = _shapes(192, seed=0)
     test_images, test_labels = _shapes(80, seed=1)

@@ -151,6 +151,7 @@ GENERATE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_the_studio_starts_and_generates_without_recipe(tmp_path):
     """A copy of the app without recipe/ (and any import of it refused, since the editable install could still find
     the checkout's) launches as `python launch.py` does and generates with the embedded model."""

@@ -126,6 +126,7 @@ def test_training_writes_a_kohya_file_that_moves_the_image_and_loads_in_diffuser
     assert "frames" in pipeline.get_list_adapters()["unet"]
 
 
+@pytest.mark.slow
 def test_the_file_s_alpha_is_the_training_s_so_it_applies_at_the_trained_scale(studio, tmp_path):
     """Rank 4 with alpha 8 trains at scale alpha / rank = 2; kohya readers take the scale from the `.alpha`
     tensors, which diffusers' converter would have set to the rank (scale 1)."""
@@ -134,6 +135,7 @@ def test_the_file_s_alpha_is_the_training_s_so_it_applies_at_the_trained_scale(s
     assert metadata["ss_network_dim"] == "4" and metadata["ss_network_alpha"] == "8.0"
 
 
+@pytest.mark.slow
 def test_a_stopped_run_resumes_from_its_last_checkpoint(studio, tmp_path):
     first = run(studio, training(), tmp_path, stop_at=7).result(timeout=600)
     assert first.stopped and first.steps == 7
@@ -147,6 +149,7 @@ def test_a_stopped_run_resumes_from_its_last_checkpoint(studio, tmp_path):
     assert any("Resumed at step 5" in warning for warning in result.warnings)
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_skips_the_step_and_halves_the_learning_rate(studio, tmp_path, monkeypatch):
     unet = studio.models.current.pipeline.unet
     forward = unet.forward
@@ -269,6 +272,7 @@ def test_at_step_zero_the_lora_changes_nothing(studio):
     assert not any(p.requires_grad for name, p in unet.named_parameters() if "lora" not in name)
 
 
+@pytest.mark.slow
 def test_the_forward_process_is_the_model_s_own_whatever_sampler_ran_last(studio, tmp_path):
     """Training noises x_0 with the model's DDPM schedule; the sampler of the last generation (here Euler,
     whose add_noise works in sigmas on its own step grid) must not leak into it."""
@@ -282,6 +286,7 @@ def test_the_forward_process_is_the_model_s_own_whatever_sampler_ran_last(studio
     assert losses["Euler"] == losses["DDIM"]
 
 
+@pytest.mark.slow
 def test_a_generation_runs_between_training_steps_and_the_training_goes_on(studio, tmp_path):
     baseline = studio.generate(Txt2ImgRequest(prompt="red", steps=3, seed=4)).images[0].image
     job = paused_after_first_step(studio, training(steps=12), tmp_path)
@@ -296,12 +301,14 @@ def test_a_generation_runs_between_training_steps_and_the_training_goes_on(studi
     assert np.array_equal(np.asarray(between.images[0].image), np.asarray(baseline))
 
 
+@pytest.mark.slow
 def test_without_an_effect_score_the_result_says_it_measured_no_distance(studio, tmp_path):
     result = run(studio, training(steps=2), tmp_path, score=None).result(timeout=600)
     assert result.feature_distance_before is None and result.feature_distance_after is None
     assert any("No feature distance" in warning for warning in result.warnings)
 
 
+@pytest.mark.slow
 def test_bug9_training_measures_its_effect_with_recipe_absent(studio, tmp_path, monkeypatch):
     """Bug 9: the training imported recipe/evaluate.py for its feature distance, so the app needed the
     recipe to finish a training. With recipe/ unimportable it trains and scores with the shipped judge."""
@@ -326,6 +333,7 @@ def finish_on_the_model_it_started_with(job, studio, model) -> None:
     assert_made_on(assert_trained_attention_lora(result.path, model.pipeline.unet), model)
 
 
+@pytest.mark.slow
 def test_bug1_loading_another_model_during_a_training_is_refused_and_the_lora_names_its_model(
         studio, tmp_path, other_model_dir):
     """Bug 1: a load run at a training's checkpoint replaced the base model under it; the file was then
@@ -337,6 +345,7 @@ def test_bug1_loading_another_model_during_a_training_is_refused_and_the_lora_na
     finish_on_the_model_it_started_with(job, studio, model)
 
 
+@pytest.mark.slow
 def test_bug1_changing_the_memory_mode_during_a_training_is_refused(studio, tmp_path):
     """Bug 1: a memory-mode change at a training's checkpoint re-placed (offloaded) the model it trains."""
     model = studio.models.current
@@ -348,6 +357,7 @@ def test_bug1_changing_the_memory_mode_during_a_training_is_refused(studio, tmp_
     finish_on_the_model_it_started_with(job, studio, model)
 
 
+@pytest.mark.slow
 def test_bug1_unloading_during_a_training_is_refused(studio, tmp_path):
     """Bug 1: an unload at a training's checkpoint took the model its file is recorded against."""
     model = studio.models.current
@@ -357,6 +367,7 @@ def test_bug1_unloading_during_a_training_is_refused(studio, tmp_path):
     finish_on_the_model_it_started_with(job, studio, model)
 
 
+@pytest.mark.slow
 def test_bug1_an_out_of_memory_retry_between_training_steps_is_refused(studio, tmp_path, pretend_cuda, monkeypatch):
     """Bug 1: a generation that runs out of memory between two training steps retries in a lower memory
     mode (`set_memory_mode`), which re-placed the model under the training. The retry is refused, naming
@@ -382,6 +393,7 @@ def test_bug1_an_out_of_memory_retry_between_training_steps_is_refused(studio, t
 # -- Bugs 4 and 5: what a run is matched and measured against -----------------------------------------------
 
 
+@pytest.mark.slow
 def test_bug4_a_checkpoint_made_on_another_base_model_is_not_resumed(studio, tmp_path, other_model_dir):
     """Bug 4: the checkpoint was matched by settings and data only, so a run stopped on one model resumed on
     another. It starts at step 0, saying why."""
@@ -423,6 +435,7 @@ def make_lora_with_text_encoder_part(model_dir: Path, path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_bug5_the_effect_samples_ignore_a_generation_with_another_sampler_and_lora_in_between(
         studio, tmp_path, tiny_model_dir):
     """Bug 5: the weight 0 / weight 1 samples were made with whatever sampler and LoRAs (the text encoder's

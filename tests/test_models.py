@@ -257,6 +257,7 @@ def refuse_new_pipelines(models, monkeypatch, error: Exception) -> list:
     return refused
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("refusal", [RuntimeError("CUDA error: out of memory"),
                                      OSError("the device refused the weights")], ids=["out-of-memory", "os-error"])
 def test_bug7_a_failed_placement_keeps_the_old_model_serving_and_lets_the_new_one_go(studio, other_model,

@@ -78,6 +78,7 @@ def test_api_generates_an_image_with_metadata(server):
     assert np.array_equal(np.asarray(Image.open(shown).convert("RGB")), np.asarray(Image.open(saved[-1]).convert("RGB")))
 
 
+@pytest.mark.slow
 def test_stop_cancels_the_job_it_names_and_no_other_clients(server):
     """Bug 11: any client could stop (and look at) any job by its id, which /sdapi/v1/progress hands to everyone.
     A job belongs to the session that started it: another's /stop and /job are refused and cancel nothing."""
@@ -185,6 +186,7 @@ def _gallery_image(page) -> Image.Image:
     return Image.open(io.BytesIO(image.screenshot())).convert("RGB")
 
 
+@pytest.mark.slow
 def test_browser_generates_an_image_with_previews_and_stop_works(server, browser, tmp_path):
     url, _ = server
     page = _page_with_an_image(browser, url, 4242)
@@ -211,6 +213,7 @@ def test_browser_generates_an_image_with_previews_and_stop_works(server, browser
     page.close()
 
 
+@pytest.mark.slow
 def test_browser_explorer_records_and_plays_a_denoising_animation(server, browser):
     url, _ = server
     page = _page_on_tab(browser, url, "Diffusion Explorer")
@@ -261,6 +264,7 @@ def test_api_inpaints_and_outpaints_images_of_any_size(server, tmp_path):
     assert extended.shape == (70, 106, 3) and np.array_equal(extended[:, 16:], np.asarray(source))
 
 
+@pytest.mark.slow
 def test_browser_inpaints_only_under_a_painted_stroke(server, browser, tmp_path):
     url, context = server
     Image.new("RGB", (64, 64), (200, 60, 60)).save(tmp_path / "red.png")
@@ -296,6 +300,7 @@ WHOLE_IMAGE = """e => { const r = e.getBoundingClientRect(); const area = e.clos
           scale: r.width / e.naturalWidth, aspect: (r.width / r.height) / (e.naturalWidth / e.naturalHeight)}; }"""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("width,height", [(1400, 1000), (1920, 1080)])
 def test_browser_shows_a_generated_image_whole_and_every_tab_renders(server, browser, tmp_path, width, height):
     url, _ = server
@@ -314,6 +319,7 @@ def test_browser_shows_a_generated_image_whole_and_every_tab_renders(server, bro
     page.close()
 
 
+@pytest.mark.slow
 def test_browser_keeps_the_last_images_when_a_generation_fails(server, browser, tiny_model_dir):
     url, context = server
     page = _page_with_an_image(browser, url, 32)
@@ -329,6 +335,7 @@ def test_browser_keeps_the_last_images_when_a_generation_fails(server, browser, 
     page.close()
 
 
+@pytest.mark.slow
 def test_browser_explorer_t_follows_a_typed_value_and_enter(server, browser):
     url, _ = server
     page = _page_on_tab(browser, url, "Diffusion Explorer")
@@ -409,6 +416,7 @@ def _frame_images(folder: Path) -> list[Path]:
     return paths
 
 
+@pytest.mark.slow
 def test_api_trains_a_lora_and_returns_its_file_and_effect(server, tmp_path, monkeypatch):
     from gradio_client import Client, handle_file
 
@@ -422,6 +430,7 @@ def test_api_trains_a_lora_and_returns_its_file_and_effect(server, tmp_path, mon
     assert (tmp_path / "models" / "lora" / "frames.safetensors").exists() and "<lora:frames:1>" in status
 
 
+@pytest.mark.slow
 def test_browser_trains_a_lora_from_dropped_files_and_generates_with_it(server, browser, tmp_path, monkeypatch):
     url, context = server
     monkeypatch.setattr(context.models, "models_dir", tmp_path / "models")
@@ -431,8 +440,12 @@ def test_browser_trains_a_lora_from_dropped_files_and_generates_with_it(server, 
                            ".includes('a red square in a dark frame')", timeout=30_000)   # the caption table
     page.locator("#lora-name textarea").fill("boxes")
     page.locator("#lora-trigger textarea").fill("boxy")
+    steps = page.locator("#lora-steps input[type=number]")    # the page's flow, not the default's 300 steps
+    steps.fill("60")
+    steps.press("Enter")
     page.locator("#lora-train").click()
     page.locator("#lora-status").get_by_text("Saved").wait_for(timeout=240_000)
+    assert "after 60 steps" in page.locator("#lora-status").inner_text()             # the slider's value was used
     assert page.locator("#lora-loss canvas, #lora-loss svg").count() > 0           # the loss was plotted
     assert page.locator("#lora-samples img").count() >= 2                           # weight 0 and weight 1
     page.get_by_role("tab", name="Text-to-Image").click()
@@ -443,6 +456,7 @@ def test_browser_trains_a_lora_from_dropped_files_and_generates_with_it(server, 
     page.close()
 
 
+@pytest.mark.slow
 def test_api_samples_speculatively_and_the_explorer_draws_its_rounds(server):
     from gradio_client import Client
 
@@ -498,6 +512,7 @@ def test_api_controlnet_takes_a_control_image_and_more_units_as_json(server, tin
     plain, *_ = client.predict(prompt="red apple", steps=4, seed=21, api_name="/txt2img")   # still serving
 
 
+@pytest.mark.slow
 def test_browser_draws_a_scribble_and_generates_with_control(server, browser, tiny_model_dir, tmp_path, monkeypatch):
     from pipelines.tasks.txt2img import Txt2ImgRequest
 

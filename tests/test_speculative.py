@@ -114,6 +114,7 @@ def test_transitions_are_diffusers_ddpm_steps(prediction_type, clip_sample, spac
                             rel_tol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("draft", ["wrong model", "frozen target", "frozen target x0", "anchored wrong model"])
 def test_speculative_samples_have_plain_ddpm_law(draft):
     transitions = toy_transitions()

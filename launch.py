@@ -54,10 +54,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build(args: argparse.Namespace):
     """The Gradio app and its context, from parsed flags (no serving)."""
+    from pipelines.core.paths import ModelLoadError
     from pipelines.generation.generator import Generator
     from pipelines.io.metadata import MIN_FREE_DISK_MB
     from pipelines.jobs.worker import DeviceWorker
-    from pipelines.models.manager import ModelLoadError, ModelManager
+    from pipelines.models.manager import ModelManager
     from pipelines.models.memory import MemoryManager
     from studio.app import build_app
     from studio.context import StudioContext

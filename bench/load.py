@@ -106,7 +106,7 @@ def start_server(temp: Path, model: str) -> Server:
         launched, names = str(models / "tiny-a"), ("tiny-a", "tiny-b")
         gradio_specs = {"tiny-a": ("embedded", str(models / "tiny-a")), "tiny-b": ("embedded", str(models / "tiny-b"))}
     else:
-        from pipelines.models.manager import EMBEDDED_MODEL, EMBEDDED_NAME
+        from pipelines.models.sources import EMBEDDED_MODEL, EMBEDDED_NAME
         shutil.copytree(EMBEDDED_MODEL, models / "emoji-ldm-copy")
         launched, names = EMBEDDED_NAME, (EMBEDDED_NAME, "emoji-ldm-copy")
         gradio_specs = {EMBEDDED_NAME: (EMBEDDED_NAME, ""), "emoji-ldm-copy": (EMBEDDED_NAME, str(models / "emoji-ldm-copy"))}

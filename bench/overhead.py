@@ -19,8 +19,9 @@ import torch
 from bench.timing import interleaved_medians
 from pipelines.core.samplers import make_scheduler
 from pipelines.generation.generator import Generator
-from pipelines.models.manager import EMBEDDED_MODEL, ModelManager
+from pipelines.models.manager import ModelManager
 from pipelines.models.memory import MemoryManager
+from pipelines.models.sources import EMBEDDED_MODEL
 from pipelines.tasks.txt2img import Txt2ImgRequest
 
 
@@ -36,7 +37,7 @@ def main() -> None:
 
     manager = ModelManager(MemoryManager(device=args.device))
     if args.model is None and not (EMBEDDED_MODEL / "model_index.json").exists():
-        from pipelines.models.manager import ModelSource
+        from pipelines.models.sources import ModelSource
         from recipe.tiny import build_tiny_pipeline
         folder = Path(tempfile.mkdtemp())
         manager.adopt(build_tiny_pipeline(folder), ModelSource("folder", str(folder), "tiny"))

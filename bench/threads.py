@@ -36,7 +36,7 @@ def _worker(placement: str, runs: int) -> None:
     else:
         from diffusers import StableDiffusionPipeline
 
-        from pipelines.models.manager import EMBEDDED_MODEL
+        from pipelines.models.sources import EMBEDDED_MODEL
         pipeline = StableDiffusionPipeline.from_pretrained(EMBEDDED_MODEL)  # on the main thread
         pipeline.set_progress_bar_config(disable=True)
         pipeline("warm-up", num_inference_steps=2)  # the main thread's OpenMP team now exists

@@ -506,7 +506,7 @@ def _evaluate(args: argparse.Namespace, argv: Sequence[str] | None, worker) -> d
 
     # 2. Prompts and samples at the studio's defaults
     chosen = evaluation_prompts(records, args.prompts)
-    from pipelines.models.manager import ModelLoadError
+    from pipelines.core.paths import ModelLoadError
     try:
         generator, loaded = studio_generator(args.model, args.device, worker)
     except ModelLoadError as error:

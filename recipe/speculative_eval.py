@@ -61,7 +61,8 @@ def _draft_as_model(manager) -> None:
     """Put a pipeline whose UNet is the shipped draft into the base slot (the "draft only" row)."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    from pipelines.models.manager import EMBEDDED_DRAFT, EMBEDDED_MODEL, ModelSource
+    from pipelines.models.drafts import EMBEDDED_DRAFT
+    from pipelines.models.sources import EMBEDDED_MODEL, ModelSource
     pipeline = StableDiffusionPipeline.from_pretrained(EMBEDDED_MODEL, safety_checker=None,
                                                        requires_safety_checker=False)
     pipeline.unet = UNet2DConditionModel.from_pretrained(EMBEDDED_DRAFT)

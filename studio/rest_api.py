@@ -43,13 +43,7 @@ from pipelines.models.controlnets import available_controlnets
 from pipelines.tasks.control_units import A1111_MODULES
 from studio import a1111
 from studio.context import StudioContext
-from studio.rest_http import (
-    A1111Route,
-    Img2ImgBody,
-    PngInfoBody,
-    Txt2ImgBody,
-    basic_auth,
-)
+from studio.rest_http import A1111Route, Img2ImgBody, PngInfoBody, Txt2ImgBody, basic_auth
 from studio.rest_models import ModelOptions
 
 PREFIX = "/sdapi/v1"

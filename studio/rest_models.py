@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.models.manager import EMBEDDED_MODEL, EMBEDDED_NAME
+from pipelines.models.sources import EMBEDDED_MODEL, EMBEDDED_NAME
 from studio.app import PREVIEW_EVERY
 from studio.context import StudioContext
 from studio.tabs.models import local_choices

@@ -28,9 +28,9 @@ from gradio_client.exceptions import AppError
 from PIL import Image, PngImagePlugin
 from test_rest_api import _serve  # the REST test server, started once here too
 
+from pipelines.core.paths import ModelLoadError
 from pipelines.io import metadata
 from pipelines.io.metadata import SAVED_NAME_PATTERN, clamp_to_request_limits, infotext_to_settings, parse_infotext
-from pipelines.models.manager import ModelLoadError
 from pipelines.models.memory import GIB, MemoryManager, MemoryMode, largest_megapixels
 from pipelines.tasks.txt2img import Txt2ImgRequest
 

@@ -15,8 +15,9 @@ import launch
 from pipelines.core.preview import is_blank
 from pipelines.core.samplers import SAMPLER_NAMES, STOCHASTIC, model_default_sampler
 from pipelines.generation.generator import Generator
-from pipelines.models.manager import EMBEDDED_MODEL, ModelManager
+from pipelines.models.manager import ModelManager
 from pipelines.models.memory import MemoryManager
+from pipelines.models.sources import EMBEDDED_MODEL
 from pipelines.tasks.img2img import Img2ImgRequest
 from pipelines.tasks.txt2img import Txt2ImgRequest
 

@@ -146,7 +146,7 @@ def test_the_infotext_carries_a1111_s_inpainting_keys_and_reads_back(studio):
 def test_a_nine_channel_inpainting_unet_gets_the_mask_and_masked_image(studio, tiny_model_dir):
     from diffusers import UNet2DConditionModel
 
-    from pipelines.models.manager import ModelSource
+    from pipelines.models.sources import ModelSource
 
     base = studio.models.current.pipeline
     config = dict(base.unet.config) | {"in_channels": 9}

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.models.manager import ModelLoadError, ModelManager, resolve_source
+from pipelines.core.paths import ModelLoadError
+from pipelines.models.manager import ModelManager
 from pipelines.models.memory import MemoryManager, MemoryMode, choose_mode
+from pipelines.models.sources import resolve_source
 
 GIB = 1024 ** 3
 

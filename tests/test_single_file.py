@@ -15,8 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipelines.core.paths import ModelLoadError
 from pipelines.generation.generator import Generator
-from pipelines.models.manager import ModelLoadError, ModelManager
+from pipelines.models.manager import ModelManager
 from pipelines.models.memory import MemoryManager
 from pipelines.tasks.txt2img import Txt2ImgRequest
 from recipe.single_file import main as export_main

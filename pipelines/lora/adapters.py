@@ -21,8 +21,8 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from pipelines.core.paths import check_weights_file, confined, inside
 from pipelines.io.files import sha256_hex
-from pipelines.models.sources import check_weights_file, confined, inside
 
 FOLDER_WEIGHTS = "pytorch_lora_weights.safetensors"
 

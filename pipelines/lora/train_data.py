@@ -16,9 +16,9 @@ from PIL import Image, ImageOps
 from pipelines.core.checks import MAX_INPUT_PIXELS
 from pipelines.core.denoiser import prompt_embeddings
 from pipelines.core.images import fit_image, image_to_tensor, open_capped
+from pipelines.core.paths import confined
 from pipelines.core.vae import encode
 from pipelines.lora.train_request import MAX_IMAGES, LoraTrainingRequest
-from pipelines.models.sources import confined
 from pipelines.tasks.txt2img import Txt2ImgRequest
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from diffusers import AutoPipelineForText2Image, DiffusionPipeline
 
+from pipelines.core.paths import ModelLoadError, use_safetensors
 from pipelines.models.memory import is_out_of_memory
-from pipelines.models.sources import ModelLoadError, ModelSource, use_safetensors
+from pipelines.models.sources import ModelSource
 
 HUB_PROBE_TIMEOUT_S = 3.0
 

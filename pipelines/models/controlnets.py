@@ -11,9 +11,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from pipelines.core.paths import ASSETS_DIR
-from pipelines.models.sources import (HUB_ID, ModelLoadError, ModelSource, check_weights_file, confined, inside,
-                                      use_safetensors)
+from pipelines.core.paths import ASSETS_DIR, ModelLoadError, check_weights_file, confined, inside, use_safetensors
+from pipelines.models.sources import HUB_ID, ModelSource
 
 SHIPPED_CONTROLNETS = {path.name: path for path in sorted(ASSETS_DIR.glob("emoji-controlnet-*"))
                        if (path / "config.json").exists()}

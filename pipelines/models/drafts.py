@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipelines.core.paths import ASSETS_DIR
-from pipelines.models.sources import EMBEDDED_NAME, ModelLoadError, ModelSource, confined, use_safetensors
+from pipelines.core.paths import ASSETS_DIR, ModelLoadError, confined, use_safetensors
+from pipelines.models.sources import EMBEDDED_NAME, ModelSource
 
 EMBEDDED_DRAFT = ASSETS_DIR / "emoji-ldm-draft"   # the embedded model's draft UNet (recipe/draft.py)
 # What the draft must share with the base UNet: it denoises the same latents and reads the same prompt embeddings.

@@ -23,7 +23,7 @@ from typing import Any
 
 from diffusers import DiffusionPipeline
 
-from pipelines.core.paths import DEFAULT_MODELS_DIR
+from pipelines.core.paths import DEFAULT_MODELS_DIR, ModelLoadError
 from pipelines.core.prompts import LoraUse
 from pipelines.core.vae import execution_device
 from pipelines.jobs.worker import DeviceWorker
@@ -32,9 +32,7 @@ from pipelines.models.checkpoints import read_pipeline
 from pipelines.models.controlnets import check_controlnet_fits, read_controlnet
 from pipelines.models.drafts import EMBEDDED_DRAFT, check_draft_fits, read_draft
 from pipelines.models.memory import MemoryManager, MemoryMode, RequestBudget, is_out_of_memory
-# EMBEDDED_DRAFT, EMBEDDED_NAME, ModelLoadError, ModelSource: also read from here by the studio, bench/ and recipe/
-from pipelines.models.sources import (EMBEDDED_MODEL, EMBEDDED_NAME, ModelLoadError, ModelSource, file_hash,
-                                      resolve_source)
+from pipelines.models.sources import EMBEDDED_MODEL, EMBEDDED_NAME, ModelSource, file_hash, resolve_source
 from pipelines.tasks import TASKS
 
 BASE_SLOT = "base"

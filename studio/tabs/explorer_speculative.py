@@ -9,13 +9,7 @@ from dataclasses import dataclass, replace
 
 import gradio as gr
 
-from pipelines.core.samplers import (
-    DEFAULT_DRAFT_LENGTH,
-    DRAFTS,
-    FROZEN_X0_DRAFT,
-    MAX_DRAFT_LENGTH,
-    SPECULATIVE_SAMPLER,
-)
+from pipelines.core.samplers import DEFAULT_DRAFT_LENGTH, DRAFTS, FROZEN_X0_DRAFT, MAX_DRAFT_LENGTH, SPECULATIVE_SAMPLER
 from pipelines.explorer.service import Explorer
 from pipelines.explorer.speculative_view import ROUND_COLUMNS
 from pipelines.tasks.txt2img import Txt2ImgRequest

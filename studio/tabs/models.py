@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from pipelines.models.manager import EMBEDDED_NAME
 from pipelines.models.memory import MemoryMode
+from pipelines.models.sources import EMBEDDED_NAME
 from studio.context import StudioContext
 from studio.errors import user_errors
 

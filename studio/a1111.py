@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import io
 import re
-import struct
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -385,11 +384,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def read_png_info(value: str) -> tuple[str | None, dict | None]:
-    """(infotext, studio chunk) of a PNG sent as base64, read as the PNG Info tab reads a file. PIL decodes every
-    pixel to reach the text chunks that may follow them, so the size the PNG declares is held to the input cap
-    first, from its header: IHDR, always the first chunk, gives width and height before any pixel data. (PIL
-    refuses past 179 megapixels without saying the size, and decodes anything below.) Anything that is not a PNG
-    is refused by the reader before it decodes a pixel."""
+    """(infotext, studio chunk) of a PNG sent as base64, read as the PNG Info tab reads a file (which refuses a
+    PNG declaring more pixels than the input cap before it decodes any: its text may follow the pixels)."""
     text = value.strip()
     try:
         data = base64.b64decode(text.split(",", 1)[1] if text.startswith("data:") else text, validate=True)
@@ -397,12 +393,7 @@ def read_png_info(value: str) -> tuple[str | None, dict | None]:
         shown = text if len(text) <= 24 else text[:24] + "…"
         raise ValueError(f"`image` must be a PNG as base64 text, but it is not base64; it begins {shown!r}.") \
             from None
-    if data.startswith(PNG_SIGNATURE) and data[12:16] == b"IHDR" and len(data) >= 24:
-        width, height = struct.unpack(">II", data[16:24])
-        if width * height > MAX_INPUT_PIXELS:
-            raise ValueError(f"`image` is {width}×{height} ({width * height / 1e6:.1f} megapixels); at most "
-                             f"{MAX_INPUT_PIXELS / 1e6:g} megapixels are taken. Scale it down first.")
-    return read_png_metadata(io.BytesIO(data))
+    return read_png_metadata(io.BytesIO(data), name="`image`")
 
 
 def png_info_parameters(text: str) -> dict:

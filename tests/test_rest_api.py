@@ -339,16 +339,18 @@ def test_a_size_past_the_limit_is_refused_before_any_image_is_resized_to_it(serv
 
 
 @functools.cache
-def _bomb(side: int) -> str:
+def _bomb(side: int, *, text_first: bool = False) -> str:
     """A valid black PNG of side × side one-bit pixels, written chunk by chunk so that the test never holds its
-    pixels: zlib packs the rows of zeros into a few KB, while the header declares the whole size."""
+    pixels: zlib packs the rows of zeros into a few KB, while the header declares the whole size. `text_first`
+    puts a text chunk before the header, which PIL reads all the same (so the header is not at a fixed place)."""
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
     row = bytes(1 + (side + 7) // 8)                  # filter byte 0, then the row's bits
     packer = zlib.compressobj(9)
     pixels = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
     header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)       # bit depth 1, greyscale
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    text = chunk(b"tEXt", b"parameters\x00red apple") if text_first else b""
+    png = b"\x89PNG\r\n\x1a\n" + text + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
     return base64.b64encode(png).decode()
 
 
@@ -358,6 +360,7 @@ BOMB_PLACES = {
     "mask": ("img2img", lambda bomb: {"init_images": [SMALL], "mask": bomb, "inpaint_full_res": False}),
     "controlnet-unit-image": ("txt2img", lambda bomb: _unit(bomb)),
     "png-info": ("png-info", lambda bomb: {"image": bomb}),
+    "png-info-text-first": ("png-info", lambda bomb: {"image": bomb}),
 }
 
 
@@ -381,7 +384,7 @@ def test_a_base64_decompression_bomb_is_refused_by_its_header_before_it_is_decod
     monkeypatch.setattr(ImageFile.ImageFile, "load", recorded)
 
     url = f"http://127.0.0.1:{port}/sdapi/v1"
-    payload = body(_bomb(side))
+    payload = body(_bomb(side, text_first=body is BOMB_PLACES["png-info-text-first"][1]))
     if route != "png-info":
         payload |= {"prompt": "red apple", "steps": 2, "width": 64, "height": 64}
     answer = requests.post(f"{url}/{route}", json=payload)

@@ -36,7 +36,7 @@ from typing import BinaryIO
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from pipelines.core.checks import MAX_SEED, NUMBER_RANGES, WHOLE_NUMBER_RANGES
+from pipelines.core.checks import MAX_INPUT_PIXELS, MAX_SEED, NUMBER_RANGES, WHOLE_NUMBER_RANGES
 from pipelines.core.prompts import EMPHASIS
 from pipelines.core.registry import SHARED_INFOTEXT_FIELDS
 from pipelines.core.samplers import sampler_from_a1111
@@ -301,24 +301,34 @@ def png_bytes_with_metadata(image: Image.Image, infotext: str, extra: dict) -> b
     return buffer.getvalue()
 
 
-def read_png_metadata(path_or_file: str | os.PathLike | BinaryIO) -> tuple[str | None, dict | None]:
+def read_png_metadata(path_or_file: str | os.PathLike | BinaryIO, *, name: str | None = None
+                      ) -> tuple[str | None, dict | None]:
     """(infotext, studio JSON) from a PNG; each None when its chunk is missing.
 
-    Works on A1111 images, which only have `parameters`. Raises ValueError for anything
-    that is not a PNG, or for a `studio` chunk that is not a JSON object.
+    Works on A1111 images, which only have `parameters`. Raises ValueError for anything that is not a PNG, for a
+    PNG that declares more than MAX_INPUT_PIXELS pixels (reading its text decodes every pixel: a few KB can
+    declare gigabytes), or for a `studio` chunk that is not a JSON object. `name` is what messages call it.
     """
-    name = os.fspath(path_or_file) if isinstance(path_or_file, (str, os.PathLike)) \
-        else getattr(path_or_file, "name", "the uploaded file")
+    name = name or (os.fspath(path_or_file) if isinstance(path_or_file, (str, os.PathLike))
+                    else getattr(path_or_file, "name", "the uploaded file"))
     try:
         with Image.open(path_or_file) as image:
             if image.format != "PNG":
                 raise ValueError(f"{name} is not a PNG image (it is {image.format}); "
                                  f"generation parameters are only read from PNG files.")
+            # the size is known once the header is read, wherever it stands, and nothing is decoded yet
+            width, height = image.size
+            if width * height > MAX_INPUT_PIXELS:
+                raise ValueError(f"{name} is {width}×{height} ({width * height / 1e6:.1f} megapixels); at most "
+                                 f"{MAX_INPUT_PIXELS / 1e6:g} megapixels are taken. Scale it down first.")
             # `.text` also reads text chunks stored after the image data.
             chunks = dict(image.text)
     except UnidentifiedImageError:
         raise ValueError(f"{name} is not a PNG image (not an image PIL can read).") from None
-    except (OSError, SyntaxError, Image.DecompressionBombError) as error:   # PIL's words for a damaged file
+    except Image.DecompressionBombError:     # PIL refuses past 2 × MAX_IMAGE_PIXELS before it tells the size
+        raise ValueError(f"{name} declares more than {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels; at most "
+                         f"{MAX_INPUT_PIXELS / 1e6:g} megapixels are taken. Scale it down first.") from None
+    except (OSError, SyntaxError) as error:   # PIL's words for a damaged file
         raise ValueError(f"{name} is a damaged or truncated PNG ({error}); save or export it again.") from None
 
     infotext = chunks.get(PARAMETERS_CHUNK)

@@ -368,6 +368,35 @@ def test_bug1_unloading_during_a_training_is_refused(studio, tmp_path):
 
 
 @pytest.mark.slow
+def test_bug1_in_an_offloading_mode_nothing_placed_at_a_checkpoint_re_hooks_the_model_in_training(
+        studio, tmp_path, pretend_cuda, monkeypatch):
+    """Bug 1, the placements the memory modes make: in an offloading mode, deriving a task's pipeline (it shares
+    the UNet) or adopting a ControlNet that asks for another mode re-placed the base model under the training.
+    Both are refused, naming the training, and the base model is not touched."""
+    from diffusers import UNet2DConditionModel
+
+    from pipelines.models.memory import MemoryMode
+    from pipelines.models.sources import ModelSource
+    from recipe.tiny import build_tiny_controlnet
+
+    model = studio.models.current
+    controlnet = build_tiny_controlnet(UNet2DConditionModel.from_config(model.pipeline.unet.config))
+    job = paused_after_first_step(studio, training(), tmp_path)
+    monkeypatch.setattr(studio.models.memory, "mode", MemoryMode.BALANCED)
+    pretend_cuda.clear()
+    with pytest.raises(ValueError, match="prepare the Inpainting pipeline in memory mode balanced .* now: the LoRA "
+                                         "training 'frames' is using"):
+        studio.models.worker.call(studio.models.pipeline, "inpaint")
+    monkeypatch.setattr(studio.models.memory, "mode_for", lambda *args, **kwargs: MemoryMode.LOW)
+    with pytest.raises(ValueError, match="change the memory mode to low now: the LoRA training 'frames' is using"):
+        studio.models.adopt(controlnet, ModelSource("folder", "tiny-cn", "tiny-cn"), slot="controlnet:tiny-cn")
+    assert "controlnet:tiny-cn" not in studio.models.slots and "inpaint" not in model.derived
+    assert [call for call in pretend_cuda if call[1] == id(model.pipeline)] == []      # the base was not re-placed
+    monkeypatch.undo()
+    finish_on_the_model_it_started_with(job, studio, model)
+
+
+@pytest.mark.slow
 def test_bug1_an_out_of_memory_retry_between_training_steps_is_refused(studio, tmp_path, pretend_cuda, monkeypatch):
     """Bug 1: a generation that runs out of memory between two training steps retries in a lower memory
     mode (`set_memory_mode`), which re-placed the model under the training. The retry is refused, naming

@@ -278,7 +278,11 @@ class ModelManager:
                "tab) or a smaller model." if is_out_of_memory(error) else ""
         try:
             self._park(new)   # what of it reached the device leaves it now, though the error still refers to it
-            self._place_resident(mode)
+            if self.memory.mode is not mode:     # the attempt re-placed what was resident: all of it goes back
+                self._place_resident(mode)
+            elif old is not None:                # only the parked model: the others were not touched
+                for pipeline in old.pipelines:
+                    self.memory.place(pipeline, mode=mode)
         except Exception as again:    # the device refuses what it held a moment ago: hold nothing half placed
             if old is not None:
                 self.slots.pop(slot, None)
@@ -305,6 +309,9 @@ class ModelManager:
             if derived is not model.pipeline:
                 derived.set_progress_bar_config(disable=True)
                 if self.memory.mode not in (MemoryMode.HIGH, MemoryMode.CPU):
+                    # offloading it re-hooks the UNet and VAE it shares with the base
+                    self._check_not_held(f"prepare the {TASKS[task].label} pipeline in memory mode "
+                                         f"{self.memory.mode.value} (its offload re-hooks the model's UNet)")
                     self.memory.place(derived, mode=self.memory.mode)
             model.derived[task] = derived
         return model.derived[task]

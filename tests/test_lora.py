@@ -53,7 +53,7 @@ def test_lora_tags_are_taken_out_of_the_prompt_with_their_weights():
     text, uses = split_lora_tags("red apple, <lora:style:0.6> noto style <lora:Pixel Art> <lora:style:.8>")
     assert text == "red apple, noto style"
     assert uses == [LoraUse("style", 0.8), LoraUse("Pixel Art", 1.0)]
-    with pytest.raises(ValueError, match="between -4 and 4 but is 9"):
+    with pytest.raises(ValueError, match="must be a number from -4 to 4 but is 9"):
         split_lora_tags("<lora:style:9>")
     with pytest.raises(ValueError, match="<lora:style:abc> is not a LoRA tag"):
         split_lora_tags("red apple <lora:style:abc>")

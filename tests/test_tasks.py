@@ -127,3 +127,15 @@ def test_strength_like_numbers_are_checked_against_the_one_table_of_ranges(case,
     low, high = NUMBER_RANGES[field_name]
     with pytest.raises(ValueError, match=rf"`{field_name}` must be a number from {low:g} to {high:g} but is "):
         build(value)
+
+
+@pytest.mark.parametrize("tag", ["<lora:style:5>", "<lora:style:-4.5>"])
+def test_a_lora_tag_s_weight_is_checked_against_the_one_table_of_ranges(tag):
+    """Bug 12 (the prompt's strength-like number): a LoRA tag's weight has its range in NUMBER_RANGES too."""
+    from pipelines.core.checks import NUMBER_RANGES
+    from pipelines.core.prompts import split_lora_tags
+
+    low, high = NUMBER_RANGES["lora_weight"]
+    with pytest.raises(ValueError, match=rf"`<lora:style:…>`'s weight must be a number from {low:g} to {high:g}"):
+        split_lora_tags(f"red apple {tag}")
+    assert split_lora_tags(f"red apple <lora:style:{high:g}>")[1][0].weight == high

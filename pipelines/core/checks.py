@@ -56,6 +56,7 @@ DRAWN_SEED_LIMIT = 2 ** 32
 
 
 MAX_CONTROL_WEIGHT = 2.0
+MAX_LORA_WEIGHT = 4.0       # <lora:name:weight>: negative weights subtract the LoRA
 PREVIEW_MODES = ("auto", "linear", "full")
 
 
@@ -63,9 +64,10 @@ PREVIEW_MODES = ("auto", "linear", "full")
 # clamps a restored infotext to the same ones (pipelines/io/metadata.py).
 WHOLE_NUMBER_RANGES = {"steps": (1, MAX_STEPS), "batch_size": (1, MAX_BATCH), "batch_count": (1, MAX_BATCH_COUNT),
                        "width": (8, MAX_SIDE), "height": (8, MAX_SIDE), "draft_length": (1, MAX_DRAFT_LENGTH)}
-# ControlNet's `weight` scales its residuals; `start` and `end` are shares of the steps
+# ControlNet's `weight` scales its residuals; `start` and `end` are shares of the steps; a LoRA tag's weight
 NUMBER_RANGES = {"guidance_scale": (0.0, MAX_GUIDANCE_SCALE), "guidance_rescale": (0.0, 1.0), "strength": (0.0, 1.0),
-                 "weight": (0.0, MAX_CONTROL_WEIGHT), "start": (0.0, 1.0), "end": (0.0, 1.0)}
+                 "weight": (0.0, MAX_CONTROL_WEIGHT), "start": (0.0, 1.0), "end": (0.0, 1.0),
+                 "lora_weight": (-MAX_LORA_WEIGHT, MAX_LORA_WEIGHT)}
 
 
 def check_whole(name: str, value: Any, low: int, high: int, unit: str = "") -> None:

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pipelines.core.checks import NUMBER_RANGES, check_number
+
 EMPHASIS = "Original"             # A1111's name for the emphasis we apply
 ROUND_BRACKET_FACTOR = 1.1
 SQUARE_BRACKET_FACTOR = 1 / 1.1   # A1111 multiplies by this rather than dividing: the same floats as A1111
@@ -269,7 +271,6 @@ def _weighted_arguments(pipeline, prompt: list[list], negative_prompt: list[list
 LORA_TAG = re.compile(r"<lora:([^:>]+)(?::\s*([-+]?(?:\d+\.?\d*|\.\d+)))?\s*>")
 
 
-MAX_LORA_WEIGHT = 4.0
 
 
 @dataclass(frozen=True)
@@ -293,9 +294,7 @@ def split_lora_tags(prompt: str) -> tuple[str, list[LoraUse]]:
     uses = {}
     for match in LORA_TAG.finditer(prompt):
         name, weight = match.group(1).strip(), float(match.group(2)) if match.group(2) else 1.0
-        if not -MAX_LORA_WEIGHT <= weight <= MAX_LORA_WEIGHT:
-            raise ValueError(f"The weight of <lora:{name}:…> must be between {-MAX_LORA_WEIGHT:g} and "
-                             f"{MAX_LORA_WEIGHT:g} but is {weight:g}.")
+        check_number(f"<lora:{name}:…>", weight, *NUMBER_RANGES["lora_weight"], "'s weight")
         uses[name] = LoraUse(name, weight)       # a LoRA named twice: the last weight counts, as in A1111
     text = re.sub(r"\s{2,}", " ", LORA_TAG.sub("", prompt)).strip(" ,")
     return text, list(uses.values())

@@ -47,7 +47,7 @@ from studio.rest_http import A1111Route, Img2ImgBody, PngInfoBody, Txt2ImgBody, 
 from studio.rest_models import ModelOptions
 
 PREFIX = "/sdapi/v1"
-REST_OWNER = "rest-api"      # the owner of the jobs the REST API starts (pipelines/jobs/worker.py)
+REST_OWNER = "rest-api"      # the owner of the jobs the REST API starts without --auth (pipelines/jobs/worker.py)
 FALLBACK_SIDE = 512
 
 
@@ -73,8 +73,10 @@ def png_base64(image: Image.Image, infotext: str | None = None, extra: dict | No
 
 
 class RestApi:
-    def __init__(self, context: StudioContext):
+    def __init__(self, context: StudioContext, *, user: str | None = None):
         self.context = context
+        # With --auth a job belongs to the user, whichever page or client started it (studio/context.py)
+        self.owner = f"user:{user}" if user else REST_OWNER
         # A1111's API saves nothing unless `save_images`; this generator keeps images in memory (same worker)
         self.unsaved = Generator(context.models, None)
         self.models = ModelOptions(context)
@@ -115,7 +117,7 @@ class RestApi:
         request = generation.request
         # 2. A job on the one device worker, queued with the page's; followed here for /progress
         generator = self.context.generator if body["save_images"] else self.unsaved
-        job = generator.submit(request, owner=REST_OWNER)
+        job = generator.submit(request, owner=self.owner)
         done = self._follow(job, request)
         # 3. A1111's answer: base64 PNGs that carry their infotext, the request, and `info` as JSON text
         model = self.context.models.current
@@ -193,8 +195,9 @@ class RestApi:
 
     def interrupt(self) -> dict:
         """Stop the REST API's current generation at its next step (the finished images are answered): the one
-        running on the device, else the next in line. A browser's generation is its page's to stop."""
-        jobs = self.context.worker.jobs(owner=REST_OWNER)
+        running on the device, else the next in line. Only the caller's own jobs: without --auth the REST API's,
+        and a browser's generation is its page's to stop; with --auth the user's."""
+        jobs = self.context.worker.jobs(owner=self.owner)
         running = [job for job in jobs if job.state is JobState.RUNNING]
         target = running[0] if running else (jobs[0] if jobs else None)
         if target is not None:
@@ -234,6 +237,6 @@ class RestApi:
 def mount_rest_api(app: FastAPI, context: StudioContext, *, auth: tuple[str, str] | None = None) -> RestApi:
     """Add the REST API's routes to Gradio's FastAPI `app` (what `launch()` returns); with `auth`, every route
     asks for those credentials."""
-    api = RestApi(context)
+    api = RestApi(context, user=auth[0] if auth else None)
     app.include_router(api.router(auth))
     return api

@@ -245,7 +245,7 @@ def test_bad_input_gets_a_4xx_naming_the_value_and_the_server_keeps_serving(api,
 def test_auth_protects_the_rest_api(tiny_model_dir, tmp_path_factory):
     """Every route the REST API serves (read from the FastAPI app, so that a new route is covered without editing
     this test) answers 401 without credentials and with wrong ones, and lets the right ones through."""
-    app, _, args = _serve(tiny_model_dir, tmp_path_factory, "--auth", "ada:secret")
+    app, context, args = _serve(tiny_model_dir, tmp_path_factory, "--auth", "ada:secret")
     try:
         base = f"http://127.0.0.1:{args.port}"
         # FastAPI's own listing of what it serves (it wraps included routers, so `app.routes` does not show them)
@@ -267,6 +267,8 @@ def test_auth_protects_the_rest_api(tiny_model_dir, tmp_path_factory):
             assert right.status_code != 401 and right.status_code < 500, (path, method, right.text[:300])
         client = webuiapi.WebUIApi(host="127.0.0.1", port=args.port, username="ada", password="secret", steps=3)
         assert len(client.txt2img(prompt="red apple", width=64, height=64).images) == 1
+        # bug 11: with --auth a job belongs to the user (as the page's do), so only the user's are interrupted
+        assert {job.owner for job in context.worker.jobs(active=False) if job.kind == "txt2img"} == {"user:ada"}
     finally:
         app.close()
 

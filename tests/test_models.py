@@ -301,3 +301,20 @@ def test_bug7_on_a_gpu_the_old_model_leaves_the_device_for_the_new_one_and_comes
         models.load(str(other_model), from_ui=True)
     assert moves == ["cpu", "cuda"]
     assert models.current is before and models.memory.mode is MemoryMode.HIGH
+
+
+def test_bug10_the_model_picker_lists_no_link_that_leads_out_of_models(tmp_path, tiny_model_dir):
+    """Bug 10, the model picker: a link under models/ to a model outside it is not offered (loading it is refused),
+    while a link that stays inside models/ still is."""
+    from types import SimpleNamespace
+
+    from studio.tabs.models import local_choices
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "escape").symlink_to(tiny_model_dir, target_is_directory=True)
+    (models / "inside").mkdir()
+    (models / "inside" / "model_index.json").write_text("{}")
+    (models / "alias").symlink_to(models / "inside", target_is_directory=True)
+    choices = local_choices(SimpleNamespace(models=SimpleNamespace(models_dir=models)))
+    assert choices == ["embedded", str(models / "alias"), str(models / "inside")]

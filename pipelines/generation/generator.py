@@ -186,7 +186,10 @@ class Generator:
                 if not any(note.startswith("Not saved from seed") for note in call.notes):   # said once
                     call.notes.append(f"Not saved from seed {seed} on (the images are shown): {error}")
             except OSError as error:   # a folder made read-only, an I/O error: this image is kept, and said unsaved
-                call.notes.append(f"Not saved, seed {seed} (the image is shown): {type(error).__name__}: {error}")
+                kind = f"{type(error).__name__}: [Errno {error.errno}]"   # as str(error) begins when it has one
+                if not any(note.startswith("Not saved, seed") and kind in note for note in call.notes):   # said once
+                    call.notes.append(f"Not saved, seed {seed} (the image is shown): {type(error).__name__}: "
+                                      f"{error}")
         return GeneratedImage(image=image, seed=seed, infotext=infotext, path=path, finished=finished,
                               steps_done=steps_done)
 

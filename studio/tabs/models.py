@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
+from pipelines.core.paths import inside
 from pipelines.models.memory import MemoryMode
 from pipelines.models.sources import EMBEDDED_NAME
 from studio.context import StudioContext
@@ -21,12 +22,13 @@ class ModelsTab:
 
 
 def local_choices(context: StudioContext) -> list[str]:
-    """The embedded model plus every diffusers folder and .safetensors file under models/."""
+    """The embedded model plus every diffusers folder and .safetensors file under models/ (not a link that leads out
+    of models/: loading it would be refused)."""
     choices = [EMBEDDED_NAME]
     folder = context.models.models_dir
     if folder.is_dir():
         for entry in sorted(folder.iterdir()):
-            if (entry / "model_index.json").exists() or entry.suffix == ".safetensors":
+            if ((entry / "model_index.json").exists() or entry.suffix == ".safetensors") and inside(entry, [folder]):
                 choices.append(str(entry))
     return choices
 

@@ -25,20 +25,9 @@ from pipelines.core.results import GenerationDone
 from pipelines.core.samplers import SAMPLER_NAMES
 from pipelines.generation.generator import STUDIO_VERSION
 from pipelines.io.metadata import parse_infotext, read_png_metadata
-from pipelines.tasks.control_units import (
-    A1111_CONTROL,
-    A1111_MODULES,
-    A1111_RESIZE,
-    BALANCED,
-    CONTROL_FIRST,
-    CROP_AND_RESIZE,
-    JUST_RESIZE,
-    MAX_CONTROL_PIXELS,
-    PROMPT_FIRST,
-    RESIZE_AND_FILL,
-    UNIT_FIELDS,
-    ControlUnit,
-)
+from pipelines.tasks.control_units import (A1111_CONTROL, A1111_MODULES, A1111_RESIZE, BALANCED, CONTROL_FIRST,
+                                           CROP_AND_RESIZE, JUST_RESIZE, MAX_CONTROL_PIXELS, PROMPT_FIRST,
+                                           RESIZE_AND_FILL, UNIT_FIELDS, ControlUnit)
 from pipelines.tasks.controlnet import ControlNetRequest
 from pipelines.tasks.img2img import Img2ImgRequest
 from pipelines.tasks.inpaint import InpaintRequest

@@ -13,19 +13,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from recipe.data import EmojiRecord
-from recipe.evaluate import (
-    GRID_GAP_PX,
-    as_array,
-    augment,
-    classify,
-    evaluation_prompts,
-    features,
-    frechet_distance,
-    holdout_split,
-    sample_grid,
-    top_k_accuracy,
-    train_classifier,
-)
+from recipe.evaluate import (GRID_GAP_PX, as_array, augment, classify, evaluation_prompts, features, frechet_distance,
+                             holdout_split, sample_grid, top_k_accuracy, train_classifier)
 
 
 @pytest.fixture(autouse=True)

@@ -16,21 +16,9 @@ from pipelines.core.vae import decode, encode
 from pipelines.explorer import forward as explorer_forward
 from pipelines.explorer.animation import export_animation
 from pipelines.explorer.formulas import FORMULAS
-from pipelines.explorer.forward import (
-    SCHEDULE_NAMES,
-    FixedNoise,
-    NoiseSchedule,
-    animation_timesteps,
-    draw_samples,
-    empirical_moments,
-    fixed_noise,
-    forward_frames,
-    forward_sample,
-    image_to_tensor,
-    make_schedule,
-    markov_chain,
-    tensor_to_image,
-)
+from pipelines.explorer.forward import (SCHEDULE_NAMES, FixedNoise, NoiseSchedule, animation_timesteps, draw_samples,
+                                        empirical_moments, fixed_noise, forward_frames, forward_sample, image_to_tensor,
+                                        make_schedule, markov_chain, tensor_to_image)
 from pipelines.explorer.plots import schedule_plot, theoretical_marginal_density, value_histogram
 from pipelines.explorer.service import ANIMATION_FRAMES, FORWARD_SIDE_PX, MOMENT_DRAWS, MOMENT_SIDE_PX, Explorer
 

@@ -11,16 +11,9 @@ from PIL import Image, PngImagePlugin
 
 from pipelines.core.samplers import SAMPLER_NAMES
 from pipelines.io import metadata
-from pipelines.io.metadata import (
-    build_infotext,
-    infotext_to_settings,
-    infotext_to_settings_and_dropped,
-    library_versions,
-    parse_infotext,
-    png_bytes_with_metadata,
-    read_png_metadata,
-    save_image,
-)
+from pipelines.io.metadata import (build_infotext, infotext_to_settings, infotext_to_settings_and_dropped,
+                                   library_versions, parse_infotext, png_bytes_with_metadata, read_png_metadata,
+                                   save_image)
 from pipelines.tasks.txt2img import Txt2ImgRequest
 
 PARAMS = {"Steps": 25, "Sampler": "DPM++ 2M", "CFG scale": 7.5, "Seed": 1234, "Size": "64x64",

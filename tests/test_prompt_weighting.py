@@ -7,14 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.core.prompts import (
-    BREAK,
-    BREAK_WEIGHT,
-    _original_emphasis,
-    parse_prompt_attention,
-    prompt_arguments,
-    uses_emphasis,
-)
+from pipelines.core.prompts import (BREAK, BREAK_WEIGHT, _original_emphasis, parse_prompt_attention, prompt_arguments,
+                                    uses_emphasis)
 from pipelines.io.metadata import parse_infotext
 from pipelines.tasks.txt2img import Txt2ImgRequest
 

@@ -36,7 +36,7 @@ def test_each_request_names_its_task_and_records_itself_as_json():
                         "\\(9223372036854775807\\) but is 9223372036854775808"),
     ({"seed": -2}, "`seed` must be -1 \\(random\\) or a whole number from 0 to 2\\*\\*63-1 .* but is -2"),
     ({"seed": 2 ** 63 - 2, "batch_size": 4}, "`seed` 9223372036854775806 leaves no room for 4 images"),
-    ({"preview_mode": "fast"}, "`preview_mode` must be one of auto, linear, full but is 'fast'"),
+    ({"preview_mode": "fast"}, "`preview_mode` must be one of 'auto', 'linear', 'full' but is 'fast'"),
 ])
 def test_bad_values_name_the_field_the_value_and_what_is_allowed(values, message):
     with pytest.raises(ValueError, match=message):

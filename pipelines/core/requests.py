@@ -19,25 +19,10 @@ from typing import Any, ClassVar
 
 from PIL import Image
 
-from pipelines.core.checks import (
-    DRAWN_SEED_LIMIT,
-    MAX_SEED,
-    NUMBER_RANGES,
-    PREVIEW_MODES,
-    WHOLE_NUMBER_RANGES,
-    check_number,
-    check_prompt,
-    check_whole,
-)
-from pipelines.core.samplers import (
-    DEFAULT_DRAFT_LENGTH,
-    DEFAULT_SAMPLER,
-    DRAFTS,
-    FROZEN_X0_DRAFT,
-    MODEL_DRAFTS,
-    SPECULATIVE_SAMPLER,
-    check_sampler,
-)
+from pipelines.core.checks import (DRAWN_SEED_LIMIT, MAX_SEED, NUMBER_RANGES, PREVIEW_MODES, WHOLE_NUMBER_RANGES,
+                                   check_choice, check_number, check_prompt, check_whole)
+from pipelines.core.samplers import (DEFAULT_DRAFT_LENGTH, DEFAULT_SAMPLER, DRAFTS, FROZEN_X0_DRAFT, MODEL_DRAFTS,
+                                     SPECULATIVE_SAMPLER, check_sampler)
 
 
 def draw_seed() -> int:
@@ -83,11 +68,8 @@ class SamplingSettings:
         if isinstance(self.preview_every, bool) or not isinstance(self.preview_every, int) or self.preview_every < 0:
             raise ValueError(f"`preview_every` must be 0 (off) or a positive number of steps "
                              f"but is {self.preview_every!r}.")
-        if self.draft not in DRAFTS:
-            raise ValueError(f"`draft` must be one of {', '.join(DRAFTS)} but is {self.draft!r}.")
-        if self.preview_mode not in PREVIEW_MODES:
-            raise ValueError(f"`preview_mode` must be one of {', '.join(PREVIEW_MODES)} "
-                             f"but is {self.preview_mode!r}.")
+        check_choice("draft", self.draft, DRAFTS)
+        check_choice("preview_mode", self.preview_mode, PREVIEW_MODES)
 
     # -- seeds ----------------------------------------------------------------------------------
     def resolved(self):

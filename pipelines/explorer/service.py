@@ -26,16 +26,8 @@ from PIL import Image
 # compare and export_trace are too, as `Explorer` has methods of those names
 from pipelines.explorer import animation, comparison, forward, reverse
 from pipelines.explorer.animation import export_animation
-from pipelines.explorer.forward import (
-    FixedNoise,
-    NoiseSchedule,
-    animation_timesteps,
-    empirical_moments,
-    forward_frames,
-    image_to_tensor,
-    make_schedule,
-    tensor_to_image,
-)
+from pipelines.explorer.forward import (FixedNoise, NoiseSchedule, animation_timesteps, empirical_moments,
+                                        forward_frames, image_to_tensor, make_schedule, tensor_to_image)
 from pipelines.explorer.plots import schedule_plot, value_histogram
 from pipelines.explorer.speculative_view import speculative_view
 from pipelines.explorer.trace import NOISE_KINDS, Trace

@@ -42,15 +42,8 @@ from pipelines.core.vae import decode
 from pipelines.lora.checkpoint import base_model_identity, fingerprint, remove_checkpoint, resume, save_checkpoint
 from pipelines.lora.export import save_kohya
 from pipelines.lora.train_data import TrainingData, prepare_data
-from pipelines.lora.train_request import (
-    EFFECT_THRESHOLD,
-    EffectScore,
-    LoraTrainingRequest,
-    LoraTrainingResult,
-    LossPoint,
-    Samples,
-    TrainingWarning,
-)
+from pipelines.lora.train_request import (EFFECT_THRESHOLD, EffectScore, LoraTrainingRequest, LoraTrainingResult,
+                                          LossPoint, Samples, TrainingWarning)
 
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 NAN_STRIKES_BEFORE_ROLLBACK = 3

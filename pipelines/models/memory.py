@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import psutil
 import torch
 
+from pipelines.core.checks import check_choice
+
 GIB = 1024 ** 3
 # Named safety margins for `auto`: VRAM kept free for activations, the CUDA context and
 # other programs, on top of the weights themselves.
@@ -63,8 +65,7 @@ _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 def resolve_device(choice: str = "auto") -> torch.device:
     """cuda > mps > cpu for `auto`; an explicit choice that is not available is an error."""
-    if choice not in DEVICE_CHOICES:
-        raise ValueError(f"`device` must be one of {', '.join(DEVICE_CHOICES)} but is {choice!r}.")
+    check_choice("device", choice, DEVICE_CHOICES)
     has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
@@ -77,8 +78,7 @@ def resolve_device(choice: str = "auto") -> torch.device:
 
 def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
     """fp16 on CUDA and MPS by default (the VAE is upcast if it overflows); fp32 on the CPU."""
-    if choice not in DTYPE_CHOICES:
-        raise ValueError(f"`dtype` must be one of {', '.join(DTYPE_CHOICES)} but is {choice!r}.")
+    check_choice("dtype", choice, DTYPE_CHOICES)
     if choice == "auto":
         return torch.float16 if device.type in ("cuda", "mps") else torch.float32
     if device.type == "cpu" and choice == "fp16":
@@ -188,8 +188,7 @@ class MemoryManager:
     """Owns device, dtype and memory mode, and applies the mode to a pipeline."""
 
     def __init__(self, *, device: str = "auto", dtype: str = "auto", memory: str = "auto"):
-        if memory not in MEMORY_CHOICES:
-            raise ValueError(f"`memory` must be one of {', '.join(MEMORY_CHOICES)} but is {memory!r}.")
+        check_choice("memory", memory, MEMORY_CHOICES)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.requested_mode = memory

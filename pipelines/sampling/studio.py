@@ -9,14 +9,8 @@ import torch
 from pipelines.core.denoiser import Denoiser
 from pipelines.core.loop import begin
 from pipelines.core.registry import TASKS
-from pipelines.core.samplers import (
-    ANCHORED_DRAFT,
-    FROZEN_X0_DRAFT,
-    MODEL_DRAFTS,
-    SPECULATIVE_SAMPLER,
-    SamplerLoop,
-    register_sampler_loop,
-)
+from pipelines.core.samplers import (ANCHORED_DRAFT, FROZEN_X0_DRAFT, MODEL_DRAFTS, SPECULATIVE_SAMPLER, SamplerLoop,
+                                     register_sampler_loop)
 from pipelines.sampling.speculative import ChainStats, DDPMTransitions, SpeculativeDDPM
 
 

@@ -115,6 +115,7 @@ class ActiveUnit:
 
 def _condition(unit: ControlUnit, controlnet, request: ControlNetRequest, rows: int, device) -> torch.Tensor:
     image = unit.control_image(request.width, request.height, seed=request.seed)
+    # in [0, 1], divided as diffusers' control image processor divides (x / 255), so the same floats reach the model
     pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float()[None] / 255.0
     return pixels.repeat(rows, 1, 1, 1).to(device, controlnet.dtype)
 

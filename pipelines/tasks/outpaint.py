@@ -13,14 +13,8 @@ from scipy import ndimage
 from pipelines.core.checks import MAX_INPUT_PIXELS, NUMBER_RANGES, check_choice, check_number, check_whole
 from pipelines.core.registry import InfotextField, Task, register
 from pipelines.core.requests import SamplingSettings
-from pipelines.tasks.inpaint import (
-    INPAINT_AREAS,
-    MAX_MASK_BLUR,
-    MAX_PADDING,
-    InpaintRequest,
-    _inpainting_pipeline,
-    run_inpaint,
-)
+from pipelines.tasks.inpaint import (INPAINT_AREAS, MAX_MASK_BLUR, MAX_PADDING, InpaintRequest, _inpainting_pipeline,
+                                     run_inpaint)
 from pipelines.tasks.masks import fill_masked
 
 PREFILLS = ("edge", "blur")

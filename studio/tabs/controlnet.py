@@ -18,15 +18,8 @@ from PIL import Image
 
 from pipelines.core.checks import MAX_CONTROL_WEIGHT as MAX_WEIGHT
 from pipelines.models.controlnets import available_controlnets
-from pipelines.tasks.control_units import (
-    CONTROL_MODES,
-    CROP_AND_RESIZE,
-    DEFAULT_CONTROLNET,
-    MAX_UNITS,
-    RESIZE_MODES,
-    UNIT_FIELDS,
-    ControlUnit,
-)
+from pipelines.tasks.control_units import (CONTROL_MODES, CROP_AND_RESIZE, DEFAULT_CONTROLNET, MAX_UNITS, RESIZE_MODES,
+                                           UNIT_FIELDS, ControlUnit)
 from pipelines.tasks.control_xray import control_xray
 from pipelines.tasks.preprocessors import PREPROCESSORS
 from studio.context import StudioContext

@@ -25,20 +25,10 @@ import gradio as gr
 from pipelines.core.checks import MAX_BATCH, MAX_SIDE, MAX_STEPS
 from pipelines.core.requests import SamplingSettings, draw_seed
 from pipelines.core.results import GeneratedImage, GenerationDone, Preview
-from pipelines.core.samplers import (
-    DEFAULT_DRAFT_LENGTH,
-    DEFAULT_SAMPLER,
-    DRAFTS,
-    FROZEN_X0_DRAFT,
-    MAX_DRAFT_LENGTH,
-    SPECULATIVE_SAMPLER,
-)
-from pipelines.io.metadata import (
-    clamp_to_request_limits,
-    infotext_key,
-    infotext_to_settings_and_dropped,
-    parse_infotext,
-)
+from pipelines.core.samplers import (DEFAULT_DRAFT_LENGTH, DEFAULT_SAMPLER, DRAFTS, FROZEN_X0_DRAFT, MAX_DRAFT_LENGTH,
+                                     SPECULATIVE_SAMPLER)
+from pipelines.io.metadata import (clamp_to_request_limits, infotext_key, infotext_to_settings_and_dropped,
+                                   parse_infotext)
 from pipelines.jobs.worker import Job, JobCancelled, JobState
 from pipelines.lora.adapters import lora_files
 from pipelines.tasks import TASKS

@@ -17,13 +17,8 @@ from pipelines.tasks.masks import mask_xray
 from pipelines.tasks.outpaint import MAX_EXTEND, PREFILLS
 from studio.context import StudioContext
 from studio.errors import user_errors
-from studio.tabs.generate import (
-    GenerationTab,
-    TaskControls,
-    build_generation_tab,
-    request_from_controls,
-    wire_generation,
-)
+from studio.tabs.generate import (GenerationTab, TaskControls, build_generation_tab, request_from_controls,
+                                  wire_generation)
 
 
 def editor_image_and_mask(value) -> tuple[Image.Image | None, Image.Image | None]:

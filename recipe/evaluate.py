@@ -486,7 +486,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     # Everything on one device worker's thread: one OpenMP thread team for the judge and the
-    # generator (two teams halve the speed on a small CPU; see pipelines/jobs.py).
+    # generator (two teams halve the speed on a small CPU; see pipelines/jobs/worker.py).
     from pipelines.jobs.worker import DeviceWorker
     worker = DeviceWorker()
     return worker.call(_evaluate, args, argv, worker)

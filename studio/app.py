@@ -74,7 +74,7 @@ def model_defaults(model: LoadedModel | None) -> dict:
         return {"width": FALLBACK_SIDE, "height": FALLBACK_SIDE}
     side = model.native_side or FALLBACK_SIDE
     # every 5 steps a small model's full decode costs under 15% of the time between previews, so the
-    # previews are the real picture (pipelines/preview.py)
+    # previews are the real picture (pipelines/core/preview.py)
     return {"width": side, "height": side, "sampler": model_default_sampler(model.scheduler_config),
             "preview_every": PREVIEW_EVERY, "native_side": model.native_side}
 

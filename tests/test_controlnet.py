@@ -1,4 +1,4 @@
-"""ControlNet (pipelines/controlnet.py, pipelines/preprocessors.py): units, their loop, loading, infotext,
+"""ControlNet (pipelines/tasks/controlnet.py and its neighbours): units, their loop, loading, infotext,
 the X-ray; on the seeded tiny model with a seeded tiny ControlNet, and the shipped ones on the embedded model."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The one denoising path (pipelines/core/call.py, pipelines/core/denoiser.py): a prepared call, and the explicit step that exposes the
-noise predictions and the transition, on the seeded tiny model."""
+"""The one denoising path (pipelines/core/call.py, pipelines/core/denoiser.py): a prepared call, and the
+explicit step that exposes the noise predictions and the transition, on the seeded tiny model."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Inpainting and outpainting (pipelines/tasks/inpaint.py, outpaint.py, masks.py) on the seeded tiny model and the embedded one."""
+"""Inpainting and outpainting (pipelines/tasks/inpaint.py, outpaint.py, masks.py) on the seeded tiny model and
+the embedded one."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""LoRAs in prompts (pipelines/lora.py): kohya files made in-process for the tiny model, applied as adapters."""
+"""LoRAs in prompts (pipelines/lora/adapters.py): kohya files made in-process for the tiny model, applied as
+adapters."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The task registry (pipelines/core/registry.py, pipelines/tasks/): requests validate themselves, and a new task is one request class
-and one registry entry, with nothing else to change."""
+"""The task registry (pipelines/core/registry.py, pipelines/tasks/): requests validate themselves, and a new
+task is one request class and one registry entry, with nothing else to change."""
 
 from __future__ import annotations
 

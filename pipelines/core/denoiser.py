@@ -35,7 +35,7 @@ def uses_cfg(pipeline, guidance_scale: float) -> bool:
 def prompt_embeddings(pipeline, request: SamplingSettings, device, *, cfg: bool, count: int = 1,
                       emphasis: bool = True) -> tuple[torch.Tensor, str | None]:
     """The loop's `prompt_embeds` for `count` images: [negative, positive] with CFG, positive alone without.
-    `emphasis`: A1111's (word:1.2) and BREAK apply (pipelines/prompts.py); otherwise the text is read literally."""
+    `emphasis`: A1111's (word:1.2) and BREAK apply (pipelines/core/prompts.py); otherwise the text is read literally."""
     prompt, negative_prompt, _, _ = prompt_texts(request)
     prompts, note = prompt_arguments(pipeline, prompt, negative_prompt, device, emphasis=emphasis)
     with torch.no_grad():

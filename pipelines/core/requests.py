@@ -106,7 +106,7 @@ class SamplingSettings:
         return self.batch_size * (self.draft_length if self.speculative else 1)
 
     def slots(self) -> tuple[str, ...]:
-        """The model slots (pipelines/models.py) this request runs on."""
+        """The model slots (pipelines/models/manager.py) this request runs on."""
         return ("base", "draft") if self.speculative and self.draft in MODEL_DRAFTS else ("base",)
 
     def controlnet_names(self) -> tuple[str, ...]:

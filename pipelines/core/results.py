@@ -1,4 +1,5 @@
-"""What the generation service hands back to the UI and the API (requests are in pipelines/tasks.py)."""
+"""What the generation service hands back to the UI and the API (the requests are in pipelines/core/requests.py
+and pipelines/tasks/)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ An infotext is the text AUTOMATIC1111 stores in a PNG's `parameters` chunk:
     Negative prompt: blurry
     Steps: 25, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 1234, Emphasis: Original
 
-We write it as A1111 >= 1.9 does (pipelines/generate.py `infotext_parameters`) and parse it with
+We write it as A1111 >= 1.9 does (pipelines/generation/generator.py `infotext_parameters`) and parse it with
 A1111's own regex, so images move both ways between the two tools; reading names what it could not
 restore. A second chunk, `studio`, holds the full request and library versions as JSON, for exact
 reproduction.
@@ -59,7 +59,7 @@ MIN_PARAMS_ON_LAST_LINE = 3
 DESCRIPTIVE_KEYS = frozenset({"Version", "Lora hashes", "Batch pos", "Stopped at step", "Target calls",
                               "Draft acceptance"})
 # A1111 settings whose value here is the only one this studio has: no clip skip, noise drawn on the CPU, A1111's
-# original emphasis (pipelines/prompts.py).
+# original emphasis (pipelines/core/prompts.py).
 OUR_ONLY_VALUES = {"Clip skip": "1", "RNG": "CPU", "Emphasis": EMPHASIS}
 CONTROLNET_KEY = re.compile(r"ControlNet (\d+)")
 
@@ -73,7 +73,7 @@ MAX_SAVE_ATTEMPTS = 100
 MIN_FREE_DISK_MB = 200
 MB = 1024 ** 2
 # The ranges of the settings an infotext restores, in the infotext's order: those every request checks
-# (pipelines/tasks.py).
+# (pipelines/core/checks.py).
 RESTORED_RANGES = {name: (WHOLE_NUMBER_RANGES | NUMBER_RANGES)[name] for name in (
     "steps", "width", "height", "batch_size", "guidance_scale", "guidance_rescale", "strength", "draft_length")}
 
@@ -259,7 +259,7 @@ def clamp_to_request_limits(settings: dict) -> tuple[dict, list[str]]:
 
 
 def _is_read_controlnet_key(key: str) -> bool:
-    """`ControlNet N` for a unit `read_units` reads (pipelines/controlnet.py)."""
+    """`ControlNet N` for a unit `read_units` reads (pipelines/tasks/controlnet.py)."""
     match = CONTROLNET_KEY.fullmatch(key)
     return match is not None and int(match.group(1)) < MAX_CONTROLNET_UNITS
 

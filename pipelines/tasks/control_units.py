@@ -140,7 +140,7 @@ def resize_for(image: Image.Image, width: int, height: int, mode: str) -> Image.
 
 def unit_from_json(values: dict, position: int) -> ControlUnit:
     """A further unit from the API's JSON list: the same names as the first unit's, the image as `image`
-    (base64, a data URL or a path the server can read)."""
+    (base64 or a data URL; never a path on the server)."""
     if not isinstance(values, dict):
         raise ValueError(f"`more_units[{position}]` must be an object like {{\"image\": …, \"model\": …}} but is "
                          f"{type(values).__name__}.")

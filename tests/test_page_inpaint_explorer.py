@@ -1,0 +1,55 @@
+"""Issue 25, as a newcomer meets the page in Chromium: inpainting a picture larger than the processing size
+(item 4), the explorer's playback and exported GIF (item 6), and small things (item 10): the Inpainting tab's
+example images, the explorer's moments table, the training upload's thumbnails."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.test_server import _frame_images, _page_on_tab, browser, server  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.slow
+
+QUEUE_JOIN = "/gradio_api/queue/join"
+
+
+def _paint_a_stroke(page, editor: str) -> None:
+    page.locator(f"{editor} button[aria-label=Brush]").click()
+    canvas = page.locator(f"{editor} canvas").last
+    canvas.wait_for(state="visible")
+    box = canvas.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.35, box["y"] + box["height"] * 0.5)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.65, box["y"] + box["height"] * 0.5, steps=12)
+    page.mouse.up()
+
+
+def test_browser_inpaint_of_a_picture_larger_than_its_size_says_so_and_records_the_size_used(server, browser,
+                                                                                            tmp_path):
+    """Item 4: a 256×256 picture inpainted at Width × Height 64×64 is repainted as one 64-px region scaled back
+    up. The infotext's Size is the processing size (A1111's meaning: what PNG Info's restore needs to give the
+    same result back), and the page says why the repaint is coarse and what to do about it."""
+    url, context = server
+    rng = np.random.default_rng(25)
+    Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(tmp_path / "big.png")
+    page = _page_on_tab(browser, url, "Inpainting")
+    with page.expect_file_chooser() as chooser:
+        page.locator("#inpaint-editor button[aria-label=Upload]").click()
+    chooser.value.set_files(str(tmp_path / "big.png"))
+    _paint_a_stroke(page, "#inpaint-editor")
+    steps = page.locator("#inpaint-steps input[type=number]")
+    steps.fill("4")
+    steps.press("Enter")
+    page.locator("#inpaint-prompt textarea").fill("blue car")
+    page.locator("#inpaint-seed input").fill("2504")
+    page.locator("#inpaint-generate").click()
+    page.locator("#inpaint-status").get_by_text("Seed 2504").wait_for(timeout=120_000)
+    status = page.locator("#inpaint-status").inner_text()
+    assert "256×256 picture was repainted as one 64×64 region" in status, status
+    assert "Only masked" in status
+    assert "Size: 64x64" in page.locator("#inpaint-infotext textarea").input_value()
+    saved = Image.open(sorted(context.outputs_dir.rglob("*-2504.png"))[-1])
+    assert saved.size == (256, 256)
+    page.close()

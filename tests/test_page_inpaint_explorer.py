@@ -53,3 +53,44 @@ def test_browser_inpaint_of_a_picture_larger_than_its_size_says_so_and_records_t
     saved = Image.open(sorted(context.outputs_dir.rglob("*-2504.png"))[-1])
     assert saved.size == (256, 256)
     page.close()
+
+
+def _record(page, steps: int) -> None:
+    page.get_by_role("tab", name="Reverse: denoising").click()
+    page.locator("#explorer-prompt textarea").fill("red apple")
+    page.locator("#explorer-seed input").fill("7")
+    box = page.locator("#explorer-steps input[type=number]")
+    box.fill(str(steps))
+    box.press("Enter")
+    page.locator("#explorer-record").click()
+    page.locator("#explorer-final img").wait_for(state="visible", timeout=120_000)
+
+
+def test_browser_explorer_plays_each_frame_in_one_request_above_the_fold_and_shows_its_gif(server, browser):
+    """Item 6: playback advanced at most 1/0.6 s a frame, through two queued events per frame (the timer's tick,
+    then the slider's change rendering the step); the frames sat below the fold of a 1400×1000 window; the
+    exported GIF was only a download link."""
+    url, _ = server
+    page = _page_on_tab(browser, url, "Diffusion Explorer")
+    _record(page, 8)
+    page.evaluate("window.scrollTo(0, 0)")
+    for frame in ("#explorer-frame img", "#explorer-x0 img"):
+        bottom = page.locator(frame).evaluate("e => e.getBoundingClientRect().bottom")
+        assert bottom <= 1000, f"{frame} ends at {bottom} px, below the fold"
+
+    joins = []
+    page.on("request", lambda request: joins.append(request.url) if QUEUE_JOIN in request.url else None)
+    page.locator("#explorer-play").click()
+    page.wait_for_function("() => Number(document.querySelector('#explorer-step-slider input[type=number]').value)"
+                           " === 7", timeout=60_000)
+    last = page.locator("#explorer-step-info").get_by_text("Step 7 of 7")
+    last.wait_for(timeout=30_000)                   # the last frame's views are on screen
+    # the play click, then one tick per frame advanced (7), each bringing its step's views
+    assert len(joins) <= 1 + 7, joins
+
+    page.get_by_text("Export the recorded frames").click()
+    page.locator("#explorer-export-gif").click()
+    shown = page.locator("#explorer-export-preview img")
+    shown.wait_for(state="visible", timeout=60_000)
+    assert ".gif" in shown.get_attribute("src")
+    page.close()

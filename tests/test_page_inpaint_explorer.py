@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipelines.io.metadata import infotext_to_settings, parse_infotext
 from tests.test_server import _frame_images, _page_on_tab, browser, server  # noqa: F401 (fixtures)
-
-pytestmark = pytest.mark.slow
 
 QUEUE_JOIN = "/gradio_api/queue/join"
 
@@ -26,6 +25,7 @@ def _paint_a_stroke(page, editor: str) -> None:
     page.mouse.up()
 
 
+@pytest.mark.slow
 def test_browser_inpaint_of_a_picture_larger_than_its_size_says_so_and_records_the_size_used(server, browser,
                                                                                             tmp_path):
     """Item 4: a 256×256 picture inpainted at Width × Height 64×64 is repainted as one 64-px region scaled back
@@ -55,6 +55,28 @@ def test_browser_inpaint_of_a_picture_larger_than_its_size_says_so_and_records_t
     page.close()
 
 
+def test_an_inpaint_restored_from_its_infotext_gives_the_same_result(studio):
+    """Item 4's choice: `Size` is the processing size (A1111's), not the picture's. The same picture and mask with
+    the settings read back from the infotext repaint the same pixels; read as the picture's 256×256, they would
+    not (and would run 16 times the work)."""
+    from pipelines.tasks.inpaint import InpaintRequest
+
+    rng = np.random.default_rng(4)
+    picture = Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8))
+    mask = np.zeros((256, 256), dtype=np.uint8)
+    mask[96:160, 80:176] = 255
+    first = studio.generate(InpaintRequest(prompt="blue car", init_image=picture, mask=Image.fromarray(mask),
+                                           width=64, height=64, steps=3, seed=41)).images[0]
+    _, _, parameters = parse_infotext(first.infotext)
+    assert parameters["Size"] == "64x64" and first.image.size == (256, 256)
+    settings = infotext_to_settings(parameters)
+    restored = {name: value for name, value in settings.items() if name in InpaintRequest.__dataclass_fields__}
+    assert (restored["width"], restored["height"], restored["seed"]) == (64, 64, 41)
+    again = studio.generate(InpaintRequest(prompt="blue car", init_image=picture, mask=Image.fromarray(mask),
+                                           **restored)).images[0]
+    assert np.array_equal(np.asarray(again.image), np.asarray(first.image))
+
+
 def _record(page, steps: int) -> None:
     page.get_by_role("tab", name="Reverse: denoising").click()
     page.locator("#explorer-prompt textarea").fill("red apple")
@@ -66,6 +88,7 @@ def _record(page, steps: int) -> None:
     page.locator("#explorer-final img").wait_for(state="visible", timeout=120_000)
 
 
+@pytest.mark.slow
 def test_browser_explorer_plays_each_frame_in_one_request_above_the_fold_and_shows_its_gif(server, browser):
     """Item 6: playback advanced at most 1/0.6 s a frame, through two queued events per frame (the timer's tick,
     then the slider's change rendering the step); the frames sat below the fold of a 1400×1000 window; the
@@ -96,6 +119,7 @@ def test_browser_explorer_plays_each_frame_in_one_request_above_the_fold_and_sho
     page.close()
 
 
+@pytest.mark.slow
 def test_browser_inpainting_offers_example_pictures(server, browser):
     """Item 10: the Inpainting tab had no example picture to start from, where the explorer has some."""
     url, _ = server
@@ -115,6 +139,7 @@ def test_browser_inpainting_offers_example_pictures(server, browser):
     page.close()
 
 
+@pytest.mark.slow
 def test_browser_explorer_moments_table_keeps_its_headers_whole_and_the_forward_gif_shows(server, browser):
     """Item 10: the Markov check's table wrapped its header as 'in theor / y' (and item 6: the forward panel's
     GIF was only a download link too)."""
@@ -135,6 +160,7 @@ def test_browser_explorer_moments_table_keeps_its_headers_whole_and_the_forward_
     page.close()
 
 
+@pytest.mark.slow
 def test_browser_training_upload_shows_thumbnails(server, browser, tmp_path):
     """Item 10: the training upload listed file names only."""
     url, _ = server

@@ -110,6 +110,13 @@ def test_browser_explorer_plays_each_frame_in_one_request_above_the_fold_and_sho
     last.wait_for(timeout=30_000)                   # the last frame's views are on screen
     # the play click, then one tick per frame advanced (7), each bringing its step's views
     assert len(joins) <= 1 + 7, joins
+    # the step buttons and a typed step still show their step's views
+    page.locator("#explorer-step-prev").click()
+    page.locator("#explorer-step-info").get_by_text("Step 6 of 7").wait_for(timeout=30_000)
+    typed = page.locator("#explorer-step-slider input[type=number]")
+    typed.fill("3")
+    typed.press("Enter")
+    page.locator("#explorer-step-info").get_by_text("Step 3 of 7").wait_for(timeout=30_000)
 
     page.get_by_text("Export the recorded frames").click()
     page.locator("#explorer-export-gif").click()

@@ -1,5 +1,5 @@
 """The ControlNet tab in a real headless Chromium: the input its unit shows is the one used, the Draw tab's label
-reads whole (issue 25, items 1 and 10)."""
+reads whole, and the Control X-ray is readable (issue 25, items 1, 8 and 10)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_server import _page_on_tab, browser, server  # noqa: F401 (module fixtures)
+from tests.test_server import _page_on_tab, _tiny_controlnet, browser, server  # noqa: F401 (module fixtures)
+
+RANGE = r"[-+\d.e]+ to [-+\d.e]+"     # a legend's "0.12 to 3.4"
 
 
 def _seeing_controlnet(context, tiny_model_dir, tmp_path, monkeypatch) -> str:
@@ -132,4 +134,46 @@ def test_browser_shows_the_draw_tabs_label_whole(server, browser):
                                                    .map(b => b.getAttribute('aria-label'));
     }""")
     assert hidden == [], f"the label runs under the sketch pad's buttons {hidden}"
+    page.close()
+
+
+@pytest.mark.slow
+def test_browser_xray_shows_each_step_on_a_colour_scale_with_a_legend(
+        server, browser, tiny_model_dir, tmp_path, monkeypatch):
+    """Item 8: the X-ray was a faint tint on one scale for all steps, with no legend. Each step's map now spans a
+    colour scale whose legend says its range, and a view shows what changed since the previous step."""
+    url, context = server
+    _tiny_controlnet(context, tiny_model_dir, tmp_path, monkeypatch)      # its push grows step by step
+    controlnet = "tiny-cn"
+    control = Image.new("RGB", (64, 64), "black")
+    control.paste((255, 255, 255), (16, 16, 48, 48))
+    control.save(tmp_path / "square.png")
+    page = _page_on_tab(browser, url, "ControlNet")
+    page.locator("#controlnet-0-upload input[type=file]").set_input_files(str(tmp_path / "square.png"))
+    page.locator("#controlnet-0-upload img").first.wait_for(state="visible", timeout=30_000)
+    _pick_model(page, controlnet)
+    _set_steps(page, 6)
+    page.get_by_text("Control X-ray").click()
+    page.locator("#controlnet-xray-button").click()
+    summary = page.locator("#controlnet-xray-text")
+    summary.get_by_text("the units acted at steps").wait_for(timeout=120_000)
+    final = int(re.search(r"(\d+) steps", summary.inner_text())[1]) - 1       # PNDM: one more call than steps
+
+    legend = page.locator("#controlnet-xray-legend")
+    legend.get_by_text(f"Step 0 of {final}").wait_for(timeout=30_000)
+    first, first_range = _shown(page.locator("#controlnet-xray img")), re.search(RANGE, legend.inner_text())[0]
+    step = page.locator("#controlnet-xray-step input[type=number]")
+    step.fill(str(final))
+    step.press("Enter")
+    legend.get_by_text(f"Step {final} of {final}").wait_for(timeout=30_000)
+    last, last_range = _shown(page.locator("#controlnet-xray img")), re.search(RANGE, legend.inner_text())[0]
+    assert first_range != last_range           # the legend names each step's own range
+    for shown in (first, last):       # each step's map (left of its colour bar) spans dark to bright
+        on_image = shown[:, : shown.shape[0]]
+        assert np.percentile(on_image, 99) - np.percentile(on_image, 1) > 120
+
+    page.get_by_label("Change from the previous step").check()
+    legend.get_by_text(f"change since step {final - 1}").wait_for(timeout=30_000)
+    change = _shown(page.locator("#controlnet-xray img"))
+    assert change.shape == last.shape and np.abs(change - last).mean() > 2
     page.close()

@@ -20,7 +20,7 @@ from pipelines.core.checks import MAX_CONTROL_WEIGHT as MAX_WEIGHT
 from pipelines.models.controlnets import available_controlnets
 from pipelines.tasks.control_units import (CONTROL_MODES, CROP_AND_RESIZE, DEFAULT_CONTROLNET, MAX_UNITS, RESIZE_MODES,
                                            UNIT_FIELDS, ControlUnit)
-from pipelines.tasks.control_xray import control_xray
+from pipelines.tasks.control_xray import ALL_STEPS_SCALE, CHANGE, STEP_SCALE, control_xray
 from pipelines.tasks.preprocessors import PREPROCESSORS
 from studio.context import StudioContext
 from studio.errors import user_errors
@@ -32,6 +32,8 @@ PAIRED_PREPROCESSOR = {"canny": "canny", "scribble": "invert", "colour": "colour
                        "openpose": "openpose", "mlsd": "mlsd", "normal": "normal bae"}
 
 
+XRAY_SCALES = [("This step's own scale", STEP_SCALE), ("One scale for all steps", ALL_STEPS_SCALE),
+               ("Change from the previous step", CHANGE)]
 UPLOAD, DRAW = "upload", "draw"     # a unit's sub-tabs, one of which holds its control image
 
 
@@ -246,22 +248,26 @@ def _wire_preview(tab: GenerationTab, panel: UnitPanel, number: int) -> None:
 def _build_xray(context: StudioContext, tab: GenerationTab) -> None:
     with gr.Accordion("Control X-ray: where the ControlNet pushes, step by step", open=False):
         gr.Markdown("Generates the first image of the current settings and records, at every step, the residuals "
-                    "the units add to the UNet: their mean magnitude per place (red: strong), summed over blocks, "
-                    "and per block. Move the start/end sliders or the weight and record again to see control fade "
-                    "in and out.")
+                    "the units add to the UNet: their mean magnitude per place, summed over blocks (the picture, "
+                    "dark to bright yellow on its colour bar), and per block (the plot). Colour each step from its "
+                    "weakest to its strongest place to see where it pushes, on one scale for all steps to see "
+                    "control fade, or by its change since the step before (red: stronger, blue: weaker). Move the "
+                    "start/end sliders or the weight and record again.")
         record = gr.Button("Record the X-ray", elem_id="controlnet-xray-button")
         with gr.Row():
             with gr.Column():
                 step = gr.Slider(0, 1, value=0, step=1, label="Step", elem_id="controlnet-xray-step")
+                scale = gr.Radio(XRAY_SCALES, value=XRAY_SCALES[0][1], label="Colour", elem_id="controlnet-xray-scale")
                 picture = gr.Image(label="Residual magnitude on the image", interactive=False, height=300,
                                    elem_id="controlnet-xray", elem_classes=["studio-pixels"], format="png")
+                legend = gr.Markdown(elem_id="controlnet-xray-legend")
             plot = gr.LinePlot(x="step", y="magnitude", color="block", label="Mean |residual| per block",
                                elem_id="controlnet-xray-plot")
         summary = gr.Markdown(elem_id="controlnet-xray-text")
         state = gr.State(None)
 
     @user_errors
-    def run(**values):
+    def run(xray_scale, **values):
         request = request_from_controls(tab.task, tab.own.to_fields(dict(values)))
         xray = control_xray(context.generator, request)
         rows = [{"step": index, "block": name, "magnitude": float(xray.blocks[index, k])}
@@ -270,15 +276,19 @@ def _build_xray(context: StudioContext, tab: GenerationTab) -> None:
         text = (f"{len(xray.maps)} steps; the units acted at steps {acting[0]}–{acting[-1]}." if acting else
                 f"{len(xray.maps)} steps; no unit acted (weight 0, or an empty start–end range).")
         last = len(xray.maps) - 1
-        return {state: xray, plot: pd.DataFrame(rows), summary: text, picture: xray.overlay(0),
+        shown = xray.view(0, xray_scale)
+        return {state: xray, plot: pd.DataFrame(rows), summary: text, picture: shown.image, legend: shown.legend,
                 step: gr.Slider(0, max(last, 1), value=0, step=1)}
 
-    def show(xray, index):
+    def show(xray, index, xray_scale):
         if xray is None:
-            return None
-        return xray.overlay(min(int(index), len(xray.maps) - 1))
+            return None, ""
+        shown = xray.view(min(int(index), len(xray.maps) - 1), xray_scale)
+        return shown.image, shown.legend
 
     inputs = {name: component for name, component in tab.controls.items() if component.visible} | tab.own.page
-    record.click(run, inputs_kwargs=inputs, outputs={state, plot, summary, picture, step}, api_visibility="private")
-    step.change(show, inputs=[state, step], outputs=picture, api_visibility="private", queue=False)
-
+    record.click(run, inputs_kwargs={"xray_scale": scale} | inputs,
+                 outputs={state, plot, summary, picture, legend, step}, api_visibility="private")
+    for changed in (step, scale):
+        changed.change(show, inputs=[state, step, scale], outputs=[picture, legend], api_visibility="private",
+                       queue=False)

@@ -59,7 +59,6 @@ class Followed:
     """A REST generation as its handler follows it, for /progress."""
     request: SamplingSettings
     images_done: int = 0
-    preview: Image.Image | None = None
 
 
 def png_base64(image: Image.Image, infotext: str | None = None, extra: dict | None = None) -> str:
@@ -133,9 +132,7 @@ class RestApi:
             self._followed[job.id] = followed
         try:
             for event in job.events():
-                if isinstance(event, Preview) and event.images:
-                    followed.preview = event.images[0]
-                elif isinstance(event, GeneratedImage):
+                if isinstance(event, GeneratedImage):
                     followed.images_done += 1
             try:
                 done = job.result()
@@ -179,7 +176,9 @@ class RestApi:
         with self._lock:
             seen_at, seen_fraction = self._first_seen.setdefault(job.id, (now, fraction))
         eta = (now - seen_at) * (1 - fraction) / (fraction - seen_fraction) if fraction > seen_fraction else 0.0
-        image = followed.preview if followed and not skip_current_image else None
+        # the job's own latest preview: what the page shows, with no follower in between to lag behind it
+        preview = None if skip_current_image else job.latest_transient
+        image = preview.images[0] if isinstance(preview, Preview) and preview.images else None
         return {"progress": fraction, "eta_relative": eta,
                 "state": self._state(job, job_count, job_no, step, steps),
                 "current_image": png_base64(image) if image is not None else None,

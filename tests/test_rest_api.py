@@ -159,29 +159,34 @@ def test_progress_and_interrupt_during_a_generation_queued_with_the_page(api, se
     long = threading.Thread(target=lambda: answers.update(result=api.txt2img(
         prompt="a cat", steps=200, n_iter=100, seed=5, width=64, height=64)))
     long.start()
-    job = submitted.get(timeout=120)
-    first = next(event for event in job.events() if isinstance(event, Preview))    # the job runs, a preview exists
+    try:
+        job = submitted.get(timeout=120)
+        first = next(event for event in job.events() if isinstance(event, Preview))    # the job runs, a preview exists
 
-    progress = api.get_progress()
-    assert 0 < progress["progress"] < 1 and progress["state"]["job_count"] == 100
-    assert progress["state"]["sampling_steps"] == 200 and progress["state"]["sampling_step"] >= first.step
-    assert progress["state"]["job_id"] == job.id and not progress["state"]["interrupted"]
-    preview = Image.open(io.BytesIO(base64.b64decode(progress["current_image"])))
-    assert preview.size == (64, 64)
+        progress = api.get_progress()
+        assert 0 < progress["progress"] < 1 and progress["state"]["job_count"] == 100
+        assert progress["state"]["sampling_steps"] == 200 and progress["state"]["sampling_step"] >= first.step
+        assert progress["state"]["job_id"] == job.id and not progress["state"]["interrupted"]
+        preview = Image.open(io.BytesIO(base64.b64decode(progress["current_image"])))
+        assert preview.size == (64, 64)
 
-    # a page's generation asked for meanwhile waits for the REST one: one device, one queue
-    client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-    page = client.submit(prompt="red apple", steps=4, seed=6, preview_every=0, api_name="/txt2img")
-    page_job = next(iter(page))[3]
-    assert client.predict(job_id=page_job, api_name="/job")["state"] == "queued"
+        # a page's generation asked for meanwhile waits for the REST one: one device, one queue
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        page = client.submit(prompt="red apple", steps=4, seed=6, preview_every=0, api_name="/txt2img")
+        page_job = next(iter(page))[3]
+        assert client.predict(job_id=page_job, api_name="/job")["state"] == "queued"
 
-    api.interrupt()
-    long.join(timeout=120)
-    result = answers["result"]
-    assert any("Stopped" in message for message in result.info["messages"])
-    assert len(result.images) >= 1 and "Stopped at step" in result.info["infotexts"][-1]
-    assert "Seed 6" in page.result()[2]                               # the page's generation ran after it
-    assert api.get_progress()["state"]["job_count"] in (0, 1)         # nothing of the REST job's is left running
+        api.interrupt()
+        long.join(timeout=120)
+        result = answers["result"]
+        assert any("Stopped" in message for message in result.info["messages"])
+        assert len(result.images) >= 1 and "Stopped at step" in result.info["infotexts"][-1]
+        assert "Seed 6" in page.result()[2]                               # the page's generation ran after it
+        assert api.get_progress()["state"]["job_count"] in (0, 1)         # nothing of the REST job's is left running
+    finally:     # a failure above must not leave 100 batches of 200 steps on the module's shared device
+        if long.is_alive():
+            api.interrupt()
+            long.join(timeout=120)
 
 
 def test_png_info_and_the_lists(api, server):

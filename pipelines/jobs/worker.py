@@ -135,6 +135,12 @@ class Job:
         self._worker._wake()
 
     @property
+    def latest_transient(self) -> Any:
+        """The latest transient event (a preview) while it is the newest thing the job said; None otherwise."""
+        with self._lock:
+            return self._transient if self._transient_at == len(self._history) else None
+
+    @property
     def paused(self) -> bool:
         return self._paused
 

@@ -36,8 +36,8 @@ SAMPLERS: dict[str, tuple[type, dict]] = {
 SAMPLER_NAMES = tuple(SAMPLERS)
 # Samplers that step one model call at a time (every task and the explorer's trace): all but speculative DDPM,
 # which verifies several steps per call and runs Text-to-Image only
-STEPWISE_SAMPLER_NAMES = tuple(name for name in SAMPLER_NAMES if name != "DDPM speculative")
 SPECULATIVE_SAMPLER = "DDPM speculative"
+STEPWISE_SAMPLER_NAMES = tuple(name for name in SAMPLER_NAMES if name != SPECULATIVE_SAMPLER)
 # The speculative sampler's drafts (pipelines/sampling/speculative.py says what each proposes)
 FROZEN_DRAFT = "frozen target"        # reuse the target's last noise prediction
 FROZEN_X0_DRAFT = "frozen target x0"  # reuse the target's last prediction of the data, x̂_0
@@ -49,7 +49,7 @@ DEFAULT_DRAFT_LENGTH = 4
 MAX_DRAFT_LENGTH = 16
 DEFAULT_SAMPLER = "DPM++ 2M"
 # Samplers that draw fresh noise at every step (they use the request's generator).
-STOCHASTIC = frozenset({"Euler a", "DDPM", "DDPM speculative", "DPM++ SDE Karras", "LCM"})
+STOCHASTIC = frozenset({"Euler a", "DDPM", SPECULATIVE_SAMPLER, "DPM++ SDE Karras", "LCM"})
 
 
 # How A1111 >= 1.9 writes each of our samplers: (its `Sampler`, its `Schedule type`). Its "Automatic" is the

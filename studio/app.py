@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import urllib.parse
+
 import gradio as gr
 
 from pipelines.core.samplers import model_default_sampler
@@ -12,7 +14,7 @@ from studio.context import OWNER_COOKIE, StudioContext
 from studio.errors import user_errors
 from studio.tabs.controlnet import build_controlnet_tab
 from studio.tabs.explorer import build_explorer_tab, wire_explorer_load
-from studio.tabs.generate import GenerationTab, settings_from_infotext, size_hint, wire_resume
+from studio.tabs.generate import FAILED, GenerationTab, settings_from_infotext, size_hint, wire_resume
 from studio.tabs.img2img import build_img2img_tab
 from studio.tabs.inpaint import build_inpaint_tab
 from studio.tabs.lora import build_lora_tab, wire_lora_resume
@@ -29,7 +31,29 @@ PREVIEW_EVERY = 5
 CSS = """
 .studio-pixels img { image-rendering: pixelated; object-fit: contain !important; }
 .studio-pixels .thumbnail-item { max-width: 420px; max-height: 420px; }
+#studio-notice { position: fixed; top: 16px; left: 50%; transform: translateX(-50%); z-index: 1000; max-width: 520px;
+                 padding: 10px 16px; border: 1px solid var(--color-accent); border-radius: var(--radius-lg);
+                 background: var(--background-fill-primary); box-shadow: var(--shadow-drop-lg); cursor: pointer;
+                 font-family: var(--font); font-size: var(--text-md); }
 """
+# Icons drawn in the text's colour into each element of class `studio-icon-NAME` (the seed buttons): an emoji
+# (🎲, ♻️) is an empty box where no emoji font is installed.
+ICONS = {"dice": '<rect x="3" y="3" width="18" height="18" rx="4"/><circle cx="8" cy="8" r="1"/>'
+                 '<circle cx="12" cy="12" r="1"/><circle cx="16" cy="16" r="1"/>',
+         "reuse": '<path d="M20 12a8 8 0 1 1-2.34-5.66"/><polyline points="20 4 20 9 15 9"/>'}
+
+
+def icon_css() -> str:
+    rules = []
+    for name, shapes in ICONS.items():
+        svg = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 24 24" fill="none" stroke="black" '
+               f'stroke-width="2" stroke-linecap="round" stroke-linejoin="round">{shapes}</svg>')
+        rules.append(f".studio-icon-{name}::before {{ content: ''; width: 22px; height: 22px; "
+                     f"background: currentColor; mask: url(\"data:image/svg+xml,{urllib.parse.quote(svg)}\") "
+                     "center / contain no-repeat; }")
+    return "\n".join(rules) + "\n"
+
+
 # The browser's owner id (studio/context.py): random, kept a year, sent with every request to the studio.
 HEAD = """<script>
 (() => {
@@ -62,6 +86,43 @@ HEAD = """<script>
   document.addEventListener("load", (event) => { if (event.target.tagName === "IMG") fitAll(); }, true);
   window.addEventListener("resize", fitAll);
 })();
+(() => {
+  // What the browser settles by itself, without asking the server, is told here (a click closes the note).
+  function notify(text) {
+    let box = document.getElementById("studio-notice");
+    if (!box) {
+      box = Object.assign(document.createElement("div"), {id: "studio-notice", role: "alert"});
+      box.addEventListener("click", () => box.remove());
+      document.body.appendChild(box);
+    }
+    box.textContent = text;
+    clearTimeout(box.timer);
+    box.timer = setTimeout(() => box.remove(), 12000);
+  }
+  // Gradio drops a file that is not an image, dropped beside its image input's own drop zone, without a word
+  window.addEventListener("drop", (event) => {
+    const input = event.target.closest && event.target.closest(".block");
+    const files = Array.from((event.dataTransfer && event.dataTransfer.files) || []);
+    const others = files.filter((file) => !file.type.startsWith("image/")).map((file) => file.name);
+    if (!input || !input.querySelector(".image-container") || !others.length) return;
+    event.preventDefault();
+    event.stopPropagation();
+    const label = input.querySelector("[data-testid=block-label]");
+    notify(`${others.join(", ")} ${others.length > 1 ? "are not images" : "is not an image"}: drop a PNG, ` +
+           `JPEG or WebP file` + (label ? ` on “${label.textContent.trim()}”.` : "."));
+  }, true);
+  // A slider's typed value past its range is moved into it when its box loses focus: say so as it happens
+  window.addEventListener("blur", (event) => {
+    const box = event.target;
+    const label = box instanceof HTMLInputElement ? box.getAttribute("aria-label") || "" : "";
+    const name = label.match(/^number input for (.*)/);
+    if (!name) return;
+    const value = Number(box.value), low = Number(box.min), high = Number(box.max);
+    if (box.value === "" || Number.isNaN(value) || (value >= low && value <= high)) return;
+    const fitted = Math.min(Math.max(value, low), high);
+    notify(`${name[1]}: ${value} is past its range, ${low} to ${high}; it is set to ${fitted}.`);
+  }, true);
+})();
 </script>""" % {"cookie": OWNER_COOKIE}
 # Gradio's queue wakes every millisecond while idle (2 to 5% of a core here); every 50 ms is plenty
 # for a studio whose jobs take seconds.
@@ -84,7 +145,7 @@ def serve(app: gr.Blocks, **launch_options):
     app.queue(default_concurrency_limit=1)
     app._queue.sleep_when_free = IDLE_QUEUE_POLL_S
     app._queue.progress_update_sleep_when_free = IDLE_QUEUE_POLL_S
-    return app.launch(css=CSS, head=HEAD, **launch_options)
+    return app.launch(css=CSS + icon_css(), head=HEAD, **launch_options)
 
 
 def build_app(context: StudioContext) -> gr.Blocks:
@@ -123,7 +184,9 @@ def build_app(context: StudioContext) -> gr.Blocks:
         wire_explorer_load(app, explorer)
         wire_lora_resume(app, context, lora)
         _wire_jobs_api(context)
-        app.load(context.status_markdown, outputs=header, api_visibility="private")
+        # one reading of the figures for both places that show them
+        app.load(lambda: (context.status_markdown(),) * 2, outputs=[header, models_tab.status],
+                 api_visibility="private", show_progress="hidden")
     return app
 
 
@@ -169,19 +232,23 @@ def _wire_pnginfo(pnginfo, generation_tabs: tuple[GenerationTab, ...], tabs: gr.
 def _wire_model_defaults(context: StudioContext, loaded, generation_tabs: tuple[GenerationTab, ...],
                          explorer_size: gr.Slider) -> None:
     """After a model loads, the size and sampler controls (the explorer's size too) start from that model's
-    native values."""
-    def refresh():
+    native values, and a generation's failure said before it (no model, a model that could not run it) is gone
+    from the tabs' status lines."""
+    statuses = [tab.status for tab in generation_tabs]
+
+    def refresh(*shown: str):
         defaults = model_defaults(context.models.current)
         updates = {tab.controls[name]: value for tab in generation_tabs for name, value in defaults.items()
                    if name in tab.controls and name not in ("width", "height")}
         hint = size_hint(defaults.get("native_side"))
         sizes = {tab.controls[name]: gr.Slider(value=defaults[name], info=hint) for tab in generation_tabs
                  for name in ("width", "height")}
-        return updates | sizes | {explorer_size: defaults["width"]}
+        cleared = {status: "" for status, text in zip(statuses, shown) if (text or "").startswith(FAILED)}
+        return updates | sizes | cleared | {explorer_size: defaults["width"]}
 
-    outputs = {explorer_size} | {tab.controls[name] for tab in generation_tabs
-                                 for name in ("width", "height", "sampler", "preview_every")}
-    loaded.success(refresh, outputs=outputs, api_visibility="private")
+    outputs = {explorer_size, *statuses} | {tab.controls[name] for tab in generation_tabs
+                                            for name in ("width", "height", "sampler", "preview_every")}
+    loaded.success(refresh, inputs=statuses, outputs=outputs, api_visibility="private", show_progress="hidden")
 
 
 def _wire_jobs_api(context: StudioContext) -> None:

@@ -6,7 +6,8 @@ with its traceback and shown plainly; the worker and the app keep serving either
 
 Gradio reads an API call's values into its components before a handler runs (a slider's range, a
 dropdown's choices, an uploaded file as an image), in words that name neither the setting nor,
-for a file it cannot read, what is wrong with it; `name_input_errors` makes them name both.
+for a file it cannot read, the user's file (its message names the server's temporary copy);
+`name_input_errors` makes them name both, and what is accepted.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+from pathlib import Path
 
 import gradio as gr
 
@@ -82,7 +84,18 @@ def _input_message(name: str, component, payload, error: Exception) -> str:
             return f"`{name}` must be a number from {low:g} to {high:g} but is {payload!r}."
         return f"`{name}` must be a number but is {payload!r}."
     if isinstance(component, (gr.Image, gr.ImageEditor)):
-        return (f"`{name}` could not be read as an image ({type(error).__name__}: {error}); it may be damaged, "
-                "truncated or not an image at all. Upload a PNG, JPEG or WebP file.")
+        # the user's own file name, never the server's copy of it (a temp path) nor the reader's exception
+        what = "damaged or truncated" if "truncated" in str(error) else "damaged or not an image at all"
+        return (f"`{name}` could not be read as an image from {_file_name(payload)}: it is {what}. Upload a PNG, "
+                "JPEG or WebP file.")
     # a dropdown's or radio's choices, in Gradio's words (a gr.Error's str() is its message's repr)
     return f"`{name}`: {error.message if isinstance(error, gr.Error) else error}"
+
+
+def _file_name(payload) -> str:
+    """The name an uploaded file had on the user's machine (an image editor's: its background's); never a folder."""
+    background = payload.get("background") if isinstance(payload, dict) else getattr(payload, "background", None)
+    upload = background or payload
+    field = upload.get if isinstance(upload, dict) else lambda key: getattr(upload, key, None)
+    name = field("orig_name") or field("path")
+    return Path(name).name if isinstance(name, str) and name and not name.startswith("data:") else "the file"

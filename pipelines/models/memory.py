@@ -181,7 +181,7 @@ class MemoryStats:
         vram = "" if self.vram_used_gib is None else \
             f" · VRAM {self.vram_used_gib:.2f} / {self.vram_total_gib:.1f} GiB"
         mode = "no GPU memory modes on the CPU" if self.mode == MemoryMode.CPU.value else f"memory mode {self.mode}"
-        return f"{self.device} · {self.dtype} · {mode} · RAM {self.ram_used_gib:.2f} GiB{vram}"
+        return f"{self.device} · {self.dtype} · {mode} · the studio uses {self.ram_used_gib:.2f} GiB of RAM{vram}"
 
 
 class MemoryManager:

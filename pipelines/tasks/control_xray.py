@@ -4,13 +4,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import matplotlib
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from pipelines.core.call import prepare
 from pipelines.core.denoiser import uses_cfg
 from pipelines.tasks.controlnet import ControlNetRequest
+
+# How a step's map is coloured: on its own scale (where this step pushes, however weakly), on one scale for all
+# steps (how control fades in and out), or as its change since the previous step
+STEP_SCALE, ALL_STEPS_SCALE, CHANGE = "step", "all steps", "change"
+SCALES = (STEP_SCALE, ALL_STEPS_SCALE, CHANGE)
+MAGNITUDE_COLOURS, CHANGE_COLOURS = "inferno", "RdBu_r"    # perceptual; diverging around "no change"
+MIN_SHOWN_PX = 256            # small images are enlarged (nearest) so their places can be told apart
+
+
+@dataclass
+class XRayView:
+    """One step of the X-ray as shown: the map coloured over the image beside its colour bar, and the legend."""
+    image: Image.Image
+    low: float                # the values at the colour bar's bottom and top
+    high: float
+    legend: str
 
 
 @dataclass
@@ -23,13 +40,77 @@ class ControlXRay:
     timesteps: list[int]
 
     def overlay(self, step: int, scale: float | None = None) -> Image.Image:
-        """Step `step`'s map as a heat overlay on the image (one scale across steps, so fading shows)."""
-        peak = scale if scale is not None else max(float(m.max()) for m in self.maps) or 1.0
-        heat = np.clip(self.maps[step] / peak, 0, 1)
-        red = (heat * 255).astype(np.uint8)
-        colour = np.stack([red, (heat ** 2 * 180).astype(np.uint8), np.zeros_like(red)], axis=2)
-        base = np.asarray(self.image.convert("RGB")).astype(np.float32) * 0.45
-        return Image.fromarray(np.clip(base + colour * 0.8, 0, 255).astype(np.uint8))
+        """Step `step`'s map over the image, on a scale from 0 to `scale` (default: the strongest step's peak)."""
+        peak = scale if scale is not None else self.peak() or 1.0
+        return self._coloured(self.maps[step] / peak, MAGNITUDE_COLOURS)
+
+    def peak(self, step: int | None = None) -> float:
+        maps = self.maps if step is None else [self.maps[step]]
+        return max((float(m.max()) for m in maps), default=0.0)
+
+    def view(self, step: int, scale: str = STEP_SCALE) -> XRayView:
+        """Step `step` coloured as `scale` (one of SCALES) says, with its colour bar and a legend naming its range."""
+        if scale not in SCALES:
+            raise ValueError(f"Unknown X-ray scale {scale!r}; expected one of {', '.join(SCALES)}.")
+        last, strongest = len(self.maps) - 1, self.peak()
+        title = f"Step {step} of {last} (t = {self.timesteps[step]})"
+        if scale == CHANGE:
+            before = self.maps[step - 1] if step > 0 else np.zeros_like(self.maps[step])
+            change = self.maps[step] - before
+            reach = float(np.abs(change).max()) or 1.0
+            since = f"step {step - 1}" if step > 0 else "the start (no control before step 0)"
+            legend = (f"{title}: change since {since} of the units' mean |residual| per place, from {-reach:.3g} "
+                      f"(blue: weaker) through 0 (the image shows through) to +{reach:.3g} (red: stronger).")
+            return XRayView(self._with_bar(self._coloured(change / (2 * reach) + 0.5, CHANGE_COLOURS, centred=True),
+                                           -reach, reach, CHANGE_COLOURS), -reach, reach, legend)
+        if scale == STEP_SCALE:       # from this step's weakest place to its strongest: where it pushes most
+            low, high = float(self.maps[step].min()), self.peak(step)
+        else:
+            low, high = 0.0, strongest
+        if high == 0:
+            legend = f"{title}: no unit acted at this step (weight 0, or outside its start–end range)."
+        elif scale == STEP_SCALE:
+            legend = (f"{title}: colour = the units' mean |residual| per place, {low:.3g} to {high:.3g} (this "
+                      f"step's weakest to strongest place; its peak is {high / strongest:.0%} of the strongest step's).")
+        else:
+            legend = (f"{title}: colour = the units' mean |residual| per place, 0 to {high:.3g} (the strongest "
+                      f"step's peak: one scale for all steps, so fading shows).")
+        spread = (high - low) or 1.0
+        shown = self._coloured((self.maps[step] - low) / spread, MAGNITUDE_COLOURS)
+        return XRayView(self._with_bar(shown, low, high, MAGNITUDE_COLOURS), low, high, legend)
+
+    def _coloured(self, values: np.ndarray, colours: str, *, centred: bool = False) -> Image.Image:
+        """`values` in [0, 1] through a colour map over the image in grey; the stronger (or, `centred`, the
+        further from 0.5) a place, the less of the image shows through."""
+        values = np.clip(values, 0.0, 1.0)
+        colour = matplotlib.colormaps[colours](values)[..., :3] * 255
+        strength = np.abs(values - 0.5) * 2 if centred else values
+        alpha = (0.35 + 0.65 * strength)[..., None]
+        grey = np.asarray(self.image.convert("L"), np.float32)[..., None] * 0.6
+        return Image.fromarray(np.clip(grey * (1 - alpha) + colour * alpha, 0, 255).astype(np.uint8))
+
+    @staticmethod
+    def _with_bar(shown: Image.Image, low: float, high: float, colours: str) -> Image.Image:
+        """`shown` enlarged to at least MIN_SHOWN_PX, with a labelled colour bar on its right."""
+        factor = max(1, -(-MIN_SHOWN_PX // min(shown.size)))
+        shown = shown.resize((shown.width * factor, shown.height * factor), Image.Resampling.NEAREST)
+        font = ImageFont.load_default(size=13)
+        labels = [f"{high:+.3g}" if low < 0 else f"{high:.3g}", f"{(low + high) / 2:.3g}", f"{low:.3g}"]
+        measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+        text_width = measure.textbbox((0, 0), "+8.88e-08", font=font)[2]    # the same width at every step
+        bar_width, margin = 16, 8
+        panel = Image.new("RGB", (shown.width + 2 * margin + bar_width + 6 + text_width + margin, shown.height),
+                          "white")
+        panel.paste(shown, (0, 0))
+        ramp = np.linspace(1.0, 0.0, shown.height)[:, None].repeat(bar_width, axis=1)
+        bar = (matplotlib.colormaps[colours](ramp)[..., :3] * 255).astype(np.uint8)
+        left = shown.width + margin
+        panel.paste(Image.fromarray(bar), (left, 0))
+        draw = ImageDraw.Draw(panel)
+        text_height = measure.textbbox((0, 0), "0.9", font=font)[3]
+        for label, top in zip(labels, (0, (shown.height - text_height) // 2, shown.height - text_height - 2)):
+            draw.text((left + bar_width + 6, top), label, fill="black", font=font)
+        return panel
 
 
 def residual_maps(residuals: list[torch.Tensor] | None, size: tuple[int, int], blocks: int, *,

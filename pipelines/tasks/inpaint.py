@@ -4,7 +4,10 @@
 
 1. The region. "Whole picture": the image, resized to width × height. "Only masked": the mask's
    box plus `only_masked_padding`, grown to width × height's aspect ratio, cropped and resized to
-   width × height, so a small model edits a large image one region at a time.
+   width × height, so a small model edits a large image one region at a time. The result keeps the image's
+   size; the infotext's `Size` is width × height, the processing size, as A1111 records it (what restoring it
+   needs to give the same result back). A region generated smaller than it is in the picture comes back
+   coarser, and the request's notes say so (`coarseness_note`).
 2. The latent mask. The mask is max-pooled onto the latent grid (one cell = `vae_scale_factor`
    pixels), so a stroke narrower than a cell still repaints that cell; diffusers resizes it with
    nearest-neighbour instead, and an 8-px-cell model can lose a thin stroke entirely.
@@ -186,7 +189,25 @@ class InpaintRequest(SamplingSettings):
         if self.inpaint_area == "Only masked" and abs(box_aspect / wanted - 1) > 0.02:
             notes.append(f"The box around the mask ({right - left}×{bottom - top}) cannot grow to the shape of "
                          f"{self.width}×{self.height} inside the image, so it is stretched to it and back.")
-        return notes
+        coarse = self.coarseness_note()
+        return notes + ([coarse] if coarse else [])
+
+    def coarseness_note(self) -> str | None:
+        """What the user is told when the region is generated smaller than it is in the picture (Width × Height
+        below the region's size): it is scaled back up, so the repaint is coarser than the picture around it."""
+        left, top, right, bottom = self.box()
+        factor = max((right - left) / self.width, (bottom - top) / self.height)
+        if factor <= 1.05:
+            return None
+        size = f"{self.width}×{self.height}"
+        if self.inpaint_area == "Whole picture":
+            return (f"The {right - left}×{bottom - top} picture was repainted as one {size} region (Width × Height) "
+                    f"and scaled back up, so the repaint is {factor:.3g}× coarser than the picture. For a sharper "
+                    f"repaint pick Inpaint area \"Only masked\" (the mask's box at {size}), or raise Width and "
+                    "Height (slower, and past twice the model's size it repeats).")
+        return (f"The {right - left}×{bottom - top} box around what is repainted was generated at {size} (Width × "
+                f"Height) and scaled back up, so the repaint is {factor:.3g}× coarser than the picture. Repaint a "
+                "smaller area (outpainting: extend less at a time), or raise Width and Height.")
 
     def unchanged_image(self) -> Image.Image | None:
         return self.init_image.convert("RGB") if self.strength == 0.0 else None

@@ -97,4 +97,5 @@ def mask_xray(request, vae_scale_factor: int) -> tuple[Image.Image, str]:
             f"(dilated, amber), so that no stroke is lost. Outside the repainted cells the latents are the "
             f"image's at every step; the pixels are pasted back through the mask blurred by "
             f"{request.mask_blur} px.")
-    return shown, text
+    coarse = request.coarseness_note()
+    return shown, f"{text}\n\n{coarse}" if coarse else text

@@ -95,8 +95,9 @@ class OutpaintRequest(SamplingSettings):
 
     def notes(self) -> list[str]:
         width, height = self.init_image.size
+        coarse = self.as_inpainting().coarseness_note()
         return [f"Extended {width}×{height} to {width + self.left + self.right}×{height + self.top + self.bottom}; "
-                "the original region is kept as it was."]
+                "the original region is kept as it was.", *([coarse] if coarse else [])]
 
     def check_steps(self) -> None:
         self.as_inpainting().check_steps()

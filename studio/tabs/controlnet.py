@@ -20,7 +20,7 @@ from pipelines.core.checks import MAX_CONTROL_WEIGHT as MAX_WEIGHT
 from pipelines.models.controlnets import available_controlnets
 from pipelines.tasks.control_units import (CONTROL_MODES, CROP_AND_RESIZE, DEFAULT_CONTROLNET, MAX_UNITS, RESIZE_MODES,
                                            UNIT_FIELDS, ControlUnit)
-from pipelines.tasks.control_xray import control_xray
+from pipelines.tasks.control_xray import ALL_STEPS_SCALE, CHANGE, STEP_SCALE, control_xray
 from pipelines.tasks.preprocessors import PREPROCESSORS
 from studio.context import StudioContext
 from studio.errors import user_errors
@@ -30,6 +30,11 @@ from studio.tabs.generate import GenerationTab, TaskControls, build_generation_t
 PAIRED_PREPROCESSOR = {"canny": "canny", "scribble": "invert", "colour": "colour grid", "color": "colour grid",
                        "lineart": "lineart standard", "shuffle": "content shuffle", "hed": "hed", "depth": "midas depth",
                        "openpose": "openpose", "mlsd": "mlsd", "normal": "normal bae"}
+
+
+XRAY_SCALES = [("This step's own scale", STEP_SCALE), ("One scale for all steps", ALL_STEPS_SCALE),
+               ("Change from the previous step", CHANGE)]
+UPLOAD, DRAW = "upload", "draw"     # a unit's sub-tabs, one of which holds its control image
 
 
 def paired_preprocessor(model: str | None) -> str | None:
@@ -49,18 +54,38 @@ def sketch_image(value) -> Image.Image | None:
     return Image.alpha_composite(white, composite.convert("RGBA")).convert("RGB")
 
 
+def shown_image(number: int, source: str | None, upload: Image.Image | None, sketch) -> Image.Image:
+    """Unit `number`'s control image: the one on the sub-tab the user sees (`source`, Upload or Draw), never the
+    other's. Without a `source` (a caller that shows no sub-tabs), the upload, else the drawing."""
+    drawing = sketch_image(sketch)
+    if source is None and upload is None and drawing is not None:
+        return drawing
+    if source == DRAW:
+        if drawing is None:
+            also = " or open its Upload tab to use the uploaded image" if upload is not None else " or untick it"
+            raise ValueError(f"ControlNet unit {number} shows its Draw tab, with nothing drawn on it: draw there,"
+                             f"{also}.")
+        return drawing
+    if upload is None:
+        also = " or open its Draw tab to use the drawing" if drawing is not None else " or draw on its Draw tab"
+        raise ValueError(f"ControlNet unit {number} is enabled but has no control image: upload one{also} "
+                         "(or untick it).")
+    return upload
+
+
 @dataclass
 class UnitPanel:
     enabled: gr.Checkbox
     upload: gr.Image
     sketch: gr.Sketchpad
+    source: gr.State          # UPLOAD or DRAW: the sub-tab shown, whose image counts
     settings: dict            # ControlUnit field -> component
     preview: gr.Image
     show: gr.Button           # runs the preprocessor into `preview`
 
     def page(self, number: int) -> dict:
         return {f"unit{number}_enabled": self.enabled, f"unit{number}_upload": self.upload,
-                f"unit{number}_sketch": self.sketch,
+                f"unit{number}_sketch": self.sketch, f"unit{number}_source": self.source,
                 **{f"unit{number}_{name}": component for name, component in self.settings.items()}}
 
 
@@ -71,14 +96,16 @@ def _unit_panel(context: StudioContext, number: int) -> UnitPanel:
     with gr.Row():
         with gr.Column():
             with gr.Tabs():
-                with gr.Tab("Upload"):
+                with gr.Tab("Upload", id=f"controlnet-{number}-upload-tab") as upload_tab:
                     upload = gr.Image(label="Control image", type="pil", height=220,
                                       elem_id=f"controlnet-{number}-upload")
-                with gr.Tab("Draw", id=f"controlnet-{number}-draw"):
-                    sketch = gr.Sketchpad(label="Draw: pick the brush, black on white (the invert preprocessor makes it a scribble)",
-                                          type="pil", height=300, canvas_size=(256, 256), elem_id=f"controlnet-{number}-sketch",
-                                          brush=gr.Brush(colors=["#000000"], color_mode="fixed", default_size=6),
-                                          layers=False)
+                with gr.Tab("Draw", id=f"controlnet-{number}-draw") as draw_tab:
+                    sketch = gr.Sketchpad(label="Sketch", type="pil", height=300, canvas_size=(256, 256),
+                                          elem_id=f"controlnet-{number}-sketch", layers=False,
+                                          brush=gr.Brush(colors=["#000000"], color_mode="fixed", default_size=6))
+                    gr.Markdown("Pick the brush and draw black on white: drawing picks the *invert* preprocessor, "
+                                "which makes the drawing a scribble (white lines on black).")
+            source = gr.State(UPLOAD)     # the sub-tab shown, whose image the unit uses
         with gr.Column():
             preview = gr.Image(label="Preprocessed (what the ControlNet reads)", interactive=False, height=220,
                                elem_id=f"controlnet-{number}-preview", elem_classes=["studio-pixels"], format="png")
@@ -105,7 +132,8 @@ def _unit_panel(context: StudioContext, number: int) -> UnitPanel:
     settings = {"preprocessor": preprocessor, "model": model, "weight": weight, "start": start, "end": end,
                 "control_mode": control_mode, "resize_mode": resize_mode, "pixel_perfect": pixel_perfect,
                 "processor_resolution": resolution}
-    panel = UnitPanel(enabled=enabled, upload=upload, sketch=sketch, settings=settings, preview=preview, show=show)
+    panel = UnitPanel(enabled=enabled, upload=upload, sketch=sketch, source=source, settings=settings, preview=preview,
+                      show=show)
 
     def pick_preprocessor(name):
         paired = paired_preprocessor(name)
@@ -115,20 +143,23 @@ def _unit_panel(context: StudioContext, number: int) -> UnitPanel:
                 api_visibility="private", queue=False)
     sketch.change(lambda value: "invert" if sketch_image(value) is not None else gr.Dropdown(), sketch, preprocessor,
                   api_visibility="private", queue=False)
+    # The preview shows what the shown sub-tab holds: one made from the other sub-tab's image, or from an image
+    # since replaced, is dropped rather than left to mislead
+    upload_tab.select(lambda: (UPLOAD, None), outputs=[source, preview], api_visibility="private", queue=False)
+    draw_tab.select(lambda: (DRAW, None), outputs=[source, preview], api_visibility="private", queue=False)
+    for image in (upload, sketch):
+        image.change(lambda: None, outputs=preview, api_visibility="private", queue=False)
     return panel
 
 
 def _unit_values(values: dict, number: int) -> dict | None:
     """Unit `number`'s ControlUnit fields from the page's values (None: disabled)."""
     if not values.pop(f"unit{number}_enabled"):
-        for name in ("upload", "sketch", *UNIT_FIELDS):
+        for name in ("upload", "sketch", "source", *UNIT_FIELDS):
             values.pop(f"unit{number}_{name}")
         return None
-    upload, sketch = values.pop(f"unit{number}_upload"), values.pop(f"unit{number}_sketch")
-    image = upload if upload is not None else sketch_image(sketch)
-    if image is None:
-        raise ValueError(f"ControlNet unit {number} is enabled but has no control image: upload one or draw on its "
-                         "sketch pad (or untick it).")
+    image = shown_image(number, values.pop(f"unit{number}_source"), values.pop(f"unit{number}_upload"),
+                        values.pop(f"unit{number}_sketch"))
     unit = {name: values.pop(f"unit{number}_{name}") for name in UNIT_FIELDS}
     unit["processor_resolution"] = int(unit["processor_resolution"])
     return {"image": image, **unit}
@@ -202,16 +233,14 @@ def build_controlnet_tab(context: StudioContext, defaults: dict) -> GenerationTa
 
 def _wire_preview(tab: GenerationTab, panel: UnitPanel, number: int) -> None:
     @user_errors
-    def preview(upload, sketch, width, height, **settings):
-        image = upload if upload is not None else sketch_image(sketch)
-        if image is None:
-            raise gr.Error(f"Unit {number} has no control image yet: upload one or draw on the sketch pad.")
+    def preview(source, upload, sketch, width, height, **settings):
+        image = shown_image(number, source, upload, sketch)
         settings["processor_resolution"] = int(settings["processor_resolution"])
         settings["model"] = settings["model"] or "(preview only)"    # the preprocessor needs no model
         unit = ControlUnit(image=image, **settings)
         return unit.control_image(int(width), int(height))
 
-    inputs = {"upload": panel.upload, "sketch": panel.sketch, "width": tab.controls["width"],
+    inputs = {"source": panel.source, "upload": panel.upload, "sketch": panel.sketch, "width": tab.controls["width"],
               "height": tab.controls["height"], **panel.settings}
     panel.show.click(preview, inputs_kwargs=inputs, outputs=panel.preview, api_visibility="private")
 
@@ -219,22 +248,26 @@ def _wire_preview(tab: GenerationTab, panel: UnitPanel, number: int) -> None:
 def _build_xray(context: StudioContext, tab: GenerationTab) -> None:
     with gr.Accordion("Control X-ray: where the ControlNet pushes, step by step", open=False):
         gr.Markdown("Generates the first image of the current settings and records, at every step, the residuals "
-                    "the units add to the UNet: their mean magnitude per place (red: strong), summed over blocks, "
-                    "and per block. Move the start/end sliders or the weight and record again to see control fade "
-                    "in and out.")
+                    "the units add to the UNet: their mean magnitude per place, summed over blocks (the picture, "
+                    "dark to bright yellow on its colour bar), and per block (the plot). Colour each step from its "
+                    "weakest to its strongest place to see where it pushes, on one scale for all steps to see "
+                    "control fade, or by its change since the step before (red: stronger, blue: weaker). Move the "
+                    "start/end sliders or the weight and record again.")
         record = gr.Button("Record the X-ray", elem_id="controlnet-xray-button")
         with gr.Row():
             with gr.Column():
                 step = gr.Slider(0, 1, value=0, step=1, label="Step", elem_id="controlnet-xray-step")
+                scale = gr.Radio(XRAY_SCALES, value=XRAY_SCALES[0][1], label="Colour", elem_id="controlnet-xray-scale")
                 picture = gr.Image(label="Residual magnitude on the image", interactive=False, height=300,
                                    elem_id="controlnet-xray", elem_classes=["studio-pixels"], format="png")
+                legend = gr.Markdown(elem_id="controlnet-xray-legend")
             plot = gr.LinePlot(x="step", y="magnitude", color="block", label="Mean |residual| per block",
                                elem_id="controlnet-xray-plot")
         summary = gr.Markdown(elem_id="controlnet-xray-text")
         state = gr.State(None)
 
     @user_errors
-    def run(**values):
+    def run(xray_scale, **values):
         request = request_from_controls(tab.task, tab.own.to_fields(dict(values)))
         xray = control_xray(context.generator, request)
         rows = [{"step": index, "block": name, "magnitude": float(xray.blocks[index, k])}
@@ -243,15 +276,19 @@ def _build_xray(context: StudioContext, tab: GenerationTab) -> None:
         text = (f"{len(xray.maps)} steps; the units acted at steps {acting[0]}–{acting[-1]}." if acting else
                 f"{len(xray.maps)} steps; no unit acted (weight 0, or an empty start–end range).")
         last = len(xray.maps) - 1
-        return {state: xray, plot: pd.DataFrame(rows), summary: text, picture: xray.overlay(0),
+        shown = xray.view(0, xray_scale)
+        return {state: xray, plot: pd.DataFrame(rows), summary: text, picture: shown.image, legend: shown.legend,
                 step: gr.Slider(0, max(last, 1), value=0, step=1)}
 
-    def show(xray, index):
+    def show(xray, index, xray_scale):
         if xray is None:
-            return None
-        return xray.overlay(min(int(index), len(xray.maps) - 1))
+            return None, ""
+        shown = xray.view(min(int(index), len(xray.maps) - 1), xray_scale)
+        return shown.image, shown.legend
 
     inputs = {name: component for name, component in tab.controls.items() if component.visible} | tab.own.page
-    record.click(run, inputs_kwargs=inputs, outputs={state, plot, summary, picture, step}, api_visibility="private")
-    step.change(show, inputs=[state, step], outputs=picture, api_visibility="private", queue=False)
-
+    record.click(run, inputs_kwargs={"xray_scale": scale} | inputs,
+                 outputs={state, plot, summary, picture, legend, step}, api_visibility="private")
+    for changed in (step, scale):
+        changed.change(show, inputs=[state, step, scale], outputs=[picture, legend], api_visibility="private",
+                       queue=False)

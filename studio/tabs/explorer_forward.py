@@ -40,6 +40,7 @@ class ForwardTab:
     export_gif: gr.Button
     export_mp4: gr.Button
     animation: gr.File
+    animation_shown: gr.Image     # the GIF, playing on the page
 
     @property
     def view(self) -> set:
@@ -83,13 +84,16 @@ def layout_forward() -> ForwardTab:
     with gr.Row():
         closed_mean = gr.Image(label="Mean over draws: closed form", interactive=False, height=200, **PIXELS)
         chain_mean = gr.Image(label="Mean over draws: Markov chain", interactive=False, height=200, **PIXELS)
-        moments = gr.Markdown(elem_id="explorer-forward-moments")
-    animation = gr.File(label="Animation", elem_id="explorer-forward-file")
+    # its own row: beside the two images its columns were too narrow for their headers ("in theor / y")
+    moments = gr.Markdown(elem_id="explorer-forward-moments")
+    with gr.Row():
+        animation_shown = gr.Image(label="The GIF", interactive=False, height=256, elem_id="explorer-forward-gif-shown")
+        animation = gr.File(label="Animation (download)", elem_id="explorer-forward-file")
     return ForwardTab(inputs={"image": image, "schedule_names": schedules, "num_steps": num_steps, "t": t,
                               "seed": seed},
                       pixel=pixel, latent=latent, caption=caption, plot=plot, histogram=histogram, markov=markov,
                       closed_mean=closed_mean, chain_mean=chain_mean, moments=moments, export_gif=export_gif,
-                      export_mp4=export_mp4, animation=animation)
+                      export_mp4=export_mp4, animation=animation, animation_shown=animation_shown)
 
 
 def forward_handler(explorer: Explorer, tab: ForwardTab):
@@ -178,8 +182,9 @@ def _wire_forward_export(explorer: Explorer, tab: ForwardTab) -> None:
     def exporter(suffix: str) -> Callable[..., dict]:
         @user_errors
         def export_forward(**values) -> dict:
-            return {tab.animation: str(explorer.export_forward(**values, suffix=suffix))}
+            path = str(explorer.export_forward(**values, suffix=suffix))
+            return {tab.animation: path} | ({tab.animation_shown: path} if suffix == ".gif" else {})
         return export_forward
 
     for button, suffix in ((tab.export_gif, ".gif"), (tab.export_mp4, ".mp4")):
-        button.click(exporter(suffix), inputs_kwargs=inputs, outputs={tab.animation}, **PRIVATE)
+        button.click(exporter(suffix), inputs_kwargs=inputs, outputs={tab.animation, tab.animation_shown}, **PRIVATE)

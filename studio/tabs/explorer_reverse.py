@@ -26,7 +26,9 @@ from studio.tabs.explorer_compare import ComparePanel, layout_compare, wire_comp
 from studio.tabs.explorer_shared import DEVICE_QUEUE, PIXELS, PRIVATE, follow, formulas_markdown, reverse_request
 from studio.tabs.explorer_speculative import SpeculativePanel, layout_speculative, wire_speculative
 
-PLAY_INTERVAL_S = 0.6
+# 8 frames/s, the export's default. Each tick is one event that brings its step's views (a tick is dropped while
+# the last one is pending, so a slow device plays slower, never queues up ticks)
+PLAY_INTERVAL_S = 0.125
 NOISE_CHOICES = [("ε_u (negative prompt)", "eps_uncond"), ("ε_c (prompt)", "eps_cond"),
                  ("ε̂ (guided)", "eps_guided")]
 EXPORT_CHOICES = [("x_t", "x_t"), ("x̂_0", "x0_pred"), ("ε_u", "eps_uncond"), ("ε_c", "eps_cond"),
@@ -73,6 +75,7 @@ class TraceExport:
     gif: gr.Button
     mp4: gr.Button
     file: gr.File
+    shown: gr.Image       # the GIF, playing on the page
 
 
 @dataclass
@@ -139,10 +142,7 @@ def _layout_player() -> Player:
         play = gr.Button("▶ Play", scale=0, min_width=80, elem_id="explorer-play")
         pause = gr.Button("Pause", scale=0, min_width=80, elem_id="explorer-pause")
         following = gr.Button("Step +", scale=0, min_width=80, elem_id="explorer-step-next")
-    noise_kind = gr.Radio(NOISE_CHOICES, value="eps_guided", label="Noise prediction shown",
-                          elem_id="explorer-noise-kind")
-    info = gr.Markdown(label="The step shown", elem_id="explorer-step-info")
-    with gr.Row():
+    with gr.Row():   # right under the slider, so that a recorded run plays above the fold
         x_t = gr.Image(label="x_t (what the UNet sees)", interactive=False, height=256, elem_id="explorer-frame",
                        **PIXELS)
         x0_pred = gr.Image(label="x̂_0 (its guess of the clean image)", interactive=False, height=256, **PIXELS,
@@ -150,6 +150,10 @@ def _layout_player() -> Player:
         noise = gr.Image(label="Noise prediction, |ε| per pixel", interactive=False, height=256, **PIXELS,
                          elem_id="explorer-noise")
         final = gr.Image(label="Final image", interactive=False, height=256, elem_id="explorer-final", **PIXELS)
+    with gr.Row():
+        info = gr.Markdown(label="The step shown", elem_id="explorer-step-info")
+        noise_kind = gr.Radio(NOISE_CHOICES, value="eps_guided", label="Noise prediction shown",
+                              elem_id="explorer-noise-kind")
     return Player(step=step, previous=previous, play=play, pause=pause, following=following, noise_kind=noise_kind,
                   info=info, x_t=x_t, x0_pred=x0_pred, noise=noise, final=final,
                   timer=gr.Timer(PLAY_INTERVAL_S, active=False), playing=gr.State(False))
@@ -184,8 +188,10 @@ def _layout_trace_export() -> TraceExport:
         fps = gr.Slider(1, 30, value=8, step=1, label="Frames per second")
         gif = gr.Button("Export GIF", elem_id="explorer-export-gif")
         mp4 = gr.Button("Export MP4", elem_id="explorer-export-mp4")
-    file = gr.File(label="Animation", elem_id="explorer-export-file")
-    return TraceExport(kind=kind, fps=fps, gif=gif, mp4=mp4, file=file)
+    with gr.Row():
+        shown = gr.Image(label="The GIF", interactive=False, height=256, elem_id="explorer-export-preview")
+        file = gr.File(label="Animation (download)", elem_id="explorer-export-file")
+    return TraceExport(kind=kind, fps=fps, gif=gif, mp4=mp4, file=file, shown=shown)
 
 
 # ----------------------------------------------------------------------------- wiring
@@ -196,7 +202,7 @@ def wire_reverse(context: StudioContext, explorer: Explorer, tab: ReverseTab) ->
     _wire_record(explorer, tab)
     _wire_stop(context, tab)
     _wire_scrub(explorer, tab)
-    _wire_playback(tab)
+    _wire_playback(explorer, tab)
     _wire_branch(explorer, tab)
     wire_compare(explorer, tab.compare, reverse_settings=tab.settings, job_id=tab.job_id)
     wire_speculative(explorer, tab.speculative, reverse_settings=tab.settings, job_id=tab.job_id)
@@ -259,47 +265,55 @@ def _wire_scrub(explorer: Explorer, tab: ReverseTab) -> None:
                     player.info: "Record a run to scrub through its steps."}
         return _views(player, explorer.step_views(trace, step, noise_kind))
 
+    # the user's moves of the slider; a handler that moves it (the step buttons, playback, a branch scrubbed)
+    # returns the step's views with it: one event per step shown, not a second one chained on the slider's change
     shown = {"trace": tab.trace, "step": player.step, "noise_kind": player.noise_kind}
-    for trigger in (player.step.change, player.noise_kind.change):
+    for trigger in (player.step.input, player.noise_kind.change):
         trigger(render_step, inputs_kwargs=shown, outputs=player.views, **PRIVATE, **DEVICE_QUEUE)
 
     def stepper(delta: int) -> Callable[..., dict]:
-        def move(trace, step) -> dict:
+        @user_errors
+        def move(trace, step, noise_kind) -> dict:
             if trace is None:
                 return {player.step: gr.skip()}
-            return {player.step: max(0, min(int(step) + delta, trace.num_steps - 1))}
+            moved = max(0, min(int(step) + delta, trace.num_steps - 1))
+            return {player.step: moved, **_views(player, explorer.step_views(trace, moved, noise_kind))}
         return move
 
-    position = {"trace": tab.trace, "step": player.step}
-    player.previous.click(stepper(-1), inputs_kwargs=position, outputs={player.step}, **PRIVATE)
-    player.following.click(stepper(+1), inputs_kwargs=position, outputs={player.step}, **PRIVATE)
+    for button, delta in ((player.previous, -1), (player.following, +1)):
+        button.click(stepper(delta), inputs_kwargs=shown, outputs={player.step, *player.views}, **PRIVATE,
+                     **DEVICE_QUEUE)
 
 
-def _wire_playback(tab: ReverseTab) -> None:
+def _wire_playback(explorer: Explorer, tab: ReverseTab) -> None:
     player = tab.player
 
-    def start_playing(trace, step) -> dict:
+    @user_errors
+    def start_playing(trace, step, noise_kind) -> dict:
         if trace is None:
             raise gr.Error("Record a run first, then play it.")
-        at_end = int(step) >= trace.num_steps - 1
-        return {player.timer: gr.Timer(active=True), player.playing: True, player.step: 0 if at_end else gr.skip()}
+        playing = {player.timer: gr.Timer(active=True), player.playing: True}
+        if int(step) < trace.num_steps - 1:
+            return playing
+        return playing | {player.step: 0, **_views(player, explorer.step_views(trace, 0, noise_kind))}
 
     def stop_playing() -> dict:
         return {player.timer: gr.Timer(active=False), player.playing: False}
 
-    def tick(trace, step, playing) -> dict:
+    @user_errors
+    def tick(trace, step, playing, noise_kind) -> dict:
         if not playing or trace is None:
             return stop_playing()
-        following = int(step) + 1
-        if following >= trace.num_steps - 1:  # show the last step, then stop
-            return {player.step: min(following, trace.num_steps - 1), **stop_playing()}
-        return {player.step: following}
+        following = min(int(step) + 1, trace.num_steps - 1)
+        shown = {player.step: following, **_views(player, explorer.step_views(trace, following, noise_kind))}
+        return shown | (stop_playing() if following == trace.num_steps - 1 else {})   # the last step, then stop
 
-    player.play.click(start_playing, inputs_kwargs={"trace": tab.trace, "step": player.step},
-                      outputs={player.timer, player.playing, player.step}, **PRIVATE)
+    position = {"trace": tab.trace, "step": player.step, "noise_kind": player.noise_kind}
+    player.play.click(start_playing, inputs_kwargs=position,
+                      outputs={player.timer, player.playing, player.step, *player.views}, **PRIVATE, **DEVICE_QUEUE)
     player.pause.click(stop_playing, outputs={player.timer, player.playing}, **PRIVATE)
-    player.timer.tick(tick, inputs_kwargs={"trace": tab.trace, "step": player.step, "playing": player.playing},
-                      outputs={player.step, player.timer, player.playing}, **PRIVATE)
+    player.timer.tick(tick, inputs_kwargs=position | {"playing": player.playing},
+                      outputs={player.step, *player.views, player.timer, player.playing}, **PRIVATE, **DEVICE_QUEUE)
 
 
 def _wire_branch(explorer: Explorer, tab: ReverseTab) -> None:
@@ -324,14 +338,16 @@ def _wire_branch(explorer: Explorer, tab: ReverseTab) -> None:
                                 tab.branched},
                        **PRIVATE, **DEVICE_QUEUE)
 
-    def scrub_the_branch(branched) -> dict:
+    @user_errors
+    def scrub_the_branch(branched, noise_kind) -> dict:
         if branched is None:
             raise gr.Error("Make a branch first.")
-        return {tab.trace: branched, player.step: _step_slider(branched, branched.branched_at or 0),
-                player.final: branched.final_image}
+        step = branched.branched_at or 0
+        return {tab.trace: branched, player.step: _step_slider(branched, step), player.final: branched.final_image,
+                **_views(player, explorer.step_views(branched, step, noise_kind))}
 
-    panel.scrub.click(scrub_the_branch, inputs_kwargs={"branched": tab.branched},
-                      outputs={tab.trace, player.step, player.final}, **PRIVATE)
+    panel.scrub.click(scrub_the_branch, inputs_kwargs={"branched": tab.branched, "noise_kind": player.noise_kind},
+                      outputs={tab.trace, player.step, player.final, *player.views}, **PRIVATE)
 
 
 def _branch_summary(trace: Trace, branched: Trace) -> str:
@@ -349,9 +365,10 @@ def _wire_trace_export(explorer: Explorer, tab: ReverseTab) -> None:
     def exporter(suffix: str) -> Callable[..., dict]:
         @user_errors
         def export_trace(trace, kind, fps) -> dict:
-            return {panel.file: str(explorer.export_trace(trace, kind, fps=fps, suffix=suffix))}
+            path = str(explorer.export_trace(trace, kind, fps=fps, suffix=suffix))
+            return {panel.file: path} | ({panel.shown: path} if suffix == ".gif" else {})   # a GIF plays on the page
         return export_trace
 
     for button, suffix in ((panel.gif, ".gif"), (panel.mp4, ".mp4")):
         button.click(exporter(suffix), inputs_kwargs={"trace": tab.trace, "kind": panel.kind, "fps": panel.fps},
-                     outputs={panel.file}, **PRIVATE, **DEVICE_QUEUE)
+                     outputs={panel.file, panel.shown}, **PRIVATE, **DEVICE_QUEUE)

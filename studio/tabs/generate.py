@@ -41,6 +41,8 @@ from studio.errors import name_input_errors, user_errors
 # Progress shows in the status line and the previews; Gradio's own overlay is off because it replaces
 # the shown images with "Error" badges when a generation fails, and the last images should stay.
 JOB_QUEUE = {"concurrency_id": "jobs", "concurrency_limit": 16, "show_progress": "hidden"}
+# how a status line starts that tells a failure (app.py clears it once a model is loaded again)
+FAILED = "**Failed:**"
 
 
 @dataclass
@@ -188,8 +190,11 @@ def build_generation_tab(context: StudioContext, task: str, defaults: dict,
                 controls["seed"] = gr.Number(value=-1, precision=0, label="Seed",
                                              info="-1 draws one; image i of a batch uses seed + i",
                                              elem_id=f"{task}-seed")
-                dice = gr.Button("🎲", scale=0, min_width=48)
-                reuse = gr.Button("♻️", scale=0, min_width=48)
+                # icons drawn by the page's CSS (app.py), not emoji: those need an emoji font
+                dice = gr.Button("", scale=0, min_width=48, elem_id=f"{task}-random-seed",
+                                 elem_classes=["studio-icon-dice"])
+                reuse = gr.Button("", scale=0, min_width=48, elem_id=f"{task}-reuse-seed",
+                                  elem_classes=["studio-icon-reuse"])
             with gr.Row():
                 controls["batch_size"] = gr.Slider(1, MAX_BATCH, value=1, step=1, precision=0, label="Batch size")
                 controls["batch_count"] = gr.Slider(1, 16, value=1, step=1, precision=0, label="Batch count",
@@ -307,7 +312,7 @@ def wire_resume(app: gr.Blocks, context: StudioContext, tab: GenerationTab) -> N
             yield {tab.status: "The job this page started last belongs to another session; it is not shown."}
             return
         if job.state is JobState.FAILED:   # its error was shown when it happened
-            yield {tab.job_id: job.id, tab.status: "The last generation of this page failed."}
+            yield {tab.job_id: job.id, tab.status: f"{FAILED} the last generation of this page did not finish."}
             return
         yield from follow_job(tab, job)
 
@@ -337,7 +342,7 @@ def _job_results(tab: GenerationTab, job: Job) -> Iterator[dict]:
         yield {tab.status: "Stopped before it started."}
         return
     except Exception as error:      # said in the status line too, then raised for the error boundary
-        yield {tab.status: f"**Failed:** {error}"}
+        yield {tab.status: f"{FAILED} {error}"}
         raise
     if done is None:
         yield {tab.status: "That generation finished a while ago; its images are in the outputs folder."}

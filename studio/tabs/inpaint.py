@@ -8,6 +8,8 @@ really sees, on its latent grid.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gradio as gr
 import numpy as np
 from PIL import Image
@@ -19,6 +21,8 @@ from studio.context import StudioContext
 from studio.errors import user_errors
 from studio.tabs.generate import (GenerationTab, TaskControls, build_generation_tab, request_from_controls,
                                   wire_generation)
+
+EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "assets" / "examples"   # the explorer's example pictures
 
 
 def editor_image_and_mask(value) -> tuple[Image.Image | None, Image.Image | None]:
@@ -63,6 +67,10 @@ def _inpaint_controls() -> TaskControls:
     # image_mode None keeps a mask's alpha: transparent with painted strokes, or grey (white = repaint)
     mask_upload = gr.Image(label="…or upload a mask (white = repaint)", type="pil", image_mode=None,
                            elem_id="inpaint-mask", height=140)
+    examples = sorted(EXAMPLES_DIR.glob("*.png")) if EXAMPLES_DIR.is_dir() else []
+    if examples:
+        gr.Examples([[str(path)] for path in examples], inputs=[editor], label="Example pictures (then paint on one)",
+                    elem_id="inpaint-examples")
     with gr.Row():
         mask_blur = gr.Slider(0, MAX_MASK_BLUR, value=4, step=1, precision=0, label="Mask blur (px)",
                               info="the feather of the paste-back, outside the mask")

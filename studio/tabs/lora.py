@@ -27,12 +27,14 @@ from studio.errors import user_errors
 PLOT_EVERY_S = 1.0           # the loss plot is redrawn at most this often
 SMOOTHING = 0.9              # exponential moving average of the loss, for the smoothed curve
 QUEUE = {"concurrency_id": "jobs", "concurrency_limit": 16, "show_progress": "hidden"}
+THUMBNAIL_PX = 96            # the side of the dropped images' thumbnails
 
 
 @dataclass
 class LoraTab:
     files: gr.File
     folder: gr.Textbox
+    thumbnails: gr.Gallery         # the images the training will read, small
     captions: gr.Dataframe
     settings: dict                 # LoraTrainingRequest field -> control
     train: gr.Button
@@ -73,6 +75,8 @@ def _layout() -> LoraTab:
         with gr.Column(scale=2):
             files = gr.File(file_count="multiple", label="Images (or a .zip; a .txt of the same name is the caption)",
                             elem_id="lora-files")
+            thumbnails = gr.Gallery(label="The images", columns=8, height="auto", allow_preview=False,
+                                    interactive=False, elem_id="lora-thumbnails", format="png")
             folder = gr.Textbox(label="…or a dataset folder under models/", placeholder="datasets/my-style",
                                 elem_id="lora-folder")
             captions = gr.Dataframe(headers=["file", "caption"], datatype=["str", "str"], column_count=(2, "fixed"),
@@ -114,19 +118,27 @@ def _layout() -> LoraTab:
                                  elem_classes=["studio-pixels"], format="png")
             result = gr.JSON(label="Result", elem_id="lora-result")
             job_id = gr.Textbox(visible=False, label="Job id")
-    return LoraTab(files=files, folder=folder, captions=captions, settings=settings, train=train, pause=pause, resume=resume,
-                   stop=stop, status=status, loss=loss, samples=samples, result=result, job_id=job_id,
+    return LoraTab(files=files, folder=folder, thumbnails=thumbnails, captions=captions, settings=settings,
+                   train=train, pause=pause, resume=resume, stop=stop, status=status, loss=loss, samples=samples,
+                   result=result, job_id=job_id,
                    saved_job=gr.BrowserState(None, storage_key="diffusion-studio-lora-job"))
 
 
 def _wire_dataset(context: StudioContext, tab: LoraTab) -> None:
     @user_errors
-    def show_captions(files, folder):
+    def show_dataset(files, folder):
         paths = files or (dataset_folder(folder, context.models.models_dir) if folder else [])
-        return [[item.name, item.caption] for item in read_dataset(paths)] if paths else []
+        items = read_dataset(paths) if paths else []
+        thumbnails = []
+        for item in items:
+            thumbnail = item.image.copy()
+            thumbnail.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+            thumbnails.append((thumbnail, item.name))
+        return [[item.name, item.caption] for item in items], thumbnails
 
     for trigger in (tab.files.change, tab.folder.submit):
-        trigger(show_captions, inputs=[tab.files, tab.folder], outputs=tab.captions, api_visibility="private")
+        trigger(show_dataset, inputs=[tab.files, tab.folder], outputs=[tab.captions, tab.thumbnails],
+                api_visibility="private")
 
 
 def training_request(files, captions, settings: dict) -> LoraTrainingRequest:

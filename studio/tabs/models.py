@@ -19,6 +19,7 @@ DEVICE_QUEUE = {"concurrency_id": "device", "concurrency_limit": 1}
 @dataclass
 class ModelsTab:
     loaded: object     # the Load event: app.py chains what follows a successful load (the tabs' defaults)
+    status: gr.Markdown    # the same figures as the page's header, written with it
 
 
 def local_choices(context: StudioContext) -> list[str]:
@@ -48,7 +49,7 @@ def build_models_tab(context: StudioContext, *, header: gr.Markdown) -> ModelsTa
     mode = gr.Radio(MODE_CHOICES, value=context.models.memory.requested_mode, label="Memory mode (GPU only)",
                     info="high: all on GPU · balanced: model offload · low: + attention slicing, VAE tiling · "
                          "sequential: layer-by-layer offload")
-    status = gr.Markdown(context.status_markdown(), label="Model and memory", elem_id="models-status")
+    status = gr.Markdown(header.value, label="Model and memory", elem_id="models-status")   # one reading
     statuses = {status, header}
 
     def both(markdown: str) -> dict:
@@ -71,14 +72,23 @@ def build_models_tab(context: StudioContext, *, header: gr.Markdown) -> ModelsTa
     @user_errors
     def change_mode(choice):
         if context.models.memory.device.type != "cuda":
-            gr.Info("Memory modes apply to CUDA GPUs; on this device everything stays where it is.")
+            gr.Info(f"Memory modes apply to CUDA GPUs; on {context.models.memory.device.type} everything stays "
+                    "where it is, so the mode is left as it was.")
+            return both(context.status_markdown())
         context.models.set_memory_mode(choice)
         return both(context.status_markdown())
 
-    loaded = load.click(load_model, inputs=[picker, custom], outputs=statuses, api_name="load_model", **DEVICE_QUEUE)
+    # A failure is told in its toast and marked on this tab's status alone (until the next Load, Unload or mode
+    # change here), never on the header over every tab, where it outlived any later success.
+    on_status = {"show_progress_on": status, **DEVICE_QUEUE}
+    loaded = load.click(load_model, inputs=[picker, custom], outputs=statuses, api_name="load_model", **on_status)
     # whatever happened (a failed load keeps the model that was there), the status says what is loaded now
-    loaded.then(lambda: both(context.status_markdown()), outputs=statuses, api_visibility="private")
-    unload.click(unload_model, outputs=statuses, api_name="unload_model", **DEVICE_QUEUE)
-    mode.change(change_mode, inputs=mode, outputs=statuses, api_visibility="private", **DEVICE_QUEUE)
+    loaded.then(lambda: both(context.status_markdown()), outputs=statuses, api_visibility="private",
+                show_progress="hidden")
+    unload.click(unload_model, outputs=statuses, api_name="unload_model", **on_status)
+    # `input`, not `change`: putting the radio back below is no new choice. Whatever happened (a CPU, a training
+    # that holds the model), the radio then shows the mode asked for and in force.
+    mode.input(change_mode, inputs=mode, outputs=statuses, api_visibility="private", **on_status).then(
+        lambda: context.models.memory.requested_mode, outputs=mode, api_visibility="private", show_progress="hidden")
     refresh.click(lambda: gr.Dropdown(choices=local_choices(context)), outputs=picker, api_visibility="private")
-    return ModelsTab(loaded=loaded)
+    return ModelsTab(loaded=loaded, status=status)

@@ -4,6 +4,7 @@ what it cannot do without."""
 from __future__ import annotations
 
 import re
+import threading
 
 import numpy as np
 import pytest
@@ -104,6 +105,7 @@ def test_every_public_endpoint_answers_with_only_its_required_arguments(server, 
     from gradio_client.exceptions import AppError
 
     from pipelines.io.metadata import parse_infotext
+    from pipelines.lora.train_request import LossPoint
 
     url, context = server
     monkeypatch.setattr(context.models, "models_dir", tmp_path / "models")   # the trained LoRA lands here
@@ -148,6 +150,7 @@ def test_every_public_endpoint_answers_with_only_its_required_arguments(server, 
 
     def train_lora(out) -> None:
         assert out["Result"]["file"] == "models/lora/my-lora.safetensors" and out["Result"]["steps"] > 0
+        assert out["Result"]["stopped"] and stopped_at and out["Result"]["steps"] >= stopped_at[0]
         assert (tmp_path / "models" / "lora" / "my-lora.safetensors").exists() and "Saved" in out["Status"]
 
     def png_info(out) -> None:
@@ -196,6 +199,24 @@ def test_every_public_endpoint_answers_with_only_its_required_arguments(server, 
     }
     assert set(endpoints) == set(checks), "public endpoints this test does not know, or no longer served: " \
         f"{set(endpoints) ^ set(checks)}"
+    # The training's defaults (300 steps) are the page's; this test is about the call, so the run is stopped at its
+    # first loss point (the result is then a saved LoRA that says it was stopped) instead of taking half a minute
+    stopped_at: list[int] = []
+    submit = context.worker.submit
+
+    def stop_at_the_first_step(work, **options):
+        job = submit(work, **options)
+        if options["kind"] == "train-lora":
+            def follow():
+                for event in job.events():
+                    if isinstance(event, LossPoint):
+                        stopped_at.append(event.step)
+                        job.cancel()
+                        return
+            threading.Thread(target=follow, daemon=True).start()
+        return job
+
+    monkeypatch.setattr(context.worker, "submit", stop_at_the_first_step)
     for name, check in checks.items():
         if name == "/controlnet":
             context.models.load("embedded")

@@ -13,6 +13,7 @@ from PIL import Image
 from tests.test_server import _page_on_tab, _tiny_controlnet, browser, server  # noqa: F401 (module fixtures)
 
 RANGE = r"[-+\d.e]+ to [-+\d.e]+"     # a legend's "0.12 to 3.4"
+XRAY = "#controlnet-xray img"
 
 
 def _seeing_controlnet(context, tiny_model_dir, tmp_path, monkeypatch) -> str:
@@ -46,12 +47,16 @@ def _set_steps(page, steps: int) -> None:
     box.press("Enter")
 
 
-def _shown(locator) -> np.ndarray:
-    """The picture an <img> shows (the file it was served), in grey."""
-    locator.wait_for(state="visible", timeout=60_000)
-    locator.page.wait_for_function("e => e.complete && e.naturalWidth > 0", arg=locator.element_handle())
-    served = locator.page.request.get(locator.evaluate("e => e.src")).body()
-    return np.asarray(Image.open(io.BytesIO(served)).convert("L"), dtype=np.float32)
+def _shown(page, selector: str, *, replacing: str | None = None) -> tuple[np.ndarray, str]:
+    """The picture the <img> at `selector` shows (the file it was served), in grey, and its address; with
+    `replacing`, once it shows another file than that one (the legend beside it can be drawn first)."""
+    page.wait_for_function("""([selector, old]) => {
+        const image = document.querySelector(selector);
+        return image !== null && image.complete && image.naturalWidth > 0 && image.src !== old;
+    }""", arg=[selector, replacing], timeout=60_000)
+    address = page.evaluate("selector => document.querySelector(selector).src", selector)
+    served = page.request.get(address).body()
+    return np.asarray(Image.open(io.BytesIO(served)).convert("L"), dtype=np.float32), address
 
 
 def _draw_a_circle(page, unit: int = 0) -> None:
@@ -98,7 +103,7 @@ def test_browser_uses_the_drawing_when_the_draw_tab_shows_though_an_image_is_upl
     _draw_a_circle(page)
 
     page.locator("#controlnet-0-preview-button").click()
-    preview = _shown(page.locator("#controlnet-0-preview img"))
+    preview, _ = _shown(page, "#controlnet-0-preview img")
     right = preview[:, preview.shape[1] // 2:]
     # the drawing inverted is a white ring on black; the upload inverted would be white on the whole right half
     assert right.mean() < 100, f"the preview shows the uploaded image (right half mean {right.mean():.0f})"
@@ -161,12 +166,13 @@ def test_browser_xray_shows_each_step_on_a_colour_scale_with_a_legend(
 
     legend = page.locator("#controlnet-xray-legend")
     legend.get_by_text(f"Step 0 of {final}").wait_for(timeout=30_000)
-    first, first_range = _shown(page.locator("#controlnet-xray img")), re.search(RANGE, legend.inner_text())[0]
+    (first, first_address), first_range = _shown(page, XRAY), re.search(RANGE, legend.inner_text())[0]
     step = page.locator("#controlnet-xray-step input[type=number]")
     step.fill(str(final))
     step.press("Enter")
     legend.get_by_text(f"Step {final} of {final}").wait_for(timeout=30_000)
-    last, last_range = _shown(page.locator("#controlnet-xray img")), re.search(RANGE, legend.inner_text())[0]
+    (last, last_address), last_range = (_shown(page, XRAY, replacing=first_address),
+                                        re.search(RANGE, legend.inner_text())[0])
     assert first_range != last_range           # the legend names each step's own range
     for shown in (first, last):       # each step's map (left of its colour bar) spans dark to bright
         on_image = shown[:, : shown.shape[0]]
@@ -174,6 +180,6 @@ def test_browser_xray_shows_each_step_on_a_colour_scale_with_a_legend(
 
     page.get_by_label("Change from the previous step").check()
     legend.get_by_text(f"change since step {final - 1}").wait_for(timeout=30_000)
-    change = _shown(page.locator("#controlnet-xray img"))
+    change, _ = _shown(page, XRAY, replacing=last_address)
     assert change.shape == last.shape and np.abs(change - last).mean() > 2
     page.close()

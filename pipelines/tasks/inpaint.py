@@ -220,13 +220,18 @@ class InpaintRequest(SamplingSettings):
     def as_inpainting(self) -> "InpaintRequest":
         return self
 
+    def generated_canvas(self, image: Image.Image) -> np.ndarray:
+        """The input image with the generated region (`image`, at the processing size) resized into its box."""
+        canvas = np.asarray(self.init_image.convert("RGB")).copy()
+        left, top, right, bottom = self.box()
+        canvas[top:bottom, left:right] = np.asarray(
+            image.convert("RGB").resize((right - left, bottom - top), Image.Resampling.LANCZOS))
+        return canvas
+
     def composite(self, image: Image.Image) -> Image.Image:
         """The generated region pasted back into the original through `paste_alpha`."""
         original = np.asarray(self.init_image.convert("RGB"))
-        left, top, right, bottom = self.box()
-        generated = original.copy()
-        generated[top:bottom, left:right] = np.asarray(
-            image.convert("RGB").resize((right - left, bottom - top), Image.Resampling.LANCZOS))
+        generated = self.generated_canvas(image)
         alpha = self.paste_alpha()[..., None]
         blended = np.round(original * (1.0 - alpha) + generated * alpha).astype(np.uint8)
         return Image.fromarray(np.where(alpha > 0, blended, original))

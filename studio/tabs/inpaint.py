@@ -8,6 +8,7 @@ really sees, on its latent grid.
 
 from __future__ import annotations
 
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import gradio as gr
@@ -16,13 +17,16 @@ from PIL import Image
 
 from pipelines.tasks.inpaint import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, MAX_MASK_BLUR, MAX_PADDING
 from pipelines.tasks.masks import mask_xray
-from pipelines.tasks.outpaint import MAX_EXTEND, PREFILLS
+from pipelines.tasks.outpaint import MAX_EXTEND, PREFILLS, OutpaintRequest
 from studio.context import StudioContext
 from studio.errors import user_errors
 from studio.tabs.generate import (GenerationTab, TaskControls, build_generation_tab, request_from_controls,
                                   wire_generation)
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "assets" / "examples"   # the explorer's example pictures
+
+
+OUTPAINT_DEFAULTS = {item.name: item.default for item in fields(OutpaintRequest) if item.default is not MISSING}
 
 
 def editor_image_and_mask(value) -> tuple[Image.Image | None, Image.Image | None]:
@@ -125,16 +129,19 @@ def _build_outpaint(context: StudioContext, tab: GenerationTab) -> None:
             sides = {side: gr.Slider(0, MAX_EXTEND, value=0, step=8, precision=0,
                                      label=f"{side.capitalize()} (px)") for side in ("left", "right", "top", "bottom")}
         with gr.Row():
-            prefill = gr.Radio(list(PREFILLS), value="blur", label="Pre-fill the new area",
-                               info="edge: stretch the border pixels; blur: blurred surroundings")
-            overlap = gr.Slider(0, 64, value=8, step=1, precision=0, label="Overlap (px)",
-                                info="a band of the original repainted with the new area; the original comes back")
+            prefill = gr.Radio(list(PREFILLS), value=OUTPAINT_DEFAULTS["prefill"], label="Pre-fill the new area",
+                               info="what it starts from next to the original: edge: the border pixels stretched; "
+                                    "blur: blurred surroundings")
+            overlap = gr.Slider(0, 64, value=OUTPAINT_DEFAULTS["overlap"], step=1, precision=0, label="Overlap (px)",
+                                info="the feather starts this far inside the original (which comes back as it was)")
         with gr.Row():   # its own: outpainting wants other defaults than inpainting
-            area = gr.Radio(list(INPAINT_AREAS), value="Only masked", label="Inpaint area",
-                            info="only masked: the new side's box at the model's size")
-            blur = gr.Slider(0, MAX_MASK_BLUR, value=8, step=1, precision=0, label="Feather (px)",
-                             info="the new area fades in from the pre-fill over this")
-            strength = gr.Slider(0.0, 1.0, value=0.9, step=0.01, label="Denoising strength")
+            area = gr.Radio(list(INPAINT_AREAS), value=OUTPAINT_DEFAULTS["inpaint_area"], label="Inpaint area",
+                            info="only masked: the new side's box, at the model's scale")
+            blur = gr.Slider(0, MAX_MASK_BLUR, value=OUTPAINT_DEFAULTS["mask_blur"], step=1, precision=0,
+                             label="Feather (px)", info="next to the original the new area joins the denoising "
+                                                        "gradually over this, and its colours meet the original's")
+            strength = gr.Slider(0.0, 1.0, value=OUTPAINT_DEFAULTS["strength"], step=0.01, label="Denoising strength",
+                                 info="1: the new area starts from fresh noise")
             outpaint = gr.Button("Outpaint", variant="primary", elem_id="outpaint-generate")
     shared = {name: tab.controls[name] for name in tab.controls if name not in tab.own.fields}
     controls = shared | sides | {"init_image": tab.controls["init_image"], "prefill": prefill, "overlap": overlap,

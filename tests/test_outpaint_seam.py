@@ -61,6 +61,25 @@ def test_the_composite_meets_the_original_and_keeps_what_was_generated_as_sharp_
     assert np.array_equal(result[:, 81:], generated[:, 81:])                  # beyond the feather: as generated
 
 
+def test_png_info_restores_every_outpainting_setting():
+    """Every field the outpainting page sets is written to the infotext and restores to the same request, the
+    inpaint area and its padding too (they were left out, so a restore fell back to their defaults)."""
+    from types import SimpleNamespace
+
+    from pipelines.generation.generator import infotext_parameters
+    from pipelines.io.metadata import build_infotext
+
+    source = Image.fromarray(textured(64, 64).astype(np.uint8))
+    request = OutpaintRequest(prompt="a cat", init_image=source, left=16, bottom=24, prefill="edge", overlap=4,
+                              mask_blur=12, inpaint_area="Whole picture", only_masked_padding=20, strength=0.8, seed=5)
+    model = SimpleNamespace(name="embedded", model_hash="0123456789")
+    _, _, parameters = parse_infotext(build_infotext("a cat", "", infotext_parameters(request, model, 5, 0)))
+    settings = infotext_to_settings(parameters)
+    restored = OutpaintRequest(prompt="a cat", init_image=source, **{
+        item.name: settings[item.name] for item in fields(OutpaintRequest) if item.name in settings})
+    assert restored == request
+
+
 @pytest.fixture(scope="module")
 def embedded_generator(worker):
     from pipelines.generation.generator import Generator

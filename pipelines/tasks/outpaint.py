@@ -204,5 +204,7 @@ def seam_correction(mismatch: np.ndarray, original_area: np.ndarray, band_px: in
 register(Task("outpaint", "Outpainting", OutpaintRequest, _inpainting_pipeline,
               (InfotextField("Denoising strength", "strength", float), InfotextField("Mask blur", "mask_blur", int),
                *(InfotextField(f"Outpaint {side}", side, int) for side in ("left", "right", "top", "bottom")),
-               InfotextField("Outpaint prefill", "prefill", str), InfotextField("Outpaint overlap", "overlap", int)),
+               InfotextField("Outpaint prefill", "prefill", str), InfotextField("Outpaint overlap", "overlap", int),
+               InfotextField("Inpaint area", "inpaint_area", str),
+               InfotextField("Masked area padding", "only_masked_padding", int)),
               run=run_inpaint))

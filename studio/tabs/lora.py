@@ -24,7 +24,12 @@ from pipelines.lora.training import train_lora
 from studio.context import StudioContext, owns, session_of
 from studio.errors import user_errors
 
-PLOT_EVERY_S = 1.0           # the loss plot is redrawn at most this often
+# How often a running training is sent to the page: the browser shares the cores with the training, and each
+# status line re-renders Markdown and each loss plot re-renders a Vega chart, so sending every step slowed page
+# training against the API's (bench/lora_page.py measures the two side by side)
+STATUS_EVERY_S = 1.0         # the status line ("Step n of N · loss · steps/s") at most this often
+PLOT_EVERY_S = 5.0           # the loss plot at most this often, and at the end
+PLOTTED_POINTS = 250         # at most this many points per curve in a plot (evenly spaced steps, the last kept)
 SMOOTHING = 0.9              # exponential moving average of the loss, for the smoothed curve
 QUEUE = {"concurrency_id": "jobs", "concurrency_limit": 16, "show_progress": "hidden"}
 THUMBNAIL_PX = 96            # the side of the dropped images' thumbnails
@@ -211,23 +216,26 @@ def wire_lora_resume(app: gr.Blocks, context: StudioContext, tab: LoraTab) -> No
 
 
 def follow_training(tab: LoraTab, job: Job) -> Iterator[dict]:
-    """The job's loss points, samples and warnings into the tab, the plot redrawn at most every second."""
-    points, first, latest, warnings, drawn = [], None, None, [], 0.0
+    """The job's loss points, samples and warnings into the tab: the status at most every STATUS_EVERY_S, the
+    plot at most every PLOT_EVERY_S, new samples at once."""
+    points, first, latest, warnings = [], None, None, []
+    status_sent = plot_sent = -float("inf")      # the first point is shown at once
     for event in job.events():
-        update = {}
+        update, now = {}, time.monotonic()
         if isinstance(event, LossPoint):
             points.append(event)
-            if time.monotonic() - drawn >= PLOT_EVERY_S:
-                update[tab.loss], drawn = _loss_frame(points), time.monotonic()
+            if now - plot_sent >= PLOT_EVERY_S:
+                update[tab.loss], plot_sent = _loss_frame(points), now
         elif isinstance(event, Samples):
             first, latest = (event, latest) if first is None else (first, event)
             update[tab.samples] = _sample_gallery(first, latest)
         elif isinstance(event, TrainingWarning):
             warnings.append(event.message)
         progress = job.progress
-        if progress is not None:
+        if progress is not None and (update or now - status_sent >= STATUS_EVERY_S):
             paused = " · paused" if job.paused else ""
             update[tab.status] = f"Step {progress.done} of {progress.total} · {progress.message}{paused}"
+            status_sent = now
         if update:
             yield {tab.job_id: job.id, **update}
     try:
@@ -265,13 +273,18 @@ def _prompts(samples: Samples | None) -> list[str]:
 
 
 def _loss_frame(points: list[LossPoint]) -> pd.DataFrame:
+    """The raw and the smoothed loss (an exponential moving average over every step), at no more than
+    PLOTTED_POINTS evenly spaced steps each, the last step always among them."""
     smoothed, average = [], None
     for point in points:
         average = point.loss if average is None else SMOOTHING * average + (1 - SMOOTHING) * point.loss
         smoothed.append(average)
-    steps = [point.step for point in points]
-    return pd.DataFrame({"step": steps * 2, "loss": [point.loss for point in points] + smoothed,
-                         "curve": ["loss"] * len(points) + ["smoothed"] * len(points)})
+    stride = -(-len(points) // PLOTTED_POINTS) if points else 1
+    kept = list(range(len(points) - 1, -1, -stride))[::-1]
+    steps = [points[index].step for index in kept]
+    return pd.DataFrame({"step": steps * 2, "loss": [points[index].loss for index in kept] +
+                         [smoothed[index] for index in kept],
+                         "curve": ["loss"] * len(kept) + ["smoothed"] * len(kept)})
 
 
 def _sample_gallery(first: Samples, latest: Samples | None) -> list:

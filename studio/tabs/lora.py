@@ -116,7 +116,7 @@ def _layout() -> LoraTab:
                 resume = gr.Button("Resume", elem_id="lora-resume")
                 stop = gr.Button("Stop", variant="stop", elem_id="lora-stop")
         with gr.Column(scale=3):
-            status = gr.Markdown(label="Status", elem_id="lora-status")
+            status = gr.Markdown(label="Status", elem_id="lora-status", latex_delimiters=[])   # no KaTeX pass a second
             loss = gr.LinePlot(x="step", y="loss", color="curve", label="Loss", elem_id="lora-loss", height=260)
             samples = gr.Gallery(label="Samples: step 0 and the latest, same prompts and seeds", columns=4, height=300,
                                  allow_preview=False, interactive=False, elem_id="lora-samples",

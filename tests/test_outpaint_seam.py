@@ -39,6 +39,21 @@ def test_a_box_the_canvas_keeps_from_width_x_height_s_shape_is_generated_in_its_
     assert (large.width, large.height) == (64, 64)
 
 
+@pytest.mark.parametrize(("size", "sides", "width_x_height"), [((512, 512), {"left": 1024, "right": 1024}, (512, 512)),
+                                                             ((64, 512), {"bottom": 512}, (512, 512)),
+                                                             ((2000, 100), {"right": 1000}, (1024, 1024))])
+def test_a_long_box_is_generated_no_larger_than_a_request_may_be(size, sides, width_x_height):
+    """A box in its own shape at Width × Height's scale could have a side over MAX_SIDE, which the inpainting request
+    it becomes refused ("`width` must be ... but is 2288"): outpainting that worked before failed."""
+    from pipelines.core.checks import MAX_SIDE
+
+    width, height = width_x_height
+    request = OutpaintRequest(prompt="x", init_image=Image.new("RGB", size, "white"), width=width, height=height,
+                              **sides)
+    inpainting = request.as_inpainting()
+    assert 8 <= inpainting.width <= MAX_SIDE and 8 <= inpainting.height <= MAX_SIDE
+
+
 def test_the_composite_meets_the_original_and_keeps_what_was_generated_as_sharp_as_it_came():
     """The generated box (here the picture's own continuation, with a colour shift such as the VAE's round trip
     leaves) pasted as it came: the original back bit for bit, no step at the seam, and in the feather the detail

@@ -32,7 +32,7 @@ from PIL import Image
 from scipy import ndimage, sparse
 from scipy.sparse.linalg import splu
 
-from pipelines.core.checks import MAX_INPUT_PIXELS, NUMBER_RANGES, check_choice, check_number, check_whole
+from pipelines.core.checks import MAX_INPUT_PIXELS, MAX_SIDE, NUMBER_RANGES, check_choice, check_number, check_whole
 from pipelines.core.registry import InfotextField, Task, register
 from pipelines.core.requests import SamplingSettings
 from pipelines.tasks.inpaint import (INPAINT_AREAS, MAX_MASK_BLUR, MAX_PADDING, InpaintRequest, _inpainting_pipeline,
@@ -165,11 +165,13 @@ class OutpaintRequest(SamplingSettings):
 def box_processing_size(box: tuple[int, int, int, int], width: int, height: int) -> tuple[int, int]:
     """The size to generate `box` at: Width × Height where the box has its shape; otherwise the box's own shape
     (the canvas kept it from growing to Width × Height's) at the scale Width × Height gives the side that could not
-    grow, with at most 4× Width × Height's pixels, in multiples of 8 px (the VAE's cell)."""
+    grow, with at most 4× Width × Height's pixels and no side over MAX_SIDE (the largest Width or Height a request
+    takes), in multiples of 8 px (the VAE's cell)."""
     box_width, box_height = box[2] - box[0], box[3] - box[1]
     if abs(box_width / box_height / (width / height) - 1) <= 0.02:
         return width, height
-    scale = min(max(width / box_width, height / box_height), math.sqrt(4 * width * height / (box_width * box_height)))
+    scale = min(max(width / box_width, height / box_height), math.sqrt(4 * width * height / (box_width * box_height)),
+                MAX_SIDE / box_width, MAX_SIDE / box_height)
     return max(8, round(box_width * scale / 8) * 8), max(8, round(box_height * scale / 8) * 8)
 
 

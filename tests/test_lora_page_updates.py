@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 import pandas as pd
@@ -36,7 +37,12 @@ def _training(job) -> LoraTrainingResult:
         job.report(step, STEPS, f"loss {1.0 / step:.4f}")
         if step == STEPS // 2:
             job.emit(Samples(step, ["a cat"], [picture]))
-    return LoraTrainingResult(path=Path("models/lora/cat.safetensors"), steps=STEPS, final_loss=1.0 / STEPS,
+    return _training_result(STEPS)
+
+
+def _training_result(steps: int) -> LoraTrainingResult:
+    picture = Image.new("RGB", (8, 8), "red")
+    return LoraTrainingResult(path=Path("models/lora/cat.safetensors"), steps=steps, final_loss=1.0 / steps,
                               effect=12.0, moved=True, feature_distance_before=None, feature_distance_after=None,
                               before=[picture], after=[picture], stopped=False, warnings=[], base_model="tiny")
 
@@ -46,7 +52,7 @@ def test_a_running_training_sends_the_page_a_few_updates_a_second_and_all_of_it_
     job = worker.submit(_training, kind="train-lora")
     job.result(timeout=60)               # the follower then reads the whole run, as a page following it late does
     ticks = itertools.count()
-    monkeypatch.setattr(lora.time, "monotonic", lambda: next(ticks) * STEP_S)   # one tick per event read
+    monkeypatch.setattr(lora, "time", SimpleNamespace(monotonic=lambda: next(ticks) * STEP_S))  # a tick an event
     updates = list(lora.follow_training(tab, job))
     seconds = next(ticks) * STEP_S        # the run as the follower's clock saw it
     assert seconds >= STEPS * STEP_S
@@ -60,13 +66,43 @@ def test_a_running_training_sends_the_page_a_few_updates_a_second_and_all_of_it_
     assert len(samples) == 2                                                # both sample rounds, as they came
     assert all(len(plot) <= 2 * lora.PLOTTED_POINTS for plot in plots)
 
+    for plot in plots:                                                      # evenly thinned, first and last kept
+        raw = plot[plot["curve"] == "loss"]
+        assert raw["step"].iloc[0] == 1 and raw["step"].is_monotonic_increasing
+    before_the_end = updates[-2]      # once the past is read, all of it: the last step's status and plot
+    assert "Step 600 of 600" in before_the_end[tab.status] and before_the_end[tab.loss]["step"].max() == STEPS
+
     final = updates[-1]
     assert "Saved `models/lora/cat.safetensors` after 600 steps" in final[tab.status]
+    assert [caption for _, caption in final[tab.samples]] == ["weight 0: a cat", "weight 1: a cat"]
     curve: pd.DataFrame = final[tab.loss]
     raw = curve[curve["curve"] == "loss"]
-    assert len(raw) <= lora.PLOTTED_POINTS and raw["step"].iloc[0] <= STEPS // lora.PLOTTED_POINTS + 1
-    assert raw["step"].iloc[-1] == STEPS and raw["loss"].iloc[-1] == pytest.approx(1.0 / STEPS)
-    assert raw["step"].is_monotonic_increasing
+    assert list(raw["step"]) == list(range(1, STEPS + 1))                  # the whole curve, for the API too
+    assert raw["loss"].iloc[-1] == pytest.approx(1.0 / STEPS)
+
+
+def test_a_training_followed_live_shows_its_last_step_before_it_finishes(tab, worker):
+    """The finish (saving, the weight 0/1 samples, the judge) sends no events: the last step's plot and status must
+    not wait for the result."""
+    import threading
+
+    finishing = threading.Event()
+
+    def training(job):
+        for step in range(1, 41):
+            job.emit(LossPoint(step, 1.0 / step, 1e-4, 0.0))
+            job.report(step, 40)
+        finishing.wait(timeout=30)
+        return _training_result(40)
+
+    job = worker.submit(training, kind="train-lora")
+    follower = lora.follow_training(tab, job)
+    update = {}
+    while tab.loss not in update or update[tab.loss]["step"].max() < 40:      # (a failure waits the 30 s out)
+        update = next(follower)
+    assert not job.finished and "Step 40 of 40" in update[tab.status]     # shown while the finish was still due
+    finishing.set()
+    assert "Saved" in list(follower)[-1][tab.status]
 
 
 def test_a_short_training_is_plotted_point_for_point():

@@ -149,8 +149,10 @@ class Job:
         return self._finished.is_set()
 
     # -- following ------------------------------------------------------------------------------
-    def events(self) -> Iterator:
-        """Everything emitted so far (the latest preview only), then live events until the job ends."""
+    def events(self, *, caught_up: Any = None) -> Iterator:
+        """Everything emitted so far (the latest preview only), then live events until the job ends. With
+        `caught_up`, that object is yielded once between the two, so that a follower that holds updates back can
+        show what it holds once it has read the past."""
         follower: queue.Queue = queue.Queue()
         with self._lock:
             backlog = list(self._history)
@@ -160,6 +162,8 @@ class Job:
             if not finished:
                 self._subscribers.append(follower)
         yield from backlog
+        if caught_up is not None:
+            yield caught_up
         if finished:
             return
         try:

@@ -14,15 +14,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import gradio as gr
+import numpy as np
 import pandas as pd
 
 from pipelines.jobs.worker import Job, JobCancelled, Priority
 from pipelines.lora.judge import feature_distances
 from pipelines.lora.train_data import dataset_folder, read_dataset
-from pipelines.lora.train_request import LoraTrainingRequest, LossPoint, Samples, TrainingWarning
+from pipelines.lora.train_request import LoraTrainingRequest, LossPoint, Samples
 from pipelines.lora.training import train_lora
 from studio.context import StudioContext, owns, session_of
 from studio.errors import user_errors
+from studio.tabs.generate import FAILED
 
 # How often a running training is sent to the page: the browser shares the cores with the training, and each
 # status line re-renders Markdown and each loss plot re-renders a Vega chart, so sending every step slowed page
@@ -216,22 +218,23 @@ def wire_lora_resume(app: gr.Blocks, context: StudioContext, tab: LoraTab) -> No
 
 
 def follow_training(tab: LoraTab, job: Job) -> Iterator[dict]:
-    """The job's loss points, samples and warnings into the tab: the status at most every STATUS_EVERY_S, the
-    plot at most every PLOT_EVERY_S, new samples at once."""
-    points, first, latest, warnings = [], None, None, []
+    """The job's loss points and samples into the tab: the status at most every STATUS_EVERY_S, the plot at most
+    every PLOT_EVERY_S (and at the last step), new samples at once; once the past is read (a reloaded page), all of
+    it at once; at the end, everything, with the whole loss curve."""
+    points, first, latest = [], None, None
     status_sent = plot_sent = -float("inf")      # the first point is shown at once
-    for event in job.events():
-        update, now = {}, time.monotonic()
+    caught_up = object()
+    for event in job.events(caught_up=caught_up):
+        update, now, progress = {}, time.monotonic(), job.progress
         if isinstance(event, LossPoint):
             points.append(event)
-            if now - plot_sent >= PLOT_EVERY_S:
+            if now - plot_sent >= PLOT_EVERY_S or (progress is not None and event.step >= progress.total):
                 update[tab.loss], plot_sent = _loss_frame(points), now
         elif isinstance(event, Samples):
             first, latest = (event, latest) if first is None else (first, event)
             update[tab.samples] = _sample_gallery(first, latest)
-        elif isinstance(event, TrainingWarning):
-            warnings.append(event.message)
-        progress = job.progress
+        elif event is caught_up and points:
+            update[tab.loss], plot_sent = _loss_frame(points), now
         if progress is not None and (update or now - status_sent >= STATUS_EVERY_S):
             paused = " · paused" if job.paused else ""
             update[tab.status] = f"Step {progress.done} of {progress.total} · {progress.message}{paused}"
@@ -244,7 +247,7 @@ def follow_training(tab: LoraTab, job: Job) -> Iterator[dict]:
         yield {tab.status: "Stopped before it started."}
         return
     except Exception as error:
-        yield {tab.status: f"**Failed:** {error}"}
+        yield {tab.status: f"{FAILED} {error}", tab.loss: _loss_frame(points, at_most=None)}
         raise
     verdict = f"moved the images by {result.effect:.1f} of 255 on average" if result.moved else \
         f"**barely changes the images** ({result.effect:.2f} of 255)"
@@ -256,7 +259,7 @@ def follow_training(tab: LoraTab, job: Job) -> Iterator[dict]:
               f"{result.final_loss:.4f}); it {verdict}. {distances}Use it as `<lora:{result.path.stem}:1>`.")
     samples = [(image, f"weight 0: {prompt}") for image, prompt in zip(result.before, _prompts(first))] + \
         [(image, f"weight 1: {prompt}") for image, prompt in zip(result.after, _prompts(first))]
-    yield {tab.job_id: job.id, tab.loss: _loss_frame(points), tab.samples: samples,
+    yield {tab.job_id: job.id, tab.loss: _loss_frame(points, at_most=None), tab.samples: samples,
            tab.status: "  \n".join([status, *result.warnings]),
            # names, not absolute paths: a client would take a path for a file to download
            tab.result: {"lora": result.path.stem, "file": f"models/lora/{result.path.name}", "steps": result.steps, "final_loss": result.final_loss,
@@ -272,15 +275,15 @@ def _prompts(samples: Samples | None) -> list[str]:
     return samples.prompts if samples is not None else [""] * 8
 
 
-def _loss_frame(points: list[LossPoint]) -> pd.DataFrame:
-    """The raw and the smoothed loss (an exponential moving average over every step), at no more than
-    PLOTTED_POINTS evenly spaced steps each, the last step always among them."""
+def _loss_frame(points: list[LossPoint], at_most: int | None = PLOTTED_POINTS) -> pd.DataFrame:
+    """The raw and the smoothed loss (an exponential moving average over every step), at `at_most` evenly spaced
+    steps each (None: every step), the first and the last among them."""
     smoothed, average = [], None
     for point in points:
         average = point.loss if average is None else SMOOTHING * average + (1 - SMOOTHING) * point.loss
         smoothed.append(average)
-    stride = -(-len(points) // PLOTTED_POINTS) if points else 1
-    kept = list(range(len(points) - 1, -1, -stride))[::-1]
+    kept = range(len(points)) if at_most is None or len(points) <= at_most else \
+        np.unique(np.round(np.linspace(0, len(points) - 1, at_most)).astype(int))
     steps = [points[index].step for index in kept]
     return pd.DataFrame({"step": steps * 2, "loss": [points[index].loss for index in kept] +
                          [smoothed[index] for index in kept],

@@ -13,7 +13,6 @@ Chromium used while the page trained. Each run's own LoRA name, so none resumes 
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import tempfile
 import time
@@ -22,15 +21,9 @@ from pathlib import Path
 import psutil
 
 import launch
-from tests.test_server import CHROMIUM, CHROMIUM_FLAGS
+from tests.test_server import CHROMIUM, CHROMIUM_FLAGS, free_port
 
 DATASET = Path(__file__).resolve().parent.parent / "assets" / "lora-example"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _chromium_cpu_seconds() -> float:
@@ -87,7 +80,7 @@ def main() -> None:
     from studio.app import serve
 
     work = Path(tempfile.mkdtemp(prefix="bench-lora-page-"))
-    args = launch.parse_args(["--outputs", str(work / "outputs"), "--port", str(_free_port())])
+    args = launch.parse_args(["--outputs", str(work / "outputs"), "--port", str(free_port())])
     app, context = launch.build(args)
     context.models.models_dir = work / "models"      # the benchmark's LoRAs and checkpoints stay out of models/
     serve(app, server_name=args.host, server_port=args.port, prevent_thread_lock=True, quiet=True,

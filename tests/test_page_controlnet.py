@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pytest
 from PIL import Image
+from playwright.sync_api import expect
 
 from tests.test_server import _page_on_tab, _tiny_controlnet, browser, server  # noqa: F401 (module fixtures)
 
@@ -119,6 +120,35 @@ def test_browser_uses_the_drawing_when_the_draw_tab_shows_though_an_image_is_upl
 
     page.get_by_role("tab", name="Upload").first.click()      # back on Upload: the upload counts again
     assert np.abs(_generate(page, context, 5151) - from_upload).max() <= 1
+    page.close()
+
+
+@pytest.mark.slow
+def test_browser_an_image_sent_to_controlnet_while_draw_shows_is_the_one_used(server, browser, tiny_model_dir,
+                                                                              tmp_path, monkeypatch):
+    """An image sent in by PNG Info's (or Text-to-Image's) Send to ControlNet lands on Upload: with Draw in front,
+    the generation read the empty drawing and failed ("shows its Draw tab, with nothing drawn on it")."""
+    from pipelines.tasks.txt2img import Txt2ImgRequest
+
+    url, context = server
+    _tiny_controlnet(context, tiny_model_dir, tmp_path, monkeypatch)
+    context.generator.generate(Txt2ImgRequest(prompt="red apple", seed=77, steps=2))
+    sent = max(context.outputs_dir.rglob("*-77.png"))
+    page = _page_on_tab(browser, url, "ControlNet")
+    page.get_by_role("tab", name="Draw").first.click()
+    page.get_by_role("tab", name="PNG Info").click()
+    page.locator("#pnginfo-file input[type=file]").set_input_files(str(sent))
+    expect(page.locator("#pnginfo-infotext textarea")).to_have_value(re.compile("Seed: 77"), timeout=30_000)
+    page.locator("#pnginfo-to-controlnet").click()
+    page.locator("#controlnet-0-upload img").first.wait_for(state="visible", timeout=30_000)
+    expect(page.get_by_role("tab", name="Upload").first).to_have_attribute("aria-selected", "true")
+    page.locator("#controlnet-0-enabled input").check()     # the PNG's settings had no unit: restored disabled
+    _pick_model(page, "tiny-cn")
+    _set_steps(page, 2)
+    page.locator("#controlnet-seed input").fill("78")
+    page.locator("#controlnet-generate").click()
+    page.locator("#controlnet-status").get_by_text("Seed 78").wait_for(timeout=120_000)
+    assert 'Model: tiny-cn' in page.locator("#controlnet-infotext textarea").input_value()
     page.close()
 
 

@@ -95,7 +95,7 @@ def _unit_panel(context: StudioContext, number: int) -> UnitPanel:
         enabled = gr.Checkbox(value=number == 0, label=f"Enable unit {number}", elem_id=f"controlnet-{number}-enabled")
     with gr.Row():
         with gr.Column():
-            with gr.Tabs():
+            with gr.Tabs(selected=f"controlnet-{number}-upload-tab") as sub_tabs:
                 with gr.Tab("Upload", id=f"controlnet-{number}-upload-tab") as upload_tab:
                     upload = gr.Image(label="Control image", type="pil", height=220,
                                       elem_id=f"controlnet-{number}-upload")
@@ -149,6 +149,10 @@ def _unit_panel(context: StudioContext, number: int) -> UnitPanel:
     draw_tab.select(lambda: (DRAW, None), outputs=[source, preview], api_visibility="private", queue=False)
     for image in (upload, sketch):
         image.change(lambda: None, outputs=preview, api_visibility="private", queue=False)
+    # An image put on Upload while Draw is shown (Send to ControlNet, PNG Info) is the one the user means: Upload
+    # comes to the front and counts (else the generation read the empty drawing)
+    upload.change(lambda image: (UPLOAD, gr.Tabs(selected=f"controlnet-{number}-upload-tab")) if image is not None
+                  else (gr.skip(), gr.skip()), upload, [source, sub_tabs], api_visibility="private", queue=False)
     return panel
 
 

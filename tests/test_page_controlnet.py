@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 from playwright.sync_api import expect
 
-from tests.test_server import _page_on_tab, _tiny_controlnet, browser, server  # noqa: F401 (module fixtures)
+from tests.test_server import (_draw_a_circle, _page_on_tab, _tiny_controlnet, browser,  # noqa: F401 (module fixtures)
+                               server)
 
 RANGE = r"[-+\d.e]+ to [-+\d.e]+"     # a legend's "0.12 to 3.4"
 XRAY = "#controlnet-xray img"
@@ -58,22 +59,6 @@ def _shown(page, selector: str, *, replacing: str | None = None) -> tuple[np.nda
     address = page.evaluate("selector => document.querySelector(selector).src", selector)
     served = page.request.get(address).body()
     return np.asarray(Image.open(io.BytesIO(served)).convert("L"), dtype=np.float32), address
-
-
-def _draw_a_circle(page, unit: int = 0) -> None:
-    page.locator(f"#controlnet-{unit}-sketch button[aria-label=Brush]").click()
-    canvas = page.locator(f"#controlnet-{unit}-sketch canvas").last
-    canvas.wait_for(state="visible")
-    box = canvas.bounding_box()
-    centre_x, centre_y, radius = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, box["height"] / 5
-    page.mouse.move(centre_x + radius, centre_y)
-    page.mouse.down()
-    for angle in np.linspace(0, 2 * np.pi, 40):
-        page.mouse.move(centre_x + radius * np.cos(angle), centre_y + radius * np.sin(angle))
-    page.mouse.up()
-    # the server has the drawing once it has picked the invert preprocessor for it
-    page.wait_for_function(f"() => document.querySelector('#controlnet-{unit}-preprocessor input').value === 'invert'",
-                           timeout=30_000)
 
 
 def _generate(page, context, seed: int) -> np.ndarray:

@@ -25,6 +25,14 @@ def _paint_a_stroke(page, editor: str) -> None:
     page.mouse.up()
 
 
+def _assert_the_gif_plays_on_the_page(page, button: str, image: str) -> None:
+    """Item 6: an exported GIF was only a download link; pressing `button` shows it at `image`."""
+    page.locator(button).click()
+    shown = page.locator(image)
+    shown.wait_for(state="visible", timeout=60_000)
+    assert ".gif" in shown.get_attribute("src")
+
+
 @pytest.mark.slow
 def test_browser_inpaint_of_a_picture_larger_than_its_size_says_so_and_records_the_size_used(server, browser,
                                                                                             tmp_path):
@@ -119,10 +127,7 @@ def test_browser_explorer_plays_each_frame_in_one_request_above_the_fold_and_sho
     page.locator("#explorer-step-info").get_by_text("Step 3 of 7").wait_for(timeout=30_000)
 
     page.get_by_text("Export the recorded frames").click()
-    page.locator("#explorer-export-gif").click()
-    shown = page.locator("#explorer-export-preview img")
-    shown.wait_for(state="visible", timeout=60_000)
-    assert ".gif" in shown.get_attribute("src")
+    _assert_the_gif_plays_on_the_page(page, "#explorer-export-gif", "#explorer-export-preview img")
     page.close()
 
 
@@ -160,10 +165,7 @@ def test_browser_explorer_moments_table_keeps_its_headers_whole_and_the_forward_
                             " return new Set([...range.getClientRects()].map(r => Math.round(r.top))).size; }")
     assert lines == 1, f"the header {header.inner_text()!r} wraps over {lines} lines"
     # item 6, here too: the exported GIF plays on the page
-    page.locator("#explorer-forward-gif").click()
-    shown = page.locator("#explorer-forward-gif-shown img")
-    shown.wait_for(state="visible", timeout=60_000)
-    assert ".gif" in shown.get_attribute("src")
+    _assert_the_gif_plays_on_the_page(page, "#explorer-forward-gif", "#explorer-forward-gif-shown img")
     page.close()
 
 

@@ -512,6 +512,22 @@ def test_api_controlnet_takes_a_control_image_and_more_units_as_json(server, tin
     plain, *_ = client.predict(prompt="red apple", steps=4, seed=21, api_name="/txt2img")   # still serving
 
 
+def _draw_a_circle(page, unit: int = 0) -> None:
+    page.locator(f"#controlnet-{unit}-sketch button[aria-label=Brush]").click()
+    canvas = page.locator(f"#controlnet-{unit}-sketch canvas").last
+    canvas.wait_for(state="visible")
+    box = canvas.bounding_box()
+    centre_x, centre_y, radius = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, box["height"] / 5
+    page.mouse.move(centre_x + radius, centre_y)
+    page.mouse.down()
+    for angle in np.linspace(0, 2 * np.pi, 40):
+        page.mouse.move(centre_x + radius * np.cos(angle), centre_y + radius * np.sin(angle))
+    page.mouse.up()
+    # the server has the drawing once it has picked the invert preprocessor for it
+    page.wait_for_function(f"() => document.querySelector('#controlnet-{unit}-preprocessor input').value === 'invert'",
+                           timeout=30_000)
+
+
 @pytest.mark.slow
 def test_browser_draws_a_scribble_and_generates_with_control(server, browser, tiny_model_dir, tmp_path, monkeypatch):
     from pipelines.tasks.txt2img import Txt2ImgRequest
@@ -520,19 +536,7 @@ def test_browser_draws_a_scribble_and_generates_with_control(server, browser, ti
     _tiny_controlnet(context, tiny_model_dir, tmp_path, monkeypatch)
     page = _page_on_tab(browser, url, "ControlNet")
     page.get_by_role("tab", name="Draw").first.click()
-    page.locator("#controlnet-0-sketch button[aria-label=Brush]").click()
-    canvas = page.locator("#controlnet-0-sketch canvas").last
-    canvas.wait_for(state="visible")
-    box = canvas.bounding_box()
-    centre_x, centre_y, radius = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, box["height"] / 5
-    page.mouse.move(centre_x + radius, centre_y)
-    page.mouse.down()
-    for angle in np.linspace(0, 2 * np.pi, 40):          # a circle, drawn by hand
-        page.mouse.move(centre_x + radius * np.cos(angle), centre_y + radius * np.sin(angle))
-    page.mouse.up()
-    # the server has the drawing once it has picked the invert preprocessor for it
-    page.wait_for_function("() => document.querySelector('#controlnet-0-preprocessor input').value === 'invert'",
-                           timeout=30_000)
+    _draw_a_circle(page)
     model = page.locator("#controlnet-0-model input")
     model.fill("tiny-cn")
     model.press("Enter")

@@ -7,6 +7,7 @@ on the models' device worker (pipelines/jobs/worker.py), which `Explorer` picks 
 
     forward_view, markov_check, export_forward    short work: run on the worker, return the answer
     step_views, export_trace                      decode frames of a recorded trace the same way
+    sampling_schedules                            numbers and a figure from the model's config: no worker
     record, branch, compare                       long work: a `Job` on the worker, which reports
                                                   progress through `job.report` and stops early
                                                   (the trace then `stopped`) when `job.cancel()`ed
@@ -24,11 +25,15 @@ from PIL import Image
 
 # forward_sample, record_trace and branch are looked up on their modules at each call (tests spy on them there);
 # compare and export_trace are too, as `Explorer` has methods of those names
+from pipelines.core.checks import MAX_STEPS
+from pipelines.core.samplers import check_sampler
+from pipelines.core.schedules import check_schedule, schedule_table
 from pipelines.explorer import animation, comparison, forward, reverse
 from pipelines.explorer.animation import export_animation
 from pipelines.explorer.forward import (FixedNoise, NoiseSchedule, animation_timesteps, empirical_moments,
                                         forward_frames, image_to_tensor, make_schedule, tensor_to_image)
 from pipelines.explorer.plots import schedule_plot, value_histogram
+from pipelines.explorer.sampling_schedules import check_quantity, sampling_schedule_caption, sampling_schedule_plot
 from pipelines.explorer.speculative_view import speculative_view
 from pipelines.explorer.trace import NOISE_KINDS, Trace
 from pipelines.jobs.worker import DeviceWorker, Job
@@ -74,6 +79,14 @@ class MarkovCheck:
     @property
     def theory_variance(self) -> float:
         return 1.0 - self.alpha_cumprod
+
+
+@dataclass
+class SamplingScheduleView:
+    """One sampler's noise level at each model call under each schedule it runs."""
+    figure: Figure
+    caption: str
+    table: dict[str, dict]              # schedule -> timesteps, sigmas, alphas_cumprod per model call
 
 
 @dataclass
@@ -194,6 +207,44 @@ class Explorer:
         frames = forward_frames(image_to_tensor(image, size=FORWARD_SIDE_PX), schedule=active,
                                 timesteps=timesteps, seed=_whole("seed", seed), include_clean=True)
         return export_animation(frames, export_path(f"forward-{schedule_names[0]}{suffix}"), fps=ANIMATION_FPS)
+
+    # -- sampling schedules ----------------------------------------------------------------------
+    def sampling_schedules(self, *, sampler: str, steps: int, schedules: list[str], quantity: str) -> \
+            SamplingScheduleView:
+        """`sampler`'s steps under each of `schedules` on the loaded model, as σ_t or ᾱ_t (`quantity`: "sigmas" or
+        "alphas_cumprod"). A schedule the sampler or the model's family cannot run is left out and the caption says
+        why; none left: ValueError."""
+        # 1. Check inputs
+        steps = _whole("steps", steps)
+        if not 1 <= steps <= MAX_STEPS:
+            raise ValueError(f"`steps` has to be between 1 and {MAX_STEPS} but is {steps}.")
+        check_sampler(sampler)
+        check_quantity(quantity)
+        if not schedules:
+            raise ValueError("Tick at least one schedule.")
+        for schedule in schedules:
+            check_schedule(schedule)
+        model = self.models.current
+        if model is None:
+            raise ValueError("The sampling schedules are the loaded model's: load one in Models & memory first.")
+        unet_config = getattr(getattr(model.pipeline, "unet", None), "config", None)
+        # 2. Each schedule's numbers, or why it is left out
+        table, left_out = {}, {}
+        for schedule in schedules:
+            try:
+                table |= schedule_table(model.scheduler_config, sampler, [schedule], steps, unet_config=unet_config)
+            except ValueError as error:
+                left_out[schedule] = str(error)
+        if not table:
+            raise ValueError(" ".join(left_out.values()))
+        # 3. Drawn and told
+        caption = sampling_schedule_caption(table, quantity=quantity, sampler=sampler, steps=steps,
+                                            unet_config=unet_config,
+                                            prediction_type=model.scheduler_config.get("prediction_type"),
+                                            left_out=left_out)
+        return SamplingScheduleView(figure=sampling_schedule_plot(table, quantity=quantity, sampler=sampler,
+                                                                  steps=steps),
+                                    caption=caption, table=table)
 
     # -- reverse ---------------------------------------------------------------------------------
     def record(self, request: Txt2ImgRequest, *, owner: str | None = None) -> Job:

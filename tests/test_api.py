@@ -171,6 +171,11 @@ def test_every_public_endpoint_answers_with_only_its_required_arguments(server, 
         rows = out["Rounds"]["value"]["data"]
         assert rows and len(out["The image after each round"]) == len(rows) and "Seed" in out["Summary"]
 
+    def schedule_plot(out) -> None:
+        table = out["Per schedule: timesteps, sigmas, alphas_cumprod at each model call"]
+        assert set(table) == {"Default", "Align Your Steps"} and "Align Your Steps" in out["Caption"]
+        assert table["Align Your Steps"]["timesteps"] == [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]
+
     def loaded(out) -> None:
         assert out["Studio status"] == out["Model and memory"] and "**Model:** embedded" in out["Studio status"]
 
@@ -191,6 +196,7 @@ def test_every_public_endpoint_answers_with_only_its_required_arguments(server, 
         "/explorer_forward": explorer_forward,
         "/explorer_record": explorer_record,
         "/explorer_speculative": explorer_speculative,
+        "/schedule_plot": schedule_plot,
         "/job": lambda out: out["The job: id, kind, state, progress"]["state"] == "done",
         "/stop": lambda out: out["The job: id, kind, state, progress"]["id"] == made["job_id"],
         "/controlnet": controlnet,

@@ -17,6 +17,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from pipelines.core.guidance import PerturbedAttention, guidance_notes, only_icg
 from pipelines.core.images import to_pil
 from pipelines.core.prompts import prompt_arguments, prompt_texts
 from pipelines.core.registry import Task, task_of
@@ -55,6 +56,8 @@ class PreparedCall:
     draft: Any = None                  # the draft UNet, for the DDPM speculative sampler's "draft model"
     speculative: list = field(default_factory=list)   # its ChainStats, one per image generated so far
     controlnets: dict = field(default_factory=dict)   # name -> ControlNetModel, for the request's units
+    classifier: Any = None             # the noise-aware classifier, for classifier guidance
+    classifier_index: int = 0          # ... and the class it steers to
 
     def generators(self, batch_index: int) -> list[torch.Generator]:
         """Image i of batch b draws its noise from seed + b * batch_size + i, on the CPU."""
@@ -93,6 +96,11 @@ class PreparedCall:
         run = own_loop.run if own_loop is not None else self.task.run
         if run is not None:
             return run(self, batch_index, generators=generators, latents=latents, callback=callback, expose=expose)
+        return self.run_pipeline(batch_index, generators=generators, latents=latents, callback=callback, expose=expose)
+
+    def run_pipeline(self, batch_index: int = 0, *, generators: list[torch.Generator] | None = None,
+                     latents: torch.Tensor | None = None, callback=None, expose: tuple[str, ...] = ()) -> torch.Tensor:
+        """`__call__` through the task's diffusers pipeline call (plain CFG on the sampler's own schedule)."""
         self.seed_brownian_noise(batch_index)
         arguments = self.arguments(batch_index, generators=generators)
         if latents is not None:
@@ -131,6 +139,15 @@ def prepare(models, request: SamplingSettings) -> PreparedCall:
     own_loop = sampler_loop(request.sampler)
     if own_loop is not None:
         own_loop.check(task, pipeline, model.name)
+        if not request.plain_guidance() and not only_icg(request):
+            raise ValueError(f"The {request.sampler} sampler runs its own loop with plain CFG (or ICG) on its own "
+                             "schedule; turn off PAG, classifier guidance, the guidance interval and the schedule, "
+                             "or pick another sampler.")
+    kind = pipeline.unet.config.addition_embed_type
+    if not request.plain_guidance() and kind is not None:
+        raise ValueError(f"PAG, ICG, the guidance interval, classifier guidance and other schedules run in the studio's "
+                         f"own loop, which takes SD 1.x/2.x-style models; {model.name} adds `{kind}` embeddings to its "
+                         "UNet (SDXL and kin). Use plain CFG on the sampler's own schedule.")
     if request.unchanged_image() is None:
         request.check_steps()
     for name in request.controlnet_names():   # loaded first, so that the memory budget counts them
@@ -152,7 +169,19 @@ def prepare(models, request: SamplingSettings) -> PreparedCall:
         notes.append(f"{request.width}×{request.height} is more than twice this model's native size ({side} px): "
                      "expect repeated patterns or doubled subjects. Generate at its native size and upscale.")
     draft = models.draft_unet() if request.speculative and request.draft in MODEL_DRAFTS else None
+    # 4. Guidance beyond CFG: what it needs checked and loaded (pipelines/core/guidance.py)
+    classifier, classifier_index = None, 0
+    if request.classifier_scale > 0.0:
+        if pipeline.scheduler.config.prediction_type != "epsilon":
+            raise ValueError(f"Classifier guidance here corrects an ε-prediction; {model.name} predicts "
+                             f"{pipeline.scheduler.config.prediction_type}.")
+        classifier = models.guidance_classifier()
+        classifier_index = classifier.class_index(request.classifier_class)
+    if request.pag_scale > 0.0:
+        PerturbedAttention(pipeline.unet, request.pag_layers)   # refuses layers the UNet does not have
+    notes += guidance_notes(request, pipeline)
     return PreparedCall(request=request, task=task, model=model, pipeline=pipeline, prompts=prompts, device=device,
-                        notes=notes, loras=loras, draft=draft, controlnets=controlnets)
+                        notes=notes, loras=loras, draft=draft, controlnets=controlnets, classifier=classifier,
+                        classifier_index=classifier_index)
 
 

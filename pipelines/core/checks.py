@@ -57,6 +57,8 @@ DRAWN_SEED_LIMIT = 2 ** 32
 
 MAX_CONTROL_WEIGHT = 2.0
 MAX_LORA_WEIGHT = 4.0       # <lora:name:weight>: negative weights subtract the LoRA
+MAX_PAG_SCALE = 20.0        # perturbed-attention guidance (the paper and diffusers use about 3)
+MAX_CLASSIFIER_SCALE = 100.0
 PREVIEW_MODES = ("auto", "linear", "full")
 
 
@@ -67,7 +69,10 @@ WHOLE_NUMBER_RANGES = {"steps": (1, MAX_STEPS), "batch_size": (1, MAX_BATCH), "b
 # ControlNet's `weight` scales its residuals; `start` and `end` are shares of the steps; a LoRA tag's weight
 NUMBER_RANGES = {"guidance_scale": (0.0, MAX_GUIDANCE_SCALE), "guidance_rescale": (0.0, 1.0), "strength": (0.0, 1.0),
                  "weight": (0.0, MAX_CONTROL_WEIGHT), "start": (0.0, 1.0), "end": (0.0, 1.0),
-                 "lora_weight": (-MAX_LORA_WEIGHT, MAX_LORA_WEIGHT)}
+                 "lora_weight": (-MAX_LORA_WEIGHT, MAX_LORA_WEIGHT),
+                 # guidance beyond CFG (pipelines/core/guidance.py); the interval's ends are shares of the steps
+                 "cfg_start": (0.0, 1.0), "cfg_end": (0.0, 1.0), "pag_scale": (0.0, MAX_PAG_SCALE),
+                 "pag_adaptive_scale": (0.0, 1.0), "classifier_scale": (0.0, MAX_CLASSIFIER_SCALE)}
 
 
 def check_whole(name: str, value: Any, low: int, high: int, unit: str = "") -> None:

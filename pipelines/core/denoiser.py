@@ -3,16 +3,20 @@ itself (the tasks' own loops, the explorer's take-over, speculative sampling). E
 it computed:
 
     eps_u, eps_c      the UNet's predictions for the negative prompt and the prompt (one batched call)
-    eps_guided        classifier-free guidance: eps_u + w (eps_c - eps_u), then guidance rescale
+    eps_perturbed     ... for the prompt with perturbed self-attention (PAG)
+    eps_guided        classifier-free guidance: eps_u + w (eps_c - eps_u), then PAG, guidance rescale and
+                      classifier guidance, as the request asks (pipelines/core/guidance.py)
     mean, variance    the transition x_t -> x_{t-1} as a Gaussian N(mean, variance I) where the
                       sampler makes one: a point mass (variance 0) for deterministic samplers, and
                       DDPM's posterior q(x_{t-1} | x_t, x̂_0) = N(mu_t, beta~_t I) for DDPM
 
-ControlNet residuals and `cross_attention_kwargs` (LoRA scale) pass straight through to the UNet.
+ControlNet residuals and `cross_attention_kwargs` (LoRA scale) pass straight through to the UNet. A loop that
+tells each step its place (`index`, `count`) gets the guidance interval; without it, CFG acts at every step.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +25,8 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 
 from pipelines.core.call import PreparedCall
 from pipelines.core.ddpm import ddpm_posterior
+from pipelines.core.guidance import (ModelRows, PerturbedAttention, classifier_guided, in_interval,
+                                     independent_prompt, pag_scale_at)
 from pipelines.core.prompts import prompt_arguments, prompt_texts
 from pipelines.core.requests import SamplingSettings
 from pipelines.core.samplers import STOCHASTIC
@@ -37,6 +43,8 @@ def prompt_embeddings(pipeline, request: SamplingSettings, device, *, cfg: bool,
     """The loop's `prompt_embeds` for `count` images: [negative, positive] with CFG, positive alone without.
     `emphasis`: A1111's (word:1.2) and BREAK apply (pipelines/core/prompts.py); otherwise the text is read literally."""
     prompt, negative_prompt, _, _ = prompt_texts(request)
+    if cfg and request.cfg_method == "ICG":   # the random prompt ĉ stands in for the negative prompt
+        negative_prompt = independent_prompt(pipeline.tokenizer, request.seed)
     prompts, note = prompt_arguments(pipeline, prompt, negative_prompt, device, emphasis=emphasis)
     with torch.no_grad():
         positive, negative = pipeline.encode_prompt(
@@ -48,8 +56,10 @@ def prompt_embeddings(pipeline, request: SamplingSettings, device, *, cfg: bool,
 @dataclass
 class NoisePrediction:
     eps_cond: torch.Tensor               # the model's prediction for the prompt
-    eps_uncond: torch.Tensor | None      # ... for the negative prompt; None when CFG is off
+    eps_uncond: torch.Tensor | None      # ... for the negative prompt; None when CFG is off (at this step)
     eps_guided: torch.Tensor             # what the sampler uses
+    eps_perturbed: torch.Tensor | None = None       # ... for the prompt under perturbed self-attention (PAG)
+    classifier_gradient: torch.Tensor | None = None  # ∇_{x_t} log p(y | x_t) (classifier guidance)
 
 
 @dataclass
@@ -77,6 +87,9 @@ class Denoiser:
         self.guidance_rescale = request.guidance_rescale
         self.cross_attention_kwargs = cross_attention_kwargs
         self.cfg = uses_cfg(pipeline, request.guidance_scale)
+        self.request = request
+        self.perturbed = PerturbedAttention(self.unet, request.pag_layers) if request.pag_scale > 0 else None
+        self.classifier = getattr(call, "classifier", None) if request.classifier_scale > 0 else None
         self.embeddings, note = prompt_embeddings(pipeline, request, call.device, cfg=self.cfg,
                                                   count=request.batch_size)
         if note:
@@ -91,31 +104,60 @@ class Denoiser:
         self.deterministic = request.sampler not in STOCHASTIC
         self._devices: dict[int, torch.device] = {}   # model id -> where it computes (predict_rows)
 
-    def predict(self, latents: torch.Tensor, t, *, extra_channels: torch.Tensor | None = None,
-                down_block_additional_residuals=None, mid_block_additional_residual=None) -> NoisePrediction:
-        """eps_u, eps_c from one batched UNet call (CFG), and the guided prediction. `extra_channels` are
-        appended to the scaled input (an inpainting UNet's mask and masked-image latents)."""
-        model_input = torch.cat([latents] * 2) if self.cfg else latents
-        model_input = self.scheduler.scale_model_input(model_input, t)
+    def rows(self, index: int | None = None, count: int | None = None) -> ModelRows:
+        """The rows the UNet call for step `index` of `count` stacks (CFG only inside the guidance interval)."""
+        request = self.request
+        return ModelRows(uncond=self.cfg and in_interval(request.cfg_start, request.cfg_end, index, count),
+                         perturbed=self.perturbed is not None)
+
+    def model_input(self, latents: torch.Tensor, t, rows: ModelRows) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scaled UNet input and the prompt embeddings for `rows`, in the order [ε_u, ε_c, ε̃_c]."""
+        count = self.call.request.batch_size
+        positive = self.embeddings[count:] if self.cfg else self.embeddings
+        embeddings = torch.cat([*([self.embeddings[:count]] if rows.uncond else []), positive,
+                                *([positive] if rows.perturbed else [])])
+        sample = torch.cat([latents] * rows.chunks) if rows.chunks > 1 else latents
+        return self.scheduler.scale_model_input(sample, t), embeddings
+
+    def predict(self, latents: torch.Tensor, t, *, index: int | None = None, count: int | None = None,
+                extra_channels: torch.Tensor | None = None, down_block_additional_residuals=None,
+                mid_block_additional_residual=None) -> NoisePrediction:
+        """ε_u, ε_c (and ε̃_c) from one batched UNet call, and the guided prediction. `extra_channels` are
+        appended to the scaled input (an inpainting UNet's mask and masked-image latents); ControlNet residuals
+        must have `self.rows(index, count)`'s rows."""
+        rows = self.rows(index, count)
+        model_input, embeddings = self.model_input(latents, t, rows)
         if extra_channels is not None:
-            model_input = torch.cat([model_input, torch.cat([extra_channels] * 2) if self.cfg else extra_channels],
-                                    dim=1)
-        with torch.no_grad():
-            noise_pred = self.unet(model_input, t, encoder_hidden_states=self.embeddings,
+            model_input = torch.cat([model_input, torch.cat([extra_channels] * rows.chunks)], dim=1)
+        perturbation = self.perturbed.applied(rows.uncond) if rows.perturbed else nullcontext()
+        with torch.no_grad(), perturbation:
+            noise_pred = self.unet(model_input, t, encoder_hidden_states=embeddings,
                                    timestep_cond=self.timestep_cond, cross_attention_kwargs=self.cross_attention_kwargs,
                                    down_block_additional_residuals=down_block_additional_residuals,
                                    mid_block_additional_residual=mid_block_additional_residual, return_dict=False)[0]
-        return self._guided(noise_pred)
+        prediction = self._guided(noise_pred, rows, t)
+        if self.classifier is not None:
+            x_t = model_input[:len(latents), :latents.shape[1]]   # the variance-preserving x_t the UNet saw
+            prediction.eps_guided, prediction.classifier_gradient = classifier_guided(
+                prediction.eps_guided, x_t, t, self.scheduler.alphas_cumprod, self.classifier,
+                self.call.classifier_index, self.request.classifier_scale)
+        return prediction
 
-    def _guided(self, noise_pred: torch.Tensor) -> NoisePrediction:
-        if not self.cfg:
-            return NoisePrediction(eps_cond=noise_pred, eps_uncond=None, eps_guided=noise_pred)
-        eps_uncond, eps_cond = noise_pred.chunk(2)
-        # classifier-free guidance: eps_u + w (eps_c - eps_u)
-        guided = eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
-        if self.guidance_rescale > 0.0:
+    def _guided(self, noise_pred: torch.Tensor, rows: ModelRows, t=None) -> NoisePrediction:
+        chunks = list(noise_pred.chunk(rows.chunks))
+        eps_uncond = chunks.pop(0) if rows.uncond else None
+        eps_cond = chunks.pop(0)
+        eps_perturbed = chunks.pop(0) if rows.perturbed else None
+        guided = eps_cond
+        if eps_uncond is not None:   # classifier-free guidance: eps_u + w (eps_c - eps_u)
+            guided = eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
+        if eps_perturbed is not None:   # PAG: + s (eps_c - eps~_c)
+            scale = pag_scale_at(self.request.pag_scale, self.request.pag_adaptive_scale, t)
+            guided = guided + scale * (eps_cond - eps_perturbed)
+        if eps_uncond is not None and self.guidance_rescale > 0.0:
             guided = rescale_noise_cfg(guided, eps_cond, guidance_rescale=self.guidance_rescale)
-        return NoisePrediction(eps_cond=eps_cond, eps_uncond=eps_uncond, eps_guided=guided)
+        return NoisePrediction(eps_cond=eps_cond, eps_uncond=eps_uncond, eps_guided=guided,
+                               eps_perturbed=eps_perturbed)
 
     def predict_rows(self, latents: torch.Tensor, timesteps: torch.Tensor, rows: torch.Tensor, *,
                      unet=None) -> torch.Tensor:
@@ -141,11 +183,11 @@ class Denoiser:
                                encoder_hidden_states=embeddings.to(device, model.dtype), timestep_cond=timestep_cond,
                                cross_attention_kwargs=None if unet is not None else self.cross_attention_kwargs,
                                return_dict=False)[0]
-        return self._guided(noise_pred.to(latents.device, latents.dtype)).eps_guided
+        return self._guided(noise_pred.to(latents.device, latents.dtype), ModelRows(self.cfg, False)).eps_guided
 
-    def step(self, latents: torch.Tensor, t, **unet_inputs) -> StepResult:
-        """Predict at (x_t, t) and let the sampler take its step to x_{t-1}."""
-        prediction = self.predict(latents, t, **unet_inputs)
+    def step(self, latents: torch.Tensor, t, **inputs) -> StepResult:
+        """Predict at (x_t, t) and let the sampler take its step to x_{t-1} (`inputs`: `predict`'s)."""
+        prediction = self.predict(latents, t, **inputs)
         with torch.no_grad():
             output = self.scheduler.step(prediction.eps_guided, t, latents, **self.extra_step_kwargs,
                                          return_dict=True)

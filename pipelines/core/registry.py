@@ -31,7 +31,16 @@ class InfotextField:
 SHARED_INFOTEXT_FIELDS = (InfotextField("Steps", "steps", int), InfotextField("CFG scale", "guidance_scale", float),
                           InfotextField("Seed", "seed", int), InfotextField("Guidance rescale", "guidance_rescale", float),
                           InfotextField("Batch size", "batch_size", int),
-                          InfotextField("Draft", "draft", str), InfotextField("Draft length", "draft_length", int))
+                          InfotextField("Draft", "draft", str), InfotextField("Draft length", "draft_length", int),
+                          # guidance beyond CFG (pipelines/core/guidance.py), written only when in use
+                          InfotextField("CFG method", "cfg_method", str),
+                          InfotextField("CFG interval start", "cfg_start", float),
+                          InfotextField("CFG interval end", "cfg_end", float),
+                          InfotextField("PAG scale", "pag_scale", float),
+                          InfotextField("PAG adaptive scale", "pag_adaptive_scale", float),
+                          InfotextField("PAG layers", "pag_layers", str),
+                          InfotextField("Classifier guidance class", "classifier_class", str),
+                          InfotextField("Classifier guidance scale", "classifier_scale", float))
 
 
 @dataclass(frozen=True)

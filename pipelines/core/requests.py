@@ -21,6 +21,7 @@ from PIL import Image
 
 from pipelines.core.checks import (DRAWN_SEED_LIMIT, MAX_SEED, NUMBER_RANGES, PREVIEW_MODES, WHOLE_NUMBER_RANGES,
                                    check_choice, check_number, check_prompt, check_whole)
+from pipelines.core.guidance import DEFAULT_PAG_LAYERS, check_guidance
 from pipelines.core.samplers import (DEFAULT_DRAFT_LENGTH, DEFAULT_SAMPLER, DRAFTS, FROZEN_X0_DRAFT, MODEL_DRAFTS,
                                      SPECULATIVE_SAMPLER, check_sampler)
 
@@ -50,6 +51,16 @@ class SamplingSettings:
     # the DDPM speculative sampler's: the draft, and how many steps it proposes per target call
     draft: str = FROZEN_X0_DRAFT
     draft_length: int = DEFAULT_DRAFT_LENGTH
+    # guidance beyond plain CFG (pipelines/core/guidance.py says what each does) and the sampler's schedule
+    cfg_method: str = "CFG"      # CFG | ICG (independent condition: a random prompt stands in for the negative)
+    cfg_start: float = 0.0       # the guidance interval: CFG acts for the steps in [start, end) of the schedule
+    cfg_end: float = 1.0
+    pag_scale: float = 0.0       # perturbed-attention guidance; 0 = off
+    pag_adaptive_scale: float = 0.0
+    pag_layers: str = DEFAULT_PAG_LAYERS
+    classifier_class: str = ""   # classifier guidance towards this class of the model's guidance classifier
+    classifier_scale: float = 0.0
+    schedule: str = "Default"    # the sampler's timesteps: its own, or e.g. "Align Your Steps"
 
     def __post_init__(self):
         for name in ("prompt", "negative_prompt"):
@@ -69,6 +80,7 @@ class SamplingSettings:
             raise ValueError(f"`preview_every` must be 0 (off) or a positive number of steps "
                              f"but is {self.preview_every!r}.")
         check_choice("draft", self.draft, DRAFTS)
+        check_guidance(self)
         check_choice("preview_mode", self.preview_mode, PREVIEW_MODES)
 
     # -- seeds ----------------------------------------------------------------------------------
@@ -95,6 +107,11 @@ class SamplingSettings:
 
     def check_steps(self) -> None:
         """Raise when the request leaves no denoising step to run."""
+
+    def plain_guidance(self) -> bool:
+        """Plain CFG on the sampler's own schedule: what diffusers' pipeline call runs as it is."""
+        return (self.cfg_method == "CFG" and self.cfg_start <= 0.0 and self.cfg_end >= 1.0 and self.pag_scale == 0.0
+                and self.classifier_scale == 0.0 and self.schedule == "Default")
 
     @property
     def speculative(self) -> bool:

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from pipelines.core.call import PreparedCall, prepare
+from pipelines.core.guidance import guidance_infotext
 from pipelines.core.preview import LatentPreviewer
 from pipelines.core.prompts import EMPHASIS, prompt_texts, uses_emphasis
 from pipelines.core.requests import SamplingSettings
@@ -200,13 +201,15 @@ def infotext_parameters(request: SamplingSettings, model, seed: int, image_index
     sampler, schedule_type = a1111_sampler(request.sampler)
     prompt, negative_prompt, _, _ = prompt_texts(request)
     return {
-        "Steps": request.steps, "Sampler": sampler, "Schedule type": schedule_type,
+        "Steps": request.steps, "Sampler": sampler,
+        "Schedule type": schedule_type if request.schedule == "Default" else request.schedule,
         "CFG scale": request.guidance_scale, "Seed": seed, "Size": f"{request.width}x{request.height}",
         "Model hash": model.model_hash, "Model": model.name,
         **task_of(request).infotext_values(request),
         "Draft": request.draft if request.speculative else None,
         "Draft length": request.draft_length if request.speculative else None,
         "Guidance rescale": request.guidance_rescale or None,
+        **guidance_infotext(request),
         "Batch size": request.batch_size if request.batch_size > 1 else None,
         "Batch pos": image_index if request.batch_size > 1 else None,
         "RNG": "CPU",

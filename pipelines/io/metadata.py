@@ -39,6 +39,7 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from pipelines.core.checks import MAX_INPUT_PIXELS, MAX_SEED, NUMBER_RANGES, WHOLE_NUMBER_RANGES
 from pipelines.core.prompts import EMPHASIS
 from pipelines.core.registry import SHARED_INFOTEXT_FIELDS
+from pipelines.core.schedules import DEFAULT_SCHEDULE, SCHEDULES, schedule_error
 from pipelines.core.samplers import sampler_from_a1111
 from pipelines.tasks import TASKS
 from pipelines.tasks.control_units import MAX_UNITS as MAX_CONTROLNET_UNITS
@@ -75,7 +76,8 @@ MB = 1024 ** 2
 # The ranges of the settings an infotext restores, in the infotext's order: those every request checks
 # (pipelines/core/checks.py).
 RESTORED_RANGES = {name: (WHOLE_NUMBER_RANGES | NUMBER_RANGES)[name] for name in (
-    "steps", "width", "height", "batch_size", "guidance_scale", "guidance_rescale", "strength", "draft_length")}
+    "steps", "width", "height", "batch_size", "guidance_scale", "guidance_rescale", "strength", "draft_length",
+    "cfg_start", "cfg_end", "pag_scale", "pag_adaptive_scale", "classifier_scale")}
 
 
 # ---------------------------------------------------------------------------------------
@@ -198,7 +200,12 @@ def infotext_to_settings_and_dropped(params: dict[str, str]) -> tuple[dict, dict
 
     dropped: dict[str, str] = {}
     if "Sampler" in params:
-        settings["sampler"], dropped_schedule = sampler_from_a1111(params["Sampler"], params.get("Schedule type"))
+        schedule_type = params.get("Schedule type")
+        if schedule_type in SCHEDULES and schedule_type != DEFAULT_SCHEDULE:   # a schedule of ours, e.g. AYS,
+            sampler, _ = sampler_from_a1111(params["Sampler"], None)            # on a sampler that runs it
+            if schedule_error(sampler, schedule_type) is None:
+                settings["schedule"], schedule_type = schedule_type, None
+        settings["sampler"], dropped_schedule = sampler_from_a1111(params["Sampler"], schedule_type)
         read |= {"Sampler", "Schedule type"}
         if dropped_schedule is not None:
             dropped["Schedule type"] = dropped_schedule

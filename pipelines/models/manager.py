@@ -104,6 +104,7 @@ class ModelManager:
         self.models_dir = models_dir or DEFAULT_MODELS_DIR
         self.slots: dict[str, LoadedModel] = {}
         self.holder: str | None = None      # what holds the base model as it is (a LoRA training), see hold()
+        self._guidance_classifier = None    # the embedded model's, read on first use (guidance_classifier())
 
     @property
     def lora_dir(self) -> Path:
@@ -192,6 +193,18 @@ class ModelManager:
             held = self._load_draft(EMBEDDED_NAME, None)
         check_draft_fits(held, base)
         return self._on_base_device(held.pipeline, base)
+
+    def guidance_classifier(self):
+        """The noise-aware classifier for classifier guidance (pipelines/guidance/classifier.py), read once: the
+        embedded model ships one trained on its latents (recipe/classifier.py); no other model has one yet."""
+        base = self.require()
+        if base.source.kind != "embedded":
+            raise ValueError(f"Classifier guidance needs a noise-aware classifier trained on {base.name}'s latents; the "
+                             "studio ships one for the embedded model only. Load the embedded model, or use CFG or PAG.")
+        if self._guidance_classifier is None:
+            from pipelines.guidance.classifier import load_guidance_classifier
+            self._guidance_classifier = load_guidance_classifier()
+        return self._guidance_classifier
 
     def controlnet(self, name: str):
         """The ControlNet `name` (on the device thread), loaded into its slot `controlnet:NAME` once: a shipped

@@ -34,10 +34,12 @@ from PIL import Image
 
 from pipelines.core.checks import NUMBER_RANGES, check_input_image, check_number
 from pipelines.core.denoiser import Denoiser
+from pipelines.core.guidance import ModelRows
 from pipelines.core.images import decode_image, fit_image, image_to_tensor
 from pipelines.core.loop import noised_start, run_steps, strength_timesteps
 from pipelines.core.registry import Task, register
 from pipelines.core.requests import SamplingSettings
+from pipelines.core.schedules import set_schedule
 from pipelines.core.vae import encode, execution_device
 from pipelines.tasks.control_units import (A1111_CONTROL, A1111_MODULES, A1111_RESIZE, CONTROL_FIRST, MAX_UNITS,
                                            UNIT_FIELDS, ControlUnit, UnitSettings, _enabled, unit_from_json)
@@ -110,7 +112,7 @@ class ControlNetRequest(SamplingSettings, UnitSettings):
 class ActiveUnit:
     unit: ControlUnit
     controlnet: Any
-    condition: torch.Tensor      # the control image, [0, 1], one row per CFG branch and image
+    condition: torch.Tensor      # the control image, [0, 1], one row per image
 
 
 def _condition(unit: ControlUnit, controlnet, request: ControlNetRequest, rows: int, device) -> torch.Tensor:
@@ -121,18 +123,18 @@ def _condition(unit: ControlUnit, controlnet, request: ControlNetRequest, rows: 
 
 
 def control_residuals(active: list[ActiveUnit], index: int, total: int, scaled: torch.Tensor, t, embeddings, *,
-                      cfg: bool) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
-    """The units' residuals at step `index`, summed (None when no unit acts)."""
+                      rows: ModelRows) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
+    """The units' residuals at step `index` for the UNet call's `rows` (pipelines/core/guidance.py), summed
+    (None when no unit acts)."""
     down_sum, mid_sum = None, None
     for item in active:
         unit = item.unit
         if not unit.acts_at(index, total):
             continue
-        prompt_only = cfg and unit.control_mode == CONTROL_FIRST
-        half = scaled.shape[0] // 2
-        model_input = scaled[half:] if prompt_only else scaled
-        text = embeddings[half:] if prompt_only else embeddings
-        condition = item.condition[half:] if prompt_only else item.condition
+        prompt_only = rows.uncond and unit.control_mode == CONTROL_FIRST
+        skip = scaled.shape[0] // rows.chunks if prompt_only else 0    # the negative prompt's rows come first
+        model_input, text = scaled[skip:], embeddings[skip:]
+        condition = item.condition.repeat(len(model_input) // len(item.condition), 1, 1, 1)
         dtype = condition.dtype     # the ControlNet's (`_condition`); asking the model walks its parameters
         with torch.no_grad():
             down, mid = item.controlnet(model_input.to(dtype), t, encoder_hidden_states=text.to(dtype),
@@ -142,8 +144,8 @@ def control_residuals(active: list[ActiveUnit], index: int, total: int, scaled: 
             down = [residual * scale for residual, scale in zip(down, scales)]
             mid = mid * scales[-1]
         if prompt_only:   # nothing on the negative prompt's branch
-            down = [torch.cat([torch.zeros_like(residual), residual]) for residual in down]
-            mid = torch.cat([torch.zeros_like(mid), mid])
+            down = [torch.cat([torch.zeros_like(residual[:skip]), residual]) for residual in down]
+            mid = torch.cat([torch.zeros_like(mid[:skip]), mid])
         down_sum = down if down_sum is None else [a + b for a, b in zip(down_sum, down)]
         mid_sum = mid if mid_sum is None else mid_sum + mid
     return down_sum, mid_sum
@@ -160,13 +162,12 @@ def run_controlnet(call, batch_index: int, *, generators=None, latents=None, cal
     generators = generators or call.generators(batch_index)
     call.seed_brownian_noise(batch_index)
     denoiser = Denoiser(call, generators=generators)
-    rows = 2 * batch if denoiser.cfg else batch
 
     # 1. The units' control images and models
-    active = [ActiveUnit(unit, controlnet, _condition(unit, controlnet, request, rows, execution_device(
+    active = [ActiveUnit(unit, controlnet, _condition(unit, controlnet, request, batch, execution_device(
         controlnet))) for unit, controlnet in ((unit, call.controlnets[unit.model]) for unit in request.units)]
     # 2. Timesteps, and the start: noise (Text-to-Image), or the init image noised to the strength
-    scheduler.set_timesteps(request.steps, device=device)
+    set_schedule(scheduler, request.steps, request.schedule, unet_config=unet.config, device=device)
     timesteps = scheduler.timesteps
     if request.init_image is not None:
         timesteps = strength_timesteps(scheduler, request.steps, request.strength)
@@ -182,10 +183,10 @@ def run_controlnet(call, batch_index: int, *, generators=None, latents=None, cal
 
     # 3. The loop: the units' residuals join the UNet's skip connections
     def step(index, t, latents):
-        scaled = scheduler.scale_model_input(torch.cat([latents] * 2) if denoiser.cfg else latents, t)
-        down, mid = control_residuals(active, index, len(timesteps), scaled, t, denoiser.embeddings,
-                                      cfg=denoiser.cfg)
-        latents = denoiser.step(latents, t, down_block_additional_residuals=down,
+        rows = denoiser.rows(index, len(timesteps))
+        scaled, embeddings = denoiser.model_input(latents, t, rows)
+        down, mid = control_residuals(active, index, len(timesteps), scaled, t, embeddings, rows=rows)
+        latents = denoiser.step(latents, t, index=index, count=len(timesteps), down_block_additional_residuals=down,
                                 mid_block_additional_residual=mid).latents
         shown = {"control_residuals": None if down is None else [*down, mid]} if "control_residuals" in expose else {}
         return latents, shown

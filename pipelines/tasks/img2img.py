@@ -11,6 +11,7 @@ from pipelines.core.checks import NUMBER_RANGES, check_input_image, check_number
 from pipelines.core.images import fit_image
 from pipelines.core.registry import InfotextField, Task, register
 from pipelines.core.requests import SamplingSettings
+from pipelines.tasks.guided import run_text_or_image
 
 
 @dataclass(kw_only=True)
@@ -58,4 +59,4 @@ def _image_to_image(base):
     return AutoPipelineForImage2Image.from_pipe(base)
 
 register(Task("img2img", "Image-to-Image", Img2ImgRequest, _image_to_image,
-              (InfotextField("Denoising strength", "strength", float),)))
+              (InfotextField("Denoising strength", "strength", float),), run=run_text_or_image))

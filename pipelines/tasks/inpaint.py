@@ -41,6 +41,7 @@ from scipy import ndimage
 
 from pipelines.core.checks import NUMBER_RANGES, check_choice, check_flag, check_input_image, check_number, check_whole
 from pipelines.core.denoiser import Denoiser
+from pipelines.core.schedules import set_schedule
 from pipelines.core.images import image_to_tensor
 from pipelines.core.loop import run_steps, strength_timesteps
 from pipelines.core.registry import InfotextField, Task, register
@@ -256,7 +257,7 @@ def run_inpaint(call, batch_index: int, *, generators=None, latents=None, callba
     latent_mask = torch.from_numpy(region.latent_mask)[None, None].to(device, dtype)
 
     # 3. Timesteps for the strength, and the starting latents from the masked content
-    scheduler.set_timesteps(request.steps, device=device)
+    set_schedule(scheduler, request.steps, request.schedule, unet_config=unet.config, device=device)
     timesteps = strength_timesteps(scheduler, request.steps, request.strength)
     noise = randn_tensor(image_latents.shape, generator=generators, device=device, dtype=dtype)
     start = image_latents
@@ -280,7 +281,7 @@ def run_inpaint(call, batch_index: int, *, generators=None, latents=None, callba
     denoiser = Denoiser(call, generators=generators)
 
     def step(index, t, latents):
-        latents = denoiser.step(latents, t, extra_channels=extra).latents
+        latents = denoiser.step(latents, t, index=index, count=len(timesteps), extra_channels=extra).latents
         if extra is None or request.soft_inpainting:   # a 9-channel UNet needs no re-anchoring, but soft does
             last = index == len(timesteps) - 1
             known = image_latents if last else scheduler.add_noise(image_latents, noise, timesteps[index + 1:index + 2])

@@ -37,7 +37,7 @@ from diffusers import (DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscrete
 from diffusers.schedulers import AysSchedules
 
 from pipelines.core.samplers import (SAMPLERS, SPECULATIVE_SAMPLER, STEPWISE_SAMPLER_NAMES, check_sampler,
-                                     make_scheduler)
+                                     make_scheduler, sampler_from_a1111)
 
 DEFAULT_SCHEDULE = "Default"
 ALIGN_YOUR_STEPS = "Align Your Steps"
@@ -236,3 +236,15 @@ def schedule_table(model_scheduler_config: dict, sampler: str, schedules: list[s
         table[schedule] = {"timesteps": timesteps.tolist(), "sigmas": sigma.tolist(),
                            "alphas_cumprod": alphas_cumprod.tolist()}
     return table
+
+
+def sampler_and_schedule(a1111_sampler: str, schedule_type: str | None) -> tuple[dict, str | None]:
+    """An infotext's `Sampler` and `Schedule type` as settings ({"sampler": ours}, plus "schedule" for a schedule
+    of ours other than Default, A1111's "Align Your Steps", where the sampler runs it), and the schedule type not
+    kept (None: kept); the rest is `sampler_from_a1111`'s reading (pipelines/core/samplers.py)."""
+    if schedule_type in SCHEDULES and schedule_type != DEFAULT_SCHEDULE:
+        sampler, _ = sampler_from_a1111(a1111_sampler, None)
+        if sampler in SAMPLERS and schedule_error(sampler, schedule_type) is None:
+            return {"sampler": sampler, "schedule": schedule_type}, None
+    sampler, dropped = sampler_from_a1111(a1111_sampler, schedule_type)
+    return {"sampler": sampler}, dropped

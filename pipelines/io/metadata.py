@@ -39,8 +39,7 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from pipelines.core.checks import MAX_INPUT_PIXELS, MAX_SEED, NUMBER_RANGES, WHOLE_NUMBER_RANGES
 from pipelines.core.prompts import EMPHASIS
 from pipelines.core.registry import SHARED_INFOTEXT_FIELDS
-from pipelines.core.schedules import DEFAULT_SCHEDULE, SCHEDULES, schedule_error
-from pipelines.core.samplers import sampler_from_a1111
+from pipelines.core.schedules import sampler_and_schedule
 from pipelines.tasks import TASKS
 from pipelines.tasks.control_units import MAX_UNITS as MAX_CONTROLNET_UNITS
 from pipelines.tasks.controlnet import read_units
@@ -182,9 +181,10 @@ def infotext_to_settings(params: dict[str, str]) -> dict:
 def infotext_to_settings_and_dropped(params: dict[str, str]) -> tuple[dict, dict[str, str]]:
     """Typed settings from parsed infotext params (ours or A1111's), and the `Key: value`s that restore nothing.
 
-    Settings are a subset of: steps, sampler, guidance_scale, seed, width, height, batch_size, guidance_rescale,
-    the tasks' own fields (strength, mask_blur, …), draft, draft_length, controlnet_units, model, model_hash.
-    The sampler is read in A1111 >= 1.9's form (`Sampler` + `Schedule type`) and the older one-name form.
+    Settings are a subset of: steps, sampler, schedule, guidance_scale, seed, width, height, batch_size, the
+    guidance settings, the tasks' own fields (strength, mask_blur, …), draft, draft_length, controlnet_units,
+    model, model_hash. The sampler is read in A1111 >= 1.9's form (`Sampler` + `Schedule type`, which may be a
+    schedule of ours: Align Your Steps) and the older one-name form.
 
     Dropped are the keys this studio has no setting for (`Clip skip: 2`, `Hires upscale`, `TI hashes`, an
     `RNG` other than CPU, a schedule type the sampler doesn't run with here, …), for the caller to name to the
@@ -200,12 +200,8 @@ def infotext_to_settings_and_dropped(params: dict[str, str]) -> tuple[dict, dict
 
     dropped: dict[str, str] = {}
     if "Sampler" in params:
-        schedule_type = params.get("Schedule type")
-        if schedule_type in SCHEDULES and schedule_type != DEFAULT_SCHEDULE:   # a schedule of ours, e.g. AYS,
-            sampler, _ = sampler_from_a1111(params["Sampler"], None)            # on a sampler that runs it
-            if schedule_error(sampler, schedule_type) is None:
-                settings["schedule"], schedule_type = schedule_type, None
-        settings["sampler"], dropped_schedule = sampler_from_a1111(params["Sampler"], schedule_type)
+        chosen, dropped_schedule = sampler_and_schedule(params["Sampler"], params.get("Schedule type"))
+        settings |= chosen
         read |= {"Sampler", "Schedule type"}
         if dropped_schedule is not None:
             dropped["Schedule type"] = dropped_schedule

@@ -43,7 +43,9 @@ SAMPLER_ALIASES = {"PLMS": "PNDM", "plms": "PNDM", "k_euler": "Euler", "k_euler_
 # Since A1111 1.9 the schedule is chosen apart from the sampler; "automatic" is the sampler's own default, which is
 # Karras for these two (their `{'scheduler': 'karras'}` option there)
 KARRAS_BY_DEFAULT = {"DPM++ 2M": "DPM++ 2M Karras", "DPM++ SDE": "DPM++ SDE Karras"}
-SCHEDULES = ("automatic", "uniform", "karras")
+SCHEDULES = ("automatic", "uniform", "karras", "align_your_steps")
+# A1111's schedule ids that are a schedule of ours (pipelines/core/schedules.py), run with the plain sampler
+OUR_SCHEDULES = {"align_your_steps": "Align Your Steps"}
 # Our request fields under A1111's names, so that an error names what the client sent
 A1111_FIELD_NAMES = {"guidance_scale": "cfg_scale", "batch_count": "n_iter", "sampler": "sampler_name",
                      "strength": "denoising_strength", "init_image": "init_images[0]", "mask_blur": "mask_blur",
@@ -103,10 +105,10 @@ def resolve_sampler(name: str | None, schedule: str | None) -> str:
     base = name.removesuffix(" Karras")
     if schedule == "automatic":
         return KARRAS_BY_DEFAULT.get(name, name)
-    if schedule == "uniform":
+    if schedule == "uniform" or schedule in OUR_SCHEDULES:
         if base != name:
-            raise ValueError(f"`sampler_name` {name!r} is a Karras sampler but `scheduler` is 'uniform'; send "
-                             f"{base!r} with 'uniform', or 'karras'.")
+            raise ValueError(f"`sampler_name` {name!r} is a Karras sampler but `scheduler` is {schedule!r}; send "
+                             f"{base!r} with {schedule!r}, or 'karras'.")
         return name
     karras = f"{base} Karras"
     if karras not in SAMPLER_NAMES:
@@ -126,7 +128,7 @@ def sampler_items() -> list[dict]:
 
 def schedule_items() -> list[dict]:
     """A1111's /schedulers items for the schedules `resolve_sampler` takes."""
-    return [{"name": name, "label": name.capitalize(), "aliases": None,
+    return [{"name": name, "label": OUR_SCHEDULES.get(name, name.capitalize()), "aliases": None,
              "default_rho": 7.0 if name == "karras" else -1, "need_inner_model": False} for name in SCHEDULES]
 
 
@@ -153,7 +155,8 @@ def generation_request(body: dict, *, img2img: bool, native_side: int, preview_e
     sampling = {"prompt": body.get("prompt") or "", "negative_prompt": body.get("negative_prompt") or "",
                 "sampler": sampler, "steps": body["steps"], "guidance_scale": body["cfg_scale"], "seed": body["seed"],
                 "width": native_side if width is None else width, "height": native_side if height is None else height,
-                "batch_size": body["batch_size"], "batch_count": body["n_iter"], "preview_every": preview_every}
+                "batch_size": body["batch_size"], "batch_count": body["n_iter"], "preview_every": preview_every,
+                "schedule": OUR_SCHEDULES.get((body.get("scheduler") or "").strip().lower(), "Default")}
     # Every size limit is checked before any image is decoded or resized to the size asked for: a 50000×50000
     # img2img once spent 47 s and 9.3 GB resizing its input before the request refused the size
     SamplingSettings(**sampling)

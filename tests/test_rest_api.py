@@ -295,6 +295,11 @@ def test_the_a1111_translation_of_units_and_samplers():
     with pytest.raises(ValueError, match="`sampler_name` 'Heun' has no Karras schedule"):
         a1111.resolve_sampler("Heun", "karras")
     assert a1111.in_a1111_terms("`guidance_scale` (CFG) must be") == "`cfg_scale` (CFG) must be"
+    assert a1111.resolve_sampler("DPM++ 2M", "align_your_steps") == "DPM++ 2M"    # the schedule is ours, below
+    body = {"prompt": "x", "steps": 10, "cfg_scale": 7.0, "seed": 1, "batch_size": 1, "n_iter": 1,
+            "sampler_name": "DPM++ 2M", "scheduler": "align_your_steps"}
+    assert a1111.generation_request(body, img2img=False, native_side=64, preview_every=0).request.schedule == \
+        "Align Your Steps"
 
 
 # ----------------------------------------------------------------------------- sizes checked before pixels

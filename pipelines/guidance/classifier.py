@@ -173,6 +173,26 @@ class GuidanceClassifier:
         return timesteps
 
 
+def classifier_class_names(path: Path = EMBEDDED_CLASSIFIER) -> list[str]:
+    """The class names of the classifier in `path` (a folder or its .safetensors file), read from the file's metadata
+    without loading its weights; [] when no classifier is installed there (the UI offers no classes then)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    weights = path / WEIGHTS_NAME if path.is_dir() or not path.suffix else path
+    if not weights.is_file():
+        return []
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError) as error:
+        raise ModelLoadError(f"{weights} is not a readable .safetensors file: {error}") from error
+    if "class_names" not in metadata:
+        raise ModelLoadError(f"{weights} has no class_names in its metadata: it is not a guidance classifier saved "
+                             "by recipe/classifier.py.")
+    return json.loads(metadata["class_names"])
+
+
 def load_guidance_classifier(path: Path = EMBEDDED_CLASSIFIER) -> GuidanceClassifier:
     """The classifier in `path`: a folder holding classifier.safetensors (and CLASSIFIER.json, its provenance), or
     the .safetensors file itself. Its architecture and class names come from the file's metadata."""
@@ -216,12 +236,3 @@ def load_guidance_classifier(path: Path = EMBEDDED_CLASSIFIER) -> GuidanceClassi
     record = weights.with_name(RECORD_NAME)
     provenance = json.loads(record.read_text()) if record.is_file() else {}
     return GuidanceClassifier(model.eval().requires_grad_(False), class_names, provenance)
-
-
-def classifier_class_names(path: Path = EMBEDDED_CLASSIFIER) -> list[str]:
-    """The shipped classifier's class names, read from its record without loading the weights (the UI's
-    choices); none when no classifier is installed."""
-    record = path / RECORD_NAME
-    if not record.exists():
-        return []
-    return list(json.loads(record.read_text()).get("class_names", []))

@@ -2,13 +2,14 @@
 
 The tab (studio/tabs/explorer.py) builds the arguments, calls one method and renders what comes
 back; all tensor math lives in forward.py (noising), reverse.py and trace.py (denoising, recorded),
-comparison.py (samplers side by side) and speculative_view.py, and everything that touches tensors runs
-on the models' device worker (pipelines/jobs/worker.py), which `Explorer` picks itself:
+comparison.py (samplers side by side), guidance.py (guidance methods side by side) and speculative_view.py,
+and everything that touches tensors runs on the models' device worker (pipelines/jobs/worker.py), which
+`Explorer` picks itself:
 
     forward_view, markov_check, export_forward    short work: run on the worker, return the answer
     step_views, export_trace                      decode frames of a recorded trace the same way
     sampling_schedules                            numbers and a figure from the model's config: no worker
-    record, branch, compare                       long work: a `Job` on the worker, which reports
+    record, branch, compare, guidance             long work: a `Job` on the worker, which reports
                                                   progress through `job.report` and stops early
                                                   (the trace then `stopped`) when `job.cancel()`ed
 """
@@ -28,10 +29,11 @@ from PIL import Image
 from pipelines.core.checks import MAX_STEPS
 from pipelines.core.samplers import check_sampler
 from pipelines.core.schedules import check_schedule, schedule_table
-from pipelines.explorer import animation, comparison, forward, reverse
+from pipelines.explorer import animation, comparison, forward, guidance, reverse
 from pipelines.explorer.animation import export_animation
 from pipelines.explorer.forward import (FixedNoise, NoiseSchedule, animation_timesteps, empirical_moments,
                                         forward_frames, image_to_tensor, make_schedule, tensor_to_image)
+from pipelines.explorer.guidance_view import guidance_view
 from pipelines.explorer.plots import schedule_plot, value_histogram
 from pipelines.explorer.sampling_schedules import check_quantity, sampling_schedule_caption, sampling_schedule_plot
 from pipelines.explorer.speculative_view import speculative_view
@@ -284,6 +286,14 @@ class Explorer:
                                            reference_steps=reference_steps, reference_sampler=reference_sampler,
                                            stop=job.stop, on_step=job.report),
             kind="explorer-compare", owner=owner)
+
+    def guidance(self, *, owner: str | None = None, **settings) -> Job:
+        """A job running one seed under each guidance method (`settings`: guidance.compare_guidance's); its result
+        is the `GuidanceView` (guidance_view.py)."""
+        return self.worker.submit(
+            lambda job: guidance_view(guidance.compare_guidance(self.models, **settings, stop=job.stop,
+                                                                on_step=job.report)),
+            kind="explorer-guidance", owner=owner)
 
     def step_views(self, trace: Trace, step: int, noise_kind: str) -> StepViews:
         """x_t, x̂_0 and the `noise_kind` map of `step` (clamped to the trace), decoded on the worker."""

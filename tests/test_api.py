@@ -171,6 +171,11 @@ def test_every_public_endpoint_answers_with_only_its_required_arguments(server, 
         rows = out["Rounds"]["value"]["data"]
         assert rows and len(out["The image after each round"]) == len(rows) and "Seed" in out["Summary"]
 
+    def compare_guidance(out) -> None:   # the page's methods on the tiny model: no classifier, so it is left out
+        methods = out["Per method: RMS of each guidance direction at each model call, the judge's numbers"]["methods"]
+        assert list(methods) == ["none", "CFG", "CFG + interval", "ICG", "CFG + PAG"]
+        assert len(out["Final images: method · the judge's numbers"]) == 5 and "Seed" in out["Status"]
+
     def schedule_plot(out) -> None:
         table = out["Per schedule: timesteps, sigmas, alphas_cumprod at each model call"]
         assert set(table) == {"Default", "Align Your Steps"} and "Align Your Steps" in out["Caption"]
@@ -197,6 +202,7 @@ def test_every_public_endpoint_answers_with_only_its_required_arguments(server, 
         "/explorer_record": explorer_record,
         "/explorer_speculative": explorer_speculative,
         "/schedule_plot": schedule_plot,
+        "/compare_guidance": compare_guidance,
         "/job": lambda out: out["The job: id, kind, state, progress"]["state"] == "done",
         "/stop": lambda out: out["The job: id, kind, state, progress"]["id"] == made["job_id"],
         "/controlnet": controlnet,

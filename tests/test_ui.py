@@ -41,13 +41,31 @@ def test_a1111_infotext_restores_into_the_tab_controls_by_name(tabs):
     txt2img, img2img, inpaint = tabs
     restored = settings_from_infotext(A1111, txt2img)
     by_name = {name: restored[component] for name, component in txt2img.controls.items() if component in restored}
+    off = {"guidance_rescale": 0.0, "cfg_method": "CFG", "cfg_start": 0.0, "cfg_end": 1.0, "pag_scale": 0.0,
+           "pag_adaptive_scale": 0.0, "pag_layers": "mid", "classifier_class": "", "classifier_scale": 0.0,
+           "schedule": "Default"}   # left out of an infotext: off when the image was made
     assert by_name == {"prompt": "a castle on a hill, sunset", "negative_prompt": "blurry, lowres",
-                       "sampler": "DPM++ 2M Karras", "steps": 30, "guidance_scale": 6.5, "guidance_rescale": 0.0,
-                       "width": 512, "height": 768, "seed": 3456}
+                       "sampler": "DPM++ 2M Karras", "steps": 30, "guidance_scale": 6.5,
+                       "width": 512, "height": 768, "seed": 3456} | off
     with_strength = settings_from_infotext(A1111 + ", Denoising strength: 0.4", img2img)
     assert with_strength[img2img.controls["strength"]] == 0.4
     assert "strength" not in {name for name, c in txt2img.controls.items()
                               if c in settings_from_infotext(A1111 + ", Denoising strength: 0.4", txt2img)}
+
+
+@pytest.mark.parametrize("tab_index", [0, 2])
+def test_guidance_settings_restore_into_every_generation_tab(tabs, tab_index):
+    tab = tabs[tab_index]
+    text = ("red apple\nSteps: 10, Sampler: Euler, Schedule type: Align Your Steps, CFG scale: 5, Seed: 3, "
+            "Size: 64x64, CFG method: ICG, CFG interval start: 0.2, CFG interval end: 0.8, PAG scale: 3, "
+            "PAG adaptive scale: 0.002, PAG layers: \"mid, up_blocks.1\", Classifier guidance class: flags, "
+            "Classifier guidance scale: 4")
+    restored = settings_from_infotext(text, tab)
+    by_name = {name: restored[component] for name, component in tab.controls.items() if component in restored}
+    assert {key: by_name[key] for key in ("sampler", "schedule", "cfg_method", "cfg_start", "cfg_end", "pag_scale",
+                                          "pag_adaptive_scale", "pag_layers", "classifier_scale")} == {
+        "sampler": "Euler", "schedule": "Align Your Steps", "cfg_method": "ICG", "cfg_start": 0.2, "cfg_end": 0.8,
+        "pag_scale": 3.0, "pag_adaptive_scale": 0.002, "pag_layers": "mid, up_blocks.1", "classifier_scale": 4.0}
 
 
 def test_a1111_inpainting_keys_restore_into_the_inpainting_tab(tabs):

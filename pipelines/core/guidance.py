@@ -30,6 +30,9 @@ import torch
 from pipelines.core.checks import NUMBER_RANGES, check_choice, check_number
 
 CFG_METHODS = ("CFG", "ICG")
+# The request's guidance and schedule fields (pipelines/core/requests.py); an infotext leaves out those not in use
+GUIDANCE_FIELDS = ("cfg_method", "cfg_start", "cfg_end", "pag_scale", "pag_adaptive_scale", "pag_layers",
+                   "classifier_class", "classifier_scale", "schedule")
 DEFAULT_PAG_LAYERS = "mid"
 ICG_PROMPT_TOKENS = 8          # the random prompt's length, in tokens
 

@@ -23,8 +23,10 @@ from dataclasses import MISSING, dataclass, field, fields
 import gradio as gr
 
 from pipelines.core.checks import MAX_BATCH, MAX_SIDE, MAX_STEPS
+from pipelines.core.guidance import GUIDANCE_FIELDS
 from pipelines.core.requests import SamplingSettings, draw_seed
 from pipelines.core.results import GeneratedImage, GenerationDone, Preview
+from pipelines.core.schedules import SCHEDULES
 from pipelines.core.samplers import (DEFAULT_DRAFT_LENGTH, DEFAULT_SAMPLER, DRAFTS, FROZEN_X0_DRAFT, MAX_DRAFT_LENGTH,
                                      SPECULATIVE_SAMPLER)
 from pipelines.io.metadata import (clamp_to_request_limits, infotext_key, infotext_to_settings_and_dropped,
@@ -34,6 +36,7 @@ from pipelines.lora.adapters import lora_files
 from pipelines.tasks import TASKS
 from studio.context import StudioContext, owns, session_of
 from studio.errors import name_input_errors, user_errors
+from studio.tabs.guidance import guidance_controls
 
 # Generations are hardly held in Gradio's queue: each becomes a job at once, and the device worker runs
 # jobs one at a time (pipelines/jobs/worker.py), so a waiting generation already has a job id to stop it by.
@@ -41,6 +44,9 @@ from studio.errors import name_input_errors, user_errors
 # Progress shows in the status line and the previews; Gradio's own overlay is off because it replaces
 # the shown images with "Error" badges when a generation fails, and the last images should stay.
 JOB_QUEUE = {"concurrency_id": "jobs", "concurrency_limit": 16, "show_progress": "hidden"}
+# An infotext leaves out what was off (A1111 writes what was in use): restored as off, not kept as set
+OFF_WHEN_ABSENT = {item.name: item.default for item in fields(SamplingSettings)
+                   if item.name in ("guidance_rescale", *GUIDANCE_FIELDS)}
 # how a status line starts that tells a failure (app.py clears it once a model is loaded again)
 FAILED = "**Failed:**"
 
@@ -137,6 +143,8 @@ def _sampling_controls(task: str, defaults: dict) -> dict:
                                           label="Sampler")
         controls["steps"] = gr.Slider(1, MAX_STEPS, value=defaults.get("steps", 25), step=1, precision=0,
                                       label="Steps", elem_id=f"{task}-steps")
+        controls["schedule"] = gr.Dropdown(list(SCHEDULES), value="Default", label="Schedule type",
+                                           info="the sampler's timesteps; Align Your Steps is tuned for few steps")
     if entry.supports(SPECULATIVE_SAMPLER):   # DDPM speculative's settings, shown when it is picked
         with gr.Row(visible=defaults.get("sampler") == SPECULATIVE_SAMPLER) as speculative_row:
             controls["draft"] = gr.Dropdown(list(DRAFTS), value=FROZEN_X0_DRAFT, label="Draft",
@@ -150,6 +158,7 @@ def _sampling_controls(task: str, defaults: dict) -> dict:
         controls["guidance_scale"] = gr.Slider(1.0, 20.0, value=defaults.get("guidance_scale", 7.5), step=0.5,
                                                label="CFG scale", info="1 turns guidance (and its extra pass) off")
         controls["guidance_rescale"] = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="Guidance rescale")
+    controls.update(guidance_controls(task))
     with gr.Row():
         native = size_hint(defaults.get("native_side"))
         controls["width"] = gr.Slider(64, MAX_SIDE, value=defaults.get("width", 512), step=8, precision=0,
@@ -414,7 +423,7 @@ def settings_from_infotext(text: str, tab: GenerationTab) -> dict:
     clamped += _fit_to_sliders(restored_settings, tab.controls)
     if clamped:
         gr.Warning("Out of range, so changed: " + " ".join(clamped))
-    settings = {"prompt": prompt, "negative_prompt": negative, "guidance_rescale": 0.0, **restored_settings}
+    settings = {"prompt": prompt, "negative_prompt": negative, **OFF_WHEN_ABSENT, **restored_settings}
     sampler = settings.get("sampler")
     if sampler is not None and sampler not in [value for _, value in tab.controls["sampler"].choices]:
         gr.Warning(f"Sampler {sampler!r} is not available here; keeping the current one.")

@@ -126,14 +126,19 @@ def classifier_guided(eps: torch.Tensor, x_t: torch.Tensor, t, alphas_cumprod: t
     """Classifier guidance on an ε-prediction: ε − √(1−ᾱ_t) s ∇_{x_t} log p(y | x_t). `x_t` is the
     variance-preserving input the UNet saw (the sampler's `scale_model_input`); ᾱ_t is read off the training
     schedule at t (interpolated for the fractional timesteps of sigma-spaced schedules). Returns (ε̂, ∇log p)."""
+    gradient, _ = classifier.log_prob_gradient(x_t, round(float(t)), class_index)
+    gradient = gradient.to(eps.device, eps.dtype)
+    return eps - (1.0 - alpha_bar_at(alphas_cumprod, t)) ** 0.5 * scale * gradient, gradient
+
+
+def alpha_bar_at(alphas_cumprod: torch.Tensor, t) -> float:
+    """ᾱ_t read off the training schedule, interpolated between integer timesteps (sigma-spaced schedules step at
+    fractional ones)."""
     timestep = float(t)
     low = int(min(max(timestep, 0.0), len(alphas_cumprod) - 1))
     high = min(low + 1, len(alphas_cumprod) - 1)
     weight = timestep - low
-    alpha_bar = float(alphas_cumprod[low]) * (1 - weight) + float(alphas_cumprod[high]) * weight
-    gradient, _ = classifier.log_prob_gradient(x_t, round(timestep), class_index)
-    gradient = gradient.to(eps.device, eps.dtype)
-    return eps - (1.0 - alpha_bar) ** 0.5 * scale * gradient, gradient
+    return float(alphas_cumprod[low]) * (1 - weight) + float(alphas_cumprod[high]) * weight
 
 
 def check_guidance(request) -> None:

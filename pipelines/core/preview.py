@@ -43,9 +43,12 @@ class LatentPreviewer:
         self._linear = torch.linalg.lstsq(features.double(), rgb.double()).solution.float()
         return self._linear
 
+    def linear_map(self) -> torch.Tensor:
+        """The latent->RGB map, (channels + 1, 3) with the offset last, fitted on first use."""
+        return self._linear if self._linear is not None else self.fit_linear_map()
+
     def linear(self, latents: torch.Tensor) -> list[Image.Image]:
-        if self._linear is None:
-            self.fit_linear_map()
+        self.linear_map()
         latents = latents.float().cpu()
         rgb = torch.einsum("bchw,cr->brhw", latents, self._linear[:-1]) + self._linear[-1].view(1, 3, 1, 1)
         # one colour per latent pixel, enlarged smoothly: blocks (nearest) would hide the picture forming

@@ -35,7 +35,7 @@ from PIL import Image
 
 from pipelines.core.call import PreparedCall, prepare
 from pipelines.core.denoiser import Denoiser, NoisePrediction
-from pipelines.core.guidance import DEFAULT_PAG_LAYERS, pag_scale_at
+from pipelines.core.guidance import DEFAULT_PAG_LAYERS, alpha_bar_at, pag_scale_at
 from pipelines.core.paths import ASSETS_DIR
 from pipelines.core.preview import LatentPreviewer
 from pipelines.core.samplers import DEFAULT_SAMPLER, STEPWISE_SAMPLER_NAMES
@@ -289,15 +289,6 @@ def guidance_directions(method: str, request: Txt2ImgRequest, prediction: NoiseP
     return directions
 
 
-def alpha_bar_at(alphas_cumprod: torch.Tensor, t) -> float:
-    """ᾱ_t read off the training schedule, interpolated between integer timesteps, as classifier_guided reads it."""
-    timestep = float(t)
-    low = int(min(max(timestep, 0.0), len(alphas_cumprod) - 1))
-    high = min(low + 1, len(alphas_cumprod) - 1)
-    weight = timestep - low
-    return float(alphas_cumprod[low]) * (1 - weight) + float(alphas_cumprod[high]) * weight
-
-
 def rms(tensor: torch.Tensor) -> float:
     """Root-mean-square over every element: a direction's size, whatever the latent's size."""
     return float(tensor.float().square().mean().sqrt())
@@ -316,8 +307,7 @@ def latent_to_rgb(call: PreparedCall) -> torch.Tensor:
     keeps on the model, fitted on first use."""
     if call.model.previewer is None:
         call.model.previewer = LatentPreviewer(call.pipeline.vae, call.pipeline.vae_scale_factor)
-    fitted = call.model.previewer._linear   # LatentPreviewer keeps it private; fitting again only costs time
-    return (fitted if fitted is not None else call.model.previewer.fit_linear_map()).detach().cpu()
+    return call.model.previewer.linear_map().detach().cpu()
 
 
 # ----------------------------------------------------------------------------- the judge and the held-out figures

@@ -129,6 +129,8 @@ def test_bad_files_are_refused_with_a_clear_error(tmp_path: Path):
         load_guidance_classifier(tmp_path / "missing.safetensors")
     with pytest.raises(ValueError, match=rf"No guidance classifier at .*{WEIGHTS_NAME}"):
         load_guidance_classifier(tmp_path)   # a folder without the weights
+    with pytest.raises(ValueError, match=rf"No guidance classifier at .*{WEIGHTS_NAME}.*python -m recipe.classifier"):
+        load_guidance_classifier(tmp_path / "emoji-ldm-classifier")   # the folder itself is missing
     assert classifier_class_names(tmp_path) == []   # none installed: the UI offers no classes
 
     model = NoiseAwareClassifier(2, widths=(8, 16), blocks_per_level=1, time_dim=16)

@@ -200,7 +200,7 @@ def load_guidance_classifier(path: Path = EMBEDDED_CLASSIFIER) -> GuidanceClassi
     from safetensors.torch import load_file
 
     path = Path(path)
-    weights = path / WEIGHTS_NAME if path.is_dir() else path
+    weights = path / WEIGHTS_NAME if path.is_dir() or not path.suffix else path   # a folder, or where one should be
     if weights.suffix.lower() != ".safetensors":
         raise ModelLoadError(f"{weights} is not a guidance classifier: expected a .safetensors file (or a folder "
                              f"holding {WEIGHTS_NAME}).")

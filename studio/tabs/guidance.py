@@ -38,6 +38,6 @@ def guidance_controls(task: str) -> dict[str, gr.components.Component]:
                      "categories)" if classes else "no guidance classifier is installed", interactive=bool(classes),
                 elem_id=f"{task}-classifier-class")
             controls["classifier_scale"] = gr.Slider(0.0, 50.0, value=0.0, step=0.5, label="Classifier scale",
-                                                     info="s in ε − √(1−ᾱ)·s·∇log p(y|x_t); 0 = off",
+                                                     info="s in ε − √(1−ᾱ)·s·∇log p(y|x_t); 0 = off, about 10 steers the embedded model",
                                                      elem_id=f"{task}-classifier-scale")
     return controls

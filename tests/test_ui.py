@@ -6,6 +6,7 @@ import gradio as gr
 import pytest
 
 from studio.errors import user_errors
+from pipelines.core.guidance import GUIDANCE_FIELDS
 from studio.tabs.generate import request_from_controls, settings_from_infotext
 
 A1111 = ("a castle on a hill, sunset\nNegative prompt: blurry, lowres\n"
@@ -238,7 +239,11 @@ def test_after_a_model_loads_the_tabs_start_from_its_native_size(app_on_tiny, ti
 
 def test_speculative_settings_restore_and_come_last_in_the_api(tabs):
     txt2img = tabs[0]
-    assert list(txt2img.controls)[-2:] == ["draft", "draft_length"]   # positional API callers keep their order
+    # positional API callers keep their order: the speculative sampler's settings, then what came after them
+    names = list(txt2img.controls)
+    assert names[-2 - len(GUIDANCE_FIELDS):] == ["draft", "draft_length", *GUIDANCE_FIELDS]
+    assert names[:12] == ["prompt", "negative_prompt", "sampler", "steps", "guidance_scale", "guidance_rescale",
+                          "width", "height", "seed", "batch_size", "batch_count", "preview_every"]
     text = ("red apple\nSteps: 100, Sampler: DDPM speculative, CFG scale: 7.5, Seed: 3, Size: 64x64, "
             "Draft: draft model, Draft length: 8, Target calls: 41, Draft acceptance: 0.640")
     restored = settings_from_infotext(text, txt2img)

@@ -210,8 +210,9 @@ def build_generation_tab(context: StudioContext, task: str, defaults: dict,
                                                     elem_id=f"{task}-batch-count")
                 controls["preview_every"] = gr.Slider(0, 50, value=defaults.get("preview_every", 1), step=1,
                                                       precision=0, label="Preview every N steps", info="0 = off")
-            # one sampler's settings come last in the API's parameter order, after what every sampler takes
-            for name in ("draft", "draft_length"):
+            # one sampler's settings come last in the API's parameter order, after what every sampler takes, and
+            # then what came later (guidance, schedule), so that positional API callers keep their order
+            for name in ("draft", "draft_length", *GUIDANCE_FIELDS):
                 if name in controls:
                     controls[name] = controls.pop(name)
         with gr.Column(scale=3):

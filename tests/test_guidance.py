@@ -88,6 +88,27 @@ def test_icg_stands_a_seeded_random_prompt_in_for_the_negative_one(studio):
     assert any("random prompt stood in for the negative prompt" in note for note in icg.messages)
 
 
+def test_an_icg_batch_image_is_the_image_its_seed_gives_alone(studio):
+    batch = studio.generate(_request(cfg_method="ICG", batch_size=2))
+    alone = studio.generate(_request(cfg_method="ICG", seed=78))
+    assert np.array_equal(np.asarray(batch.images[1].image), np.asarray(alone.images[0].image))
+
+
+def test_image_to_image_applies_the_guidance_rescale_it_records(studio):
+    """diffusers' Image-to-Image call swallows `guidance_rescale` unused: the studio's loop runs it instead."""
+    values = dict(prompt="red apple", seed=77, steps=6, width=64, height=64, guidance_scale=5.0, sampler="Euler",
+                  init_image=gradient_image(64, 64), strength=0.8)
+    plain = np.asarray(studio.generate(Img2ImgRequest(**values)).images[0].image, dtype=np.int16)
+    rescaled = np.asarray(studio.generate(Img2ImgRequest(**values, guidance_rescale=0.7)).images[0].image,
+                          dtype=np.int16)
+    assert not np.array_equal(rescaled, plain)   # through diffusers' call they were the same image
+
+
+def test_an_interval_that_holds_no_step_says_so(studio):
+    done = studio.generate(_request(steps=4, cfg_start=0.3, cfg_end=0.7))
+    assert any("holds none of the 4 steps" in message for message in done.messages)
+
+
 def test_guidance_settings_round_trip_through_the_infotext(studio):
     request = _request(pag_scale=2.5, pag_layers="mid, down_blocks.0", cfg_start=0.1, cfg_end=0.9, cfg_method="ICG",
                        sampler="DPM++ 2M", schedule="Align Your Steps")
@@ -146,6 +167,7 @@ def test_inpainting_with_pag_keeps_the_outside_bit_for_bit(studio):
     (dict(classifier_scale=4.0), "needs a class to steer to"),
     (dict(pag_scale=-1.0), "`pag_scale`"),
     (dict(cfg_method="APG"), "`cfg_method`"),
+    (dict(pag_scale=3.0, pag_layers="mid("), "not a valid layer pattern"),
 ])
 def test_bad_guidance_settings_are_refused_with_the_reason(values, message):
     with pytest.raises(ValueError, match=message):

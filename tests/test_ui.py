@@ -249,3 +249,18 @@ def test_speculative_settings_restore_and_come_last_in_the_api(tabs):
     restored = settings_from_infotext(text, txt2img)
     by_name = {name: restored[component] for name, component in txt2img.controls.items() if component in restored}
     assert (by_name["sampler"], by_name["draft"], by_name["draft_length"]) == ("DDPM speculative", "draft model", 8)
+
+
+def test_every_generation_endpoint_takes_the_guidance_fields_last(context):
+    """Positional API callers keep their order: what came later (guidance, schedule) follows every parameter an
+    endpoint took before, the outpainting sides included."""
+    from studio.tabs.img2img import build_img2img_tab
+    from studio.tabs.inpaint import build_inpaint_tab
+    from studio.tabs.txt2img import build_txt2img_tab
+
+    with gr.Blocks() as demo:
+        build_txt2img_tab(context, {}), build_img2img_tab(context, {}), build_inpaint_tab(context, {})
+    endpoints = demo.get_api_info()["named_endpoints"]
+    for name in ("/txt2img", "/img2img", "/inpaint", "/outpaint"):
+        parameters = [parameter["parameter_name"] for parameter in endpoints[name]["parameters"]]
+        assert parameters[-len(GUIDANCE_FIELDS):] == list(GUIDANCE_FIELDS), name

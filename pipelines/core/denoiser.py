@@ -44,7 +44,7 @@ def prompt_embeddings(pipeline, request: SamplingSettings, device, *, cfg: bool,
     `emphasis`: A1111's (word:1.2) and BREAK apply (pipelines/core/prompts.py); otherwise the text is read literally."""
     prompt, negative_prompt, _, _ = prompt_texts(request)
     if cfg and request.cfg_method == "ICG":   # the random prompt ĉ stands in for the negative prompt
-        negative_prompt = independent_prompt(pipeline.tokenizer, request.seed)
+        negative_prompt = independent_prompt(pipeline.tokenizer)
     prompts, note = prompt_arguments(pipeline, prompt, negative_prompt, device, emphasis=emphasis)
     with torch.no_grad():
         positive, negative = pipeline.encode_prompt(

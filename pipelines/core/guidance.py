@@ -35,6 +35,9 @@ GUIDANCE_FIELDS = ("cfg_method", "cfg_start", "cfg_end", "pag_scale", "pag_adapt
                    "classifier_class", "classifier_scale", "schedule")
 DEFAULT_PAG_LAYERS = "mid"
 ICG_PROMPT_TOKENS = 8          # the random prompt's length, in tokens
+# ICG's ĉ is drawn once, from this seed: independent of every image, and the same for all, so that image i of a
+# batch (seed + i) is the image that seed gives alone
+ICG_PROMPT_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -68,9 +71,9 @@ def pag_layer_ids(layers: str) -> list[str]:
     return [layer.strip() for layer in layers.split(",") if layer.strip()]
 
 
-def independent_prompt(tokenizer, seed: int, length: int = ICG_PROMPT_TOKENS) -> str:
+def independent_prompt(tokenizer, seed: int = ICG_PROMPT_SEED, length: int = ICG_PROMPT_TOKENS) -> str:
     """ICG's random condition ĉ: `length` tokens drawn uniformly from the vocabulary (special tokens left out),
-    from the seed, so it is independent of the image and the same for the same seed."""
+    from `seed`, so it is independent of the image."""
     special = set(tokenizer.all_special_ids)
     vocabulary = [index for index in range(len(tokenizer)) if index not in special]
     rng = random.Random(seed)
@@ -88,6 +91,7 @@ class PerturbedAttention:
         ids = pag_layer_ids(layers)
         if not ids:
             raise ValueError("`pag_layers` names no layer; use e.g. \"mid\" or \"up_blocks.0\" (comma-separated).")
+        check_layer_patterns(ids)
         self.modules = []
         names = [name for name, module in unet.named_modules()
                  if isinstance(module, Attention) and not module.is_cross_attention]
@@ -111,6 +115,16 @@ class PerturbedAttention:
         finally:
             for module, original in zip(self.modules, originals):
                 module.set_processor(original)
+
+
+def check_layer_patterns(ids: list[str]) -> None:
+    """Each PAG layer id is a regular expression, as diffusers reads it; one that is not is named."""
+    for layer in ids:
+        try:
+            re.compile(layer)
+        except re.error as error:
+            raise ValueError(f"PAG layer {layer!r} is not a valid layer pattern ({error}); name layers such as "
+                             "\"mid\", \"down_blocks.1\" or \"up_blocks.0.attentions.1\".") from None
 
 
 def _matches(layer: str, name: str) -> bool:
@@ -156,6 +170,7 @@ def check_guidance(request) -> None:
     if not isinstance(request.pag_layers, str) or not pag_layer_ids(request.pag_layers):
         raise ValueError(f"`pag_layers` must name the UNet's self-attention layers, e.g. \"mid\" or "
                          f"\"mid, up_blocks.0\", but is {request.pag_layers!r}.")
+    check_layer_patterns(pag_layer_ids(request.pag_layers))
     if not isinstance(request.classifier_class, str):
         raise ValueError(f"`classifier_class` must be a class name but is {request.classifier_class!r}.")
     if request.classifier_scale > 0.0 and not request.classifier_class.strip():
@@ -184,6 +199,12 @@ def guidance_notes(request, pipeline) -> list[str]:
                      f"{request.guidance_scale:g} (it acts above 1): they did nothing here.")
     elif request.cfg_method == "ICG" and request.negative_prompt.strip():
         notes.append("ICG: a random prompt stood in for the negative prompt, which was not used.")
+    count = request.steps if getattr(request, "strength", None) is None or getattr(request, "init_image", None) is None \
+        else min(int(request.steps * request.strength), request.steps)
+    if cfg and count and not any(in_interval(request.cfg_start, request.cfg_end, i, count) for i in range(count)):
+        notes.append(f"The guidance interval [{request.cfg_start:g}, {request.cfg_end:g}) holds none of the {count} "
+                     "steps (step i of n counts when i/n and (i+1)/n lie inside): CFG never acted. Widen it or add "
+                     "steps.")
     return notes
 
 

@@ -9,6 +9,8 @@ encoded and noised to the strength), so the same request gives the same image on
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from pipelines.core.denoiser import Denoiser
@@ -18,8 +20,11 @@ from pipelines.core.schedules import set_schedule
 
 def run_text_or_image(call, batch_index: int, *, generators=None, latents=None, callback=None, expose=()
                       ) -> torch.Tensor:
-    """Text-to-Image's and Image-to-Image's `run`: diffusers' call for plain CFG, else `run_guided`."""
-    if call.request.plain_guidance():
+    """Text-to-Image's and Image-to-Image's `run`: diffusers' call for plain CFG, else `run_guided` (also for a
+    guidance rescale the pipeline's call does not take: diffusers' Image-to-Image swallows it unused)."""
+    request = call.request
+    takes_rescale = "guidance_rescale" in inspect.signature(type(call.pipeline).__call__).parameters
+    if request.plain_guidance() and (request.guidance_rescale == 0.0 or takes_rescale):
         return call.run_pipeline(batch_index, generators=generators, latents=latents, callback=callback,
                                  expose=expose)
     return run_guided(call, batch_index, generators=generators, latents=latents, callback=callback, expose=expose)

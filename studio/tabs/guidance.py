@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from pipelines.core.checks import MAX_CLASSIFIER_SCALE, MAX_PAG_SCALE
 from pipelines.core.guidance import CFG_METHODS, DEFAULT_PAG_LAYERS
 from pipelines.guidance.classifier import classifier_class_names
 
@@ -23,7 +24,7 @@ def guidance_controls(task: str) -> dict[str, gr.components.Component]:
                                               info="share of the steps; outside, one pass without CFG")
             controls["cfg_end"] = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="CFG until")
         with gr.Row():
-            controls["pag_scale"] = gr.Slider(0.0, 10.0, value=0.0, step=0.1, label="PAG scale",
+            controls["pag_scale"] = gr.Slider(0.0, MAX_PAG_SCALE, value=0.0, step=0.1, label="PAG scale",
                                               info="perturbed-attention guidance; 0 = off, ~3 typical, one more pass",
                                               elem_id=f"{task}-pag-scale")
             controls["pag_adaptive_scale"] = gr.Slider(0.0, 0.01, value=0.0, step=0.0005, label="PAG adaptive scale",
@@ -33,11 +34,11 @@ def guidance_controls(task: str) -> dict[str, gr.components.Component]:
         with gr.Row():
             classes = classifier_class_names()
             controls["classifier_class"] = gr.Dropdown(
-                ["", *classes], value="", label="Classifier guidance: class", allow_custom_value=False,
+                ["", *classes], value="", label="Classifier guidance: class", allow_custom_value=True,
                 info="steers towards a class of the model's noise-aware classifier (the embedded model's: emoji "
                      "categories)" if classes else "no guidance classifier is installed", interactive=bool(classes),
                 elem_id=f"{task}-classifier-class")
-            controls["classifier_scale"] = gr.Slider(0.0, 50.0, value=0.0, step=0.5, label="Classifier scale",
+            controls["classifier_scale"] = gr.Slider(0.0, MAX_CLASSIFIER_SCALE, value=0.0, step=0.5, label="Classifier scale",
                                                      info="s in ε − √(1−ᾱ)·s·∇log p(y|x_t); 0 = off, about 10 steers the embedded model",
                                                      elem_id=f"{task}-classifier-scale")
     return controls

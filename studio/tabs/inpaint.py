@@ -15,6 +15,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
+from pipelines.core.guidance import GUIDANCE_FIELDS
 from pipelines.tasks.inpaint import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT, MAX_MASK_BLUR, MAX_PADDING
 from pipelines.tasks.masks import mask_xray
 from pipelines.tasks.outpaint import MAX_EXTEND, PREFILLS, OutpaintRequest
@@ -144,9 +145,10 @@ def _build_outpaint(context: StudioContext, tab: GenerationTab) -> None:
                                  info="1: the new area starts from fresh noise")
             outpaint = gr.Button("Outpaint", variant="primary", elem_id="outpaint-generate")
     shared = {name: tab.controls[name] for name in tab.controls if name not in tab.own.fields}
+    later = {name: shared.pop(name) for name in GUIDANCE_FIELDS}   # last, so positional callers keep their order
     controls = shared | sides | {"init_image": tab.controls["init_image"], "prefill": prefill, "overlap": overlap,
                                  "inpaint_area": area, "mask_blur": blur, "only_masked_padding":
-                                 tab.controls["only_masked_padding"], "strength": strength}
+                                 tab.controls["only_masked_padding"], "strength": strength} | later
     wire_generation(context, tab, task="outpaint", button=outpaint, controls=controls,
                     own=TaskControls({"init_image": tab.controls["init_image"]},
                                      page={"editor": tab.own.page["editor"], "mask_upload": tab.own.page["mask_upload"]},

@@ -54,3 +54,38 @@ def build_tiny_controlnet(unet, seed: int = 0):
         for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
             conv.weight.normal_(0, 0.3)
     return controlnet
+
+
+def build_tiny_sdxl_pipeline(folder: Path, seed: int = 0):
+    """A 64x64 SDXL-layout pipeline: two CLIP text encoders (the second with a projection: SDXL's pooled
+    embedding), a UNet with `text_time` added conditioning (pooled text + size and crop ids), our BPE tokenizer
+    for both; seeded random weights, as diffusers' own SDXL tests build theirs (`get_dummy_components`)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from recipe.architecture import build_tokenizer
+
+    tokenizer = build_tokenizer(PHRASES, folder / "tokenizer_src", merges=200)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=8 * 6 + 32,   # six size/crop ids of 8 each, and the pooled text
+        cross_attention_dim=64, norm_num_groups=8)          # both encoders' 32-wide states, concatenated
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                        layers_per_block=1, norm_num_groups=8, sample_size=64)
+    config = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
+                  eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+                  pad_token_id=tokenizer.pad_token_id)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**config))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config, projection_dim=32))
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    pipeline = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline

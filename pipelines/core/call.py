@@ -99,17 +99,22 @@ class PreparedCall:
         return self.run_pipeline(batch_index, generators=generators, latents=latents, callback=callback, expose=expose)
 
     def run_pipeline(self, batch_index: int = 0, *, generators: list[torch.Generator] | None = None,
-                     latents: torch.Tensor | None = None, callback=None, expose: tuple[str, ...] = ()) -> torch.Tensor:
-        """`__call__` through the task's diffusers pipeline call (plain CFG on the sampler's own schedule)."""
+                     latents: torch.Tensor | None = None, callback=None, expose: tuple[str, ...] = (),
+                     pipeline=None, extra: dict | None = None) -> torch.Tensor:
+        """`__call__` through the task's diffusers pipeline call, or through `pipeline` (one derived from it, such
+        as diffusers' PAG pipeline) with the `extra` arguments it takes."""
         self.seed_brownian_noise(batch_index)
-        arguments = self.arguments(batch_index, generators=generators)
+        pipeline = pipeline or self.pipeline
+        arguments = self.arguments(batch_index, generators=generators) | (extra or {})
         if latents is not None:
             arguments["latents"] = latents
-        if callback is None:
-            return self.pipeline(**arguments).images
-        arguments.update(callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents", *expose])
-        with exposed_tensors(self.pipeline, expose):
-            return self.pipeline(**arguments).images
+        if callback is not None:
+            arguments.update(callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents", *expose])
+        try:
+            with exposed_tensors(pipeline, expose):
+                return pipeline(**arguments).images
+        finally:   # a Stop interrupts the pipeline that ran; the task's pipeline is where the generator reads it
+            self.pipeline._interrupt = getattr(pipeline, "_interrupt", False)
 
     def seed_brownian_noise(self, batch_index: int) -> None:
         """DPM++ SDE draws its Brownian noise from torch's global RNG unless seeded: one tree per image."""
@@ -144,10 +149,11 @@ def prepare(models, request: SamplingSettings) -> PreparedCall:
                              "schedule; turn off PAG, classifier guidance, the guidance interval and the schedule, "
                              "or pick another sampler.")
     kind = pipeline.unet.config.addition_embed_type
-    if not request.plain_guidance() and kind is not None:
-        raise ValueError(f"PAG, ICG, the guidance interval, classifier guidance and other schedules run in the studio's "
-                         f"own loop, which takes SD 1.x/2.x-style models; {model.name} adds `{kind}` embeddings to its "
-                         "UNet (SDXL and kin). Use plain CFG on the sampler's own schedule.")
+    if kind is not None and (request.cfg_method != "CFG" or request.cfg_start > 0 or request.cfg_end < 1
+                             or request.classifier_scale > 0):
+        raise ValueError(f"ICG, the guidance interval and classifier guidance run in the studio's own loop, which "
+                         f"takes SD 1.x/2.x-style models; {model.name} adds `{kind}` embeddings to its UNet (SDXL and "
+                         "kin), which runs CFG, PAG and the schedules through diffusers' own pipelines.")
     if request.unchanged_image() is None:
         request.check_steps()
     for name in request.controlnet_names():   # loaded first, so that the memory budget counts them

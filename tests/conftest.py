@@ -30,11 +30,20 @@ def pytest_configure(config):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
+# The longest modules (about two minutes each of a test process's time, then under a minute), started first: the
+# processes take whole modules in this order (`--dist loadscope`, studio.sh), so short modules fill the end
+# instead of a long one starting last and running on alone
+LONGEST_FIRST = ("test_embedded", "test_server", "test_lora_train", "test_page_inpaint_explorer", "test_page_controlnet",
+                 "test_page_messages", "test_api", "test_bad_inputs")
+
+
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--fast"):
         slow = [item for item in items if item.get_closest_marker("slow")]
         config.hook.pytest_deselected(items=slow)
         items[:] = [item for item in items if not item.get_closest_marker("slow")]
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))   # stable
 
 
 @pytest.fixture(scope="session")

@@ -28,14 +28,20 @@ def context(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tabs(context):
-    """The generation tabs, built without a model."""
+def blocks_and_tabs(context):
+    """The generation tabs, built without a model, and the Blocks that holds them."""
     from studio.tabs.img2img import build_img2img_tab
     from studio.tabs.inpaint import build_inpaint_tab
     from studio.tabs.txt2img import build_txt2img_tab
 
-    with gr.Blocks():
-        return build_txt2img_tab(context, {}), build_img2img_tab(context, {}), build_inpaint_tab(context, {})
+    with gr.Blocks() as demo:
+        tabs = build_txt2img_tab(context, {}), build_img2img_tab(context, {}), build_inpaint_tab(context, {})
+    return demo, tabs
+
+
+@pytest.fixture(scope="module")
+def tabs(blocks_and_tabs):
+    return blocks_and_tabs[1]
 
 
 def test_a1111_infotext_restores_into_the_tab_controls_by_name(tabs):
@@ -251,16 +257,10 @@ def test_speculative_settings_restore_and_come_last_in_the_api(tabs):
     assert (by_name["sampler"], by_name["draft"], by_name["draft_length"]) == ("DDPM speculative", "draft model", 8)
 
 
-def test_every_generation_endpoint_takes_the_guidance_fields_last(context):
+def test_every_generation_endpoint_takes_the_guidance_fields_last(blocks_and_tabs):
     """Positional API callers keep their order: what came later (guidance, schedule) follows every parameter an
     endpoint took before, the outpainting sides included."""
-    from studio.tabs.img2img import build_img2img_tab
-    from studio.tabs.inpaint import build_inpaint_tab
-    from studio.tabs.txt2img import build_txt2img_tab
-
-    with gr.Blocks() as demo:
-        build_txt2img_tab(context, {}), build_img2img_tab(context, {}), build_inpaint_tab(context, {})
-    endpoints = demo.get_api_info()["named_endpoints"]
+    endpoints = blocks_and_tabs[0].get_api_info()["named_endpoints"]
     for name in ("/txt2img", "/img2img", "/inpaint", "/outpaint"):
         parameters = [parameter["parameter_name"] for parameter in endpoints[name]["parameters"]]
         assert parameters[-len(GUIDANCE_FIELDS):] == list(GUIDANCE_FIELDS), name

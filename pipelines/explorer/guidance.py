@@ -145,34 +145,13 @@ def compare_guidance(models: ModelManager, *, prompt: str, negative_prompt: str 
     the notes say why; if none can run, ValueError. `on_step(done, total)` reports progress; a set `stop` ends the
     run at the next call."""
     # 1. Check inputs: every method's request validates itself, with one seed for all
-    methods = list(dict.fromkeys(methods or ()))
-    if not methods:
-        raise ValueError(f"Tick at least one guidance method: {', '.join(GUIDANCE_METHODS)}.")
-    unknown = [method for method in methods if method not in GUIDANCE_METHODS]
-    if unknown:
-        raise ValueError(f"Unknown guidance method(s) {', '.join(map(repr, unknown))}; valid ones are "
-                         f"{', '.join(GUIDANCE_METHODS)}.")
-    if sampler not in STEPWISE_SAMPLER_NAMES:
-        raise ValueError(f"The guidance panel runs one model call per step, so it takes "
-                         f"{', '.join(STEPWISE_SAMPLER_NAMES)}; {sampler!r} is not one of them.")
-    if isinstance(shown_calls, bool) or not isinstance(shown_calls, int) or not 1 <= shown_calls <= MAX_SHOWN_CALLS:
-        raise ValueError(f"`shown_calls` must be a whole number from 1 to {MAX_SHOWN_CALLS} but is {shown_calls!r}.")
-    side = (models.current.native_side if models.current is not None else None) or 64
-    base = Txt2ImgRequest(prompt=prompt or "", negative_prompt=negative_prompt or "", seed=seed, steps=steps,
-                          sampler=sampler, guidance_scale=guidance_scale, width=width or side,
-                          height=height or side).resolved()
-    options = {INTERVAL: {"cfg_start": cfg_start, "cfg_end": cfg_end}, ICG: {"cfg_method": "ICG"},
-               PAG: {"guidance_scale": 1.0, "pag_scale": pag_scale, "pag_layers": pag_layers},
-               CFG_PAG: {"pag_scale": pag_scale, "pag_layers": pag_layers}, NONE: {"guidance_scale": 1.0},
-               CLASSIFIER: {"classifier_class": classifier_class, "classifier_scale": classifier_scale}}
-    requests, notes = {}, []
-    for method in methods:
-        try:
-            requests[method] = replace(base, **options.get(method, {}))
-        except ValueError as error:
-            if method != CLASSIFIER:
-                raise
-            notes.append(f"**{CLASSIFIER}** left out: {error}")
+    base, requests, notes = _method_requests(
+        models, methods, shown_calls, prompt=prompt or "", negative_prompt=negative_prompt or "", seed=seed,
+        steps=steps, sampler=sampler, guidance_scale=guidance_scale, width=width, height=height,
+        options={INTERVAL: {"cfg_start": cfg_start, "cfg_end": cfg_end}, ICG: {"cfg_method": "ICG"},
+                 PAG: {"guidance_scale": 1.0, "pag_scale": pag_scale, "pag_layers": pag_layers},
+                 CFG_PAG: {"pag_scale": pag_scale, "pag_layers": pag_layers}, NONE: {"guidance_scale": 1.0},
+                 CLASSIFIER: {"classifier_class": classifier_class, "classifier_scale": classifier_scale}})
 
     # 2. Each method from the same noise, set up as Generator sets it up, recording its directions
     runs: list[MethodRun] = []
@@ -215,6 +194,35 @@ def compare_guidance(models: ModelManager, *, prompt: str, negative_prompt: str 
     held_out, held_out_about = read_held_out(held_out_path)
     return GuidanceComparison(seed=base.seed, runs=runs, shown_calls=shown, held_out=held_out,
                               held_out_about=held_out_about, notes=notes, latent_to_rgb=latent_to_rgb(call))
+
+
+def _method_requests(models: ModelManager, methods, shown_calls, *, options: dict, width, height, **settings
+                     ) -> tuple[Txt2ImgRequest, dict[str, Txt2ImgRequest], list[str]]:
+    """The shared request (its seed drawn once) and each method's, as `options` changes it; classifier guidance
+    that cannot be asked for here is left out with a note, any other bad setting is refused."""
+    methods = list(dict.fromkeys(methods or ()))
+    if not methods:
+        raise ValueError(f"Tick at least one guidance method: {', '.join(GUIDANCE_METHODS)}.")
+    unknown = [method for method in methods if method not in GUIDANCE_METHODS]
+    if unknown:
+        raise ValueError(f"Unknown guidance method(s) {', '.join(map(repr, unknown))}; valid ones are "
+                         f"{', '.join(GUIDANCE_METHODS)}.")
+    if settings["sampler"] not in STEPWISE_SAMPLER_NAMES:
+        raise ValueError(f"The guidance panel runs one model call per step, so it takes "
+                         f"{', '.join(STEPWISE_SAMPLER_NAMES)}; {settings['sampler']!r} is not one of them.")
+    if isinstance(shown_calls, bool) or not isinstance(shown_calls, int) or not 1 <= shown_calls <= MAX_SHOWN_CALLS:
+        raise ValueError(f"`shown_calls` must be a whole number from 1 to {MAX_SHOWN_CALLS} but is {shown_calls!r}.")
+    side = (models.current.native_side if models.current is not None else None) or 64
+    base = Txt2ImgRequest(**settings, width=width or side, height=height or side).resolved()
+    requests, notes = {}, []
+    for method in methods:
+        try:
+            requests[method] = replace(base, **options.get(method, {}))
+        except ValueError as error:
+            if method != CLASSIFIER:
+                raise
+            notes.append(f"**{CLASSIFIER}** left out: {error}")
+    return base, requests, notes
 
 
 def _model_calls(call: PreparedCall) -> int:

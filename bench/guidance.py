@@ -255,6 +255,24 @@ def table_prompts(records, n: int) -> list:
     return chosen
 
 
+def real_reference(records, judge, n: int) -> tuple[np.ndarray, float, bool]:
+    """The judge's features of n real images (held out from its training where there are enough), FD between
+    them and n others (the scale FD is read against), and whether they were held out."""
+    from recipe import data, evaluate
+
+    _, held_out = evaluate.holdout_split(np.array([record.class_index for record in records]),
+                                         seed=judge.provenance["settings"]["seed"])
+    unseen = not judge.provenance["trained_on_held_out"] and len(held_out) >= 2 * n
+    pool = held_out if unseen else np.arange(len(records))
+    if len(pool) < 2 * n:
+        raise ValueError(f"FD needs 2 × {n} real images but there are {len(pool)}; use fewer --prompts.")
+    draw = np.random.default_rng(evaluate.PROMPT_SEED).permutation(pool)
+    reference, second = np.sort(draw[:n]), np.sort(draw[n:2 * n])
+    real = data.load_images([records[i] for i in np.concatenate([reference, second])])
+    reference_features = evaluate.features(judge, real[:n])
+    return reference_features, evaluate.frechet_distance(evaluate.features(judge, real[n:]), reference_features), unseen
+
+
 def measure_table(args: argparse.Namespace, worker) -> dict:
     """Every method on every prompt (on the device worker's thread: one OpenMP team for the judge and the UNet)."""
     from recipe import data, evaluate
@@ -265,18 +283,8 @@ def measure_table(args: argparse.Namespace, worker) -> dict:
     labels = np.array([record.class_index for record in chosen])
     judge, _ = evaluate.load_judge()
     provenance = judge.provenance
-    _, held_out = evaluate.holdout_split(np.array([record.class_index for record in records]),
-                                         seed=provenance["settings"]["seed"])
     n = len(chosen)
-    unseen = not provenance["trained_on_held_out"] and len(held_out) >= 2 * n
-    pool = held_out if unseen else np.arange(len(records))
-    if len(pool) < 2 * n:
-        raise ValueError(f"FD needs 2 × {n} real images but there are {len(pool)}; use fewer --prompts.")
-    draw = np.random.default_rng(evaluate.PROMPT_SEED).permutation(pool)
-    reference, second = np.sort(draw[:n]), np.sort(draw[n:2 * n])
-    real = data.load_images([records[i] for i in np.concatenate([reference, second])])
-    reference_features = evaluate.features(judge, real[:n])
-    real_vs_real = evaluate.frechet_distance(evaluate.features(judge, real[n:]), reference_features)
+    reference_features, real_vs_real, unseen = real_reference(records, judge, n)
 
     # 2. The methods at the model's defaults
     manager = ModelManager(MemoryManager(device=args.device), worker=worker)

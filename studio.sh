@@ -27,11 +27,11 @@ if [ "${1:-}" = "test" ]; then
     else sudo apt-get update -qq && sudo apt-get install -y -qq chromium >/dev/null; fi
   fi
   export HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
-  # Test processes in parallel (pytest-xdist), one more than the cores: the browser and server tests wait on
-  # pages and sockets, and the spare process fills those waits (measured on 2 cores: 3 beat 2). Each process
-  # runs torch on its share of the cores (tests/conftest.py). A module's tests stay in one process (loadscope), so
-  # its module-scoped servers, pages and loaded models are built once (here 292 s against 300 s for the suite).
-  workers=$(( $(nproc) + 1 )); [ "$workers" -gt 8 ] && workers=8
+  # Test processes in parallel (pytest-xdist), one per core, each running torch on its share (tests/conftest.py).
+  # A module's tests stay in one process (loadscope), so its module-scoped servers, pages and loaded models are
+  # built once, and the longest modules start first (tests/conftest.py). Measured on 2 cores: 2 processes 273-284 s,
+  # 3 processes 296-302 s (a spare process paid for itself when tests were handed out one by one).
+  workers=$(nproc); [ "$workers" -gt 8 ] && workers=8
   exec python -m pytest -q -n "$workers" --dist loadscope "$@"
 fi
 exec python launch.py "$@"

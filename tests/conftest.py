@@ -46,6 +46,19 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))   # stable
 
 
+@pytest.fixture
+def one_torch_thread():
+    """For tests that run models on a thread of their own: on a small, busy CPU, intra-op threads that spin against
+    each other make them many times slower; one thread keeps each test in seconds. (Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`.)"""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """The tiny pipeline saved as a diffusers folder (safetensors), built once per test session."""

@@ -17,12 +17,7 @@ from recipe.evaluate import (GRID_GAP_PX, as_array, augment, classify, evaluatio
                              holdout_split, sample_grid, top_k_accuracy, train_classifier)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tests/conftest.py
 
 
 # -- Fréchet distance ------------------------------------------------------------------------

@@ -26,13 +26,7 @@ from pipelines.tasks.txt2img import Txt2ImgRequest
 SETTINGS = {"prompt": "red apple", "seed": 1234, "steps": 5, "sampler": "Euler", "guidance_scale": 5.0}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The UNet runs on the worker's thread; one intra-op thread keeps each test in seconds on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tests/conftest.py
 
 
 def _compare(studio, **options):

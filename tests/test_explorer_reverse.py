@@ -24,14 +24,7 @@ from pipelines.jobs.worker import JobState, Progress
 from pipelines.tasks.txt2img import Txt2ImgRequest
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """These tests run the UNet on the main thread; on a small, busy CPU, intra-op threads that spin
-    against each other make that a hundred times slower. One thread keeps each test in seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tests/conftest.py
 
 
 def request(**overrides) -> Txt2ImgRequest:

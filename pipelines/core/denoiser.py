@@ -26,16 +26,11 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 from pipelines.core.call import PreparedCall
 from pipelines.core.ddpm import ddpm_posterior
 from pipelines.core.guidance import (ModelRows, PerturbedAttention, classifier_guided, in_interval,
-                                     independent_prompt, pag_scale_at)
+                                     independent_prompt, pag_scale_at, uses_cfg)
 from pipelines.core.prompts import prompt_arguments, prompt_texts
 from pipelines.core.requests import SamplingSettings
 from pipelines.core.samplers import STOCHASTIC
 from pipelines.core.vae import execution_device
-
-
-def uses_cfg(pipeline, guidance_scale: float) -> bool:
-    """StableDiffusionPipeline.do_classifier_free_guidance for this scale (guidance-distilled UNets embed it)."""
-    return guidance_scale > 1 and pipeline.unet.config.time_cond_proj_dim is None
 
 
 def prompt_embeddings(pipeline, request: SamplingSettings, device, *, cfg: bool, count: int = 1,
@@ -89,7 +84,7 @@ class Denoiser:
         self.cfg = uses_cfg(pipeline, request.guidance_scale)
         self.request = request
         self.perturbed = PerturbedAttention(self.unet, request.pag_layers) if request.pag_scale > 0 else None
-        self.classifier = getattr(call, "classifier", None) if request.classifier_scale > 0 else None
+        self.classifier = call.classifier if request.classifier_scale > 0 else None
         self.embeddings, note = prompt_embeddings(pipeline, request, call.device, cfg=self.cfg,
                                                   count=request.batch_size)
         if note:

@@ -23,11 +23,12 @@ from __future__ import annotations
 import random
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from pipelines.core.checks import NUMBER_RANGES, check_choice, check_number
+from pipelines.core.schedules import check_schedule, schedule_error
 
 CFG_METHODS = ("CFG", "ICG")
 # The request's guidance and schedule fields (pipelines/core/requests.py); an infotext leaves out those not in use
@@ -57,6 +58,11 @@ def in_interval(start: float, end: float, index: int | None, count: int | None) 
     if index is None or count is None or (start <= 0.0 and end >= 1.0):
         return True
     return start <= index / count and (index + 1) / count <= end
+
+
+def uses_cfg(pipeline, guidance_scale: float) -> bool:
+    """StableDiffusionPipeline.do_classifier_free_guidance for this scale (guidance-distilled UNets embed it)."""
+    return guidance_scale > 1 and pipeline.unet.config.time_cond_proj_dim is None
 
 
 def pag_scale_at(scale: float, adaptive_scale: float, t) -> float:
@@ -157,8 +163,6 @@ def alpha_bar_at(alphas_cumprod: torch.Tensor, t) -> float:
 
 def check_guidance(request) -> None:
     """The request's guidance and schedule settings, each in its range (`SamplingSettings.__post_init__`)."""
-    from pipelines.core.schedules import check_schedule, schedule_error
-
     check_choice("cfg_method", request.cfg_method, CFG_METHODS)
     for name, what in (("cfg_start", " (a share of the steps)"), ("cfg_end", " (a share of the steps)"),
                        ("pag_scale", " (PAG; 0 = off)"), ("pag_adaptive_scale", ""),
@@ -184,14 +188,13 @@ def check_guidance(request) -> None:
 
 def only_icg(request) -> bool:
     """ICG and nothing else beyond plain CFG: it changes only the prompt embeddings, which any loop reads."""
-    from dataclasses import replace
     return request.cfg_method == "ICG" and replace(request, cfg_method="CFG").plain_guidance()
 
 
 def guidance_notes(request, pipeline) -> list[str]:
     """What the user should know about how the guidance settings acted."""
     notes = []
-    cfg = request.guidance_scale > 1 and pipeline.unet.config.time_cond_proj_dim is None
+    cfg = uses_cfg(pipeline, request.guidance_scale)
     changed_cfg = [what for what, on in (("ICG", request.cfg_method == "ICG"),
                                          ("the guidance interval", request.cfg_start > 0 or request.cfg_end < 1)) if on]
     if changed_cfg and not cfg:

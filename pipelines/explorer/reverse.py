@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from pipelines.core.call import PreparedCall, prepare
-from pipelines.core.denoiser import Denoiser, prompt_embeddings, uses_cfg
+from pipelines.core.denoiser import Denoiser, prompt_embeddings
+from pipelines.core.guidance import uses_cfg
 from pipelines.core.loop import run_steps
 from pipelines.core.samplers import STOCHASTIC
 from pipelines.explorer.trace import Trace, TraceStep, predicted_x0

@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from pipelines.core.call import prepare
-from pipelines.core.denoiser import uses_cfg
+from pipelines.core.guidance import uses_cfg
 from pipelines.tasks.controlnet import ControlNetRequest
 
 # How a step's map is coloured: on its own scale (where this step pushes, however weakly), on one scale for all

@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 
 from pipelines.jobs.worker import Priority
-from pipelines.lora.train_request import LoraTrainingRequest, LossPoint
-from pipelines.lora.training import add_training_adapter, train_lora
+from pipelines.training.request import LoraTrainingRequest, LossPoint
+from pipelines.training.loop import add_training_adapter, train_lora
 from pipelines.models.manager import ModelManager
 from pipelines.models.memory import MemoryManager
 

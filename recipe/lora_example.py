@@ -6,7 +6,7 @@
    a transform written here (greys, raised contrast, thick dark outlines), a style the embedded model
    cannot draw. Written to assets/lora-example/ with a caption file each; trigger word "charcoal". They
    are the embedded model's own output, under the project's licence.
-2. Trains a LoRA on them with the studio's defaults (pipelines/lora/training.py), timing it.
+2. Trains a LoRA on them with the studio's defaults (pipelines/training/loop.py), timing it.
 3. Measures the style on eight prompts that are not in the training set, at LoRA weight 0 and 1: the
    mean chroma (charcoal is grey: near 0) and the share of near-white pixels, and writes a
    grid (assets/lora-example-grid.png) and the figures (assets/lora-example.json).
@@ -60,8 +60,8 @@ def main(argv=None) -> None:
     from pipelines.generation.generator import Generator
     from pipelines.jobs.worker import DeviceWorker, Priority
     from pipelines.lora.judge import feature_distances
-    from pipelines.lora.train_request import LoraTrainingRequest, LossPoint
-    from pipelines.lora.training import train_lora
+    from pipelines.training.request import LoraTrainingRequest, LossPoint
+    from pipelines.training.loop import train_lora
     from pipelines.models.manager import ModelManager
     from pipelines.models.memory import MemoryManager
     from pipelines.tasks.txt2img import Txt2ImgRequest

@@ -48,7 +48,7 @@ def _whole_number_fields() -> set[str]:
     import typing
     from dataclasses import fields
 
-    from pipelines.lora.training import LoraTrainingRequest
+    from pipelines.training.loop import LoraTrainingRequest
     from pipelines.tasks import TASKS
 
     classes = [task.request_class for task in TASKS.values()] + [LoraTrainingRequest]
@@ -105,7 +105,7 @@ def test_every_public_endpoint_answers_with_only_its_required_arguments(server, 
     from gradio_client.exceptions import AppError
 
     from pipelines.io.metadata import parse_infotext
-    from pipelines.lora.train_request import LossPoint
+    from pipelines.training.request import LossPoint
 
     url, context = server
     monkeypatch.setattr(context.models, "models_dir", tmp_path / "models")   # the trained LoRA lands here

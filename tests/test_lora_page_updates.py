@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipelines.lora.train_request import LoraTrainingResult, LossPoint, Samples
+from pipelines.training.request import LoraTrainingResult, LossPoint, Samples
 from studio.tabs import lora
 
 STEPS = 600
@@ -29,7 +29,7 @@ def tab():
 
 
 def _training(job) -> LoraTrainingResult:
-    """The events of a 600-step training with samples at steps 0 and 300, as pipelines/lora/training.py emits them."""
+    """The events of a 600-step training with samples at steps 0 and 300, as pipelines/training/loop.py emits them."""
     picture = Image.new("RGB", (8, 8), "red")
     job.emit(Samples(0, ["a cat"], [picture]))
     for step in range(1, STEPS + 1):

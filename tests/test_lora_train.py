@@ -1,4 +1,4 @@
-"""LoRA training (pipelines/lora/training.py and its parts) on the seeded tiny model: a few steps, as a job."""
+"""LoRA training (pipelines/training/loop.py and its parts) on the seeded tiny model: a few steps, as a job."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from PIL import Image
 
 from pipelines.jobs.worker import Priority
 from pipelines.lora.judge import feature_distances
-from pipelines.lora.train_request import LoraTrainingRequest, LossPoint, TrainingWarning
-from pipelines.lora.training import train_lora
+from pipelines.training.request import LoraTrainingRequest, LossPoint, TrainingWarning
+from pipelines.training.loop import train_lora
 from pipelines.tasks.txt2img import Txt2ImgRequest
 
 ATTENTION_PROJECTIONS = (".to_q", ".to_k", ".to_v", ".to_out.0")
@@ -166,7 +166,7 @@ def test_a_non_finite_loss_skips_the_step_and_halves_the_learning_rate(studio, t
     result = job.result(timeout=600)
     warnings = [event for event in job.events() if isinstance(event, TrainingWarning)]
     assert len(warnings) == 1 and "not finite; step skipped, learning rate halved" in warnings[0].message
-    from pipelines.lora.training import _schedule
+    from pipelines.training.loop import _schedule
 
     request = training(steps=6)
     rates = [event.learning_rate for event in job.events() if isinstance(event, LossPoint)]
@@ -176,7 +176,7 @@ def test_a_non_finite_loss_skips_the_step_and_halves_the_learning_rate(studio, t
 
 
 def test_a_dataset_folder_must_lie_under_models(tmp_path):
-    from pipelines.lora.train_data import dataset_folder, read_dataset
+    from pipelines.training.data import dataset_folder, read_dataset
 
     folder = tmp_path / "models" / "datasets" / "frames"
     folder.mkdir(parents=True)
@@ -192,7 +192,7 @@ def test_a_dataset_folder_must_lie_under_models(tmp_path):
 def test_bug10_a_link_in_a_dataset_folder_to_a_picture_outside_models_is_refused_unread(tmp_path, monkeypatch):
     """Bug 10: a dataset folder under models/ may hold a link to a file anywhere; the folder was confined,
     its files were not. A link that stays inside models/ is read, as the model picker reads it."""
-    from pipelines.lora.train_data import dataset_folder, read_dataset
+    from pipelines.training.data import dataset_folder, read_dataset
 
     models = tmp_path / "models"
     folder = models / "datasets" / "frames"
@@ -230,7 +230,7 @@ def test_bug13_a_dataset_image_declaring_too_many_pixels_is_refused_before_it_is
     decoded for the dataset; it is refused from its header, naming the file and the cap, nothing decoded."""
     from PIL import ImageFile
 
-    from pipelines.lora.train_data import read_dataset
+    from pipelines.training.data import read_dataset
 
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(png_declaring(5000, 5000))
@@ -254,7 +254,7 @@ def test_bad_training_requests_say_what_is_wrong(overrides, message):
 
 
 def test_at_step_zero_the_lora_changes_nothing(studio):
-    from pipelines.lora.training import add_training_adapter
+    from pipelines.training.loop import add_training_adapter
 
     unet = studio.models.current.pipeline.unet
     sample = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))

@@ -1,3 +1,2 @@
-"""LoRAs: applying them as adapters (adapters.py) and training them: the request and its events
-(train_request.py), the data (train_data.py), the loop (training.py), checkpoints and resuming
-(checkpoint.py), the kohya file (export.py), and the emoji judge that scores a LoRA's effect (judge.py)."""
+"""LoRAs: applying them as adapters (adapters.py), writing a trained adapter as a kohya file (export.py), and
+the emoji judge that scores a LoRA's effect (judge.py). Training them is pipelines/training/."""

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from pipelines.lora.checkpoint import adapter_state
-from pipelines.lora.train_request import LoraTrainingRequest
+from pipelines.training.checkpoint import adapter_state
+from pipelines.training.request import LoraTrainingRequest
 
 
 def save_kohya(lora_dir: Path, request: LoraTrainingRequest, base_model, unet, adapter: str, steps: int) -> Path:

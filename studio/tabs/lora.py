@@ -19,9 +19,9 @@ import pandas as pd
 
 from pipelines.jobs.worker import Job, JobCancelled, Priority
 from pipelines.lora.judge import feature_distances
-from pipelines.lora.train_data import dataset_folder, read_dataset
-from pipelines.lora.train_request import LoraTrainingRequest, LossPoint, Samples
-from pipelines.lora.training import train_lora
+from pipelines.training.data import dataset_folder, read_dataset
+from pipelines.training.request import LoraTrainingRequest, LossPoint, Samples
+from pipelines.training.loop import train_lora
 from studio.context import StudioContext, owns, session_of
 from studio.errors import user_errors
 from studio.tabs.generate import FAILED

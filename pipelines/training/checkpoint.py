@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.lora.train_request import LoraTrainingRequest
+from pipelines.training.request import LoraTrainingRequest
 
 CHECKPOINT_FILES = ("checkpoint.safetensors", "checkpoint.json")
 NOT_SHAPING = ("checkpoint_every", "sample_every", "sample_prompts")   # settings a run may change and resume

@@ -1,6 +1,6 @@
 """What a LoRA training is asked (`LoraTrainingRequest`, checked when it is made), what it reports while it
 runs (`LossPoint`, `Samples`, `TrainingWarning`, emitted on its job) and what it returns
-(`LoraTrainingResult`). The loop that reads them is pipelines/lora/training.py."""
+(`LoraTrainingResult`). The loop that reads them is pipelines/training/loop.py."""
 
 from __future__ import annotations
 

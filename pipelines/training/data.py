@@ -18,7 +18,7 @@ from pipelines.core.denoiser import prompt_embeddings
 from pipelines.core.images import fit_image, image_to_tensor, open_capped
 from pipelines.core.paths import confined
 from pipelines.core.vae import encode
-from pipelines.lora.train_request import MAX_IMAGES, LoraTrainingRequest
+from pipelines.training.request import MAX_IMAGES, LoraTrainingRequest
 from pipelines.tasks.txt2img import Txt2ImgRequest
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")

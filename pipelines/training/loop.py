@@ -39,10 +39,10 @@ import torch
 from pipelines.core.images import to_pil
 from pipelines.core.samplers import make_scheduler, model_default_sampler
 from pipelines.core.vae import decode
-from pipelines.lora.checkpoint import base_model_identity, fingerprint, remove_checkpoint, resume, save_checkpoint
+from pipelines.training.checkpoint import base_model_identity, fingerprint, remove_checkpoint, resume, save_checkpoint
 from pipelines.lora.export import save_kohya
-from pipelines.lora.train_data import TrainingData, prepare_data
-from pipelines.lora.train_request import (EFFECT_THRESHOLD, EffectScore, LoraTrainingRequest, LoraTrainingResult,
+from pipelines.training.data import TrainingData, prepare_data
+from pipelines.training.request import (EFFECT_THRESHOLD, EffectScore, LoraTrainingRequest, LoraTrainingResult,
                                           LossPoint, Samples, TrainingWarning)
 
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]

@@ -4,6 +4,8 @@ assets, a local folder, a single `.safetensors` checkpoint or a Hugging Face hub
 Slots: `base` (the model every task runs on; each task's pipeline is derived from it once with
 `from_pipe`, sharing its weights), and later `draft` (speculative sampling), `controlnet:NAME`
 (ControlNets) and LoRA adapters (peft adapters on the base, chosen per request, never merged).
+Textual-inversion embeddings are tokens added to the base's text encoder, each read when a prompt first
+names it (embeddings.py).
 `fit(request)` places what a request needs, given its size, within one memory budget.
 
 The manager owns the slots; reading what goes into them is elsewhere in this package, through the one
@@ -31,6 +33,8 @@ from pipelines.lora.adapters import LoadedLora, file_stamp, find_lora, load_lora
 from pipelines.models.checkpoints import read_pipeline
 from pipelines.models.controlnets import check_controlnet_fits, read_controlnet
 from pipelines.models.drafts import EMBEDDED_DRAFT, check_draft_fits, read_draft
+from pipelines.models.embeddings import (embedding_files, embedding_roots, embeddings_in, expand_embedding_names,
+                                         load_embedding)
 from pipelines.models.memory import MemoryManager, MemoryMode, RequestBudget, is_out_of_memory
 from pipelines.models.sources import EMBEDDED_MODEL, EMBEDDED_NAME, ModelSource, file_hash, resolve_source
 from pipelines.tasks import TASKS
@@ -57,6 +61,7 @@ class LoadedModel:
     derived: dict = field(default_factory=dict)    # task name -> pipeline derived with from_pipe
     previewer: Any = None                  # the live-preview map fitted to this model's VAE
     loras: dict = field(default_factory=dict)      # LoRA name -> LoadedLora: adapters on this model
+    embeddings: dict = field(default_factory=dict)  # embedding name -> LoadedEmbedding: tokens in its text encoder
     _hash: str | None = None
 
     @property
@@ -110,6 +115,10 @@ class ModelManager:
     def lora_dir(self) -> Path:
         return self.models_dir / "lora"
 
+    @property
+    def embeddings_dir(self) -> Path:
+        return self.models_dir / "embeddings"
+
     # -- long work that needs the base model as it is ------------------------------------------
     @contextmanager
     def hold(self, holder: str):
@@ -150,6 +159,34 @@ class ModelManager:
         elif getattr(pipeline.unet, "peft_config", None):   # any adapter: a loaded LoRA, or one in training
             pipeline.disable_lora()
         return {use.name: model.loras[use.name] for use in uses}
+
+    def use_embeddings(self, prompt: str, negative_prompt: str) -> tuple[str, str, list[str]]:
+        """Load every embedding under models/embeddings/ that `prompt` or `negative_prompt` names into the base
+        model's text encoder (on the device thread; each file once, again when it changes). Returns both texts
+        with the names expanded to the embeddings' tokens, and a note per embedding."""
+        model = self.require()
+        files = embedding_files(self.embeddings_dir)
+        names = embeddings_in(f"{prompt}\n{negative_prompt}", files)
+        for name in names:
+            held = model.embeddings.get(name)
+            if held is None or held.path != files[name].resolve() or held.stamp != file_stamp(held.path):
+                model.embeddings[name] = self._while_placed_whole(
+                    model, load_embedding, model.pipeline, name, files[name],
+                    roots=embedding_roots(self.embeddings_dir), allow_pickle=self.allow_pickle)
+        counts = {name: model.embeddings[name].vectors for name in names}
+        notes = [f"Embedding {name}: {count} vector{'s' if count != 1 else ''}." for name, count in counts.items()]
+        return expand_embedding_names(prompt, counts), expand_embedding_names(negative_prompt, counts), notes
+
+    def _while_placed_whole(self, model: LoadedModel, work, *args, **kwargs):
+        """`work(*args, **kwargs)` with `model`'s weights real: sequential offload keeps them on the meta device,
+        so they are parked in RAM for it and placed again after."""
+        if self.memory.mode is not MemoryMode.SEQUENTIAL:
+            return work(*args, **kwargs)
+        self._park(model)
+        try:
+            return work(*args, **kwargs)
+        finally:
+            self._place_resident(self.memory.mode)
 
     @property
     def current(self) -> LoadedModel | None:

@@ -19,7 +19,7 @@ from PIL import Image
 
 from pipelines.core.guidance import PerturbedAttention, guidance_notes, only_icg
 from pipelines.core.images import to_pil
-from pipelines.core.prompts import prompt_arguments, prompt_texts
+from pipelines.core.prompts import LoraUse, prompt_arguments, prompt_texts
 from pipelines.core.registry import Task, task_of
 from pipelines.core.requests import SamplingSettings
 from pipelines.core.samplers import MODEL_DRAFTS, make_scheduler, sampler_loop
@@ -51,6 +51,8 @@ class PreparedCall:
     pipeline: Any                      # the task's pipeline, with the request's sampler
     prompts: dict                      # prompt / negative_prompt, or their embeddings when chunked
     device: torch.device
+    texts: tuple[str, str] | None = None   # prompt, negative prompt as the text encoder reads them: LoRA tags out,
+                                           # embedding names expanded to their tokens
     notes: list[str] = field(default_factory=list)
     loras: dict = field(default_factory=dict)   # name -> LoadedLora, the LoRAs the prompt switched on
     draft: Any = None                  # the draft UNet, for the DDPM speculative sampler's "draft model"
@@ -130,6 +132,14 @@ class PreparedCall:
         return [self.request.composite(image) for image in to_pil(images)]
 
 
+def encoder_texts(models, request: SamplingSettings) -> tuple[tuple[str, str], list[LoraUse], list[str]]:
+    """The prompt and negative prompt as the text encoder reads them: LoRA tags taken out, and the embeddings they
+    name loaded (on the device thread) with each name expanded to its tokens; the LoRAs asked for; notes."""
+    prompt, negative_prompt, uses, notes = prompt_texts(request)
+    prompt, negative_prompt, embedding_notes = models.use_embeddings(prompt, negative_prompt)
+    return (prompt, negative_prompt), uses, notes + embedding_notes
+
+
 def prepare(models, request: SamplingSettings) -> PreparedCall:
     """Check `request` against the loaded model and set up its pipeline (on the device thread)."""
     # 1. Check inputs and resolve the seed
@@ -162,14 +172,15 @@ def prepare(models, request: SamplingSettings) -> PreparedCall:
     controlnets = {name: models.controlnet(name) for name in request.controlnet_names()}   # beside the UNet
     # 2. Sampler from the model's own scheduler config
     pipeline.scheduler = make_scheduler(request.sampler, model.scheduler_config)
-    # 3. LoRAs named in the prompt (<lora:name:weight>), then the prompts (weighted, in windows when too long)
-    prompt, negative_prompt, uses, lora_notes = prompt_texts(request)
+    # 3. LoRAs named in the prompt (<lora:name:weight>), embeddings named in either prompt (each name expanded to
+    #    its tokens), then the prompts (weighted, in windows when too long)
+    texts, uses, prompt_notes = encoder_texts(models, request)
     loras = models.use_loras(uses)
-    lora_notes += [f"LoRA {use.name}: weight {use.weight:g}, {loras[use.name].modules} modules patched."
-                   for use in uses]
+    prompt_notes += [f"LoRA {use.name}: weight {use.weight:g}, {loras[use.name].modules} modules patched."
+                     for use in uses]
     device = pipeline._execution_device
-    prompts, note = prompt_arguments(pipeline, prompt, negative_prompt, device)
-    notes = request.notes() + lora_notes + ([note] if note else [])
+    prompts, note = prompt_arguments(pipeline, *texts, device)
+    notes = request.notes() + prompt_notes + ([note] if note else [])
     side = model.native_side
     if side and max(request.width, request.height) > 2 * side:
         notes.append(f"{request.width}×{request.height} is more than twice this model's native size ({side} px): "
@@ -187,7 +198,7 @@ def prepare(models, request: SamplingSettings) -> PreparedCall:
         PerturbedAttention(pipeline.unet, request.pag_layers)   # refuses layers the UNet does not have
     notes += guidance_notes(request, pipeline)
     return PreparedCall(request=request, task=task, model=model, pipeline=pipeline, prompts=prompts, device=device,
-                        notes=notes, loras=loras, draft=draft, controlnets=controlnets, classifier=classifier,
-                        classifier_index=classifier_index)
+                        texts=texts, notes=notes, loras=loras, draft=draft, controlnets=controlnets,
+                        classifier=classifier, classifier_index=classifier_index)
 
 

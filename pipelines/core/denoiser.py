@@ -34,10 +34,12 @@ from pipelines.core.vae import execution_device
 
 
 def prompt_embeddings(pipeline, request: SamplingSettings, device, *, cfg: bool, count: int = 1,
-                      emphasis: bool = True) -> tuple[torch.Tensor, str | None]:
+                      emphasis: bool = True, texts: tuple[str, str] | None = None) -> tuple[torch.Tensor, str | None]:
     """The loop's `prompt_embeds` for `count` images: [negative, positive] with CFG, positive alone without.
-    `emphasis`: A1111's (word:1.2) and BREAK apply (pipelines/core/prompts.py); otherwise the text is read literally."""
-    prompt, negative_prompt, _, _ = prompt_texts(request)
+    `emphasis`: A1111's (word:1.2) and BREAK apply (pipelines/core/prompts.py); otherwise the text is read literally.
+    `texts`: the prompt and negative prompt as the encoder reads them (a prepared call's, embedding names expanded);
+    by default the request's, LoRA tags taken out."""
+    prompt, negative_prompt = texts if texts is not None else prompt_texts(request)[:2]
     if cfg and request.cfg_method == "ICG":   # the random prompt ĉ stands in for the negative prompt
         negative_prompt = independent_prompt(pipeline.tokenizer)
     prompts, note = prompt_arguments(pipeline, prompt, negative_prompt, device, emphasis=emphasis)
@@ -86,7 +88,7 @@ class Denoiser:
         self.perturbed = PerturbedAttention(self.unet, request.pag_layers) if request.pag_scale > 0 else None
         self.classifier = call.classifier if request.classifier_scale > 0 else None
         self.embeddings, note = prompt_embeddings(pipeline, request, call.device, cfg=self.cfg,
-                                                  count=request.batch_size)
+                                                  count=request.batch_size, texts=call.texts)
         if note:
             call.notes.append(note)
         self.timestep_cond = None

@@ -81,7 +81,8 @@ def independent_prompt(tokenizer, seed: int = ICG_PROMPT_SEED, length: int = ICG
     """ICG's random condition ĉ: `length` tokens drawn uniformly from the vocabulary (special tokens left out),
     from `seed`, so it is independent of the image."""
     special = set(tokenizer.all_special_ids)
-    vocabulary = [index for index in range(len(tokenizer)) if index not in special]
+    # the tokenizer's own vocabulary: tokens added since (textual-inversion embeddings) would change the draw
+    vocabulary = [index for index in range(tokenizer.vocab_size) if index not in special]
     rng = random.Random(seed)
     return tokenizer.decode([rng.choice(vocabulary) for _ in range(length)]).strip()
 

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.core.call import PreparedCall, prepare
+from pipelines.core.call import PreparedCall, encoder_texts, prepare
 from pipelines.core.denoiser import Denoiser, prompt_embeddings
 from pipelines.core.guidance import uses_cfg
 from pipelines.core.loop import run_steps
@@ -243,13 +243,15 @@ def branch(models: ModelManager, trace: Trace, at_step: int, changes: dict, *,
     return _take_over(models, trace, request, at_step, details, stop=stop, on_step=on_step)
 
 
-def _switch(run: PreparedCall, before: Txt2ImgRequest, after: Txt2ImgRequest) -> Callable[[Any], dict]:
+def _switch(models: ModelManager, run: PreparedCall, before: Txt2ImgRequest,
+            after: Txt2ImgRequest) -> Callable[[Any], dict]:
     """A step-end action that turns the running loop from `before`'s settings to `after`'s."""
     pipeline = run.pipeline
     old_cfg, new_cfg = uses_cfg(pipeline, before.guidance_scale), uses_cfg(pipeline, after.guidance_scale)
     embeddings = None
     if (after.prompt, after.negative_prompt) != (before.prompt, before.negative_prompt) or old_cfg != new_cfg:
-        embeddings, note = prompt_embeddings(pipeline, after, run.device, cfg=new_cfg)
+        texts = encoder_texts(models, after)[0]   # the embeddings the new prompt names, loaded and expanded
+        embeddings, note = prompt_embeddings(pipeline, after, run.device, cfg=new_cfg, texts=texts)
         if note:
             run.notes.append(note)
 
@@ -266,7 +268,7 @@ def _replay(models, request: Txt2ImgRequest, details: dict, *, stop, on_step) ->
     """Rerun from the seed with the first settings, switching at every later step the plan names."""
     plan = details["settings"]
     run = prepare_one_image(models, plan[0][1])
-    switches = {step: _switch(run, before, after) for (_, before), (step, after) in zip(plan, plan[1:])}
+    switches = {step: _switch(models, run, before, after) for (_, before), (step, after) in zip(plan, plan[1:])}
     result = _record(run, stop=stop, on_step=on_step, switches=switches)
     result.request, result.settings = request, plan
     result.branched_at, result.changes = details["branched_at"], details["changes"]

@@ -33,6 +33,7 @@ from pipelines.core.results import GeneratedImage, GenerationDone, Preview
 from pipelines.core.samplers import a1111_sampler
 from pipelines.io import metadata
 from pipelines.jobs.worker import Job, Progress
+from pipelines.models.embeddings import ti_hashes
 from pipelines.models.manager import ModelManager
 from pipelines.models.memory import is_out_of_memory
 from pipelines.sampling.speculative import ChainStats
@@ -168,9 +169,12 @@ class Generator:
             version = parameters.pop("Version")
             parameters.update({"Target calls": chain.target_calls,
                                "Draft acceptance": f"{chain.acceptance_rate:.3f}", "Version": version})
-        if call.loras:     # A1111's form and place: Lora hashes: "name: hash, name: hash", before Version
-            version = parameters.pop("Version")
-            parameters["Lora hashes"] = ", ".join(f"{name}: {lora.hash}" for name, lora in call.loras.items())
+        embedding_hashes = ti_hashes("\n".join(call.texts or ()), model.embeddings)
+        if call.loras or embedding_hashes:   # A1111's form and place: `Lora hashes` and `TI hashes` before Version,
+            version = parameters.pop("Version")   # each "name: hash, name: hash"
+            if call.loras:
+                parameters["Lora hashes"] = ", ".join(f"{name}: {lora.hash}" for name, lora in call.loras.items())
+            parameters["TI hashes"] = embedding_hashes   # None: left out
             parameters["Version"] = version
         if not finished:   # the settings asked for, and the truth of this image
             parameters["Stopped at step"] = steps_done

@@ -55,9 +55,9 @@ KEY_PATTERN = re.compile(r"\w[\w \-/]+")
 SIZE_PATTERN = re.compile(r"(\d+)x(\d+)")
 # A1111 treats the last line as params only when it holds at least this many pairs.
 MIN_PARAMS_ON_LAST_LINE = 3
-# Keys that describe an image rather than set anything (`Lora hashes`: the prompt's <lora:…> tags are the setting).
-DESCRIPTIVE_KEYS = frozenset({"Version", "Lora hashes", "Batch pos", "Stopped at step", "Target calls",
-                              "Draft acceptance"})
+# Keys that describe an image rather than set anything (the hashes: the prompt's <lora:…> tags and names set it).
+DESCRIPTIVE_KEYS = frozenset({"Version", "Lora hashes", "TI hashes", "Batch pos", "Stopped at step",
+                              "Target calls", "Draft acceptance"})
 # A1111 settings whose value here is the only one this studio has: no clip skip, noise drawn on the CPU, A1111's
 # original emphasis (pipelines/core/prompts.py).
 OUR_ONLY_VALUES = {"Clip skip": "1", "RNG": "CPU", "Emphasis": EMPHASIS}
@@ -186,9 +186,9 @@ def infotext_to_settings_and_dropped(params: dict[str, str]) -> tuple[dict, dict
     model, model_hash. The sampler is read in A1111 >= 1.9's form (`Sampler` + `Schedule type`, which may be a
     schedule of ours: Align Your Steps) and the older one-name form.
 
-    Dropped are the keys this studio has no setting for (`Clip skip: 2`, `Hires upscale`, `TI hashes`, an
-    `RNG` other than CPU, a schedule type the sampler doesn't run with here, …), for the caller to name to the
-    user. Keys that only describe the image (`Version`, `Lora hashes`, …) and values that are this studio's
+    Dropped are the keys this studio has no setting for (`Clip skip: 2`, `Hires upscale`, an `RNG` other than
+    CPU, a schedule type the sampler doesn't run with here, …), for the caller to name to the user. Keys that
+    only describe the image (`Version`, `Lora hashes`, `TI hashes`, …) and values that are this studio's
     only ones (`Clip skip: 1`, `RNG: CPU`, `Emphasis: Original`) are neither.
     """
     settings: dict[str, object] = {}

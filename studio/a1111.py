@@ -25,6 +25,7 @@ from pipelines.core.results import GenerationDone
 from pipelines.core.samplers import SAMPLER_NAMES
 from pipelines.generation.generator import STUDIO_VERSION
 from pipelines.io.metadata import parse_infotext, read_png_metadata
+from pipelines.models.embeddings import EmbeddingInfo
 from pipelines.tasks.control_units import (A1111_CONTROL, A1111_MODULES, A1111_RESIZE, BALANCED, CONTROL_FIRST,
                                            CROP_AND_RESIZE, JUST_RESIZE, MAX_CONTROL_PIXELS, PROMPT_FIRST,
                                            RESIZE_AND_FILL, UNIT_FIELDS, ControlUnit)
@@ -362,6 +363,19 @@ def info(request: SamplingSettings, done: GenerationDone, *, model_name: str | N
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(started)), "clip_skip": 1,
         "is_using_inpainting_conditioning": False, "version": STUDIO_VERSION,
         "messages": messages}
+
+
+def embedding_items(embeddings: list[EmbeddingInfo]) -> dict:
+    """A1111's /embeddings answer: `loaded` (those that fit the loaded model) and `skipped`, each name -> its `step`,
+    `sd_checkpoint`, `sd_checkpoint_name` (as the file says), `shape` (the vectors' width) and `vectors`."""
+    def item(info: EmbeddingInfo) -> dict:
+        step = str(info.metadata.get("step"))
+        return {"step": int(step) if step.isdigit() else None, "sd_checkpoint": info.metadata.get("sd_checkpoint"),
+                "sd_checkpoint_name": info.metadata.get("sd_checkpoint_name"), "shape": info.width,
+                "vectors": info.vectors}
+
+    return {"loaded": {info.name: item(info) for info in embeddings if info.problem is None},
+            "skipped": {info.name: item(info) for info in embeddings if info.problem is not None}}
 
 
 def parameters(body: dict) -> dict:

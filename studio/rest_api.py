@@ -5,7 +5,7 @@
     POST txt2img, img2img        A1111's bodies and answers (base64 PNGs, `parameters`, `info` as JSON text);
                                  img2img with `mask` is inpainting; ControlNet units in
                                  `alwayson_scripts.controlnet.args`, as sd-webui-controlnet takes them
-    GET  sd-models, samplers, schedulers, loras, scripts
+    GET  sd-models, samplers, schedulers, loras, embeddings, scripts
     GET  options / POST options  `sd_model_checkpoint` (switches the model), live preview settings
     GET  progress                the running job: progress 0..1, ETA, state, the latest preview (base64)
     POST interrupt               stops the REST API's current generation at its next step
@@ -40,6 +40,7 @@ from pipelines.io import metadata
 from pipelines.jobs.worker import Job, JobCancelled, JobState
 from pipelines.lora.adapters import lora_files
 from pipelines.models.controlnets import available_controlnets
+from pipelines.models.embeddings import describe_embeddings
 from pipelines.tasks.control_units import A1111_MODULES
 from studio import a1111
 from studio.context import StudioContext
@@ -91,7 +92,8 @@ class RestApi:
                 ("/options", self.models.get_options, "GET"), ("/options", self.models.set_options, "POST"),
                 ("/sd-models", self.models.sd_models, "GET"), ("/samplers", self.samplers, "GET"),
                 ("/schedulers", self.schedulers, "GET"), ("/loras", self.loras, "GET"),
-                ("/png-info", self.png_info, "POST"), ("/scripts", self.scripts, "GET")):
+                ("/png-info", self.png_info, "POST"), ("/scripts", self.scripts, "GET"),
+                ("/embeddings", self.embeddings, "GET")):
             router.add_api_route(PREFIX + path, endpoint, methods=[method])
         router.add_api_route("/controlnet/model_list", self.controlnet_models, methods=["GET"])
         router.add_api_route("/controlnet/module_list", self.controlnet_modules, methods=["GET"])
@@ -214,6 +216,13 @@ class RestApi:
         """The LoRAs under models/lora/, to name in a prompt as <lora:name:weight> (A1111's Lora extension's list)."""
         return [{"name": name, "alias": name, "path": str(path), "metadata": {}}
                 for name, path in lora_files(self.context.models.lora_dir).items()]
+
+    def embeddings(self) -> dict:
+        """A1111's /embeddings: the files under models/embeddings/ that fit the loaded model (`loaded`), and those that
+        do not (`skipped`: made for another model, SDXL's, or not read, such as a .pt without --allow-pickle)."""
+        models, current = self.context.models, self.context.models.current
+        return a1111.embedding_items(describe_embeddings(models.embeddings_dir, current.pipeline if current else None,
+                                                         allow_pickle=models.allow_pickle))
 
     def scripts(self) -> dict:
         """The always-on scripts a body may name (clients look for ControlNet here)."""

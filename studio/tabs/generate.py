@@ -32,11 +32,11 @@ from pipelines.core.samplers import (DEFAULT_DRAFT_LENGTH, DEFAULT_SAMPLER, DRAF
 from pipelines.io.metadata import (clamp_to_request_limits, infotext_key, infotext_to_settings_and_dropped,
                                    parse_infotext)
 from pipelines.jobs.worker import Job, JobCancelled, JobState
-from pipelines.lora.adapters import lora_files
 from pipelines.tasks import TASKS
 from studio.context import StudioContext, owns, session_of
 from studio.errors import name_input_errors, user_errors
 from studio.tabs.guidance import guidance_controls
+from studio.tabs.networks import network_pickers
 
 # Generations are hardly held in Gradio's queue: each becomes a job at once, and the device worker runs
 # jobs one at a time (pipelines/jobs/worker.py), so a waiting generation already has a job id to stop it by.
@@ -184,7 +184,7 @@ def build_generation_tab(context: StudioContext, task: str, defaults: dict,
                                             elem_id=f"{task}-prompt")
             controls["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=1, max_lines=4,
                                                      elem_id=f"{task}-negative")
-            _lora_picker(context, task, controls["prompt"])
+            network_pickers(context, task, controls["prompt"], controls["negative_prompt"])
         with gr.Column(scale=1, min_width=160):
             generate = gr.Button("Generate", variant="primary", elem_id=f"{task}-generate")
             stop = gr.Button("Stop", variant="stop", elem_id=f"{task}-stop")
@@ -262,26 +262,6 @@ def wire_generation(context: StudioContext, tab: GenerationTab, *, task: str, bu
     api.__signature__ = _api_signature(TASKS[task].request_class, controls)
     gr.Button(visible=False, render=True).click(api, inputs_kwargs=controls, outputs=tab.api_results, api_name=task,
                                                 **JOB_QUEUE)
-
-
-def _lora_picker(context: StudioContext, task: str, prompt: gr.Textbox) -> None:
-    """A LoRA list that writes `<lora:name:weight>` into the prompt (the files under models/lora/)."""
-    def names() -> list[str]:
-        return list(lora_files(context.models.lora_dir))
-
-    with gr.Row():
-        picker = gr.Dropdown(names(), value=None, label="LoRA", info="from models/lora/; inserted as <lora:name:weight>",
-                             scale=3, elem_id=f"{task}-lora")
-        weight = gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label="LoRA weight", scale=2)
-        insert = gr.Button("Add to prompt", scale=1, size="sm", elem_id=f"{task}-lora-add")
-
-    def add(text: str, name: str | None, amount: float) -> str:
-        if not name:
-            raise gr.Error("Pick a LoRA first (put .safetensors files in models/lora/).")
-        return f"{text.rstrip()} <lora:{name}:{amount:g}>".strip()
-
-    insert.click(add, inputs=[prompt, picker, weight], outputs=prompt, api_visibility="private")
-    picker.focus(lambda: gr.Dropdown(choices=names()), outputs=picker, api_visibility="private")
 
 
 def _wire_stop(context: StudioContext, tab: GenerationTab) -> None:

@@ -14,21 +14,23 @@ import argparse
 import resource
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from PIL import Image
 
 from pipelines.jobs.worker import Priority
-from pipelines.training.request import LoraTrainingRequest, LossPoint
-from pipelines.training.loop import add_training_adapter, train_lora
 from pipelines.models.manager import ModelManager
 from pipelines.models.memory import MemoryManager
+from pipelines.training.loop import train
+from pipelines.training.methods import LoraMethod
+from pipelines.training.request import LossPoint, TrainingRequest
 
 DATASET = Path(__file__).resolve().parent.parent / "assets" / "lora-example"
 WARM_UP = 5
 
 
-def minimal_loop(models: ModelManager, request: LoraTrainingRequest, steps: int) -> float:
+def minimal_loop(models: ModelManager, request: TrainingRequest, steps: int) -> float:
     """diffusers' train_text_to_image_lora in a nutshell, on cached latents: steps per second."""
     from diffusers import DDPMScheduler
 
@@ -43,7 +45,8 @@ def minimal_loop(models: ModelManager, request: LoraTrainingRequest, steps: int)
         latents = torch.cat([encode(pipeline.vae, image_to_tensor(image)) for image in request.images])
         context = torch.cat([prompt_embeddings(pipeline, Txt2ImgRequest(prompt=text, guidance_scale=1), "cpu",
                                                cfg=False)[0] for text in request.prompts()])
-    parameters = add_training_adapter(unet, request, "bench")
+    method = LoraMethod(SimpleNamespace(pipeline=pipeline, request=request, adapter="bench"))
+    parameters = method.setup()
     optimizer = torch.optim.AdamW(parameters, lr=request.learning_rate)
     generator = torch.Generator().manual_seed(0)
     alphas_cumprod = scheduler.alphas_cumprod
@@ -60,9 +63,7 @@ def minimal_loop(models: ModelManager, request: LoraTrainingRequest, steps: int)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     rate = steps / (time.perf_counter() - started)
-    unet.delete_adapters(["bench"])
-    for parameter in unet.parameters():
-        parameter.requires_grad_(False)
+    method.teardown()
     return rate
 
 
@@ -73,11 +74,11 @@ def main() -> None:
     models = ModelManager(MemoryManager(device="cpu"), models_dir=Path("/tmp/bench-lora-models"))
     models.load("embedded")
     files = sorted(DATASET.glob("*.png"))
-    request = LoraTrainingRequest(name="bench", images=[Image.open(path).convert("RGB") for path in files],
+    request = TrainingRequest(name="bench", images=[Image.open(path).convert("RGB") for path in files],
                                   captions=[path.with_suffix(".txt").read_text().strip() for path in files],
                                   trigger="charcoal", steps=WARM_UP + args.steps, sample_every=0,
                                   checkpoint_every=10_000, warmup_steps=0)
-    job = models.worker.submit(lambda job: train_lora(models, request, job, cache_dir=Path("/tmp/bench-lora-runs")),
+    job = models.worker.submit(lambda job: train(models, request, job, cache_dir=Path("/tmp/bench-lora-runs")),
                                kind="train-lora", priority=Priority.BACKGROUND)
     job.result()
     points = [event for event in job.events() if isinstance(event, LossPoint)]

@@ -60,11 +60,11 @@ def main(argv=None) -> None:
     from pipelines.generation.generator import Generator
     from pipelines.jobs.worker import DeviceWorker, Priority
     from pipelines.lora.judge import feature_distances
-    from pipelines.training.request import LoraTrainingRequest, LossPoint
-    from pipelines.training.loop import train_lora
     from pipelines.models.manager import ModelManager
     from pipelines.models.memory import MemoryManager
     from pipelines.tasks.txt2img import Txt2ImgRequest
+    from pipelines.training.loop import train
+    from pipelines.training.request import LossPoint, TrainingRequest
 
     models = ModelManager(MemoryManager(device="cpu"), worker=DeviceWorker(), models_dir=ROOT / ".cache" / "lora-example")
     models.load("embedded")
@@ -83,10 +83,10 @@ def main(argv=None) -> None:
 
     # 2. Training, with the studio's defaults
     extra = {"steps": args.steps} if args.steps else {}
-    request = LoraTrainingRequest(name="charcoal", images=images, captions=TRAINING_PROMPTS, trigger=TRIGGER,
+    request = TrainingRequest(name="charcoal", images=images, captions=TRAINING_PROMPTS, trigger=TRIGGER,
                                   sample_every=0, **extra)
     started = time.perf_counter()
-    job = models.worker.submit(lambda job: train_lora(models, request, job, cache_dir=models.lora_dir / ".runs",
+    job = models.worker.submit(lambda job: train(models, request, job, cache_dir=models.lora_dir / ".runs",
                                                        score=feature_distances),
                                kind="train-lora", priority=Priority.BACKGROUND)
     result = job.result()

@@ -48,10 +48,10 @@ def _whole_number_fields() -> set[str]:
     import typing
     from dataclasses import fields
 
-    from pipelines.training.loop import LoraTrainingRequest
     from pipelines.tasks import TASKS
+    from pipelines.training.loop import TrainingRequest
 
-    classes = [task.request_class for task in TASKS.values()] + [LoraTrainingRequest]
+    classes = [task.request_class for task in TASKS.values()] + [TrainingRequest]
     return {item.name for request_class in classes for item in fields(request_class)
             if typing.get_type_hints(request_class).get(item.name) is int}
 

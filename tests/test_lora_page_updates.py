@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipelines.training.request import LoraTrainingResult, LossPoint, Samples
+from pipelines.training.request import TrainingResult, LossPoint, Samples
 from studio.tabs import lora
 
 STEPS = 600
@@ -28,7 +28,7 @@ def tab():
         return lora._layout()
 
 
-def _training(job) -> LoraTrainingResult:
+def _training(job) -> TrainingResult:
     """The events of a 600-step training with samples at steps 0 and 300, as pipelines/training/loop.py emits them."""
     picture = Image.new("RGB", (8, 8), "red")
     job.emit(Samples(0, ["a cat"], [picture]))
@@ -40,9 +40,9 @@ def _training(job) -> LoraTrainingResult:
     return _training_result(STEPS)
 
 
-def _training_result(steps: int) -> LoraTrainingResult:
+def _training_result(steps: int) -> TrainingResult:
     picture = Image.new("RGB", (8, 8), "red")
-    return LoraTrainingResult(path=Path("models/lora/cat.safetensors"), steps=steps, final_loss=1.0 / steps,
+    return TrainingResult(path=Path("models/lora/cat.safetensors"), steps=steps, final_loss=1.0 / steps,
                               effect=12.0, moved=True, feature_distance_before=None, feature_distance_after=None,
                               before=[picture], after=[picture], stopped=False, warnings=[], base_model="tiny")
 

@@ -14,9 +14,9 @@ from PIL import Image
 
 from pipelines.jobs.worker import Priority
 from pipelines.lora.judge import feature_distances
-from pipelines.training.request import LoraTrainingRequest, LossPoint, TrainingWarning
-from pipelines.training.loop import train_lora
 from pipelines.tasks.txt2img import Txt2ImgRequest
+from pipelines.training.loop import train
+from pipelines.training.request import LossPoint, TrainingRequest, TrainingWarning
 
 ATTENTION_PROJECTIONS = (".to_q", ".to_k", ".to_v", ".to_out.0")
 
@@ -31,13 +31,13 @@ def dataset() -> list[Image.Image]:
     return images
 
 
-def training(**overrides) -> LoraTrainingRequest:
+def training(**overrides) -> TrainingRequest:
     # one caption longer than the tiny tokenizer's window: encoded in two windows, padded for the others
     values = dict(name="frames", images=dataset(), trigger="framed",
                   captions=["red square in a dark frame, bright, centred, flat colour", "green", "blue", "yellow"],
                   steps=12, batch_size=2, learning_rate=1e-2, warmup_steps=2, checkpoint_every=5, sample_every=0,
                   seed=3)
-    return LoraTrainingRequest(**(values | overrides))
+    return TrainingRequest(**(values | overrides))
 
 
 def run(studio, request, tmp_path, *, stop_at: int | None = None, score=feature_distances, **submit):
@@ -52,7 +52,7 @@ def run(studio, request, tmp_path, *, stop_at: int | None = None, score=feature_
                 if isinstance(event, LossPoint) and event.step == stop_at:
                     job.cancel()
             job.emit = emit_then_stop
-        return train_lora(studio.models, request, job, cache_dir=tmp_path / "runs", score=score)
+        return train(studio.models, request, job, cache_dir=tmp_path / "runs", score=score)
     return studio.models.worker.submit(work, kind="train-lora", priority=Priority.BACKGROUND, **submit)
 
 
@@ -254,14 +254,18 @@ def test_bad_training_requests_say_what_is_wrong(overrides, message):
 
 
 def test_at_step_zero_the_lora_changes_nothing(studio):
-    from pipelines.training.loop import add_training_adapter
+    from types import SimpleNamespace
 
-    unet = studio.models.current.pipeline.unet
+    from pipelines.training.methods import LoraMethod
+
+    pipeline = studio.models.current.pipeline
+    unet = pipeline.unet
     sample = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     context = torch.randn(1, 24, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         before = unet(sample, 500, encoder_hidden_states=context).sample
-    parameters = add_training_adapter(unet, training(), "test")
+    method = LoraMethod(SimpleNamespace(pipeline=pipeline, request=training(), adapter="test"))
+    parameters = method.setup()
     with torch.no_grad():
         after = unet(sample, 500, encoder_hidden_states=context).sample
     ups = [p for name, p in unet.named_parameters() if "lora_B" in name]
@@ -270,6 +274,8 @@ def test_at_step_zero_the_lora_changes_nothing(studio):
     assert all(float(p.std()) > 0 for p in downs)                         # A Gaussian
     assert torch.equal(before, after) and all(p.requires_grad for p in parameters)
     assert not any(p.requires_grad for name, p in unet.named_parameters() if "lora" not in name)
+    method.teardown()
+    assert not any("lora" in name for name, _ in unet.named_parameters())
 
 
 @pytest.mark.slow

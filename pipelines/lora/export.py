@@ -10,17 +10,18 @@ from pathlib import Path
 
 import torch
 
-from pipelines.training.checkpoint import adapter_state
-from pipelines.training.request import LoraTrainingRequest
+from pipelines.training.request import TrainingRequest
 
 
-def save_kohya(lora_dir: Path, request: LoraTrainingRequest, base_model, unet, adapter: str, steps: int) -> Path:
-    """`lora_dir/<name>.safetensors`, written atomically and never with a non-finite tensor. `base_model` is
-    the loaded model the run trained on (the one its training held), whose name and hash the file records."""
+def save_kohya(lora_dir: Path, request: TrainingRequest, base_model, adapter_state: dict, steps: int) -> Path:
+    """`lora_dir/<name>.safetensors`, written atomically and never with a non-finite tensor. `adapter_state`:
+    peft's state of the adapter, its keys prefixed with the part they belong to (`unet.`, `text_encoder.`:
+    kohya's `lora_unet_` and `lora_te_`). `base_model` is the loaded model the run trained on (the one its
+    training held), whose name and hash the file records."""
     from diffusers.utils import convert_state_dict_to_kohya
     from safetensors.torch import save_file
 
-    state = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in adapter_state(unet, adapter).items()})
+    state = convert_state_dict_to_kohya(adapter_state)
     # kohya's scale is alpha / rank, as peft's is lora_alpha / r; diffusers' converter writes alpha = rank (scale 1),
     # which is the trained scale only when alpha equals the rank
     state |= {key: torch.tensor(float(request.alpha)) for key in state if key.endswith(".alpha")}
@@ -40,6 +41,8 @@ def save_kohya(lora_dir: Path, request: LoraTrainingRequest, base_model, unet, a
                 "ss_resolution": str((side, side)),
                 "ss_num_train_images": str(len(request.images)), "ss_learning_rate": str(request.learning_rate),
                 "ss_tag_frequency": json.dumps({"dataset": tags}), "ss_trigger_words": request.trigger,
+                "ss_training_method": request.method, "ss_class_prompt": request.class_prompt,
+                "ss_prior_loss_weight": str(request.prior_loss_weight if request.method == "dreambooth" else 0),
                 "modelspec.architecture": "stable-diffusion-v1/lora", "studio_settings": json.dumps(request.settings())}
     lora_dir.mkdir(parents=True, exist_ok=True)
     path = lora_dir / f"{request.name}.safetensors"

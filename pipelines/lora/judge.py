@@ -1,7 +1,7 @@
 """The emoji judge, inference side: the small CNN that recipe/evaluate.py trains on real emoji (and ships as
 assets/eval/emoji-classifier.safetensors), loaded and run here, so the app can score a LoRA's effect
 without the recipe. Its 256-d feature layer is the space the LoRA training's feature distance is measured
-in (`feature_distances`, the `EffectScore` the studio passes to `train_lora`)."""
+in (`feature_distances`, the `EffectScore` the studio passes to `train`, pipelines/training/loop.py)."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.training.request import LoraTrainingRequest
+from pipelines.training.request import TrainingRequest
 
 CHECKPOINT_FILES = ("checkpoint.safetensors", "checkpoint.json")
 NOT_SHAPING = ("checkpoint_every", "sample_every", "sample_prompts")   # settings a run may change and resume
@@ -34,28 +34,24 @@ def base_model_identity(model) -> dict:
     return {"name": model.name, "hash": "unet-" + digest.hexdigest()[:16]}
 
 
-def fingerprint(request: LoraTrainingRequest, base_model: dict) -> dict:
+def fingerprint(request: TrainingRequest, base_model: dict) -> dict:
     """What a checkpoint must match to be resumed: the settings that shape the training, the data (each image
     and its prompt), and the base model."""
     digest = hashlib.sha256()
-    for image, prompt in zip(request.images, request.prompts()):
+    for image, prompt, repeats in zip(request.images, request.prompts(), request.image_repeats()):
         digest.update(image.convert("RGB").tobytes())
-        digest.update(prompt.encode())
+        digest.update(f"{prompt}\x00{repeats}".encode())
     shaping = {key: value for key, value in request.settings().items() if key not in NOT_SHAPING}
     return json.loads(json.dumps(shaping | {"data": digest.hexdigest(), "base_model": base_model}))
 
 
-def adapter_state(unet, adapter: str) -> dict[str, torch.Tensor]:
-    from peft.utils import get_peft_model_state_dict
-    return get_peft_model_state_dict(unet, adapter_name=adapter)
-
-
-def save_checkpoint(run_dir: Path, fingerprint_: dict, unet, adapter: str, optimizer, step: int) -> None:
-    """The adapter, AdamW's moments and the step, as safetensors and JSON (no pickles), written atomically."""
+def save_checkpoint(run_dir: Path, fingerprint_: dict, method, optimizer, step: int) -> None:
+    """What the method trains (methods.py: an adapter's state, or token vectors), AdamW's moments and the step,
+    as safetensors and JSON (no pickles), written atomically."""
     from safetensors.torch import save_file
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {f"adapter.{key}": value.detach().contiguous().cpu() for key, value in adapter_state(unet, adapter).items()}
+    tensors = {f"adapter.{key}": value.detach().contiguous().cpu() for key, value in method.state().items()}
     for number, parameter in enumerate(p for group in optimizer.param_groups for p in group["params"]):
         for key, value in optimizer.state.get(parameter, {}).items():
             if torch.is_tensor(value):
@@ -68,11 +64,10 @@ def save_checkpoint(run_dir: Path, fingerprint_: dict, unet, adapter: str, optim
     os.replace(info, run_dir / "checkpoint.json")
 
 
-def resume(run_dir: Path, fingerprint_: dict, steps: int, unet, adapter: str, optimizer) -> tuple[int, str | None]:
-    """(the step of this run's last checkpoint, loaded into the adapter and the optimiser; a note when a
+def resume(run_dir: Path, fingerprint_: dict, steps: int, method, optimizer) -> tuple[int, str | None]:
+    """(the step of this run's last checkpoint, loaded into the method and the optimiser; a note when a
     checkpoint was there but is not this run's). Step 0 when there is none, it is another run's, or it is
     a finished one."""
-    from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     info_path, tensors_path = run_dir / "checkpoint.json", run_dir / "checkpoint.safetensors"
@@ -85,8 +80,7 @@ def resume(run_dir: Path, fingerprint_: dict, steps: int, unet, adapter: str, op
     if info["step"] >= steps:
         return 0, None             # a finished run's: start afresh
     tensors = load_file(str(tensors_path))
-    set_peft_model_state_dict(unet, {key[len("adapter."):]: value for key, value in tensors.items()
-                                     if key.startswith("adapter.")}, adapter_name=adapter)
+    method.load_state({key[len("adapter."):]: value for key, value in tensors.items() if key.startswith("adapter.")})
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     for number, parameter in enumerate(parameters):
         state = {key.split(".", 2)[2]: value for key, value in tensors.items()

@@ -1,10 +1,16 @@
-"""A LoRA training's data: the files it is given (dropped files, .zip archives, or a dataset folder under
-models/), read into images and captions; then, once per run, what the loop reads at every step: the
-latents of each image (and of its mirror image) and each caption's text embedding. The VAE and the text
-encoder are frozen, so neither changes during a run."""
+"""A training's data: the files it is given (dropped files, .zip archives, or a dataset folder under
+models/), read into images and captions; then, once per run, what the loop reads at every step.
+
+Aspect-ratio bucketing (kohya's): each image goes to the bucket whose shape is nearest its own, among the
+shapes of about the model's native area that the VAE and the UNet divide evenly (at most 2:1), so a tall or
+wide picture is trained on whole instead of cropped to a square; a batch is drawn from one bucket. Each image
+counts as often as its repeats say. Cached per image: the latents (and its mirror image's), each caption's
+text embedding (the text encoder is frozen, unless it trains), and its token ids (for what encodes each step).
+"""
 
 from __future__ import annotations
 
+import math
 import re
 import zipfile
 from dataclasses import dataclass
@@ -18,8 +24,8 @@ from pipelines.core.denoiser import prompt_embeddings
 from pipelines.core.images import fit_image, image_to_tensor, open_capped
 from pipelines.core.paths import confined
 from pipelines.core.vae import encode
-from pipelines.training.request import MAX_IMAGES, LoraTrainingRequest
 from pipelines.tasks.txt2img import Txt2ImgRequest
+from pipelines.training.request import MAX_IMAGES, TrainingRequest
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MAX_FILE_BYTES = 50 << 20
@@ -96,37 +102,102 @@ def _read_files(paths: list[str | Path]) -> dict[str, bytes]:
 
 # ----------------------------------------------------------------------------- images -> what the loop reads
 
+MAX_ASPECT = 2.0
+
 
 @dataclass
-class TrainingData:
-    """The training data, computed once: the cropped images, their latents (and their mirror images'),
-    each caption's text embedding, and the empty caption's."""
-    pictures: list
+class Bucket:
+    """The images of one shape, cached: latents [n, c, h, w] (and their mirror images'), the captions' text
+    embeddings and token ids, and how often each image is drawn (its repeats)."""
+    size: tuple[int, int]                # (width, height) in pixels
     latents: torch.Tensor
     mirrored: torch.Tensor
     embeddings: torch.Tensor
-    empty: torch.Tensor
+    input_ids: torch.Tensor
+    weights: torch.Tensor                # each image's repeats
+
+
+@dataclass
+class TrainingData:
+    """The training data, computed once: the images as trained on, their buckets, and the empty caption."""
+    pictures: list                       # each image at its bucket's size, in the order given
+    buckets: list[Bucket]
+    empty: torch.Tensor                  # the empty caption's embedding (caption dropout)
+    empty_ids: torch.Tensor
+
+    def draw(self, count: int, generator: torch.Generator) -> tuple[Bucket, torch.Tensor]:
+        """A batch: a bucket, chosen in proportion to the repeats it holds, and `count` of its images, each in
+        proportion to its repeats (with replacement)."""
+        totals = torch.stack([bucket.weights.sum() for bucket in self.buckets])
+        bucket = self.buckets[int(torch.multinomial(totals, 1, generator=generator))]
+        return bucket, torch.multinomial(bucket.weights, count, replacement=True, generator=generator)
+
+
+def bucket_sizes(side: int, multiple: int) -> list[tuple[int, int]]:
+    """The shapes (width, height), multiples of `multiple`, with at most side² pixels, the largest height for
+    each width, from 1:2 to 2:1."""
+    sizes = []
+    for width in range(multiple, int(side * MAX_ASPECT) + 1, multiple):
+        height = (side * side // width) // multiple * multiple
+        if height >= multiple and max(width, height) <= MAX_ASPECT * min(width, height):
+            sizes.append((width, height))
+    return sizes or [(side, side)]
+
+
+def bucket_of(image: Image.Image, sizes: list[tuple[int, int]]) -> tuple[int, int]:
+    """The shape nearest the image's aspect ratio (on a log scale); among equals, the largest."""
+    aspect = math.log(image.width / image.height)
+    return min(sizes, key=lambda size: (abs(math.log(size[0] / size[1]) - aspect), -size[0] * size[1]))
+
+
+def size_multiple(pipeline) -> int:
+    """Pixels per latent cell times the UNet's down-sampling: what a training image's sides must divide by."""
+    downsamplings = len(pipeline.unet.config.down_block_types) - 1
+    return pipeline.vae_scale_factor * 2 ** downsamplings
 
 
 @torch.no_grad()
-def prepare_data(pipeline, request: LoraTrainingRequest, side: int) -> TrainingData:
-    """The images cropped around their centre to side×side; the latents (the VAE's posterior mean) of each and
-    of its mirror image, for flips; each prompt (trigger + caption) encoded as written."""
+def prepare_data(pipeline, request: TrainingRequest, side: int, *, images=None, prompts=None,
+                 repeats=None) -> TrainingData:
+    """The images in their buckets (or, with `request.bucketing` off, cropped around their centre to
+    side×side); the latents (the VAE's posterior mean) of each and of its mirror image, for flips; each prompt
+    (trigger + caption) encoded as written. `images`, `prompts` and `repeats` default to the request's
+    (DreamBooth's class images pass their own)."""
+    images = request.images if images is None else images
+    prompts = request.prompts() if prompts is None else prompts
+    repeats = request.image_repeats() if repeats is None else repeats
     device, dtype = pipeline._execution_device, pipeline.unet.dtype
-    pictures = [fit_image(image, side, side) for image in request.images]
-
-    def latents_of(images: list) -> torch.Tensor:
-        return torch.cat([encode(pipeline.vae, image_to_tensor(image).to(device)) for image in images]).to(dtype)
+    sizes = bucket_sizes(side, size_multiple(pipeline)) if request.bucketing else [(side, side)]
+    shapes = [bucket_of(image, sizes) for image in images]
+    pictures = [fit_image(image, *shape) for image, shape in zip(images, shapes)]
 
     empty = _embed(pipeline, "", device)
     # captions longer than the tokenizer's window are encoded in windows (pipelines/core/prompts.py); pad the
     # shorter ones with empty windows, as the prompt/negative pair is padded, so they stack
-    encoded = [_embed(pipeline, text, device) for text in request.prompts()]
+    encoded = [_embed(pipeline, text, device) for text in prompts]
     longest = max(item.shape[1] for item in encoded)
-    return TrainingData(pictures=pictures, latents=latents_of(pictures),
-                        mirrored=latents_of([ImageOps.mirror(picture) for picture in pictures]),
-                        embeddings=torch.cat([_pad(item, empty, longest) for item in encoded]),
-                        empty=_pad(empty, empty, longest))
+    embeddings = torch.cat([_pad(item, empty, longest) for item in encoded])
+    input_ids = token_ids(pipeline.tokenizer, prompts)
+
+    def latents_of(chosen: list) -> torch.Tensor:
+        return torch.cat([encode(pipeline.vae, image_to_tensor(image).to(device)) for image in chosen]).to(dtype)
+
+    buckets = []
+    for shape in sorted(set(shapes)):
+        members = [number for number, other in enumerate(shapes) if other == shape]
+        chosen = [pictures[number] for number in members]
+        buckets.append(Bucket(size=shape, latents=latents_of(chosen),
+                              mirrored=latents_of([ImageOps.mirror(picture) for picture in chosen]),
+                              embeddings=embeddings[members], input_ids=input_ids[members],
+                              weights=torch.tensor([float(repeats[number]) for number in members])))
+    return TrainingData(pictures=pictures, buckets=buckets, empty=_pad(empty, empty, longest),
+                        empty_ids=token_ids(pipeline.tokenizer, [""]))
+
+
+def token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """The prompts' token ids in one window each (what a text encoder that trains reads every step)."""
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
 
 
 def _embed(pipeline, text: str, device) -> torch.Tensor:

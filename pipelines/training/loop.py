@@ -1,25 +1,31 @@
-"""Training a LoRA on the loaded model: a background job on the device worker.
+"""The training loop: LoRA, DreamBooth-LoRA and textual inversion on the loaded model, one process (a job on
+the studio's device worker) or several (data-parallel under Hugging Face accelerate, pipelines/training/
+__main__.py). Read top to bottom in `train`; it is diffusers' `train_text_to_image_lora.py`,
+`train_dreambooth_lora.py` and `textual_inversion.py` in substance:
 
-The loop is diffusers' `train_text_to_image_lora.py` in substance, read top to bottom in `train_lora`:
-
-1. Data (train_data.py): the images cropped around their centre to the model's native size; each caption
-   prefixed with the trigger word. Latents (the VAE's posterior mean, and its mirror image for flips) and
-   text embeddings are computed once: the VAE and the text encoder are frozen.
-2. The LoRA: peft adapters on the UNet's attention projections (to_q, to_k, to_v, to_out), B
-   zero-initialised and A Gaussian, so at step 0 the model is unchanged.
+1. Data (data.py): the images in aspect-ratio buckets; each caption prefixed with the trigger word (textual
+   inversion: the embedding's name). Latents (the VAE's posterior mean, and its mirror image for flips) and
+   text embeddings are computed once: the VAE is frozen, and so is the text encoder unless it trains.
+   DreamBooth adds its class images (class_images.py), drawn by the model itself and cached.
+2. What trains (methods.py): a LoRA (B zero, A Gaussian: at step 0 the model is unchanged), or new token
+   vectors started from a word's embedding.
 3. Each step: a batch of latents x_0, noise eps (plus an optional noise offset), t uniform; the forward
    process x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps; the UNet's eps-prediction; the loss
-   || eps - eps_theta ||^2, weighted by min-SNR (Hang et al. 2023): min(SNR_t, gamma) / SNR_t;
-   AdamW with a linear warm-up, then cosine decay; captions dropped (to "") at a rate, for CFG.
+   || eps - eps_theta ||^2, weighted by min-SNR (Hang et al. 2023): min(SNR_t, gamma) / SNR_t; DreamBooth adds
+   the class rows' loss times `prior_loss_weight`. AdamW with a linear warm-up, then cosine decay; captions
+   dropped (to "") at a rate, for CFG. Under several processes every process draws the same global batch
+   from the seed and trains on its own share of its rows, so the gradient DDP averages is the one-process
+   gradient, and the loss curve is the one-process curve.
 4. NaN guard: a non-finite loss or gradient skips the step and halves the learning rate; a third in a
    row rolls back to the last checkpoint. A file with a non-finite tensor is never written.
 5. Every `checkpoint_every` steps a checkpoint (checkpoint.py), so a restarted studio resumes the same run
-   (same settings, data and base model); every `sample_every` steps, images at fixed prompts and seeds;
-   between steps, `job.checkpoint()` lets a generation in, and a paused training waits there.
-6. The LoRA is saved as `models/lora/<name>.safetensors` in the kohya / A1111 key format (export.py);
-   then its effect is measured: the same prompts and seeds at weight 0 and 1, with the model's own
-   sampler and no adapter but the trained one, so that it is the only difference; and, when the caller
-   gives an `EffectScore` (the studio: the emoji judge, judge.py), how far each set is from the images.
+   (same settings, data and base model); every `sample_every` steps, images at the sample prompts and fixed
+   seeds; between steps, `job.checkpoint()` lets a generation in, and a paused training waits there.
+6. The file: a LoRA in `models/lora/<name>.safetensors` (kohya / A1111 keys), or an embedding in
+   `models/embeddings/<name>.safetensors`; then its effect: the same prompts and seeds before (weight 0, or
+   the initial vectors) and after, with the model's own sampler, so that the training is the only
+   difference; and, when the caller gives an `EffectScore` (the studio: the emoji judge, judge.py), how far
+   each set is from the images. DreamBooth also draws the identifier's prompt beside the class prompt.
 
 The whole run holds the base model (`ModelManager.hold`): loading another model, unloading it or changing
 the memory mode, which would otherwise run at its checkpoints, are refused while it trains, naming it.
@@ -40,12 +46,12 @@ from pipelines.core.images import to_pil
 from pipelines.core.samplers import make_scheduler, model_default_sampler
 from pipelines.core.vae import decode
 from pipelines.training.checkpoint import base_model_identity, fingerprint, remove_checkpoint, resume, save_checkpoint
-from pipelines.lora.export import save_kohya
+from pipelines.training.class_images import class_image_folder, class_images
 from pipelines.training.data import TrainingData, prepare_data
-from pipelines.training.request import (EFFECT_THRESHOLD, EffectScore, LoraTrainingRequest, LoraTrainingResult,
-                                          LossPoint, Samples, TrainingWarning)
+from pipelines.training.methods import make_method
+from pipelines.training.request import (EFFECT_THRESHOLD, METHOD_NAMES, EffectScore, LossPoint, Samples,
+                                        TrainingRequest, TrainingResult, TrainingWarning)
 
-TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 NAN_STRIKES_BEFORE_ROLLBACK = 3
 MAX_ROLLBACKS = 5
 SAMPLE_STEPS = 20
@@ -53,92 +59,150 @@ SAMPLE_STEPS = 20
 
 @dataclass
 class _Run:
-    """What one run keeps fixed from start to end: the model it holds and where its files go."""
-    request: LoraTrainingRequest
+    """What one run keeps fixed from start to end: the model it holds, where its files go, its processes."""
+    request: TrainingRequest
     job: object
+    models: object               # the ModelManager (its folders)
     model: object                # the LoadedModel held for the whole run
-    adapter: str                 # the peft adapter's name on the UNet
+    adapter: str                 # the peft adapter's name (LoRA and DreamBooth)
     run_dir: Path                # its checkpoints
-    lora_dir: Path               # where the finished file goes
     fingerprint: dict            # what a checkpoint must match to be resumed (checkpoint.py)
+    accelerator: object          # accelerate's Accelerator: one process, or this one of several
 
     @property
     def pipeline(self):
         return self.model.pipeline
 
     @property
-    def unet(self):
-        return self.model.pipeline.unet
+    def main(self) -> bool:
+        """Whether this process writes files and draws samples (the only one, or the first of several)."""
+        return self.accelerator.is_main_process
 
 
-def train_lora(models, request: LoraTrainingRequest, job, *, cache_dir: Path,
-               score: EffectScore | None = None) -> LoraTrainingResult:
+def make_accelerator():
+    """accelerate's Accelerator for this process: DDP when launched as several (`accelerate launch`,
+    `torchrun`), nothing in between when alone. The studio places its models itself, and a LoRA's frozen
+    modules get no gradient, which DDP must be told (`find_unused_parameters`)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+    return Accelerator(device_placement=False,
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+
+
+def train(models, request: TrainingRequest, job, *, cache_dir: Path, score: EffectScore | None = None,
+          accelerator=None) -> TrainingResult:
     """Run (or resume) the training described by `request`, as job `job`, on the device thread; `score`
     measures the samples against the training images at the end (None: not measured, and the result says so)."""
-    with models.hold(f"the LoRA training {request.name!r}") as model:
-        _check_model(model)
+    what = f"the {METHOD_NAMES[request.method]} training {request.name!r}"
+    with models.hold(what) as model:
+        _check_model(model, request)
         models.use_loras([])      # no other LoRA may shape the cached embeddings or the "before" samples
-        run = _Run(request=request, job=job, model=model, adapter="training_" + re.sub(r"\W", "_", request.name),
-                   run_dir=cache_dir / request.name, lora_dir=models.lora_dir,
-                   fingerprint=fingerprint(request, base_model_identity(model)))   # before any adapter is added
+        run = _Run(request=request, job=job, models=models, model=model,
+                   adapter="training_" + re.sub(r"\W", "_", request.name), run_dir=cache_dir / request.name,
+                   fingerprint=fingerprint(request, base_model_identity(model)),   # before any adapter is added
+                   accelerator=accelerator or make_accelerator())
+        side = model.native_side or 512
 
-        # 1. Data, cached once
-        data = prepare_data(model.pipeline, request, model.native_side or 512)
-
-        # 2. The LoRA: B zero, A Gaussian, on the attention projections (removed again however the run ends)
-        parameters = add_training_adapter(run.unet, request, run.adapter)
+        method = make_method(run)
         try:
-            return _train(run, parameters, data, score)
+            # 1. Data, cached once (textual inversion's tokens first, so the captions read them; DreamBooth's class
+            # images drawn with no adapter on)
+            method.install()
+            data = prepare_data(model.pipeline, request, side, prompts=[method.expand(p) for p in request.prompts()])
+            prior = _prior_data(run, cache_dir, side) if request.method == "dreambooth" else None
+
+            # 2. What trains: a LoRA, or the new token's vectors (removed, or kept as trained, however the run ends)
+            parameters = method.setup()
+            return _train(run, method, parameters, data, prior, score)
         finally:
-            run.unet.eval()
-            for parameter in run.unet.parameters():
-                parameter.requires_grad_(False)
-            _remove_adapter(run.unet, run.adapter)
-            if getattr(run.unet, "peft_config", None):    # loaded LoRAs stay off until a prompt names them
-                run.unet.disable_adapters()
+            method.teardown()
 
 
-def _check_model(model) -> None:
+def _check_model(model, request: TrainingRequest) -> None:
+    name = METHOD_NAMES[request.method]
     if model.pipeline.unet.config.addition_embed_type is not None:
-        raise ValueError(f"LoRA training here takes SD 1.x/2.x-style models; {model.name} (SDXL and kin) is not "
+        raise ValueError(f"{name} training here takes SD 1.x/2.x-style models; {model.name} (SDXL and kin) is not "
                          "supported yet.")
     if model.scheduler_config.get("prediction_type", "epsilon") != "epsilon":
-        raise ValueError(f"LoRA training here learns an eps-prediction; {model.name} predicts "
+        raise ValueError(f"{name} training here learns an eps-prediction; {model.name} predicts "
                          f"{model.scheduler_config['prediction_type']}, which it does not support yet.")
+    if request.train_text_encoder:
+        _check_text_encoder_adapters()
+    processes = run_processes()
+    if request.batch_size % processes:
+        raise ValueError(f"`batch_size` {request.batch_size} does not split over {processes} processes; make it a "
+                         "multiple of the number of processes.")
 
 
-def _train(run: _Run, parameters: list, data: TrainingData, score: EffectScore | None) -> LoraTrainingResult:
+def _check_text_encoder_adapters() -> None:
+    """A LoRA on the text encoder goes through transformers' peft integration (diffusers loads a LoRA file's
+    text-encoder part through it too), which names the peft release it needs."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+    from transformers.integrations.peft import MIN_PEFT_VERSION
+
+    if Version(version("peft")) < Version(MIN_PEFT_VERSION):
+        raise ValueError(f"Training the text encoder needs peft >= {MIN_PEFT_VERSION} with transformers "
+                         f"{version('transformers')} (installed: peft {version('peft')}), and so does loading a LoRA "
+                         "file's text-encoder part. Turn `train_text_encoder` off (the UNet's LoRA trains alone), or "
+                         f"upgrade peft.")
+
+
+def run_processes() -> int:
+    from accelerate import PartialState
+    return PartialState().num_processes
+
+
+def _prior_data(run: _Run, cache_dir: Path, side: int) -> TrainingData:
+    request, model = run.request, run.model
+    folder = class_image_folder(cache_dir, base_model_identity(model), request.class_prompt, side)
+    if run.main:
+        class_images(model.pipeline, model.scheduler_config, folder=folder, class_prompt=request.class_prompt,
+                     count=request.class_images, side=side,
+                     report=lambda done, count: run.job.report(done, count, f"class images: {done} of {count}"))
+    run.accelerator.wait_for_everyone()           # the other processes read what the first one drew
+    pictures = class_images(model.pipeline, model.scheduler_config, folder=folder,
+                            class_prompt=request.class_prompt, count=request.class_images, side=side)
+    return prepare_data(model.pipeline, request, side, images=pictures, prompts=[request.class_prompt] * len(pictures),
+                        repeats=[1] * len(pictures))
+
+
+def _train(run: _Run, method, parameters: list, data: TrainingData, prior: TrainingData | None,
+           score: EffectScore | None) -> TrainingResult:
     """Steps 3 to 6 of the module's docstring."""
     from diffusers import DDPMScheduler
 
-    request, job, unet = run.request, run.job, run.unet
+    request, job, accelerator = run.request, run.job, run.accelerator
     # the training schedule itself (not the sampler the last generation used): q(x_t | x_0) at any t
     scheduler = DDPMScheduler.from_config(run.model.scheduler_config)
-    alphas_cumprod = scheduler.alphas_cumprod.to(data.latents.device)
+    alphas_cumprod = scheduler.alphas_cumprod.to(run.pipeline.unet.device)
     generator = torch.Generator().manual_seed(request.seed)
     optimizer = torch.optim.AdamW(parameters, lr=request.learning_rate, weight_decay=1e-2)
+    objective = accelerator.prepare(method.objective())
     warnings: list[str] = []
-    start, note = resume(run.run_dir, run.fingerprint, request.steps, unet, run.adapter, optimizer)
+    start, note = resume(run.run_dir, run.fingerprint, request.steps, method, optimizer)
     if note:
         warnings.append(note)
         job.emit(TrainingWarning(0, note))
     if start:
         warnings.append(f"Resumed at step {start} from {run.run_dir}.")
         generator.manual_seed(request.seed + start)
-    before = sample_images(run, trained=False) if request.sample_every else []
+    before = _samples(run, method, trained=False) if request.sample_every else []
     if before:
         job.emit(Samples(0, request.samples(), before))
 
     step, strikes, rollbacks, learning_rate, loss_value, stopped = start, 0, 0, request.learning_rate, float("nan"), False
     started = time.perf_counter()
-    _train_mode(unet, run.adapter)
+    method.train_mode()
     while step < request.steps:
         # 3. One step
         rate = learning_rate * _schedule(step, request)
         for group in optimizer.param_groups:
             group["lr"] = rate
-        loss = _loss(unet, scheduler, alphas_cumprod, request, generator, data)
-        loss.backward()
+        loss = _loss(objective, method, scheduler, alphas_cumprod, run, generator, data, prior)
+        accelerator.backward(loss)
+        loss = accelerator.reduce(loss.detach(), "mean")     # the whole batch's, over every process
 
         # 4. NaN guard
         if not (torch.isfinite(loss) and all(p.grad is None or torch.isfinite(p.grad).all() for p in parameters)):
@@ -150,129 +214,142 @@ def _train(run: _Run, parameters: list, data: TrainingData, score: EffectScore |
                 if rollbacks > MAX_ROLLBACKS:
                     raise ValueError(f"The loss kept turning non-finite ({rollbacks} roll-backs); nothing was "
                                      "saved. Lower the learning rate or check the images.")
-                step, _ = resume(run.run_dir, run.fingerprint, request.steps, unet, run.adapter, optimizer)
-                if step == 0:           # no checkpoint yet: start the LoRA and the optimiser afresh
-                    parameters = add_training_adapter(unet, request, run.adapter)
+                step, _ = resume(run.run_dir, run.fingerprint, request.steps, method, optimizer)
+                if step == 0:           # no checkpoint yet: start afresh
+                    parameters = method.setup()
                     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=1e-2)
-                    _train_mode(unet, run.adapter)
+                    objective = accelerator.prepare(method.objective())
                 strikes = 0
                 message += f" {NAN_STRIKES_BEFORE_ROLLBACK} in a row: rolled back to step {step}."
             warnings.append(message)
             job.emit(TrainingWarning(step, message))
-            if stopped := _yield_to_others(job, unet, run.adapter):
+            if stopped := _yield_to_others(job, method):
                 break
             continue
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        strikes, step, loss_value = 0, step + 1, float(loss.detach())
+        strikes, step, loss_value = 0, step + 1, float(loss)
         seconds = time.perf_counter() - started
         job.emit(LossPoint(step, loss_value, rate, seconds))
         speed = (step - start) / seconds
         job.report(step, request.steps, f"loss {loss_value:.4f} · {speed:.2f} steps/s · "
-                                        f"about {(request.steps - step) / speed:.0f} s to go")
+                                        f"{_time_left((request.steps - step) / speed)} left")
 
         # 5. Checkpoints, samples, and room for other jobs
-        if step % request.checkpoint_every == 0 or step == request.steps:
-            save_checkpoint(run.run_dir, run.fingerprint, unet, run.adapter, optimizer, step)
-        if request.sample_every and step % request.sample_every == 0 and step < request.steps:
-            job.emit(Samples(step, request.samples(), sample_images(run, trained=True)))
-            _train_mode(unet, run.adapter)
-        if stopped := _yield_to_others(job, unet, run.adapter):
+        if (step % request.checkpoint_every == 0 or step == request.steps) and run.main:
+            save_checkpoint(run.run_dir, run.fingerprint, method, optimizer, step)
+        if request.sample_every and step % request.sample_every == 0 and step < request.steps and run.main:
+            job.emit(Samples(step, request.samples(), _samples(run, method, trained=True)))
+            method.train_mode()
+        if stopped := _yield_to_others(job, method):
             break
-    unet.eval()
+    run.pipeline.unet.eval()
+    accelerator.wait_for_everyone()
 
     # 6. The file, then its effect
-    return _finish(run, data, score, step=step, loss=loss_value, stopped=stopped, before=before,
+    return _finish(run, method, data, score, step=step, loss=loss_value, stopped=stopped, before=before,
                    warnings=warnings)
 
 
-def _loss(unet, scheduler, alphas_cumprod, request: LoraTrainingRequest, generator,
-          data: TrainingData) -> torch.Tensor:
-    """One batch's loss: x_t from the forward process q(x_t | x_0), the eps-prediction's squared error,
-    weighted by min-SNR: min(SNR_t, gamma) / SNR_t."""
-    device, dtype, size = data.latents.device, data.latents.dtype, request.batch_size
-    index = torch.randint(0, len(data.pictures), (size,), generator=generator)
+def _loss(objective, method, scheduler, alphas_cumprod, run: _Run, generator, data: TrainingData,
+          prior: TrainingData | None) -> torch.Tensor:
+    """One batch's loss: x_t from the forward process q(x_t | x_0), the eps-prediction's squared error, weighted
+    by min-SNR: min(SNR_t, gamma) / SNR_t; with DreamBooth, plus `prior_loss_weight` times the class rows'.
+    Every process draws the whole batch alike and computes its own share of the rows; DDP averages the
+    gradients of the processes, so each scales its share's sum by their number."""
+    request = run.request
+    parts = [_batch(data, request, scheduler, generator, weight=1.0)]
+    if prior is not None:
+        parts.append(_batch(prior, request, scheduler, generator, weight=request.prior_loss_weight))
+    count, index = run.accelerator.num_processes, run.accelerator.process_index
+    share = request.batch_size // count
+    mine = [{key: value[index * share:(index + 1) * share] if torch.is_tensor(value) else value
+             for key, value in part.items()} for part in parts]
+    if not method.text:
+        for part in mine:
+            part["input_ids"] = None
+    return _weighted(mine, objective(mine), request, alphas_cumprod=alphas_cumprod, processes=count)
+
+
+def _weighted(parts: list[dict], errors: list[torch.Tensor], request: TrainingRequest, *, alphas_cumprod,
+              processes: int) -> torch.Tensor:
+    """Σ over the parts of weight · Σ_rows min-SNR-weighted error / batch size, times the processes (DDP averages)."""
+    total = torch.zeros((), device=errors[0].device)
+    for part, error in zip(parts, errors):
+        t = part["t"]
+        if request.min_snr_gamma:
+            snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
+            error = error * torch.clamp(snr, max=request.min_snr_gamma) / snr
+        total = total + part["weight"] * error.sum() / request.batch_size
+    return total * processes
+
+
+def _batch(data: TrainingData, request: TrainingRequest, scheduler, generator, *, weight: float) -> dict:
+    """A whole batch, drawn from `generator`: one bucket's x_0 (mirrored at random), noise, t, the forward
+    process's x_t, and the captions (embeddings and token ids; dropped to "" at the caption-dropout rate)."""
+    size = request.batch_size
+    bucket, index = data.draw(size, generator)
+    device, dtype = bucket.latents.device, bucket.latents.dtype
     flip = torch.rand(size, generator=generator) < 0.5 if request.flip else torch.zeros(size, dtype=torch.bool)
-    x0 = torch.where(flip.view(-1, 1, 1, 1).to(device), data.mirrored[index], data.latents[index])
+    x0 = torch.where(flip.view(-1, 1, 1, 1).to(device), bucket.mirrored[index], bucket.latents[index])
     noise = torch.randn(x0.shape, generator=generator).to(device, dtype)
     if request.noise_offset:
         noise = noise + request.noise_offset * torch.randn(x0.shape[0], x0.shape[1], 1, 1,
                                                            generator=generator).to(device, dtype)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (size,), generator=generator).to(device)
     drop = torch.rand(size, generator=generator) < request.caption_dropout       # learn the unconditional too
-    context = torch.where(drop.view(-1, 1, 1).to(device), data.empty.expand_as(data.embeddings[index]),
-                          data.embeddings[index])
-    x_t = scheduler.add_noise(x0, noise, t)
-    prediction = unet(x_t, t, encoder_hidden_states=context).sample
-    loss = (prediction.float() - noise.float()).square().mean(dim=(1, 2, 3))
-    if request.min_snr_gamma:
-        snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
-        loss = loss * torch.clamp(snr, max=request.min_snr_gamma) / snr
-    return loss.mean()
+    context = torch.where(drop.view(-1, 1, 1).to(device), data.empty.expand_as(bucket.embeddings[index]),
+                          bucket.embeddings[index])
+    input_ids = torch.where(drop.view(-1, 1), data.empty_ids.expand_as(bucket.input_ids[index]),
+                            bucket.input_ids[index])
+    return {"x_t": scheduler.add_noise(x0, noise, t), "t": t, "target": noise, "context": context,
+            "input_ids": input_ids, "weight": weight}
 
 
-def _finish(run: _Run, data: TrainingData, score: EffectScore | None, *, step: int, loss: float, stopped: bool,
-            before: list, warnings: list[str]) -> LoraTrainingResult:
-    """The file (a finished run needs its checkpoint no more), then the LoRA's effect on the samples."""
+def _finish(run: _Run, method, data: TrainingData, score: EffectScore | None, *, step: int, loss: float,
+            stopped: bool, before: list, warnings: list[str]) -> TrainingResult:
+    """The file (a finished run needs its checkpoint no more), then the training's effect on the samples."""
     request = run.request
-    path = save_kohya(run.lora_dir, request, run.model, run.unet, run.adapter, step)
-    if not stopped:
-        remove_checkpoint(run.run_dir)
-    after = sample_images(run, trained=True)
-    before = before or sample_images(run, trained=False)
-    effect = float(np.mean([np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean()
-                            for a, b in zip(after, before)]))
+    path = run.models.lora_dir / f"{request.name}.safetensors"
+    if run.main:
+        path = method.save(step)
+        if not stopped:
+            remove_checkpoint(run.run_dir)
+    run.accelerator.wait_for_everyone()
+    result = TrainingResult(path=path, steps=step, final_loss=loss, effect=0.0, moved=False,
+                            feature_distance_before=None, feature_distance_after=None, before=before, after=[],
+                            stopped=stopped, warnings=warnings, base_model=run.model.name, method=request.method)
+    if not run.main:
+        return result
+    result.after = _samples(run, method, trained=True)
+    result.before = before or _samples(run, method, trained=False)
+    result.effect = float(np.mean([np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean()
+                                   for a, b in zip(result.after, result.before)]))
+    result.moved = result.effect >= EFFECT_THRESHOLD
+    if request.method == "dreambooth":       # the identifier against its class, the same seeds, the LoRA on
+        method.use(trained=True)
+        result.comparison = {prompt: _draw(run, [prompt] * 2) for prompt in (request.prompts()[0], request.class_prompt)}
     if score is not None:
-        distance_before, distance_after = score(data.pictures, before, after)
+        result.feature_distance_before, result.feature_distance_after = score(data.pictures, result.before,
+                                                                              result.after)
     else:
-        distance_before = distance_after = None
         warnings.append("No feature distance to the training images was measured: the training was given no "
                         "effect score.")
-    if effect < EFFECT_THRESHOLD:
-        warnings.append(f"This LoRA barely changes the images (mean change {effect:.2f} of 255 on the sample "
-                        "prompts): train longer, raise the learning rate, or use more distinctive images.")
-    return LoraTrainingResult(path=path, steps=step, final_loss=loss, effect=effect, moved=effect >= EFFECT_THRESHOLD,
-                              feature_distance_before=distance_before, feature_distance_after=distance_after,
-                              before=before, after=after, stopped=stopped, warnings=warnings,
-                              base_model=run.model.name)
+    if not result.moved:
+        warnings.append(f"This training barely changes the images (mean change {result.effect:.2f} of 255 on the "
+                        "sample prompts): train longer, raise the learning rate, or use more distinctive images.")
+    return result
 
 
-def _yield_to_others(job, unet, adapter: str) -> bool:
-    """Let queued generations run (and wait while paused); if one ran, put the training adapter back in
-    charge, whatever it switched. Returns whether the job was asked to stop."""
+def _yield_to_others(job, method) -> bool:
+    """Let queued generations run (and wait while paused); if one ran, put the training back in charge,
+    whatever it switched. Returns whether the job was asked to stop."""
     if job.checkpoint():
-        _train_mode(unet, adapter)
+        method.train_mode()
     return job.stop.is_set()
 
 
-def _train_mode(unet, adapter: str) -> None:
-    """The adapter in training on, alone (a generation in between may have switched it off or others on)."""
-    unet.enable_adapters()
-    unet.set_adapters([adapter])
-    unet.train()
-
-
-def add_training_adapter(unet, request: LoraTrainingRequest, adapter: str) -> list:
-    """A fresh peft LoRA on the UNet's attention (B zero, A Gaussian: peft's "gaussian" init), the only
-    parameters that train; returns them."""
-    from peft import LoraConfig
-
-    _remove_adapter(unet, adapter)
-    with torch.random.fork_rng():          # A's Gaussian comes from the seed, and the global RNG is left alone
-        torch.manual_seed(request.seed)
-        unet.add_adapter(LoraConfig(r=request.rank, lora_alpha=request.alpha, init_lora_weights="gaussian",
-                                    target_modules=TARGET_MODULES), adapter_name=adapter)
-    unet.enable_adapters()
-    unet.set_adapters([adapter])
-    for name, parameter in unet.named_parameters():
-        parameter.requires_grad_(adapter in name)
-    parameters = [parameter for name, parameter in unet.named_parameters() if adapter in name]
-    for parameter in parameters:        # trained in fp32 whatever the model's dtype: AdamW's eps is 0 in fp16
-        parameter.data = parameter.data.float()
-    return parameters
-
-
-def _schedule(step: int, request: LoraTrainingRequest) -> float:
+def _schedule(step: int, request: TrainingRequest) -> float:
     """Linear warm-up, then cosine decay to 10%."""
     if step < request.warmup_steps:
         return (step + 1) / request.warmup_steps
@@ -280,27 +357,28 @@ def _schedule(step: int, request: LoraTrainingRequest) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _remove_adapter(unet, adapter: str) -> None:
-    if adapter in (getattr(unet, "peft_config", None) or {}):
-        unet.delete_adapters([adapter])
+def _time_left(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
 
 
-def sample_images(run: _Run, *, trained: bool) -> list:
-    """The sample prompts at fixed seeds, with the adapter in training on (`trained`) or off. Whatever a
-    generation in between left on the pipeline, the samples are made the same way, so that before and after
-    differ by the trained adapter alone: with the model's own sampler (not the last generation's), and with
-    every other adapter off, the text encoder's (a loaded LoRA's text-encoder part) included."""
-    pipeline, unet, config = run.pipeline, run.unet, run.model.scheduler_config
-    pipeline.disable_lora()          # every adapter of the UNet and of the text encoder
-    if trained:
-        unet.enable_adapters()
-        unet.set_adapters([run.adapter])
-    unet.eval()
+def _samples(run: _Run, method, *, trained: bool) -> list:
+    """The sample prompts at fixed seeds, trained or not. Whatever a generation in between left on the
+    pipeline, the samples are made the same way, so that before and after differ by the training alone: with
+    the model's own sampler (not the last generation's), and with every other adapter off."""
+    method.use(trained=trained)
+    return _draw(run, [method.expand(prompt) for prompt in run.request.samples()])
+
+
+def _draw(run: _Run, prompts: list[str]) -> list:
+    """Each prompt at the seed of its place (the request's seed + its number), with the model's own sampler."""
+    pipeline, config = run.pipeline, run.model.scheduler_config
     last_sampler = pipeline.scheduler
     images = []
     try:
         with torch.no_grad():
-            for number, prompt in enumerate(run.request.samples()):
+            for number, prompt in enumerate(prompts):
                 # a fresh scheduler for each: a multistep sampler keeps state from the previous image
                 pipeline.scheduler = make_scheduler(model_default_sampler(config), config)
                 latents = pipeline(prompt, num_inference_steps=SAMPLE_STEPS, output_type="latent",
@@ -311,14 +389,5 @@ def sample_images(run: _Run, *, trained: bool) -> list:
     return images
 
 
-__all__ = [
-    "EffectScore",
-    "LoraTrainingRequest",
-    "LoraTrainingResult",
-    "LossPoint",
-    "Samples",
-    "TrainingWarning",
-    "add_training_adapter",
-    "sample_images",
-    "train_lora",
-]
+__all__ = ["EffectScore", "LossPoint", "Samples", "TrainingRequest", "TrainingResult", "TrainingWarning",
+           "make_accelerator", "train"]

@@ -20,8 +20,8 @@ import pandas as pd
 from pipelines.jobs.worker import Job, JobCancelled, Priority
 from pipelines.lora.judge import feature_distances
 from pipelines.training.data import dataset_folder, read_dataset
-from pipelines.training.request import LoraTrainingRequest, LossPoint, Samples
-from pipelines.training.loop import train_lora
+from pipelines.training.request import TrainingRequest, LossPoint, Samples
+from pipelines.training.loop import train
 from studio.context import StudioContext, owns, session_of
 from studio.errors import user_errors
 from studio.tabs.generate import FAILED
@@ -43,7 +43,7 @@ class LoraTab:
     folder: gr.Textbox
     thumbnails: gr.Gallery         # the images the training will read, small
     captions: gr.Dataframe
-    settings: dict                 # LoraTrainingRequest field -> control
+    settings: dict                 # TrainingRequest field -> control
     train: gr.Button
     pause: gr.Button
     resume: gr.Button
@@ -148,7 +148,7 @@ def _wire_dataset(context: StudioContext, tab: LoraTab) -> None:
                 api_visibility="private")
 
 
-def training_request(files, captions, settings: dict) -> LoraTrainingRequest:
+def training_request(files, captions, settings: dict) -> TrainingRequest:
     """The training request from the page's (or the API's) values: the table's captions win over the files'."""
     if not files:
         raise ValueError("Drop the training images first (png, jpg, webp, or a .zip of them), or name a dataset "
@@ -159,7 +159,7 @@ def training_request(files, captions, settings: dict) -> LoraTrainingRequest:
     whole = {"steps", "rank", "batch_size", "warmup_steps", "seed", "checkpoint_every", "sample_every"}
     values = {key: (int(value) if key in whole else float(value) if isinstance(value, (int, float)) and
                     not isinstance(value, bool) else value) for key, value in settings.items() if value is not None}
-    return LoraTrainingRequest(images=[item.image for item in dataset],
+    return TrainingRequest(images=[item.image for item in dataset],
                                captions=[edited.get(item.name, item.caption) for item in dataset], **values)
 
 
@@ -175,7 +175,7 @@ def _wire_training(context: StudioContext, tab: LoraTab) -> None:
             models = context.models
             runs = models.lora_dir / ".runs"      # checkpoints of unfinished runs, beside the LoRAs
             # the effect score: the samples' distance to the training images in the shipped emoji judge's features
-            job = context.worker.submit(lambda job: train_lora(models, training, job, cache_dir=runs,
+            job = context.worker.submit(lambda job: train(models, training, job, cache_dir=runs,
                                                                score=feature_distances),
                                         kind="train-lora", priority=Priority.BACKGROUND, owner=session_of(request))
             started = {tab.job_id: job.id, tab.saved_job: job.id, tab.status: "Preparing the data…"}

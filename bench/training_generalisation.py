@@ -1,0 +1,122 @@
+"""Does a style learnt with the training tab's defaults carry over to prompts it never saw?
+
+As a new user would try it: 16 pictures in one style (real emoji art, Noto, turned grayscale: a style the
+embedded model never draws), each captioned with its name, the tab's defaults, and 12 held-out prompts (other
+emoji, none in the captions). For each method its style measure, the mean saturation (HSV S over every pixel,
+0 for greys), with the training against without it, on the same prompts and seeds:
+
+    moved = (S_without - S_with) / (S_without - S_training images)      (1: all the way; goal >= 0.5)
+
+- LoRA: "<prompt> <lora:name:1>" against "<prompt>" (the tab's default: no trigger word; with `--trigger WORD`,
+  the word in front of the captions and of both prompts);
+- textual inversion: "<name>, <prompt>" (the embedding used by its name) against "<prompt>".
+
+    python -m bench.training_generalisation                      # both methods, the defaults
+    python -m bench.training_generalisation --method lora --set steps=600 --set learning_rate=1e-3
+
+Needs the emoji art (`recipe.data.fetch`, the recipe's one network step: npm). Prints a table and writes
+assets/training-generalisation.json (with `--write`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+ROOT = Path(__file__).resolve().parent.parent
+REPORT = ROOT / "assets" / "training-generalisation.json"
+TRAINING_IMAGES, HELD_OUT_PROMPTS = 16, 12
+DATA_SEED, FIRST_SEED = 7, 900
+
+
+def style_data() -> tuple[list[Image.Image], list[str], list[str]]:
+    """(16 grayscale pictures, their captions, 12 held-out prompts): Noto emoji without skin tones, drawn at
+    random (seeded); the held-out prompts name other emoji."""
+    from recipe import data
+
+    records, _ = data.load_records(data.fetch())
+    plain = [record for record in records if record.style == "noto" and record.skin_tone is None]
+    chosen = random.Random(DATA_SEED).sample(plain, TRAINING_IMAGES + HELD_OUT_PROMPTS)
+    training, held_out = chosen[:TRAINING_IMAGES], chosen[TRAINING_IMAGES:]
+    images = [ImageOps.grayscale(Image.fromarray(data.load_image(record.image_path))).convert("RGB")
+              for record in training]
+    return images, [record.name for record in training], [record.name for record in held_out]
+
+
+def saturation(images: list[Image.Image]) -> float:
+    """Mean HSV saturation over every pixel, 0..1."""
+    return float(np.mean([np.asarray(image.convert("HSV"))[..., 1].mean() / 255 for image in images]))
+
+
+def measure(models, generator, method: str, overrides: dict, images, captions, held_out, trigger: str) -> dict:
+    from pipelines.jobs.worker import Priority
+    from pipelines.tasks.txt2img import Txt2ImgRequest
+    from pipelines.training.loop import train
+    from pipelines.training.request import TrainingRequest
+
+    name = f"gray-{method.replace('_', '-')}"
+    extra = {"trigger": trigger} if method == "lora" else {}
+    request = TrainingRequest(name=name, images=images, captions=captions, method=method, sample_every=0,
+                              **extra | overrides)
+    started = time.perf_counter()
+    result = models.worker.submit(lambda job: train(models, request, job, cache_dir=models.lora_dir / ".runs"),
+                                  kind="train", priority=Priority.BACKGROUND).result()
+    seconds = time.perf_counter() - started
+    if method == "textual_inversion":
+        prompts_with, prompts_without = [f"{name}, {p}" for p in held_out], list(held_out)
+    else:
+        prompts_without = [", ".join(part for part in (trigger, p) if part) for p in held_out]
+        prompts_with = [f"{p} <lora:{name}:1>" for p in prompts_without]
+
+    def draw(prompts: list[str]) -> list[Image.Image]:
+        return [generator.generate(Txt2ImgRequest(prompt=prompt, seed=FIRST_SEED + number)).images[0].image
+                for number, prompt in enumerate(prompts)]
+    with_images, without_images = draw(prompts_with), draw(prompts_without)
+    target, s_with, s_without = saturation(images), saturation(with_images), saturation(without_images)
+    return {"method": method, "trigger": trigger, "settings": request.settings(), "training_seconds": round(seconds, 1),
+            "final_loss": round(result.final_loss, 4), "saturation_training": round(target, 4),
+            "saturation_without": round(s_without, 4), "saturation_with": round(s_with, 4),
+            "moved": round((s_without - s_with) / (s_without - target), 3)}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", action="append", choices=["lora", "textual_inversion"],
+                        help="the method(s) to measure (default: both)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a setting other than the default (JSON value), e.g. steps=600")
+    parser.add_argument("--trigger", default="", help="LoRA: a trigger word (default: none, as the tab starts)")
+    parser.add_argument("--write", action="store_true", help=f"write {REPORT.relative_to(ROOT)}")
+    args = parser.parse_args(argv)
+    overrides = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.set)}
+
+    from pipelines.generation.generator import Generator
+    from pipelines.jobs.worker import DeviceWorker
+    from pipelines.models.manager import ModelManager
+    from pipelines.models.memory import MemoryManager
+
+    images, captions, held_out = style_data()
+    models = ModelManager(MemoryManager(device="cpu"), worker=DeviceWorker(),
+                          models_dir=ROOT / ".cache" / "bench-generalisation")
+    models.load("embedded")
+    generator = Generator(models, outputs_dir=None)
+    rows = [measure(models, generator, method, overrides, images, captions, held_out, args.trigger)
+            for method in args.method or ["lora", "textual_inversion"]]
+    print(f"{TRAINING_IMAGES} grayscale emoji, {HELD_OUT_PROMPTS} held-out prompts; overrides {overrides or 'none'}")
+    print(f"{'method':<18} {'trigger':<10} {'S train':>8} {'S without':>10} {'S with':>8} {'moved':>7} {'train s':>8}")
+    for row in rows:
+        print(f"{row['method']:<18} {row['trigger'] or '-':<10} {row['saturation_training']:8.3f} {row['saturation_without']:10.3f} "
+              f"{row['saturation_with']:8.3f} {row['moved']:7.0%} {row['training_seconds']:8.1f}")
+    if args.write:
+        REPORT.write_text(json.dumps({"training_images": TRAINING_IMAGES, "held_out_prompts": held_out,
+                                      "captions": captions, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""DreamBooth's class images: pictures of the class ("dog") drawn by the loaded model itself before training,
+so that the prior-preservation loss keeps what the model already draws for the class while the identifier
+("sks dog") learns the instance (Ruiz et al. 2023, sec. 3.3).
+
+They are cached under `<cache_dir>/class-images/<key>/`, the key naming the base model (name and hash), the
+class prompt and the size, so a second run with the same class reuses them and draws only what is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from pipelines.core.images import to_pil
+from pipelines.core.samplers import make_scheduler, model_default_sampler
+from pipelines.core.vae import decode
+
+CLASS_IMAGE_STEPS = 25
+CLASS_IMAGE_SEED = 1_000_000          # the class images' seeds: this plus their number (apart from the samples')
+
+
+def class_image_folder(cache_dir: Path, base_model: dict, class_prompt: str, side: int) -> Path:
+    key = json.dumps({"model": base_model, "prompt": class_prompt, "side": side}, sort_keys=True)
+    return cache_dir / "class-images" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def class_images(pipeline, scheduler_config: dict, *, folder: Path, class_prompt: str, count: int, side: int,
+                 report=None) -> list[Image.Image]:
+    """`count` images of `class_prompt` at side×side, from the cache or drawn now with the model's own sampler
+    (each written whole: a stopped run leaves no half-written picture). `report(done, count)` follows the
+    drawing. The pipeline must have no adapter on."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "prompt.txt").write_text(class_prompt + "\n")
+    images = []
+    for number in range(count):
+        path = folder / f"{number:04d}.png"
+        if not path.exists():
+            # a fresh scheduler for each: a multistep sampler keeps state from the previous image
+            pipeline.scheduler = make_scheduler(model_default_sampler(scheduler_config), scheduler_config)
+            latents = pipeline(class_prompt, num_inference_steps=CLASS_IMAGE_STEPS, height=side, width=side,
+                               output_type="latent",
+                               generator=torch.Generator().manual_seed(CLASS_IMAGE_SEED + number)).images
+            partial = path.with_suffix(".partial.png")
+            to_pil(decode(pipeline.vae, latents)[0])[0].save(partial)
+            os.replace(partial, path)
+        if report is not None:
+            report(number + 1, count)
+        with Image.open(path) as image:
+            images.append(image.convert("RGB"))
+    return images

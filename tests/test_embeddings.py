@@ -109,6 +109,11 @@ def test_a_named_embedding_changes_the_image_in_the_prompt_and_in_the_negative(s
     assert len(ids) == 3
     for calls in (seen[:plain_calls], seen[plain_calls:]):      # every token of the embedding reaches the encoder
         assert all(any(token in batch for batch in calls) for token in ids)
+    # ... once each, in order, where the name stood (diffusers' own expansion does not run a second time)
+    tokenizer = studio.models.current.pipeline.tokenizer
+    words = tokenizer("red apple", add_special_tokens=False).input_ids
+    assert any(batch.tolist()[:len(words) + 5] == [tokenizer.bos_token_id, *words, *ids, tokenizer.eos_token_id]
+               for batch in seen[:plain_calls])
     named = np.asarray(done.images[0].image, dtype=np.int16)
     assert np.abs(named - literal).mean() > 1
     assert np.abs(pixels(studio, "red apple", negative_prompt="my-style") - literal_negative).mean() > 1

@@ -134,6 +134,12 @@ def needs_chunking(pipeline, *texts: str) -> bool:
     return tokenizer is not None and any(token_count(tokenizer, t) > window(tokenizer) for t in texts)
 
 
+def has_added_tokens(tokenizer, *texts: str) -> bool:
+    """Whether a text holds tokens added to the tokenizer's vocabulary (textual-inversion embeddings)."""
+    return any(token >= tokenizer.vocab_size for text in texts if text
+               for token in tokenizer(text, add_special_tokens=False, truncation=False).input_ids)
+
+
 def can_chunk(pipeline) -> bool:
     """Only single-encoder CLIP pipelines (SD 1.x/2.x family) take chunked embeddings here."""
     return getattr(pipeline, "tokenizer", None) is not None and getattr(pipeline, "tokenizer_2", None) is None \
@@ -240,12 +246,17 @@ def prompt_arguments(pipeline, prompt: str, negative_prompt: str, device, *,
         if not (_is_plain(parsed_prompt) and _is_plain(parsed_negative)):
             return _weighted_arguments(pipeline, parsed_prompt, parsed_negative, device)
         prompt, negative_prompt = parsed_prompt[0][0], parsed_negative[0][0]
-    if not needs_chunking(pipeline, prompt, negative_prompt):
+    long = needs_chunking(pipeline, prompt, negative_prompt)
+    # diffusers' encode_prompt would expand embedding names again (maybe_convert_prompt), and these texts have
+    # theirs expanded already (the manager's use_embeddings): their tokens are encoded here, as they stand
+    if not long and not (can_chunk(pipeline) and has_added_tokens(pipeline.tokenizer, prompt, negative_prompt)):
         return {"prompt": prompt, "negative_prompt": negative_prompt or None}, None
     tokens = max(token_count(pipeline.tokenizer, prompt), token_count(pipeline.tokenizer, negative_prompt))
     if not can_chunk(pipeline):
         raise ValueError(f"The prompt is {tokens} tokens long but this model reads at most "
                          f"{window(pipeline.tokenizer)}; shorten it.")
+    if not long:
+        return chunked_embeddings(pipeline, prompt, negative_prompt, device), None
     windows = -(-tokens // window(pipeline.tokenizer))
     note = (f"The prompt is {tokens} tokens; this model reads {window(pipeline.tokenizer)} at a time, "
             f"so it was encoded in {windows} windows.")

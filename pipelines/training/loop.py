@@ -368,7 +368,7 @@ def _samples(run: _Run, method, *, trained: bool) -> list:
     pipeline, the samples are made the same way, so that before and after differ by the training alone: with
     the model's own sampler (not the last generation's), and with every other adapter off."""
     method.use(trained=trained)
-    return _draw(run, [method.expand(prompt) for prompt in run.request.samples()])
+    return _draw(run, run.request.samples())     # diffusers expands an embedding's name itself
 
 
 def _draw(run: _Run, prompts: list[str]) -> list:

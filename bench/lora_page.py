@@ -55,7 +55,7 @@ def train_from_the_page(browser, url: str, files: list[Path], name: str, steps: 
     """Seconds from the click on Train to "Saved" on the page, and the CPU seconds Chromium used meanwhile."""
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(url, wait_until="load")
-    page.get_by_role("tab", name="LoRA training").click()
+    page.get_by_role("tab", name="Training").click()
     page.locator("#lora-files input[type=file]").set_input_files([str(path) for path in files])
     page.locator("#lora-thumbnails img").nth(len([p for p in files if p.suffix == ".png"]) - 1).wait_for()
     page.locator("#lora-name textarea").fill(name)

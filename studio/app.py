@@ -166,7 +166,7 @@ def build_app(context: StudioContext) -> gr.Blocks:
                 inpaint = build_inpaint_tab(context, defaults)
             with gr.Tab(TASKS["controlnet"].label, id="controlnet"):
                 controlnet = build_controlnet_tab(context, defaults)
-            with gr.Tab("LoRA training", id="lora"):
+            with gr.Tab("Training", id="lora"):
                 lora = build_lora_tab(context)
             with gr.Tab("PNG Info", id="pnginfo"):
                 pnginfo = build_pnginfo_tab()

@@ -36,7 +36,8 @@ def test_the_forward_process_has_an_endpoint_with_the_plots_numbers(server, tmp_
 # ----------------------------------------------------------------------------- every public endpoint
 
 # What a call may be required to pass: what the task cannot do without (and the job a job endpoint is about)
-REQUIRABLE = {"prompt", "image", "init_image", "mask", "control_image", "images", "path", "job_id"}
+REQUIRABLE = {"prompt", "image", "init_image", "mask", "control_image", "images", "path", "job_id",
+              "name", "settings"}     # a training preset's (what /save_training_preset saves, and under which name)
 # Parameters that count something: the API must take them as whole numbers
 WHOLE_NUMBERS = {"T", "t", "size", "rank", "left", "right", "top", "bottom", "overlap", "mask_blur",
                  "only_masked_padding", "processor_resolution"}
@@ -120,7 +121,8 @@ def test_every_public_endpoint_answers_with_only_its_required_arguments(server, 
                  "mask": handle_file(_png(tmp_path / "mask.png", centre)),
                  "images": [handle_file(_png(tmp_path / f"square-{i}.png", rng.integers(0, 255, (64, 64, 3),
                                                                                           dtype=np.uint8)))
-                            for i in range(4)]}
+                            for i in range(4)],
+                 "name": "api-preset", "settings": {"steps": 20, "rank": 4}}
     made = {}     # what /txt2img made: the job id, the image (a PNG with parameters), its infotext
 
     def image(path) -> np.ndarray:
@@ -197,6 +199,13 @@ def test_every_public_endpoint_answers_with_only_its_required_arguments(server, 
         "/outpaint": AppError("at least one side to extend: `left`, `right`, `top` and `bottom`"),
         "/png_info": png_info,
         "/train_lora": train_lora,
+        "/train_textual_inversion": lambda out: out["Result"]["file"] == "models/embeddings/my-embedding.safetensors"
+        and out["Result"]["method"] == "textual_inversion" and out["Result"]["steps"] > 0,
+        # DreamBooth's identifier and class are the training itself: nothing to default to, and the error says so
+        "/train_dreambooth": AppError("DreamBooth needs an identifier"),
+        "/training_presets": lambda out: list(out.values()) == [[]],
+        "/save_training_preset": lambda out: list(out.values()) == [["api-preset"]],
+        "/load_training_preset": lambda out: list(out.values())[0]["rank"] == 4,
         "/loras": lambda out: [lora["name"] for lora in out["LoRAs: name, file, size_mb"]] == ["my-lora"],
         "/explorer_forward": explorer_forward,
         "/explorer_record": explorer_record,
@@ -218,7 +227,7 @@ def test_every_public_endpoint_answers_with_only_its_required_arguments(server, 
 
     def stop_at_the_first_step(work, **options):
         job = submit(work, **options)
-        if options["kind"] == "train-lora":
+        if options["kind"].startswith("train-"):
             def follow():
                 for event in job.events():
                     if isinstance(event, LossPoint):

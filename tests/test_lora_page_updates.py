@@ -15,17 +15,17 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipelines.training.request import TrainingResult, LossPoint, Samples
-from studio.tabs import lora
+from pipelines.training.request import LossPoint, Samples, TrainingResult
+from studio.tabs import lora, training_results
 
 STEPS = 600
 STEP_S = 0.05            # the fake clock's advance per event the follower reads
 
 
 @pytest.fixture
-def tab():
+def tab(tmp_path):
     with gr.Blocks():
-        return lora._layout()
+        return lora._layout(tmp_path)
 
 
 def _training(job) -> TrainingResult:
@@ -43,8 +43,8 @@ def _training(job) -> TrainingResult:
 def _training_result(steps: int) -> TrainingResult:
     picture = Image.new("RGB", (8, 8), "red")
     return TrainingResult(path=Path("models/lora/cat.safetensors"), steps=steps, final_loss=1.0 / steps,
-                              effect=12.0, moved=True, feature_distance_before=None, feature_distance_after=None,
-                              before=[picture], after=[picture], stopped=False, warnings=[], base_model="tiny")
+                          effect=12.0, moved=True, feature_distance_before=None, feature_distance_after=None,
+                          before=[picture], after=[picture], stopped=False, warnings=[], base_model="tiny")
 
 
 def test_a_running_training_sends_the_page_a_few_updates_a_second_and_all_of_it_at_the_end(tab, worker,
@@ -52,19 +52,19 @@ def test_a_running_training_sends_the_page_a_few_updates_a_second_and_all_of_it_
     job = worker.submit(_training, kind="train-lora")
     job.result(timeout=60)               # the follower then reads the whole run, as a page following it late does
     ticks = itertools.count()
-    monkeypatch.setattr(lora, "time", SimpleNamespace(monotonic=lambda: next(ticks) * STEP_S))  # a tick an event
-    updates = list(lora.follow_training(tab, job))
+    monkeypatch.setattr(training_results, "time", SimpleNamespace(monotonic=lambda: next(ticks) * STEP_S))  # a tick an event
+    updates = list(training_results.follow_training(tab, job))
     seconds = next(ticks) * STEP_S        # the run as the follower's clock saw it
     assert seconds >= STEPS * STEP_S
 
     statuses = [update[tab.status] for update in updates[:-1] if tab.status in update]
     plots = [update[tab.loss] for update in updates[:-1] if tab.loss in update]
     samples = [update[tab.samples] for update in updates[:-1] if tab.samples in update]
-    assert len(statuses) <= math.ceil(seconds / lora.STATUS_EVERY_S) + len(samples) + 1
-    assert len(statuses) >= seconds / lora.STATUS_EVERY_S / 2             # and still a few times a second
-    assert 2 <= len(plots) <= math.ceil(seconds / lora.PLOT_EVERY_S) + 1
+    assert len(statuses) <= math.ceil(seconds / training_results.STATUS_EVERY_S) + len(samples) + 1
+    assert len(statuses) >= seconds / training_results.STATUS_EVERY_S / 2             # and still a few times a second
+    assert 2 <= len(plots) <= math.ceil(seconds / training_results.PLOT_EVERY_S) + 1
     assert len(samples) == 2                                                # both sample rounds, as they came
-    assert all(len(plot) <= 2 * lora.PLOTTED_POINTS for plot in plots)
+    assert all(len(plot) <= 2 * training_results.PLOTTED_POINTS for plot in plots)
 
     for plot in plots:                                                      # evenly thinned, first and last kept
         raw = plot[plot["curve"] == "loss"]
@@ -96,7 +96,7 @@ def test_a_training_followed_live_shows_its_last_step_before_it_finishes(tab, wo
         return _training_result(40)
 
     job = worker.submit(training, kind="train-lora")
-    follower = lora.follow_training(tab, job)
+    follower = training_results.follow_training(tab, job)
     update = {}
     while tab.loss not in update or update[tab.loss]["step"].max() < 40:      # (a failure waits the 30 s out)
         update = next(follower)
@@ -107,7 +107,7 @@ def test_a_training_followed_live_shows_its_last_step_before_it_finishes(tab, wo
 
 def test_a_short_training_is_plotted_point_for_point():
     points = [LossPoint(step, 1.0 / step, 1e-4, 0.0) for step in range(1, 8)]
-    frame = lora._loss_frame(points)
+    frame = training_results._loss_frame(points)
     assert list(frame[frame["curve"] == "loss"]["step"]) == list(range(1, 8))
     smoothed = frame[frame["curve"] == "smoothed"]["loss"]
     assert smoothed.iloc[0] == 1.0 and smoothed.iloc[-1] > 1.0 / 7       # the moving average lags the raw loss

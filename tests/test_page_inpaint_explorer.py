@@ -173,7 +173,7 @@ def test_browser_explorer_moments_table_keeps_its_headers_whole_and_the_forward_
 def test_browser_training_upload_shows_thumbnails(server, browser, tmp_path):
     """Item 10: the training upload listed file names only."""
     url, _ = server
-    page = _page_on_tab(browser, url, "LoRA training")
+    page = _page_on_tab(browser, url, "Training")
     page.locator("#lora-files input[type=file]").set_input_files([str(p) for p in _frame_images(tmp_path)])
     page.wait_for_function("() => document.querySelectorAll('#lora-thumbnails img').length === 4", timeout=30_000)
     page.close()

@@ -437,7 +437,7 @@ def test_api_trains_a_lora_and_returns_its_file_and_effect(server, tmp_path, mon
 def test_browser_trains_a_lora_from_dropped_files_and_generates_with_it(server, browser, tmp_path, monkeypatch):
     url, context = server
     monkeypatch.setattr(context.models, "models_dir", tmp_path / "models")
-    page = _page_on_tab(browser, url, "LoRA training")
+    page = _page_on_tab(browser, url, "Training")
     page.locator("#lora-files input[type=file]").set_input_files([str(p) for p in _frame_images(tmp_path)])
     page.wait_for_function("() => document.querySelector('#lora-captions').innerText"
                            ".includes('a red square in a dark frame')", timeout=30_000)   # the caption table

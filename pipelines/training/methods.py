@@ -68,12 +68,19 @@ class Objective(torch.nn.Module):
             return self.text_encoder(input_ids.to(device))[0]
 
     def forward(self, parts: list[dict]) -> list[torch.Tensor]:
+        contexts = [part["context"] if part.get("input_ids") is None else self.encode(part["input_ids"])
+                    for part in parts]
+        shapes = {(part["x_t"].shape[1:], context.shape[1:]) for part, context in zip(parts, contexts)}
+        if len(parts) > 1 and len(shapes) == 1:
+            # parts of one shape (DreamBooth's instance and class rows, as diffusers' script does) go in one call
+            parts = [{key: torch.cat([part[key] for part in parts]) for key in ("x_t", "t", "target")}
+                     | {"sizes": [len(part["t"]) for part in parts]}]
+            contexts = [torch.cat(contexts)]
         errors = []
-        for part in parts:
-            context = part["context"] if part.get("input_ids") is None else self.encode(part["input_ids"])
+        for part, context in zip(parts, contexts):
             prediction = self.unet(part["x_t"], part["t"], encoder_hidden_states=context.to(part["x_t"].dtype)).sample
             errors.append((prediction.float() - part["target"].float()).square().mean(dim=(1, 2, 3)))
-        return errors
+        return list(errors[0].split(parts[0]["sizes"])) if "sizes" in parts[0] else errors
 
 
 class LoraMethod:

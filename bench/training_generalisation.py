@@ -7,6 +7,11 @@ emoji, none in the captions). For each method its style measure, the mean satura
 
     moved = (S_without - S_with) / (S_without - S_training images)      (1: all the way; goal >= 0.5)
 
+and, so that a training that merely wrecks the pictures does not pass for a style, how much of each picture's
+drawing it kept: the correlation of its grey levels with the picture the same prompt and seed give without it.
+(The emoji judge cannot tell: it names real emoji from their colours, and scores 0 of the grayscale training
+pictures themselves.)
+
 - LoRA: "<prompt> <lora:name:1>" against "<prompt>" (the tab's default: no trigger word; with `--trigger WORD`,
   the word in front of the captions and of both prompts);
 - textual inversion: "<name>, <prompt>" (the embedding used by its name) against "<prompt>".
@@ -49,12 +54,22 @@ def style_data() -> tuple[list[Image.Image], list[str], list[str]]:
     return images, [record.name for record in training], [record.name for record in held_out]
 
 
+def structure_kept(with_images: list[Image.Image], without_images: list[Image.Image]) -> float:
+    """The mean correlation of the grey levels of each picture with the training against the same prompt and seed
+    without it: near 1 when the style changed the colours and kept the drawing, near 0 when the picture is
+    another (or a wreck)."""
+    def grey(image):
+        return np.asarray(ImageOps.grayscale(image), dtype=np.float64).ravel()
+    return float(np.mean([np.corrcoef(grey(a), grey(b))[0, 1] for a, b in zip(with_images, without_images)]))
+
+
 def saturation(images: list[Image.Image]) -> float:
     """Mean HSV saturation over every pixel, 0..1."""
     return float(np.mean([np.asarray(image.convert("HSV"))[..., 1].mean() / 255 for image in images]))
 
 
-def measure(models, generator, method: str, overrides: dict, images, captions, held_out, trigger: str) -> dict:
+def measure(models, generator, method: str, overrides: dict, images, captions, held_out, trigger: str,
+            grid: Path | None = None) -> dict:
     from pipelines.jobs.worker import Priority
     from pipelines.tasks.txt2img import Txt2ImgRequest
     from pipelines.training.loop import train
@@ -78,11 +93,18 @@ def measure(models, generator, method: str, overrides: dict, images, captions, h
         return [generator.generate(Txt2ImgRequest(prompt=prompt, seed=FIRST_SEED + number)).images[0].image
                 for number, prompt in enumerate(prompts)]
     with_images, without_images = draw(prompts_with), draw(prompts_without)
+    if grid is not None:        # without the training above, with it below, a column per held-out prompt
+        sheet = Image.new("RGB", (64 * len(held_out), 128), "white")
+        for column, (plain, styled) in enumerate(zip(without_images, with_images)):
+            sheet.paste(plain.resize((64, 64)), (64 * column, 0))
+            sheet.paste(styled.resize((64, 64)), (64 * column, 64))
+        sheet.save(grid.with_name(f"{grid.stem}-{method}{grid.suffix}"))
     target, s_with, s_without = saturation(images), saturation(with_images), saturation(without_images)
     return {"method": method, "trigger": trigger, "settings": request.settings(), "training_seconds": round(seconds, 1),
             "final_loss": round(result.final_loss, 4), "saturation_training": round(target, 4),
             "saturation_without": round(s_without, 4), "saturation_with": round(s_with, 4),
-            "moved": round((s_without - s_with) / (s_without - target), 3)}
+            "moved": round((s_without - s_with) / (s_without - target), 3),
+            "structure_kept": round(structure_kept(with_images, without_images), 3)}
 
 
 def main(argv=None) -> None:
@@ -92,6 +114,8 @@ def main(argv=None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a setting other than the default (JSON value), e.g. steps=600")
     parser.add_argument("--trigger", default="", help="LoRA: a trigger word (default: none, as the tab starts)")
+    parser.add_argument("--grid", type=Path, default=None,
+                        help="save the pictures here (PATH-<method>.png): without above, with below")
     parser.add_argument("--write", action="store_true", help=f"write {REPORT.relative_to(ROOT)}")
     args = parser.parse_args(argv)
     overrides = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.set)}
@@ -106,13 +130,15 @@ def main(argv=None) -> None:
                           models_dir=ROOT / ".cache" / "bench-generalisation")
     models.load("embedded")
     generator = Generator(models, outputs_dir=None)
-    rows = [measure(models, generator, method, overrides, images, captions, held_out, args.trigger)
+    rows = [measure(models, generator, method, overrides, images, captions, held_out, args.trigger, args.grid)
             for method in args.method or ["lora", "textual_inversion"]]
     print(f"{TRAINING_IMAGES} grayscale emoji, {HELD_OUT_PROMPTS} held-out prompts; overrides {overrides or 'none'}")
-    print(f"{'method':<18} {'trigger':<10} {'S train':>8} {'S without':>10} {'S with':>8} {'moved':>7} {'train s':>8}")
+    print(f"{'method':<18} {'trigger':<10} {'S train':>8} {'S without':>10} {'S with':>8} {'moved':>7} "
+          f"{'drawing kept':>13} {'train s':>8}")
     for row in rows:
         print(f"{row['method']:<18} {row['trigger'] or '-':<10} {row['saturation_training']:8.3f} {row['saturation_without']:10.3f} "
-              f"{row['saturation_with']:8.3f} {row['moved']:7.0%} {row['training_seconds']:8.1f}")
+              f"{row['saturation_with']:8.3f} {row['moved']:7.0%} {row['structure_kept']:13.2f} "
+              f"{row['training_seconds']:8.1f}")
     if args.write:
         REPORT.write_text(json.dumps({"training_images": TRAINING_IMAGES, "held_out_prompts": held_out,
                                       "captions": captions, "rows": rows}, indent=2) + "\n")

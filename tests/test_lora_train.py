@@ -16,9 +16,8 @@ from pipelines.jobs.worker import Priority
 from pipelines.lora.judge import feature_distances
 from pipelines.tasks.txt2img import Txt2ImgRequest
 from pipelines.training.loop import train
+from pipelines.training.methods import UNET_TARGETS
 from pipelines.training.request import LossPoint, TrainingRequest, TrainingWarning
-
-ATTENTION_PROJECTIONS = (".to_q", ".to_k", ".to_v", ".to_out.0")
 
 
 def dataset() -> list[Image.Image]:
@@ -85,12 +84,13 @@ def read_lora(path: Path) -> tuple[dict, dict]:
         return {key: reader.get_tensor(key) for key in reader.keys()}, reader.metadata()  # noqa: SIM118
 
 
-def assert_trained_attention_lora(path: Path, unet, *, alpha: float = 8.0) -> dict:
-    """The file holds exactly kohya's names for the UNet's attention projections (lora_down, lora_up, alpha
-    each), its B (lora_up, zero at step 0) has moved, and its alpha is the training's. Returns its metadata."""
+def assert_trained_lora(path: Path, unet, *, alpha: float = 8.0) -> dict:
+    """The file holds exactly kohya's names for the UNet's transformer layers the training adapts (attention
+    projections, feed-forward, proj_in/out; lora_down, lora_up, alpha each), its B (lora_up, zero at step 0) has
+    moved, and its alpha is the training's. Returns its metadata."""
     tensors, metadata = read_lora(path)
     modules = ["lora_unet_" + name.replace(".", "_") for name, _ in unet.named_modules()
-               if name.endswith(ATTENTION_PROJECTIONS)]
+               if name.endswith(tuple("." + target for target in UNET_TARGETS))]
     assert modules and set(tensors) == {f"{module}.{part}" for module in modules
                                         for part in ("lora_down.weight", "lora_up.weight", "alpha")}
     assert all(float(tensors[f"{module}.lora_up.weight"].abs().max()) > 0 for module in modules)
@@ -110,7 +110,7 @@ def test_training_writes_a_kohya_file_that_moves_the_image_and_loads_in_diffuser
     losses = [event for event in job.events() if isinstance(event, LossPoint)]
     assert [point.step for point in losses] == list(range(1, 13)) and result.steps == 12
     assert result.path == studio.models.lora_dir / "frames.safetensors"
-    metadata = assert_trained_attention_lora(result.path, studio.models.current.pipeline.unet)
+    metadata = assert_trained_lora(result.path, studio.models.current.pipeline.unet)
     assert metadata["ss_network_dim"] == "8" and metadata["ss_trigger_words"] == "framed"
     assert_made_on(metadata, studio.models.current)
     assert result.moved and result.effect > 2.0
@@ -131,7 +131,7 @@ def test_the_file_s_alpha_is_the_training_s_so_it_applies_at_the_trained_scale(s
     """Rank 4 with alpha 8 trains at scale alpha / rank = 2; kohya readers take the scale from the `.alpha`
     tensors, which diffusers' converter would have set to the rank (scale 1)."""
     result = run(studio, training(steps=3, rank=4, alpha=8.0), tmp_path, score=None).result(timeout=600)
-    metadata = assert_trained_attention_lora(result.path, studio.models.current.pipeline.unet, alpha=8.0)
+    metadata = assert_trained_lora(result.path, studio.models.current.pipeline.unet, alpha=8.0)
     assert metadata["ss_network_dim"] == "4" and metadata["ss_network_alpha"] == "8.0"
 
 
@@ -141,7 +141,7 @@ def test_a_stopped_run_resumes_from_its_last_checkpoint(studio, tmp_path):
     assert first.stopped and first.steps == 7
     # what a stopped run saves is what it trained, at the step it stopped
     assert read_lora(first.path)[1]["ss_steps"] == "7"
-    assert_trained_attention_lora(first.path, studio.models.current.pipeline.unet)
+    assert_trained_lora(first.path, studio.models.current.pipeline.unet)
     again = run(studio, training(), tmp_path)
     result = again.result(timeout=600)
     steps = [event.step for event in again.events() if isinstance(event, LossPoint)]
@@ -336,7 +336,7 @@ def finish_on_the_model_it_started_with(job, studio, model) -> None:
     result = job.result(timeout=600)
     assert result.steps == 12 and not result.stopped and result.base_model == model.name
     assert studio.models.current is model
-    assert_made_on(assert_trained_attention_lora(result.path, model.pipeline.unet), model)
+    assert_made_on(assert_trained_lora(result.path, model.pipeline.unet), model)
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,15 @@ from pipelines.jobs.worker import Priority
 from pipelines.training.loop import train
 from pipelines.training.request import LossPoint, TrainingRequest
 from tests.test_lora_train import dataset
+from tests.test_lora_train import run as run_stopping
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def request(**overrides) -> TrainingRequest:
@@ -61,6 +69,19 @@ def test_textual_inversion_trains_the_new_token_alone_and_diffusers_loads_its_fi
     plain.load_textual_inversion(str(result.path), token="framed-style")
     plain_ids = plain.tokenizer.convert_tokens_to_ids(["framed-style", "framed-style_1"])
     assert torch.equal(plain.text_encoder.get_input_embeddings().weight[plain_ids].detach(), vectors)
+
+
+def test_a_stopped_textual_inversion_resumes_from_its_checkpoint(studio, tmp_path):
+    from safetensors.torch import load_file
+
+    training = request(method="textual_inversion", name="framed-style", vectors=2, init_word="frame", steps=4,
+                       checkpoint_every=2)
+    first = run_stopping(studio, training, tmp_path, stop_at=2).result()
+    assert first.stopped and first.steps == 2
+    stopped_vectors = load_file(str(first.path))["emb_params"]
+    second = run_stopping(studio, training, tmp_path).result()
+    assert "Resumed at step 2" in " ".join(second.warnings) and second.steps == 4 and not second.stopped
+    assert not torch.equal(load_file(str(second.path))["emb_params"], stopped_vectors)
 
 
 def test_dreambooth_draws_its_class_images_once_and_compares_the_identifier_with_the_class(studio, tiny_model_dir,
@@ -166,12 +187,13 @@ def test_two_processes_under_torchrun_follow_the_one_process_loss_curve_and_writ
         {"name": "ddp", "trigger": "framed", "steps": 5, "batch_size": 4, "warmup_steps": 1, "sample_every": 0,
          "checkpoint_every": 5, "seed": 3, "learning_rate": 1e-2})))
     out = tmp_path / "models-2"
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                    str(29500 + os.getpid() % 1000), "-m", "pipelines.training", "--settings", str(settings),
-                    "--data", str(data), "--model", str(tiny_model_dir), "--models-dir", str(out),
-                    "--losses", str(tmp_path / "losses.json")],
-                   cwd=ROOT, env=os.environ | {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}, check=True,
-                   capture_output=True, timeout=240)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), "-m", "pipelines.training", "--settings", str(settings), "--data",
+                           str(data), "--model", str(tiny_model_dir), "--models-dir", str(out),
+                           "--losses", str(tmp_path / "losses.json")],
+                          cwd=ROOT, env=os.environ | {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"},
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     curve = json.loads((tmp_path / "losses.json").read_text())
     assert sorted(path.name for path in (out / "lora").iterdir() if path.is_file()) == ["ddp.safetensors"]
 

@@ -301,11 +301,14 @@ class DeviceWorker:
             self._run(waiting)
             ran = True
 
-    def close(self) -> None:
-        """Let the thread end once the queue is empty."""
+    def close(self, *, wait: bool = False) -> None:
+        """Let the thread end once the queue is empty; with `wait`, until it has. (A process that exits while
+        its torch thread is still alive can abort at exit, "terminate called without an active exception".)"""
         with self._condition:
             self._closed = True
             self._condition.notify_all()
+        if wait and self._thread is not None:
+            self._thread.join()
 
     def _start(self) -> None:
         if self._thread is None:

@@ -88,7 +88,7 @@ def main(argv=None) -> int:
                                                "losses": [point.loss for point in job.losses]}) + "\n")
     accelerator.wait_for_everyone()      # the first process samples after the others are done
     accelerator.end_training()
-    models.worker.close()
+    models.worker.close(wait=True)
     return 0
 
 

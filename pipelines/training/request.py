@@ -27,7 +27,7 @@ METHODS = ("lora", "dreambooth", "textual_inversion")
 METHOD_NAMES = {"lora": "LoRA", "dreambooth": "DreamBooth (LoRA)", "textual_inversion": "Textual inversion"}
 # each method's default learning rate (`learning_rate=None`): a LoRA's matrices and a token's vectors move at
 # very different rates (kohya's and A1111's defaults are of these orders)
-LEARNING_RATES = {"lora": 5e-4, "dreambooth": 1e-4, "textual_inversion": 5e-3}
+LEARNING_RATES = {"lora": 2e-3, "dreambooth": 1e-3, "textual_inversion": 5e-3}
 MAX_IMAGES = 500
 MAX_TRAIN_STEPS = 20_000
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]{0,63}$")

@@ -3,7 +3,7 @@
 Same embedded model, the same 12 example images (assets/lora-example/), batch 4, AdamW, min-SNR, on the device
 worker's thread, one after the other, steps timed after a warm-up:
 
-- LoRA: rank 8 on the UNet's attention; the minimal loop is diffusers' train_text_to_image_lora in a nutshell
+- LoRA: rank 8 on the UNet's transformer layers; the minimal loop is diffusers' train_text_to_image_lora in a nutshell
   (cached latents and text embeddings).
 - DreamBooth: the same LoRA plus as many class images per step (prior preservation); the minimal loop is
   train_dreambooth_lora's: instance and class rows in one UNet call, loss + prior loss.

@@ -37,6 +37,7 @@ def test_the_forward_process_has_an_endpoint_with_the_plots_numbers(server, tmp_
 
 # What a call may be required to pass: what the task cannot do without (and the job a job endpoint is about)
 REQUIRABLE = {"prompt", "image", "init_image", "mask", "control_image", "images", "path", "job_id",
+              "identifier", "class_prompt",  # DreamBooth's: what it learns, and what it keeps
               "name", "settings"}     # a training preset's (what /save_training_preset saves, and under which name)
 # Parameters that count something: the API must take them as whole numbers
 WHOLE_NUMBERS = {"T", "t", "size", "rank", "left", "right", "top", "bottom", "overlap", "mask_blur",
@@ -122,7 +123,8 @@ def test_every_public_endpoint_answers_with_only_its_required_arguments(server, 
                  "images": [handle_file(_png(tmp_path / f"square-{i}.png", rng.integers(0, 255, (64, 64, 3),
                                                                                           dtype=np.uint8)))
                             for i in range(4)],
-                 "name": "api-preset", "settings": {"steps": 20, "rank": 4}}
+                 "name": "api-preset", "settings": {"steps": 20, "rank": 4},
+                 "identifier": "sks square", "class_prompt": "square"}
     made = {}     # what /txt2img made: the job id, the image (a PNG with parameters), its infotext
 
     def image(path) -> np.ndarray:
@@ -201,8 +203,8 @@ def test_every_public_endpoint_answers_with_only_its_required_arguments(server, 
         "/train_lora": train_lora,
         "/train_textual_inversion": lambda out: out["Result"]["file"] == "models/embeddings/my-embedding.safetensors"
         and out["Result"]["method"] == "textual_inversion" and out["Result"]["steps"] > 0,
-        # DreamBooth's identifier and class are the training itself: nothing to default to, and the error says so
-        "/train_dreambooth": AppError("DreamBooth needs an identifier"),
+        # stopped while it draws its class images: nothing trained, and the status says so
+        "/train_dreambooth": lambda out: "Stopped while drawing the class images" in out["Status"],
         "/training_presets": lambda out: list(out.values()) == [[]],
         "/save_training_preset": lambda out: list(out.values()) == [["api-preset"]],
         "/load_training_preset": lambda out: list(out.values())[0]["rank"] == 4,
@@ -232,6 +234,9 @@ def test_every_public_endpoint_answers_with_only_its_required_arguments(server, 
                 for event in job.events():
                     if isinstance(event, LossPoint):
                         stopped_at.append(event.step)
+                        job.cancel()
+                        return
+                    if options["kind"] == "train-dreambooth":     # its first class image
                         job.cancel()
                         return
             threading.Thread(target=follow, daemon=True).start()

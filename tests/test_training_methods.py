@@ -59,7 +59,13 @@ def test_textual_inversion_trains_the_new_token_alone_and_diffusers_loads_its_fi
     table_after = pipeline.text_encoder.get_input_embeddings().weight.detach()
     assert torch.equal(table_after[:len(table_before)], table_before)
     assert all(torch.equal(value, unet_before[name]) for name, value in pipeline.unet.state_dict().items())
+    # no gradient was kept for the frozen model (a loaded model's weights all require one until a training says no)
+    assert not any(p.requires_grad or p.grad is not None
+                   for module in (pipeline.unet, pipeline.text_encoder) for p in module.parameters())
+    # a prompt that names it reads the saved file into those rows
+    assert studio.models.use_embeddings("framed-style, red", "")[0] == "framed-style framed-style_1, red"
     ids = pipeline.tokenizer.convert_tokens_to_ids(["framed-style", "framed-style_1"])
+    table_after = pipeline.text_encoder.get_input_embeddings().weight.detach()
     assert torch.equal(table_after[ids].float(), vectors)
     frame = table_before[pipeline.tokenizer("frame", add_special_tokens=False).input_ids[0]]
     assert not torch.allclose(vectors[0], frame.float())          # it trained away from its init word
@@ -103,9 +109,12 @@ def test_dreambooth_draws_its_class_images_once_and_compares_the_identifier_with
     # the same class again: read from the cache, nothing drawn
     model = studio.models.current
 
-    def draw(*args, **kwargs):
-        raise AssertionError("a cached class image was drawn again")
-    images = class_images(draw, model.scheduler_config, folder=folders[0], class_prompt="frame", count=3, side=64)
+    class Refuses:
+        scheduler = None
+
+        def __call__(self, *args, **kwargs):
+            raise AssertionError("a cached class image was drawn again")
+    images = class_images(Refuses(), model.scheduler_config, folder=folders[0], class_prompt="frame", count=3, side=64)
     assert len(images) == 3 and {path: path.stat().st_mtime_ns for path in folders[0].glob("*.png")} == stamps
 
     plain = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)

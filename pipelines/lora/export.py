@@ -16,7 +16,7 @@ from pipelines.training.request import TrainingRequest
 def save_kohya(lora_dir: Path, request: TrainingRequest, base_model, adapter_state: dict, steps: int) -> Path:
     """`lora_dir/<name>.safetensors`, written atomically and never with a non-finite tensor. `adapter_state`:
     peft's state of the adapter, its keys prefixed with the part they belong to (`unet.`, `text_encoder.`:
-    kohya's `lora_unet_` and `lora_te_`). `base_model` is the loaded model the run trained on (the one its
+    kohya's `lora_unet_` and `lora_te1_`). `base_model` is the loaded model the run trained on (the one its
     training held), whose name and hash the file records."""
     from diffusers.utils import convert_state_dict_to_kohya
     from safetensors.torch import save_file

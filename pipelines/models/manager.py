@@ -161,20 +161,24 @@ class ModelManager:
         return {use.name: model.loras[use.name] for use in uses}
 
     def use_embeddings(self, prompt: str, negative_prompt: str) -> tuple[str, str, list[str]]:
-        """Load every embedding under models/embeddings/ that `prompt` or `negative_prompt` names into the base
-        model's text encoder (on the device thread; each file once, again when it changes). Returns both texts
-        with the names expanded to the embeddings' tokens, and a note per embedding."""
+        """Load each embedding of models/embeddings/ the texts name into the base model's text encoder (each file
+        once, again when it changes); both texts with those names expanded to their tokens; a note for each."""
         model = self.require()
         files = embedding_files(self.embeddings_dir)
-        names = embeddings_in(f"{prompt}\n{negative_prompt}", files)
-        for name in names:
+        notes, counts = [], {}
+        for name in embeddings_in(f"{prompt}\n{negative_prompt}", files):
             held = model.embeddings.get(name)
             if held is None or held.path != files[name].resolve() or held.stamp != file_stamp(held.path):
-                model.embeddings[name] = self._while_placed_whole(
-                    model, load_embedding, model.pipeline, name, files[name],
-                    roots=embedding_roots(self.embeddings_dir), allow_pickle=self.allow_pickle)
-        counts = {name: model.embeddings[name].vectors for name in names}
-        notes = [f"Embedding {name}: {count} vector{'s' if count != 1 else ''}." for name, count in counts.items()]
+                try:
+                    model.embeddings[name] = self._while_placed_whole(
+                        model, load_embedding, model.pipeline, name, files[name],
+                        roots=embedding_roots(self.embeddings_dir), allow_pickle=self.allow_pickle)
+                except ValueError as error:     # made for another model, or a pickle: the word stays a word
+                    model.embeddings.pop(name, None)
+                    notes.append(f"Embedding {name} not applied, the word is read as text: {error}")
+                    continue
+            counts[name] = model.embeddings[name].vectors
+        notes += [f"Embedding {name}: {count} vector{'s' if count != 1 else ''}." for name, count in counts.items()]
         return expand_embedding_names(prompt, counts), expand_embedding_names(negative_prompt, counts), notes
 
     def _while_placed_whole(self, model: LoadedModel, work, *args, **kwargs):
@@ -182,6 +186,7 @@ class ModelManager:
         so they are parked in RAM for it and placed again after."""
         if self.memory.mode is not MemoryMode.SEQUENTIAL:
             return work(*args, **kwargs)
+        self._check_not_held("place the model again for an embedding")
         self._park(model)
         try:
             return work(*args, **kwargs)

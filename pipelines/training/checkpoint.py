@@ -1,5 +1,6 @@
 """A training's checkpoints: every `checkpoint_every` steps the adapter, AdamW's moments and the step go to
-`<cache_dir>/<name>/checkpoint.safetensors` + `checkpoint.json` (no pickles), so a stopped or restarted run
+`<cache_dir>/<name>/checkpoint.safetensors`, the step and the run's fingerprint in its metadata (one file, no
+pickles, written whole), so a stopped or restarted run
 resumes where it was. A checkpoint is resumed only by the same run: the same settings that shape the
 training, the same data, and the same base model (its name and hash); anything else starts at step 0,
 and says why."""
@@ -15,7 +16,7 @@ import torch
 
 from pipelines.training.request import TrainingRequest
 
-CHECKPOINT_FILES = ("checkpoint.safetensors", "checkpoint.json")
+CHECKPOINT = "checkpoint.safetensors"
 NOT_SHAPING = ("checkpoint_every", "sample_every", "sample_prompts")   # settings a run may change and resume
 
 
@@ -47,7 +48,7 @@ def fingerprint(request: TrainingRequest, base_model: dict) -> dict:
 
 def save_checkpoint(run_dir: Path, fingerprint_: dict, method, optimizer, step: int) -> None:
     """What the method trains (methods.py: an adapter's state, or token vectors), AdamW's moments and the step,
-    as safetensors and JSON (no pickles), written atomically."""
+    as one safetensors file with the step and the fingerprint in its metadata (no pickles), written atomically."""
     from safetensors.torch import save_file
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -56,28 +57,27 @@ def save_checkpoint(run_dir: Path, fingerprint_: dict, method, optimizer, step: 
         for key, value in optimizer.state.get(parameter, {}).items():
             if torch.is_tensor(value):
                 tensors[f"optimizer.{number}.{key}"] = value.detach().contiguous().cpu().reshape(value.shape or (1,))
-    partial = run_dir / "checkpoint.safetensors.partial"
-    save_file(tensors, str(partial))
-    os.replace(partial, run_dir / "checkpoint.safetensors")
-    info = run_dir / "checkpoint.json.partial"
-    info.write_text(json.dumps({"step": step, "fingerprint": fingerprint_}))
-    os.replace(info, run_dir / "checkpoint.json")
+    partial = run_dir / f"{CHECKPOINT}.partial"
+    save_file(tensors, str(partial), metadata={"step": str(step), "fingerprint": json.dumps(fingerprint_)})
+    os.replace(partial, run_dir / CHECKPOINT)
 
 
 def resume(run_dir: Path, fingerprint_: dict, steps: int, method, optimizer) -> tuple[int, str | None]:
     """(the step of this run's last checkpoint, loaded into the method and the optimiser; a note when a
     checkpoint was there but is not this run's). Step 0 when there is none, it is another run's, or it is
     a finished one."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    info_path, tensors_path = run_dir / "checkpoint.json", run_dir / "checkpoint.safetensors"
-    if not (info_path.exists() and tensors_path.exists()):
+    tensors_path = run_dir / CHECKPOINT
+    if not tensors_path.exists():
         return 0, None
-    info = json.loads(info_path.read_text())
-    saved = info.get("fingerprint") or {}
+    with safe_open(str(tensors_path), framework="pt") as reader:
+        metadata = reader.metadata() or {}
+    saved, step = json.loads(metadata.get("fingerprint", "{}")), int(metadata.get("step", 0))
     if saved != fingerprint_:
         return 0, f"Started at step 0: the checkpoint in {run_dir} is another run's ({_difference(saved, fingerprint_)})."
-    if info["step"] >= steps:
+    if step >= steps:
         return 0, None             # a finished run's: start afresh
     tensors = load_file(str(tensors_path))
     method.load_state({key[len("adapter."):]: value for key, value in tensors.items() if key.startswith("adapter.")})
@@ -89,7 +89,7 @@ def resume(run_dir: Path, fingerprint_: dict, steps: int, method, optimizer) -> 
             state["step"] = state["step"].reshape(())      # torch keeps AdamW's step count on the CPU
             optimizer.state[parameter] = {key: value if key == "step" else value.to(parameter.device)
                                           for key, value in state.items()}
-    return int(info["step"]), None
+    return step, None
 
 
 def _difference(saved: dict, wanted: dict) -> str:
@@ -107,5 +107,4 @@ def _difference(saved: dict, wanted: dict) -> str:
 
 def remove_checkpoint(run_dir: Path) -> None:
     """A finished run needs its checkpoint no more."""
-    for leftover in CHECKPOINT_FILES:
-        (run_dir / leftover).unlink(missing_ok=True)
+    (run_dir / CHECKPOINT).unlink(missing_ok=True)

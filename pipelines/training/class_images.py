@@ -33,24 +33,28 @@ def class_image_folder(cache_dir: Path, base_model: dict, class_prompt: str, sid
 def class_images(pipeline, scheduler_config: dict, *, folder: Path, class_prompt: str, count: int, side: int,
                  report=None) -> list[Image.Image]:
     """`count` images of `class_prompt` at side×side, from the cache or drawn now with the model's own sampler
-    (each written whole: a stopped run leaves no half-written picture). `report(done, count)` follows the
-    drawing. The pipeline must have no adapter on."""
+    (each written whole: a stopped run leaves no half-written picture). `report(done, count)` is called after
+    each image, outside the pipeline's call (a training lets other jobs in there, and stops there). The
+    pipeline must have no adapter on; its sampler is put back as it was."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "prompt.txt").write_text(class_prompt + "\n")
-    images = []
-    for number in range(count):
-        path = folder / f"{number:04d}.png"
-        if not path.exists():
-            # a fresh scheduler for each: a multistep sampler keeps state from the previous image
-            pipeline.scheduler = make_scheduler(model_default_sampler(scheduler_config), scheduler_config)
-            latents = pipeline(class_prompt, num_inference_steps=CLASS_IMAGE_STEPS, height=side, width=side,
-                               output_type="latent",
-                               generator=torch.Generator().manual_seed(CLASS_IMAGE_SEED + number)).images
-            partial = path.with_suffix(".partial.png")
-            to_pil(decode(pipeline.vae, latents)[0])[0].save(partial)
-            os.replace(partial, path)
-        if report is not None:
-            report(number + 1, count)
-        with Image.open(path) as image:
-            images.append(image.convert("RGB"))
+    last_sampler, images = pipeline.scheduler, []
+    try:
+        for number in range(count):
+            path = folder / f"{number:04d}.png"
+            if not path.exists():
+                # a fresh scheduler for each: a multistep sampler keeps state from the previous image
+                pipeline.scheduler = make_scheduler(model_default_sampler(scheduler_config), scheduler_config)
+                latents = pipeline(class_prompt, num_inference_steps=CLASS_IMAGE_STEPS, height=side, width=side,
+                                   output_type="latent",
+                                   generator=torch.Generator().manual_seed(CLASS_IMAGE_SEED + number)).images
+                partial = path.with_suffix(".partial.png")
+                to_pil(decode(pipeline.vae, latents)[0])[0].save(partial)
+                os.replace(partial, path)
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+            if report is not None:
+                report(number + 1, count)
+    finally:
+        pipeline.scheduler = last_sampler
     return images

@@ -43,8 +43,11 @@ import numpy as np
 import torch
 
 from pipelines.core.images import to_pil
+from pipelines.core.prompts import prompt_arguments
 from pipelines.core.samplers import make_scheduler, model_default_sampler
 from pipelines.core.vae import decode
+from pipelines.jobs.worker import JobCancelled
+from pipelines.models.memory import MemoryMode
 from pipelines.training.checkpoint import base_model_identity, fingerprint, remove_checkpoint, resume, save_checkpoint
 from pipelines.training.class_images import class_image_folder, class_images
 from pipelines.training.data import TrainingData, prepare_data
@@ -55,6 +58,10 @@ from pipelines.training.request import (EFFECT_THRESHOLD, METHOD_NAMES, EffectSc
 NAN_STRIKES_BEFORE_ROLLBACK = 3
 MAX_ROLLBACKS = 5
 SAMPLE_STEPS = 20
+
+
+class TrainingStopped(JobCancelled):
+    """Stop was pressed before the training began (while DreamBooth's class images were drawn)."""
 
 
 @dataclass
@@ -82,10 +89,11 @@ class _Run:
 def make_accelerator():
     """accelerate's Accelerator for this process: DDP when launched as several (`accelerate launch`,
     `torchrun`), nothing in between when alone. The studio places its models itself, and a LoRA's frozen
-    modules get no gradient, which DDP must be told (`find_unused_parameters`)."""
+    modules get no gradient, which DDP must be told (`find_unused_parameters`). The loop trains in fp32 (its
+    NaN guard, not a loss scaler, answers an overflow), whatever mixed precision `accelerate config` set."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
-    return Accelerator(device_placement=False,
+    return Accelerator(device_placement=False, mixed_precision="no",
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
 
 
@@ -95,7 +103,7 @@ def train(models, request: TrainingRequest, job, *, cache_dir: Path, score: Effe
     measures the samples against the training images at the end (None: not measured, and the result says so)."""
     what = f"the {METHOD_NAMES[request.method]} training {request.name!r}"
     with models.hold(what) as model:
-        _check_model(model, request)
+        _check_model(models, model, request)
         models.use_loras([])      # no other LoRA may shape the cached embeddings or the "before" samples
         run = _Run(request=request, job=job, models=models, model=model,
                    adapter="training_" + re.sub(r"\W", "_", request.name), run_dir=cache_dir / request.name,
@@ -118,8 +126,11 @@ def train(models, request: TrainingRequest, job, *, cache_dir: Path, score: Effe
             method.teardown()
 
 
-def _check_model(model, request: TrainingRequest) -> None:
+def _check_model(models, model, request: TrainingRequest) -> None:
     name = METHOD_NAMES[request.method]
+    if request.method == "textual_inversion" and models.memory.mode is MemoryMode.SEQUENTIAL:
+        raise ValueError("Textual inversion writes its token's rows into the text encoder, which sequential offload "
+                         "keeps off the device; pick another memory mode (Models & memory) to train one.")
     if model.pipeline.unet.config.addition_embed_type is not None:
         raise ValueError(f"{name} training here takes SD 1.x/2.x-style models; {model.name} (SDXL and kin) is not "
                          "supported yet.")
@@ -156,11 +167,16 @@ def run_processes() -> int:
 
 def _prior_data(run: _Run, cache_dir: Path, side: int) -> TrainingData:
     request, model = run.request, run.model
-    folder = class_image_folder(cache_dir, base_model_identity(model), request.class_prompt, side)
+    folder = class_image_folder(cache_dir, run.fingerprint["base_model"], request.class_prompt, side)
     if run.main:
+        def drawn(done: int, count: int) -> None:      # a generation may run between two, and Stop stops
+            run.job.report(done, count, f"class images: {done} of {count}")
+            run.job.checkpoint()
+            if run.job.stop.is_set():
+                raise TrainingStopped(f"Stopped while drawing the class images ({done} of {count} are cached for "
+                                      "the next run); nothing was trained.")
         class_images(model.pipeline, model.scheduler_config, folder=folder, class_prompt=request.class_prompt,
-                     count=request.class_images, side=side,
-                     report=lambda done, count: run.job.report(done, count, f"class images: {done} of {count}"))
+                     count=request.class_images, side=side, report=drawn)
     run.accelerator.wait_for_everyone()           # the other processes read what the first one drew
     pictures = class_images(model.pipeline, model.scheduler_config, folder=folder,
                             class_prompt=request.class_prompt, count=request.class_images, side=side)
@@ -188,7 +204,7 @@ def _train(run: _Run, method, parameters: list, data: TrainingData, prior: Train
     if start:
         warnings.append(f"Resumed at step {start} from {run.run_dir}.")
         generator.manual_seed(request.seed + start)
-    before = _samples(run, method, trained=False) if request.sample_every else []
+    before = _samples(run, method, trained=False) if request.sample_every and run.main else []
     if before:
         job.emit(Samples(0, request.samples(), before))
 
@@ -310,9 +326,9 @@ def _finish(run: _Run, method, data: TrainingData, score: EffectScore | None, *,
             stopped: bool, before: list, warnings: list[str]) -> TrainingResult:
     """The file (a finished run needs its checkpoint no more), then the training's effect on the samples."""
     request = run.request
-    path = run.models.lora_dir / f"{request.name}.safetensors"
+    path = method.path()
     if run.main:
-        path = method.save(step)
+        method.save(step)
         if not stopped:
             remove_checkpoint(run.run_dir)
     run.accelerator.wait_for_everyone()
@@ -368,7 +384,7 @@ def _samples(run: _Run, method, *, trained: bool) -> list:
     pipeline, the samples are made the same way, so that before and after differ by the training alone: with
     the model's own sampler (not the last generation's), and with every other adapter off."""
     method.use(trained=trained)
-    return _draw(run, run.request.samples())     # diffusers expands an embedding's name itself
+    return _draw(run, [method.expand(prompt) for prompt in run.request.samples()])
 
 
 def _draw(run: _Run, prompts: list[str]) -> list:
@@ -381,7 +397,10 @@ def _draw(run: _Run, prompts: list[str]) -> list:
             for number, prompt in enumerate(prompts):
                 # a fresh scheduler for each: a multistep sampler keeps state from the previous image
                 pipeline.scheduler = make_scheduler(model_default_sampler(config), config)
-                latents = pipeline(prompt, num_inference_steps=SAMPLE_STEPS, output_type="latent",
+                # encoded here as written (an embedding's name already its run's tokens), not expanded again by
+                # diffusers, which would take in every `name_i` the tokenizer has from an older file
+                prompts, _ = prompt_arguments(pipeline, prompt, "", pipeline._execution_device, emphasis=False)
+                latents = pipeline(**prompts, num_inference_steps=SAMPLE_STEPS, output_type="latent",
                                    generator=torch.Generator().manual_seed(run.request.seed + number)).images
                 images.append(to_pil(decode(pipeline.vae, latents)[0])[0])
     finally:

@@ -105,6 +105,7 @@ class LoraMethod:
 
         request, parameters = self.run.request, []
         _remove_adapter(self.run.pipeline, self.run.adapter)
+        freeze(self.run.pipeline)
         for _, module, targets in self._modules():
             with torch.random.fork_rng():          # A's Gaussian comes from the seed, the global RNG is left alone
                 torch.manual_seed(request.seed)
@@ -120,7 +121,8 @@ class LoraMethod:
             ([("text_encoder", pipeline.text_encoder, TEXT_ENCODER_TARGETS)] if self.text else [])
 
     def objective(self) -> Objective:
-        return Objective(self.run.pipeline.unet, self.run.pipeline.text_encoder, None)
+        """The UNet, and the text encoder only when it trains (DDP then reduces what trains, nothing more)."""
+        return Objective(self.run.pipeline.unet, self.run.pipeline.text_encoder if self.text else None, None)
 
     def train_mode(self) -> None:
         """The adapter in training on, alone (a generation in between may have switched it off or others on)."""
@@ -151,6 +153,9 @@ class LoraMethod:
             set_peft_model_state_dict(module, {key[len(name) + 1:]: value for key, value in tensors.items()
                                                if key.startswith(name + ".")}, adapter_name=self.run.adapter)
 
+    def path(self) -> Path:
+        return self.run.models.lora_dir / f"{self.run.request.name}.safetensors"
+
     def save(self, step: int) -> Path:
         from pipelines.lora.export import save_kohya
         return save_kohya(self.run.models.lora_dir, self.run.request, self.run.model, self.state(), step)
@@ -160,7 +165,7 @@ class LoraMethod:
         pipeline = self.run.pipeline
         for _, module, _ in self._modules():
             module.eval()
-            module.requires_grad_(False)
+        freeze(pipeline)
         _remove_adapter(pipeline, self.run.adapter)
         if getattr(pipeline.unet, "peft_config", None) or getattr(pipeline.text_encoder, "peft_config", None):
             pipeline.disable_lora()
@@ -187,6 +192,7 @@ class TextualInversion:
             raise ValueError(f"The tokenizer reads no token in `init_word` {request.init_word!r}; give a word.")
         self.initial = table[torch.tensor(word_ids)].detach().float().cpu()
         self.initial = self.initial[torch.arange(request.vectors) % len(word_ids)]
+        self._forget_file()        # its rows are the training's now: a prompt that names it reads the file again
         self.token_ids = install_embedding(pipeline, request.name, self.initial)
 
     def expand(self, prompt: str) -> str:
@@ -194,10 +200,12 @@ class TextualInversion:
         return expand_embedding_names(prompt, {self.run.request.name: self.run.request.vectors})
 
     def setup(self) -> list[torch.nn.Parameter]:
+        """The vectors, the only parameters that train: the UNet, the VAE and the text encoder are frozen (the
+        gradient still flows through the UNet and the text encoder to the vectors, but none is kept for them)."""
         pipeline = self.run.pipeline
+        freeze(pipeline)
         table = pipeline.text_encoder.get_input_embeddings().weight
         self.tokens = TokenVectors(self.initial, self.token_ids, table.shape[0]).to(table.device)
-        pipeline.text_encoder.requires_grad_(False)
         return [self.tokens.vectors]
 
     def objective(self) -> Objective:
@@ -221,19 +229,34 @@ class TextualInversion:
         with torch.no_grad():
             self.tokens.vectors.copy_(tensors["vectors"])
 
+    def path(self) -> Path:
+        return self.run.models.embeddings_dir / f"{self.run.request.name}.safetensors"
+
     def save(self, step: int) -> Path:
-        run = self.run
-        path = run.models.embeddings_dir / f"{run.request.name}.safetensors"
+        run, path = self.run, self.path()
         save_embedding(path, self.tokens.vectors.detach(), name=run.request.name,
                        metadata={"step": str(step), "sd_checkpoint": str(run.model.model_hash or ""),
                                  "sd_checkpoint_name": run.model.name, "init_word": run.request.init_word})
         return path
 
     def teardown(self) -> None:
-        """The token keeps its trained vectors in the loaded model (what the saved file holds)."""
-        if self.tokens is not None:
-            install_embedding(self.run.pipeline, self.run.request.name, self.tokens.vectors.detach())
+        """However the run ended, the next prompt that names the embedding reads its file again (the one this
+        run saved, or the one there was before)."""
+        self._forget_file()
+        freeze(self.run.pipeline)
         self.run.pipeline.unet.eval()
+
+    def _forget_file(self) -> None:
+        self.run.model.embeddings.pop(self.run.request.name, None)
+
+
+def freeze(pipeline) -> None:
+    """No gradient kept for the base model's weights (a model is loaded with them all requiring one), and none
+    left over from a run before."""
+    for module in (pipeline.unet, pipeline.text_encoder, pipeline.vae):
+        for parameter in module.parameters():
+            parameter.requires_grad_(False)
+            parameter.grad = None
 
 
 def make_method(run):

@@ -2,7 +2,8 @@
 
 A preset is `models/training-presets/<preset>.json`: every setting of a `TrainingRequest` but the data (the
 images, their captions and repeats), which a preset never carries. The same JSON is the settings file that
-`python -m pipelines.training --settings FILE` reads, so what the tab exports trains the same way elsewhere.
+`python -m pipelines.training --settings FILE --data FOLDER` reads: the same settings, on the folder's images
+with their `.txt` captions (captions edited in the tab's table and per-image repeats stay in the tab).
 """
 
 from __future__ import annotations

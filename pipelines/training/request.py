@@ -3,8 +3,8 @@
 The loop that reads them is pipelines/training/loop.py.
 
 Three methods share the request (`method`):
-- "lora": a LoRA on the UNet's attention (and, with `train_text_encoder`, the text encoder's); the trigger
-  word goes in front of every caption.
+- "lora": a LoRA on the UNet's transformer layers (attention, feed-forward; and, with `train_text_encoder`, the
+  text encoder's attention); the trigger word goes in front of every caption.
 - "dreambooth": the same LoRA, taught an identifier (`trigger`, e.g. "sks dog") with prior preservation: class
   images of `class_prompt` ("dog"), drawn by the model itself, are trained on beside the instance images,
   their loss weighted by `prior_loss_weight` (Ruiz et al. 2023, eq. 2).
@@ -85,7 +85,7 @@ class TrainingRequest:
         if self.learning_rate is None:
             self.learning_rate = LEARNING_RATES[self.method]
         if not isinstance(self.name, str) or not NAME_PATTERN.match(self.name):
-            raise ValueError(f"The LoRA's `name` must be 1 to 64 letters, digits, '.', '-' or '_' (it becomes the "
+            raise ValueError(f"The `name` must be 1 to 64 letters, digits, '.', '-' or '_' (it becomes the "
                              f"file name) but is {self.name!r}.")
         if not self.images or not all(isinstance(image, Image.Image) for image in self.images):
             raise ValueError("Give the training at least one image.")

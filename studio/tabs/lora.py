@@ -228,6 +228,8 @@ def request_settings(settings: dict) -> dict:
     for key, value in settings.items():
         if value is None or value == "" or method not in METHOD_SETTINGS.get(key, {method}):
             continue
+        if key == "learning_rate" and value == 0:     # the API's "the method's own" (no rate is 0)
+            continue
         if key == "sample_prompts" and isinstance(value, str):
             value = [line.strip() for line in value.splitlines() if line.strip()] or None
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -298,7 +300,15 @@ def _wire_training(context: StudioContext, tab: LoraTab) -> None:
             started = {tab.job_id: job.id, tab.saved_job: job.id, tab.status: "Preparing the data…"}
             for update in itertools.chain([started], follow_training(tab, job)):
                 yield {component: value for component, value in update.items() if component in outputs}
-        return train_job
+        if method != "dreambooth":
+            return train_job
+
+        # DreamBooth's identifier and class are the training itself: the API requires them
+        def train_dreambooth(images, identifier, class_prompt, folder=None, captions=None, repeats=None,
+                             request: gr.Request = None, **settings) -> Iterator[dict]:
+            yield from train_job(images, folder, captions, repeats, identifier, request, class_prompt=class_prompt,
+                                 **settings)
+        return train_dreambooth
 
     def controller(action: str):
         def control(job_id, request: gr.Request = None):
@@ -330,14 +340,18 @@ def _api_inputs(tab: LoraTab) -> dict[str, dict]:
                                                                    "column, where given, wins)")
     data = {"images": tab.files, "folder": tab.folder, "captions": tab.captions}
     inputs = {"lora": data | {key: repeats if key == "repeats" else tab.settings[key] for key in API_SETTINGS}}
+    inputs["lora"]["learning_rate"] = gr.Number(value=0, visible=False,
+                                                label="Learning rate (0: the method's own)")
     for method, name, label in (("textual_inversion", "my-embedding", "Name (the embedding's file and prompt word)"),
                                 ("dreambooth", "my-dreambooth", "Name (the LoRA's file)")):
         own = {key: control for key, control in tab.settings.items() if key != "method" and
                method in METHOD_SETTINGS.get(key, {method})}
         own["name"] = gr.Textbox(value=name, visible=False, label=label)
         own["learning_rate"] = gr.Number(value=LEARNING_RATES[method], visible=False, label="Learning rate")
-        if method == "dreambooth":
+        if method == "dreambooth":     # what it learns and what it keeps: no default, so the API requires them
             own = {"identifier" if key == "trigger" else key: control for key, control in own.items()}
+            own["identifier"] = gr.Textbox(value=None, visible=False, label="Identifier (e.g. sks dog)")
+            own["class_prompt"] = gr.Textbox(value=None, visible=False, label="Class prompt (e.g. dog)")
         inputs[method] = data | {"repeats": repeats} | own
     return inputs
 

@@ -68,7 +68,7 @@ def control_values(settings: dict) -> dict:
 
 def export_settings(settings: dict) -> Path:
     """The settings as a file the command line reads, named after the training, in a folder of its own."""
-    path = Path(tempfile.mkdtemp(prefix="training-settings-")) / f"{settings['name']}.json"
+    path = Path(tempfile.mkdtemp(prefix="training-settings-")) / f"{settings.get('name') or 'training'}.json"
     path.write_text(json.dumps(settings_document(settings), indent=2) + "\n")
     return path
 

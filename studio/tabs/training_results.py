@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.jobs.worker import Job, JobCancelled
+from pipelines.training.loop import TrainingStopped
 from pipelines.training.request import LossPoint, Samples, TrainingResult
 from studio.tabs.generate import FAILED
 
@@ -55,8 +56,9 @@ def follow_training(tab, job: Job) -> Iterator[dict]:
             yield {tab.job_id: job.id, **update}
     try:
         result = job.result()
-    except JobCancelled:
-        yield {tab.status: "Stopped before it started."}
+    except JobCancelled as error:
+        # queued, or stopped while DreamBooth's class images were drawn
+        yield {tab.status: str(error) if isinstance(error, TrainingStopped) else "Stopped before it started."}
         return
     except Exception as error:
         yield {tab.status: f"{FAILED} {error}", tab.loss: _loss_frame(points, at_most=None)}

@@ -35,7 +35,7 @@ def training(**overrides) -> TrainingRequest:
     values = dict(name="frames", images=dataset(), trigger="framed",
                   captions=["red square in a dark frame, bright, centred, flat colour", "green", "blue", "yellow"],
                   steps=12, batch_size=2, learning_rate=1e-2, warmup_steps=2, checkpoint_every=5, sample_every=0,
-                  seed=3)
+                  sample_steps=6, seed=3)
     return TrainingRequest(**(values | overrides))
 
 

@@ -22,7 +22,7 @@ PAGE = {"method": "textual_inversion", "name": "pencil-style", "trigger": "ignor
         "noise_offset": 0.0, "caption_dropout": 0.0, "flip": False, "seed": 3, "checkpoint_every": 50,
         "sample_every": 0, "sample_prompts": "a pencil-style cat\n\n a pencil-style house ", "bucketing": False,
         "train_text_encoder": True, "vectors": 2, "init_word": "sketch", "class_prompt": "", "class_images": 50,
-        "prior_loss_weight": 1.0}
+        "prior_loss_weight": 1.0, "sample_steps": 20}
 
 
 @pytest.fixture
@@ -145,7 +145,7 @@ def test_train_textual_inversion_saves_an_embedding_and_says_how_to_use_it(page,
     blocks, tab, context = page
     train = endpoint(blocks, "train_textual_inversion")
     updates = list(train(images=_images(tmp_path), name="tiny-style", steps=3, batch_size=2, warmup_steps=0,
-                         sample_every=0, checkpoint_every=50, vectors=2, init_word="red",
+                         sample_every=0, sample_steps=6, checkpoint_every=50, vectors=2, init_word="red",
                          sample_prompts="tiny-style square"))
     final = updates[-1]
     assert final[tab.result]["method"] == "textual_inversion" and final[tab.result]["embedding"] == "tiny-style"
@@ -159,7 +159,7 @@ def test_train_dreambooth_shows_the_identifier_beside_its_class_at_the_same_seed
     blocks, tab, _ = page
     train = endpoint(blocks, "train_dreambooth")
     final = list(train(images=_images(tmp_path), name="tiny-dog", identifier="sks dog", class_prompt="dog",
-                       class_images=2, steps=3, batch_size=2, warmup_steps=0, sample_every=0,
+                       class_images=1, steps=2, sample_steps=6, batch_size=2, warmup_steps=0, sample_every=0,
                        checkpoint_every=50))[-1]
     assert final[tab.result]["method"] == "dreambooth" and final[tab.result]["lora"] == "tiny-dog"
     assert final[tab.result]["file"] == "models/lora/tiny-dog.safetensors"

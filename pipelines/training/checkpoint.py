@@ -17,7 +17,7 @@ import torch
 from pipelines.training.request import TrainingRequest
 
 CHECKPOINT = "checkpoint.safetensors"
-NOT_SHAPING = ("checkpoint_every", "sample_every", "sample_prompts")   # settings a run may change and resume
+NOT_SHAPING = ("checkpoint_every", "sample_every", "sample_prompts", "sample_steps")   # settings a run may change and resume
 
 
 def base_model_identity(model) -> dict:

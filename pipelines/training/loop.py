@@ -57,7 +57,6 @@ from pipelines.training.request import (EFFECT_THRESHOLD, METHOD_NAMES, EffectSc
 
 NAN_STRIKES_BEFORE_ROLLBACK = 3
 MAX_ROLLBACKS = 5
-SAMPLE_STEPS = 20
 
 
 class TrainingStopped(JobCancelled):
@@ -400,7 +399,7 @@ def _draw(run: _Run, prompts: list[str]) -> list:
                 # encoded here as written (an embedding's name already its run's tokens), not expanded again by
                 # diffusers, which would take in every `name_i` the tokenizer has from an older file
                 prompts, _ = prompt_arguments(pipeline, prompt, "", pipeline._execution_device, emphasis=False)
-                latents = pipeline(**prompts, num_inference_steps=SAMPLE_STEPS, output_type="latent",
+                latents = pipeline(**prompts, num_inference_steps=run.request.sample_steps, output_type="latent",
                                    generator=torch.Generator().manual_seed(run.request.seed + number)).images
                 images.append(to_pil(decode(pipeline.vae, latents)[0])[0])
     finally:

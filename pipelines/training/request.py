@@ -36,7 +36,7 @@ EFFECT_THRESHOLD = 2.0        # mean |Δ| in pixel values below which a LoRA is 
 # name -> (low, high) of the request's whole numbers and of its other numbers
 WHOLE_RANGES = {"steps": (1, MAX_TRAIN_STEPS), "rank": (1, 128), "batch_size": (1, 64),
                 "warmup_steps": (0, MAX_TRAIN_STEPS), "checkpoint_every": (1, MAX_TRAIN_STEPS),
-                "sample_every": (0, MAX_TRAIN_STEPS), "seed": (0, 2 ** 63 - 1), "vectors": (1, 75),
+                "sample_every": (0, MAX_TRAIN_STEPS), "sample_steps": (1, 200), "seed": (0, 2 ** 63 - 1), "vectors": (1, 75),
                 "class_images": (1, MAX_IMAGES)}
 NUMBER_RANGES = {"learning_rate": (1e-7, 1e-1), "alpha": (0.01, 1024), "caption_dropout": (0, 1),
                  "noise_offset": (0, 1), "min_snr_gamma": (0, 100), "prior_loss_weight": (0, 100)}
@@ -71,6 +71,7 @@ class TrainingRequest:
     checkpoint_every: int = 50
     sample_every: int = 50
     sample_prompts: list[str] | None = None    # None: the first two captions
+    sample_steps: int = 20                     # the sampler's steps for each sample image (the model's own sampler)
     bucketing: bool = True                     # images keep their aspect ratio (buckets); off: square centre crops
     train_text_encoder: bool = False           # LoRA and DreamBooth: a LoRA on the text encoder too
     vectors: int = 4                           # textual inversion: vectors per token

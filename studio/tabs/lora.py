@@ -45,9 +45,9 @@ TRIGGER_LABELS = {"lora": ("Trigger word", "e.g. pencil style"),
 API_SETTINGS = ("name", "trigger", "steps", "rank", "batch_size", "learning_rate", "alpha", "warmup_steps",
                 "min_snr_gamma", "noise_offset", "caption_dropout", "flip", "seed", "checkpoint_every", "sample_every",
                 "method", "repeats", "sample_prompts", "bucketing", "train_text_encoder", "vectors", "init_word",
-                "class_prompt", "class_images", "prior_loss_weight")
+                "class_prompt", "class_images", "prior_loss_weight", "sample_steps")
 WHOLE_SETTINGS = {"steps", "rank", "batch_size", "warmup_steps", "seed", "checkpoint_every", "sample_every",
-                  "vectors", "class_images"}
+                  "sample_steps", "vectors", "class_images"}
 
 
 @dataclass
@@ -177,6 +177,7 @@ def _settings_controls() -> dict:
             settings["seed"] = gr.Number(value=0, precision=0, label="Seed")
             settings["checkpoint_every"] = gr.Number(value=50, precision=0, label="Checkpoint every N steps")
             settings["sample_every"] = gr.Number(value=50, precision=0, label="Samples every N steps (0: off)")
+            settings["sample_steps"] = gr.Number(value=20, precision=0, label="Sampler steps per sample")
     return settings
 
 

@@ -12,8 +12,10 @@ from studio.context import StudioContext
 
 
 def network_pickers(context: StudioContext, task: str, prompt: gr.Textbox, negative_prompt: gr.Textbox) -> None:
-    lora_picker(context, task, prompt)
-    embedding_picker(context, task, prompt, negative_prompt)
+    """Both pickers, folded away (as A1111's extra networks are): open, they would push the results below the fold."""
+    with gr.Accordion("LoRAs and embeddings", open=False, elem_id=f"{task}-networks"):
+        lora_picker(context, task, prompt)
+        embedding_picker(context, task, prompt, negative_prompt)
 
 
 def lora_picker(context: StudioContext, task: str, prompt: gr.Textbox) -> None:

@@ -140,7 +140,7 @@ def test_buckets_keep_each_picture_s_shape_and_a_batch_comes_from_one_bucket(stu
 
     pipeline = studio.models.current.pipeline
     wide, tall, square = Image.new("RGB", (120, 60), "red"), Image.new("RGB", (50, 100), "blue"), dataset()[0]
-    training = request(images=[wide, tall, square], captions=["wide", "tall", "square"], repeats=[1, 1, 6])
+    training = request(images=[wide, tall, square], captions=["wide", "tall", "square"], repeats=[1, 1, 6], steps=3)
     data = prepare_data(pipeline, training, 64)
     sizes = [picture.size for picture in data.pictures]
     multiple = size_multiple(pipeline)
@@ -193,15 +193,15 @@ def test_two_processes_under_torchrun_follow_the_one_process_loss_curve_and_writ
         (data / f"{caption}.txt").write_text(f"{caption} square")
     settings = tmp_path / "settings.json"
     settings.write_text(json.dumps(settings_document(
-        {"name": "ddp", "trigger": "framed", "steps": 5, "batch_size": 4, "warmup_steps": 1, "sample_every": 0,
-         "checkpoint_every": 5, "seed": 3, "learning_rate": 1e-2})))
+        {"name": "ddp", "trigger": "framed", "steps": 4, "batch_size": 4, "warmup_steps": 1, "sample_every": 0,
+         "sample_steps": 2, "checkpoint_every": 4, "seed": 3, "learning_rate": 1e-2})))
     out = tmp_path / "models-2"
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                            str(free_port()), "-m", "pipelines.training", "--settings", str(settings), "--data",
                            str(data), "--model", str(tiny_model_dir), "--models-dir", str(out),
                            "--losses", str(tmp_path / "losses.json")],
                           cwd=ROOT, env=os.environ | {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"},
-                          capture_output=True, text=True, timeout=240)
+                          capture_output=True, text=True, timeout=240, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     curve = json.loads((tmp_path / "losses.json").read_text())
     assert sorted(path.name for path in (out / "lora").iterdir() if path.is_file()) == ["ddp.safetensors"]
@@ -210,5 +210,5 @@ def test_two_processes_under_torchrun_follow_the_one_process_loss_curve_and_writ
     alone = TrainingRequest(**read_settings(settings.read_text(), source="settings"),
                             images=[item.image for item in items], captions=[item.caption for item in items])
     _, losses = run(studio, alone, tmp_path)
-    assert curve["processes"] == 2 and len(curve["losses"]) == 5
+    assert curve["processes"] == 2 and len(curve["losses"]) == 4
     assert np.allclose(curve["losses"], losses, rtol=1e-4, atol=1e-6)

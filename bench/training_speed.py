@@ -56,7 +56,7 @@ def minimal_loop(models: ModelManager, request: TrainingRequest, class_latents, 
     method = None
     if request.method == "textual_inversion":
         tokenizer.add_tokens([f"bench{number}" for number in range(request.vectors)])
-        encoder.resize_token_embeddings(len(tokenizer))
+        encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         table = encoder.get_input_embeddings().weight
         new_ids = tokenizer.convert_tokens_to_ids([f"bench{number}" for number in range(request.vectors)])
         original = table.detach().clone()

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import shlex
+
 import gradio as gr
 import numpy as np
 import pandas as pd
@@ -10,7 +12,7 @@ import pytest
 from PIL import Image
 
 from pipelines.training.presets import read_settings
-from pipelines.training.request import LEARNING_RATES
+from pipelines.training.request import CAPTION_DROPOUTS, LEARNING_RATES
 from studio.context import StudioContext
 from studio.tabs import lora
 
@@ -79,9 +81,11 @@ def test_the_method_shows_its_own_settings_and_its_learning_rate(page):
     assert dreambooth[tab.settings["trigger"]]["placeholder"] == "sks dog"
     assert "Identifier" in dreambooth[tab.settings["trigger"]]["label"]
     assert shown(switched("lora")) == {"trigger", "rank", "alpha", "train_text_encoder"}
-    chosen = on(blocks, tab.settings["method"], "input")      # the user's choice sets the method's learning rate
+    # the user's choice sets the method's learning rate and caption dropout
+    chosen = on(blocks, tab.settings["method"], "input")
     assert [chosen(method) for method in ("textual_inversion", "dreambooth", "lora")] == \
-        [LEARNING_RATES["textual_inversion"], LEARNING_RATES["dreambooth"], LEARNING_RATES["lora"]]
+        [(LEARNING_RATES[method], CAPTION_DROPOUTS[method]) for method in ("textual_inversion", "dreambooth", "lora")]
+    assert CAPTION_DROPOUTS["dreambooth"] == CAPTION_DROPOUTS["textual_inversion"] == 0 < CAPTION_DROPOUTS["lora"]
 
 
 def test_a_preset_round_trips_on_the_page_and_through_the_api(page):
@@ -95,6 +99,9 @@ def test_a_preset_round_trips_on_the_page_and_through_the_api(page):
 
     endpoint(blocks, "save_training_preset")("portrait", {"name": "face", "method": "lora", "rank": 4})
     assert endpoint(blocks, "training_presets")() == ["pencil", "portrait"]
+    # a DreamBooth preset need not hold its identifier and class yet (a run asks for them)
+    dreambooth = PAGE | {"method": "dreambooth", "trigger": "", "class_prompt": "", "caption_dropout": None}
+    assert lora.request_settings(dreambooth)["method"] == "dreambooth"
     assert endpoint(blocks, "load_training_preset")("portrait") == {"name": "face", "method": "lora", "rank": 4}
 
     filled = on(blocks, tab.presets.load, "click")("pencil")     # the controls, filled
@@ -116,11 +123,13 @@ def test_a_preset_round_trips_on_the_page_and_through_the_api(page):
 
 
 def test_the_exported_settings_file_is_what_the_command_line_reads(page):
-    blocks, tab, _ = page
+    blocks, tab, context = page
     path, hint = on(blocks, tab.presets.export, "click")("datasets/pencils", *values(tab, PAGE))
     assert path.name == "pencil-style.json"
     assert read_settings(path.read_text(), source=str(path)) == lora.request_settings(PAGE)
-    assert "python -m pipelines.training --settings pencil-style.json --data models/datasets/pencils" in hint
+    model = context.models.current.source.location           # the loaded model, not the command line's default
+    assert f"python -m pipelines.training --settings pencil-style.json --data models/datasets/pencils --model " \
+           f"{shlex.quote(model)}`" in hint
     assert "torchrun --nproc_per_node" in hint
 
 

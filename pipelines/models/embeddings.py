@@ -4,10 +4,11 @@
   A1111's `emb_params`, or diffusers' `{token: tensor}`), or A1111's pickled `.pt` (`string_to_param['*']`) and
   diffusers' `.bin`, read only with --allow-pickle (the one pickle policy, pipelines/core/paths.py). A link there
   may lead anywhere inside models/, never out of it. SDXL embeddings (`clip_l` + `clip_g`) are refused.
-- An embedding of n vectors goes into the model's tokenizer and text encoder as n added tokens, `name`,
-  `name_1`, …, `name_{n-1}` (diffusers' multi-vector naming, so a pipeline behaves as after diffusers'
-  `load_textual_inversion(path, token=name)`), and each whole-word mention of the name in a prompt is expanded
-  to those tokens before the prompt is encoded. Added tokens match single words only: `notmy-stylex` stays text.
+- An embedding of n vectors goes into the model's tokenizer and text encoder as n added tokens, `<ti:name>`,
+  `<ti:name:1>`, …, that no prompt holds as written, and each whole-word mention of the name in a prompt is
+  expanded to those tokens before the prompt is encoded (`notmy-stylex` stays text). The name itself is never a
+  token: once its file is deleted, or refused for this model, the word is read as the words it is, not as the
+  rows installed before.
 - A changed file (retrained) is read again and its rows rewritten; nothing else of the text encoder changes.
 - The infotext keeps the names, as A1111 does, and adds A1111's `TI hashes`.
 - `save_embedding` writes the one format A1111, ComfyUI and diffusers all read (for the trainer).
@@ -137,10 +138,10 @@ def short_hash(path: Path) -> str:
 
 
 def embedding_tokens(name: str, count: int) -> list[str]:
-    """The tokens an embedding of `count` vectors is installed under: `name`, `name_1`, …, lower-cased (CLIP's
-    tokenizers lower-case the text before they look for added tokens)."""
+    """The tokens an embedding of `count` vectors is installed under: `<ti:name>`, `<ti:name:1>`, …, lower-cased
+    (CLIP's tokenizers lower-case the text before they look for added tokens)."""
     token = name.lower()
-    return [token] + [f"{token}_{index}" for index in range(1, count)]
+    return [f"<ti:{token}>"] + [f"<ti:{token}:{index}>" for index in range(1, count)]
 
 
 def text_width(pipeline) -> int | None:
@@ -168,8 +169,6 @@ def install_embedding(pipeline, name: str, vectors: torch.Tensor) -> list[int]:
     check_fits(pipeline, name, vectors)
     tokenizer, encoder = pipeline.tokenizer, pipeline.text_encoder
     tokens = embedding_tokens(name, vectors.shape[0])
-    _check_tokens(tokenizer, name, tokens)
-    # single words only: without it the tokenizer finds `my-style` inside `notmy-stylex` too
     tokenizer.add_tokens([AddedToken(token, single_word=True) for token in tokens])
     ids = tokenizer.convert_tokens_to_ids(tokens)
     if max(ids) >= encoder.get_input_embeddings().weight.shape[0]:
@@ -178,20 +177,6 @@ def install_embedding(pipeline, name: str, vectors: torch.Tensor) -> list[int]:
     with torch.no_grad():
         table[ids] = vectors.to(device=table.device, dtype=table.dtype)
     return ids
-
-
-def _check_tokens(tokenizer, name: str, tokens: list[str]) -> None:
-    special = {token.lower() for token in tokenizer.all_special_tokens}
-    vocabulary = tokenizer.get_vocab()
-    for token in tokens:
-        if token in special:
-            raise ValueError(f"Embedding {name!r} would be installed as {token!r}, one of the tokenizer's special "
-                             "tokens; rename its file.")
-        if vocabulary.get(token, tokenizer.vocab_size) < tokenizer.vocab_size:
-            # the added token would take the vocabulary's own row, which every word built from that piece reads
-            raise ValueError(f"Embedding {name!r} would be installed as {token!r}, a piece of this model's own "
-                             f"vocabulary (token {vocabulary[token]}), whose vector it would overwrite; rename its "
-                             "file (e.g. add a suffix such as '-ti').")
 
 
 @dataclass
@@ -239,7 +224,7 @@ def embeddings_in(text: str, names: Iterable[str]) -> list[str]:
 
 def expand_embedding_names(text: str, names_to_counts: dict[str, int]) -> str:
     """`text` with each whole-word mention of an embedding's name (any case) replaced by its tokens,
-    `name name_1 … name_{n-1}` (A1111 reads the name as that many vectors in a row)."""
+    `<ti:name> <ti:name:1> …` (A1111 reads the name as that many vectors in a row)."""
     pattern = _names_pattern(names_to_counts)
     if pattern is None:
         return text

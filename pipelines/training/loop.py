@@ -88,8 +88,9 @@ class _Run:
 def make_accelerator():
     """accelerate's Accelerator for this process: DDP when launched as several (`accelerate launch`,
     `torchrun`), nothing in between when alone. The studio places its models itself, and a LoRA's frozen
-    modules get no gradient, which DDP must be told (`find_unused_parameters`). The loop trains in fp32 (its
-    NaN guard, not a loss scaler, answers an overflow), whatever mixed precision `accelerate config` set."""
+    modules get no gradient, which DDP must be told (`find_unused_parameters`). accelerate's mixed precision
+    stays off whatever `accelerate config` set: the trained parameters are fp32 and the frozen model runs in
+    the dtype it was loaded in (fp16 on a GPU), with no loss scaler (the NaN guard answers an overflow)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
     return Accelerator(device_placement=False, mixed_precision="no",
@@ -170,7 +171,8 @@ def _prior_data(run: _Run, cache_dir: Path, side: int) -> TrainingData:
     if run.main:
         def drawn(done: int, count: int) -> None:      # a generation may run between two, and Stop stops
             run.job.report(done, count, f"class images: {done} of {count}")
-            run.job.checkpoint()
+            if run.job.checkpoint():               # a generation ran, and may have switched a LoRA on
+                run.models.use_loras([])
             if run.job.stop.is_set():
                 raise TrainingStopped(f"Stopped while drawing the class images ({done} of {count} are cached for "
                                       "the next run); nothing was trained.")
@@ -191,7 +193,8 @@ def _train(run: _Run, method, parameters: list, data: TrainingData, prior: Train
     request, job, accelerator = run.request, run.job, run.accelerator
     # the training schedule itself (not the sampler the last generation used): q(x_t | x_0) at any t
     scheduler = DDPMScheduler.from_config(run.model.scheduler_config)
-    alphas_cumprod = scheduler.alphas_cumprod.to(run.pipeline.unet.device)
+    # where the batches are (the execution device: with model offload the UNet waits on the CPU between calls)
+    alphas_cumprod = scheduler.alphas_cumprod.to(run.pipeline._execution_device)
     generator = torch.Generator().manual_seed(request.seed)
     optimizer = torch.optim.AdamW(parameters, lr=request.learning_rate, weight_decay=1e-2)
     objective = accelerator.prepare(method.objective())
@@ -220,7 +223,7 @@ def _train(run: _Run, method, parameters: list, data: TrainingData, prior: Train
         loss = accelerator.reduce(loss.detach(), "mean")     # the whole batch's, over every process
 
         # 4. NaN guard
-        if not (torch.isfinite(loss) and all(p.grad is None or torch.isfinite(p.grad).all() for p in parameters)):
+        if not _finite(loss, parameters):
             optimizer.zero_grad(set_to_none=True)
             strikes, learning_rate = strikes + 1, learning_rate / 2
             message = f"Step {step}: the loss or a gradient was not finite; step skipped, learning rate halved."
@@ -264,6 +267,12 @@ def _train(run: _Run, method, parameters: list, data: TrainingData, prior: Train
     # 6. The file, then its effect
     return _finish(run, method, data, score, step=step, loss=loss_value, stopped=stopped, before=before,
                    warnings=warnings)
+
+
+def _finite(loss: torch.Tensor, parameters: list) -> bool:
+    """Whether the loss and every gradient are finite, read from the device once."""
+    checks = [torch.isfinite(loss).all()] + [torch.isfinite(p.grad).all() for p in parameters if p.grad is not None]
+    return bool(torch.stack([check.to(loss.device) for check in checks]).all())
 
 
 def _loss(objective, method, scheduler, alphas_cumprod, run: _Run, generator, data: TrainingData,
@@ -325,6 +334,9 @@ def _finish(run: _Run, method, data: TrainingData, score: EffectScore | None, *,
             stopped: bool, before: list, warnings: list[str]) -> TrainingResult:
     """The file (a finished run needs its checkpoint no more), then the training's effect on the samples."""
     request = run.request
+    if step == 0:     # stopped before its first step: an untrained file would replace the one there may be
+        raise TrainingStopped(f"Stopped before the first step; nothing was written ({method.path().name}, if there "
+                              "is one, is as it was).")
     path = method.path()
     if run.main:
         method.save(step)

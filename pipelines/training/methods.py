@@ -45,8 +45,8 @@ class TokenVectors(torch.nn.Module):
         tokens (and its own table for every other token)."""
         def put_in(module, inputs, output):
             slot = self.slots.to(inputs[0].device)[inputs[0]]
-            vectors = self.vectors.to(output.dtype)[slot.clamp(min=0)]
-            return torch.where((slot >= 0).unsqueeze(-1), vectors, output)
+            vectors = self.vectors.to(output.device, output.dtype)[slot.clamp(min=0).to(output.device)]
+            return torch.where((slot >= 0).unsqueeze(-1).to(output.device), vectors, output)
         handle = text_encoder.get_input_embeddings().register_forward_hook(put_in)
         try:
             yield
@@ -172,7 +172,7 @@ class LoraMethod:
 
 
 class TextualInversion:
-    """`request.vectors` new vectors for the token `request.name` (and `name_1`…), started from
+    """`request.vectors` new vectors for the tokens of `request.name` (`<ti:name>`, `<ti:name:1>`…), started from
     `request.init_word`'s embedding."""
 
     text = True
@@ -196,7 +196,7 @@ class TextualInversion:
         self.token_ids = install_embedding(pipeline, request.name, self.initial)
 
     def expand(self, prompt: str) -> str:
-        """The embedding's name written out as its tokens (`name name_1 …`), as a prompt that uses it is."""
+        """The embedding's name written out as its tokens (`<ti:name> <ti:name:1> …`), as a prompt that uses it is."""
         return expand_embedding_names(prompt, {self.run.request.name: self.run.request.vectors})
 
     def setup(self) -> list[torch.nn.Parameter]:
@@ -205,7 +205,8 @@ class TextualInversion:
         pipeline = self.run.pipeline
         freeze(pipeline)
         table = pipeline.text_encoder.get_input_embeddings().weight
-        self.tokens = TokenVectors(self.initial, self.token_ids, table.shape[0]).to(table.device)
+        # on the execution device, where the token ids come (the table waits on the CPU under model offload)
+        self.tokens = TokenVectors(self.initial, self.token_ids, table.shape[0]).to(pipeline._execution_device)
         return [self.tokens.vectors]
 
     def objective(self) -> Objective:

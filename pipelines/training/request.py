@@ -28,6 +28,10 @@ METHOD_NAMES = {"lora": "LoRA", "dreambooth": "DreamBooth (LoRA)", "textual_inve
 # each method's default learning rate (`learning_rate=None`): a LoRA's matrices and a token's vectors move at
 # very different rates (kohya's and A1111's defaults are of these orders)
 LEARNING_RATES = {"lora": 2e-3, "dreambooth": 1e-3, "textual_inversion": 5e-3}
+# each method's default caption dropout (`caption_dropout=None`): a LoRA learns the unconditional picture too (for
+# CFG); DreamBooth must not teach the instance to the empty prompt (its prior would leak into every image), and a
+# dropped caption gives textual inversion's vectors nothing to learn
+CAPTION_DROPOUTS = {"lora": 0.1, "dreambooth": 0.0, "textual_inversion": 0.0}
 MAX_IMAGES = 500
 MAX_TRAIN_STEPS = 20_000
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]{0,63}$")
@@ -65,7 +69,7 @@ class TrainingRequest:
     batch_size: int = 4
     min_snr_gamma: float = 5.0                 # 0: plain MSE
     noise_offset: float = 0.0
-    caption_dropout: float = 0.1
+    caption_dropout: float | None = None       # None: the method's (CAPTION_DROPOUTS)
     flip: bool = True
     seed: int = 0
     checkpoint_every: int = 50
@@ -85,6 +89,8 @@ class TrainingRequest:
             raise ValueError(f"`method` must be one of {', '.join(METHODS)} but is {self.method!r}.")
         if self.learning_rate is None:
             self.learning_rate = LEARNING_RATES[self.method]
+        if self.caption_dropout is None:
+            self.caption_dropout = CAPTION_DROPOUTS[self.method]
         if not isinstance(self.name, str) or not NAME_PATTERN.match(self.name):
             raise ValueError(f"The `name` must be 1 to 64 letters, digits, '.', '-' or '_' (it becomes the "
                              f"file name) but is {self.name!r}.")

@@ -25,7 +25,8 @@ from pipelines.lora.judge import feature_distances
 from pipelines.training.data import dataset_folder, read_dataset
 from pipelines.training.loop import train
 from pipelines.training.presets import SETTING_FIELDS
-from pipelines.training.request import LEARNING_RATES, MAX_REPEATS, METHOD_NAMES, METHODS, TrainingRequest
+from pipelines.training.request import (CAPTION_DROPOUTS, LEARNING_RATES, MAX_REPEATS, METHOD_NAMES, METHODS,
+                                        TrainingRequest)
 from studio.context import StudioContext, owns, session_of
 from studio.errors import user_errors
 from studio.tabs.training_presets import PresetControls, preset_layout, refresh_presets, wire_presets
@@ -168,7 +169,7 @@ def _settings_controls() -> dict:
         with gr.Row():
             settings["min_snr_gamma"] = gr.Number(value=5.0, label="Min-SNR γ (0: off)")
             settings["noise_offset"] = gr.Number(value=0.0, label="Noise offset")
-            settings["caption_dropout"] = gr.Number(value=0.1, label="Caption dropout")
+            settings["caption_dropout"] = gr.Number(value=CAPTION_DROPOUTS["lora"], label="Caption dropout")
         with gr.Row():
             settings["flip"] = gr.Checkbox(value=True, label="Mirror images at random")
             settings["bucketing"] = gr.Checkbox(value=True, label="Keep aspect ratios (buckets)")
@@ -192,12 +193,13 @@ def method_updates(tab: LoraTab, method: str) -> dict:
 
 def _wire_method(tab: LoraTab) -> None:
     method = tab.settings["method"]
-    # `change` also follows a loaded preset; the learning rate follows the user's choice alone (`input`), so that
-    # a preset's own learning rate stays
+    # `change` also follows a loaded preset; the learning rate and the caption dropout follow the user's choice
+    # alone (`input`), so that a preset's own stay
     method.change(lambda chosen: method_updates(tab, chosen), inputs=method,
                   outputs=[tab.settings[key] for key in METHOD_SETTINGS], api_visibility="private", queue=False)
-    method.input(lambda chosen: LEARNING_RATES[chosen], inputs=method, outputs=tab.settings["learning_rate"],
-                 api_visibility="private", queue=False)
+    method.input(lambda chosen: (LEARNING_RATES[chosen], CAPTION_DROPOUTS[chosen]), inputs=method,
+                 outputs=[tab.settings["learning_rate"], tab.settings["caption_dropout"]], api_visibility="private",
+                 queue=False)
 
 
 def _wire_dataset(context: StudioContext, tab: LoraTab) -> None:
@@ -238,7 +240,8 @@ def request_settings(settings: dict) -> dict:
         if value is not None:
             values[key] = value
     # the request's own checks, with the data left out (and a name, which a preset need not carry)
-    TrainingRequest(images=[Image.new("RGB", (8, 8))], **({"name": "settings"} | values))
+    TrainingRequest(images=[Image.new("RGB", (8, 8))],
+                    **({"name": "settings", "trigger": "sks", "class_prompt": "class"} | values))
     return values
 
 
@@ -349,6 +352,7 @@ def _api_inputs(tab: LoraTab) -> dict[str, dict]:
                method in METHOD_SETTINGS.get(key, {method})}
         own["name"] = gr.Textbox(value=name, visible=False, label=label)
         own["learning_rate"] = gr.Number(value=LEARNING_RATES[method], visible=False, label="Learning rate")
+        own["caption_dropout"] = gr.Number(value=CAPTION_DROPOUTS[method], visible=False, label="Caption dropout")
         if method == "dreambooth":     # what it learns and what it keeps: no default, so the API requires them
             own = {"identifier" if key == "trigger" else key: control for key, control in own.items()}
             own["identifier"] = gr.Textbox(value=None, visible=False, label="Identifier (e.g. sks dog)")

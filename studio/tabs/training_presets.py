@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import tempfile
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
@@ -12,12 +13,12 @@ from pathlib import Path
 import gradio as gr
 
 from pipelines.training.presets import load_preset, preset_names, save_preset, settings_document
-from pipelines.training.request import LEARNING_RATES, TrainingRequest
+from pipelines.training.request import CAPTION_DROPOUTS, LEARNING_RATES, TrainingRequest
 from studio.context import StudioContext
 from studio.errors import user_errors
 
-COMMAND = "python -m pipelines.training --settings {file} --data {data}"
-PARALLEL_COMMAND = "torchrun --nproc_per_node 2 -m pipelines.training --settings {file} --data {data}"
+COMMAND = "python -m pipelines.training --settings {file} --data {data}{model}"
+PARALLEL_COMMAND = "torchrun --nproc_per_node 2 -m pipelines.training --settings {file} --data {data}{model}"
 
 
 @dataclass
@@ -48,11 +49,13 @@ def preset_layout(models_dir: Path) -> PresetControls:
                           settings_file=settings_file, hint=hint)
 
 
-def command_hint(file: str, folder: str) -> str:
-    """The commands that train with an exported settings file, on one process and on several."""
+def command_hint(file: str, folder: str, model=None) -> str:
+    """The commands that train with an exported settings file, on one process and on several, on `model` (the
+    loaded ModelSource; the command line's default is the embedded model)."""
     data = f"models/{folder.strip()}" if folder and folder.strip() else "YOUR_DATASET_FOLDER"
-    return (f"Train with it elsewhere: `{COMMAND.format(file=file, data=data)}`; on several GPUs: "
-            f"`{PARALLEL_COMMAND.format(file=file, data=data)}`.")
+    chosen = f" --model {shlex.quote(model.location)}" if model is not None and model.kind != "embedded" else ""
+    return (f"Train with it elsewhere: `{COMMAND.format(file=file, data=data, model=chosen)}`; on several GPUs: "
+            f"`{PARALLEL_COMMAND.format(file=file, data=data, model=chosen)}`.")
 
 
 def control_values(settings: dict) -> dict:
@@ -62,6 +65,8 @@ def control_values(settings: dict) -> dict:
     values = {item.name: item.default for item in fields(TrainingRequest) if item.default is not MISSING} | settings
     if values["learning_rate"] is None:
         values["learning_rate"] = LEARNING_RATES[values["method"]]
+    if values["caption_dropout"] is None:
+        values["caption_dropout"] = CAPTION_DROPOUTS[values["method"]]
     values["sample_prompts"] = "\n".join(values["sample_prompts"] or [])
     return values
 
@@ -97,7 +102,8 @@ def wire_presets(context: StudioContext, controls: PresetControls, settings_cont
     @user_errors
     def export(folder_value, *values):
         path = export_settings(page_settings(values))
-        return path, command_hint(path.name, folder_value)
+        loaded = context.models.current
+        return path, command_hint(path.name, folder_value, loaded.source if loaded is not None else None)
 
     controls.save.click(save, inputs=[controls.preset_name, *inputs], outputs=controls.preset,
                         api_visibility="private")

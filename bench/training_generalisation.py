@@ -18,9 +18,12 @@ pictures themselves.)
 
     python -m bench.training_generalisation                      # both methods, the defaults
     python -m bench.training_generalisation --method lora --set steps=600 --set learning_rate=1e-3
+    python -m bench.training_generalisation --method lora --trigger grayscale --write     # adds a row
+    python -m bench.training_generalisation --method lora --attention-only --set learning_rate=5e-4 --write
 
 Needs the emoji art (`recipe.data.fetch`, the recipe's one network step: npm). Prints a table and writes
-assets/training-generalisation.json (with `--write`).
+assets/training-generalisation.json (with `--write`), where each row replaces the one of the same variant (method,
+trigger, adapted layers, settings) and keeps the others.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import argparse
 import json
 import random
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 REPORT = ROOT / "assets" / "training-generalisation.json"
 TRAINING_IMAGES, HELD_OUT_PROMPTS = 16, 12
 DATA_SEED, FIRST_SEED = 7, 900
+ATTENTION_ONLY = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 def style_data() -> tuple[list[Image.Image], list[str], list[str]]:
@@ -69,7 +74,7 @@ def saturation(images: list[Image.Image]) -> float:
 
 
 def measure(models, generator, method: str, overrides: dict, images, captions, held_out, trigger: str,
-            grid: Path | None = None) -> dict:
+            grid: Path | None = None, attention_only: bool = False) -> dict:
     from pipelines.jobs.worker import Priority
     from pipelines.tasks.txt2img import Txt2ImgRequest
     from pipelines.training.loop import train
@@ -80,8 +85,9 @@ def measure(models, generator, method: str, overrides: dict, images, captions, h
     request = TrainingRequest(name=name, images=images, captions=captions, method=method, sample_every=0,
                               **extra | overrides)
     started = time.perf_counter()
-    result = models.worker.submit(lambda job: train(models, request, job, cache_dir=models.lora_dir / ".runs"),
-                                  kind="train", priority=Priority.BACKGROUND).result()
+    with adapted_layers(ATTENTION_ONLY if attention_only else None):
+        result = models.worker.submit(lambda job: train(models, request, job, cache_dir=models.lora_dir / ".runs"),
+                                      kind="train", priority=Priority.BACKGROUND).result()
     seconds = time.perf_counter() - started
     if method == "textual_inversion":
         prompts_with, prompts_without = [f"{name}, {p}" for p in held_out], list(held_out)
@@ -100,11 +106,36 @@ def measure(models, generator, method: str, overrides: dict, images, captions, h
             sheet.paste(styled.resize((64, 64)), (64 * column, 64))
         sheet.save(grid.with_name(f"{grid.stem}-{method}{grid.suffix}"))
     target, s_with, s_without = saturation(images), saturation(with_images), saturation(without_images)
-    return {"method": method, "trigger": trigger, "settings": request.settings(), "training_seconds": round(seconds, 1),
+    return {"method": method, "trigger": trigger, "layers": "attention" if attention_only else "default",
+            "settings": request.settings(), "training_seconds": round(seconds, 1),
             "final_loss": round(result.final_loss, 4), "saturation_training": round(target, 4),
             "saturation_without": round(s_without, 4), "saturation_with": round(s_with, 4),
             "moved": round((s_without - s_with) / (s_without - target), 3),
             "structure_kept": round(structure_kept(with_images, without_images), 3)}
+
+
+@contextmanager
+def adapted_layers(targets: list[str] | None):
+    """The LoRA on the UNet's `targets` alone for one training (None: the studio's own, kohya's transformer
+    layers), to compare with the attention-only LoRA the studio trained before."""
+    from pipelines.training import methods
+
+    kept = methods.UNET_TARGETS
+    methods.UNET_TARGETS = targets or kept
+    try:
+        yield
+    finally:
+        methods.UNET_TARGETS = kept
+
+
+def merged(rows: list[dict]) -> list[dict]:
+    """The report's rows with `rows` in place of those of the same variant."""
+    def variant(row: dict) -> str:
+        return json.dumps([row["method"], row["trigger"], row.get("layers", "default"),
+                           {k: v for k, v in row["settings"].items() if k != "name"}], sort_keys=True)
+    kept = json.loads(REPORT.read_text())["rows"] if REPORT.is_file() else []
+    new = {variant(row) for row in rows}
+    return [row for row in kept if variant(row) not in new] + rows
 
 
 def main(argv=None) -> None:
@@ -114,6 +145,8 @@ def main(argv=None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a setting other than the default (JSON value), e.g. steps=600")
     parser.add_argument("--trigger", default="", help="LoRA: a trigger word (default: none, as the tab starts)")
+    parser.add_argument("--attention-only", action="store_true",
+                        help="LoRA: adapt the attention projections alone (the studio's old default)")
     parser.add_argument("--grid", type=Path, default=None,
                         help="save the pictures here (PATH-<method>.png): without above, with below")
     parser.add_argument("--write", action="store_true", help=f"write {REPORT.relative_to(ROOT)}")
@@ -130,18 +163,19 @@ def main(argv=None) -> None:
                           models_dir=ROOT / ".cache" / "bench-generalisation")
     models.load("embedded")
     generator = Generator(models, outputs_dir=None)
-    rows = [measure(models, generator, method, overrides, images, captions, held_out, args.trigger, args.grid)
+    rows = [measure(models, generator, method, overrides, images, captions, held_out, args.trigger, args.grid,
+                    attention_only=args.attention_only and method == "lora")
             for method in args.method or ["lora", "textual_inversion"]]
     print(f"{TRAINING_IMAGES} grayscale emoji, {HELD_OUT_PROMPTS} held-out prompts; overrides {overrides or 'none'}")
-    print(f"{'method':<18} {'trigger':<10} {'S train':>8} {'S without':>10} {'S with':>8} {'moved':>7} "
+    print(f"{'method':<18} {'layers':<10} {'trigger':<10} {'S train':>8} {'S without':>10} {'S with':>8} {'moved':>7} "
           f"{'drawing kept':>13} {'train s':>8}")
     for row in rows:
-        print(f"{row['method']:<18} {row['trigger'] or '-':<10} {row['saturation_training']:8.3f} {row['saturation_without']:10.3f} "
+        print(f"{row['method']:<18} {row['layers']:<10} {row['trigger'] or '-':<10} {row['saturation_training']:8.3f} {row['saturation_without']:10.3f} "
               f"{row['saturation_with']:8.3f} {row['moved']:7.0%} {row['structure_kept']:13.2f} "
               f"{row['training_seconds']:8.1f}")
     if args.write:
         REPORT.write_text(json.dumps({"training_images": TRAINING_IMAGES, "held_out_prompts": held_out,
-                                      "captions": captions, "rows": rows}, indent=2) + "\n")
+                                      "captions": captions, "rows": merged(rows)}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

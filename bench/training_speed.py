@@ -7,8 +7,8 @@ worker's thread, one after the other, steps timed after a warm-up:
   (cached latents and text embeddings).
 - DreamBooth: the same LoRA plus as many class images per step (prior preservation); the minimal loop is
   train_dreambooth_lora's: instance and class rows in one UNet call, loss + prior loss.
-- Textual inversion: 4 vectors; the minimal loop is diffusers' textual_inversion.py: the text encoder's whole
-  token-embedding table trains and every row but the new tokens' is put back after each step.
+- Textual inversion: 8 vectors (the default); the minimal loop is diffusers' textual_inversion.py: the text
+  encoder's whole token-embedding table trains and every row but the new tokens' is put back after each step.
 
 Prints steps/s for each and their ratio (goal: studio / minimal >= 0.95).
 

@@ -151,7 +151,7 @@ def _settings_controls() -> dict:
         settings["class_images"] = gr.Number(value=50, precision=0, label="Class images", visible=False)
         settings["prior_loss_weight"] = gr.Number(value=1.0, label="Prior-loss weight", visible=False)
     with gr.Row():
-        settings["vectors"] = gr.Slider(1, 75, value=4, step=1, precision=0, label="Vectors per token", visible=False)
+        settings["vectors"] = gr.Slider(1, 75, value=8, step=1, precision=0, label="Vectors per token", visible=False)
         settings["init_word"] = gr.Textbox(value="*", label="Initial word (the vectors start as its embedding)",
                                            visible=False, elem_id="lora-init-word")
     with gr.Row():

@@ -107,7 +107,7 @@ def measure(models, generator, method: str, overrides: dict, images, captions, h
         sheet.save(grid.with_name(f"{grid.stem}-{method}{grid.suffix}"))
     target, s_with, s_without = saturation(images), saturation(with_images), saturation(without_images)
     return {"method": method, "trigger": trigger, "layers": "attention" if attention_only else "default",
-            "settings": request.settings(), "training_seconds": round(seconds, 1),
+            "overrides": overrides, "settings": request.settings(), "training_seconds": round(seconds, 1),
             "final_loss": round(result.final_loss, 4), "saturation_training": round(target, 4),
             "saturation_without": round(s_without, 4), "saturation_with": round(s_with, 4),
             "moved": round((s_without - s_with) / (s_without - target), 3),
@@ -129,10 +129,10 @@ def adapted_layers(targets: list[str] | None):
 
 
 def merged(rows: list[dict]) -> list[dict]:
-    """The report's rows with `rows` in place of those of the same variant."""
+    """The report's rows with `rows` in place of those of the same variant: method, trigger word, adapted layers
+    and the settings given (`--set`), the others being the defaults of the day."""
     def variant(row: dict) -> str:
-        return json.dumps([row["method"], row["trigger"], row.get("layers", "default"),
-                           {k: v for k, v in row["settings"].items() if k != "name"}], sort_keys=True)
+        return json.dumps([row["method"], row["trigger"], row["layers"], row["overrides"]], sort_keys=True)
     kept = json.loads(REPORT.read_text())["rows"] if REPORT.is_file() else []
     new = {variant(row) for row in rows}
     return [row for row in kept if variant(row) not in new] + rows

@@ -90,6 +90,24 @@ def test_installing_adds_tokens_no_prompt_holds_and_leaves_the_vocabulary_as_it_
     [row] = install_embedding(pipeline, "a", vectors(1))
     assert pipeline.tokenizer("a", add_special_tokens=False).input_ids == word and row not in word
     assert torch.equal(pipeline.text_encoder.get_input_embeddings().weight[:len(table_before)], table_before)
+    with pytest.raises(ValueError, match="would be read as part of another embedding's tokens; rename its file"):
+        install_embedding(pipeline, "my-style:1", vectors(1))               # `<ti:my-style:1>` is My-Style's
+
+
+def test_a_long_prompt_s_windows_keep_each_embedding_whole(studio):
+    """As A1111 fills its chunks: an embedding that does not fit what is left of a window starts the next one,
+    emphasis or not."""
+    from pipelines.core.prompts import _weighted_windows, _windows, window
+
+    pipeline = studio.models.current.pipeline
+    ids = install_embedding(pipeline, "my-style", vectors(3))
+    size = window(pipeline.tokenizer)
+    text = "red " * (size - 1) + expand_embedding_names("my-style, green", {"my-style": 3})
+    windows = _windows(pipeline.tokenizer, text)
+    assert len(windows[0]) == size - 1 and windows[1][:3] == ids
+    styled = expand_embedding_names("my-style green", {"my-style": 3})
+    weighted, weights = _weighted_windows(pipeline.tokenizer, [["red " * (size - 2), 1.0], [styled, 1.3]])
+    assert len(weighted[0]) == size - 2 and weighted[1][:3] == ids and weights[1][:3] == [1.3] * 3
 
 
 def test_a_named_embedding_changes_the_image_in_the_prompt_and_in_the_negative(studio):
@@ -119,6 +137,11 @@ def test_a_named_embedding_changes_the_image_in_the_prompt_and_in_the_negative(s
     assert np.abs(named - literal).mean() > 1
     assert np.abs(pixels(studio, "red apple", negative_prompt="my-style") - literal_negative).mean() > 1
     assert np.array_equal(pixels(studio, prompt), named)                     # loaded once, the same image again
+    # its file deleted: the name is words again (the tokens installed stay unread) and no hash is claimed
+    (studio.models.embeddings_dir / "my-style.safetensors").unlink()
+    done = studio.generate(request(prompt))
+    assert np.array_equal(np.asarray(done.images[0].image, dtype=np.int16), literal)
+    assert "TI hashes" not in parse_infotext(done.images[0].infotext)[2]
 
 
 def test_a_retrained_file_is_read_again(studio):
@@ -147,6 +170,10 @@ def test_an_embedding_made_for_another_model_or_pickled_is_not_applied_and_says_
     save_file({"clip_l": vectors(2, width=768), "clip_g": vectors(2, width=1280)}, str(sdxl))
     done = studio.generate(request("red apple xl-style"))
     assert any("xl-style.safetensors is an SDXL embedding" in note for note in done.messages)
+    (studio.models.embeddings_dir / "cut.safetensors").write_bytes(b"\x10\x00\x00\x00not a header")   # truncated
+    done = studio.generate(request("red apple wide, cut"))
+    assert any("Embedding cut not applied" in note and "cut.safetensors could not be read as an embedding" in note
+               for note in done.messages)
 
 
 def test_a_pickled_embedding_needs_allow_pickle(studio):

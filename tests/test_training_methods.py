@@ -90,6 +90,27 @@ def test_a_stopped_textual_inversion_resumes_from_its_checkpoint(studio, tmp_pat
     assert not torch.equal(load_file(str(second.path))["emb_params"], stopped_vectors)
 
 
+def test_a_stop_before_the_first_step_writes_nothing_over_the_file_there_is(studio, tmp_path):
+    """Stop pressed while the data and the first samples are prepared: no step runs and the embedding a user
+    already has stays as it was."""
+    from pipelines.training.loop import TrainingStopped
+
+    training = request(method="textual_inversion", name="kept-style", vectors=2, init_word="frame", steps=3,
+                       sample_every=2)
+    path = studio.models.embeddings_dir / "kept-style.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"the user's own file")
+
+    def stopped_at_once(job):
+        job.cancel()
+        return train(studio.models, training, job, cache_dir=tmp_path / "runs")
+    job = studio.models.worker.submit(stopped_at_once, kind="train", priority=Priority.BACKGROUND)
+    with pytest.raises(TrainingStopped, match="Stopped before the first step; nothing was written"):
+        job.result()
+    assert not [event for event in job.events() if isinstance(event, LossPoint)]
+    assert path.read_bytes() == b"the user's own file"
+
+
 def test_dreambooth_draws_its_class_images_once_and_compares_the_identifier_with_the_class(studio, tiny_model_dir,
                                                                                             tmp_path):
     from diffusers import StableDiffusionPipeline

@@ -146,10 +146,32 @@ def can_chunk(pipeline) -> bool:
         and getattr(pipeline, "text_encoder", None) is not None
 
 
+def embedding_tokens(name: str, count: int) -> list[str]:
+    """The tokens a textual-inversion embedding of `count` vectors is installed under (pipelines/models/
+    embeddings.py): `<ti:name>`, `<ti:name:1>`, …, lower-cased (CLIP's tokenizers lower-case the text before they
+    look for added tokens)."""
+    token = name.lower()
+    return [f"<ti:{token}>"] + [f"<ti:{token}:{index}>" for index in range(1, count)]
+
+
+EMBEDDING_VECTOR = re.compile(r"<ti:.+:\d+>")    # an embedding's second vector and those after it
+
+
+def _units(tokenizer, ids: list[int]) -> list[list[int]]:
+    """`ids` in the pieces a window must not split: each embedding's vectors together (A1111 moves an embedding
+    that does not fit what is left of a window to the next), every other token alone."""
+    units: list[list[int]] = []
+    for token_id, token in zip(ids, tokenizer.convert_ids_to_tokens(ids)):
+        if units and token_id >= tokenizer.vocab_size and EMBEDDING_VECTOR.fullmatch(token):
+            units[-1].append(token_id)
+        else:
+            units.append([token_id])
+    return units
+
+
 def _windows(tokenizer, text: str) -> list[list[int]]:
-    ids = tokenizer(text, add_special_tokens=False, truncation=False).input_ids
-    size = window(tokenizer)
-    return [ids[i:i + size] for i in range(0, len(ids), size)] or [[]]
+    windows, _ = _weighted_windows(tokenizer, [[text, 1.0]])
+    return windows
 
 
 def _weighted_windows(tokenizer, fragments: list[list]) -> tuple[list[list[int]], list[list[float]]]:
@@ -172,11 +194,14 @@ def _weighted_windows(tokenizer, fragments: list[list]) -> tuple[list[list[int]]
             close_window()
             continue
         text, weight = fragment
-        for token in tokenizer(text, add_special_tokens=False, truncation=False).input_ids:
-            if len(ids) == size:
+        for unit in _units(tokenizer, tokenizer(text, add_special_tokens=False, truncation=False).input_ids):
+            if ids and len(ids) + len(unit) > size >= len(unit):     # an embedding goes whole to the next window
                 close_window()
-            ids.append(token)
-            multipliers.append(weight)
+            for token in unit:
+                if len(ids) == size:
+                    close_window()
+                ids.append(token)
+                multipliers.append(weight)
     if ids or not windows:
         close_window()
     return windows, weights

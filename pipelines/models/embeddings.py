@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken
 
 from pipelines.core.paths import check_weights_file, confined, inside
+from pipelines.core.prompts import embedding_tokens
 from pipelines.io.files import sha256_hex
 from pipelines.lora.adapters import file_stamp
 
@@ -67,6 +68,16 @@ def read_embedding(path: Path, *, allow_pickle: bool) -> torch.Tensor:
 def _read(path: Path, *, allow_pickle: bool) -> tuple[torch.Tensor, dict]:
     """The vectors and the metadata (`step`, `sd_checkpoint`, `sd_checkpoint_name`, where the file says)."""
     check_weights_file(path, allow_pickle=allow_pickle)   # names the file and --allow-pickle
+    try:
+        return _read_file(path)
+    except ValueError:
+        raise
+    except Exception as error:      # truncated, not what its suffix says, unreadable: refused, not a failed image
+        raise ValueError(f"{path.name} could not be read as an embedding ({type(error).__name__}: {error}); "
+                         "download or train it again.") from error
+
+
+def _read_file(path: Path) -> tuple[torch.Tensor, dict]:
     if path.suffix.lower() == ".safetensors":
         with safe_open(str(path), framework="pt") as reader:
             tensors = {key: reader.get_tensor(key) for key in reader.keys()}
@@ -137,13 +148,6 @@ def short_hash(path: Path) -> str:
 # ----------------------------------------------------------------------------- the text encoder
 
 
-def embedding_tokens(name: str, count: int) -> list[str]:
-    """The tokens an embedding of `count` vectors is installed under: `<ti:name>`, `<ti:name:1>`, …, lower-cased
-    (CLIP's tokenizers lower-case the text before they look for added tokens)."""
-    token = name.lower()
-    return [f"<ti:{token}>"] + [f"<ti:{token}:{index}>" for index in range(1, count)]
-
-
 def text_width(pipeline) -> int | None:
     """The width of the vectors the pipeline's (first) text encoder takes, or None without one."""
     encoder = getattr(pipeline, "text_encoder", None)
@@ -167,6 +171,9 @@ def install_embedding(pipeline, name: str, vectors: torch.Tensor) -> list[int]:
     tokens are added (the encoder's table grows only when it must), their rows written in the encoder's dtype and
     device. Installing a name again rewrites its rows (a retrained file). Returns the token ids."""
     check_fits(pipeline, name, vectors)
+    if any(character in name for character in "<>:"):
+        raise ValueError(f"Embedding {name!r}: a name with '<', '>' or ':' would be read as part of another "
+                         "embedding's tokens; rename its file.")
     tokenizer, encoder = pipeline.tokenizer, pipeline.text_encoder
     tokens = embedding_tokens(name, vectors.shape[0])
     tokenizer.add_tokens([AddedToken(token, single_word=True) for token in tokens])
@@ -233,9 +240,11 @@ def expand_embedding_names(text: str, names_to_counts: dict[str, int]) -> str:
 
 
 def ti_hashes(text: str, loaded: dict[str, LoadedEmbedding]) -> str | None:
-    """A1111's `TI hashes` infotext value for the embeddings `text` names: "name: hash, name: hash" (names
-    without `:` and `,`, as A1111 writes them), or None."""
-    used = embeddings_in(text, loaded)
+    """A1111's `TI hashes` infotext value for the embeddings applied to `text` (the texts as the encoder read them,
+    each applied name expanded to its tokens): "name: hash, name: hash" (names without `:` and `,`, as A1111 writes
+    them), or None. A name read as words (its file gone, or refused) has no hash."""
+    text = text.lower()
+    used = [name for name in loaded if embedding_tokens(name, 1)[0] in text]
     return ", ".join(f"{name.replace(':', '').replace(',', '')}: {loaded[name].hash}" for name in used) or None
 
 

@@ -210,10 +210,11 @@ def _train(run: _Run, method, parameters: list, data: TrainingData, prior: Train
     if before:
         job.emit(Samples(0, request.samples(), before))
 
-    step, strikes, rollbacks, learning_rate, loss_value, stopped = start, 0, 0, request.learning_rate, float("nan"), False
+    step, strikes, rollbacks, learning_rate, loss_value = start, 0, 0, request.learning_rate, float("nan")
+    stopped = job.stop.is_set()        # pressed while the data or the first samples were prepared: no step
     started = time.perf_counter()
     method.train_mode()
-    while step < request.steps:
+    while step < request.steps and not stopped:
         # 3. One step
         rate = learning_rate * _schedule(step, request)
         for group in optimizer.param_groups:
@@ -408,8 +409,7 @@ def _draw(run: _Run, prompts: list[str]) -> list:
             for number, prompt in enumerate(prompts):
                 # a fresh scheduler for each: a multistep sampler keeps state from the previous image
                 pipeline.scheduler = make_scheduler(model_default_sampler(config), config)
-                # encoded here as written (an embedding's name already its run's tokens), not expanded again by
-                # diffusers, which would take in every `name_i` the tokenizer has from an older file
+                # encoded here as written: an embedding's name is already its run's tokens
                 prompts, _ = prompt_arguments(pipeline, prompt, "", pipeline._execution_device, emphasis=False)
                 latents = pipeline(**prompts, num_inference_steps=run.request.sample_steps, output_type="latent",
                                    generator=torch.Generator().manual_seed(run.request.seed + number)).images

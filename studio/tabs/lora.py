@@ -231,7 +231,7 @@ def request_settings(settings: dict) -> dict:
     for key, value in settings.items():
         if value is None or value == "" or method not in METHOD_SETTINGS.get(key, {method}):
             continue
-        if key == "learning_rate" and value == 0:     # the API's "the method's own" (no rate is 0)
+        if (key, value) in (("learning_rate", 0), ("caption_dropout", -1)):   # /train_lora's "the method's own"
             continue
         if key == "sample_prompts" and isinstance(value, str):
             value = [line.strip() for line in value.splitlines() if line.strip()] or None
@@ -321,7 +321,8 @@ def _wire_training(context: StudioContext, tab: LoraTab) -> None:
                 raise gr.Error("No training is running.")
             getattr(job, action)()
             return {tab.status: {"pause": "Paused: generations run meanwhile; Resume goes on.", "resume": "Resumed…",
-                                 "cancel": "Stopping after this step; the file is saved."}[action]}
+                                 "cancel": "Stopping after this step; the file is saved (before the first "
+                                           "step: nothing is written)."}[action]}
         return control
 
     page = {"images": tab.files, "folder": tab.folder, "captions": tab.captions, **tab.settings}
@@ -346,6 +347,8 @@ def _api_inputs(tab: LoraTab) -> dict[str, dict]:
     inputs = {"lora": data | {key: repeats if key == "repeats" else tab.settings[key] for key in API_SETTINGS}}
     inputs["lora"]["learning_rate"] = gr.Number(value=0, visible=False,
                                                 label="Learning rate (0: the method's own)")
+    inputs["lora"]["caption_dropout"] = gr.Number(value=-1, visible=False, label="Caption dropout (-1: the method's "
+                                                  "own, LoRA 0.1, DreamBooth and textual inversion 0)")
     for method, name, label in (("textual_inversion", "my-embedding", "Name (the embedding's file and prompt word)"),
                                 ("dreambooth", "my-dreambooth", "Name (the LoRA's file)")):
         own = {key: control for key, control in tab.settings.items() if key != "method" and

@@ -1,6 +1,6 @@
 """Issue 25, as a newcomer meets the page in Chromium: inpainting a picture larger than the processing size
 (item 4), the explorer's playback and exported GIF (item 6), and small things (item 10): the Inpainting tab's
-example images, the explorer's moments table, the training upload's thumbnails."""
+example images, the explorer's moments table (the training upload's thumbnails: test_server's LoRA training)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from pipelines.io.metadata import infotext_to_settings, parse_infotext
-from tests.test_server import _frame_images, _page_on_tab, browser, server  # noqa: F401 (fixtures)
+from tests.test_server import _page_on_tab, browser, server  # noqa: F401 (fixtures)
 
 QUEUE_JOIN = "/gradio_api/queue/join"
 
@@ -166,14 +166,4 @@ def test_browser_explorer_moments_table_keeps_its_headers_whole_and_the_forward_
     assert lines == 1, f"the header {header.inner_text()!r} wraps over {lines} lines"
     # item 6, here too: the exported GIF plays on the page
     _assert_the_gif_plays_on_the_page(page, "#explorer-forward-gif", "#explorer-forward-gif-shown img")
-    page.close()
-
-
-@pytest.mark.slow
-def test_browser_training_upload_shows_thumbnails(server, browser, tmp_path):
-    """Item 10: the training upload listed file names only."""
-    url, _ = server
-    page = _page_on_tab(browser, url, "Training")
-    page.locator("#lora-files input[type=file]").set_input_files([str(p) for p in _frame_images(tmp_path)])
-    page.wait_for_function("() => document.querySelectorAll('#lora-thumbnails img').length === 4", timeout=30_000)
     page.close()

@@ -187,11 +187,10 @@ def _gallery_image(page) -> Image.Image:
 
 
 @pytest.mark.slow
-def test_browser_generates_an_image_with_previews_and_stop_works(server, browser, tmp_path):
+def test_browser_generates_an_image_with_previews_and_stop_works(server, browser):
     url, _ = server
     page = _page_with_an_image(browser, url, 4242)
     image = _gallery_image(page)
-    page.screenshot(path=str(tmp_path / "studio.png"))
     assert np.asarray(image, dtype=np.float32).std() > 2.0, "the gallery image is blank"
     assert "Seed: 4242" in page.locator("#txt2img-infotext textarea").input_value()
 
@@ -284,7 +283,6 @@ def test_browser_inpaints_only_under_a_painted_stroke(server, browser, tmp_path)
     page.locator("#inpaint-seed input").fill("777")
     page.locator("#inpaint-generate").click()
     page.locator("#inpaint-status").get_by_text("Seed 777").wait_for(timeout=120_000)
-    page.screenshot(path=str(tmp_path / "inpaint.png"))
     result = np.asarray(Image.open(sorted(context.outputs_dir.rglob("*-777.png"))[-1]).convert("RGB"), dtype=np.int16)
     red = np.array([200, 60, 60])
     assert result.shape == (64, 64, 3)
@@ -311,6 +309,9 @@ def test_browser_shows_a_generated_image_whole_and_every_tab_renders(server, bro
     shown = image.evaluate(WHOLE_IMAGE)
     assert shown["inside_component"] and shown["on_screen"], shown
     assert shown["scale"] >= 2 and shown["scale"] == int(shown["scale"]) and abs(shown["aspect"] - 1) < 0.01, shown
+    if width < 1920:      # one size is enough to see every tab render
+        page.close()
+        return
     # every tab renders: its own controls show once it is picked (full-page screenshots of each, kept by no one,
     # cost the suite several seconds)
     for tab, control in (("Image-to-Image", "#img2img-generate"), ("Inpainting", "#inpaint-generate"),
@@ -441,14 +442,16 @@ def test_browser_trains_a_lora_from_dropped_files_and_generates_with_it(server, 
     page.locator("#lora-files input[type=file]").set_input_files([str(p) for p in _frame_images(tmp_path)])
     page.wait_for_function("() => document.querySelector('#lora-captions').innerText"
                            ".includes('a red square in a dark frame')", timeout=30_000)   # the caption table
+    # the dropped pictures show as thumbnails, not as file names alone
+    page.wait_for_function("() => document.querySelectorAll('#lora-thumbnails img').length === 4", timeout=30_000)
     page.locator("#lora-name textarea").fill("boxes")
     page.locator("#lora-trigger textarea").fill("boxy")
     steps = page.locator("#lora-steps input[type=number]")    # the page's flow, not the default's 300 steps
-    steps.fill("20")
+    steps.fill("12")
     steps.press("Enter")
     page.locator("#lora-train").click()
     page.locator("#lora-status").get_by_text("Saved").wait_for(timeout=240_000)
-    assert "after 20 steps" in page.locator("#lora-status").inner_text()             # the slider's value was used
+    assert "after 12 steps" in page.locator("#lora-status").inner_text()             # the slider's value was used
     assert page.locator("#lora-loss canvas, #lora-loss svg").count() > 0           # the loss was plotted
     assert page.locator("#lora-samples img").count() >= 2                           # weight 0 and weight 1
     page.get_by_role("tab", name="Text-to-Image").click()
@@ -547,7 +550,6 @@ def test_browser_draws_a_scribble_and_generates_with_control(server, browser, ti
     page.locator("#controlnet-seed input").fill("4321")
     page.locator("#controlnet-generate").click()
     page.locator("#controlnet-status").get_by_text("Seed 4321").wait_for(timeout=120_000)
-    page.screenshot(path=str(tmp_path / "controlnet.png"))
     infotext = page.locator("#controlnet-infotext textarea").input_value()
     assert 'ControlNet 0: "Module: invert, Model: tiny-cn' in infotext     # drawing picked the invert preprocessor
     steered = Image.open(sorted(context.outputs_dir.rglob("*-4321.png"))[-1]).convert("RGB")

@@ -248,18 +248,10 @@ def _train(run: _Run, method, parameters: list, data: TrainingData, prior: Train
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         strikes, step, loss_value = 0, step + 1, float(loss)
-        seconds = time.perf_counter() - started
-        job.emit(LossPoint(step, loss_value, rate, seconds))
-        speed = (step - start) / seconds
-        job.report(step, request.steps, f"loss {loss_value:.4f} · {speed:.2f} steps/s · "
-                                        f"{_time_left((request.steps - step) / speed)} left")
+        _report(job, request, step, start, loss_value, rate, time.perf_counter() - started)
 
         # 5. Checkpoints, samples, and room for other jobs
-        if (step % request.checkpoint_every == 0 or step == request.steps) and run.main:
-            save_checkpoint(run.run_dir, run.fingerprint, method, optimizer, step)
-        if request.sample_every and step % request.sample_every == 0 and step < request.steps and run.main:
-            job.emit(Samples(step, request.samples(), _samples(run, method, trained=True)))
-            method.train_mode()
+        _after_step(run, method, optimizer, step)
         if stopped := _yield_to_others(job, method):
             break
     run.pipeline.unet.eval()
@@ -268,6 +260,24 @@ def _train(run: _Run, method, parameters: list, data: TrainingData, prior: Train
     # 6. The file, then its effect
     return _finish(run, method, data, score, step=step, loss=loss_value, stopped=stopped, before=before,
                    warnings=warnings)
+
+
+def _report(job, request: TrainingRequest, step: int, start: int, loss: float, rate: float, seconds: float) -> None:
+    """The step's loss point, and the status: the loss, the speed and the time left."""
+    job.emit(LossPoint(step, loss, rate, seconds))
+    speed = (step - start) / seconds
+    job.report(step, request.steps, f"loss {loss:.4f} · {speed:.2f} steps/s · "
+                                    f"{_time_left((request.steps - step) / speed)} left")
+
+
+def _after_step(run: _Run, method, optimizer, step: int) -> None:
+    """The checkpoint and the samples due at `step` (the first process alone writes and draws)."""
+    request = run.request
+    if (step % request.checkpoint_every == 0 or step == request.steps) and run.main:
+        save_checkpoint(run.run_dir, run.fingerprint, method, optimizer, step)
+    if request.sample_every and step % request.sample_every == 0 and step < request.steps and run.main:
+        run.job.emit(Samples(step, request.samples(), _samples(run, method, trained=True)))
+        method.train_mode()
 
 
 def _finite(loss: torch.Tensor, parameters: list) -> bool:

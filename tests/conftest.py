@@ -107,3 +107,19 @@ def pretend_cuda(studio, monkeypatch):
         for name in ("to", "enable_model_cpu_offload", "enable_sequential_cpu_offload", "enable_attention_slicing"):
             monkeypatch.setattr(pipeline, name, lambda *a, _name=name, _id=id(pipeline), **k: calls.append((_name, _id)))
     return calls
+
+
+@pytest.fixture(scope="module")
+def sdxl_studio(tmp_path_factory, worker):
+    """A studio on a seeded tiny SDXL-layout model (two text encoders, `text_time` added conditioning)."""
+    from pipelines.generation.generator import Generator
+    from pipelines.models.manager import ModelManager
+    from pipelines.models.memory import MemoryManager
+    from pipelines.models.sources import ModelSource
+    from recipe.tiny import build_tiny_sdxl_pipeline
+
+    folder = tmp_path_factory.mktemp("sdxl")
+    models = ModelManager(MemoryManager(device="cpu"), worker=worker, models_dir=folder / "models")
+    pipeline = build_tiny_sdxl_pipeline(folder)
+    worker.call(lambda: models.adopt(pipeline, ModelSource("folder", str(folder), "tiny-sdxl")))
+    return Generator(models, None)

@@ -199,23 +199,7 @@ def test_classifier_guidance_shifts_eps_by_the_scaled_gradient():
     torch.testing.assert_close(gradient, weight.expand_as(x_t))
 
 
-@pytest.fixture(scope="module")
-def sdxl_studio(tmp_path_factory, worker):
-    """A studio on a seeded tiny SDXL-layout model (two text encoders, `text_time` added conditioning)."""
-    from pipelines.generation.generator import Generator
-    from pipelines.models.manager import ModelManager
-    from pipelines.models.memory import MemoryManager
-    from pipelines.models.sources import ModelSource
-    from recipe.tiny import build_tiny_sdxl_pipeline
-
-    folder = tmp_path_factory.mktemp("sdxl")
-    models = ModelManager(MemoryManager(device="cpu"), worker=worker, models_dir=folder / "models")
-    pipeline = build_tiny_sdxl_pipeline(folder)
-    worker.call(lambda: models.adopt(pipeline, ModelSource("folder", str(folder), "tiny-sdxl")))
-    return Generator(models, None)
-
-
-def test_sdxl_runs_pag_and_align_your_steps_through_diffusers_own_pipelines(sdxl_studio):
+def test_sdxl_runs_pag_icg_and_align_your_steps(sdxl_studio):
     from diffusers.schedulers import AysSchedules
 
     base = dict(prompt="red apple", seed=3, steps=10, width=64, height=64, sampler="Euler")
@@ -230,5 +214,5 @@ def test_sdxl_runs_pag_and_align_your_steps_through_diffusers_own_pipelines(sdxl
     scheduler = sdxl_studio.models.pipeline("txt2img").scheduler
     np.testing.assert_allclose(scheduler.sigmas.numpy(), AysSchedules["StableDiffusionXLSigmas"], rtol=1e-5)
     assert "Schedule type: Align Your Steps" in ays.images[0].infotext
-    with pytest.raises(ValueError, match="`text_time` embeddings.*CFG, PAG and the schedules"):
-        sdxl_studio.generate(Txt2ImgRequest(**base, cfg_method="ICG"))
+    icg = sdxl_studio.generate(Txt2ImgRequest(**base, cfg_method="ICG"))    # the studio's own loop, on SDXL too
+    assert np.abs(np.asarray(icg.images[0].image, dtype=np.int16) - plain).mean() > 0.5

@@ -158,12 +158,6 @@ def prepare(models, request: SamplingSettings) -> PreparedCall:
             raise ValueError(f"The {request.sampler} sampler runs its own loop with plain CFG (or ICG) on its own "
                              "schedule; turn off PAG, classifier guidance, the guidance interval and the schedule, "
                              "or pick another sampler.")
-    kind = pipeline.unet.config.addition_embed_type
-    if kind is not None and (request.cfg_method != "CFG" or request.cfg_start > 0 or request.cfg_end < 1
-                             or request.classifier_scale > 0):
-        raise ValueError(f"ICG, the guidance interval and classifier guidance run in the studio's own loop, which "
-                         f"takes SD 1.x/2.x-style models; {model.name} adds `{kind}` embeddings to its UNet (SDXL and "
-                         "kin), which runs CFG, PAG and the schedules through diffusers' own pipelines.")
     if request.unchanged_image() is None:
         request.check_steps()
     for name in request.controlnet_names():   # loaded first, so that the memory budget counts them

@@ -39,15 +39,50 @@ def prompt_embeddings(pipeline, request: SamplingSettings, device, *, cfg: bool,
     `emphasis`: A1111's (word:1.2) and BREAK apply (pipelines/core/prompts.py); otherwise the text is read literally.
     `texts`: the prompt and negative prompt as the encoder reads them (a prepared call's, embedding names expanded);
     by default the request's, LoRA tags taken out."""
+    embeddings, _, note = encoded_prompts(pipeline, request, device, cfg=cfg, count=count, emphasis=emphasis,
+                                          texts=texts)
+    return embeddings, note
+
+
+def encoded_prompts(pipeline, request: SamplingSettings, device, *, cfg: bool, count: int = 1, emphasis: bool = True,
+                    texts: tuple[str, str] | None = None) -> tuple[torch.Tensor, torch.Tensor | None, str | None]:
+    """`prompt_embeddings`, and the pooled text embeddings in the same rows for a UNet that also takes them
+    (SDXL's second text encoder: `text_time` added conditioning), else None."""
     prompt, negative_prompt = texts if texts is not None else prompt_texts(request)[:2]
     if cfg and request.cfg_method == "ICG":   # the random prompt ĉ stands in for the negative prompt
         negative_prompt = independent_prompt(pipeline.tokenizer)
     prompts, note = prompt_arguments(pipeline, prompt, negative_prompt, device, emphasis=emphasis)
+    arguments = {"prompt_embeds": prompts.get("prompt_embeds"),
+                 "negative_prompt_embeds": prompts.get("negative_prompt_embeds")}
     with torch.no_grad():
-        positive, negative = pipeline.encode_prompt(
-            prompts.get("prompt"), device, count, cfg, prompts.get("negative_prompt"),
-            prompt_embeds=prompts.get("prompt_embeds"), negative_prompt_embeds=prompts.get("negative_prompt_embeds"))
-    return (torch.cat([negative, positive]) if cfg else positive), note
+        if takes_pooled_text(pipeline):
+            positive, negative, pooled, negative_pooled = pipeline.encode_prompt(
+                prompts.get("prompt"), device=device, num_images_per_prompt=count, do_classifier_free_guidance=cfg,
+                negative_prompt=prompts.get("negative_prompt"), **arguments)
+            pooled = torch.cat([negative_pooled, pooled]) if cfg else pooled
+        else:
+            positive, negative = pipeline.encode_prompt(prompts.get("prompt"), device, count, cfg,
+                                                        prompts.get("negative_prompt"), **arguments)
+            pooled = None
+    return (torch.cat([negative, positive]) if cfg else positive), pooled, note
+
+
+def takes_pooled_text(pipeline) -> bool:
+    """Whether the pipeline's UNet takes SDXL's added conditioning: the pooled text and the size and crop ids."""
+    unet = getattr(pipeline, "unet", None)
+    return unet is not None and unet.config.addition_embed_type == "text_time"
+
+
+def size_ids(unet, pooled: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """SDXL's micro-conditioning for an image made at `height` × `width`, as diffusers' SDXL pipelines send it by
+    default: original size, crop top-left (0, 0) and target size, one row per row of `pooled`."""
+    ids = [height, width, 0, 0, height, width]
+    taken = unet.add_embedding.linear_1.in_features
+    given = unet.config.addition_time_embed_dim * len(ids) + pooled.shape[-1]
+    if taken != given:     # a refiner's aesthetic score in place of the target size
+        raise ValueError(f"This UNet's added conditioning takes {taken} numbers, not SDXL base's {given} (size, crop "
+                         "and target size, and the pooled text): an SDXL refiner is not supported here.")
+    return torch.tensor([ids], dtype=pooled.dtype, device=pooled.device).repeat(len(pooled), 1)
 
 
 @dataclass
@@ -87,10 +122,13 @@ class Denoiser:
         self.request = request
         self.perturbed = PerturbedAttention(self.unet, request.pag_layers) if request.pag_scale > 0 else None
         self.classifier = call.classifier if request.classifier_scale > 0 else None
-        self.embeddings, note = prompt_embeddings(pipeline, request, call.device, cfg=self.cfg,
-                                                  count=request.batch_size, texts=call.texts)
+        self.embeddings, pooled, note = encoded_prompts(pipeline, request, call.device, cfg=self.cfg,
+                                                        count=request.batch_size, texts=call.texts)
         if note:
             call.notes.append(note)
+        # SDXL's added conditioning, in the embeddings' rows: the pooled text, and the size and crop ids
+        self.added = None if pooled is None else \
+            {"text_embeds": pooled, "time_ids": size_ids(self.unet, pooled, request.height, request.width)}
         self.timestep_cond = None
         if self.unet.config.time_cond_proj_dim is not None:  # guidance-distilled (LCM) UNets embed w
             self.timestep_cond = pipeline.get_guidance_scale_embedding(
@@ -109,12 +147,19 @@ class Denoiser:
 
     def model_input(self, latents: torch.Tensor, t, rows: ModelRows) -> tuple[torch.Tensor, torch.Tensor]:
         """The scaled UNet input and the prompt embeddings for `rows`, in the order [ε_u, ε_c, ε̃_c]."""
-        count = self.call.request.batch_size
-        positive = self.embeddings[count:] if self.cfg else self.embeddings
-        embeddings = torch.cat([*([self.embeddings[:count]] if rows.uncond else []), positive,
-                                *([positive] if rows.perturbed else [])])
         sample = torch.cat([latents] * rows.chunks) if rows.chunks > 1 else latents
-        return self.scheduler.scale_model_input(sample, t), embeddings
+        return self.scheduler.scale_model_input(sample, t), self._in_rows(self.embeddings, rows)
+
+    def added_conditions(self, rows: ModelRows) -> dict | None:
+        """SDXL's `added_cond_kwargs` for `rows` (None for a UNet without added conditioning)."""
+        return None if self.added is None else {key: self._in_rows(value, rows) for key, value in self.added.items()}
+
+    def _in_rows(self, stacked: torch.Tensor, rows: ModelRows) -> torch.Tensor:
+        """[negative; positive] rows (positive alone without CFG) in the order of the UNet call's `rows`."""
+        count = self.call.request.batch_size
+        positive = stacked[count:] if self.cfg else stacked
+        return torch.cat([*([stacked[:count]] if rows.uncond else []), positive,
+                          *([positive] if rows.perturbed else [])])
 
     def predict(self, latents: torch.Tensor, t, *, index: int | None = None, count: int | None = None,
                 extra_channels: torch.Tensor | None = None, down_block_additional_residuals=None,
@@ -130,6 +175,7 @@ class Denoiser:
         with torch.no_grad(), perturbation:
             noise_pred = self.unet(model_input, t, encoder_hidden_states=embeddings,
                                    timestep_cond=self.timestep_cond, cross_attention_kwargs=self.cross_attention_kwargs,
+                                   added_cond_kwargs=self.added_conditions(rows),
                                    down_block_additional_residuals=down_block_additional_residuals,
                                    mid_block_additional_residual=mid_block_additional_residual, return_dict=False)[0]
         prediction = self._guided(noise_pred, rows, t)
@@ -165,11 +211,13 @@ class Denoiser:
         model = unet if unet is not None else self.unet
         count = self.call.request.batch_size
         rows = rows.to(self.embeddings.device)
-        if self.cfg:
-            embeddings = torch.cat([self.embeddings[:count][rows], self.embeddings[count:][rows]])
-            model_input, timesteps = torch.cat([latents, latents]), torch.cat([timesteps, timesteps])
-        else:
-            embeddings, model_input = self.embeddings[rows], latents
+
+        def picked(stacked: torch.Tensor) -> torch.Tensor:     # each row's image, negative rows first with CFG
+            return torch.cat([stacked[:count][rows], stacked[count:][rows]]) if self.cfg else stacked[rows]
+        embeddings = picked(self.embeddings)
+        added = None if self.added is None else {key: picked(value) for key, value in self.added.items()}
+        model_input, timesteps = (torch.cat([latents, latents]), torch.cat([timesteps, timesteps])) if self.cfg \
+            else (latents, timesteps)
         if id(model) not in self._devices:    # walking the modules for offload hooks costs ~1 ms a call
             self._devices[id(model)] = execution_device(model)
         device = self._devices[id(model)]
@@ -178,6 +226,8 @@ class Denoiser:
         with torch.no_grad():
             noise_pred = model(model_input.to(device, model.dtype), timesteps.to(device),
                                encoder_hidden_states=embeddings.to(device, model.dtype), timestep_cond=timestep_cond,
+                               added_cond_kwargs=None if added is None else
+                               {key: value.to(device, model.dtype) for key, value in added.items()},
                                cross_attention_kwargs=None if unet is not None else self.cross_attention_kwargs,
                                return_dict=False)[0]
         return self._guided(noise_pred.to(latents.device, latents.dtype), ModelRows(self.cfg, False)).eps_guided

@@ -15,8 +15,7 @@ import torch
 
 from pipelines.core.denoiser import Denoiser
 from pipelines.core.loop import run_steps, strength_timesteps
-from pipelines.core.guidance import pag_layer_ids
-from pipelines.core.schedules import pipeline_schedule_arguments, set_schedule
+from pipelines.core.schedules import set_schedule
 
 
 def run_text_or_image(call, batch_index: int, *, generators=None, latents=None, callback=None, expose=()
@@ -28,27 +27,7 @@ def run_text_or_image(call, batch_index: int, *, generators=None, latents=None, 
     if request.plain_guidance() and (request.guidance_rescale == 0.0 or takes_rescale):
         return call.run_pipeline(batch_index, generators=generators, latents=latents, callback=callback,
                                  expose=expose)
-    if call.pipeline.unet.config.addition_embed_type is not None:   # SDXL and kin: diffusers' own pipelines
-        return run_in_diffusers(call, batch_index, generators=generators, latents=latents, callback=callback,
-                                expose=expose)
     return run_guided(call, batch_index, generators=generators, latents=latents, callback=callback, expose=expose)
-
-
-def run_in_diffusers(call, batch_index: int, **loop) -> torch.Tensor:
-    """PAG and the schedule for models whose UNet takes added conditioning the studio's loop does not build (SDXL's
-    pooled text and size embeddings): diffusers' PAG pipeline for the task, derived with `from_pipe` (shared
-    weights), and the schedule as the call's `timesteps` / `sigmas` (`prepare` has refused what neither runs)."""
-    from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image
-
-    request, pipeline = call.request, call.pipeline
-    extra = pipeline_schedule_arguments(pipeline.scheduler, request.steps, request.schedule,
-                                        unet_config=pipeline.unet.config)
-    if request.pag_scale > 0.0:
-        auto = AutoPipelineForImage2Image if request.pipeline_arguments().get("image") is not None \
-            else AutoPipelineForText2Image
-        pipeline = auto.from_pipe(pipeline, enable_pag=True, pag_applied_layers=pag_layer_ids(request.pag_layers))
-        extra |= {"pag_scale": request.pag_scale, "pag_adaptive_scale": request.pag_adaptive_scale}
-    return call.run_pipeline(batch_index, pipeline=pipeline, extra=extra, **loop)
 
 
 def run_guided(call, batch_index: int, *, generators=None, latents=None, callback=None, expose=()) -> torch.Tensor:

@@ -242,10 +242,6 @@ def run_inpaint(call, batch_index: int, *, generators=None, latents=None, callba
     """The inpainting task's loop for one batch (its registry entry's `run`); latents out."""
     request, pipeline = call.request.as_inpainting(), call.pipeline
     unet, vae, scheduler = pipeline.unet, pipeline.vae, pipeline.scheduler
-    if unet.config.addition_embed_type is not None:
-        raise ValueError(f"Inpainting here takes SD 1.x/2.x-style models; {call.model.name} adds "
-                         f"`{unet.config.addition_embed_type}` embeddings to its UNet (SDXL and kin), which this loop "
-                         "does not give it yet.")
     device, dtype, batch = call.device, unet.dtype, request.batch_size
     generators = generators or call.generators(batch_index)
 

@@ -74,3 +74,54 @@ def test_speculative_sampling_runs_on_sdxl(sdxl_studio):
     image = np.asarray(done.images[0].image, dtype=np.float32)
     assert image.std() > 2.0
     assert int(parse_infotext(done.images[0].infotext)[2]["Target calls"]) <= 12
+
+
+@pytest.fixture(scope="module")
+def sdxl_controlnet(sdxl_studio):
+    """A seeded tiny ControlNet made from the tiny SDXL UNet (`text_time` conditioning too), under models/."""
+    from recipe.tiny import build_tiny_controlnet
+
+    folder = sdxl_studio.models.models_dir / "controlnet"
+    build_tiny_controlnet(sdxl_studio.models.current.pipeline.unet, seed=1).save_pretrained(folder / "tiny-xl")
+    return "tiny-xl"
+
+
+def test_our_controlnet_loop_is_diffusers_sdxl_controlnet_pipeline(sdxl_studio, sdxl_controlnet):
+    """One unit on SDXL: the same latents as StableDiffusionXLControlNetPipeline on the same noise (the ControlNet
+    takes the pooled text and size ids as the UNet does)."""
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    from pipelines.tasks.controlnet import ControlNetRequest
+    from tests.test_controlnet import BASE, circle
+
+    request = ControlNetRequest(**BASE, control_image=circle(), preprocessor="none", model=sdxl_controlnet,
+                                weight=0.8)
+
+    def both():
+        call = prepare(sdxl_studio.models, request)
+        reference = StableDiffusionXLControlNetPipeline.from_pipe(call.pipeline,
+                                                                  controlnet=call.controlnets[sdxl_controlnet])
+        theirs = reference(prompt=request.prompt, negative_prompt=request.negative_prompt, image=circle(),
+                           num_inference_steps=request.steps, guidance_scale=request.guidance_scale,
+                           controlnet_conditioning_scale=0.8, generator=call.generators(0), output_type="latent",
+                           width=64, height=64).images
+        return call(0), theirs
+
+    ours, theirs = sdxl_studio.models.worker.call(both)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+    plain = sdxl_studio.models.worker.call(lambda: prepare(sdxl_studio.models, Txt2ImgRequest(**BASE))(0))
+    assert (ours - plain).abs().mean() > 1e-3            # it steered
+
+
+def test_a_controlnet_of_another_family_is_refused_naming_both(sdxl_studio, tiny_model_dir):
+    from diffusers import UNet2DConditionModel
+
+    from pipelines.tasks.controlnet import ControlNetRequest
+    from recipe.tiny import build_tiny_controlnet
+    from tests.test_controlnet import BASE, circle
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
+    build_tiny_controlnet(unet).save_pretrained(sdxl_studio.models.models_dir / "controlnet" / "tiny-sd")
+    with pytest.raises(ValueError, match=r"does not fit tiny-sdxl.*\(a ControlNet for an SD 1.x/2.x-style model, "
+                                         r"on SDXL\)"):
+        sdxl_studio.generate(ControlNetRequest(**BASE, control_image=circle(), preprocessor="none", model="tiny-sd"))

@@ -121,6 +121,13 @@ def _condition_embedding_config(state: dict) -> dict:
     return {"conditioning_embedding_out_channels": tuple(channels), "conditioning_channels": conv_in.shape[1]}
 
 
+def family_of(config) -> str:
+    """The model family a UNet's or a ControlNet's config was made for, as a message names it."""
+    if config.get("addition_embed_type") == "text_time":
+        return "SDXL"
+    return FAMILY_BY_TEXT_WIDTH.get(config.get("cross_attention_dim"), "an SD 1.x/2.x-style model")
+
+
 def check_controlnet_fits(controlnet, name: str, base) -> None:
     """Refuse a ControlNet whose residuals would not fit the base model's UNet, naming the mismatch (instead
     of a shape error in the middle of a generation)."""
@@ -132,9 +139,8 @@ def check_controlnet_fits(controlnet, name: str, base) -> None:
             ours, theirs = list(ours), list(theirs or [])
         if ours != theirs:
             family = ""
-            if key == "cross_attention_dim":
-                family = (f" (a ControlNet for {FAMILY_BY_TEXT_WIDTH.get(theirs, 'another model family')}, on "
-                          f"{FAMILY_BY_TEXT_WIDTH.get(ours, 'a different family')})")
+            if family_of(config) != family_of(unet):
+                family = f" (a ControlNet for {family_of(config)}, on {family_of(unet)})"
             raise ValueError(f"The ControlNet {name} does not fit {base.name}: its {key} is {theirs}, the model's is "
                              f"{ours}{family}. Pick a ControlNet made for this model.")
     factor = 2 ** (len(config.conditioning_embedding_out_channels) - 1)

@@ -123,9 +123,10 @@ def _condition(unit: ControlUnit, controlnet, request: ControlNetRequest, rows: 
 
 
 def control_residuals(active: list[ActiveUnit], index: int, total: int, scaled: torch.Tensor, t, embeddings, *,
-                      rows: ModelRows) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
+                      rows: ModelRows, added: dict | None = None) -> tuple[list[torch.Tensor] | None,
+                                                                       torch.Tensor | None]:
     """The units' residuals at step `index` for the UNet call's `rows` (pipelines/core/guidance.py), summed
-    (None when no unit acts)."""
+    (None when no unit acts). `added`: SDXL's added conditioning for those rows (`Denoiser.added_conditions`)."""
     down_sum, mid_sum = None, None
     for item in active:
         unit = item.unit
@@ -136,9 +137,11 @@ def control_residuals(active: list[ActiveUnit], index: int, total: int, scaled: 
         model_input, text = scaled[skip:], embeddings[skip:]
         condition = item.condition.repeat(len(model_input) // len(item.condition), 1, 1, 1)
         dtype = condition.dtype     # the ControlNet's (`_condition`); asking the model walks its parameters
+        extra = {} if added is None else \
+            {"added_cond_kwargs": {key: value[skip:].to(dtype) for key, value in added.items()}}
         with torch.no_grad():
             down, mid = item.controlnet(model_input.to(dtype), t, encoder_hidden_states=text.to(dtype),
-                                        controlnet_cond=condition, conditioning_scale=1.0, return_dict=False)
+                                        controlnet_cond=condition, conditioning_scale=1.0, return_dict=False, **extra)
         scales = unit.block_scales(len(down) + 1)
         if any(scale != 1.0 for scale in scales):
             down = [residual * scale for residual, scale in zip(down, scales)]
@@ -185,7 +188,8 @@ def run_controlnet(call, batch_index: int, *, generators=None, latents=None, cal
     def step(index, t, latents):
         rows = denoiser.rows(index, len(timesteps))
         scaled, embeddings = denoiser.model_input(latents, t, rows)
-        down, mid = control_residuals(active, index, len(timesteps), scaled, t, embeddings, rows=rows)
+        down, mid = control_residuals(active, index, len(timesteps), scaled, t, embeddings, rows=rows,
+                                      added=denoiser.added_conditions(rows))
         latents = denoiser.step(latents, t, index=index, count=len(timesteps), down_block_additional_residuals=down,
                                 mid_block_additional_residual=mid).latents
         shown = {"control_residuals": None if down is None else [*down, mid]} if "control_residuals" in expose else {}

@@ -125,3 +125,24 @@ def test_a_controlnet_of_another_family_is_refused_naming_both(sdxl_studio, tiny
     with pytest.raises(ValueError, match=r"does not fit tiny-sdxl.*\(a ControlNet for an SD 1.x/2.x-style model, "
                                          r"on SDXL\)"):
         sdxl_studio.generate(ControlNetRequest(**BASE, control_image=circle(), preprocessor="none", model="tiny-sd"))
+
+
+def test_an_sdxl_lora_trains_and_plain_diffusers_loads_it(sdxl_studio, tmp_path):
+    """LoRA training on SDXL: the captions' pooled embeddings and each bucket's size and crop ids condition the
+    UNet as at generation; the kohya file it writes loads in StableDiffusionXLPipeline and moves its image."""
+    from recipe.tiny import build_tiny_sdxl_pipeline
+    from tests.test_training_methods import request as training
+    from tests.test_training_methods import run
+
+    result, losses = run(sdxl_studio, training(name="xl-frames", trigger="framed", steps=4, learning_rate=1e-2),
+                         tmp_path)
+    assert len(losses) == 4 and np.isfinite(losses).all() and result.path.is_file()
+    plain = build_tiny_sdxl_pipeline(tmp_path / "plain")       # the same seeded weights, built afresh
+    arguments = dict(prompt="framed, red", num_inference_steps=3, width=64, height=64, output_type="np")
+    before = plain(**arguments, generator=torch.Generator().manual_seed(1)).images
+    plain.load_lora_weights(str(result.path.parent), weight_name=result.path.name, adapter_name="xl-frames")
+    assert "xl-frames" in plain.get_list_adapters()["unet"]
+    after = plain(**arguments, generator=torch.Generator().manual_seed(1)).images
+    assert np.abs(after - before).mean() > 1e-3
+    with pytest.raises(ValueError, match="tiny-sdxl is SDXL-style, with two. Train a LoRA or a DreamBooth LoRA"):
+        run(sdxl_studio, training(method="textual_inversion", name="xl-ti", init_word="frame"), tmp_path)

@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageOps
 
 from pipelines.core.checks import MAX_INPUT_PIXELS
-from pipelines.core.denoiser import prompt_embeddings
+from pipelines.core.denoiser import encoded_prompts
 from pipelines.core.images import fit_image, image_to_tensor, open_capped
 from pipelines.core.paths import confined
 from pipelines.core.vae import encode
@@ -115,6 +115,7 @@ class Bucket:
     embeddings: torch.Tensor
     input_ids: torch.Tensor
     weights: torch.Tensor                # each image's repeats
+    pooled: torch.Tensor | None = None   # SDXL: the captions' pooled text embeddings (added conditioning)
 
 
 @dataclass
@@ -124,6 +125,7 @@ class TrainingData:
     buckets: list[Bucket]
     empty: torch.Tensor                  # the empty caption's embedding (caption dropout)
     empty_ids: torch.Tensor
+    empty_pooled: torch.Tensor | None = None   # ... and its pooled embedding (SDXL)
 
     def draw(self, count: int, generator: torch.Generator) -> tuple[Bucket, torch.Tensor]:
         """A batch: a bucket, chosen in proportion to the repeats it holds, and `count` of its images, each in
@@ -171,12 +173,13 @@ def prepare_data(pipeline, request: TrainingRequest, side: int, *, images=None, 
     shapes = [bucket_of(image, sizes) for image in images]
     pictures = [fit_image(image, *shape) for image, shape in zip(images, shapes)]
 
-    empty = _embed(pipeline, "", device)
+    empty, empty_pooled = _embed(pipeline, "", device)
     # captions longer than the tokenizer's window are encoded in windows (pipelines/core/prompts.py); pad the
     # shorter ones with empty windows, as the prompt/negative pair is padded, so they stack
     encoded = [_embed(pipeline, text, device) for text in prompts]
-    longest = max(item.shape[1] for item in encoded)
-    embeddings = torch.cat([_pad(item, empty, longest) for item in encoded])
+    longest = max(item.shape[1] for item, _ in encoded)
+    embeddings = torch.cat([_pad(item, empty, longest) for item, _ in encoded])
+    pooled = None if empty_pooled is None else torch.cat([item for _, item in encoded])
     input_ids = token_ids(pipeline.tokenizer, prompts)
 
     def latents_of(chosen: list) -> torch.Tensor:
@@ -189,9 +192,10 @@ def prepare_data(pipeline, request: TrainingRequest, side: int, *, images=None, 
         buckets.append(Bucket(size=shape, latents=latents_of(chosen),
                               mirrored=latents_of([ImageOps.mirror(picture) for picture in chosen]),
                               embeddings=embeddings[members], input_ids=input_ids[members],
-                              weights=torch.tensor([float(repeats[number]) for number in members])))
+                              weights=torch.tensor([float(repeats[number]) for number in members]),
+                              pooled=None if pooled is None else pooled[members]))
     return TrainingData(pictures=pictures, buckets=buckets, empty=_pad(empty, empty, longest),
-                        empty_ids=token_ids(pipeline.tokenizer, [""]))
+                        empty_ids=token_ids(pipeline.tokenizer, [""]), empty_pooled=empty_pooled)
 
 
 def token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
@@ -200,12 +204,13 @@ def token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
-def _embed(pipeline, text: str, device) -> torch.Tensor:
+def _embed(pipeline, text: str, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The caption's text embedding, and its pooled embedding for a model that takes one (SDXL), else None."""
     request = Txt2ImgRequest(prompt=text, guidance_scale=1.0)
     # captions are read literally, as kohya's trainer reads them unless told otherwise, and as the sample
     # images' prompts are
-    embeddings, _ = prompt_embeddings(pipeline, request, device, cfg=False, emphasis=False)
-    return embeddings
+    embeddings, pooled, _ = encoded_prompts(pipeline, request, device, cfg=False, emphasis=False)
+    return embeddings, pooled
 
 
 def _pad(embedding: torch.Tensor, empty: torch.Tensor, length: int) -> torch.Tensor:

@@ -131,9 +131,13 @@ def _check_model(models, model, request: TrainingRequest) -> None:
     if request.method == "textual_inversion" and models.memory.mode is MemoryMode.SEQUENTIAL:
         raise ValueError("Textual inversion writes its token's rows into the text encoder, which sequential offload "
                          "keeps off the device; pick another memory mode (Models & memory) to train one.")
-    if model.pipeline.unet.config.addition_embed_type is not None:
-        raise ValueError(f"{name} training here takes SD 1.x/2.x-style models; {model.name} (SDXL and kin) is not "
-                         "supported yet.")
+    kind = model.pipeline.unet.config.addition_embed_type
+    if kind == "text_time" and request.method == "textual_inversion":
+        raise ValueError(f"Textual inversion here trains embeddings for models with one CLIP text encoder (SD 1.x/"
+                         f"2.x); {model.name} is SDXL-style, with two. Train a LoRA or a DreamBooth LoRA on it.")
+    if kind not in (None, "text_time"):
+        raise ValueError(f"{name} training here takes SD 1.x/2.x-style and SDXL models; {model.name} adds `{kind}` "
+                         "conditioning to its UNet, which it does not support yet.")
     if model.scheduler_config.get("prediction_type", "epsilon") != "epsilon":
         raise ValueError(f"{name} training here learns an eps-prediction; {model.name} predicts "
                          f"{model.scheduler_config['prediction_type']}, which it does not support yet.")
@@ -298,8 +302,12 @@ def _loss(objective, method, scheduler, alphas_cumprod, run: _Run, generator, da
         parts.append(_batch(prior, request, scheduler, generator, weight=request.prior_loss_weight))
     count, index = run.accelerator.num_processes, run.accelerator.process_index
     share = request.batch_size // count
-    mine = [{key: value[index * share:(index + 1) * share] if torch.is_tensor(value) else value
-             for key, value in part.items()} for part in parts]
+
+    def my_rows(value):
+        if isinstance(value, dict):          # SDXL's added conditioning
+            return {key: my_rows(item) for key, item in value.items()}
+        return value[index * share:(index + 1) * share] if torch.is_tensor(value) else value
+    mine = [{key: my_rows(value) for key, value in part.items()} for part in parts]
     if not method.text:
         for part in mine:
             part["input_ids"] = None
@@ -337,8 +345,15 @@ def _batch(data: TrainingData, request: TrainingRequest, scheduler, generator, *
                           bucket.embeddings[index])
     input_ids = torch.where(drop.view(-1, 1), data.empty_ids.expand_as(bucket.input_ids[index]),
                             bucket.input_ids[index])
-    return {"x_t": scheduler.add_noise(x0, noise, t), "t": t, "target": noise, "context": context,
-            "input_ids": input_ids, "weight": weight}
+    batch = {"x_t": scheduler.add_noise(x0, noise, t), "t": t, "target": noise, "context": context,
+             "input_ids": input_ids, "weight": weight}
+    if bucket.pooled is not None:     # SDXL: the pooled caption, and the bucket's size as its size and crop ids
+        pooled = torch.where(drop.view(-1, 1).to(device), data.empty_pooled.expand_as(bucket.pooled[index]),
+                             bucket.pooled[index])
+        width, height = bucket.size
+        batch["added"] = {"text_embeds": pooled,
+                          "time_ids": torch.tensor([[height, width, 0, 0, height, width]] * size).to(device, dtype)}
+    return batch
 
 
 def _finish(run: _Run, method, data: TrainingData, score: EffectScore | None, *, step: int, loss: float,

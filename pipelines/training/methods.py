@@ -76,12 +76,15 @@ class Objective(torch.nn.Module):
         shapes = {(part["x_t"].shape[1:], context.shape[1:]) for part, context in zip(parts, contexts)}
         if len(parts) > 1 and len(shapes) == 1:
             # parts of one shape (DreamBooth's instance and class rows, as diffusers' script does) go in one call
-            parts = [{key: torch.cat([part[key] for part in parts]) for key in ("x_t", "t", "target")}
-                     | {"sizes": [len(part["t"]) for part in parts]}]
+            joined = {key: torch.cat([part[key] for part in parts]) for key in ("x_t", "t", "target")}
+            if "added" in parts[0]:
+                joined["added"] = {key: torch.cat([part["added"][key] for part in parts]) for key in parts[0]["added"]}
+            parts = [joined | {"sizes": [len(part["t"]) for part in parts]}]
             contexts = [torch.cat(contexts)]
         errors = []
         for part, context in zip(parts, contexts):
-            prediction = self.unet(part["x_t"], part["t"], encoder_hidden_states=context.to(part["x_t"].dtype)).sample
+            prediction = self.unet(part["x_t"], part["t"], encoder_hidden_states=context.to(part["x_t"].dtype),
+                                   added_cond_kwargs=part.get("added")).sample
             errors.append((prediction.float() - part["target"].float()).square().mean(dim=(1, 2, 3)))
         return list(errors[0].split(parts[0]["sizes"])) if "sizes" in parts[0] else errors
 

@@ -89,3 +89,71 @@ def build_tiny_sdxl_pipeline(folder: Path, seed: int = 0):
                                          tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def _t5(tokenizer):
+    """A tiny T5 encoder reading the tiny BPE tokenizer's ids (the transformer families' long-text encoder)."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                   num_heads=4, pad_token_id=tokenizer.pad_token_id, decoder_start_token_id=0))
+
+
+def _clip_config(tokenizer, **extra):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
+                          eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+                          pad_token_id=tokenizer.pad_token_id, **extra)
+
+
+def build_tiny_flux_pipeline(folder: Path, seed: int = 0):
+    """A Flux-layout pipeline (a flow-matching diffusion transformer, CLIP + T5 text encoders, 2×2-packed latents),
+    seeded random weights at diffusers' own test size (`FluxPipelineFastTests.get_dummy_components`); the tiny
+    BPE tokenizer serves both encoders, since T5's would come from the hub."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    from recipe.architecture import build_tokenizer
+
+    tokenizer = build_tokenizer(PHRASES, folder / "tokenizer_src", merges=200)
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
+    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                        latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.0609, scaling_factor=1.5035)
+    pipeline = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                            text_encoder=CLIPTextModel(_clip_config(tokenizer)), tokenizer=tokenizer,
+                            text_encoder_2=_t5(tokenizer), tokenizer_2=tokenizer, transformer=transformer)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def build_tiny_sd3_pipeline(folder: Path, seed: int = 0):
+    """An SD 3-layout pipeline (MMDiT with flow matching; two CLIP encoders with projections and T5), seeded random
+    weights at diffusers' own test size (`StableDiffusion3PipelineFastTests.get_dummy_components`)."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextModelWithProjection
+
+    from recipe.architecture import build_tokenizer
+
+    tokenizer = build_tokenizer(PHRASES, folder / "tokenizer_src", merges=200)
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=4, num_layers=1,
+                                        attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                        joint_attention_dim=32, pooled_projection_dim=64, out_channels=4)
+    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.0609, scaling_factor=1.5035)
+    clip = _clip_config(tokenizer, projection_dim=32)
+    pipeline = StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, transformer=transformer,
+        text_encoder=CLIPTextModelWithProjection(clip), tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(clip), tokenizer_2=tokenizer,
+        text_encoder_3=_t5(tokenizer), tokenizer_3=tokenizer)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline

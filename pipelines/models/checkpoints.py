@@ -13,6 +13,8 @@ from pathlib import Path
 from diffusers import AutoPipelineForText2Image, DiffusionPipeline
 
 from pipelines.core.paths import ModelLoadError, use_safetensors
+from pipelines.models.families import (check_family, family_of_checkpoint, family_of_folder,
+                                       family_of_pipeline)
 from pipelines.models.memory import is_out_of_memory
 from pipelines.models.sources import ModelSource
 
@@ -20,7 +22,16 @@ HUB_PROBE_TIMEOUT_S = 3.0
 
 
 def read_pipeline(source: ModelSource, *, dtype, allow_pickle: bool, config: str | None = None) -> DiffusionPipeline:
-    """The pipeline `source` holds, read into RAM (placing it on the device is the manager's)."""
+    """The pipeline `source` holds, read into RAM (placing it on the device is the manager's); a family the tabs do
+    not run is refused (families.py), from its folder's index before any weight is read where it can be."""
+    pipeline = _read(source, dtype=dtype, allow_pickle=allow_pickle, config=config)
+    check_family(family_of_pipeline(pipeline), source.name)
+    return pipeline
+
+
+def _read(source: ModelSource, *, dtype, allow_pickle: bool, config: str | None) -> DiffusionPipeline:
+    if source.kind == "folder":      # what the folder says it holds, before its weights are read
+        check_family(family_of_folder(Path(source.location)), source.name)
     try:
         if source.kind in ("embedded", "folder"):
             return AutoPipelineForText2Image.from_pretrained(
@@ -50,6 +61,7 @@ def from_single_file(path: Path, *, dtype, config: str | None) -> DiffusionPipel
                              "may be truncated or not a model at all. Download or export it again.") from error
     model_type = infer_diffusers_model_type(checkpoint)
     del checkpoint  # from_single_file reads the file again; don't hold two copies
+    check_family(family_of_checkpoint(model_type), path.name)
     pipeline_class = StableDiffusionXLPipeline if model_type.startswith("xl") else StableDiffusionPipeline
     kwargs = {"dtype": dtype}
     if config:

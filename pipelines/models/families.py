@@ -1,0 +1,75 @@
+"""Model families: which one a pipeline, a diffusers folder or a single checkpoint is, and whether the studio's
+tabs run it. SD 1.x/2.x and SDXL (UNets with CLIP text encoders) run everywhere; the diffusion transformers
+(SD 3.x, Flux, PixArt, Sana: flow matching or DiT denoisers with T5 text encoders) and other families are refused
+at load, before their weights are read where the folder says what it holds, with a message that names the
+family, instead of failing somewhere inside a tab.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipelines.core.paths import ModelLoadError
+
+# diffusers' pipeline class (a folder's model_index.json `_class_name`) -> the family users know it by
+FAMILY_BY_PIPELINE = {
+    "StableDiffusionPipeline": "SD 1.x/2.x", "StableDiffusionImg2ImgPipeline": "SD 1.x/2.x",
+    "StableDiffusionInpaintPipeline": "SD 1.x/2.x", "LatentConsistencyModelPipeline": "SD 1.x/2.x",
+    "StableDiffusionXLPipeline": "SDXL", "StableDiffusionXLImg2ImgPipeline": "SDXL",
+    "StableDiffusionXLInpaintPipeline": "SDXL",
+    "StableDiffusion3Pipeline": "SD 3.x", "StableDiffusion3Img2ImgPipeline": "SD 3.x",
+    "FluxPipeline": "Flux", "FluxImg2ImgPipeline": "Flux", "FluxInpaintPipeline": "Flux", "Flux2Pipeline": "Flux 2",
+    "PixArtAlphaPipeline": "PixArt-α", "PixArtSigmaPipeline": "PixArt-Σ", "SanaPipeline": "Sana",
+    "AuraFlowPipeline": "AuraFlow", "HunyuanDiTPipeline": "Hunyuan-DiT", "LuminaText2ImgPipeline": "Lumina",
+    "KolorsPipeline": "Kolors", "IFPipeline": "DeepFloyd IF", "KandinskyV22Pipeline": "Kandinsky 2.2",
+    "WuerstchenCombinedPipeline": "Würstchen", "StableCascadeCombinedPipeline": "Stable Cascade",
+    "QwenImagePipeline": "Qwen-Image", "CogView4Pipeline": "CogView 4",
+}
+# diffusers' single-file model types (infer_diffusers_model_type) -> family
+FAMILY_BY_CHECKPOINT_PREFIX = (("xl_", "SDXL"), ("playground", "SDXL"), ("sd3", "SD 3.x"), ("flux", "Flux"),
+                               ("v1", "SD 1.x/2.x"), ("v2", "SD 1.x/2.x"), ("inpainting", "SD 1.x/2.x"),
+                               ("upscale", "SD 1.x/2.x"))
+SUPPORTED = ("SD 1.x/2.x", "SDXL")
+WHY = {"SD 3.x": "a diffusion transformer (MMDiT) with flow matching and three text encoders",
+       "Flux": "a diffusion transformer with flow matching, distilled guidance and a T5 text encoder",
+       "Flux 2": "a diffusion transformer with flow matching",
+       "PixArt-α": "a diffusion transformer with a T5 text encoder", "PixArt-Σ": "a diffusion transformer with a T5 "
+       "text encoder", "Sana": "a linear diffusion transformer with flow matching"}
+
+
+def family_of_pipeline(pipeline) -> str | None:
+    """The family of a pipeline read into memory: its class's, or for a class not listed, a diffusion transformer
+    named by its class when it has no UNet (None: not known, left to run)."""
+    name = type(pipeline).__name__
+    if name in FAMILY_BY_PIPELINE:
+        return FAMILY_BY_PIPELINE[name]
+    if getattr(pipeline, "unet", None) is None and getattr(pipeline, "transformer", None) is not None:
+        return name.removesuffix("Pipeline")
+    return None
+
+
+def family_of_folder(folder: Path) -> str | None:
+    """The family a diffusers folder holds, read off its model_index.json (None: not known, or no such file)."""
+    try:
+        index = json.loads((Path(folder) / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return None
+    family = FAMILY_BY_PIPELINE.get(index.get("_class_name"))
+    if family is None and "transformer" in index and "unet" not in index:
+        family = str(index.get("_class_name", "diffusion transformer")).removesuffix("Pipeline")
+    return family
+
+
+def family_of_checkpoint(model_type: str) -> str | None:
+    """The family of a single checkpoint, from diffusers' guess at its type (None: not known, left to run)."""
+    return next((family for prefix, family in FAMILY_BY_CHECKPOINT_PREFIX if model_type.startswith(prefix)), None)
+
+
+def check_family(family: str | None, name: str) -> None:
+    """Refuse a family the tabs do not run yet, naming it and what runs."""
+    if family is None or family in SUPPORTED:
+        return
+    what = f" ({WHY[family]})" if family in WHY else ""
+    raise ModelLoadError(f"{name} is a {family} model{what}. The studio's tabs run {' and '.join(SUPPORTED)} models; "
+                         f"{family} is not supported yet. Load an SD 1.x, SD 2.x or SDXL model.")

@@ -137,12 +137,45 @@ def test_an_sdxl_lora_trains_and_plain_diffusers_loads_it(sdxl_studio, tmp_path)
     result, losses = run(sdxl_studio, training(name="xl-frames", trigger="framed", steps=4, learning_rate=1e-2),
                          tmp_path)
     assert len(losses) == 4 and np.isfinite(losses).all() and result.path.is_file()
-    plain = build_tiny_sdxl_pipeline(tmp_path / "plain")       # the same seeded weights, built afresh
+    # the studio applies it by its prompt tag, as on SD 1.x
+    base = dict(seed=1, steps=3, width=64, height=64)
+    plain = np.asarray(sdxl_studio.generate(Txt2ImgRequest(prompt="framed, red", **base)).images[0].image, np.int16)
+    styled = sdxl_studio.generate(Txt2ImgRequest(prompt="framed, red <lora:xl-frames:1>", **base)).images[0]
+    assert np.abs(np.asarray(styled.image, np.int16) - plain).mean() > 0.5 and "Lora hashes" in styled.infotext
+    diffusers = build_tiny_sdxl_pipeline(tmp_path / "plain")       # the same seeded weights, built afresh
     arguments = dict(prompt="framed, red", num_inference_steps=3, width=64, height=64, output_type="np")
-    before = plain(**arguments, generator=torch.Generator().manual_seed(1)).images
-    plain.load_lora_weights(str(result.path.parent), weight_name=result.path.name, adapter_name="xl-frames")
-    assert "xl-frames" in plain.get_list_adapters()["unet"]
-    after = plain(**arguments, generator=torch.Generator().manual_seed(1)).images
+    before = diffusers(**arguments, generator=torch.Generator().manual_seed(1)).images
+    diffusers.load_lora_weights(str(result.path.parent), weight_name=result.path.name, adapter_name="xl-frames")
+    assert "xl-frames" in diffusers.get_list_adapters()["unet"]
+    after = diffusers(**arguments, generator=torch.Generator().manual_seed(1)).images
     assert np.abs(after - before).mean() > 1e-3
     with pytest.raises(ValueError, match="tiny-sdxl is SDXL-style, with two. Train a LoRA or a DreamBooth LoRA"):
         run(sdxl_studio, training(method="textual_inversion", name="xl-ti", init_word="frame"), tmp_path)
+
+
+def test_the_explorer_records_and_branches_an_sdxl_generation(sdxl_studio):
+    """The Diffusion Explorer on SDXL: x̂_0 at every step, and a branch that changes the prompt and turns CFG off
+    mid-way gives the loop the new pooled text and as many size-id rows as it now has."""
+    from pipelines.explorer.reverse import branch, record_trace
+
+    models = sdxl_studio.models
+    original = record_trace(models, Txt2ImgRequest(prompt="red apple", seed=4, steps=6, width=64, height=64,
+                                                   sampler="DDIM", guidance_scale=5.0))
+    assert len(original.steps) == 6 and all(step.x0_pred is not None for step in original.steps)
+    again = branch(models, original, 3, {"guidance_scale": 5.0})
+    assert np.array_equal(np.asarray(again.final_image), np.asarray(original.final_image))
+    changed = branch(models, original, 2, {"prompt": "a cat", "guidance_scale": 1.0})
+    assert changed.steps[1].eps_uncond is not None and changed.steps[2].eps_uncond is None
+    assert torch.equal(changed.steps[2].latents, original.steps[2].latents)
+    assert not np.array_equal(np.asarray(changed.final_image), np.asarray(original.final_image))
+
+
+def test_sdxl_outpaints_and_keeps_the_original_bit_for_bit(sdxl_studio):
+    from pipelines.tasks.outpaint import OutpaintRequest
+
+    picture = gradient_image(64, 64).convert("RGB")
+    done = sdxl_studio.generate(OutpaintRequest(prompt="blue sky", init_image=picture, right=32, steps=4, seed=2))
+    result = np.asarray(done.images[0].image.convert("RGB"), dtype=np.int16)
+    assert result.shape == (64, 96, 3)
+    assert np.array_equal(result[:, :64], np.asarray(picture, dtype=np.int16))
+    assert result[:, 72:].std() > 2.0

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from pipelines.core.call import PreparedCall, encoder_texts, prepare
-from pipelines.core.denoiser import Denoiser, prompt_embeddings
+from pipelines.core.denoiser import Denoiser, encoded_prompts, size_ids
 from pipelines.core.guidance import uses_cfg
 from pipelines.core.loop import run_steps
 from pipelines.core.samplers import STOCHASTIC
@@ -248,10 +248,14 @@ def _switch(models: ModelManager, run: PreparedCall, before: Txt2ImgRequest,
     """A step-end action that turns the running loop from `before`'s settings to `after`'s."""
     pipeline = run.pipeline
     old_cfg, new_cfg = uses_cfg(pipeline, before.guidance_scale), uses_cfg(pipeline, after.guidance_scale)
-    embeddings = None
+    replaced = {}
     if (after.prompt, after.negative_prompt) != (before.prompt, before.negative_prompt) or old_cfg != new_cfg:
         texts = encoder_texts(models, after)[0]   # the embeddings the new prompt names, loaded and expanded
-        embeddings, note = prompt_embeddings(pipeline, after, run.device, cfg=new_cfg, texts=texts)
+        embeddings, pooled, note = encoded_prompts(pipeline, after, run.device, cfg=new_cfg, texts=texts)
+        replaced["prompt_embeds"] = embeddings
+        if pooled is not None:     # SDXL: its pooled text too, and the size ids in as many rows
+            replaced |= {"add_text_embeds": pooled,
+                         "add_time_ids": size_ids(pipeline.unet, pooled, after.height, after.width)}
         if note:
             run.notes.append(note)
 
@@ -259,7 +263,7 @@ def _switch(models: ModelManager, run: PreparedCall, before: Txt2ImgRequest,
         # The loop reads these through do_classifier_free_guidance / guidance_scale / guidance_rescale
         pipe._guidance_scale = after.guidance_scale
         pipe._guidance_rescale = after.guidance_rescale
-        return {} if embeddings is None else {"prompt_embeds": embeddings}
+        return dict(replaced)
 
     return switch
 

@@ -10,8 +10,9 @@ __main__.py). Read top to bottom in `train`; it is diffusers' `train_text_to_ima
 2. What trains (methods.py): a LoRA (B zero, A Gaussian: at step 0 the model is unchanged), or new token
    vectors started from a word's embedding.
 3. Each step: a batch of latents x_0, noise eps (plus an optional noise offset), t uniform; the forward
-   process x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps; the UNet's eps-prediction; the loss
-   || eps - eps_theta ||^2, weighted by min-SNR (Hang et al. 2023): min(SNR_t, gamma) / SNR_t; DreamBooth adds
+   process x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps; the UNet's eps-prediction (or, for a v-prediction
+   model such as SD 2.x 768, v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0); the loss || eps - eps_theta ||^2,
+   weighted by min-SNR (Hang et al. 2023): min(SNR_t, gamma) / SNR_t (over SNR_t + 1 for v); DreamBooth adds
    the class rows' loss times `prior_loss_weight`. AdamW with a linear warm-up, then cosine decay; captions
    dropped (to "") at a rate, for CFG. Under several processes every process draws the same global batch
    from the seed and trains on its own share of its rows, so the gradient DDP averages is the one-process
@@ -138,8 +139,8 @@ def _check_model(models, model, request: TrainingRequest) -> None:
     if kind not in (None, "text_time"):
         raise ValueError(f"{name} training here takes SD 1.x/2.x-style and SDXL models; {model.name} adds `{kind}` "
                          "conditioning to its UNet, which it does not support yet.")
-    if model.scheduler_config.get("prediction_type", "epsilon") != "epsilon":
-        raise ValueError(f"{name} training here learns an eps-prediction; {model.name} predicts "
+    if model.scheduler_config.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction"):
+        raise ValueError(f"{name} training here learns an eps- or a v-prediction; {model.name} predicts "
                          f"{model.scheduler_config['prediction_type']}, which it does not support yet.")
     if request.train_text_encoder:
         _check_text_encoder_adapters()
@@ -311,18 +312,21 @@ def _loss(objective, method, scheduler, alphas_cumprod, run: _Run, generator, da
     if not method.text:
         for part in mine:
             part["input_ids"] = None
-    return _weighted(mine, objective(mine), request, alphas_cumprod=alphas_cumprod, processes=count)
+    return _weighted(mine, objective(mine), request, alphas_cumprod=alphas_cumprod, processes=count,
+                     velocity=scheduler.config.prediction_type == "v_prediction")
 
 
 def _weighted(parts: list[dict], errors: list[torch.Tensor], request: TrainingRequest, *, alphas_cumprod,
-              processes: int) -> torch.Tensor:
-    """Σ over the parts of weight · Σ_rows min-SNR-weighted error / batch size, times the processes (DDP averages)."""
+              processes: int, velocity: bool = False) -> torch.Tensor:
+    """Σ over the parts of weight · Σ_rows min-SNR-weighted error / batch size, times the processes (DDP averages).
+    Min-SNR's weight is min(SNR, γ) / SNR on an eps-prediction's error, min(SNR, γ) / (SNR + 1) on a
+    v-prediction's (Hang et al. 2023, as diffusers' scripts weight them)."""
     total = torch.zeros((), device=errors[0].device)
     for part, error in zip(parts, errors):
         t = part["t"]
         if request.min_snr_gamma:
             snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
-            error = error * torch.clamp(snr, max=request.min_snr_gamma) / snr
+            error = error * torch.clamp(snr, max=request.min_snr_gamma) / (snr + 1 if velocity else snr)
         total = total + part["weight"] * error.sum() / request.batch_size
     return total * processes
 
@@ -345,7 +349,9 @@ def _batch(data: TrainingData, request: TrainingRequest, scheduler, generator, *
                           bucket.embeddings[index])
     input_ids = torch.where(drop.view(-1, 1), data.empty_ids.expand_as(bucket.input_ids[index]),
                             bucket.input_ids[index])
-    batch = {"x_t": scheduler.add_noise(x0, noise, t), "t": t, "target": noise, "context": context,
+    # what the model predicts: eps, or (SD 2.x's v-prediction) v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0
+    target = scheduler.get_velocity(x0, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
+    batch = {"x_t": scheduler.add_noise(x0, noise, t), "t": t, "target": target, "context": context,
              "input_ids": input_ids, "weight": weight}
     if bucket.pooled is not None:     # SDXL: the pooled caption, and the bucket's size as its size and crop ids
         pooled = torch.where(drop.view(-1, 1).to(device), data.empty_pooled.expand_as(bucket.pooled[index]),

@@ -4,6 +4,7 @@ Same model, prompt, seed, sampler and steps, in one process, interleaved runs; p
 and ratios (goals: studio / diffusers <= 1.03; previews every step / none <= 1.10).
 
     python -m bench.overhead                       # the embedded model (tiny model if absent)
+    python -m bench.overhead --tiny sdxl           # a seeded tiny SDXL-layout model built in-process (or: sd)
     python -m bench.overhead --model PATH --size 512 --steps 20 --device cuda
 """
 
@@ -33,14 +34,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--sampler", default="DPM++ 2M")
+    parser.add_argument("--tiny", choices=["sd", "sdxl"], default=None,
+                        help="a seeded tiny model of that family, built in-process (recipe/tiny.py)")
     args = parser.parse_args()
 
     manager = ModelManager(MemoryManager(device=args.device))
-    if args.model is None and not (EMBEDDED_MODEL / "model_index.json").exists():
+    if args.tiny or (args.model is None and not (EMBEDDED_MODEL / "model_index.json").exists()):
         from pipelines.models.sources import ModelSource
-        from recipe.tiny import build_tiny_pipeline
+        from recipe.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
         folder = Path(tempfile.mkdtemp())
-        manager.adopt(build_tiny_pipeline(folder), ModelSource("folder", str(folder), "tiny"))
+        build = build_tiny_sdxl_pipeline if args.tiny == "sdxl" else build_tiny_pipeline
+        manager.adopt(build(folder), ModelSource("folder", str(folder), f"tiny-{args.tiny or 'sd'}"))
     else:
         manager.load(args.model or "embedded")
     model = manager.current

@@ -41,5 +41,7 @@ def test_the_unet_families_are_supported(studio, tiny_model_dir, tmp_path):
     assert family_of_folder(tiny_model_dir) == family_of_pipeline(studio.models.current.pipeline) == "SD 1.x/2.x"
     sdxl = build_tiny_sdxl_pipeline(tmp_path)
     assert family_of_pipeline(sdxl) == "SDXL"
-    assert [family_of_checkpoint(kind) for kind in ("v1", "v2", "xl_base", "sd3", "flux-dev", "unknown")] == \
-        ["SD 1.x/2.x", "SD 1.x/2.x", "SDXL", "SD 3.x", "Flux", None]
+    kinds = ("v1", "v2", "xl_base", "playground-v2-5", "sd35_large", "flux-dev", "flux-2-dev", "sana", "upscale",
+             "unknown")
+    assert [family_of_checkpoint(kind) for kind in kinds] == \
+        ["SD 1.x/2.x", "SD 1.x/2.x", "SDXL", "SDXL", "SD 3.x", "Flux", "Flux 2", "Sana", "SD x4 upscaler", None]

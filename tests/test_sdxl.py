@@ -137,6 +137,11 @@ def test_an_sdxl_lora_trains_and_plain_diffusers_loads_it(sdxl_studio, tmp_path)
     result, losses = run(sdxl_studio, training(name="xl-frames", trigger="framed", steps=4, learning_rate=1e-2),
                          tmp_path)
     assert len(losses) == 4 and np.isfinite(losses).all() and result.path.is_file()
+    from safetensors import safe_open
+    with safe_open(str(result.path), framework="pt") as reader:     # what kohya's and A1111's readers tell SDXL by
+        metadata = reader.metadata()
+    assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
     # the studio applies it by its prompt tag, as on SD 1.x
     base = dict(seed=1, steps=3, width=64, height=64)
     plain = np.asarray(sdxl_studio.generate(Txt2ImgRequest(prompt="framed, red", **base)).images[0].image, np.int16)
@@ -170,12 +175,39 @@ def test_the_explorer_records_and_branches_an_sdxl_generation(sdxl_studio):
     assert not np.array_equal(np.asarray(changed.final_image), np.asarray(original.final_image))
 
 
-def test_sdxl_outpaints_and_keeps_the_original_bit_for_bit(sdxl_studio):
+def test_sdxl_outpaints_and_keeps_the_original_bit_for_bit(sdxl_studio, monkeypatch):
+    """The box is generated in its own shape, and SDXL's size ids say that shape, not the request's."""
+    from pipelines.core.denoiser import Denoiser
     from pipelines.tasks.outpaint import OutpaintRequest
 
+    seen = []     # the size ids each Denoiser gives the UNet
+    original_init = Denoiser.__init__
+
+    def recording(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        seen.append(self.added["time_ids"][0].tolist())
+    monkeypatch.setattr(Denoiser, "__init__", recording)
     picture = gradient_image(64, 64).convert("RGB")
-    done = sdxl_studio.generate(OutpaintRequest(prompt="blue sky", init_image=picture, right=32, steps=4, seed=2))
+    request = OutpaintRequest(prompt="blue sky", init_image=picture, right=64, steps=4, seed=2)
+    done = sdxl_studio.generate(request)
     result = np.asarray(done.images[0].image.convert("RGB"), dtype=np.int16)
-    assert result.shape == (64, 96, 3)
+    assert result.shape == (64, 128, 3)
     assert np.array_equal(result[:, :64], np.asarray(picture, dtype=np.int16))
     assert result[:, 72:].std() > 2.0
+    width, height = request.as_inpainting().region(sdxl_studio.models.current.pipeline.vae_scale_factor).image.size
+    assert seen and all(ids == [height, width, 0, 0, height, width] for ids in seen) and (width, height) != (64, 64)
+
+
+def test_a_dreambooth_lora_trains_on_sdxl_with_its_class_rows(sdxl_studio, tmp_path):
+    """DreamBooth on SDXL: the class images drawn by the model itself, their rows (pooled text and size ids too)
+    in the same UNet call as the instance rows."""
+    from tests.test_training_methods import request as training
+    from tests.test_training_methods import run
+
+    result, losses = run(sdxl_studio, training(method="dreambooth", name="xl-sks", trigger="sks frame",
+                                               class_prompt="frame", class_images=2, steps=2, learning_rate=1e-2),
+                         tmp_path)
+    assert len(losses) == 2 and np.isfinite(losses).all() and result.path.is_file()
+    assert set(result.comparison) == {"sks frame, red", "frame"}        # the first prompt, and the class
+    with pytest.raises(ValueError, match="Training the text encoder too takes models with one CLIP text encoder"):
+        run(sdxl_studio, training(name="xl-te", train_text_encoder=True), tmp_path)

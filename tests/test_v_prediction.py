@@ -81,3 +81,13 @@ def test_a_lora_trains_on_the_velocity(v_studio, tmp_path):
     assert all(torch.cdist(row.flatten()[None], known.flatten(1)).min() < 1e-3 for row in x0)
     result, losses = run(v_studio, wanted, tmp_path)
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses))) and result.path.is_file()
+    from safetensors import safe_open
+    with safe_open(str(result.path), framework="pt") as reader:
+        assert reader.metadata()["ss_v_parameterization"] == "True"
+    # min-SNR's weight on a v-prediction's error is min(SNR, γ) / (SNR + 1)
+    t = torch.tensor([10, 500, 990])
+    snr = scheduler.alphas_cumprod[t] / (1 - scheduler.alphas_cumprod[t])
+    weighted = loop._weighted([{"t": t, "weight": 1.0}], [torch.ones(3)], wanted,
+                              alphas_cumprod=scheduler.alphas_cumprod, processes=1, velocity=True)
+    expected = (torch.clamp(snr, max=wanted.min_snr_gamma) / (snr + 1)).sum() / wanted.batch_size
+    torch.testing.assert_close(weighted, expected)

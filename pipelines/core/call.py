@@ -158,6 +158,10 @@ def prepare(models, request: SamplingSettings) -> PreparedCall:
             raise ValueError(f"The {request.sampler} sampler runs its own loop with plain CFG (or ICG) on its own "
                              "schedule; turn off PAG, classifier guidance, the guidance interval and the schedule, "
                              "or pick another sampler.")
+    kind = pipeline.unet.config.addition_embed_type
+    if kind not in (None, "text_time"):      # SDXL's is built by the studio's loop; other kinds are not
+        raise ValueError(f"{model.name} adds `{kind}` conditioning to its UNet, which the studio does not build; "
+                         "it runs SD 1.x/2.x and SDXL models.")
     if request.unchanged_image() is None:
         request.check_steps()
     for name in request.controlnet_names():   # loaded first, so that the memory budget counts them

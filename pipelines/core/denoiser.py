@@ -110,7 +110,7 @@ class Denoiser:
     seed (the explorer's take-over: "fresh noise from the seed, restarted at the branch")."""
 
     def __init__(self, call: PreparedCall, *, generators: list[torch.Generator] | None = None,
-                 cross_attention_kwargs: dict | None = None):
+                 cross_attention_kwargs: dict | None = None, size: tuple[int, int] | None = None):
         pipeline, request = call.pipeline, call.request
         self.call = call
         self.unet = pipeline.unet
@@ -126,9 +126,11 @@ class Denoiser:
                                                         count=request.batch_size, texts=call.texts)
         if note:
             call.notes.append(note)
-        # SDXL's added conditioning, in the embeddings' rows: the pooled text, and the size and crop ids
+        # SDXL's added conditioning, in the embeddings' rows: the pooled text, and the size and crop ids of what is
+        # generated (`size`, width × height: an outpainting's box may have another shape than the request's)
+        width, height = size or (request.width, request.height)
         self.added = None if pooled is None else \
-            {"text_embeds": pooled, "time_ids": size_ids(self.unet, pooled, request.height, request.width)}
+            {"text_embeds": pooled, "time_ids": size_ids(self.unet, pooled, height, width)}
         self.timestep_cond = None
         if self.unet.config.time_cond_proj_dim is not None:  # guidance-distilled (LCM) UNets embed w
             self.timestep_cond = pipeline.get_guidance_scale_embedding(

@@ -43,7 +43,7 @@ def save_kohya(lora_dir: Path, request: TrainingRequest, base_model, adapter_sta
                 "ss_tag_frequency": json.dumps({"dataset": tags}), "ss_trigger_words": request.trigger,
                 "ss_training_method": request.method, "ss_class_prompt": request.class_prompt,
                 "ss_prior_loss_weight": str(request.prior_loss_weight if request.method == "dreambooth" else 0),
-                "modelspec.architecture": "stable-diffusion-v1/lora", "studio_settings": json.dumps(request.settings())}
+                "studio_settings": json.dumps(request.settings())} | _base_version(base_model)
     lora_dir.mkdir(parents=True, exist_ok=True)
     path = lora_dir / f"{request.name}.safetensors"
     partial = path.with_suffix(".safetensors.partial")
@@ -51,3 +51,19 @@ def save_kohya(lora_dir: Path, request: TrainingRequest, base_model, adapter_sta
               metadata=metadata)
     os.replace(partial, path)
     return path
+
+
+def _base_version(base_model) -> dict[str, str]:
+    """What kohya's and A1111's readers tell a LoRA's base family by: `ss_base_model_version` and modelspec's
+    architecture (SDXL's, or SD 1.x's), `ss_v2` for SD 2.x (its 1024-wide text encoder), and
+    `ss_v_parameterization` for a v-prediction model."""
+    unet = base_model.pipeline.unet.config
+    v_prediction = base_model.scheduler_config.get("prediction_type") == "v_prediction"
+    if unet.get("addition_embed_type") == "text_time":
+        return {"ss_base_model_version": "sdxl_base_v1-0", "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+                "ss_v2": "False", "ss_v_parameterization": str(v_prediction)}
+    v2 = unet.get("cross_attention_dim") == 1024
+    return {"ss_base_model_version": "sd_v2" if v2 else "sd_v1", "ss_v2": str(v2),
+            "ss_v_parameterization": str(v_prediction),
+            "modelspec.architecture": f"stable-diffusion-v2{'-768-v' if v_prediction else '-512'}/lora" if v2
+            else "stable-diffusion-v1/lora"}

@@ -62,7 +62,8 @@ def from_single_file(path: Path, *, dtype, config: str | None) -> DiffusionPipel
     model_type = infer_diffusers_model_type(checkpoint)
     del checkpoint  # from_single_file reads the file again; don't hold two copies
     check_family(family_of_checkpoint(model_type), path.name)
-    pipeline_class = StableDiffusionXLPipeline if model_type.startswith("xl") else StableDiffusionPipeline
+    sdxl = family_of_checkpoint(model_type) == "SDXL"
+    pipeline_class = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
     kwargs = {"dtype": dtype}
     if config:
         kwargs["config"] = config

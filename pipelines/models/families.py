@@ -27,9 +27,12 @@ FAMILY_BY_PIPELINE = {
     "QwenImagePipeline": "Qwen-Image", "CogView4Pipeline": "CogView 4",
 }
 # diffusers' single-file model types (infer_diffusers_model_type) -> family
-FAMILY_BY_CHECKPOINT_PREFIX = (("xl_", "SDXL"), ("playground", "SDXL"), ("sd3", "SD 3.x"), ("flux", "Flux"),
-                               ("v1", "SD 1.x/2.x"), ("v2", "SD 1.x/2.x"), ("inpainting", "SD 1.x/2.x"),
-                               ("upscale", "SD 1.x/2.x"))
+FAMILY_BY_CHECKPOINT_PREFIX = (
+    ("xl_", "SDXL"), ("playground", "SDXL"), ("v1", "SD 1.x/2.x"), ("v2", "SD 1.x/2.x"), ("inpainting", "SD 1.x/2.x"),
+    ("upscale", "SD x4 upscaler"), ("sd3", "SD 3.x"), ("flux-2", "Flux 2"), ("flux", "Flux"), ("sana", "Sana"),
+    ("auraflow", "AuraFlow"), ("lumina", "Lumina"), ("hidream", "HiDream"), ("chroma", "Chroma"),
+    ("qwen", "Qwen-Image"), ("z-image", "Z-Image"), ("ltx", "LTX-Video"), ("wan", "Wan"), ("hunyuan", "Hunyuan"),
+    ("cosmos", "Cosmos"), ("mochi", "Mochi"), ("stable_cascade", "Stable Cascade"), ("cogview", "CogView"))
 SUPPORTED = ("SD 1.x/2.x", "SDXL")
 WHY = {"SD 3.x": "a diffusion transformer (MMDiT) with flow matching and three text encoders",
        "Flux": "a diffusion transformer with flow matching, distilled guidance and a T5 text encoder",

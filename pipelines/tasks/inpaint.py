@@ -274,7 +274,7 @@ def run_inpaint(call, batch_index: int, *, generators=None, latents=None, callba
         pixel_mask = torch.from_numpy((region.mask > 0).astype(np.float32))[None, None].to(device, dtype)
         masked_image_latents = encode(vae, image * (pixel_mask < 0.5)).to(dtype)
         extra = torch.cat([(latent_mask > 0).to(dtype), masked_image_latents], dim=1).repeat(batch, 1, 1, 1)
-    denoiser = Denoiser(call, generators=generators)
+    denoiser = Denoiser(call, generators=generators, size=region.image.size)     # SDXL: the box's own size ids
 
     def step(index, t, latents):
         latents = denoiser.step(latents, t, index=index, count=len(timesteps), extra_channels=extra).latents

@@ -129,6 +129,26 @@ def test_memory_ladder_and_auto_choice():
                        free_vram_bytes=None) is MemoryMode.CPU
 
 
+def test_model_offload_counts_the_largest_component_and_the_lone_models_beside_it(studio, tmp_path):
+    """What `balanced` and `low` keep on the device: the largest component of the pipeline (one runs at a time),
+    plus a ControlNet that runs beside it; a family whose text encoder outweighs its denoiser (SD 3's T5) climbs
+    the ladder by that, not by 3/4 of its weights."""
+    from pipelines.models.memory import offload_resident_bytes, weights_bytes
+    from recipe.tiny import build_tiny_controlnet
+
+    pipeline = studio.models.current.pipeline
+    parts = {name: weights_bytes([module]) for name, module in pipeline.components.items()
+             if isinstance(module, torch.nn.Module)}
+    assert offload_resident_bytes([pipeline]) == max(parts.values()) < weights_bytes([pipeline])
+    controlnet = build_tiny_controlnet(pipeline.unet)
+    assert offload_resident_bytes([pipeline, controlnet]) == max(parts.values()) + weights_bytes([controlnet])
+    cuda, weights = torch.device("cuda"), int(15 * GIB)     # SD 3 medium in bf16: T5 9.5 GB of it, the MMDiT 4
+    chosen = [choose_mode(device=cuda, requested="auto", weights_bytes=weights, free_vram_bytes=int(13.5 * GIB),
+                          width=1024, height=1024, offload_bytes=offload) for offload in (None, int(9.5 * GIB))]
+    # 3/4 of the weights (11.25 GB) and a megapixel's activations would not fit 12.7 GB: sliced; 9.5 GB does
+    assert chosen == [MemoryMode.LOW, MemoryMode.BALANCED]
+
+
 def test_device_and_dtype_choices_are_validated():
     with pytest.raises(ValueError, match="fp16 is not supported for CPU"):
         MemoryManager(device="cpu", dtype="fp16")

@@ -87,8 +87,12 @@ def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
 
 
 def choose_mode(*, device: torch.device, requested: str, weights_bytes: int, free_vram_bytes: int | None,
-                width: int = 512, height: int = 512, batch_size: int = 1) -> MemoryMode:
-    """`auto` picks the highest rung whose estimated peak fits in free VRAM for this request's size."""
+                width: int = 512, height: int = 512, batch_size: int = 1, offload_bytes: int | None = None
+                ) -> MemoryMode:
+    """`auto` picks the highest rung whose estimated peak fits in free VRAM for this request's size.
+    `offload_bytes`: what model offload keeps on the device at once (`offload_resident_bytes`: the largest
+    component and the lone models beside it); unknown, 3/4 of the weights (an SD UNet's share)."""
+    resident = 0.75 * weights_bytes if offload_bytes is None else offload_bytes
     if device.type != "cuda":
         return MemoryMode.CPU if device.type == "cpu" else MemoryMode.HIGH
     if requested != "auto":
@@ -100,23 +104,25 @@ def choose_mode(*, device: torch.device, requested: str, weights_bytes: int, fre
     budget = free_vram_bytes - CONTEXT_RESERVE_GIB * GIB
     if weights_bytes + activations <= budget:
         return MemoryMode.HIGH
-    # With model offload only the largest model (the UNet, about 3/4 of the weights) is resident.
-    if 0.75 * weights_bytes + activations <= budget:
+    # With model offload only the largest model (an SD UNet: about 3/4 of the weights; SD 3's T5) is resident.
+    if resident + activations <= budget:
         return MemoryMode.BALANCED
-    if 0.75 * weights_bytes + activations / 4 <= budget:
+    if resident + activations * SLICED_ACTIVATION_SHARE <= budget:
         return MemoryMode.LOW
     return MemoryMode.SEQUENTIAL
 
 
-def largest_megapixels(*, mode: MemoryMode, weights_bytes: int, free_bytes: int) -> float:
+def largest_megapixels(*, mode: MemoryMode, weights_bytes: int, free_bytes: int,
+                       offload_bytes: int | None = None) -> float:
     """The most width × height × batch, in megapixels, whose estimated peak fits in `free_bytes` in `mode` (the
     same estimate `choose_mode` climbs the ladder with). On the CPU the weights are already in the RAM that was
     measured, so all of it is for activations."""
     if mode is MemoryMode.CPU:
         return max(0.0, (free_bytes - RAM_RESERVE_GIB * GIB) / (CPU_ACTIVATION_GIB_PER_MEGAPIXEL * GIB))
     budget = free_bytes - CONTEXT_RESERVE_GIB * GIB
-    resident = {MemoryMode.HIGH: weights_bytes, MemoryMode.BALANCED: 0.75 * weights_bytes,
-                MemoryMode.LOW: 0.75 * weights_bytes, MemoryMode.SEQUENTIAL: 0.0}[mode]
+    offloaded = 0.75 * weights_bytes if offload_bytes is None else offload_bytes
+    resident = {MemoryMode.HIGH: weights_bytes, MemoryMode.BALANCED: offloaded, MemoryMode.LOW: offloaded,
+                MemoryMode.SEQUENTIAL: 0.0}[mode]
     sliced = mode in (MemoryMode.LOW, MemoryMode.SEQUENTIAL)
     per_megapixel = ACTIVATION_GIB_PER_MEGAPIXEL * GIB * (SLICED_ACTIVATION_SHARE if sliced else 1.0)
     return max(0.0, (budget - resident) / per_megapixel)
@@ -168,6 +174,19 @@ def weights_bytes(pipelines, *, on: str | None = None) -> int:
     return total
 
 
+def offload_resident_bytes(pipelines) -> int:
+    """What model offload keeps on the device at once: the largest component of the pipelines (one runs at a time),
+    and the lone models (ControlNets, a draft) that run beside it."""
+    largest, lone = 0, 0
+    for item in pipelines:
+        if hasattr(item, "components"):
+            modules = [m for m in item.components.values() if isinstance(m, torch.nn.Module)]
+            largest = max([largest, *(weights_bytes([module]) for module in modules)])
+        else:
+            lone += weights_bytes([item])
+    return largest + lone
+
+
 @dataclass
 class MemoryStats:
     device: str
@@ -216,7 +235,8 @@ class MemoryManager:
         free = (self.free_vram() or 0) + weights_bytes(pipelines, on=self.device.type)
         mode = MemoryMode.SEQUENTIAL if self.requested_mode == "auto" else \
             MemoryMode(self.requested_mode).lower() or MemoryMode(self.requested_mode)
-        return RequestBudget(largest_megapixels(mode=mode, weights_bytes=weights_bytes(pipelines), free_bytes=free),
+        return RequestBudget(largest_megapixels(mode=mode, weights_bytes=weights_bytes(pipelines), free_bytes=free,
+                                                offload_bytes=offload_resident_bytes(pipelines)),
                              free / GIB, "VRAM", mode)
 
     def mode_for(self, pipelines, *, width: int, height: int, batch_size: int = 1) -> MemoryMode:
@@ -226,7 +246,8 @@ class MemoryManager:
         if free is not None:
             free += weights_bytes(pipelines, on=self.device.type)
         return choose_mode(device=self.device, requested=self.requested_mode, weights_bytes=weights_bytes(pipelines),
-                           free_vram_bytes=free, width=width, height=height, batch_size=batch_size)
+                           free_vram_bytes=free, width=width, height=height, batch_size=batch_size,
+                           offload_bytes=offload_resident_bytes(pipelines))
 
     def place(self, pipeline, *, mode: MemoryMode) -> MemoryMode:
         """Put `pipeline` on the device in `mode`. A lone model (a ControlNet in its slot) goes to the device

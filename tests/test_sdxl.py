@@ -211,3 +211,19 @@ def test_a_dreambooth_lora_trains_on_sdxl_with_its_class_rows(sdxl_studio, tmp_p
     assert set(result.comparison) == {"sks frame, red", "frame"}        # the first prompt, and the class
     with pytest.raises(ValueError, match="Training the text encoder too takes models with one CLIP text encoder"):
         run(sdxl_studio, training(name="xl-te", train_text_encoder=True), tmp_path)
+
+
+def test_an_sdxl_image_s_infotext_restores_the_same_image(sdxl_studio):
+    """The infotext (A1111's, as PNG Info reads it) of an SDXL image with PAG and the guidance interval gives the
+    same image again."""
+    from pipelines.io.metadata import infotext_to_settings
+
+    original = Txt2ImgRequest(prompt="green apple", negative_prompt="blurry", sampler="DPM++ 2M Karras", steps=5,
+                              guidance_scale=6.5, seed=42, width=64, height=64, pag_scale=2.0, cfg_start=0.2)
+    made = sdxl_studio.generate(original).images[0]
+    prompt, negative, parameters = parse_infotext(made.infotext)
+    settings = infotext_to_settings(parameters)
+    assert (prompt, negative, parameters["Model"]) == ("green apple", "blurry", "tiny-sdxl")
+    assert settings.pop("model") == "tiny-sdxl"
+    restored = Txt2ImgRequest(prompt=prompt, negative_prompt=negative, **settings)
+    assert np.array_equal(np.asarray(sdxl_studio.generate(restored).images[0].image), np.asarray(made.image))

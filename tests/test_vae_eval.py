@@ -26,3 +26,18 @@ def test_the_hue_error_is_the_circular_distance_over_saturated_pixels():
     grey = _picture(280, saturation=0.1)
     assert math.isnan(hue_error(grey, _picture(100, saturation=0.1)))  # nothing saturated to measure
     assert psnr(purple, _picture(250)) < 30
+
+
+def test_the_decoder_fine_tune_weighs_chroma_and_leaves_grey_alone():
+    """recipe/vae_decoder.py's loss: a grey shift costs its squared error alone; a hue shift of the same size
+    costs more, through the chroma term."""
+    import torch
+
+    from recipe.vae_decoder import chroma, loss_of
+
+    grey = torch.zeros(1, 3, 4, 4)
+    assert chroma(grey).abs().max() < 1e-6 and chroma(torch.full((1, 3, 4, 4), 0.5)).abs().max() < 1e-6
+    lighter = grey + 0.2                                    # the same shift on every channel: no chroma
+    tinted = grey + torch.tensor([0.2, -0.2, 0.2]).view(1, 3, 1, 1)     # towards magenta
+    assert torch.isclose(loss_of(lighter, grey, 4.0), torch.tensor(0.04))
+    assert loss_of(tinted, grey, 4.0) > loss_of(tinted, grey, 0.0) == loss_of(lighter, grey, 0.0)

@@ -61,9 +61,9 @@ def from_single_file(path: Path, *, dtype, config: str | None) -> DiffusionPipel
                              "may be truncated or not a model at all. Download or export it again.") from error
     model_type = infer_diffusers_model_type(checkpoint)
     del checkpoint  # from_single_file reads the file again; don't hold two copies
-    check_family(family_of_checkpoint(model_type), path.name)
-    sdxl = family_of_checkpoint(model_type) == "SDXL"
-    pipeline_class = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    family = family_of_checkpoint(model_type)
+    check_family(family, path.name)
+    pipeline_class = StableDiffusionXLPipeline if family == "SDXL" else StableDiffusionPipeline
     kwargs = {"dtype": dtype}
     if config:
         kwargs["config"] = config

@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageOps
 
 from pipelines.core.checks import MAX_INPUT_PIXELS
-from pipelines.core.denoiser import encoded_prompts
+from pipelines.core.denoiser import encoded_prompts, size_ids
 from pipelines.core.images import fit_image, image_to_tensor, open_capped
 from pipelines.core.paths import confined
 from pipelines.core.vae import encode
@@ -116,6 +116,7 @@ class Bucket:
     input_ids: torch.Tensor
     weights: torch.Tensor                # each image's repeats
     pooled: torch.Tensor | None = None   # SDXL: the captions' pooled text embeddings (added conditioning)
+    time_ids: torch.Tensor | None = None  # ... and the bucket's size and crop ids, one row
 
 
 @dataclass
@@ -193,7 +194,9 @@ def prepare_data(pipeline, request: TrainingRequest, side: int, *, images=None, 
                               mirrored=latents_of([ImageOps.mirror(picture) for picture in chosen]),
                               embeddings=embeddings[members], input_ids=input_ids[members],
                               weights=torch.tensor([float(repeats[number]) for number in members]),
-                              pooled=None if pooled is None else pooled[members]))
+                              pooled=None if pooled is None else pooled[members],
+                              time_ids=None if pooled is None else
+                              size_ids(pipeline.unet, pooled[:1], height=shape[1], width=shape[0])))
     return TrainingData(pictures=pictures, buckets=buckets, empty=_pad(empty, empty, longest),
                         empty_ids=token_ids(pipeline.tokenizer, [""]), empty_pooled=empty_pooled)
 

@@ -313,9 +313,7 @@ def _batch(data: TrainingData, request: TrainingRequest, scheduler, generator, *
     if bucket.pooled is not None:     # SDXL: the pooled caption, and the bucket's size as its size and crop ids
         pooled = torch.where(drop.view(-1, 1).to(device), data.empty_pooled.expand_as(bucket.pooled[index]),
                              bucket.pooled[index])
-        width, height = bucket.size
-        batch["added"] = {"text_embeds": pooled,
-                          "time_ids": torch.tensor([[height, width, 0, 0, height, width]] * size).to(device, dtype)}
+        batch["added"] = {"text_embeds": pooled, "time_ids": bucket.time_ids.expand(size, -1).to(device, dtype)}
     return batch
 
 

@@ -7,7 +7,7 @@ import urllib.parse
 import gradio as gr
 
 from pipelines.core.samplers import model_default_sampler
-from pipelines.lora.adapters import lora_files
+from pipelines.lora.adapters import lora_files, shown_path
 from pipelines.models.manager import LoadedModel
 from pipelines.tasks import TASKS
 from studio.context import OWNER_COOKIE, StudioContext
@@ -273,9 +273,9 @@ def _wire_jobs_api(context: StudioContext) -> None:
         return job(job_id, request)
 
     def loras() -> list[dict]:
-        """The LoRAs under models/lora/, to name in a prompt as <lora:name:weight>."""
+        """The LoRAs under models/lora/ and those the app ships, to name in a prompt as <lora:name:weight>."""
         folder = context.models.lora_dir
-        return [{"name": name, "file": str(path.relative_to(folder)), "size_mb": round(path.stat().st_size / 1e6, 2)}
+        return [{"name": name, "file": shown_path(folder, path), "size_mb": round(path.stat().st_size / 1e6, 2)}
                 for name, path in lora_files(folder).items()]
 
     # a button no one sees triggers them; the hidden components name the values in the API's description

@@ -104,7 +104,7 @@ def test_a_lora_for_another_model_or_an_unknown_name_is_a_clear_error(with_lora,
                     cross_attention_dim=48)
     with pytest.raises(ValueError, match="LoRA 'wide' does not fit the loaded model.*made for wide-sd"):
         with_lora.generate(request("red apple <lora:wide:1>"))
-    with pytest.raises(ValueError, match="No LoRA named 'nope'.*available: style, wide"):
+    with pytest.raises(ValueError, match="No LoRA named 'nope'.*available: emoji-ldm-lcm, style, wide"):
         with_lora.generate(request("red apple <lora:nope:1>"))
     assert with_lora.generate(request("red apple <lora:style:1>")).images    # still serving, adapter intact
 
@@ -133,7 +133,7 @@ def test_bug10_a_lora_linked_from_outside_models_is_neither_listed_nor_loaded(wi
     (models.lora_dir / "linked-folder").symlink_to(outside / "folder", target_is_directory=True)
     (models.lora_dir / "inside-link.safetensors").symlink_to(models.models_dir / "kept" / "inside.safetensors")
 
-    assert set(lora_files(models.lora_dir)) == {"style", "inside-link"}
+    assert set(lora_files(models.lora_dir)) == {"style", "inside-link", "emoji-ldm-lcm"}   # and the shipped one
     plain = pixels(with_lora.generate(request("red apple")).images[0].image)
     for name in ("linked", "linked-folder"):
         with pytest.raises(ValueError, match=rf"LoRA '{name}'.* is {outside}.*, outside the app's model folders"):

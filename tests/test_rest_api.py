@@ -198,7 +198,7 @@ def test_png_info_and_the_lists(api, server):
     assert read.json["items"]["studio"]["request"]["seed"] == 42
     assert [sampler["name"] for sampler in api.get_samplers()] == list(SAMPLER_NAMES)
     assert {"automatic", "karras"} <= {schedule["name"] for schedule in api.get_schedulers()}
-    assert [lora["name"] for lora in api.get_loras()] == ["pencil"]
+    assert [lora["name"] for lora in api.get_loras()] == ["emoji-ldm-lcm", "pencil"]   # the shipped LCM-LoRA too
     assert "tiny-cn" in api.controlnet_model_list()
 
 

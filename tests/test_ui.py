@@ -247,7 +247,7 @@ def test_speculative_settings_restore_and_come_last_in_the_api(tabs):
     txt2img = tabs[0]
     # positional API callers keep their order: the speculative sampler's settings, then what came after them
     names = list(txt2img.controls)
-    assert names[-2 - len(GUIDANCE_FIELDS):] == ["draft", "draft_length", *GUIDANCE_FIELDS]
+    assert names[-3 - len(GUIDANCE_FIELDS):] == ["draft", "draft_length", *GUIDANCE_FIELDS, "fast"]
     assert names[:12] == ["prompt", "negative_prompt", "sampler", "steps", "guidance_scale", "guidance_rescale",
                           "width", "height", "seed", "batch_size", "batch_count", "preview_every"]
     text = ("red apple\nSteps: 100, Sampler: DDPM speculative, CFG scale: 7.5, Seed: 3, Size: 64x64, "
@@ -263,4 +263,5 @@ def test_every_generation_endpoint_takes_the_guidance_fields_last(blocks_and_tab
     endpoints = blocks_and_tabs[0].get_api_info()["named_endpoints"]
     for name in ("/txt2img", "/img2img", "/inpaint", "/outpaint"):
         parameters = [parameter["parameter_name"] for parameter in endpoints[name]["parameters"]]
-        assert parameters[-len(GUIDANCE_FIELDS):] == list(GUIDANCE_FIELDS), name
+        later = [*GUIDANCE_FIELDS, "fast"] if "fast" in parameters else list(GUIDANCE_FIELDS)   # then Fast (4 steps)
+        assert parameters[-len(later):] == later, name

@@ -17,6 +17,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from pipelines.core.fast import fast_notes, made_fast
 from pipelines.core.guidance import PerturbedAttention, guidance_notes, only_icg
 from pipelines.core.images import to_pil
 from pipelines.core.prompts import LoraUse, prompt_arguments, prompt_texts
@@ -148,6 +149,7 @@ def prepare(models, request: SamplingSettings) -> PreparedCall:
     request = request.resolved()
     task = task_of(request)
     model = models.require()
+    fast, request = request.fast, made_fast(request, model)   # the model's LCM-LoRA and sampler, CFG 1
     pipeline = models.pipeline(task.name)
     # diffusers' SD pipelines require multiples of 8 whatever the VAE's factor
     check_size(request.width, request.height, max(8, pipeline.vae_scale_factor))
@@ -176,9 +178,12 @@ def prepare(models, request: SamplingSettings) -> PreparedCall:
     loras = models.use_loras(uses)
     prompt_notes += [f"LoRA {use.name}: weight {use.weight:g}, {loras[use.name].modules} modules patched."
                      for use in uses]
-    device = pipeline._execution_device
+    # where the model computes: the memory manager's device unless offload hooks decide (diffusers' own search walks
+    # every module of every component, a cost at every request of a small model)
+    memory = models.memory
+    device = memory.device if memory.mode.value in ("cpu", "high") else pipeline._execution_device
     prompts, note = prompt_arguments(pipeline, *texts, device)
-    notes = request.notes() + prompt_notes + ([note] if note else [])
+    notes = request.notes() + prompt_notes + ([note] if note else []) + (fast_notes(request.steps) if fast else [])
     side = model.native_side
     if side and max(request.width, request.height) > 2 * side:
         notes.append(f"{request.width}×{request.height} is more than twice this model's native size ({side} px): "

@@ -61,6 +61,7 @@ class SamplingSettings:
     classifier_class: str = ""   # classifier guidance towards this class of the model's guidance classifier
     classifier_scale: float = 0.0
     schedule: str = "Default"    # the sampler's timesteps: its own, or e.g. "Align Your Steps"
+    fast: bool = False           # the model's few-step (LCM) version: pipelines/core/fast.py
 
     def __post_init__(self):
         for name in ("prompt", "negative_prompt"):
@@ -70,6 +71,8 @@ class SamplingSettings:
             check_whole(name, getattr(self, name), low, high)
         check_number("guidance_scale", self.guidance_scale, *NUMBER_RANGES["guidance_scale"], " (CFG)")
         check_number("guidance_rescale", self.guidance_rescale, *NUMBER_RANGES["guidance_rescale"])
+        if not isinstance(self.fast, bool):
+            raise ValueError(f"`fast` must be true or false but is {self.fast!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not -1 <= self.seed <= MAX_SEED:
             raise ValueError(f"`seed` must be -1 (random) or a whole number from 0 to 2**63-1 ({MAX_SEED}) "
                              f"but is {self.seed!r}.")

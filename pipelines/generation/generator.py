@@ -52,11 +52,11 @@ class Generator:
 
     # -- public ----------------------------------------------------------------------------
     def submit(self, request: SamplingSettings, *, owner: str | None = None,
-               stop: threading.Event | None = None) -> Job:
+               stop: threading.Event | None = None, save: bool = True) -> Job:
         """Queue `request` on the device worker; the job's events are Preview / GeneratedImage, its
-        result the GenerationDone."""
-        return self.models.worker.submit(lambda job: self._generate(request, job), kind=request.task, owner=owner,
-                                         stop=stop)
+        result the GenerationDone. `save=False` keeps the images in memory only (Live mode's drafts)."""
+        return self.models.worker.submit(lambda job: self._generate(request, job, save), kind=request.task,
+                                         owner=owner, stop=stop)
 
     def run(self, request: SamplingSettings, *, stop: threading.Event | None = None,
             owner: str | None = None) -> Iterator:
@@ -68,7 +68,7 @@ class Generator:
         return self.submit(request, stop=stop).result()
 
     # -- the work (on the device thread) -----------------------------------------------------
-    def _generate(self, request: SamplingSettings, job: Job) -> GenerationDone:
+    def _generate(self, request: SamplingSettings, job: Job, save: bool = True) -> GenerationDone:
         # 1. Check inputs and the disk's margin, resolve the seed, set up the task's pipeline, sampler and prompts
         if self.outputs_dir is not None:     # refused before any work; each save checks again
             metadata.check_disk_space(self.outputs_dir, min_free_mb=self.min_free_disk_mb)
@@ -76,7 +76,7 @@ class Generator:
         request, messages = call.request, call.notes
         unchanged = request.unchanged_image()
         if unchanged is not None:
-            result = self._finish(unchanged, call, request.seed, 0, False, 0)
+            result = self._finish(unchanged, call, request.seed, 0, False, 0, save=save)
             job.emit(result)
             return GenerationDone(images=[result], seed=request.seed, stopped=False, messages=messages)
 
@@ -92,7 +92,7 @@ class Generator:
             for image_index, image in enumerate(call.decode(latents)):
                 seed = request.seed_for(batch_index, image_index)
                 result = self._finish(image, call, seed, steps_done, interrupted, image_index,
-                                      chains[image_index] if chains else None)
+                                      chains[image_index] if chains else None, save=save)
                 images.append(result)
                 job.emit(result)
             if interrupted:
@@ -161,7 +161,7 @@ class Generator:
         return model.previewer
 
     def _finish(self, image: Image.Image, call: PreparedCall, seed: int, steps_done: int, interrupted: bool,
-                image_index: int, chain: ChainStats | None = None) -> GeneratedImage:
+                image_index: int, chain: ChainStats | None = None, *, save: bool = True) -> GeneratedImage:
         request, model = call.request, call.model
         finished = not interrupted
         parameters = infotext_parameters(request, model, seed, image_index)
@@ -180,7 +180,7 @@ class Generator:
             parameters["Stopped at step"] = steps_done
         infotext = metadata.build_infotext(request.prompt, request.negative_prompt, parameters)
         path = None
-        if finished and self.outputs_dir is not None:
+        if finished and save and self.outputs_dir is not None:
             extra = {"request": replace(request, seed=seed, batch_count=1).to_json() | {"batch_seed": request.seed},
                      "model": {"name": model.name, "source": model.source.kind, "hash": model.model_hash},
                      "versions": metadata.library_versions() | {"studio": STUDIO_VERSION}}

@@ -3,6 +3,8 @@
 - Files live under `models/lora/`: one `.safetensors` file in the kohya / A1111 key format
   (`lora_unet_…lora_down.weight`), diffusers' or peft's; or a diffusers LoRA folder. A link there may
   lead anywhere inside models/, never out of it: the one path policy (pipelines/models/sources.py).
+  The app ships LoRAs of its own in assets/ (`SHIPPED_LORAS`: the embedded model's LCM-LoRA, its
+  four-step version); they are named like any other, and a file of the same name in models/lora/ wins.
 - Each is loaded once per model as a named adapter, never merged into the base weights (ComfyUI's
   model patcher idea), and chosen per request with `set_adapters`. A request that names no LoRA
   turns the adapters off, so its image is the plain one, bit for bit; so is a weight of 0.
@@ -21,10 +23,12 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from pipelines.core.paths import check_weights_file, confined, inside
+from pipelines.core.paths import ASSETS_DIR, check_weights_file, confined, inside
 from pipelines.io.files import sha256_hex
 
 FOLDER_WEIGHTS = "pytorch_lora_weights.safetensors"
+# name -> folder of the LoRAs the app ships (recipe/lcm.py trains the embedded model's LCM-LoRA)
+SHIPPED_LORAS = {"emoji-ldm-lcm": ASSETS_DIR / "emoji-ldm-lcm"}
 
 
 def lora_files(folder: Path) -> dict[str, Path]:
@@ -35,9 +39,16 @@ def lora_files(folder: Path) -> dict[str, Path]:
     return {name: path for name, path in _entries(folder).items() if inside(path, roots)}
 
 
+def shown_path(folder: Path, path: Path) -> str:
+    """Where LoRA file `path` lies, for a listing: under the LoRA folder `folder`, or the app's shipped one."""
+    path = Path(path)
+    return str(path.relative_to(folder)) if path.is_relative_to(folder) else str(path.relative_to(ASSETS_DIR.parent))
+
+
 def lora_roots(folder: Path) -> tuple[Path, ...]:
-    """Where the files of the LoRA folder `folder` may lie once links are resolved: the models/ folder it is in."""
-    return (Path(folder).parent,)
+    """Where the files of the LoRA folder `folder` may lie once links are resolved: the models/ folder it is in,
+    and the shipped LoRAs' folders."""
+    return (Path(folder).parent, *SHIPPED_LORAS.values())
 
 
 def find_lora(folder: Path, name: str) -> Path:
@@ -51,9 +62,10 @@ def find_lora(folder: Path, name: str) -> Path:
 
 
 def _entries(folder: Path) -> dict[str, Path]:
+    found = {name: shipped / FOLDER_WEIGHTS for name, shipped in SHIPPED_LORAS.items()
+             if (shipped / FOLDER_WEIGHTS).is_file()}
     if not folder.is_dir():
-        return {}
-    found = {}
+        return found
     for entry in sorted(folder.iterdir()):
         if entry.suffix == ".safetensors" and entry.is_file():
             found[entry.stem] = entry

@@ -30,6 +30,7 @@ from pipelines.core.prompts import LoraUse
 from pipelines.core.vae import execution_device
 from pipelines.jobs.worker import DeviceWorker
 from pipelines.lora.adapters import LoadedLora, file_stamp, find_lora, load_lora, lora_roots
+from pipelines.lora.merged import activate, unmerge
 from pipelines.models.checkpoints import read_pipeline
 from pipelines.models.controlnets import check_controlnet_fits, read_controlnet
 from pipelines.models.drafts import EMBEDDED_DRAFT, check_draft_fits, read_draft
@@ -129,6 +130,7 @@ class ModelManager:
             raise ValueError(f"{self.holder} is already using the loaded model; stop it or let it finish first.")
         self.holder = holder
         try:
+            unmerge(self.require().pipeline)   # a training's steps need the adapters as they are
             yield self.require()
         finally:
             self.holder = None
@@ -139,8 +141,7 @@ class ModelManager:
                              "Stop it (it saves what it has trained) or let it finish, then try again.")
 
     def use_loras(self, uses: list[LoraUse]) -> dict[str, LoadedLora]:
-        """Make exactly `uses` the active LoRAs of the base model (on the device thread), loading each file
-        once as an adapter; with none, the adapters are switched off. Returns the LoRAs in use."""
+        """Make exactly `uses` the base model's active LoRAs, each file loaded once as an adapter (none: all off)."""
         model = self.require()
         pipeline = model.pipeline
         for use in uses:
@@ -148,16 +149,15 @@ class ModelManager:
             held = model.loras.get(use.name)
             if held is not None and held.path == path.resolve() and held.stamp == file_stamp(held.path):
                 continue
+            unmerge(pipeline)             # adapters change only on the model's own weights
             if held is not None:          # the file was replaced (retrained, say): load it again
                 pipeline.delete_adapters([held.adapter])
                 del model.loras[use.name]
             model.loras[use.name] = load_lora(pipeline, use.name, path, roots=lora_roots(self.lora_dir))
-        if uses:
-            pipeline.enable_lora()
-            pipeline.set_adapters([model.loras[use.name].adapter for use in uses],
-                                  adapter_weights=[use.weight for use in uses])
-        elif getattr(pipeline.unet, "peft_config", None):   # any adapter: a loaded LoRA, or one in training
-            pipeline.disable_lora()
+        used = [model.loras[use.name] for use in uses]
+        activate(pipeline, [lora.adapter for lora in used], [use.weight for use in uses],
+                 key=tuple((lora.adapter, use.weight, lora.stamp) for lora, use in zip(used, uses)),
+                 may_merge=self.holder is None and self.memory.device.type == "cpu")
         return {use.name: model.loras[use.name] for use in uses}
 
     def use_embeddings(self, prompt: str, negative_prompt: str) -> tuple[str, str, list[str]]:

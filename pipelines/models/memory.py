@@ -242,6 +242,8 @@ class MemoryManager:
     def mode_for(self, pipelines, *, width: int, height: int, batch_size: int = 1) -> MemoryMode:
         """The mode the requested setting (or `auto`) gives for running `pipelines` at this size. The budget
         is the free VRAM plus what their weights already take there (they are counted once, as weights)."""
+        if self.device.type != "cuda":   # one mode there, whatever the weights: not walked at every request
+            return choose_mode(device=self.device, requested=self.requested_mode, weights_bytes=0, free_vram_bytes=None)
         free = self.free_vram()
         if free is not None:
             free += weights_bytes(pipelines, on=self.device.type)

@@ -36,6 +36,7 @@ from pipelines.tasks import TASKS
 from studio.context import StudioContext, owns, session_of
 from studio.errors import name_input_errors, user_errors
 from studio.tabs.guidance import guidance_controls
+from studio.tabs.live import LIVE_TASKS, speed_controls, wire_speed
 from studio.tabs.networks import network_pickers
 
 # Generations are hardly held in Gradio's queue: each becomes a job at once, and the device worker runs
@@ -188,6 +189,7 @@ def build_generation_tab(context: StudioContext, task: str, defaults: dict,
         with gr.Column(scale=1, min_width=160):
             generate = gr.Button("Generate", variant="primary", elem_id=f"{task}-generate")
             stop = gr.Button("Stop", variant="stop", elem_id=f"{task}-stop")
+            live = speed_controls(controls, defaults) if task in LIVE_TASKS else None
     with gr.Row():
         with gr.Column(scale=2):
             own = task_controls() if task_controls is not None else TaskControls({})
@@ -212,7 +214,7 @@ def build_generation_tab(context: StudioContext, task: str, defaults: dict,
                                                       precision=0, label="Preview every N steps", info="0 = off")
             # one sampler's settings come last in the API's parameter order, after what every sampler takes, and
             # then what came later (guidance, schedule), so that positional API callers keep their order
-            for name in ("draft", "draft_length", *GUIDANCE_FIELDS):
+            for name in ("draft", "draft_length", *GUIDANCE_FIELDS, "fast"):
                 if name in controls:
                     controls[name] = controls.pop(name)
         with gr.Column(scale=3):
@@ -231,7 +233,17 @@ def build_generation_tab(context: StudioContext, task: str, defaults: dict,
     wire_generation(context, tab, task=task, button=generate, controls=controls, own=own)
     _wire_stop(context, tab)
     _wire_seed_buttons(tab, dice, reuse)
+    if live is not None:
+        wire_speed(context, tab, live, page_inputs(controls, own), own.to_fields, defaults)
     return tab
+
+
+def page_inputs(controls: dict, own: TaskControls) -> dict:
+    """What the page's Generate reads, by name: the tab's controls, or, where the page builds fields from other
+    components (inpainting's editor), those components in their place."""
+    if not own.page:
+        return controls
+    return {name: c for name, c in controls.items() if name not in own.fields or c.visible} | own.page
 
 
 def wire_generation(context: StudioContext, tab: GenerationTab, *, task: str, button: gr.Button,
@@ -252,8 +264,7 @@ def wire_generation(context: StudioContext, tab: GenerationTab, *, task: str, bu
                 yield {component: value for component, value in update.items() if component in outputs}
         return run
 
-    page_controls = {name: c for name, c in controls.items() if name not in own.fields or c.visible} | own.page
-    button.click(handler(own.to_fields, tab.results), inputs_kwargs=page_controls if own.page else controls,
+    button.click(handler(own.to_fields, tab.results), inputs_kwargs=page_inputs(controls, own),
                  outputs=tab.results, api_visibility="private", **JOB_QUEUE)
     # the API's own trigger: a button no one sees, on the request's fields; the page's state (the job id in
     # the browser's storage) is no business of a script

@@ -1,0 +1,155 @@
+"""Fast and Live: the few-step model as a switch, and generation that follows every change.
+
+**Fast (4 steps)** is the request's `fast` field (pipelines/core/fast.py: the model's LCM-LoRA, the LCM
+sampler, CFG 1). Ticking it shows those settings on the page (4 steps; unticking restores the defaults),
+so what runs is what the page says.
+
+**Live** regenerates on every change of the tab's settings: a key typed in the prompt, the seed, a slider,
+a mask stroke, a control drawing. It is the page's alone (no API: a script sends each request itself). Each
+change is a request of its own, handled at once (`trigger_mode="multiple"`):
+
+- it supersedes the one before: that one's job is cancelled (between two steps, or before it starts), and
+  what it would show is dropped, so the queue holds at most one live job per user and the page never goes
+  back to an older image;
+- it waits `DEBOUNCE_S` first, and a change inside that time supersedes it before it costs anything, so a
+  burst of keys is one generation;
+- it runs with previews off and saves nothing (a draft: Generate keeps the image as always), and turns Fast
+  on when Live is switched on (Fast can be unticked).
+
+Other users' jobs keep their share: a user's live changes replace their own queued job instead of adding one.
+With Live off, no handler runs on a change: nothing changes for anyone.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import gradio as gr
+
+from pipelines.core.fast import FAST_GUIDANCE, FAST_SAMPLER, FAST_STEPS
+from pipelines.core.results import GenerationDone
+from pipelines.jobs.worker import Job, JobCancelled
+from studio.context import StudioContext, session_of
+
+LIVE_TASKS = ("txt2img", "inpaint", "controlnet")
+DEBOUNCE_S = 0.06       # a change this soon after another replaces it before it runs
+LIVE_QUEUE = {"concurrency_id": "live", "concurrency_limit": 16, "show_progress": "hidden"}
+# runs on the page before each live request: the first input (a hidden number) becomes the change's time
+STAMP = "(...values) => [performance.timeOrigin + performance.now(), ...values.slice(1)]"
+
+
+class LiveRuns:
+    """Per user: the newest live change and the job it started; older changes are superseded. A change is known by
+    the page's clock when it was made (its `stamp`): requests may reach the handlers out of order, changes may not."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._newest: dict[str | None, float] = {}
+        self._jobs: dict[str | None, Job] = {}
+
+    def begin(self, owner: str | None, number: float) -> bool:
+        """Change `number` (its stamp) by `owner`: if it is their newest, it supersedes their last one, whose job is
+        cancelled; False for a change older than one already begun (it arrived late: it is dropped)."""
+        with self._lock:
+            if number <= self._newest.get(owner, float("-inf")):
+                return False
+            self._newest[owner] = number
+            job = self._jobs.pop(owner, None)
+        if job is not None:
+            job.cancel()
+        return True
+
+    def newest(self, owner: str | None, number: float) -> bool:
+        with self._lock:
+            return self._newest.get(owner) == number
+
+    def attach(self, owner: str | None, number: float, job: Job) -> bool:
+        """Record `job` as change `number`'s; False (and the job cancelled) if a newer change came meanwhile."""
+        with self._lock:
+            if self._newest.get(owner) == number:
+                self._jobs[owner] = job
+                return True
+        job.cancel()
+        return False
+
+
+def speed_controls(controls: dict, defaults: dict) -> gr.Checkbox:
+    """The Fast switch (a request field, in `controls`) and the Live switch (returned), under Generate."""
+    controls["fast"] = gr.Checkbox(False, label="Fast (4 steps)", elem_classes=["studio-fast"],
+                                   info="the model's LCM version: LCM sampler, CFG 1")
+    return gr.Checkbox(False, label="Live", elem_classes=["studio-live"], info="regenerate on every change")
+
+
+def wire_speed(context: StudioContext, tab, live: gr.Checkbox, page: dict, to_fields, defaults: dict) -> None:
+    """Fast's page settings, and Live's handler on every change of `page` (the components Generate reads)."""
+    controls = tab.controls
+    sampling = [controls["sampler"], controls["steps"], controls["guidance_scale"]]
+
+    def fast_settings(fast: bool):
+        if fast:
+            return FAST_SAMPLER, FAST_STEPS, FAST_GUIDANCE
+        return defaults.get("sampler", controls["sampler"].value), defaults.get("steps", 25), \
+            defaults.get("guidance_scale", 7.5)
+
+    runs = LiveRuns()
+    names = list(page)
+    stamp = gr.Number(visible=False)      # when the change was made, on the page's clock (set by STAMP)
+    inputs = dict(inputs=[stamp, live, *page.values()], outputs=tab.api_results, api_visibility="private", js=STAMP,
+                  **LIVE_QUEUE)
+
+    def run(number: float, live_on: bool, *values, request: gr.Request = None) -> Iterator[dict]:
+        owner = session_of(request)
+        if not live_on or not runs.begin(owner, float(number or 0)):
+            return
+        time.sleep(DEBOUNCE_S)   # the debounce: a newer change in this time supersedes this one before it runs
+        if not runs.newest(owner, number):
+            return
+        yield from _live_generation(context, tab, runs, owner, number, dict(zip(names, values)), to_fields)
+
+    # the two switches set the page first, and Live then reads it (the settings Fast shows are the ones it runs)
+    controls["fast"].input(fast_settings, controls["fast"], sampling, api_visibility="private",
+                           queue=False).then(run, **inputs)
+    live.input(lambda on, fast: (True, *fast_settings(True)) if on and not fast else (gr.skip(),) * 4,
+               [live, controls["fast"]], [controls["fast"], *sampling], api_visibility="private",
+               queue=False).then(run, **inputs)
+
+    triggers = [_change_event(component) for component in page.values() if component is not controls["fast"]]
+    gr.on(triggers, run, trigger_mode="multiple", **inputs)
+
+
+def _change_event(component):
+    """The event a person's change of `component` fires: a text's `change` (its `input` misses deletions), else
+    `input` (not fired by the page's own updates, such as Fast's settings), else `change`."""
+    if isinstance(component, gr.Textbox):
+        return component.change
+    return getattr(component, "input", None) or component.change
+
+
+def _live_generation(context: StudioContext, tab, runs: LiveRuns, owner, number: int, values: dict,
+                     to_fields) -> Iterator[dict]:
+    """Change `number`'s generation: its image and status, unless a newer change superseded it."""
+    from studio.tabs.generate import done_results, request_from_controls
+    try:
+        fields = to_fields(values) if to_fields else values
+        generation = request_from_controls(tab.task, fields | {"preview_every": 0, "batch_count": 1})
+    except Exception as error:    # half-typed input: said in the status line, not as a pop-up per key
+        yield {tab.status: f"Live: {error}"}
+        return
+    job = context.generator.submit(generation, owner=owner, save=False)
+    if not runs.attach(owner, number, job):
+        return
+    try:
+        done: GenerationDone | None = job.result()
+    except JobCancelled:
+        return
+    except Exception as error:
+        if runs.newest(owner, number):
+            yield {tab.status: f"Live: {error}"}
+        return
+    if done is None or done.stopped or not runs.newest(owner, number):
+        return
+    results = done_results(tab, done)
+    results[tab.status] = f"Live · {results[tab.status]} · not saved: Generate keeps an image"
+    yield {component: value for component, value in results.items() if component in tab.api_results}

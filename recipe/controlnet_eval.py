@@ -2,6 +2,7 @@
 
     python -m recipe.controlnet_eval                     # all three, 300 held-out images; -> assets/controlnet-eval.json
     python -m recipe.controlnet_eval --prompts 30 --kinds canny    # a quick look
+    python -m recipe.controlnet_eval --fast --as-drawn 0   # with Fast (the LCM-LoRA, 4 steps): -> ...-fast.json
 
 For held-out emoji i (the first 200 of the evaluation prompts of `recipe.evaluate.evaluation_prompts`, whose
 classes no ControlNet trained on) the control image is made from the real emoji (`recipe.controlnet.
@@ -114,8 +115,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--as-drawn", type=int, default=100, help="of them, how many also with unmoved controls")
     parser.add_argument("--kinds", nargs="+", choices=controlnet.KINDS, default=list(controlnet.KINDS))
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--report", type=Path, default=REPORT)
+    parser.add_argument("--fast", action="store_true", help="generate with Fast: the LCM-LoRA, LCM, 4 steps, CFG 1")
+    parser.add_argument("--report", type=Path, default=None, help=f"default: {REPORT.name} (-fast.json with --fast)")
     args = parser.parse_args(argv)
+    args.report = args.report or (REPORT.with_name(REPORT.stem + "-fast.json") if args.fast else REPORT)
     import torch
     torch.set_num_threads(args.threads)
 
@@ -124,6 +127,8 @@ def main(argv=None) -> dict:
     images = data.load_images(held_out)
     generator, loaded = evaluate.studio_generator("embedded")
     settings = {key: value for key, value in evaluate.studio_defaults(loaded).items()}
+    if args.fast:    # the sampler and CFG the request runs with are Fast's (pipelines/core/fast.py)
+        settings.update(steps=4, fast=True)
     judge, _ = evaluate.load_judge()
     labels = np.array([record.class_index for record in held_out])
     without = text_to_image(generator, held_out, settings)
@@ -134,7 +139,7 @@ def main(argv=None) -> dict:
 
     figures: dict = {"held-out emoji": len(held_out), "as drawn": args.as_drawn, "settings": settings,
                      "top-5 text-to-image": top5(without), "date": datetime.date.today().isoformat(),
-                     "command": "python -m recipe.controlnet_eval"}
+                     "command": "python -m recipe.controlnet_eval" + (" --fast" if args.fast else "")}
     grid_rows = []
     for kind in args.kinds:
         metric = "colour error" if kind == "colour" else "edge F1"

@@ -149,10 +149,10 @@ def test_a_lone_lora_runs_merged_on_a_cpu_and_the_plain_model_comes_back_bit_for
                                       dtype=np.int16)
     plain = image("red apple")
     merged = image("red apple <lora:tiny-lcm:1>")
-    kept = studio.models.current.pipeline.unet._studio_active[1]
-    assert kept and all(layer.merged for layer, _ in kept)
+    unet = studio.models.current.pipeline.unet
+    assert unet._studio_active[1] and all(layer.merged for layer, _, _ in unet._studio_merged[1])
     unmerged = image("red apple <lora:tiny-lcm:1> <lora:style:0>")     # two adapters: run as adapters
-    assert not studio.models.current.pipeline.unet._studio_active[1]
+    assert not unet._studio_active[1] and not any(layer.merged for layer, _, _ in unet._studio_merged[1])
     assert np.abs(merged - unmerged).max() <= 1 and np.abs(merged - plain).mean() > 1.0
-    image("red apple <lora:tiny-lcm:1>")
+    assert np.array_equal(image("red apple <lora:tiny-lcm:1>"), merged)   # swapped back in, the same weights
     assert np.array_equal(image("red apple"), plain)

@@ -81,3 +81,30 @@ def test_live_follows_typing_with_the_fast_model_and_saves_nothing(server, brows
     expect(infotext).to_have_value(re.compile(r"Seed: 77,"), timeout=30_000)
     assert sorted(outputs.rglob("*.png")) == saved              # Live's drafts are shown, not saved
     page.close()
+
+
+@pytest.mark.slow
+def test_live_inpainting_regenerates_on_each_mask_stroke(server, browser):  # noqa: F811
+    from tests.test_page_inpaint_explorer import _paint_a_stroke
+
+    url, context, outputs = server
+    saved = sorted(outputs.rglob("*.png"))
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url, wait_until="load")
+    page.locator("#txt2img-prompt textarea").wait_for()
+    page.get_by_role("tab", name="Inpainting").click()
+    with page.expect_file_chooser() as chooser:
+        page.locator("#inpaint-editor button[aria-label=Upload]").click()
+    chooser.value.set_files(str(launch.ROOT / "assets" / "examples" / "noto-red-apple.png"))
+    page.locator("#inpaint-prompt textarea").fill("sunglasses")
+    tab = page.locator("#inpaint-status").locator("xpath=ancestor::div[contains(@class,'tabitem')]")
+    tab.locator(".studio-live input").first.check()
+    infotext = page.locator("#inpaint-infotext textarea")
+    _paint_a_stroke(page, "#inpaint-editor")
+    expect(infotext).to_have_value(re.compile(r"^sunglasses <lora:emoji-ldm-lcm:1>\n"), timeout=30_000)
+    expect(page.locator("#inpaint-status")).to_contain_text("Live")
+    first = infotext.input_value()
+    _paint_a_stroke(page, "#inpaint-editor")                     # another stroke: another image
+    expect(infotext).not_to_have_value(first, timeout=30_000)
+    assert sorted(outputs.rglob("*.png")) == saved               # drafts, not saved
+    page.close()

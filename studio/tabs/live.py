@@ -17,7 +17,8 @@ change is a request of its own, handled at once (`trigger_mode="multiple"`):
   on when Live is switched on (Fast can be unticked).
 
 Other users' jobs keep their share: a user's live changes replace their own queued job instead of adding one.
-With Live off, no handler runs on a change: nothing changes for anyone.
+With Live off a change sends nothing to the server (the page's own script checks the switch first): nothing
+changes for anyone.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ from studio.context import StudioContext, session_of
 LIVE_TASKS = ("txt2img", "inpaint", "controlnet")
 DEBOUNCE_S = 0.06       # a change this soon after another replaces it before it runs
 LIVE_QUEUE = {"concurrency_id": "live", "concurrency_limit": 16, "show_progress": "hidden"}
-# runs on the page before each live request: the first input (a hidden number) becomes the change's time
-STAMP = "(...values) => [performance.timeOrigin + performance.now(), ...values.slice(1)]"
+# on the page, at every change: with Live on, the hidden tick becomes the change's time (its change event then runs
+# the live handler); with Live off it stays as it is, and nothing reaches the server
+TICK = "(on, tick) => on ? performance.timeOrigin + performance.now() : tick"
 
 
 class LiveRuns:
@@ -95,9 +97,8 @@ def wire_speed(context: StudioContext, tab, live: gr.Checkbox, page: dict, to_fi
 
     runs = LiveRuns()
     names = list(page)
-    stamp = gr.Number(visible=False)      # when the change was made, on the page's clock (set by STAMP)
-    inputs = dict(inputs=[stamp, live, *page.values()], outputs=tab.api_results, api_visibility="private", js=STAMP,
-                  **LIVE_QUEUE)
+    tick = gr.Number(visible=False)      # the newest change's time, on the page's clock (set by TICK)
+    bump = dict(fn=None, inputs=[live, tick], outputs=tick, js=TICK, api_visibility="private", queue=False)
 
     def run(number: float, live_on: bool, *values, request: gr.Request = None) -> Iterator[dict]:
         owner = session_of(request)
@@ -110,13 +111,15 @@ def wire_speed(context: StudioContext, tab, live: gr.Checkbox, page: dict, to_fi
 
     # the two switches set the page first, and Live then reads it (the settings Fast shows are the ones it runs)
     controls["fast"].input(fast_settings, controls["fast"], sampling, api_visibility="private",
-                           queue=False).then(run, **inputs)
+                           queue=False).then(**bump)
     live.input(lambda on, fast: (True, *fast_settings(True)) if on and not fast else (gr.skip(),) * 4,
                [live, controls["fast"]], [controls["fast"], *sampling], api_visibility="private",
-               queue=False).then(run, **inputs)
-
-    triggers = [_change_event(component) for component in page.values() if component is not controls["fast"]]
-    gr.on(triggers, run, trigger_mode="multiple", **inputs)
+               queue=False).then(**bump)
+    for component in page.values():
+        if component is not controls["fast"]:
+            _change_event(component)(**bump)
+    tick.change(run, inputs=[tick, live, *page.values()], outputs=tab.api_results, api_visibility="private",
+                trigger_mode="multiple", **LIVE_QUEUE)
 
 
 def _change_event(component):

@@ -133,6 +133,8 @@ def test_fast_runs_the_shipped_lcm_lora_and_its_infotext_restores_the_same_image
     again = embedded.generate(Txt2ImgRequest(prompt=prompt, negative_prompt=negative, **fields))
     assert np.array_equal(np.asarray(again.images[0].image), np.asarray(done.images[0].image))
     without = embedded.generate(Txt2ImgRequest(prompt="red apple", steps=4, seed=3, sampler="LCM", guidance_scale=1.0))
+    assert any("Tick Fast" in message for message in without.messages)
+    assert not any("Tick Fast" in message for message in done.messages + again.messages)
     assert np.abs(np.asarray(without.images[0].image, dtype=np.int16)
                   - np.asarray(done.images[0].image, dtype=np.int16)).mean() > 5.0
 
@@ -156,3 +158,11 @@ def test_a_lone_lora_runs_merged_on_a_cpu_and_the_plain_model_comes_back_bit_for
     assert np.abs(merged - unmerged).max() <= 1 and np.abs(merged - plain).mean() > 1.0
     assert np.array_equal(image("red apple <lora:tiny-lcm:1>"), merged)   # swapped back in, the same weights
     assert np.array_equal(image("red apple"), plain)
+
+
+def test_the_api_s_fast_takes_four_steps_unless_told_otherwise():
+    from studio.tabs.generate import request_from_controls
+
+    assert request_from_controls("txt2img", {"prompt": "red apple", "fast": True, "steps": None}).steps == 4
+    assert request_from_controls("txt2img", {"prompt": "red apple", "fast": True, "steps": 2}).steps == 2
+    assert request_from_controls("txt2img", {"prompt": "red apple", "fast": None, "steps": None}).steps == 25

@@ -17,7 +17,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from pipelines.core.fast import fast_notes, made_fast
+from pipelines.core.fast import fast_notes, lcm_sampler_notes, made_fast
 from pipelines.core.guidance import PerturbedAttention, guidance_notes, only_icg
 from pipelines.core.images import to_pil
 from pipelines.core.prompts import LoraUse, prompt_arguments, prompt_texts
@@ -183,7 +183,8 @@ def prepare(models, request: SamplingSettings) -> PreparedCall:
     memory = models.memory
     device = memory.device if memory.mode.value in ("cpu", "high") else pipeline._execution_device
     prompts, note = prompt_arguments(pipeline, *texts, device)
-    notes = request.notes() + prompt_notes + ([note] if note else []) + (fast_notes(request.steps) if fast else [])
+    notes = request.notes() + prompt_notes + ([note] if note else []) + (fast_notes(request.steps) if fast else []) \
+        + lcm_sampler_notes(request, pipeline, loras)
     side = model.native_side
     if side and max(request.width, request.height) > 2 * side:
         notes.append(f"{request.width}×{request.height} is more than twice this model's native size ({side} px): "

@@ -65,3 +65,12 @@ def fast_notes(steps: int) -> list[str]:
         return []
     return [f"Fast ran {steps} steps; a consistency-distilled model is made for {low}–{high} (4 is the default): "
             "more only add time."]
+
+
+def lcm_sampler_notes(request, pipeline, loras: dict) -> list[str]:
+    """A word when the LCM sampler runs a model that is not consistency-distilled and no LoRA is on: its few steps
+    then give a blur of the prompt, not the model's image."""
+    if request.sampler != FAST_SAMPLER or loras or is_distilled(pipeline):
+        return []
+    return ["The LCM sampler expects a consistency-distilled model; this one is not, and no LoRA is on, so a few "
+            "steps give a rough image. Tick Fast (the model's LCM-LoRA, where it has one) or add an LCM-LoRA."]

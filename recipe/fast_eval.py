@@ -1,7 +1,7 @@
 """The four-step model measured beside the 25-step one, on the embedded model (issue 22's table).
 
     python -m recipe.fast_eval                     # every row, 300 prompts; resumes from .cache/eval/fast/
-    python -m recipe.fast_eval --prompts 50        # a quick look (a checkpoint during training: --lora-from)
+    python -m recipe.fast_eval --prompts 50        # a quick look (during training: `recipe.lcm export` first)
 
 Rows (prompt i with seed 1000 + i, 64x64, through the studio's own Generator, one image per request):
 
@@ -94,10 +94,13 @@ def _evaluate(args, worker) -> None:
     generator = Generator(manager, outputs_dir=None)
     lora = ROOT / "assets" / "emoji-ldm-lcm" / "LCM.json"
     trained = json.loads(lora.read_text())["steps"] if lora.exists() else None
+    from pipelines.lora.adapters import short_hash
+    weights = lora.with_name("pytorch_lora_weights.safetensors")
+    version = short_hash(weights) if weights.exists() else "none"    # a row is measured again for other weights
     ROWS_DIR.mkdir(parents=True, exist_ok=True)
     table = {}
     for name in args.rows:
-        stored = ROWS_DIR / f"{name.replace(' ', '_').replace(',', '')}-{n}-{trained}.json"
+        stored = ROWS_DIR / f"{name.replace(' ', '_').replace(',', '')}-{n}-{version}.json"
         if stored.exists() and not args.fresh:
             table[name] = json.loads(stored.read_text())
             continue

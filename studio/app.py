@@ -150,7 +150,8 @@ def serve(app: gr.Blocks, **launch_options):
 
 def build_app(context: StudioContext) -> gr.Blocks:
     defaults = model_defaults(context.models.current)
-    with gr.Blocks(title=TITLE) as app:
+    # Gradio's own copies of shown images (Live writes one per change) are deleted hourly once a day old
+    with gr.Blocks(title=TITLE, delete_cache=(3600, 86400)) as app:
         gr.Markdown(f"# {TITLE}")
         header = gr.Markdown(context.status_markdown(), label="Studio status", elem_id="studio-status")
         with gr.Tabs() as tabs:

@@ -166,3 +166,25 @@ def test_the_api_s_fast_takes_four_steps_unless_told_otherwise():
     assert request_from_controls("txt2img", {"prompt": "red apple", "fast": True, "steps": None}).steps == 4
     assert request_from_controls("txt2img", {"prompt": "red apple", "fast": True, "steps": 2}).steps == 2
     assert request_from_controls("txt2img", {"prompt": "red apple", "fast": None, "steps": None}).steps == 25
+
+
+def test_a_lora_with_biases_runs_unmerged_and_leaves_the_plain_model_as_it_was(studio, tiny_model_dir):
+    """peft's merge would add a LoRA's bias into the layers' biases too; such a LoRA is not merged (it runs as an
+    adapter), so nothing has to be undone for the plain model."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(1)
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_out.0", "proj_out"], lora_bias=True,
+                                init_lora_weights=False))
+    StableDiffusionPipeline.save_lora_weights(studio.models.lora_dir / "biased",
+                                              unet_lora_layers=get_peft_model_state_dict(unet), safe_serialization=True)
+    settings = dict(steps=2, seed=4, width=64, height=64)
+    plain = np.asarray(studio.generate(Txt2ImgRequest(prompt="red apple", **settings)).images[0].image)
+    biased = np.asarray(studio.generate(Txt2ImgRequest(prompt="red apple <lora:biased:1>", **settings)).images[0].image)
+    assert not studio.models.current.pipeline.unet._studio_active[1]
+    assert not np.array_equal(plain, biased)
+    assert np.array_equal(np.asarray(studio.generate(Txt2ImgRequest(prompt="red apple", **settings)).images[0].image),
+                          plain)

@@ -402,7 +402,7 @@ def test_api_lists_loras_and_a_prompt_applies_one(server, tiny_model_dir, tmp_pa
     monkeypatch.setattr(context.models, "models_dir", tmp_path / "models")
     make_kohya_lora(tiny_model_dir / "unet", context.models.lora_dir / "style.safetensors")
     client = Client(url, verbose=False)
-    assert [entry["name"] for entry in client.predict(api_name="/loras")] == ["style"]
+    assert [entry["name"] for entry in client.predict(api_name="/loras")] == ["emoji-ldm-lcm", "style"]   # the shipped LCM-LoRA too
     _, infotext, status, *_ = client.predict(prompt="red apple <lora:style:0.8>", steps=3, seed=8,
                                              api_name="/txt2img")
     assert "Lora hashes: \"style: " in infotext and "LoRA style: weight 0.8" in status

@@ -50,7 +50,7 @@ def test_a1111_infotext_restores_into_the_tab_controls_by_name(tabs):
     by_name = {name: restored[component] for name, component in txt2img.controls.items() if component in restored}
     off = {"guidance_rescale": 0.0, "cfg_method": "CFG", "cfg_start": 0.0, "cfg_end": 1.0, "pag_scale": 0.0,
            "pag_adaptive_scale": 0.0, "pag_layers": "mid", "classifier_class": "", "classifier_scale": 0.0,
-           "schedule": "Default"}   # left out of an infotext: off when the image was made
+           "schedule": "Default", "fast": False}   # left out of an infotext: off when the image was made
     assert by_name == {"prompt": "a castle on a hill, sunset", "negative_prompt": "blurry, lowres",
                        "sampler": "DPM++ 2M Karras", "steps": 30, "guidance_scale": 6.5,
                        "width": 512, "height": 768, "seed": 3456} | off
@@ -255,6 +255,7 @@ def test_speculative_settings_restore_and_come_last_in_the_api(tabs):
     restored = settings_from_infotext(text, txt2img)
     by_name = {name: restored[component] for name, component in txt2img.controls.items() if component in restored}
     assert (by_name["sampler"], by_name["draft"], by_name["draft_length"]) == ("DDPM speculative", "draft model", 8)
+    assert by_name["fast"] is False     # an infotext never says Fast (its request is written out): restored as off
 
 
 def test_every_generation_endpoint_takes_the_guidance_fields_last(blocks_and_tabs):

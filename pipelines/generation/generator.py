@@ -70,7 +70,7 @@ class Generator:
     # -- the work (on the device thread) -----------------------------------------------------
     def _generate(self, request: SamplingSettings, job: Job, save: bool = True) -> GenerationDone:
         # 1. Check inputs and the disk's margin, resolve the seed, set up the task's pipeline, sampler and prompts
-        if self.outputs_dir is not None:     # refused before any work; each save checks again
+        if save and self.outputs_dir is not None:     # refused before any work; each save checks again
             metadata.check_disk_space(self.outputs_dir, min_free_mb=self.min_free_disk_mb)
         call = prepare(self.models, request)
         request, messages = call.request, call.notes

@@ -5,9 +5,10 @@
   lead anywhere inside models/, never out of it: the one path policy (pipelines/models/sources.py).
   The app ships LoRAs of its own in assets/ (`SHIPPED_LORAS`: the embedded model's LCM-LoRA, its
   four-step version); they are named like any other, and a file of the same name in models/lora/ wins.
-- Each is loaded once per model as a named adapter, never merged into the base weights (ComfyUI's
-  model patcher idea), and chosen per request with `set_adapters`. A request that names no LoRA
-  turns the adapters off, so its image is the plain one, bit for bit; so is a weight of 0.
+- Each is loaded once per model as a named adapter (ComfyUI's model patcher idea), and chosen per
+  request with `set_adapters`; one alone on a CPU runs merged, the originals kept (merged.py). A
+  request that names no LoRA turns the adapters off, so its image is the plain one, bit for bit; so is
+  a weight of 0.
 - Loading counts the modules the file matched on the loaded model. A file that matches nothing, or
   whose shapes differ, is an error that names the base model the file says it was made for.
 - The tags stay in the prompt the infotext records (as A1111 does) and are taken out of the text

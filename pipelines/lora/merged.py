@@ -63,14 +63,22 @@ def _merge(unet, adapter: str, key: tuple) -> bool:
         layers = [module for module in unet.modules() if adapter in getattr(module, "lora_A", {})]
         weights = [layer.get_base_layer().weight for layer in layers]
         if any(weight.device.type != "cpu" for weight in weights) or \
-                2 * sum(weight.numel() * weight.element_size() for weight in weights) > MERGE_LIMIT_BYTES:
+                2 * sum(weight.numel() * weight.element_size() for weight in weights) > MERGE_LIMIT_BYTES or \
+                any(getattr(layer, "lora_bias", {}).get(adapter) for layer in layers):   # it would change biases too
             return False
         pairs = []
-        with torch.no_grad():
-            for layer, weight in zip(layers, weights):
-                original = weight.data.clone()
-                layer.merge(adapter_names=[adapter])
-                pairs.append((layer, original, layer.get_base_layer().weight.data))
+        try:
+            with torch.no_grad():
+                for layer, weight in zip(layers, weights):
+                    original = weight.data.clone()
+                    pairs.append((layer, original, None))
+                    layer.merge(adapter_names=[adapter])
+                    pairs[-1] = (layer, original, layer.get_base_layer().weight.data)
+        except Exception:     # a layer peft cannot merge: every layer back as it was, and the LoRA runs unmerged
+            for layer, original, _ in pairs:
+                layer.get_base_layer().weight.data = original
+                layer.merged_adapters.clear()
+            return False
         setattr(unet, _MERGED, (key, pairs))
         return True
     for layer, _, merged in kept[1]:

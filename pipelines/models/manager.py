@@ -3,7 +3,7 @@ assets, a local folder, a single `.safetensors` checkpoint or a Hugging Face hub
 
 Slots: `base` (the model every task runs on; each task's pipeline is derived from it once with
 `from_pipe`, sharing its weights), and later `draft` (speculative sampling), `controlnet:NAME`
-(ControlNets) and LoRA adapters (peft adapters on the base, chosen per request, never merged).
+(ControlNets) and LoRA adapters (peft adapters on the base, chosen per request; pipelines/lora/merged.py).
 Textual-inversion embeddings are tokens added to the base's text encoder, each read when a prompt first
 names it (embeddings.py).
 `fit(request)` places what a request needs, given its size, within one memory budget.

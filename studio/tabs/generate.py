@@ -48,7 +48,7 @@ from studio.tabs.networks import network_pickers
 JOB_QUEUE = {"concurrency_id": "jobs", "concurrency_limit": 16, "show_progress": "hidden"}
 # An infotext leaves out what was off (A1111 writes what was in use): restored as off, not kept as set
 OFF_WHEN_ABSENT = {item.name: item.default for item in fields(SamplingSettings)
-                   if item.name in ("guidance_rescale", *GUIDANCE_FIELDS)}
+                   if item.name in ("guidance_rescale", *GUIDANCE_FIELDS, "fast")}
 # how a status line starts that tells a failure (app.py clears it once a model is loaded again)
 FAILED = "**Failed:**"
 

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 
 import gradio as gr
 
-from pipelines.core.fast import FAST_GUIDANCE, FAST_SAMPLER, FAST_STEPS
+from pipelines.core.fast import FAST_GUIDANCE, FAST_SAMPLER, FAST_STEPS, is_distilled
 from pipelines.core.results import GenerationDone
 from pipelines.jobs.worker import Job, JobCancelled
 from studio.context import StudioContext, session_of
@@ -63,6 +63,12 @@ class LiveRuns:
             job.cancel()
         return True
 
+    def finish(self, owner: str | None, job: Job) -> None:
+        """Forget `job` once it has finished (a newer change has nothing left to cancel)."""
+        with self._lock:
+            if self._jobs.get(owner) is job:
+                del self._jobs[owner]
+
     def newest(self, owner: str | None, number: float) -> bool:
         with self._lock:
             return self._newest.get(owner) == number
@@ -90,8 +96,10 @@ def wire_speed(context: StudioContext, tab, live: gr.Checkbox, page: dict, to_fi
     sampling = [controls["sampler"], controls["steps"], controls["guidance_scale"]]
 
     def fast_settings(fast: bool):
-        if fast:
-            return FAST_SAMPLER, FAST_STEPS, FAST_GUIDANCE
+        if fast:   # an LCM UNet reads CFG as its embedded w: left as it is (pipelines/core/fast.py)
+            model = context.models.current
+            distilled = model is not None and is_distilled(model.pipeline)
+            return FAST_SAMPLER, FAST_STEPS, gr.skip() if distilled else FAST_GUIDANCE
         return defaults.get("sampler", controls["sampler"].value), defaults.get("steps", 25), \
             defaults.get("guidance_scale", 7.5)
 
@@ -101,13 +109,16 @@ def wire_speed(context: StudioContext, tab, live: gr.Checkbox, page: dict, to_fi
     bump = dict(fn=None, inputs=[live, tick], outputs=tick, js=TICK, api_visibility="private", queue=False)
 
     def run(number: float, live_on: bool, *values, request: gr.Request = None) -> Iterator[dict]:
+        # a handler that ends without a word would blank every output: it says "nothing" ({}) instead
         owner = session_of(request)
-        if not live_on or not runs.begin(owner, float(number or 0)):
-            return
-        time.sleep(DEBOUNCE_S)   # the debounce: a newer change in this time supersedes this one before it runs
-        if not runs.newest(owner, number):
-            return
-        yield from _live_generation(context, tab, runs, owner, number, dict(zip(names, values)), to_fields)
+        page_of = f"{owner}|{getattr(request, 'session_hash', None)}"   # one page: a user's two pages are apart
+        if live_on and runs.begin(page_of, float(number or 0)):
+            time.sleep(DEBOUNCE_S)   # the debounce: a newer change in this time supersedes this one before it runs
+            if runs.newest(page_of, number):
+                yield from _live_generation(context, tab, runs, (owner, page_of), number, dict(zip(names, values)),
+                                            to_fields)
+                return
+        yield {}
 
     # the two switches set the page first, and Live then reads it (the settings Fast shows are the ones it runs)
     controls["fast"].input(fast_settings, controls["fast"], sampling, api_visibility="private",
@@ -118,7 +129,7 @@ def wire_speed(context: StudioContext, tab, live: gr.Checkbox, page: dict, to_fi
     for component in page.values():
         if component is not controls["fast"]:
             _change_event(component)(**bump)
-    tick.change(run, inputs=[tick, live, *page.values()], outputs=tab.api_results, api_visibility="private",
+    tick.change(run, inputs=[tick, live, *page.values()], outputs=_outputs(tab), api_visibility="private",
                 trigger_mode="multiple", **LIVE_QUEUE)
 
 
@@ -130,10 +141,18 @@ def _change_event(component):
     return getattr(component, "input", None) or component.change
 
 
-def _live_generation(context: StudioContext, tab, runs: LiveRuns, owner, number: int, values: dict,
+def _outputs(tab) -> list:
+    """What a live image updates: the gallery, infotext and status, and the gallery's state (so Reuse seed and Send
+    to read the live image); not the job id, which Stop reads for the tab's Generate."""
+    return [tab.gallery, tab.infotext, tab.status, tab.infotexts, tab.selected]
+
+
+def _live_generation(context: StudioContext, tab, runs: LiveRuns, owners: tuple, number: float, values: dict,
                      to_fields) -> Iterator[dict]:
-    """Change `number`'s generation: its image and status, unless a newer change superseded it."""
+    """Change `number`'s generation: its image and status, unless a newer change superseded it ({} then: nothing
+    changes on the page). `owners`: the job's owner, and the page's key in `runs`."""
     from studio.tabs.generate import done_results, request_from_controls
+    owner, page_of = owners
     try:
         fields = to_fields(values) if to_fields else values
         generation = request_from_controls(tab.task, fields | {"preview_every": 0, "batch_count": 1})
@@ -141,18 +160,23 @@ def _live_generation(context: StudioContext, tab, runs: LiveRuns, owner, number:
         yield {tab.status: f"Live: {error}"}
         return
     job = context.generator.submit(generation, owner=owner, save=False)
-    if not runs.attach(owner, number, job):
+    if not runs.attach(page_of, number, job):
+        yield {}
         return
     try:
         done: GenerationDone | None = job.result()
     except JobCancelled:
-        return
+        done = None
     except Exception as error:
-        if runs.newest(owner, number):
+        done = None
+        if runs.newest(page_of, number):
             yield {tab.status: f"Live: {error}"}
-        return
-    if done is None or done.stopped or not runs.newest(owner, number):
+            return
+    finally:
+        runs.finish(page_of, job)
+    if done is None or done.stopped or not runs.newest(page_of, number):
+        yield {}
         return
     results = done_results(tab, done)
     results[tab.status] = f"Live · {results[tab.status]} · not saved: Generate keeps an image"
-    yield {component: value for component, value in results.items() if component in tab.api_results}
+    yield {component: value for component, value in results.items() if component in _outputs(tab)}

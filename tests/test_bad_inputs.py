@@ -164,7 +164,7 @@ SAMPLING_CASES = [
      r"`negative_prompt` holds the control character U\+001B at position 7; prompts take text, tabs and line breaks"),
     ("sampler-unknown", {"sampler": "Nope"}, r"Unknown sampler 'Nope'\. Valid samplers: Euler, Euler a"),
     ("lora-path-in-tag", {"prompt": "red apple <lora:../../etc/passwd:1>"},
-     r"No LoRA named '\.\./\.\./etc/passwd' in .* \(available: pencil\)"),
+     r"No LoRA named '\.\./\.\./etc/passwd' in .* \(available: emoji-ldm-lcm, pencil\)"),
 ]
 
 

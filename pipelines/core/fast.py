@@ -17,10 +17,13 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
+from pipelines.core.paths import ASSETS_DIR
+
 FAST_SAMPLER = "LCM"
 FAST_STEPS = 4
 FAST_GUIDANCE = 1.0
 EMBEDDED_FAST_LORA = "emoji-ldm-lcm"
+EMBEDDED_FAST_LORA_FOLDER = ASSETS_DIR / EMBEDDED_FAST_LORA    # recipe/lcm.py writes it; a shipped LoRA (adapters.py)
 FAST_STEP_RANGE = (1, 8)     # what consistency models are distilled for; more steps only add time
 
 
@@ -33,10 +36,9 @@ def is_distilled(pipeline) -> bool:
 def fast_lora(model) -> str | None:
     """The LoRA that makes the loaded model fast: the embedded model's shipped LCM-LoRA; None for a model that
     is distilled itself. Raises, saying what to do, for a model that has no fast version here."""
-    from pipelines.lora.adapters import FOLDER_WEIGHTS, SHIPPED_LORAS
     if is_distilled(model.pipeline):
         return None
-    if model.source.kind == "embedded" and (SHIPPED_LORAS[EMBEDDED_FAST_LORA] / FOLDER_WEIGHTS).is_file():
+    if model.source.kind == "embedded" and (EMBEDDED_FAST_LORA_FOLDER / "pytorch_lora_weights.safetensors").is_file():
         return EMBEDDED_FAST_LORA
     raise ValueError(f"Fast (4 steps) needs a few-step version of {model.name}, and the studio has none for it (the "
                      "embedded model ships one). Put an LCM-LoRA made for this model (LCM, TCD, Lightning or "

@@ -24,12 +24,13 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from pipelines.core.fast import EMBEDDED_FAST_LORA, EMBEDDED_FAST_LORA_FOLDER
 from pipelines.core.paths import ASSETS_DIR, check_weights_file, confined, inside
 from pipelines.io.files import sha256_hex
 
 FOLDER_WEIGHTS = "pytorch_lora_weights.safetensors"
 # name -> folder of the LoRAs the app ships (recipe/lcm.py trains the embedded model's LCM-LoRA)
-SHIPPED_LORAS = {"emoji-ldm-lcm": ASSETS_DIR / "emoji-ldm-lcm"}
+SHIPPED_LORAS = {EMBEDDED_FAST_LORA: EMBEDDED_FAST_LORA_FOLDER}
 
 
 def lora_files(folder: Path) -> dict[str, Path]:

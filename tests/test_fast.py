@@ -3,6 +3,7 @@ through the ordinary LoRA and LCM-sampler path, and `fast`, which runs the model
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -188,3 +189,23 @@ def test_a_lora_with_biases_runs_unmerged_and_leaves_the_plain_model_as_it_was(s
     assert not np.array_equal(plain, biased)
     assert np.array_equal(np.asarray(studio.generate(Txt2ImgRequest(prompt="red apple", **settings)).images[0].image),
                           plain)
+
+
+FAST_PROMPTS_CHECKED = 16
+FAST_MIN_TOP5_HITS = 8     # the shipped LCM-LoRA at 4 steps recognises 12 of these 16 (70% over 300: fast-eval.json)
+
+
+@pytest.mark.slow
+def test_fast_draws_what_the_prompt_names_in_four_steps(embedded):
+    """The first prompts of the evaluation (their classes held out from the distillation), as the 25-step test in
+    test_embedded.py: chance top-5 is 0.26%, i.e. 0.04 hits in 16."""
+    from recipe import evaluate
+
+    judge, class_names = evaluate.load_judge()
+    report = json.loads((evaluate.ROOT / "assets" / "emoji-ldm-eval.json").read_text())
+    samples = report["samples"][:FAST_PROMPTS_CHECKED]
+    images = [np.asarray(embedded.generate(Txt2ImgRequest(prompt=sample["prompt"], seed=sample["seed"], steps=4,
+                                                          fast=True)).images[0].image) for sample in samples]
+    top5 = np.argsort(-evaluate.classify(judge, np.stack(images)), axis=1)[:, :5]
+    hits = sum(class_names.index(sample["class"]) in row for sample, row in zip(samples, top5))
+    assert hits >= FAST_MIN_TOP5_HITS, f"only {hits} of {len(samples)} prompts recognised in the top 5"

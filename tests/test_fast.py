@@ -46,6 +46,12 @@ def make_lcm_lora(model_dir, folder, steps: int = 3):
     return folder
 
 
+@pytest.fixture(scope="module")
+def tiny_lcm_lora(tiny_model_dir, tmp_path_factory):
+    """The tiny LCM-LoRA, made once; each test copies it into its studio's models/lora/."""
+    return make_lcm_lora(tiny_model_dir, tmp_path_factory.mktemp("lcm") / "tiny-lcm")
+
+
 def test_the_consistency_parameterisation_and_the_ddim_solver_are_exact_where_they_must_be():
     """f(x, 0) = x (the boundary condition LCM's c_skip and c_out build in), and one DDIM step from a point of a
     trajectory, given that trajectory's x_0 and ε, lands on the same trajectory k timesteps earlier."""
@@ -65,12 +71,12 @@ def test_the_consistency_parameterisation_and_the_ddim_solver_are_exact_where_th
     assert torch.allclose(late, x0_hat, atol=1e-3 * float(x0_hat.abs().max()))
 
 
-def test_a_users_lcm_lora_runs_as_plain_diffusers_runs_it(studio, tiny_model_dir):
+def test_a_users_lcm_lora_runs_as_plain_diffusers_runs_it(studio, tiny_model_dir, tiny_lcm_lora):
     """The same LoRA path and LCM sampler serve a user's LCM-LoRA: the studio's image is diffusers' own
     (load_lora_weights + LCMScheduler, CFG 1, same seed), and the LoRA moved it."""
     from diffusers import LCMScheduler, StableDiffusionPipeline
 
-    folder = make_lcm_lora(tiny_model_dir, studio.models.lora_dir / "tiny-lcm")
+    folder = shutil.copytree(tiny_lcm_lora, studio.models.lora_dir / "tiny-lcm")
     settings = dict(sampler="LCM", steps=4, guidance_scale=1.0, seed=5, width=64, height=64)
     done = studio.generate(Txt2ImgRequest(prompt="red apple <lora:tiny-lcm:1>", **settings))
     plain = studio.generate(Txt2ImgRequest(prompt="red apple", **settings))
@@ -140,12 +146,13 @@ def test_fast_runs_the_shipped_lcm_lora_and_its_infotext_restores_the_same_image
                   - np.asarray(done.images[0].image, dtype=np.int16)).mean() > 5.0
 
 
-def test_a_lone_lora_runs_merged_on_a_cpu_and_the_plain_model_comes_back_bit_for_bit(studio, tiny_model_dir):
+def test_a_lone_lora_runs_merged_on_a_cpu_and_the_plain_model_comes_back_bit_for_bit(studio, tiny_model_dir,
+                                                                                     tiny_lcm_lora):
     """pipelines/lora/merged.py: one LoRA is merged into the weights (two are not); the merged image is the
     adapter's, and a request without LoRAs afterwards is the plain model's exactly (the originals are put back)."""
     from tests.test_lora import make_kohya_lora
 
-    make_lcm_lora(tiny_model_dir, studio.models.lora_dir / "tiny-lcm")
+    shutil.copytree(tiny_lcm_lora, studio.models.lora_dir / "tiny-lcm")
     make_kohya_lora(tiny_model_dir / "unet", studio.models.lora_dir / "style.safetensors")
     settings = dict(sampler="LCM", steps=2, guidance_scale=1.0, seed=9, width=64, height=64)
     image = lambda prompt: np.asarray(studio.generate(Txt2ImgRequest(prompt=prompt, **settings)).images[0].image,  # noqa: E731

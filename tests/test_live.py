@@ -51,7 +51,9 @@ def server(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_live_follows_typing_with_the_fast_model_and_saves_nothing(server, browser):  # noqa: F811
+def test_live_follows_typing_and_mask_strokes_with_the_fast_model_and_saves_nothing(server, browser):  # noqa: F811
+    from tests.test_page_inpaint_explorer import _paint_a_stroke
+
     url, context, outputs = server
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(url, wait_until="load")
@@ -80,18 +82,8 @@ def test_live_follows_typing_with_the_fast_model_and_saves_nothing(server, brows
     seed.press("Enter")
     expect(infotext).to_have_value(re.compile(r"Seed: 77,"), timeout=30_000)
     assert sorted(outputs.rglob("*.png")) == saved              # Live's drafts are shown, not saved
-    page.close()
 
-
-@pytest.mark.slow
-def test_live_inpainting_regenerates_on_each_mask_stroke(server, browser):  # noqa: F811
-    from tests.test_page_inpaint_explorer import _paint_a_stroke
-
-    url, context, outputs = server
-    saved = sorted(outputs.rglob("*.png"))
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(url, wait_until="load")
-    page.locator("#txt2img-prompt textarea").wait_for()
+    # Inpainting, on the same page: each mask stroke regenerates
     page.get_by_role("tab", name="Inpainting").click()
     with page.expect_file_chooser() as chooser:
         page.locator("#inpaint-editor button[aria-label=Upload]").click()

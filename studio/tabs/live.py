@@ -133,9 +133,8 @@ def wire_speed(context: StudioContext, tab, live: gr.Checkbox, page: dict, to_fi
         return True, sampler, LIVE_STEPS, guidance
     live.input(live_switched, [live, controls["fast"]], [controls["fast"], *sampling], api_visibility="private",
                queue=False).then(**bump)
-    for component in page.values():
-        if component is not controls["fast"]:
-            _change_event(component)(**bump)
+    gr.on([_change_event(component) for component in page.values() if component is not controls["fast"]],
+          **bump)     # one listener for every change (one per component made every page of the app heavier)
     tick.change(run, inputs=[tick, live, *page.values()], outputs=_outputs(tab), api_visibility="private",
                 trigger_mode="multiple", **LIVE_QUEUE)
 

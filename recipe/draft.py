@@ -94,45 +94,66 @@ def _loss_weights(alphas_cumprod: torch.Tensor, cap: float = 3.0) -> torch.Tenso
     return weight / weight.mean()
 
 
+class Teacher:
+    """The embedded model as a distillation teacher (here and recipe/lcm.py): its text encoder and UNet, frozen,
+    the training records (the evaluation prompts' classes held out) and their cached latents."""
+
+    def __init__(self, folder: Path = TARGET):
+        records, _ = data.load_records(data.fetch())
+        held_out = held_out_classes(records)
+        self.training = [r for r in records if r.class_index not in held_out]
+        self.tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+        self.text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").eval().requires_grad_(False)
+        self.unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval().requires_grad_(False)
+        self.latents = training_latents(self.training, AutoencoderKL.from_pretrained(folder / "vae").eval()
+                                        .requires_grad_(False))
+        self.empty = self.embed([""])
+
+    def embed(self, captions: list[str]) -> torch.Tensor:
+        with torch.no_grad():
+            tokens = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                    truncation=True, return_tensors="pt").input_ids
+            return self.text_encoder(tokens)[0]
+
+    def batch(self, batch_size: int, caption_rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch: the captions' embeddings, and latents drawn from the records' posteriors."""
+        index = torch.randint(len(self.training), (batch_size,))
+        conditional = self.embed([data.caption(self.training[i], caption_rng) for i in index.tolist()])
+        mean, std = self.latents["mean"][index], self.latents["std"][index]
+        return conditional, mean + std * torch.randn_like(std)
+
+
+def resume(checkpoint: Path, student, optimizer, caption_rng: random.Random, *, strict: bool = True) -> int:
+    """Continue from `checkpoint` if there is one: the student, the optimiser and both random states; its step."""
+    if not checkpoint.exists():
+        return 0
+    state = torch.load(checkpoint, weights_only=False)
+    student.load_state_dict(state["unet"], strict=strict)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    caption_rng.setstate(state["caption_rng"])
+    return state["step"]
+
+
 def train(steps: int, batch_size: int = 32, lr: float = 1e-3) -> None:
-    records, _ = data.load_records(data.fetch())
-    held_out = held_out_classes(records)
-    training = [r for r in records if r.class_index not in held_out]
-    tokenizer = CLIPTokenizer.from_pretrained(TARGET / "tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(TARGET / "text_encoder").eval().requires_grad_(False)
-    teacher = UNet2DConditionModel.from_pretrained(TARGET / "unet").eval().requires_grad_(False)
-    vae = AutoencoderKL.from_pretrained(TARGET / "vae").eval().requires_grad_(False)
-    latents = training_latents(training, vae)
+    parts = Teacher()
+    teacher, empty = parts.unet, parts.empty
     noise_scheduler = architecture.scheduler()
     weights = _loss_weights(noise_scheduler.alphas_cumprod)
 
     student = draft_unet()
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.01)
-    step, caption_rng = 0, random.Random(0)
-    if CHECKPOINT.exists():
-        state = torch.load(CHECKPOINT, weights_only=False)
-        student.load_state_dict(state["unet"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
-        torch.set_rng_state(state["rng"])
-        caption_rng.setstate(state["caption_rng"])
-    else:
+    caption_rng = random.Random(0)
+    step = resume(CHECKPOINT, student, optimizer, caption_rng)
+    if step == 0:
         torch.manual_seed(2)
-    with torch.no_grad():
-        empty = text_encoder(tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
-                                       return_tensors="pt").input_ids)[0]
     progress = tqdm(total=steps, initial=step, desc="draft")
     student.train()
     while step < steps:
         for group in optimizer.param_groups:   # warm-up, then a cosine to 10%
             group["lr"] = lr * min(1.0, (step + 1) / 200) * (0.55 + 0.45 * np.cos(np.pi * step / steps))
-        index = torch.randint(len(training), (batch_size,))
-        captions = [data.caption(training[i], caption_rng) for i in index.tolist()]
+        conditional, x0 = parts.batch(batch_size, caption_rng)
         with torch.no_grad():
-            tokens = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                               truncation=True, return_tensors="pt").input_ids
-            conditional = text_encoder(tokens)[0]
-            x0 = latents["mean"][index] + latents["std"][index] * torch.randn_like(latents["std"][index])
             t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,))
             x_t = noise_scheduler.add_noise(x0, torch.randn_like(x0), t)
             both = torch.cat([empty.expand(batch_size, -1, -1), conditional])

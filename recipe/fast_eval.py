@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recipe import data, evaluate
-from recipe.speculative_eval import figures
+from recipe import evaluate
+from recipe.speculative_eval import figures, held_out_setup
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS_DIR = ROOT / ".cache" / "eval" / "fast"
@@ -78,17 +78,8 @@ def _evaluate(args, worker) -> None:
     from pipelines.models.manager import ModelManager
     from pipelines.models.memory import MemoryManager
 
-    records, _ = data.load_records(data.fetch())
-    chosen = evaluate.evaluation_prompts(records, args.prompts)
-    prompts = [record.prompt for record in chosen]
-    labels = np.array([record.class_index for record in chosen])
-    judge, _ = evaluate.load_judge()
-    real = evaluate.real_images(records)
-    _, held_out = evaluate.holdout_split(np.array([r.class_index for r in records]))
-    draw = np.random.default_rng(evaluate.PROMPT_SEED).permutation(held_out)
+    prompts, labels, judge, reference, real_vs_real = held_out_setup(args.prompts)
     n = len(prompts)
-    reference = evaluate.features(judge, real[np.sort(draw[:n])])
-    real_vs_real = evaluate.frechet_distance(evaluate.features(judge, real[np.sort(draw[n:2 * n])]), reference)
     manager = ModelManager(MemoryManager(device="cpu"), worker=worker)
     manager.load("embedded")
     generator = Generator(manager, outputs_dir=None)

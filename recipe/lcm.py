@@ -33,10 +33,9 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from tqdm import tqdm
-from transformers import CLIPTextModel, CLIPTokenizer
 
-from recipe import architecture, data
-from recipe.draft import held_out_classes, training_latents
+from recipe import architecture
+from recipe.draft import Teacher, resume
 from recipe.train import _log, _save_atomically, clipped_step
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,14 +123,7 @@ def distillation_loss(student, teacher, x0, conditional, empty, guidance, solver
 
 
 def train(steps: int, batch_size: int = 32, lr: float = 5e-4) -> None:
-    records, _ = data.load_records(data.fetch())
-    held_out = held_out_classes(records)
-    training = [r for r in records if r.class_index not in held_out]
-    tokenizer = CLIPTokenizer.from_pretrained(TEACHER / "tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(TEACHER / "text_encoder").eval().requires_grad_(False)
-    teacher = UNet2DConditionModel.from_pretrained(TEACHER / "unet").eval().requires_grad_(False)
-    from diffusers import AutoencoderKL
-    latents = training_latents(training, AutoencoderKL.from_pretrained(TEACHER / "vae").eval())
+    parts = Teacher(TEACHER)
     alphas_cumprod = architecture.scheduler().alphas_cumprod
     solver = DDIMSolver(alphas_cumprod)
 
@@ -139,32 +131,17 @@ def train(steps: int, batch_size: int = 32, lr: float = 5e-4) -> None:
     student = lora_unet()
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-    step, caption_rng = 0, random.Random(0)
-    if CHECKPOINT.exists():
-        state = torch.load(CHECKPOINT, weights_only=False)
-        student.load_state_dict(state["unet"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
-        torch.set_rng_state(state["rng"])
-        caption_rng.setstate(state["caption_rng"])
-    with torch.no_grad():
-        empty = text_encoder(tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
-                                       return_tensors="pt").input_ids)[0]
+    caption_rng = random.Random(0)
+    step = resume(CHECKPOINT, student, optimizer, caption_rng, strict=False)   # the LoRA's weights only
     progress = tqdm(total=steps, initial=step, desc="lcm")
     student.train()
     while step < steps:
         for group in optimizer.param_groups:   # warm-up, then a cosine to 10%
             group["lr"] = lr * min(1.0, (step + 1) / 100) * (0.55 + 0.45 * np.cos(np.pi * step / steps))
-        index = torch.randint(len(training), (batch_size,))
-        captions = [data.caption(training[i], caption_rng) for i in index.tolist()]
-        with torch.no_grad():
-            tokens = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                               truncation=True, return_tensors="pt").input_ids
-            conditional = text_encoder(tokens)[0]
-            x0 = latents["mean"][index] + latents["std"][index] * torch.randn_like(latents["std"][index])
-            low, high = GUIDANCE_RANGE
-            guidance = low + (high - low) * torch.rand(batch_size)
-        loss = distillation_loss(student, teacher, x0, conditional, empty, guidance, solver, alphas_cumprod)
+        conditional, x0 = parts.batch(batch_size, caption_rng)
+        low, high = GUIDANCE_RANGE
+        guidance = low + (high - low) * torch.rand(batch_size)
+        loss = distillation_loss(student, parts.unet, x0, conditional, parts.empty, guidance, solver, alphas_cumprod)
         clipped_step(optimizer, loss, trainable)
         step += 1
         progress.update(1)

@@ -123,18 +123,24 @@ def main() -> None:
     worker.call(_evaluate, args, worker)
 
 
-def _evaluate(args, worker) -> None:
+def held_out_setup(count: int) -> tuple[list[str], np.ndarray, object, np.ndarray, float]:
+    """The evaluation's prompts and their classes, the shipped judge, its features of `count` held-out real images
+    (FD's reference) and the FD between two such real sets (here and recipe/fast_eval.py)."""
     records, _ = data.load_records(data.fetch())
-    chosen = evaluate.evaluation_prompts(records, args.prompts)
-    prompts = [record.prompt for record in chosen]
-    labels = np.array([record.class_index for record in chosen])
+    chosen = evaluate.evaluation_prompts(records, count)
     judge, _ = evaluate.load_judge()
     real = evaluate.real_images(records)
     _, held_out = evaluate.holdout_split(np.array([r.class_index for r in records]))
     draw = np.random.default_rng(evaluate.PROMPT_SEED).permutation(held_out)
-    n = len(prompts)
+    n = len(chosen)
     reference = evaluate.features(judge, real[np.sort(draw[:n])])
     real_vs_real = evaluate.frechet_distance(evaluate.features(judge, real[np.sort(draw[n:2 * n])]), reference)
+    return [r.prompt for r in chosen], np.array([r.class_index for r in chosen]), judge, reference, real_vs_real
+
+
+def _evaluate(args, worker) -> None:
+    prompts, labels, judge, reference, real_vs_real = held_out_setup(args.prompts)
+    n = len(prompts)
     ROWS_DIR.mkdir(parents=True, exist_ok=True)
     table = {}
     for name in args.rows:

@@ -31,6 +31,7 @@ import argparse
 import datetime
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -137,9 +138,11 @@ def main(argv=None) -> dict:
         return evaluate.top_k_accuracy(evaluate.classify(judge, evaluate.as_array(samples, 64)),
                                        labels[:len(samples)], 5)
 
-    figures: dict = {"held-out emoji": len(held_out), "as drawn": args.as_drawn, "settings": settings,
+    ran = settings | ({"sampler": "LCM", "guidance_scale": 1.0, "lora": "emoji-ldm-lcm"} if args.fast else {})
+    figures: dict = {"held-out emoji": len(held_out), "as drawn": args.as_drawn, "settings": ran,
                      "top-5 text-to-image": top5(without), "date": datetime.date.today().isoformat(),
-                     "command": "python -m recipe.controlnet_eval" + (" --fast" if args.fast else "")}
+                     "command": " ".join(["python -m recipe.controlnet_eval",
+                                          *(sys.argv[1:] if argv is None else argv)])}
     grid_rows = []
     for kind in args.kinds:
         metric = "colour error" if kind == "colour" else "edge F1"

@@ -126,13 +126,15 @@ def wire_speed(context: StudioContext, tab, live: gr.Checkbox, page: dict, to_fi
     # the two switches set the page first, and Live then reads it (the settings Fast shows are the ones it runs)
     controls["fast"].input(fast_settings, controls["fast"], sampling, api_visibility="private",
                            queue=False).then(**bump)
-    def live_switched(on: bool, fast: bool):
-        if not on or fast:     # Fast already on: its settings stay as the user set them
+    def live_switched(on: bool, fast: bool, steps: int):
+        if not on:     # Live off: Fast's own 4 steps again, if Live's 2 are still set
+            return gr.skip(), gr.skip(), FAST_STEPS if fast and steps == LIVE_STEPS else gr.skip(), gr.skip()
+        if fast:       # Fast already on: its settings stay as the user set them
             return (gr.skip(),) * 4
         sampler, _, guidance = fast_settings(True)
         return True, sampler, LIVE_STEPS, guidance
-    live.input(live_switched, [live, controls["fast"]], [controls["fast"], *sampling], api_visibility="private",
-               queue=False).then(**bump)
+    live.input(live_switched, [live, controls["fast"], controls["steps"]], [controls["fast"], *sampling],
+               api_visibility="private", queue=False).then(**bump)
     gr.on([_change_event(component) for component in page.values() if component is not controls["fast"]],
           **bump)     # one listener for every change (one per component made every page of the app heavier)
     tick.change(run, inputs=[tick, live, *page.values()], outputs=_outputs(tab), api_visibility="private",

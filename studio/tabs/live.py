@@ -37,7 +37,7 @@ from studio.context import StudioContext, session_of
 LIVE_TASKS = ("txt2img", "inpaint", "controlnet")
 DEBOUNCE_S = 0.06       # a change this soon after another replaces it before it runs
 # Live turns Fast on at 2 steps: as good as 4 on the held-out evaluation (top-5 70.0% both, assets/fast-eval.json)
-# and what lets the image follow typing here (bench.live: median 248 ms at 2 steps, 322 ms at 4)
+# and 60-80 ms quicker to follow typing here (bench.live: medians 248-296 ms at 2 steps, 322-341 ms at 4)
 LIVE_STEPS = 2
 LIVE_QUEUE = {"concurrency_id": "live", "concurrency_limit": 16, "show_progress": "hidden"}
 # on the page, at every change: with Live on, the hidden tick becomes the change's time (its change event then runs

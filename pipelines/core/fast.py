@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
-from pipelines.core.paths import ASSETS_DIR
+from pipelines.core.paths import ASSETS_DIR, LORA_FOLDER_WEIGHTS
 
 FAST_SAMPLER = "LCM"
 FAST_STEPS = 4
@@ -38,7 +38,7 @@ def fast_lora(model) -> str | None:
     is distilled itself. Raises, saying what to do, for a model that has no fast version here."""
     if is_distilled(model.pipeline):
         return None
-    if model.source.kind == "embedded" and (EMBEDDED_FAST_LORA_FOLDER / "pytorch_lora_weights.safetensors").is_file():
+    if model.source.kind == "embedded" and (EMBEDDED_FAST_LORA_FOLDER / LORA_FOLDER_WEIGHTS).is_file():
         return EMBEDDED_FAST_LORA
     raise ValueError(f"Fast (4 steps) needs a few-step version of {model.name}, and the studio has none for it (the "
                      "embedded model ships one). Put an LCM-LoRA made for this model (LCM, TCD, Lightning or "

@@ -16,6 +16,7 @@ from pathlib import Path
 
 APP_ROOT = Path(__file__).resolve().parents[2]
 ASSETS_DIR = APP_ROOT / "assets"
+LORA_FOLDER_WEIGHTS = "pytorch_lora_weights.safetensors"   # the weights file of a diffusers LoRA folder
 DEFAULT_MODELS_DIR = APP_ROOT / "models"
 
 

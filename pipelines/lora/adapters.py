@@ -25,10 +25,10 @@ from pathlib import Path
 from safetensors import safe_open
 
 from pipelines.core.fast import EMBEDDED_FAST_LORA, EMBEDDED_FAST_LORA_FOLDER
-from pipelines.core.paths import ASSETS_DIR, check_weights_file, confined, inside
+from pipelines.core.paths import ASSETS_DIR, LORA_FOLDER_WEIGHTS, check_weights_file, confined, inside
 from pipelines.io.files import sha256_hex
 
-FOLDER_WEIGHTS = "pytorch_lora_weights.safetensors"
+FOLDER_WEIGHTS = LORA_FOLDER_WEIGHTS
 # name -> folder of the LoRAs the app ships (recipe/lcm.py trains the embedded model's LCM-LoRA)
 SHIPPED_LORAS = {EMBEDDED_FAST_LORA: EMBEDDED_FAST_LORA_FOLDER}
 

@@ -185,10 +185,11 @@ def export(out: Path = OUT) -> Path:
         "held_out": f"the classes of the {HELD_OUT_PROMPTS} evaluation prompts (recipe.evaluate.evaluation_prompts)"})
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run_stages(description: str, train, export, default_steps: int) -> None:
+    """The command line of a distillation recipe (here and recipe/lcm.py): train (resuming), then export."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", nargs="?", default="all", choices=("all", "train", "export"))
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=default_steps)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -196,6 +197,10 @@ def main() -> None:
         train(args.steps)
     if args.stage in ("all", "export"):
         print(f"Wrote {export()}")
+
+
+def main() -> None:
+    run_stages(__doc__, train, export, default_steps=3000)
 
 
 if __name__ == "__main__":

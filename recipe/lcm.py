@@ -2,7 +2,7 @@
 Luo et al. 2023, with the LoRA form of Luo et al.'s "LCM-LoRA"), guidance distilled in.
 
     python -m recipe.lcm                          # train (resumes from .cache/train/lcm.pt), then export
-    python -m recipe.lcm --steps 3000 --threads 1 # the shipped run
+    python -m recipe.lcm --steps 2400 --threads 1 # the shipped run (the default steps)
     python -m recipe.lcm export                   # write assets/emoji-ldm-lcm from the checkpoint
 
 What it learns (Algorithm 1 of the LCM paper, as diffusers' train_lcm_distill_lora_sd_wds.py runs it):
@@ -24,7 +24,6 @@ resumable; loss logs in .cache/train/lcm.log.
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 from pathlib import Path
@@ -35,7 +34,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from tqdm import tqdm
 
 from recipe import architecture
-from recipe.draft import Teacher, resume
+from recipe.draft import Teacher, resume, run_stages
 from recipe.train import _log, _save_atomically, clipped_step
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -181,16 +180,7 @@ def export(out: Path = OUT) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", nargs="?", default="all", choices=("all", "train", "export"))
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    if args.stage in ("all", "train"):
-        train(args.steps)
-    if args.stage in ("all", "export"):
-        print(f"Wrote {export()}")
+    run_stages(__doc__, train, export, default_steps=2400)   # the shipped run
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ The ratio is the studio's own cost on top of diffusers' (goal: <= 1.03).
 
 Random weights make pictures of noise, but the same work as trained ones. The text encoders keep their real
 widths with two layers each (their cost is a small part of an image). Flux and SD 3 are refused at load by the
-studio (pipelines/models/families.py), so they have no row yet.
+studio (pipelines/core/families.py), so they have no row yet.
 """
 
 from __future__ import annotations

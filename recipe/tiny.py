@@ -91,6 +91,14 @@ def build_tiny_sdxl_pipeline(folder: Path, seed: int = 0):
     return pipeline
 
 
+def _near_deterministic(vae):
+    """A trained VAE's posterior is nearly a point (the embedded one's std is about 0.007): random weights give a
+    wide one, whose samples (diffusers' image-to-image pipelines sample it) would hide where a run starts."""
+    with torch.no_grad():
+        vae.encoder.conv_out.bias[vae.config.latent_channels:] = -20.0
+    return vae
+
+
 def _t5(tokenizer):
     """A tiny T5 encoder reading the tiny BPE tokenizer's ids (the transformer families' long-text encoder)."""
     from transformers import T5Config, T5EncoderModel
@@ -121,11 +129,11 @@ def build_tiny_flux_pipeline(folder: Path, seed: int = 0):
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
+                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=True)
     vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
                         latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
                         shift_factor=0.0609, scaling_factor=1.5035)
-    pipeline = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+    pipeline = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_near_deterministic(vae),
                             text_encoder=CLIPTextModel(_clip_config(tokenizer)), tokenizer=tokenizer,
                             text_encoder_2=_t5(tokenizer), tokenizer_2=tokenizer, transformer=transformer)
     pipeline.set_progress_bar_config(disable=True)
@@ -143,17 +151,74 @@ def build_tiny_sd3_pipeline(folder: Path, seed: int = 0):
 
     tokenizer = build_tokenizer(PHRASES, folder / "tokenizer_src", merges=200)
     torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=4, num_layers=1,
+    # 16 latent channels, as SD 3's VAE has (its inpainting pipeline checks)
+    transformer = SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=16, num_layers=1,
                                         attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
-                                        joint_attention_dim=32, pooled_projection_dim=64, out_channels=4)
+                                        joint_attention_dim=32, pooled_projection_dim=64, out_channels=16)
     vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                        latent_channels=16, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
                         shift_factor=0.0609, scaling_factor=1.5035)
     clip = _clip_config(tokenizer, projection_dim=32)
     pipeline = StableDiffusion3Pipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=_near_deterministic(vae), transformer=transformer,
         text_encoder=CLIPTextModelWithProjection(clip), tokenizer=tokenizer,
         text_encoder_2=CLIPTextModelWithProjection(clip), tokenizer_2=tokenizer,
         text_encoder_3=_t5(tokenizer), tokenizer_3=tokenizer)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def build_tiny_pixart_pipeline(folder: Path, seed: int = 0):
+    """A PixArt-Σ-layout pipeline (a DiT with adaLN-single, T5 text encoder, learned variance: 8 output channels;
+    ε-prediction on a DDPM schedule), seeded random weights at about diffusers' own test size
+    (`PixArtSigmaPipelineFastTests.get_dummy_components`)."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    from recipe.architecture import build_tokenizer
+
+    tokenizer = build_tokenizer(PHRASES, folder / "tokenizer_src", merges=200)
+    torch.manual_seed(seed)
+    transformer = PixArtTransformer2DModel(
+        sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3, caption_channels=32,
+        in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8),
+                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                        layers_per_block=1, norm_num_groups=4, sample_size=64)
+    scheduler = DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
+    pipeline = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=_t5(tokenizer), vae=_near_deterministic(vae),
+                                   transformer=transformer, scheduler=scheduler)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def build_tiny_sana_pipeline(folder: Path, seed: int = 0):
+    """A Sana-layout pipeline (a linear-attention DiT with flow matching, a Gemma 2 text encoder, the deep
+    compression autoencoder DC-AE), seeded random weights at diffusers' own test size
+    (`SanaPipelineFastTests.get_dummy_components`); the tiny BPE tokenizer stands in for Gemma's."""
+    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    from recipe.architecture import build_tokenizer
+
+    tokenizer = build_tokenizer(PHRASES, folder / "tokenizer_src", merges=200)
+    torch.manual_seed(seed)
+    transformer = SanaTransformer2DModel(
+        patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2, attention_head_dim=4,
+        num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
+        sample_size=32)
+    vae = AutoencoderDC(
+        in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=("ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8), encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
+        encoder_layers_per_block=(1, 1), decoder_layers_per_block=[1, 1], downsample_block_type="conv",
+        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+        scaling_factor=0.41407)
+    text_encoder = Gemma2Model(Gemma2Config(
+        head_dim=16, hidden_size=8, initializer_range=0.02, intermediate_size=64, max_position_embeddings=8192,
+        num_attention_heads=2, num_hidden_layers=1, num_key_value_heads=2, vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id, attn_implementation="eager"))
+    pipeline = SanaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                            scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
     pipeline.set_progress_bar_config(disable=True)
     return pipeline

@@ -7,7 +7,10 @@ import urllib.parse
 import gradio as gr
 
 from pipelines.core.samplers import model_default_sampler
+from pipelines.core.transformers import (DEFAULT_CFG, default_transformer_sampler, is_flow, is_transformer,
+                                         takes_distilled_guidance, transformer_samplers)
 from pipelines.lora.adapters import lora_files, shown_path
+from pipelines.core.families import family_of_pipeline
 from pipelines.models.manager import LoadedModel
 from pipelines.tasks import TASKS
 from studio.context import OWNER_COOKIE, StudioContext
@@ -134,10 +137,15 @@ def model_defaults(model: LoadedModel | None) -> dict:
     if model is None:
         return {"width": FALLBACK_SIDE, "height": FALLBACK_SIDE}
     side = model.native_side or FALLBACK_SIDE
+    config, transformer = model.scheduler_config, is_transformer(model.pipeline)
     # every 5 steps a small model's full decode costs under 15% of the time between previews, so the
     # previews are the real picture (pipelines/core/preview.py)
-    return {"width": side, "height": side, "sampler": model_default_sampler(model.scheduler_config),
-            "preview_every": PREVIEW_EVERY, "native_side": model.native_side}
+    return {"width": side, "height": side, "preview_every": PREVIEW_EVERY, "native_side": model.native_side,
+            "sampler": default_transformer_sampler(config) if is_flow(config) else model_default_sampler(config),
+            # a transformer family's own samplers and CFG; Flux.1 dev's distilled guidance shown only for it
+            "samplers": transformer_samplers(model.pipeline, config) if transformer else None,
+            "guidance_scale": DEFAULT_CFG.get(family_of_pipeline(model.pipeline), 7.5) if transformer else 7.5,
+            "distilled_guidance_shown": takes_distilled_guidance(model.pipeline)}
 
 
 def serve(app: gr.Blocks, **launch_options):
@@ -240,15 +248,21 @@ def _wire_model_defaults(context: StudioContext, loaded, generation_tabs: tuple[
     def refresh(*shown: str):
         defaults = model_defaults(context.models.current)
         updates = {tab.controls[name]: value for tab in generation_tabs for name, value in defaults.items()
-                   if name in tab.controls and name not in ("width", "height")}
+                   if name in tab.controls and name not in ("width", "height", "sampler")}
+        menus = {tab.controls["sampler"]: gr.Dropdown(choices=list(defaults.get("samplers") or
+                                                                   TASKS[tab.task].samplers),
+                                                      value=defaults.get("sampler")) for tab in generation_tabs}
+        shown = {tab.controls["distilled_guidance"]: gr.Slider(visible=defaults.get("distilled_guidance_shown", False))
+                 for tab in generation_tabs}
         hint = size_hint(defaults.get("native_side"))
         sizes = {tab.controls[name]: gr.Slider(value=defaults[name], info=hint) for tab in generation_tabs
                  for name in ("width", "height")}
         cleared = {status: "" for status, text in zip(statuses, shown) if (text or "").startswith(FAILED)}
-        return updates | sizes | cleared | {explorer_size: defaults["width"]}
+        return updates | menus | shown | sizes | cleared | {explorer_size: defaults["width"]}
 
-    outputs = {explorer_size, *statuses} | {tab.controls[name] for tab in generation_tabs
-                                            for name in ("width", "height", "sampler", "preview_every")}
+    outputs = {explorer_size, *statuses} | {tab.controls[name] for tab in generation_tabs for name in
+                                            ("width", "height", "sampler", "preview_every", "guidance_scale",
+                                             "distilled_guidance")}
     loaded.success(refresh, inputs=statuses, outputs=outputs, api_visibility="private", show_progress="hidden")
 
 

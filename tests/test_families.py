@@ -1,40 +1,48 @@
-"""Model families (pipelines/models/families.py) on real tiny models built in-process: SD 1.x-style and SDXL load;
-the diffusion transformers (Flux, SD 3) that no tab runs yet are refused at load with their family named, from
-the folder's index before a weight is read, and the model that was loaded keeps serving."""
+"""Model families (pipelines/core/families.py) on real tiny models built in-process: SD 1.x-style, SDXL and the
+diffusion transformers (SD 3, Flux, PixArt-Σ, Sana: tests/test_transformers.py runs them) are named from the
+pipeline and from the folder; a family no tab runs is refused at load with its family named, from the folder's
+index before a weight is read, and the model that was loaded keeps serving."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
 
 from pipelines.core.paths import ModelLoadError
-from pipelines.models.families import family_of_checkpoint, family_of_folder, family_of_pipeline
+from pipelines.core.families import family_of_checkpoint, family_of_folder, family_of_pipeline
 from pipelines.tasks.txt2img import Txt2ImgRequest
-from recipe.tiny import build_tiny_flux_pipeline, build_tiny_sd3_pipeline, build_tiny_sdxl_pipeline
+from recipe.tiny import (build_tiny_flux_pipeline, build_tiny_pixart_pipeline, build_tiny_sana_pipeline,
+                         build_tiny_sd3_pipeline, build_tiny_sdxl_pipeline)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.mark.parametrize("build,family,why", [
-    (build_tiny_flux_pipeline, "Flux", "a diffusion transformer with flow matching, distilled guidance"),
-    (build_tiny_sd3_pipeline, "SD 3.x", "a diffusion transformer \\(MMDiT\\) with flow matching"),
-])
-def test_a_transformer_family_is_refused_at_load_naming_it_and_the_model_stays(studio, build, family, why):
+def test_a_family_no_tab_runs_is_refused_at_load_naming_it_and_the_model_stays(studio):
+    """A folder whose index names a family the studio does not run (AuraFlow here: the tiny Flux folder with its
+    index's class changed) is refused from the index, before a weight is read, and the loaded model keeps serving."""
     models = studio.models
     before = models.current
-    pipeline = build(models.models_dir / "build")
-    folder = models.models_dir / f"tiny-{family.split()[0].lower()}"
-    pipeline.save_pretrained(folder)
-    assert family_of_pipeline(pipeline) == family_of_folder(folder) == family
-    with pytest.raises(ModelLoadError, match=f"{folder.name} is a {family} model \\({why}.*not supported yet"):
-        models.load(str(folder), from_ui=True)
-    # from the index, before any weight is read: without its transformer's weights it is refused the same way
+    folder = models.models_dir / "tiny-auraflow"
+    build_tiny_flux_pipeline(models.models_dir / "build").save_pretrained(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps(index | {"_class_name": "AuraFlowPipeline"}))
     shutil.rmtree(folder / "transformer")
-    with pytest.raises(ModelLoadError, match=f"is a {family} model"):
+    assert family_of_folder(folder) == "AuraFlow"
+    with pytest.raises(ModelLoadError, match="tiny-auraflow is a AuraFlow model \\(a diffusion transformer with flow "
+                                             "matching\\).*not supported yet"):
         models.load(str(folder), from_ui=True)
     assert models.current is before
     assert studio.generate(Txt2ImgRequest(prompt="red apple", steps=2, width=64, height=64)).images
+
+
+@pytest.mark.parametrize("build,family", [(build_tiny_flux_pipeline, "Flux"), (build_tiny_sd3_pipeline, "SD 3.x"),
+                                          (build_tiny_pixart_pipeline, "PixArt-Σ"), (build_tiny_sana_pipeline, "Sana")])
+def test_the_transformer_families_are_named_from_pipeline_and_folder(tmp_path, build, family):
+    pipeline = build(tmp_path / "build")
+    pipeline.save_pretrained(tmp_path / "model")
+    assert family_of_pipeline(pipeline) == family_of_folder(tmp_path / "model") == family
 
 
 def test_the_unet_families_are_supported(studio, tiny_model_dir, tmp_path):

@@ -24,6 +24,8 @@ from pipelines.core.prompts import LoraUse, prompt_arguments, prompt_texts
 from pipelines.core.registry import Task, task_of
 from pipelines.core.requests import SamplingSettings
 from pipelines.core.samplers import MODEL_DRAFTS, make_scheduler, sampler_loop
+from pipelines.core.transformer_call import prepare_transformer
+from pipelines.core.transformers import is_transformer
 from pipelines.core.vae import VAE_UPCAST_NOTE, check_size, decode
 
 
@@ -125,6 +127,10 @@ class PreparedCall:
             self.pipeline.scheduler.noise_sampler_seed = [self.request.seed_for(batch_index, i)
                                                           for i in range(self.request.batch_size)]
 
+    def spatial(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents as the VAE reads them (a UNet's are already)."""
+        return latents
+
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         """The call's latents as the task's final images (noting an fp16 VAE upcast)."""
         images, upcast = decode(self.pipeline.vae, latents)
@@ -149,6 +155,8 @@ def prepare(models, request: SamplingSettings) -> PreparedCall:
     request = request.resolved()
     task = task_of(request)
     model = models.require()
+    if is_transformer(model.pipeline):     # SD 3.x, Flux, PixArt, Sana: their own pipelines' calls
+        return prepare_transformer(models, request, task, model)
     fast, request = request.fast, made_fast(request, model)   # the model's LCM-LoRA and sampler, CFG 1
     pipeline = models.pipeline(task.name)
     # diffusers' SD pipelines require multiples of 8 whatever the VAE's factor

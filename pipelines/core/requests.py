@@ -62,6 +62,7 @@ class SamplingSettings:
     classifier_scale: float = 0.0
     schedule: str = "Default"    # the sampler's timesteps: its own, or e.g. "Align Your Steps"
     fast: bool = False           # the model's few-step (LCM) version: pipelines/core/fast.py
+    distilled_guidance: float = 3.5   # Flux.1 dev's guidance input (pipelines/core/transformers.py)
 
     def __post_init__(self):
         for name in ("prompt", "negative_prompt"):
@@ -71,6 +72,8 @@ class SamplingSettings:
             check_whole(name, getattr(self, name), low, high)
         check_number("guidance_scale", self.guidance_scale, *NUMBER_RANGES["guidance_scale"], " (CFG)")
         check_number("guidance_rescale", self.guidance_rescale, *NUMBER_RANGES["guidance_rescale"])
+        check_number("distilled_guidance", self.distilled_guidance, *NUMBER_RANGES["distilled_guidance"],
+                     " (Flux's distilled CFG scale)")
         if not isinstance(self.fast, bool):
             raise ValueError(f"`fast` must be true or false but is {self.fast!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not -1 <= self.seed <= MAX_SEED:

@@ -48,7 +48,9 @@ def encode(vae, images: torch.Tensor) -> torch.Tensor:
     so x_0 is deterministic), shifted and scaled."""
     scaling, shift = _latent_stats(vae)
     with torch.no_grad():
-        mean = vae.encode(images.to(execution_device(vae), vae.dtype)).latent_dist.mean
+        encoded = vae.encode(images.to(execution_device(vae), vae.dtype))
+        # a KL autoencoder gives a posterior; Sana's deep compression autoencoder (DC-AE) the latent itself
+        mean = encoded.latent_dist.mean if hasattr(encoded, "latent_dist") else encoded.latent
     return (mean - shift) * scaling
 
 

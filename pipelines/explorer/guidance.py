@@ -39,6 +39,7 @@ from pipelines.core.guidance import DEFAULT_PAG_LAYERS, alpha_bar_at, pag_scale_
 from pipelines.core.paths import ASSETS_DIR
 from pipelines.core.preview import LatentPreviewer
 from pipelines.core.samplers import DEFAULT_SAMPLER, STEPWISE_SAMPLER_NAMES
+from pipelines.core.transformers import check_unet_model
 from pipelines.core.schedules import set_schedule
 from pipelines.models.manager import ModelManager
 from pipelines.tasks.txt2img import Txt2ImgRequest
@@ -163,6 +164,7 @@ def compare_guidance(models: ModelManager, *, prompt: str, negative_prompt: str 
         if on_step is not None:
             on_step(progress["done"], progress["total"])
 
+    check_unet_model(models.current, "The Diffusion Explorer's guidance comparison")
     for method, request in requests.items():
         if stop is not None and stop.is_set():
             notes.append(f"Stopped before {method}.")

@@ -38,6 +38,7 @@ from pipelines.core.denoiser import Denoiser, encoded_prompts, size_ids
 from pipelines.core.guidance import uses_cfg
 from pipelines.core.loop import run_steps
 from pipelines.core.samplers import STOCHASTIC
+from pipelines.core.transformers import check_unet_model
 from pipelines.explorer.trace import Trace, TraceStep, predicted_x0
 from pipelines.models.manager import ModelManager
 from pipelines.tasks.txt2img import Txt2ImgRequest
@@ -68,6 +69,7 @@ def prepare_one_image(models: ModelManager, request: Txt2ImgRequest) -> Prepared
         raise ValueError("The step-by-step trace records one model call per step, and DDPM speculative verifies "
                          "several steps per call: follow it round by round in the \"Speculative sampling\" panel "
                          "below, or record with DDPM (the same law, one call per step).")
+    check_unet_model(models.current, "The Diffusion Explorer's trace")
     if request.batch_size != 1 or request.batch_count != 1:
         raise ValueError(f"The explorer records one image at a time, but batch_size is {request.batch_size} "
                          f"and batch_count is {request.batch_count}; set both to 1.")

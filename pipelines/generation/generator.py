@@ -31,6 +31,7 @@ from pipelines.core.prompts import EMPHASIS, prompt_texts, uses_emphasis
 from pipelines.core.requests import SamplingSettings
 from pipelines.core.results import GeneratedImage, GenerationDone, Preview
 from pipelines.core.samplers import a1111_sampler
+from pipelines.core.transformers import takes_distilled_guidance
 from pipelines.io import metadata
 from pipelines.jobs.worker import Job, Progress
 from pipelines.models.embeddings import ti_hashes
@@ -124,7 +125,7 @@ class Generator:
             # has gone N past the last preview
             if previewer and step + 1 - progress["previewed"] >= request.preview_every and step + 1 < total:
                 progress["previewed"] = step + 1
-                frames = previewer(tensors["latents"], mode=request.preview_mode,
+                frames = previewer(call.spatial(tensors["latents"]), mode=request.preview_mode,
                                    seconds_between_previews=progress["step_seconds"] * request.preview_every)
                 job.emit(Preview(images=frames, step=step + 1, total_steps=total, batch_index=batch_index),
                          transient=True)
@@ -207,7 +208,10 @@ def infotext_parameters(request: SamplingSettings, model, seed: int, image_index
     return {
         "Steps": request.steps, "Sampler": sampler,
         "Schedule type": schedule_type if request.schedule == "Default" else request.schedule,
-        "CFG scale": request.guidance_scale, "Seed": seed, "Size": f"{request.width}x{request.height}",
+        "CFG scale": request.guidance_scale,
+        "Distilled CFG Scale": request.distilled_guidance if takes_distilled_guidance(getattr(model, "pipeline", None))
+        else None,
+        "Seed": seed, "Size": f"{request.width}x{request.height}",
         "Model hash": model.model_hash, "Model": model.name,
         **task_of(request).infotext_values(request),
         "Draft": request.draft if request.speculative else None,

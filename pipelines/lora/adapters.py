@@ -25,6 +25,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from pipelines.core.fast import EMBEDDED_FAST_LORA, EMBEDDED_FAST_LORA_FOLDER
+from pipelines.core.transformers import denoiser_of
 from pipelines.core.paths import ASSETS_DIR, LORA_FOLDER_WEIGHTS, check_weights_file, confined, inside
 from pipelines.io.files import sha256_hex
 
@@ -133,7 +134,7 @@ def file_stamp(path: Path) -> tuple:
 
 def count_modules(pipeline, adapter: str) -> int:
     count = 0
-    for component in (getattr(pipeline, "unet", None), getattr(pipeline, "text_encoder", None)):
+    for component in (denoiser_of(pipeline), getattr(pipeline, "text_encoder", None)):
         if component is not None:
             count += sum(1 for module in component.modules()
                          if adapter in getattr(module, "lora_A", {}))

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from pipelines.core.transformers import denoiser_of
+
 MERGE_LIMIT_BYTES = 512 * 2 ** 20
 _ACTIVE = "_studio_active"     # on the UNet: (what is on, whether it is merged into the weights now)
 _MERGED = "_studio_merged"     # on the UNet: (the LoRA merged last, [(layer, original weight, merged weight), ...])
@@ -25,7 +27,7 @@ _MERGED = "_studio_merged"     # on the UNet: (the LoRA merged last, [(layer, or
 def activate(pipeline, adapters: list[str], weights: list[float], *, key: tuple, may_merge: bool) -> None:
     """Make `adapters` (at `weights`) the pipeline's active LoRAs, or none. `key` names what is asked for (the
     adapters, weights and files): asked again, nothing needs doing."""
-    unet = pipeline.unet
+    unet = denoiser_of(pipeline)
     active = getattr(unet, _ACTIVE, None)
     if active is not None and active[0] == key and may_merge:
         return
@@ -41,7 +43,7 @@ def activate(pipeline, adapters: list[str], weights: list[float], *, key: tuple,
 
 def unmerge(pipeline) -> None:
     """Put back the weights a merge changed (exactly: the originals, not a subtraction), and forget what is on."""
-    unet = getattr(pipeline, "unet", None)
+    unet = denoiser_of(pipeline)
     active = getattr(unet, _ACTIVE, None)
     if active is None:
         return

@@ -13,7 +13,7 @@ from pathlib import Path
 from diffusers import AutoPipelineForText2Image, DiffusionPipeline
 
 from pipelines.core.paths import ModelLoadError, use_safetensors
-from pipelines.models.families import (check_family, family_of_checkpoint, family_of_folder,
+from pipelines.core.families import (check_family, family_of_checkpoint, family_of_folder,
                                        family_of_pipeline)
 from pipelines.models.memory import is_out_of_memory
 from pipelines.models.sources import ModelSource
@@ -49,9 +49,10 @@ def _read(source: ModelSource, *, dtype, allow_pickle: bool, config: str | None)
 
 
 def from_single_file(path: Path, *, dtype, config: str | None) -> DiffusionPipeline:
-    """A single `.safetensors` (or, allowed, pickled) checkpoint: SD 1.x/2.x or SDXL, told apart by its keys.
-    `config` (--model-config) is a diffusers folder of the same architecture, for offline reading."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    """A single `.safetensors` (or, allowed, pickled) checkpoint: SD 1.x/2.x, SDXL, SD 3.x or Flux, told apart by its
+    keys. `config` (--model-config) is a diffusers folder of the same architecture, for offline reading (and, for a
+    Flux or SD 3 file that holds the transformer alone, where the text encoders and VAE come from)."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type, load_single_file_checkpoint
 
     try:
@@ -63,7 +64,12 @@ def from_single_file(path: Path, *, dtype, config: str | None) -> DiffusionPipel
     del checkpoint  # from_single_file reads the file again; don't hold two copies
     family = family_of_checkpoint(model_type)
     check_family(family, path.name)
-    pipeline_class = StableDiffusionXLPipeline if family == "SDXL" else StableDiffusionPipeline
+    classes = {"SD 1.x/2.x": StableDiffusionPipeline, "SDXL": StableDiffusionXLPipeline, "SD 3.x":
+               StableDiffusion3Pipeline, "Flux": FluxPipeline}
+    if family is not None and family not in classes:
+        raise ModelLoadError(f"{path.name} is a single-file {family} checkpoint; the studio reads {family} models as "
+                             "diffusers folders (model_index.json and a folder per component). Load the folder.")
+    pipeline_class = classes.get(family, StableDiffusionPipeline)
     kwargs = {"dtype": dtype}
     if config:
         kwargs["config"] = config

@@ -27,6 +27,7 @@ from diffusers import DiffusionPipeline
 
 from pipelines.core.paths import DEFAULT_MODELS_DIR, ModelLoadError
 from pipelines.core.prompts import LoraUse
+from pipelines.core.transformers import denoiser_of
 from pipelines.core.vae import execution_device
 from pipelines.jobs.worker import DeviceWorker
 from pipelines.lora.adapters import LoadedLora, file_stamp, find_lora, load_lora, lora_roots
@@ -71,8 +72,9 @@ class LoadedModel:
 
     @property
     def native_side(self) -> int | None:
-        """The image side, in pixels, the model was trained at (UNet sample size × VAE factor)."""
-        sample_size = getattr(getattr(getattr(self.pipeline, "unet", None), "config", None), "sample_size", None)
+        """The image side, in pixels, the model was trained at (UNet's or transformer's sample size × VAE factor)."""
+        sample_size = getattr(getattr(denoiser_of(self.pipeline), "config", None), "sample_size", None) or \
+            getattr(self.pipeline, "default_sample_size", None)   # Flux's transformer has no sample size
         factor = getattr(self.pipeline, "vae_scale_factor", None)
         return sample_size * factor if isinstance(sample_size, int) and isinstance(factor, int) else None
 
@@ -288,8 +290,7 @@ class ModelManager:
         if hasattr(pipeline, "set_progress_bar_config"):
             pipeline.set_progress_bar_config(disable=True)
         scheduler = getattr(pipeline, "scheduler", None)
-        model = LoadedModel(source=source, pipeline=pipeline,
-                            scheduler_config=dict(scheduler.config) if scheduler is not None else {})
+        model = LoadedModel(source, pipeline, dict(scheduler.config) if scheduler is not None else {})
         mode_before = self.memory.mode
         try:
             if replaced is not None:
@@ -432,8 +433,7 @@ class ModelManager:
     def _unload(self, slot: str) -> None:
         if slot == BASE_SLOT and slot in self.slots:
             self._check_not_held("unload the model")
-        model = self.slots.pop(slot, None)
-        if model is None:
+        if (model := self.slots.pop(slot, None)) is None:
             return
         self._strip(model)
         del model

@@ -11,6 +11,7 @@ from pipelines.core.checks import NUMBER_RANGES, check_input_image, check_number
 from pipelines.core.images import fit_image
 from pipelines.core.registry import InfotextField, Task, register
 from pipelines.core.requests import SamplingSettings
+from pipelines.core.transformers import start_from_image
 from pipelines.tasks.guided import run_text_or_image
 
 
@@ -55,7 +56,11 @@ class Img2ImgRequest(SamplingSettings):
 
 
 def _image_to_image(base):
+    """The base's image-to-image pipeline (shared weights); for PixArt and Sana, which diffusers gives none, their
+    text-to-image call started from the input image (pipelines/core/transformers.py)."""
     from diffusers import AutoPipelineForImage2Image
+    if type(base).__name__.startswith(("PixArt", "Sana")):
+        return start_from_image(base)
     return AutoPipelineForImage2Image.from_pipe(base)
 
 register(Task("img2img", "Image-to-Image", Img2ImgRequest, _image_to_image,

@@ -3,6 +3,7 @@ prediction type it can train, the peft release a text-encoder LoRA needs, the ba
 
 from __future__ import annotations
 
+from pipelines.core.transformers import check_unet_model
 from pipelines.models.memory import MemoryMode
 from pipelines.training.request import METHOD_NAMES, TrainingRequest
 
@@ -10,6 +11,7 @@ from pipelines.training.request import METHOD_NAMES, TrainingRequest
 def check_model(models, model, request: TrainingRequest) -> None:
     """Refuse, before any data is read, a training the loaded model or this installation cannot do, saying why."""
     name = METHOD_NAMES[request.method]
+    check_unet_model(model, f"{name} training")
     if request.method == "textual_inversion" and models.memory.mode is MemoryMode.SEQUENTIAL:
         raise ValueError("Textual inversion writes its token's rows into the text encoder, which sequential offload "
                          "keeps off the device; pick another memory mode (Models & memory) to train one.")

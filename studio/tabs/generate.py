@@ -48,7 +48,7 @@ from studio.tabs.networks import network_pickers
 JOB_QUEUE = {"concurrency_id": "jobs", "concurrency_limit": 16, "show_progress": "hidden"}
 # An infotext leaves out what was off (A1111 writes what was in use): restored as off, not kept as set
 OFF_WHEN_ABSENT = {item.name: item.default for item in fields(SamplingSettings)
-                   if item.name in ("guidance_rescale", *GUIDANCE_FIELDS, "fast")}
+                   if item.name in ("guidance_rescale", *GUIDANCE_FIELDS, "fast", "distilled_guidance")}
 # how a status line starts that tells a failure (app.py clears it once a model is loaded again)
 FAILED = "**Failed:**"
 
@@ -141,8 +141,8 @@ def _sampling_controls(task: str, defaults: dict) -> dict:
     controls = {}
     entry = TASKS[task]       # what the task runs: its samplers, and whether speculative sampling is one
     with gr.Row():
-        controls["sampler"] = gr.Dropdown(list(entry.samplers), value=defaults.get("sampler", DEFAULT_SAMPLER),
-                                          label="Sampler")
+        controls["sampler"] = gr.Dropdown(list(defaults.get("samplers") or entry.samplers),
+                                          value=defaults.get("sampler", DEFAULT_SAMPLER), label="Sampler")
         controls["steps"] = gr.Slider(1, MAX_STEPS, value=defaults.get("steps", 25), step=1, precision=0,
                                       label="Steps", elem_id=f"{task}-steps")
         controls["schedule"] = gr.Dropdown(list(SCHEDULES), value="Default", label="Schedule type",
@@ -160,6 +160,10 @@ def _sampling_controls(task: str, defaults: dict) -> dict:
         controls["guidance_scale"] = gr.Slider(1.0, 20.0, value=defaults.get("guidance_scale", 7.5), step=0.5,
                                                label="CFG scale", info="1 turns guidance (and its extra pass) off")
         controls["guidance_rescale"] = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="Guidance rescale")
+        controls["distilled_guidance"] = gr.Slider(
+            0.0, 20.0, value=3.5, step=0.5, label="Distilled CFG scale",
+            visible=defaults.get("distilled_guidance_shown", False),
+            info="Flux.1 dev's guidance, distilled into the model: one pass per step (CFG above 1 adds a second)")
     controls.update(guidance_controls(task))
     with gr.Row():
         native = size_hint(defaults.get("native_side"))
@@ -215,7 +219,7 @@ def build_generation_tab(context: StudioContext, task: str, defaults: dict,
                                                       precision=0, label="Preview every N steps", info="0 = off")
             # one sampler's settings come last in the API's parameter order, after what every sampler takes, and
             # then what came later (guidance, schedule), so that positional API callers keep their order
-            for name in ("draft", "draft_length", *GUIDANCE_FIELDS, "fast"):
+            for name in ("draft", "draft_length", *GUIDANCE_FIELDS, "fast", "distilled_guidance"):
                 if name in controls:
                     controls[name] = controls.pop(name)
         with gr.Column(scale=3):

@@ -1,8 +1,9 @@
 """Model families: which one a pipeline, a diffusers folder or a single checkpoint is, and whether the studio's
 tabs run it. SD 1.x/2.x and SDXL (UNets with CLIP text encoders) run everywhere; the diffusion transformers
-(SD 3.x, Flux, PixArt, Sana: flow matching or DiT denoisers with T5 text encoders) and other families are refused
-at load, before their weights are read where the folder says what it holds, with a message that names the
-family, instead of failing somewhere inside a tab.
+SD 3.x, Flux, PixArt and Sana (flow matching or DiT denoisers with T5/Gemma text encoders) run the tabs that
+pipelines/core/transformers.py lists, and each other tab refuses them naming why. Other families are refused at
+load, before their weights are read where the folder says what it holds, with a message that names the family,
+instead of failing somewhere inside a tab.
 """
 
 from __future__ import annotations
@@ -33,12 +34,10 @@ FAMILY_BY_CHECKPOINT_PREFIX = (
     ("auraflow", "AuraFlow"), ("lumina", "Lumina"), ("hidream", "HiDream"), ("chroma", "Chroma"),
     ("qwen", "Qwen-Image"), ("z-image", "Z-Image"), ("ltx", "LTX-Video"), ("wan", "Wan"), ("hunyuan", "Hunyuan"),
     ("cosmos", "Cosmos"), ("mochi", "Mochi"), ("stable_cascade", "Stable Cascade"), ("cogview", "CogView"))
-SUPPORTED = ("SD 1.x/2.x", "SDXL")
-WHY = {"SD 3.x": "a diffusion transformer (MMDiT) with flow matching and three text encoders",
-       "Flux": "a diffusion transformer with flow matching, distilled guidance and a T5 text encoder",
-       "Flux 2": "a diffusion transformer with flow matching",
-       "PixArt-α": "a diffusion transformer with a T5 text encoder", "PixArt-Σ": "a diffusion transformer with a T5 "
-       "text encoder", "Sana": "a linear diffusion transformer with flow matching"}
+SUPPORTED = ("SD 1.x/2.x", "SDXL", "SD 3.x", "Flux", "PixArt-α", "PixArt-Σ", "Sana")
+WHY = {"Flux 2": "a diffusion transformer with flow matching and a Mistral text encoder",
+       "AuraFlow": "a diffusion transformer with flow matching", "Lumina": "a diffusion transformer",
+       "Hunyuan-DiT": "a diffusion transformer with two text encoders", "Qwen-Image": "a 20B diffusion transformer"}
 
 
 def family_of_pipeline(pipeline) -> str | None:
@@ -74,5 +73,5 @@ def check_family(family: str | None, name: str) -> None:
     if family is None or family in SUPPORTED:
         return
     what = f" ({WHY[family]})" if family in WHY else ""
-    raise ModelLoadError(f"{name} is a {family} model{what}. The studio's tabs run {' and '.join(SUPPORTED)} models; "
-                         f"{family} is not supported yet. Load an SD 1.x, SD 2.x or SDXL model.")
+    raise ModelLoadError(f"{name} is a {family} model{what}. The studio's tabs run {', '.join(SUPPORTED)} models; "
+                         f"{family} is not supported yet. Load a model of one of those families.")

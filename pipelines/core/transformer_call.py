@@ -1,0 +1,190 @@
+"""A generation on a diffusion transformer (SD 3.x, Flux, PixArt, Sana): `prepare_transformer` checks the request
+against what the family runs (pipelines/core/transformers.py) and returns a `TransformerCall`, which the generator
+drives as it drives a UNet model's `PreparedCall` (call.py): one call per batch, latents out, then `decode`.
+
+The noise is drawn on the CPU from the request's seeds by the family's own pipeline, so a seed gives the same image
+on any device; Flux's latents come out packed in 2×2 patches and are unpacked for the VAE and the previews.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from PIL import Image
+
+from pipelines.core.images import to_pil
+from pipelines.core.prompts import prompt_texts, uses_emphasis
+from pipelines.core.requests import SamplingSettings
+from pipelines.core.samplers import DEFAULT_SAMPLER, SPECULATIVE_SAMPLER
+from pipelines.core.transformers import (DEFAULT_DISTILLED_GUIDANCE, NOT_YET, TASK_LABELS, TRANSFORMER_TASKS,
+                                         default_transformer_sampler, make_transformer_scheduler,
+                                         starting_at_strength, takes_distilled_guidance, transformer_samplers)
+from pipelines.core.vae import VAE_UPCAST_NOTE, check_size, decode
+from pipelines.core.families import family_of_pipeline
+
+
+class _Stopped(Exception):
+    """PixArt's old-style step callback cannot interrupt its loop: it raises this, with the latents so far."""
+
+    def __init__(self, latents: torch.Tensor):
+        super().__init__("stopped")
+        self.latents = latents
+
+
+@dataclass
+class _OldStyleProgress:
+    """What the generator's step callback reads off a pipeline, for a pipeline with PixArt's `callback`."""
+    num_timesteps: int
+    _interrupt: bool = False
+
+
+@dataclass
+class TransformerCall:
+    """A request made ready for a diffusion transformer's pipeline; call it once per batch (as `PreparedCall`)."""
+
+    request: SamplingSettings
+    task: Any
+    model: Any
+    pipeline: Any
+    family: str
+    device: torch.device
+    texts: tuple[str, str]
+    notes: list[str] = field(default_factory=list)
+    loras: dict = field(default_factory=dict)
+    speculative: list = field(default_factory=list)     # never: speculative sampling is the UNet families'
+
+    def generators(self, batch_index: int) -> list[torch.Generator]:
+        return [torch.Generator("cpu").manual_seed(self.request.seed_for(batch_index, i))
+                for i in range(self.request.batch_size)]
+
+    def arguments(self, batch_index: int, generators: list[torch.Generator]) -> dict:
+        """The family pipeline's keyword arguments for one batch (latents out)."""
+        request, pipeline = self.request, self.pipeline
+        prompt, negative_prompt = self.texts
+        arguments = dict(prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=request.steps,
+                         guidance_scale=request.guidance_scale, num_images_per_prompt=request.batch_size,
+                         output_type="latent", generator=generators, width=request.width, height=request.height)
+        takes = inspect.signature(type(pipeline).__call__).parameters
+        if request.task in ("inpaint", "outpaint"):
+            inpainting = request.as_inpainting()
+            region = inpainting.region(pipeline.vae_scale_factor)
+            mask = Image.fromarray((region.mask * 255).round().astype("uint8"))
+            arguments.update(image=region.image, mask_image=mask, strength=inpainting.strength,
+                             width=inpainting.width, height=inpainting.height)
+        elif request.task == "img2img":
+            image = request.fitted_image()
+            if "image" in takes:
+                arguments.update(image=image, strength=request.strength)
+            else:                  # PixArt, Sana: their text-to-image call started from the image (StartFromImage)
+                pipeline.start_image = image
+        if self.family == "Flux":
+            # CFG is Flux's "true CFG" (two passes, with the negative prompt); its own is the distilled guidance
+            arguments.update(true_cfg_scale=request.guidance_scale, guidance_scale=request.distilled_guidance)
+        if "use_resolution_binning" in takes:      # the size asked for, not the nearest trained aspect ratio
+            arguments["use_resolution_binning"] = False
+        if "clean_caption" in takes:                # PixArt's caption cleaning needs bs4 and ftfy: the prompt as typed
+            arguments["clean_caption"] = False
+        return arguments
+
+    def __call__(self, batch_index: int = 0, *, generators: list[torch.Generator] | None = None,
+                 latents: torch.Tensor | None = None, callback=None, expose: tuple[str, ...] = ()) -> torch.Tensor:
+        pipeline = self.pipeline
+        arguments = self.arguments(batch_index, generators or self.generators(batch_index))
+        if latents is not None:
+            arguments["latents"] = latents
+        pipeline._interrupt = False
+        takes = inspect.signature(type(pipeline).__call__).parameters
+        if callback is not None and "callback_on_step_end" in takes:
+            arguments.update(callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents"])
+        elif callback is not None:                  # PixArt: callback(step, t, latents) after each step
+            progress = _OldStyleProgress(num_timesteps=self.request.steps)
+
+            def old_style(step, timestep, latents):
+                progress.num_timesteps = len(pipeline.scheduler.timesteps)
+                callback(progress, step, timestep, {"latents": latents})
+                if progress._interrupt:
+                    raise _Stopped(latents)
+
+            arguments.update(callback=old_style, callback_steps=1)
+        try:
+            return pipeline(**arguments).images
+        except _Stopped as stopped:
+            pipeline._interrupt = True
+            return stopped.latents
+
+    def spatial(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents as the VAE reads them: Flux's 2×2-packed sequence unpacked to channels × height × width."""
+        if latents.dim() == 3:
+            request = self.request.as_inpainting() if self.request.task in ("inpaint", "outpaint") else self.request
+            return self.pipeline._unpack_latents(latents, request.height, request.width, self.pipeline.vae_scale_factor)
+        return latents
+
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        images, upcast = decode(self.pipeline.vae, self.spatial(latents))
+        if upcast and VAE_UPCAST_NOTE not in self.notes:
+            self.notes.append(VAE_UPCAST_NOTE)
+        return [self.request.composite(image) for image in to_pil(images)]
+
+
+def check_transformer_request(request: SamplingSettings, task, pipeline, family: str, scheduler_config: dict) -> None:
+    """Refuse, before any work, what the family does not run, saying why and what to do instead."""
+    if request.task not in TRANSFORMER_TASKS[family]:
+        runs = ", ".join(TASK_LABELS[name] for name in TRANSFORMER_TASKS[family])
+        raise ValueError(f"{task.label} does not run {family} models yet: {NOT_YET.get(request.task, 'not built')}. "
+                         f"{family} models run {runs}; load an SD 1.x, SD 2.x or SDXL model for {task.label}.")
+    if request.fast:
+        raise ValueError(f"Fast runs a UNet model's LCM-LoRA; {family} has none here. Turn Fast off, or load a "
+                         f"few-step {family} model (e.g. a distilled one) and lower the steps.")
+    if not request.plain_guidance() or request.guidance_rescale:
+        raise ValueError(f"{family} models run with plain CFG: PAG, ICG, classifier guidance, the guidance interval, "
+                         "guidance rescale and Align Your Steps run in the studio's own UNet loop. Turn them off.")
+    samplers = transformer_samplers(pipeline, scheduler_config)
+    if request.sampler not in samplers:
+        why = " (speculative sampling verifies DDPM steps of a UNet)" if request.sampler == SPECULATIVE_SAMPLER else ""
+        raise ValueError(f"{family} models run the samplers {', '.join(samplers)}; {request.sampler!r} is not one "
+                         f"of them{why}.")
+    if request.distilled_guidance != DEFAULT_DISTILLED_GUIDANCE and not takes_distilled_guidance(pipeline):
+        raise ValueError(f"Distilled CFG scale is Flux.1 dev's guidance input; this {family} model has none. Leave it "
+                         f"at {DEFAULT_DISTILLED_GUIDANCE:g} and use the CFG scale.")
+
+
+def _multiple(pipeline, family: str) -> int:
+    """What width and height must be divisible by: the VAE's factor times the transformer's patch (Flux's latents
+    are packed 2×2 on top; Sana's pipeline asks for 32 whatever its autoencoder)."""
+    patch = getattr(pipeline.transformer.config, "patch_size", 1) or 1
+    return max(32 if family == "Sana" else 8, pipeline.vae_scale_factor * patch * (2 if family == "Flux" else 1))
+
+
+def prepare_transformer(models, request: SamplingSettings, task, model) -> TransformerCall:
+    """`prepare` (call.py) for a diffusion transformer model (on the device thread)."""
+    family = family_of_pipeline(model.pipeline)
+    default_note = []
+    if request.sampler == DEFAULT_SAMPLER and request.sampler not in transformer_samplers(model.pipeline,
+                                                                                          model.scheduler_config):
+        own = default_transformer_sampler(model.scheduler_config)   # the studio's default, where the model has not it
+        request = replace(request, sampler=own)
+        default_note = [f"{DEFAULT_SAMPLER} does not run {family} models; this ran {own}, the model's own sampler."]
+    check_transformer_request(request, task, model.pipeline, family, model.scheduler_config)
+    if request.unchanged_image() is None:
+        request.check_steps()
+    models.fit(request)
+    pipeline = models.pipeline(task.name)
+    size = request.as_inpainting() if request.task in ("inpaint", "outpaint") else request
+    check_size(size.width, size.height, _multiple(pipeline, family))
+    pipeline.scheduler = make_transformer_scheduler(request.sampler, model.scheduler_config)
+    if request.task == "img2img" and "image" not in inspect.signature(type(pipeline).__call__).parameters:
+        pipeline.scheduler = starting_at_strength(pipeline.scheduler, request.strength)   # StartFromImage's schedule
+    prompt, negative_prompt, uses, notes = prompt_texts(request)
+    loras = models.use_loras(uses)
+    notes = default_note + request.notes() + notes + [
+        f"LoRA {use.name}: weight {use.weight:g}, {loras[use.name].modules} modules patched." for use in uses]
+    if uses_emphasis(prompt) or uses_emphasis(negative_prompt):
+        notes.append(f"Prompt weights like (word:1.2) are A1111's for CLIP; {family}'s pipeline reads them as "
+                     "plain text.")
+    memory = models.memory
+    device = memory.device if memory.mode.value in ("cpu", "high") else pipeline._execution_device
+    return TransformerCall(request=request, task=task, model=model, pipeline=pipeline, family=family, device=device,
+                           texts=(prompt, negative_prompt), notes=notes, loras=loras)

@@ -1,0 +1,185 @@
+"""The diffusion transformers (SD 3.x, Flux, PixArt-α/Σ, Sana) in the studio's tabs.
+
+These families replace the UNet with a transformer over latent patches, and (but PixArt) DDPM's ε-prediction with
+flow matching: x_t = (1 − t)·x_0 + t·ε, the model predicting the velocity ε − x_0. Each runs through diffusers' own
+pipeline for it, which knows its text encoders (T5, Gemma, two CLIPs), its packed latents (Flux) and its schedule;
+the studio's own loop (the Denoiser, guidance beyond CFG, speculative sampling) stays the UNet families'.
+
+What a family runs (TRANSFORMER_TASKS): Text-to-Image, and Image-to-Image (diffusers' own for SD 3.x and Flux; for
+PixArt and Sana, which have none, the family's text-to-image call started from the input image noised to the
+strength: `StartFromImage`); Inpainting and outpainting for SD 3.x and Flux through their inpainting pipelines, the
+original pasted back outside the mask bit for bit (the requests' `composite`).
+
+Samplers: the same names as the UNet families' (what A1111 Forge writes for these models), built as the family's
+kind: for a flow-matching model "Euler" is FlowMatchEulerDiscreteScheduler, "DPM++ 2M" the multistep solver on flow
+sigmas. The menu holds only those whose `set_timesteps` takes what the family's pipeline passes (Flux passes its
+own sigmas and the resolution's shift `mu`, so it runs Euler, LCM and UniPC).
+
+Guidance: CFG for all; Flux.1 dev was distilled to take its guidance as an input (`distilled_guidance`, one pass
+per step), and its CFG scale (diffusers' `true_cfg_scale`, two passes) stays 1 unless asked for.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from diffusers import (DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler,
+                       FlowMatchLCMScheduler, UniPCMultistepScheduler)
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+
+from pipelines.core.families import family_of_pipeline
+from pipelines.core.samplers import SPECULATIVE_SAMPLER, STEPWISE_SAMPLER_NAMES, make_scheduler
+from pipelines.core.vae import encode
+
+TRANSFORMER_FAMILIES = ("SD 3.x", "Flux", "PixArt-α", "PixArt-Σ", "Sana")
+_PAINTS = ("txt2img", "img2img", "inpaint", "outpaint")
+TASK_LABELS = {"txt2img": "Text-to-Image", "img2img": "Image-to-Image", "inpaint": "Inpainting",
+               "outpaint": "Outpainting"}
+TRANSFORMER_TASKS = {"SD 3.x": _PAINTS, "Flux": _PAINTS, "PixArt-α": _PAINTS[:2], "PixArt-Σ": _PAINTS[:2],
+                     "Sana": _PAINTS[:2]}
+# Why a tab does not run a family yet, for its refusal
+NOT_YET = {"inpaint": "diffusers has no inpainting pipeline for it",
+           "outpaint": "diffusers has no inpainting pipeline for it",
+           "controlnet": "the studio's ControlNet tab drives SD 1.x/2.x and SDXL ControlNets only",
+           "explorer": "the explorer's step-by-step views drive a UNet"}
+# The CFG scale a family is made for (Flux dev: 1, its guidance being the distilled one)
+DEFAULT_CFG = {"SD 3.x": 7.0, "Flux": 1.0, "PixArt-α": 4.5, "PixArt-Σ": 4.5, "Sana": 4.5}
+DEFAULT_DISTILLED_GUIDANCE = 3.5
+
+# name -> (flow-matching scheduler class, overrides); the multistep solvers run on flow sigmas
+FLOW_SAMPLERS: dict[str, tuple[type, dict]] = {
+    "Euler": (FlowMatchEulerDiscreteScheduler, {}),
+    "Heun": (FlowMatchHeunDiscreteScheduler, {}),
+    "DPM++ 2M": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                               "prediction_type": "flow_prediction", "use_flow_sigmas": True}),
+    "UniPC": (UniPCMultistepScheduler, {"prediction_type": "flow_prediction", "use_flow_sigmas": True}),
+    "LCM": (FlowMatchLCMScheduler, {}),
+}
+
+
+def denoiser_of(pipeline):
+    """The pipeline's denoising network: its UNet, or its transformer."""
+    unet = getattr(pipeline, "unet", None)
+    return unet if unet is not None else getattr(pipeline, "transformer", None)
+
+
+def is_transformer(pipeline) -> bool:
+    return getattr(pipeline, "unet", None) is None and getattr(pipeline, "transformer", None) is not None
+
+
+def is_flow(scheduler_config: dict) -> bool:
+    """Whether the model's schedule is flow matching (its own scheduler a FlowMatch one, or a solver on flow
+    sigmas, as Sana ships)."""
+    config = dict(scheduler_config)
+    return str(config.get("_class_name", "")).startswith("FlowMatch") or bool(config.get("use_flow_sigmas")) or \
+        config.get("prediction_type") == "flow_prediction"
+
+
+def takes_distilled_guidance(pipeline) -> bool:
+    """Flux.1 dev and its kin: guidance is an input of the transformer (`guidance_embeds`)."""
+    return is_transformer(pipeline) and bool(getattr(pipeline.transformer.config, "guidance_embeds", False))
+
+
+def _timestep_arguments(pipeline, scheduler_config: dict) -> set[str]:
+    """What the family's pipeline passes to `scheduler.set_timesteps` beyond the step count."""
+    name = type(pipeline).__name__
+    if name.startswith("Flux"):
+        return {"sigmas", "mu"}
+    if name.startswith("StableDiffusion3") and dict(scheduler_config).get("use_dynamic_shifting"):
+        return {"mu"}
+    return set()
+
+
+def transformer_samplers(pipeline, scheduler_config: dict) -> tuple[str, ...]:
+    """The samplers a transformer model runs: the flow-matching ones its pipeline can drive, or (PixArt, a DDPM
+    model) the UNet families' one-step samplers."""
+    if not is_flow(scheduler_config):
+        return tuple(name for name in STEPWISE_SAMPLER_NAMES if name != SPECULATIVE_SAMPLER)
+    needed = _timestep_arguments(pipeline, scheduler_config)
+    return tuple(name for name, (kind, _) in FLOW_SAMPLERS.items()
+                 if needed <= set(inspect.signature(kind.set_timesteps).parameters))
+
+
+def make_transformer_scheduler(name: str, scheduler_config: dict):
+    """Sampler `name` for a transformer model, from its own scheduler config (its shift carried over)."""
+    config = dict(scheduler_config)
+    if not is_flow(config):
+        return make_scheduler(name, config)
+    kind, overrides = FLOW_SAMPLERS[name]
+    if config.get("_class_name") == kind.__name__ and not overrides:
+        return kind.from_config(config)
+    shift = config.get("shift", config.get("flow_shift", 1.0))
+    keep = set(inspect.signature(kind.__init__).parameters)
+    settings = {key: value for key, value in config.items() if key in keep} | overrides
+    settings |= {"flow_shift": shift} if "flow_shift" in keep else {"shift": shift}
+    return kind(**{key: value for key, value in settings.items() if key in keep})
+
+
+def sampler_menu(model, task_samplers: tuple[str, ...]) -> tuple[str, ...]:
+    """The samplers a tab offers for the loaded model: the task's, or those the transformer family runs."""
+    if model is None or not is_transformer(model.pipeline):
+        return task_samplers
+    return transformer_samplers(model.pipeline, model.scheduler_config)
+
+
+def check_unet_model(model, what: str) -> None:
+    """Refuse `what` (a view or a training built on the UNet's step) on a transformer model, naming its family."""
+    if model is not None and is_transformer(model.pipeline):
+        family = family_of_pipeline(model.pipeline)
+        raise ValueError(f"{what} drives a UNet (SD 1.x/2.x, SDXL) step by step; {model.name} is a {family} diffusion "
+                         f"transformer, which it does not run yet. {family} models run "
+                         f"{', '.join(TASK_LABELS[name] for name in TRANSFORMER_TASKS[family])}.")
+
+
+def default_transformer_sampler(scheduler_config: dict) -> str:
+    """The sampler a flow-matching model ships with, by our name (None for a DDPM one: the UNet families' rule)."""
+    config = dict(scheduler_config)
+    for name, (kind, _) in FLOW_SAMPLERS.items():
+        if config.get("_class_name") == kind.__name__:
+            return name
+    return "Euler"
+
+
+# ----------------------------------------------------------------------------- Image-to-Image for PixArt and Sana
+
+
+def starting_at_strength(scheduler, strength: float):
+    """`scheduler` whose `set_timesteps` keeps the last `strength` of the steps, as diffusers' image-to-image
+    pipelines cut theirs (and starts its step count there)."""
+    kind = type(scheduler)
+
+    class Cut(kind):
+        def set_timesteps(self, *args, **kwargs):
+            super().set_timesteps(*args, **kwargs)
+            count = len(self.timesteps) // self.order
+            start = (count - min(int(count * strength), count)) * self.order
+            self.timesteps = self.timesteps[start:]
+            if hasattr(self, "set_begin_index"):
+                self.set_begin_index(start)
+
+    Cut.__name__ = Cut.__qualname__ = kind.__name__
+    return Cut.from_config(scheduler.config)
+
+
+def start_from_image(base):
+    """The family's text-to-image pipeline (shared weights) whose `prepare_latents` starts from `start_image`
+    noised to the first step its scheduler keeps: SDEdit, for families diffusers gives no image-to-image
+    pipeline."""
+    kind = type(base)
+
+    class StartFromImage(kind):
+        start_image: Image.Image | None = None
+
+        def prepare_latents(self, batch_size, num_channels_latents, height, width, dtype, device, generator,
+                            latents=None):
+            pixels = self.image_processor.preprocess(self.start_image, height=height, width=width)
+            clean = encode(self.vae, pixels).to(device, dtype).repeat(batch_size, 1, 1, 1)
+            noise = randn_tensor(clean.shape, generator=generator, device=device, dtype=dtype)
+            first = self.scheduler.timesteps[:1].repeat(batch_size)
+            if hasattr(self.scheduler, "scale_noise"):        # flow matching: (1 − t)·x_0 + t·ε
+                return self.scheduler.scale_noise(clean, first, noise)
+            return self.scheduler.add_noise(clean, noise, first)
+
+    StartFromImage.__name__ = StartFromImage.__qualname__ = kind.__name__
+    return StartFromImage(**base.components)

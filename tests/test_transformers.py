@@ -1,0 +1,198 @@
+"""The diffusion transformers (pipelines/core/transformers.py) on seeded tiny SD 3, Flux.1 dev, PixArt-Σ and Sana
+pipelines built in-process (recipe/tiny.py, at diffusers' own test sizes), each saved as a diffusers folder and
+loaded the way a user's is: each family's own samplers run and give the image diffusers' own pipeline gives for the
+same seed; Image-to-Image starts from the input; SD 3 and Flux inpaint inside the mask and keep every pixel outside;
+Flux's distilled guidance is its own knob and round-trips through the infotext; a LoRA moves the image; what a
+family does not run yet is refused naming the family."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines.core.call import prepare
+from pipelines.core.transformers import transformer_samplers
+from pipelines.io.metadata import infotext_to_settings, parse_infotext
+from pipelines.tasks.img2img import Img2ImgRequest
+from pipelines.tasks.inpaint import InpaintRequest
+from pipelines.tasks.outpaint import OutpaintRequest
+from pipelines.tasks.txt2img import Txt2ImgRequest
+from recipe.tiny import (build_tiny_flux_pipeline, build_tiny_pixart_pipeline, build_tiny_sana_pipeline,
+                         build_tiny_sd3_pipeline)
+from tests.test_explorer_forward import gradient_image
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+BUILDS = {"SD 3.x": build_tiny_sd3_pipeline, "Flux": build_tiny_flux_pipeline, "PixArt-Σ": build_tiny_pixart_pipeline,
+          "Sana": build_tiny_sana_pipeline}
+FLOW_EULER = {"SD 3.x": "FlowMatchEulerDiscreteScheduler", "Flux": "FlowMatchEulerDiscreteScheduler",
+              "Sana": "FlowMatchEulerDiscreteScheduler", "PixArt-Σ": "EulerDiscreteScheduler"}
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory, worker):
+    """A studio (manager + generator) and each family's tiny pipeline saved as a diffusers folder."""
+    from pipelines.generation.generator import Generator
+    from pipelines.models.manager import ModelManager
+    from pipelines.models.memory import MemoryManager
+
+    root = tmp_path_factory.mktemp("families")
+    folders = {}
+    for family, build in BUILDS.items():
+        folders[family] = root / "models" / family.split()[0].lower().replace("-σ", "")
+        build(root / "build").save_pretrained(folders[family])
+    models = ModelManager(MemoryManager(device="cpu"), worker=worker, models_dir=root / "models")
+    return Generator(models, None), folders
+
+
+def use(families, family: str):
+    studio, folders = families
+    if studio.models.current is None or studio.models.current.source.location != str(folders[family]):
+        studio.models.load(str(folders[family]), from_ui=True)
+    return studio
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB")).astype(np.int16)
+
+
+@pytest.mark.parametrize("family", BUILDS)
+def test_each_family_runs_its_own_samplers_and_gives_diffusers_image(families, family):
+    studio = use(families, family)
+    model = studio.models.current
+    samplers = transformer_samplers(model.pipeline, model.scheduler_config)
+    size = (64, 32) if family == "Sana" else (64, 48)     # Sana's sides are multiples of 32
+    for sampler in samplers[:5]:
+        done = studio.generate(Txt2ImgRequest(prompt="red apple", steps=3, width=size[0], height=size[1], seed=3,
+                                              sampler=sampler, guidance_scale=3.0))
+        assert done.images[0].image.size == size, sampler
+        assert f"Sampler: {sampler}," in done.images[0].infotext
+    if family == "Flux":      # Flux's pipeline passes its own sigmas and shift: only these samplers take them
+        assert samplers == ("Euler", "UniPC", "LCM")
+    request = Txt2ImgRequest(prompt="red apple", negative_prompt="blurry", steps=4, width=64, height=64, seed=11,
+                             sampler="Euler", guidance_scale=3.0)
+
+    def both():
+        call = prepare(studio.models, request)
+        assert type(call.pipeline.scheduler).__name__ == FLOW_EULER[family]
+        ours = call(0)
+        arguments = call.arguments(0, [torch.Generator("cpu").manual_seed(11)])
+        theirs = type(model.pipeline).__call__(call.pipeline, **arguments).images
+        return ours, theirs
+
+    ours, theirs = studio.models.worker.call(both)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    # and diffusers' own, called as a user would, with the seed's CPU generator
+    from diffusers import FluxPipeline
+    plain = dict(prompt="red apple", negative_prompt="blurry", num_inference_steps=4, width=64, height=64,
+                 guidance_scale=3.0, generator=torch.Generator("cpu").manual_seed(11), output_type="latent")
+    if isinstance(model.pipeline, FluxPipeline):
+        plain.update(true_cfg_scale=3.0, guidance_scale=3.5)
+    if family in ("PixArt-Σ", "Sana"):
+        plain.update(use_resolution_binning=False)
+    if family == "PixArt-Σ":
+        plain.update(clean_caption=False)
+    own = studio.models.worker.call(lambda: model.pipeline(**plain).images)
+    if family != "PixArt-Σ":     # its scheduler is the model's DPM-Solver there, Euler here
+        torch.testing.assert_close(ours, own, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", BUILDS)
+def test_image_to_image_starts_from_the_input(families, family):
+    """With the transformer's output projection zeroed (the model predicts 0: nothing moves), the final latents are
+    where the run started: near the input's latents at a low strength, pure noise at strength 1. (A random model's
+    steps, and a random VAE's decode, would hide where it started.)"""
+    from pipelines.core.images import image_to_tensor
+    from pipelines.core.vae import encode
+
+    studio = use(families, family)
+    source = gradient_image(64, 64)
+
+    def distance(strength: float) -> float:
+        request = Img2ImgRequest(prompt="red apple", steps=10, width=64, height=64, seed=5, sampler="Euler",
+                                 init_image=source, strength=strength)
+
+        def run():
+            call = prepare(studio.models, request)
+            start = encode(call.pipeline.vae, image_to_tensor(source))
+            output = call.pipeline.transformer.proj_out
+            kept = [parameter.detach().clone() for parameter in output.parameters()]
+            try:
+                with torch.no_grad():
+                    for parameter in output.parameters():
+                        parameter.zero_()
+                return float((call.spatial(call(0)) - start).abs().mean() / start.abs().mean())
+            finally:
+                with torch.no_grad():
+                    for parameter, value in zip(output.parameters(), kept):
+                        parameter.copy_(value)
+        return studio.models.worker.call(run)
+
+    near, far = distance(0.1), distance(1.0)
+    assert near < far / 4, (near, far)   # Flux: about 0.3 against 3 (its shift puts 10% of the steps at t ≈ 0.3)
+    done = studio.generate(Img2ImgRequest(prompt="red apple", steps=4, width=64, height=64, seed=5, sampler="Euler",
+                                          init_image=source, strength=0.5))
+    assert done.images[0].image.size == (64, 64) and "Denoising strength: 0.5" in done.images[0].infotext
+
+
+@pytest.mark.parametrize("family", ["SD 3.x", "Flux"])
+def test_inpainting_changes_the_mask_and_keeps_every_pixel_outside(families, family):
+    studio = use(families, family)
+    picture = gradient_image(64, 64).convert("RGB")
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[16:48, 16:48] = 255
+    done = studio.generate(InpaintRequest(prompt="red apple", steps=4, width=64, height=64, seed=2, sampler="Euler",
+                                          init_image=picture, mask=Image.fromarray(mask), mask_blur=0))
+    before, after = pixels(picture), pixels(done.images[0].image)
+    outside = mask == 0
+    assert (after[outside] == before[outside]).all()
+    assert (after[~outside] != before[~outside]).any(axis=-1).mean() > 0.5
+    extended = studio.generate(OutpaintRequest(prompt="red apple", steps=4, width=64, height=64, seed=2,
+                                               sampler="Euler", init_image=picture, right=16, mask_blur=0))
+    grown = pixels(extended.images[0].image)
+    assert grown.shape[:2] == (64, 80)
+    assert (grown[:, :64] == before).all()
+
+
+def test_flux_distilled_guidance_is_its_own_knob_and_round_trips(families):
+    studio = use(families, "Flux")
+    common = dict(prompt="red apple", steps=3, width=64, height=64, seed=9, sampler="Euler")
+    low = studio.generate(Txt2ImgRequest(**common, guidance_scale=1.0, distilled_guidance=1.0)).images[0]
+    high = studio.generate(Txt2ImgRequest(**common, guidance_scale=1.0, distilled_guidance=6.0)).images[0]
+    assert np.abs(pixels(low.image) - pixels(high.image)).max() > 0
+    assert "Distilled CFG Scale: 6" in high.infotext and "CFG scale: 1," in high.infotext
+    prompt, _, parameters = parse_infotext(high.infotext)
+    settings = infotext_to_settings(parameters)
+    assert settings["distilled_guidance"] == 6.0 and settings["sampler"] == "Euler"
+    again = studio.generate(Txt2ImgRequest(prompt=prompt, **{key: settings[key] for key in (
+        "steps", "width", "height", "seed", "sampler", "guidance_scale", "distilled_guidance")})).images[0]
+    assert (pixels(again.image) == pixels(high.image)).all()
+    # the studio's default sampler does not run Flux: its own runs, and the note says so
+    done = studio.generate(Txt2ImgRequest(prompt="red apple", steps=2, width=64, height=64, seed=1))
+    assert "Sampler: Euler," in done.images[0].infotext
+    assert any("does not run Flux models; this ran Euler" in note for note in done.messages)
+    with pytest.raises(ValueError, match="Flux models run the samplers Euler, UniPC, LCM; 'Heun'"):
+        studio.generate(Txt2ImgRequest(prompt="red apple", steps=2, width=64, height=64, sampler="Heun"))
+
+
+def test_what_a_family_does_not_run_is_refused_naming_it(families):
+    from pipelines.tasks.controlnet import ControlNetRequest
+
+    studio = use(families, "Sana")
+    picture = gradient_image(64, 64)
+    with pytest.raises(ValueError, match="Inpainting does not run Sana models yet: diffusers has no inpainting"):
+        studio.generate(InpaintRequest(prompt="a", steps=2, width=64, height=64, init_image=picture,
+                                       mask=Image.new("L", (64, 64), 255)))
+    with pytest.raises(ValueError, match="ControlNet does not run Sana models yet"):
+        studio.generate(ControlNetRequest(prompt="a", steps=2, width=64, height=64, control_image=picture))
+    with pytest.raises(ValueError, match="Sana models run with plain CFG"):
+        studio.generate(Txt2ImgRequest(prompt="a", steps=2, width=64, height=64, sampler="Euler", pag_scale=2.0))
+    with pytest.raises(ValueError, match="Distilled CFG scale is Flux.1 dev's"):
+        studio.generate(Txt2ImgRequest(prompt="a", steps=2, width=64, height=64, sampler="Euler",
+                                       distilled_guidance=5.0))
+    from pipelines.explorer.reverse import prepare_one_image
+    with pytest.raises(ValueError, match="Explorer's trace drives a UNet .* is a Sana diffusion transformer"):
+        studio.models.worker.call(prepare_one_image, studio.models, Txt2ImgRequest(prompt="a", sampler="Euler"))
+    assert studio.generate(Txt2ImgRequest(prompt="a", steps=2, width=64, height=64, sampler="Euler")).images

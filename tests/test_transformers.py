@@ -196,3 +196,90 @@ def test_what_a_family_does_not_run_is_refused_naming_it(families):
     with pytest.raises(ValueError, match="Explorer's trace drives a UNet .* is a Sana diffusion transformer"):
         studio.models.worker.call(prepare_one_image, studio.models, Txt2ImgRequest(prompt="a", sampler="Euler"))
     assert studio.generate(Txt2ImgRequest(prompt="a", steps=2, width=64, height=64, sampler="Euler")).images
+
+
+@pytest.mark.parametrize("family", ["Flux", "PixArt-Σ"])
+def test_previews_arrive_and_a_stop_interrupts_at_the_next_step(families, family):
+    """Flux's previews unpack its 2×2-packed latents; PixArt's pipeline has only the old step callback, which the
+    studio stops by leaving its loop."""
+    import threading
+
+    from pipelines.core.results import Preview
+
+    studio = use(families, family)
+    stop, events = threading.Event(), []
+    for event in studio.run(Txt2ImgRequest(prompt="red apple", steps=6, width=64, height=64, seed=4, sampler="Euler",
+                                           preview_every=1, preview_mode="linear"), stop=stop):
+        events.append(event)
+        if isinstance(event, Preview) and event.step == 2:
+            assert event.images[0].size == (64, 64)
+            stop.set()
+    done = events[-1]
+    assert done.stopped and done.images[0].steps_done == 3 and not done.images[0].finished
+    assert "Stopped at step: 3" in done.images[0].infotext
+
+
+@pytest.mark.parametrize("family", ["SD 3.x", "Flux"])
+def test_a_lora_named_in_the_prompt_moves_the_image_and_leaves_it(families, family, tmp_path):
+    """A diffusers-format LoRA for the family's transformer (saved by the family's own `save_lora_weights`), named in
+    the prompt as in A1111: it patches the transformer and moves the image; the plain prompt after it gives the
+    plain image again."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    studio = use(families, family)
+    trained = BUILDS[family](tmp_path / "build", seed=1)
+    torch.manual_seed(1)
+    trained.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                               target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    name = f"tiny-{family.split()[0].lower()}-lora"
+    type(trained).save_lora_weights(studio.models.lora_dir, weight_name=f"{name}.safetensors",
+                                    transformer_lora_layers=get_peft_model_state_dict(trained.transformer))
+    common = dict(steps=3, width=64, height=64, seed=6, sampler="Euler", guidance_scale=1.0)
+    plain = studio.generate(Txt2ImgRequest(prompt="red apple", **common)).images[0]
+    moved = studio.generate(Txt2ImgRequest(prompt=f"red apple <lora:{name}:1>", **common))
+    # (a random VAE decodes any latents to much the same texture: the move is small in pixels, and exact)
+    assert np.abs(pixels(moved.images[0].image) - pixels(plain.image)).mean() > 0.1
+    assert any(note.startswith(f"LoRA {name}: weight 1,") for note in moved.messages)
+    assert f"Lora hashes: \"{name}:" in moved.images[0].infotext or f"Lora hashes: {name}:" in moved.images[0].infotext
+    again = studio.generate(Txt2ImgRequest(prompt="red apple", **common)).images[0]
+    assert (pixels(again.image) == pixels(plain.image)).all()
+
+
+def test_the_studio_serves_a_flux_model_from_launch_to_every_tab(tmp_path):
+    """`launch.py --model <a Flux folder>`, driven through the API as a script would: the sampler menu holds Flux's
+    samplers only, the defaults are Flux's (Euler, CFG 1), the distilled guidance is a parameter that reaches the
+    infotext, Image-to-Image and Inpainting answer, and the ControlNet tab refuses naming the family."""
+    from gradio_client import Client, handle_file
+
+    import launch
+    from studio.app import serve
+    from tests.test_server import free_port
+
+    folder = tmp_path / "models" / "tiny-flux"
+    build_tiny_flux_pipeline(tmp_path / "build").save_pretrained(folder)
+    args = launch.parse_args(["--model", str(folder), "--device", "cpu", "--outputs", str(tmp_path / "outputs"),
+                              "--port", str(free_port())])
+    app, context = launch.build(args)
+    serve(app, server_name=args.host, server_port=args.port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://{args.host}:{args.port}/", verbose=False)
+        endpoint = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/txt2img"]
+        parameters = {item["parameter_name"]: item for item in endpoint["parameters"]}
+        assert parameters["sampler"]["type"]["enum"] == ["Euler", "UniPC", "LCM"]
+        assert parameters["sampler"]["parameter_default"] == "Euler"
+        assert parameters["guidance_scale"]["parameter_default"] == 1.0
+        _, infotext, status, *_ = client.predict(prompt="red apple", steps=2, width=64, height=64, seed=3,
+                                                 distilled_guidance=5.0, api_name="/txt2img")
+        assert "Distilled CFG Scale: 5, " in infotext and "Sampler: Euler," in infotext and "Seed 3" in status
+        picture = tmp_path / "picture.png"
+        gradient_image(64, 64).save(picture)
+        _, infotext, *_ = client.predict(prompt="red apple", init_image=handle_file(str(picture)), strength=0.5,
+                                         steps=2, width=64, height=64, api_name="/img2img")
+        assert "Denoising strength: 0.5" in infotext
+        with pytest.raises(Exception, match="ControlNet does not run Flux models yet"):
+            client.predict(prompt="red apple", control_image=handle_file(str(picture)), steps=2,
+                           api_name="/controlnet")
+    finally:
+        app.close()
+        context.models.unload()

@@ -1,12 +1,11 @@
 """The model manager: one per app. Holds models in named slots and loads them from the embedded
 assets, a local folder, a single `.safetensors` checkpoint or a Hugging Face hub id.
 
-Slots: `base` (the model every task runs on; each task's pipeline is derived from it once with
-`from_pipe`, sharing its weights), and later `draft` (speculative sampling), `controlnet:NAME`
-(ControlNets) and LoRA adapters (peft adapters on the base, chosen per request; pipelines/lora/merged.py).
-Textual-inversion embeddings are tokens added to the base's text encoder, each read when a prompt first
-names it (embeddings.py).
-`fit(request)` places what a request needs, given its size, within one memory budget.
+Slots: `base` (the model every task runs on; each task's pipeline is derived from it once with `from_pipe`,
+sharing its weights), and later `draft` (speculative sampling), `controlnet:NAME` (ControlNets) and LoRA adapters
+(peft adapters on the base, chosen per request; pipelines/lora/merged.py). Textual-inversion embeddings are tokens
+added to the base's text encoder, each read when a prompt first names it (embeddings.py). `fit(request)` places
+what a request needs, given its size, within one memory budget.
 
 The manager owns the slots; reading what goes into them is elsewhere in this package, through the one
 path and pickle policy (sources.py): checkpoints.py reads a base model, drafts.py a draft UNet,
@@ -290,7 +289,8 @@ class ModelManager:
         if hasattr(pipeline, "set_progress_bar_config"):
             pipeline.set_progress_bar_config(disable=True)
         scheduler = getattr(pipeline, "scheduler", None)
-        model = LoadedModel(source, pipeline, dict(scheduler.config) if scheduler is not None else {})
+        model = LoadedModel(source, pipeline, {"_class_name": type(scheduler).__name__, **scheduler.config}
+                            if scheduler is not None else {})   # named as a saved config is
         mode_before = self.memory.mode
         try:
             if replaced is not None:

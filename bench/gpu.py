@@ -6,12 +6,13 @@ generates; "diffusers" is the same pipeline, so placed, called directly with the
 The ratio is the studio's own cost on top of diffusers' (goal: <= 1.03).
 
     python -m bench.gpu                     # on a GPU: SD 1.5-shaped at 512², SDXL-shaped at 1024², fp16
+    python -m bench.gpu --family flux       # Flux.1 dev-shaped (12B transformer) at 1024², bf16, where it fits
     python -m bench.gpu --tiny              # anywhere: the tiny SD and SDXL at 64² (CI keeps this running)
     python -m bench.gpu --family sdxl --modes high,low --steps 20
 
 Random weights make pictures of noise, but the same work as trained ones. The text encoders keep their real
-widths with two layers each (their cost is a small part of an image). Flux and SD 3 are refused at load by the
-studio (pipelines/core/families.py), so they have no row yet.
+widths with two layers each (their cost is a small part of an image). Flux runs at CFG 1 with its distilled
+guidance 3.5 on both sides (pipelines/core/transformers.py).
 """
 
 from __future__ import annotations
@@ -66,6 +67,30 @@ def real_sdxl():
                                      tokenizer_2=tokenizer, unet=unet, scheduler=EulerDiscreteScheduler()), 1024
 
 
+def real_flux():
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    tokenizer = _tokenizer()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)       # 12B parameters: built in bf16, as they run
+    try:
+        transformer = FluxTransformer2DModel(guidance_embeds=True)      # Flux.1 dev's shape
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), latent_channels=16,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            layers_per_block=2, sample_size=1024, use_quant_conv=False, use_post_quant_conv=False,
+                            shift_factor=0.1159, scaling_factor=0.3611)
+        text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072,
+                                            num_hidden_layers=2, num_attention_heads=12))
+        text_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=4096, d_kv=64, d_ff=10240,
+                                         num_layers=2, num_heads=64))
+    finally:
+        torch.set_default_dtype(default)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text, tokenizer=tokenizer, text_encoder_2=text_2,
+                        tokenizer_2=tokenizer, transformer=transformer), 1024
+
+
 def _tokenizer():
     from recipe.architecture import build_tokenizer
     from recipe.tiny import PHRASES
@@ -76,9 +101,9 @@ def _tokenizer():
 
 
 def tiny(family: str):
-    from recipe.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
+    from recipe.tiny import build_tiny_flux_pipeline, build_tiny_pipeline, build_tiny_sdxl_pipeline
 
-    build = build_tiny_sdxl_pipeline if family == "sdxl" else build_tiny_pipeline
+    build = {"sdxl": build_tiny_sdxl_pipeline, "flux": build_tiny_flux_pipeline}.get(family, build_tiny_pipeline)
     return build(Path(tempfile.mkdtemp())), 64
 
 
@@ -92,8 +117,9 @@ def measure(family: str, pipeline, size: int, modes: list[str], steps: int, runs
     models = ModelManager(MemoryManager(device=device))
     models.adopt(pipeline, ModelSource("folder", tempfile.mkdtemp(), f"random-{family}"))
     generator = Generator(models, outputs_dir=None)
+    flux = family == "flux"      # CFG 1 and the distilled guidance on both sides
     request = Txt2ImgRequest(prompt="red apple", sampler="Euler", steps=steps, width=size, height=size, seed=1,
-                             guidance_scale=7.0)
+                             guidance_scale=1.0 if flux else 7.0)
     rows = []
     for mode in modes:
         if mode != "cpu":          # on a CPU the pipeline is simply there
@@ -103,8 +129,9 @@ def measure(family: str, pipeline, size: int, modes: list[str], steps: int, runs
             generator.generate(request)
 
         def diffusers():
-            models.worker.call(lambda: pipeline(prompt="red apple", num_inference_steps=steps, guidance_scale=7.0,
-                                                width=size, height=size, generator=torch.Generator().manual_seed(1)))
+            models.worker.call(lambda: pipeline(prompt="red apple", num_inference_steps=steps,
+                                                guidance_scale=3.5 if flux else 7.0, width=size, height=size,
+                                                generator=torch.Generator().manual_seed(1)))
         timing = {name: _median_and_peak(function, runs) for name, function in
                   (("studio", studio), ("diffusers", diffusers))}
         rows.append({"family": family, "size": size, "mode": mode}
@@ -134,7 +161,8 @@ def _median_and_peak(function, runs: int) -> dict:
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="the tiny models at 64² (CPU: CI runs this)")
-    parser.add_argument("--family", action="append", choices=["sd15", "sdxl"], help="default: both")
+    parser.add_argument("--family", action="append", choices=["sd15", "sdxl", "flux"],
+                        help="default: sd15 and sdxl (and flux on a card of 40 GB or more; tiny: all three)")
     parser.add_argument("--modes", default=None, help=f"comma-separated, of {', '.join(MODES)} (default: all on a "
                                                       "GPU; on a CPU the CPU alone)")
     parser.add_argument("--steps", type=int, default=None, help="default: 20 (tiny: 4)")
@@ -144,13 +172,14 @@ def main(argv=None) -> list[dict]:
     modes = args.modes.split(",") if args.modes else (list(MODES) if device == "cuda" else ["cpu"])
     steps = args.steps or (4 if args.tiny else 20)
     rows = []
-    for family in args.family or ["sd15", "sdxl"]:
+    big_card = device == "cuda" and torch.cuda.get_device_properties(0).total_memory >= 40 * 2 ** 30
+    for family in args.family or ["sd15", "sdxl", *(["flux"] if args.tiny or big_card else [])]:
         if args.tiny:
-            pipeline, size = tiny("sdxl" if family == "sdxl" else "sd")
+            pipeline, size = tiny(family)
         else:
             with torch.device("cpu"):
-                pipeline, size = real_sd15() if family == "sd15" else real_sdxl()
-            if device == "cuda":
+                pipeline, size = {"sd15": real_sd15, "sdxl": real_sdxl, "flux": real_flux}[family]()
+            if device == "cuda" and family != "flux":
                 pipeline = pipeline.to(torch.float16)
         pipeline.set_progress_bar_config(disable=True)
         rows += measure(family, pipeline, size, modes, steps, args.runs, device)

@@ -7,8 +7,7 @@ rounded). No GPU is needed: this is the plan the studio makes before it places a
     python -m bench.memory_plan --vram 12 --vram 16
 
 Model offload (`balanced`, `low`) keeps the largest component on the card at once: the UNet or the transformer,
-or, for SD 3 medium, the T5 text encoder. SD 3.x and Flux are refused at load today (pipelines/core/families.py);
-their rows say what the studio will pick once they run.
+or, for SD 3 medium, the T5 text encoder.
 """
 
 from __future__ import annotations

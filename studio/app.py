@@ -252,13 +252,13 @@ def _wire_model_defaults(context: StudioContext, loaded, generation_tabs: tuple[
         menus = {tab.controls["sampler"]: gr.Dropdown(choices=list(defaults.get("samplers") or
                                                                    TASKS[tab.task].samplers),
                                                       value=defaults.get("sampler")) for tab in generation_tabs}
-        shown = {tab.controls["distilled_guidance"]: gr.Slider(visible=defaults.get("distilled_guidance_shown", False))
-                 for tab in generation_tabs}
+        flux = {tab.controls["distilled_guidance"]: gr.Slider(visible=defaults.get("distilled_guidance_shown", False))
+                for tab in generation_tabs}
         hint = size_hint(defaults.get("native_side"))
         sizes = {tab.controls[name]: gr.Slider(value=defaults[name], info=hint) for tab in generation_tabs
                  for name in ("width", "height")}
         cleared = {status: "" for status, text in zip(statuses, shown) if (text or "").startswith(FAILED)}
-        return updates | menus | shown | sizes | cleared | {explorer_size: defaults["width"]}
+        return updates | menus | flux | sizes | cleared | {explorer_size: defaults["width"]}
 
     outputs = {explorer_size, *statuses} | {tab.controls[name] for tab in generation_tabs for name in
                                             ("width", "height", "sampler", "preview_every", "guidance_scale",

@@ -50,7 +50,8 @@ def test_a1111_infotext_restores_into_the_tab_controls_by_name(tabs):
     by_name = {name: restored[component] for name, component in txt2img.controls.items() if component in restored}
     off = {"guidance_rescale": 0.0, "cfg_method": "CFG", "cfg_start": 0.0, "cfg_end": 1.0, "pag_scale": 0.0,
            "pag_adaptive_scale": 0.0, "pag_layers": "mid", "classifier_class": "", "classifier_scale": 0.0,
-           "schedule": "Default", "fast": False}   # left out of an infotext: off when the image was made
+           "schedule": "Default", "fast": False,   # left out of an infotext: off when the image was made
+           "distilled_guidance": 3.5}              # (Flux's: its default where the image did not say)
     assert by_name == {"prompt": "a castle on a hill, sunset", "negative_prompt": "blurry, lowres",
                        "sampler": "DPM++ 2M Karras", "steps": 30, "guidance_scale": 6.5,
                        "width": 512, "height": 768, "seed": 3456} | off
@@ -247,7 +248,8 @@ def test_speculative_settings_restore_and_come_last_in_the_api(tabs):
     txt2img = tabs[0]
     # positional API callers keep their order: the speculative sampler's settings, then what came after them
     names = list(txt2img.controls)
-    assert names[-3 - len(GUIDANCE_FIELDS):] == ["draft", "draft_length", *GUIDANCE_FIELDS, "fast"]
+    assert names[-4 - len(GUIDANCE_FIELDS):] == ["draft", "draft_length", *GUIDANCE_FIELDS, "fast",
+                                                 "distilled_guidance"]
     assert names[:12] == ["prompt", "negative_prompt", "sampler", "steps", "guidance_scale", "guidance_rescale",
                           "width", "height", "seed", "batch_size", "batch_count", "preview_every"]
     text = ("red apple\nSteps: 100, Sampler: DDPM speculative, CFG scale: 7.5, Seed: 3, Size: 64x64, "
@@ -265,4 +267,5 @@ def test_every_generation_endpoint_takes_the_guidance_fields_last(blocks_and_tab
     for name in ("/txt2img", "/img2img", "/inpaint", "/outpaint"):
         parameters = [parameter["parameter_name"] for parameter in endpoints[name]["parameters"]]
         later = [*GUIDANCE_FIELDS, "fast"] if "fast" in parameters else list(GUIDANCE_FIELDS)   # then Fast (4 steps)
+        later.append("distilled_guidance")     # then Flux's distilled guidance
         assert parameters[-len(later):] == later, name

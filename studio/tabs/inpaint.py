@@ -145,7 +145,8 @@ def _build_outpaint(context: StudioContext, tab: GenerationTab) -> None:
                                  info="1: the new area starts from fresh noise")
             outpaint = gr.Button("Outpaint", variant="primary", elem_id="outpaint-generate")
     shared = {name: tab.controls[name] for name in tab.controls if name not in tab.own.fields}
-    later = {name: shared.pop(name) for name in (*GUIDANCE_FIELDS, "fast")}   # last: positional callers keep order
+    # last: positional callers keep their order
+    later = {name: shared.pop(name) for name in (*GUIDANCE_FIELDS, "fast", "distilled_guidance")}
     controls = shared | sides | {"init_image": tab.controls["init_image"], "prefill": prefill, "overlap": overlap,
                                  "inpaint_area": area, "mask_blur": blur, "only_masked_padding":
                                  tab.controls["only_masked_padding"], "strength": strength} | later

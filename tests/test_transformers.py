@@ -219,7 +219,7 @@ def test_previews_arrive_and_a_stop_interrupts_at_the_next_step(families, family
     assert "Stopped at step: 3" in done.images[0].infotext
 
 
-@pytest.mark.parametrize("family", ["SD 3.x", "Flux"])
+@pytest.mark.parametrize("family", ["SD 3.x", "Flux", "Sana"])
 def test_a_lora_named_in_the_prompt_moves_the_image_and_leaves_it(families, family, tmp_path):
     """A diffusers-format LoRA for the family's transformer (saved by the family's own `save_lora_weights`), named in
     the prompt as in A1111: it patches the transformer and moves the image; the plain prompt after it gives the
@@ -244,6 +244,15 @@ def test_a_lora_named_in_the_prompt_moves_the_image_and_leaves_it(families, fami
     assert f"Lora hashes: \"{name}:" in moved.images[0].infotext or f"Lora hashes: {name}:" in moved.images[0].infotext
     again = studio.generate(Txt2ImgRequest(prompt="red apple", **common)).images[0]
     assert (pixels(again.image) == pixels(plain.image)).all()
+
+
+def test_a_lora_on_pixart_is_refused_saying_why(families):
+    studio = use(families, "PixArt-Σ")
+    studio.models.lora_dir.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+    save_file({"transformer.x.lora_A.weight": torch.zeros(4, 8)}, studio.models.lora_dir / "some-lora.safetensors")
+    with pytest.raises(ValueError, match="PixArtSigmaPipeline\\) takes no LoRA files in diffusers"):
+        studio.generate(Txt2ImgRequest(prompt="a <lora:some-lora:1>", steps=2, width=64, height=64, sampler="Euler"))
 
 
 def test_the_studio_serves_a_flux_model_from_launch_to_every_tab(tmp_path):

@@ -112,6 +112,9 @@ def load_lora(pipeline, name: str, path: Path, *, roots: tuple[Path, ...]) -> Lo
     path = confined(path, roots, what=f"LoRA {name!r}:", into="models/lora/")
     check_weights_file(path, allow_pickle=False)     # peft's loader reads LoRAs as .safetensors only
     adapter = adapter_name(name)
+    if not hasattr(pipeline, "load_lora_weights"):      # PixArt: diffusers reads no LoRA files for it
+        raise ValueError(f"LoRA {name!r}: the loaded model's pipeline ({type(pipeline).__name__}) takes no LoRA files "
+                         "in diffusers. Use the LoRA with a model of its own family.")
     try:
         pipeline.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter)
     except Exception as error:   # diffusers/peft name a shape or key mismatch in many ways; say it once

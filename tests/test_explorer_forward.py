@@ -115,7 +115,7 @@ def test_model_schedule_reads_a_diffusers_config():
 
 
 def test_schedule_errors_say_what_was_received():
-    with pytest.raises(ValueError, match="'sigmoidal'.*linear, scaled_linear, cosine, model"):
+    with pytest.raises(ValueError, match="'sigmoidal'.*linear, scaled_linear, cosine, flow matching, model"):
         make_schedule("sigmoidal")
     with pytest.raises(ValueError, match=r"\[2, 4000\] but is 1"):
         make_schedule("linear", 1)
@@ -133,7 +133,7 @@ def test_schedule_errors_say_what_was_received():
         NoiseSchedule(name="bad", betas=torch.tensor([0.1, 1.5], dtype=torch.float64))
     with pytest.raises(ValueError, match="float64"):
         NoiseSchedule(name="bad", betas=torch.tensor([0.1, 0.2]))
-    assert SCHEDULE_NAMES == ("linear", "scaled_linear", "cosine", "model")
+    assert SCHEDULE_NAMES == ("linear", "scaled_linear", "cosine", "flow matching", "model")
 
 
 # ----------------------------------------------------------------------------- noising
@@ -339,7 +339,7 @@ def test_schedule_plot_has_three_panels_with_every_schedule():
 
 
 def test_formulas_are_markdown_with_latex():
-    assert set(FORMULAS) == {"forward_closed_form", "markov_step", "snr"}
+    assert set(FORMULAS) == {"forward_closed_form", "markov_step", "snr", "flow_closed_form"}
     for text in FORMULAS.values():
         assert text.count("$$") == 2 and text[0].isupper()
     assert r"\sqrt{\bar\alpha_t}" in FORMULAS["forward_closed_form"]

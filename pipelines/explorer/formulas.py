@@ -1,10 +1,13 @@
 """What the Explorer tab writes beside its pictures: each process in words, with its equation in LaTeX.
 
-`FORMULAS` explains the forward (noising) process (pipelines/explorer/forward.py), `FORMULAS_REVERSE` the
-reverse one (pipelines/explorer/reverse.py); `LATEX_DELIMITERS` tells gr.Markdown where their math is.
+`FORMULAS` explains the forward (noising) processes, DDPM's and flow matching's (pipelines/explorer/forward.py), and
+`forward_caption` names the one a schedule runs with its numbers at a step; `FORMULAS_REVERSE` explains the
+reverse process (pipelines/explorer/reverse.py); `LATEX_DELIMITERS` tells gr.Markdown where their math is.
 """
 
 from __future__ import annotations
+
+from pipelines.explorer.forward import FLOW_MATCHING, NoiseSchedule
 
 # For gr.Markdown(latex_delimiters=...): display math between $$, inline math between $.
 LATEX_DELIMITERS: list[dict] = [
@@ -28,6 +31,13 @@ FORMULAS: dict[str, str] = {
         "and falls as $t$ grows, "
         r"$$\mathrm{SNR}(t) = \frac{\bar\alpha_t}{1-\bar\alpha_t}, "
         r"\qquad \log\mathrm{SNR}(t) = \log\bar\alpha_t - \log(1-\bar\alpha_t).$$"
+    ),
+    "flow_closed_form": (
+        "Flow matching (SD 3, Flux, Sana) slides the image along a straight line to the noise, with the time "
+        "$t \\in (0, 1]$ shifted by the model's $s$ towards the noisy end, "
+        r"$$x_t = (1-t)\,x_0 + t\,\varepsilon, \qquad t' = \frac{s\,t}{1 + (s-1)\,t}.$$"
+        r"It has the SNR of the DDPM process with $\bar\alpha_t = \frac{(1-t)^2}{(1-t)^2 + t^2}$, and is that "
+        r"process scaled by $\sqrt{(1-t)^2 + t^2}$: the schedule plots show this $\bar\alpha_t$ for it."
     ),
 }
 
@@ -57,3 +67,16 @@ FORMULAS_REVERSE: dict[str, str] = {
         r"so $w = 1$ is the plain conditional prediction and needs no second pass."
     ),
 }
+
+
+def forward_caption(schedule: NoiseSchedule, t: int) -> str:
+    """One line naming the process `schedule` runs, with its coefficients at step `t` (an index into the schedule)."""
+    signal, noise = schedule.signal[t].item(), schedule.noise[t].item()
+    alpha_cumprod = schedule.alphas_cumprod[t].item()
+    if schedule.process == FLOW_MATCHING:
+        # the process's own t is the noise coefficient; the step index is called "step" so the two are not confused
+        return (f"**{schedule.name}**, step {t} of T = {schedule.num_steps}: flow matching: x_t = (1 − t)·x_0 + t·ε "
+                f"with t = {noise:.4g}, signal × {signal:.3f}, noise × {noise:.3f} "
+                f"(the SNR of DDPM's ᾱ_t = {alpha_cumprod:.4g})")
+    return (f"**{schedule.name}**, t = {t} of T = {schedule.num_steps}: ᾱ_t = {alpha_cumprod:.4g}, "
+            f"signal × {signal:.3f}, noise × {noise:.3f}")

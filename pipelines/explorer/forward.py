@@ -1,11 +1,16 @@
-"""The forward (noising) process of DDPM, for the Diffusion Explorer tab: schedules, closed-form and
-step-by-step noising, and frames of an image noised in pixel or latent space.
+"""The forward (noising) processes of DDPM and of flow matching, for the Diffusion Explorer tab: schedules,
+closed-form and step-by-step noising, and frames of an image noised in pixel or latent space.
 
 Pure computation; its figures are in plots.py, its animations in animation.py, its formulas in formulas.py.
 
 Timestep convention (the one diffusers uses): `t` is a 0-based index into `betas`,
 and `alphas_cumprod[t] = prod_{s=0..t} (1 - beta_s)`. So index `t` is the state after
 `t + 1` Markov steps; in the 1-based notation of the DDPM paper it is x_{t+1}.
+
+Flow matching (SD 3, Flux, Sana) noises along a straight line, x_t = (1 - t) x_0 + t eps with t in (0, 1]. With
+a_t = 1 - t and s_t = t it is DDPM's variance-preserving process of the same SNR, scaled: abar_t = a_t^2 / (a_t^2 +
+s_t^2) and x_flow = sqrt(a_t^2 + s_t^2) x_vp. So a flow schedule is a `NoiseSchedule` whose betas are those of
+that abar and whose `scale` is sqrt(a_t^2 + s_t^2); its index `t` is the time (t + 1)/T, shifted by the model.
 """
 
 from __future__ import annotations
@@ -21,9 +26,13 @@ from PIL import Image
 
 from pipelines.core.images import image_to_tensor as pixels_to_tensor
 from pipelines.core.images import to_pil
+from pipelines.core.transformers import is_flow
 from pipelines.core.vae import decode, encode
 
-SCHEDULE_NAMES: tuple[str, ...] = ("linear", "scaled_linear", "cosine", "model")
+SCHEDULE_NAMES: tuple[str, ...] = ("linear", "scaled_linear", "cosine", "flow matching", "model")
+# The two forward processes a schedule runs (`NoiseSchedule.process`)
+DDPM = "DDPM"
+FLOW_MATCHING = "flow matching"
 MIN_NUM_STEPS = 2
 MAX_NUM_STEPS = 4000
 DEFAULT_NUM_STEPS = 1000
@@ -47,13 +56,15 @@ DrawMethod = Literal["closed_form", "markov_chain"]
 
 @dataclass(frozen=True, eq=False)
 class NoiseSchedule:
-    """A variance schedule beta_1..beta_T of the DDPM forward process.
+    """A variance schedule beta_1..beta_T of the DDPM forward process, scaled per step for flow matching.
 
-    `betas` is a 1-D float64 tensor of length T with every beta_t in (0, 1].
+    `betas` is a 1-D float64 tensor of length T with every beta_t in (0, 1]. `scale` (c_t, positive, float64, length
+    T) multiplies the variance-preserving x_t: None for DDPM (c_t = 1); sqrt((1 - t)^2 + t^2) for flow matching.
     """
 
     name: str
     betas: torch.Tensor
+    scale: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         betas = self.betas
@@ -67,6 +78,22 @@ class NoiseSchedule:
             raise ValueError(
                 f"`betas` have to lie in (0, 1] but range over [{betas.min().item():g}, {betas.max().item():g}]."
             )
+        scale = self.scale
+        if scale is None:
+            return
+        if not isinstance(scale, torch.Tensor) or scale.shape != betas.shape or scale.dtype != torch.float64:
+            raise ValueError(
+                f"`scale` has to be a float64 tensor of the shape of `betas` {tuple(betas.shape)} but is "
+                f"{type(scale).__name__} {getattr(scale, 'dtype', '')} of shape {tuple(getattr(scale, 'shape', ()))}."
+            )
+        if not bool((torch.isfinite(scale) & (scale > 0)).all()):
+            raise ValueError(f"`scale` has to be positive and finite but ranges over "
+                             f"[{scale.min().item():g}, {scale.max().item():g}].")
+
+    @property
+    def process(self) -> str:
+        """Which forward process the schedule runs: DDPM, or flow matching (the only one with a `scale`)."""
+        return DDPM if self.scale is None else FLOW_MATCHING
 
     @property
     def num_steps(self) -> int:
@@ -80,14 +107,48 @@ class NoiseSchedule:
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
-        """abar_t = prod_{s<=t} (1 - beta_s), the signal power left at step t."""
+        """abar_t = prod_{s<=t} (1 - beta_s), the signal power left at step t (for flow matching: that of the
+        variance-preserving process with the same SNR)."""
         return torch.cumprod(self.alphas, dim=0)
+
+    @property
+    def signal(self) -> torch.Tensor:
+        """The closed form's coefficient of x_0: c_t sqrt(abar_t) (DDPM: sqrt(abar_t); flow matching: 1 - t)."""
+        signal = torch.sqrt(self.alphas_cumprod)
+        return signal if self.scale is None else self.scale * signal
+
+    @property
+    def noise(self) -> torch.Tensor:
+        """The closed form's coefficient of eps: c_t sqrt(1 - abar_t) (DDPM: sqrt(1 - abar_t); flow matching: t)."""
+        noise = torch.sqrt(1.0 - self.alphas_cumprod)
+        return noise if self.scale is None else self.scale * noise
 
     @property
     def log_snr(self) -> torch.Tensor:
         """log SNR_t = log(abar_t / (1 - abar_t)); -inf where abar_t = 0 (zero-terminal-SNR schedules)."""
         alphas_cumprod = self.alphas_cumprod
         return torch.log(alphas_cumprod) - torch.log1p(-alphas_cumprod)
+
+
+def flow_schedule(num_steps: int, *, shift: float = 1.0, name: str = FLOW_MATCHING) -> NoiseSchedule:
+    """Flow matching, x_t = (1 - t) x_0 + t eps, at the times t_i = (i + 1)/T (i = 0..T-1: the last is pure noise),
+    shifted as SD 3's scheduler does: t' = shift t / (1 + (shift - 1) t).
+
+    Built as the variance-preserving process with the same SNR, scaled: with a_t = 1 - t and s_t = t,
+    abar_t = a_t^2 / (a_t^2 + s_t^2), beta_t = 1 - abar_t / abar_{t-1} (abar_{-1} = 1; the last beta is 1)
+    and scale c_t = sqrt(a_t^2 + s_t^2).
+    """
+    _check_num_steps(num_steps)
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift) or shift <= 0:
+        raise ValueError(f"The flow-matching `shift` has to be a positive number but is {shift!r}.")
+    times = torch.arange(1, num_steps + 1, dtype=torch.float64) / num_steps
+    # the time shift, written so that t = 1 stays exactly 1 (pure noise) for every shift
+    times = shift * times / (shift * times + (1.0 - times))
+    signal_power, noise_power = (1.0 - times) ** 2, times**2
+    alphas_cumprod = signal_power / (signal_power + noise_power)
+    previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    return NoiseSchedule(name=name, betas=1.0 - alphas_cumprod / previous,
+                         scale=torch.sqrt(signal_power + noise_power))
 
 
 def make_schedule(
@@ -100,14 +161,16 @@ def make_schedule(
 
     name: "linear" (DDPM: linspace(1e-4, 0.02, T)), "scaled_linear" (Stable Diffusion:
         linspace(sqrt(0.00085), sqrt(0.012), T)^2), "cosine" (diffusers "squaredcos_cap_v2",
-        abar(t) = cos^2(((t/T + 0.008) / 1.008) * pi/2), betas capped at 0.999), or "model"
-        (the betas a diffusers scheduler config describes).
+        abar(t) = cos^2(((t/T + 0.008) / 1.008) * pi/2), betas capped at 0.999), "flow matching"
+        (`flow_schedule`, unshifted), or "model" (the betas a diffusers scheduler config describes; for a
+        flow-matching config, flow matching with its `shift` / `flow_shift`).
     num_steps: T. Defaults to 1000 for the presets and to the config's `num_train_timesteps`
         for "model"; an explicit value overrides `num_train_timesteps`. (`None` rather than
         1000 as default, so that "given explicitly" can be told apart.)
     scheduler_config: a diffusers scheduler config dict (e.g. `pipe.scheduler.config`); only
         `beta_schedule`, `beta_start`, `beta_end`, `num_train_timesteps`, `trained_betas` and
-        `rescale_betas_zero_snr` are read. Required for "model", refused otherwise.
+        `rescale_betas_zero_snr` are read (for a flow-matching one: `shift`, `flow_shift`, `use_dynamic_shifting`
+        and `num_train_timesteps`). Required for "model", refused otherwise.
     """
     # 1. Check inputs
     if name not in SCHEDULE_NAMES:
@@ -118,6 +181,11 @@ def make_schedule(
         raise ValueError('Schedule "model" needs a `scheduler_config` but received None.')
     if name != "model" and scheduler_config is not None:
         raise ValueError(f'`scheduler_config` is only used by schedule "model" but was passed with {name!r}.')
+
+    if name == FLOW_MATCHING:
+        return flow_schedule(DEFAULT_NUM_STEPS if num_steps is None else num_steps)
+    if name == "model" and is_flow(scheduler_config):
+        return _model_flow_schedule(scheduler_config, num_steps)
 
     # 2. Collect the DDPMScheduler arguments that determine the betas
     if name == "model":
@@ -147,6 +215,19 @@ def make_schedule(
     return NoiseSchedule(name=label, betas=scheduler.betas.to(torch.float64))
 
 
+def _model_flow_schedule(scheduler_config: dict[str, Any], num_steps: int | None) -> NoiseSchedule:
+    """Flow matching with the model's static shift (`shift`, or `flow_shift` for the DPM-Solver family); a model that
+    shifts by the image size (`use_dynamic_shifting`) has no one shift, so it is shown unshifted and named so."""
+    if num_steps is None:
+        num_steps = int(scheduler_config.get("num_train_timesteps", DEFAULT_NUM_STEPS))
+    if scheduler_config.get("use_dynamic_shifting"):
+        return flow_schedule(num_steps, name="model (flow matching, shift from the image size: shown unshifted)")
+    shift = scheduler_config.get("shift")
+    shift = scheduler_config.get("flow_shift") if shift is None else shift
+    shift = 1.0 if shift is None else shift
+    return flow_schedule(num_steps, shift=shift, name=f"model (flow matching, shift {shift:g})")
+
+
 def _check_num_steps(num_steps: Any) -> None:
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
         raise ValueError(f"`num_steps` has to be an int but is {num_steps!r}.")
@@ -173,7 +254,7 @@ def fixed_noise(shape: Sequence[int], seed: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class FixedNoise:
-    """One epsilon held fixed while t moves, so x_t changes only through abar_t.
+    """One epsilon held fixed while t moves, so x_t changes only through the schedule's coefficients.
 
     Keep it in per-user state; `like(x)` redraws the same epsilon for any tensor of a given shape.
     """
@@ -186,28 +267,33 @@ class FixedNoise:
 
 
 def forward_sample(x0: torch.Tensor, *, t: int, schedule: NoiseSchedule, noise: torch.Tensor) -> torch.Tensor:
-    """Sample q(x_t | x_0) in closed form: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) epsilon.
+    """Sample q(x_t | x_0) in closed form: x_t = signal_t x_0 + noise_t epsilon, that is
+    sqrt(abar_t) x_0 + sqrt(1 - abar_t) epsilon for DDPM and (1 - t) x_0 + t epsilon for flow matching.
 
-    Equals `DDPMScheduler.add_noise(x0, noise, torch.tensor([t]))` for the same betas.
+    Equals `DDPMScheduler.add_noise(x0, noise, torch.tensor([t]))` for the same betas, and for flow matching
+    `FlowMatchEulerDiscreteScheduler.scale_noise` at the same time.
     """
     t = check_timestep(t, schedule)
     if noise.shape != x0.shape:
         raise ValueError(f"`noise` has to have the shape of `x0` {tuple(x0.shape)} but has {tuple(noise.shape)}.")
-    alpha_cumprod = schedule.alphas_cumprod[t].item()
-    return math.sqrt(alpha_cumprod) * x0 + math.sqrt(1.0 - alpha_cumprod) * noise.to(x0.dtype)
+    return schedule.signal[t].item() * x0 + schedule.noise[t].item() * noise.to(x0.dtype)
 
 
 def markov_chain(x0: torch.Tensor, *, t: int, schedule: NoiseSchedule, generator: torch.Generator) -> torch.Tensor:
     """Run the forward Markov chain x_s = sqrt(1 - beta_s) x_{s-1} + sqrt(beta_s) z for s = 0..t.
 
     Fresh z ~ N(0, I) at every step, drawn from `generator` (on its device). The result has the
-    same distribution as `forward_sample` at the same `t`.
+    same distribution as `forward_sample` at the same `t`. For flow matching the chain is the variance-preserving
+    one scaled by c_t at the end: x_flow = c_t x_vp, so its step is x_t = (c_t / c_{t-1}) sqrt(1 - beta_t) x_{t-1}
+    + c_t sqrt(beta_t) z, the exact flow-matching forward chain.
     """
     t = check_timestep(t, schedule)
     x = x0
     for beta in schedule.betas[: t + 1].tolist():
         z = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=x0.dtype).to(x0.device)
         x = math.sqrt(1.0 - beta) * x + math.sqrt(beta) * z
+    if schedule.scale is not None:
+        x = schedule.scale[t].item() * x
     return x
 
 
@@ -215,7 +301,8 @@ def empirical_moments(x0: torch.Tensor, *, t: int, schedule: NoiseSchedule, n_dr
                       method: DrawMethod = "closed_form") -> tuple[torch.Tensor, torch.Tensor]:
     """Per-element mean and unbiased variance of x_t over `n_draws` independent draws.
 
-    Theory: mean = sqrt(abar_t) x_0 and variance = 1 - abar_t for either `method`.
+    Theory: mean = signal_t x_0 and variance = noise_t^2 for either `method` (DDPM: sqrt(abar_t) x_0 and
+    1 - abar_t; flow matching: (1 - t) x_0 and t^2).
     """
     samples = draw_samples(x0, t=t, schedule=schedule, n_draws=n_draws, seed=seed, method=method)
     return samples.mean(dim=0), samples.var(dim=0)
@@ -265,7 +352,7 @@ def image_to_tensor(image: Image.Image, *, size: int | None = None) -> torch.Ten
 def tensor_to_image(x: torch.Tensor) -> Image.Image:
     """(1, 3, H, W) or (3, H, W) tensor -> RGB PIL image.
 
-    x_t legitimately leaves [-1, 1] (its variance is 1 - abar_t around sqrt(abar_t) x_0);
+    x_t legitimately leaves [-1, 1] (its variance is noise_t^2 around signal_t x_0);
     values outside are clamped for display only.
     """
     if x.ndim == 4 and x.shape[0] == 1:

@@ -31,6 +31,7 @@ from pipelines.core.samplers import check_sampler
 from pipelines.core.schedules import check_schedule, schedule_table
 from pipelines.explorer import animation, comparison, forward, guidance, reverse
 from pipelines.explorer.animation import export_animation
+from pipelines.explorer.formulas import forward_caption
 from pipelines.explorer.forward import (FixedNoise, NoiseSchedule, animation_timesteps, empirical_moments,
                                         forward_frames, image_to_tensor, make_schedule, tensor_to_image)
 from pipelines.explorer.guidance_view import guidance_view
@@ -51,21 +52,32 @@ NO_IMAGE = "Upload an image (or pick an example) first."
 
 
 @dataclass
+class BesideView:
+    """x_t by the other forward process (DDPM beside flow matching, or the reverse), same t and ε, in pixel space."""
+    schedule_name: str
+    process: str                        # "DDPM" or "flow matching"
+    x_t: Image.Image
+    caption: str
+
+
+@dataclass
 class ForwardView:
     """Your image noised to x_t at one t of the first schedule, and what explains it."""
     x_t: Image.Image                    # in pixel space
     latent_x_t: Image.Image | None      # in the loaded model's latent space, decoded by its VAE; None without a model
     schedule_figure: Figure             # beta_t, abar_t and log-SNR of every schedule, t marked
     histogram: Figure                   # the values of x_t against the theoretical marginal
-    caption: str
+    caption: str                        # names the process(es) shown, with their coefficients at t
+    process: str                        # the first schedule's: "DDPM" or "flow matching"
+    beside: BesideView | None = None    # when both processes are ticked: the first schedule of the other one
 
 
 @dataclass
 class Moments:
     """Per-pixel statistics of x_t over many independent draws by one method."""
     mean_image: Image.Image
-    mean_error: float                   # mean |mean - sqrt(abar_t) x_0|; theory: 0
-    variance: float                     # mean per-pixel variance; theory: 1 - abar_t
+    mean_error: float                   # mean |mean - signal_t x_0|; theory: 0
+    variance: float                     # mean per-pixel variance; theory: noise_t^2
 
 
 @dataclass
@@ -74,13 +86,16 @@ class MarkovCheck:
     t: int
     draws: int
     side_px: int
-    alpha_cumprod: float
+    process: str                        # "DDPM" or "flow matching"
+    alpha_cumprod: float                # abar_t (for flow matching: of the DDPM process with its SNR)
+    signal: float                       # x_0's coefficient: sqrt(abar_t) for DDPM, 1 - t for flow matching
+    noise: float                        # ε's coefficient: sqrt(1 - abar_t) for DDPM, t for flow matching
     closed_form: Moments
     markov_chain: Moments
 
     @property
     def theory_variance(self) -> float:
-        return 1.0 - self.alpha_cumprod
+        return self.noise ** 2
 
 
 @dataclass
@@ -143,7 +158,8 @@ class Explorer:
         return self.worker.call(self._export_forward, image, schedule_names, num_steps, seed, suffix)
 
     def schedules(self, schedule_names: list[str], num_steps: int) -> list[NoiseSchedule]:
-        """The ticked schedules with T steps; "model" is the loaded model's own betas."""
+        """The ticked schedules with T steps; "model" is the loaded model's own: its betas, or for a flow-matching
+        model flow matching with its shift."""
         if not schedule_names:
             raise ValueError("Tick at least one schedule.")
         config = None
@@ -162,9 +178,11 @@ class Explorer:
         schedules = self.schedules(schedule_names, num_steps)
         active, t = schedules[0], min(_whole("t", t), num_steps - 1)
 
-        # 2. Pixel space: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, eps fixed by the seed
+        # 2. Pixel space: x_t = signal_t x_0 + noise_t eps (DDPM: sqrt(abar_t), sqrt(1 - abar_t); flow matching:
+        #    1 - t, t), eps fixed by the seed
         x0 = image_to_tensor(image, size=FORWARD_SIDE_PX)
-        x_t = forward.forward_sample(x0, t=t, schedule=active, noise=FixedNoise(seed).like(x0))
+        epsilon = FixedNoise(seed).like(x0)
+        x_t = forward.forward_sample(x0, t=t, schedule=active, noise=epsilon)
 
         # 3. Latent space: the same process on the VAE's latents, decoded back for display
         model = self.models.current
@@ -174,15 +192,23 @@ class Explorer:
             latent_x_t = forward_frames(image_to_tensor(image, size=side), schedule=active, timesteps=[t], seed=seed,
                                         vae=model.pipeline.vae)[0]
 
-        # 4. What explains it
-        alpha_cumprod = active.alphas_cumprod[t].item()
-        caption = (f"**{active.name}**, t = {t} of T = {active.num_steps}: ᾱ_t = {alpha_cumprod:.4g}, "
-                   f"signal × {alpha_cumprod ** 0.5:.3f}, noise × {(1 - alpha_cumprod) ** 0.5:.3f}")
+        # 4. The other process beside it, when a schedule of each is ticked: the same t and eps
+        other = next((schedule for schedule in schedules if schedule.process != active.process), None)
+        beside = None
+        if other is not None:
+            beside = BesideView(schedule_name=other.name, process=other.process, caption=forward_caption(other, t),
+                                x_t=tensor_to_image(forward.forward_sample(x0, t=t, schedule=other, noise=epsilon)))
+
+        # 5. What explains it
+        caption = forward_caption(active, t)
+        if beside is not None:
+            caption += f"  \nBeside it (pixel space, the same ε): {beside.caption}"
         if latent_x_t is None:
             caption += "  \nLoad a model to see the same t in its latent space."
         return ForwardView(x_t=tensor_to_image(x_t), latent_x_t=latent_x_t,
                            schedule_figure=schedule_plot(schedules, t=t),
-                           histogram=value_histogram(x_t, t=t, schedule=active, x0=x0), caption=caption)
+                           histogram=value_histogram(x_t, t=t, schedule=active, x0=x0), caption=caption,
+                           process=active.process, beside=beside)
 
     def _markov_check(self, image, schedule_names, num_steps, t, seed) -> MarkovCheck:
         if image is None:
@@ -191,15 +217,16 @@ class Explorer:
         active = self.schedules(schedule_names, num_steps)[0]
         t = min(_whole("t", t), num_steps - 1)
         x0 = image_to_tensor(image, size=MOMENT_SIDE_PX)[0]
-        alpha_cumprod = active.alphas_cumprod[t].item()
+        signal, noise = active.signal[t].item(), active.noise[t].item()
         results = {}
         for method in ("closed_form", "markov_chain"):
             mean, variance = empirical_moments(x0, t=t, schedule=active, n_draws=MOMENT_DRAWS, seed=seed,
                                                method=method)
-            mean_error = (mean - alpha_cumprod ** 0.5 * x0).abs().mean().item()
+            mean_error = (mean - signal * x0).abs().mean().item()
             results[method] = Moments(tensor_to_image(mean), mean_error, variance.mean().item())
-        return MarkovCheck(t=t, draws=MOMENT_DRAWS, side_px=MOMENT_SIDE_PX, alpha_cumprod=alpha_cumprod,
-                           closed_form=results["closed_form"], markov_chain=results["markov_chain"])
+        return MarkovCheck(t=t, draws=MOMENT_DRAWS, side_px=MOMENT_SIDE_PX,
+                           alpha_cumprod=active.alphas_cumprod[t].item(), closed_form=results["closed_form"],
+                           markov_chain=results["markov_chain"], process=active.process, signal=signal, noise=noise)
 
     def _export_forward(self, image, schedule_names, num_steps, seed, suffix) -> Path:
         if image is None:
@@ -208,7 +235,8 @@ class Explorer:
         timesteps = animation_timesteps(active, num_frames=min(ANIMATION_FRAMES, active.num_steps))
         frames = forward_frames(image_to_tensor(image, size=FORWARD_SIDE_PX), schedule=active,
                                 timesteps=timesteps, seed=_whole("seed", seed), include_clean=True)
-        return export_animation(frames, export_path(f"forward-{schedule_names[0]}{suffix}"), fps=ANIMATION_FPS)
+        name = schedule_names[0].replace(" ", "-")      # "flow matching" -> forward-flow-matching.gif
+        return export_animation(frames, export_path(f"forward-{name}{suffix}"), fps=ANIMATION_FPS)
 
     # -- sampling schedules ----------------------------------------------------------------------
     def sampling_schedules(self, *, sampler: str, steps: int, schedules: list[str], quantity: str) -> \

@@ -1,7 +1,7 @@
 """The Diffusion Explorer's forward panel: your image noised in closed form at any t of several schedules,
-in pixel space and in the loaded model's latent space, with the schedule curves, the value histogram, a
-check that the Markov chain and the closed form agree, and the x_0 -> x_T animation; also `/explorer_forward`,
-the same view for API clients.
+DDPM's and flow matching's (side by side when one of each is ticked), in pixel space and in the loaded model's
+latent space, with the schedule curves, the value histogram, a check that the Markov chain and the closed form
+agree, and the x_0 -> x_T animation; also `/explorer_forward`, the same view for API clients.
 
 The handlers build arguments, call the `Explorer` service (pipelines/explorer/service.py) and render what
 comes back; the service does the math and picks the device thread.
@@ -16,9 +16,9 @@ from pathlib import Path
 import gradio as gr
 
 from pipelines.explorer.formulas import FORMULAS, LATEX_DELIMITERS
-from pipelines.explorer.forward import DEFAULT_NUM_STEPS, MAX_NUM_STEPS, SCHEDULE_NAMES
+from pipelines.explorer.forward import DEFAULT_NUM_STEPS, FLOW_MATCHING, MAX_NUM_STEPS, SCHEDULE_NAMES
 from pipelines.explorer.plots import schedule_data
-from pipelines.explorer.service import Explorer, MarkovCheck
+from pipelines.explorer.service import Explorer, ForwardView, MarkovCheck
 from studio.errors import user_errors
 from studio.tabs.explorer_shared import DEVICE_QUEUE, PIXELS, PRIVATE, formulas_markdown
 
@@ -30,6 +30,7 @@ class ForwardTab:
     inputs: dict[str, gr.components.Component]  # Explorer.forward_view's arguments -> their controls
     pixel: gr.Image
     latent: gr.Image
+    beside: gr.Image              # x_t by the other process, when a schedule of each is ticked
     caption: gr.Markdown
     plot: gr.Plot
     histogram: gr.Plot
@@ -44,12 +45,13 @@ class ForwardTab:
 
     @property
     def view(self) -> set:
-        return {self.pixel, self.latent, self.caption, self.plot, self.histogram}
+        return {self.pixel, self.latent, self.beside, self.caption, self.plot, self.histogram}
 
 
 def layout_forward() -> ForwardTab:
-    gr.Markdown("Noise your own image: $x_t$ for any $t$, always with the same $\\varepsilon$, so only "
-                "$\\bar\\alpha_t$ changes as you move $t$.", latex_delimiters=LATEX_DELIMITERS)
+    gr.Markdown("Noise your own image: $x_t$ for any $t$, always with the same $\\varepsilon$, so only the "
+                "schedule's coefficients ($\\sqrt{\\bar\\alpha_t}$ and $\\sqrt{1-\\bar\\alpha_t}$ for DDPM, $1-t$ and "
+                "$t$ for flow matching) change as you move $t$.", latex_delimiters=LATEX_DELIMITERS)
     with gr.Row():
         with gr.Column(scale=2):
             examples = sorted(EXAMPLES_DIR.glob("*.png")) if EXAMPLES_DIR.is_dir() else []
@@ -60,7 +62,10 @@ def layout_forward() -> ForwardTab:
                 gr.Examples([[str(path)] for path in examples], inputs=[image], label="Example images")
             schedules = gr.CheckboxGroup(list(SCHEDULE_NAMES), value=["linear", "cosine"],
                                          label="Schedules (the first checked one noises the image)",
-                                         info="model: the loaded model's own betas",
+                                         info="flow matching: x_t = (1 − t)·x_0 + t·ε (SD 3, Flux, Sana). "
+                                              "model: the loaded model's own schedule (its betas, or for a "
+                                              "flow-matching model its shifted flow). Tick a DDPM schedule and "
+                                              "a flow one to see both side by side.",
                                          elem_id="explorer-forward-schedules")
             num_steps = gr.Slider(10, MAX_NUM_STEPS, value=DEFAULT_NUM_STEPS, step=1, precision=0,
                                   label="T", elem_id="explorer-forward-T")
@@ -73,6 +78,8 @@ def layout_forward() -> ForwardTab:
                                  elem_id="explorer-forward-pixel", **PIXELS)
                 latent = gr.Image(label="x_t in latent space (decoded by the model's VAE)", interactive=False,
                                   height=256, elem_id="explorer-forward-latent", **PIXELS)
+                beside = gr.Image(label="x_t by the other process", interactive=False, height=256, visible=False,
+                                  elem_id="explorer-forward-beside", **PIXELS)
             caption = gr.Markdown(label="Caption", elem_id="explorer-forward-caption")
             formulas_markdown(FORMULAS)
     plot = gr.Plot(label="Schedules", elem_id="explorer-forward-plot")
@@ -91,21 +98,34 @@ def layout_forward() -> ForwardTab:
         animation = gr.File(label="Animation (download)", elem_id="explorer-forward-file")
     return ForwardTab(inputs={"image": image, "schedule_names": schedules, "num_steps": num_steps, "t": t,
                               "seed": seed},
-                      pixel=pixel, latent=latent, caption=caption, plot=plot, histogram=histogram, markov=markov,
-                      closed_mean=closed_mean, chain_mean=chain_mean, moments=moments, export_gif=export_gif,
-                      export_mp4=export_mp4, animation=animation, animation_shown=animation_shown)
+                      pixel=pixel, latent=latent, beside=beside, caption=caption, plot=plot, histogram=histogram,
+                      markov=markov, closed_mean=closed_mean, chain_mean=chain_mean, moments=moments,
+                      export_gif=export_gif, export_mp4=export_mp4, animation=animation,
+                      animation_shown=animation_shown)
 
 
 def forward_handler(explorer: Explorer, tab: ForwardTab):
     @user_errors
     def show_forward(image, **settings) -> dict:
         if image is None:
-            return {tab.pixel: None, tab.latent: None, tab.plot: None, tab.histogram: None,
+            return {tab.pixel: None, tab.latent: None, tab.beside: gr.Image(value=None, visible=False),
+                    tab.plot: None, tab.histogram: None,
                     tab.caption: "Upload an image (or pick an example) to noise it."}
         view = explorer.forward_view(image, **settings)
-        return {tab.pixel: view.x_t, tab.latent: view.latent_x_t, tab.plot: view.schedule_figure,
-                tab.histogram: view.histogram, tab.caption: view.caption}
+        return {tab.plot: view.schedule_figure, tab.histogram: view.histogram, tab.caption: view.caption} | \
+            _labelled_images(tab, view)
     return show_forward
+
+
+def _labelled_images(tab: ForwardTab, view: ForwardView) -> dict:
+    """The pictures, each labelled with the process it shows; the other process's only when it was ticked."""
+    beside = view.beside
+    return {tab.pixel: gr.Image(value=view.x_t, label=f"x_t in pixel space: {view.process}"),
+            tab.latent: gr.Image(value=view.latent_x_t,
+                                 label=f"x_t in latent space: {view.process} (decoded by the model's VAE)"),
+            tab.beside: gr.Image(value=None, visible=False) if beside is None else
+            gr.Image(value=beside.x_t, visible=True, label=f"x_t in pixel space: {beside.process}" + (
+                "" if beside.schedule_name == beside.process else f" ({beside.schedule_name})"))}
 
 
 def wire_forward(explorer: Explorer, tab: ForwardTab) -> None:
@@ -170,9 +190,13 @@ def _wire_markov(explorer: Explorer, tab: ForwardTab) -> None:
 
 def _moments_table(check: MarkovCheck) -> str:
     closed, chain = check.closed_form, check.markov_chain
-    return (f"{check.draws} draws of a {check.side_px}-px copy, t = {check.t}\n\n"
+    if check.process == FLOW_MATCHING:
+        where, signal = f"flow matching, step {check.t} (t = {check.noise:.4g})", "(1 − t)·x₀"
+    else:
+        where, signal = f"t = {check.t}", "√ᾱ·x₀"
+    return (f"{check.draws} draws of a {check.side_px}-px copy, {where}\n\n"
             "| | closed form | Markov chain | in theory |\n|:--|--:|--:|--:|\n"
-            f"| mean \\|mean − √ᾱ·x₀\\| | {closed.mean_error:.4f} | {chain.mean_error:.4f} | 0 |\n"
+            f"| mean \\|mean − {signal}\\| | {closed.mean_error:.4f} | {chain.mean_error:.4f} | 0 |\n"
             f"| mean variance | {closed.variance:.4f} | {chain.variance:.4f} | {check.theory_variance:.4f} |")
 
 

@@ -152,7 +152,7 @@ def build_tiny_sd3_pipeline(folder: Path, seed: int = 0):
     tokenizer = build_tokenizer(PHRASES, folder / "tokenizer_src", merges=200)
     torch.manual_seed(seed)
     # 16 latent channels, as SD 3's VAE has (its inpainting pipeline checks)
-    transformer = SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=16, num_layers=1,
+    transformer = SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=16, num_layers=2,
                                         attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
                                         joint_attention_dim=32, pooled_projection_dim=64, out_channels=16)
     vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
@@ -222,3 +222,31 @@ def build_tiny_sana_pipeline(folder: Path, seed: int = 0):
                             scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def build_tiny_transformer_controlnet(pipeline, seed: int = 0):
+    """A ControlNet for the tiny Flux or SD 3 pipeline (diffusers' FluxControlNetModel / SD3ControlNetModel, one
+    block, at the transformer's widths), its zero-initialised input and output projections given seeded random
+    weights, so that it visibly steers."""
+    from diffusers import FluxControlNetModel, SD3ControlNetModel
+
+    torch.manual_seed(seed)
+    config = pipeline.transformer.config
+    if type(pipeline).__name__.startswith("Flux"):
+        controlnet = FluxControlNetModel(
+            patch_size=1, in_channels=config.in_channels, num_layers=1, num_single_layers=1,
+            attention_head_dim=config.attention_head_dim, num_attention_heads=config.num_attention_heads,
+            joint_attention_dim=config.joint_attention_dim, pooled_projection_dim=config.pooled_projection_dim,
+            guidance_embeds=config.guidance_embeds, axes_dims_rope=list(config.axes_dims_rope))
+        zeroed = [controlnet.controlnet_x_embedder, *controlnet.controlnet_blocks, *controlnet.controlnet_single_blocks]
+    else:
+        controlnet = SD3ControlNetModel(
+            sample_size=config.sample_size, patch_size=config.patch_size, in_channels=config.in_channels, num_layers=1,
+            attention_head_dim=config.attention_head_dim, num_attention_heads=config.num_attention_heads,
+            joint_attention_dim=config.joint_attention_dim, caption_projection_dim=config.caption_projection_dim,
+            pooled_projection_dim=config.pooled_projection_dim, out_channels=config.out_channels)
+        zeroed = [controlnet.pos_embed_input.proj, *controlnet.controlnet_blocks]
+    with torch.no_grad():
+        for layer in zeroed:
+            layer.weight.normal_(0, 0.3)
+    return controlnet

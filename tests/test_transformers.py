@@ -258,7 +258,8 @@ def test_a_lora_on_pixart_is_refused_saying_why(families):
 def test_the_studio_serves_a_flux_model_from_launch_to_every_tab(tmp_path):
     """`launch.py --model <a Flux folder>`, driven through the API as a script would: the sampler menu holds Flux's
     samplers only, the defaults are Flux's (Euler, CFG 1), the distilled guidance is a parameter that reaches the
-    infotext, Image-to-Image and Inpainting answer, and the ControlNet tab refuses naming the family."""
+    infotext, Image-to-Image answers, and the ControlNet tab refuses the shipped (embedded-model) ControlNet naming
+    both families."""
     from gradio_client import Client, handle_file
 
     import launch
@@ -286,9 +287,46 @@ def test_the_studio_serves_a_flux_model_from_launch_to_every_tab(tmp_path):
         _, infotext, *_ = client.predict(prompt="red apple", init_image=handle_file(str(picture)), strength=0.5,
                                          steps=2, width=64, height=64, api_name="/img2img")
         assert "Denoising strength: 0.5" in infotext
-        with pytest.raises(Exception, match="ControlNet does not run Flux models yet"):
+        refused = "emoji-controlnet-canny is a ControlNet for the embedded model; tiny-flux is a Flux model"
+        with pytest.raises(Exception, match=refused):
             client.predict(prompt="red apple", control_image=handle_file(str(picture)), steps=2,
                            api_name="/controlnet")
     finally:
         app.close()
         context.models.unload()
+
+
+def test_a_controlnet_steers_sd3_and_flux_and_another_familys_is_refused_naming_both(families):
+    """Each family's own ControlNet (diffusers' SD3ControlNetModel / FluxControlNetModel, from a folder under
+    models/controlnet/): at weight 0 the Text-to-Image image bit for bit, at weight 1 another; two units add up
+    (diffusers' multi-ControlNet); a ControlNet of another family is refused naming both."""
+    from PIL import ImageDraw
+
+    from pipelines.tasks.controlnet import ControlNetRequest
+    from recipe.tiny import build_tiny_transformer_controlnet
+
+    studio, folders = families
+    control = Image.new("RGB", (64, 64), "black")
+    ImageDraw.Draw(control).rectangle((20, 10, 44, 54), outline="white", width=3)
+    for family in ("SD 3.x", "Flux"):
+        studio = use(families, family)
+        name = f"tiny-{'sd3' if family == 'SD 3.x' else 'flux'}-controlnet"
+        build_tiny_transformer_controlnet(studio.models.current.pipeline).save_pretrained(
+            studio.models.models_dir / "controlnet" / name)
+        common = dict(prompt="red apple", steps=3, width=64, height=64, seed=8, sampler="Euler", guidance_scale=1.0)
+        plain = pixels(studio.generate(Txt2ImgRequest(**common)).images[0].image)
+        unit = dict(control_image=control, model=name, preprocessor="none")
+        unused = pixels(studio.generate(ControlNetRequest(**common, **unit, weight=0.0)).images[0].image)
+        assert (unused == plain).all(), family
+        steered = studio.generate(ControlNetRequest(**common, **unit)).images[0]
+        assert np.abs(pixels(steered.image) - plain).mean() > 1 and f"Model: {name}" in steered.infotext
+        two = studio.generate(ControlNetRequest(**common, **unit, more_units=[{"image": control, "model": name,
+                                                                               "preprocessor": "none"}]))
+        assert np.abs(pixels(two.images[0].image) - pixels(steered.image)).mean() > 0
+    # now on Flux: SD 3's ControlNet, and the embedded model's shipped one, are refused naming both families
+    with pytest.raises(ValueError, match="tiny-sd3-controlnet is a ControlNet for SD 3.x; flux is a Flux model"):
+        studio.generate(ControlNetRequest(prompt="a", steps=2, width=64, height=64, sampler="Euler",
+                                          control_image=control, model="tiny-sd3-controlnet", preprocessor="none"))
+    with pytest.raises(ValueError, match="emoji-controlnet-canny is a ControlNet for the embedded model; flux is a"):
+        studio.generate(ControlNetRequest(prompt="a", steps=2, width=64, height=64, sampler="Euler",
+                                          control_image=control, preprocessor="none"))

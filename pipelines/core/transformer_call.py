@@ -20,7 +20,7 @@ from pipelines.core.prompts import prompt_texts, uses_emphasis
 from pipelines.core.requests import SamplingSettings
 from pipelines.core.samplers import DEFAULT_SAMPLER, SPECULATIVE_SAMPLER
 from pipelines.core.transformers import (DEFAULT_DISTILLED_GUIDANCE, NOT_YET, TASK_LABELS, TRANSFORMER_TASKS,
-                                         default_transformer_sampler, make_transformer_scheduler,
+                                         controlnet_pipeline, default_transformer_sampler, make_transformer_scheduler,
                                          starting_at_strength, takes_distilled_guidance, transformer_samplers)
 from pipelines.core.vae import VAE_UPCAST_NOTE, check_size, decode
 from pipelines.core.families import family_of_pipeline
@@ -74,6 +74,14 @@ class TransformerCall:
             mask = Image.fromarray((region.mask * 255).round().astype("uint8"))
             arguments.update(image=region.image, mask_image=mask, strength=inpainting.strength,
                              width=inpainting.width, height=inpainting.height)
+        elif request.task == "controlnet":
+            units = request.units
+            images = [unit.control_image(request.width, request.height, seed=request.seed) for unit in units]
+            many = len(units) > 1
+            arguments.update(control_image=images if many else images[0],
+                             controlnet_conditioning_scale=[u.weight for u in units] if many else units[0].weight,
+                             control_guidance_start=[u.start for u in units] if many else units[0].start,
+                             control_guidance_end=[u.end for u in units] if many else units[0].end)
         elif request.task == "img2img":
             image = request.fitted_image()
             if "image" in takes:
@@ -92,7 +100,14 @@ class TransformerCall:
     def __call__(self, batch_index: int = 0, *, generators: list[torch.Generator] | None = None,
                  latents: torch.Tensor | None = None, callback=None, expose: tuple[str, ...] = ()) -> torch.Tensor:
         pipeline = self.pipeline
-        arguments = self.arguments(batch_index, generators or self.generators(batch_index))
+        generators = generators or self.generators(batch_index)
+        if latents is None and self.family == "Flux" and self.request.task == "controlnet":
+            # Flux's ControlNet pipeline samples the control image's latents from the generators before the noise:
+            # the noise is drawn first, as Text-to-Image draws it, so that a unit at weight 0 gives its image
+            latents = type(self.model.pipeline).prepare_latents(
+                pipeline, self.request.batch_size, pipeline.transformer.config.in_channels // 4, self.request.height,
+                self.request.width, pipeline.transformer.dtype, self.device, generators)[0]
+        arguments = self.arguments(batch_index, generators)
         if latents is not None:
             arguments["latents"] = latents
         pipeline._interrupt = False
@@ -135,6 +150,10 @@ def check_transformer_request(request: SamplingSettings, task, pipeline, family:
         runs = ", ".join(TASK_LABELS[name] for name in TRANSFORMER_TASKS[family])
         raise ValueError(f"{task.label} does not run {family} models yet: {NOT_YET.get(request.task, 'not built')}. "
                          f"{family} models run {runs}; load an SD 1.x, SD 2.x or SDXL model for {task.label}.")
+    if request.task == "controlnet" and (request.init_image is not None or
+                                         any(unit.control_mode != "balanced" for unit in request.units)):
+        raise ValueError(f"ControlNet on {family} runs from noise in balanced mode: an input image (Image-to-Image) "
+                         "and the control modes that scale residuals per block are the UNet loop's. Leave them off.")
     if request.fast:
         raise ValueError(f"Fast runs a UNet model's LCM-LoRA; {family} has none here. Turn Fast off, or load a "
                          f"few-step {family} model (e.g. a distilled one) and lower the steps.")
@@ -170,8 +189,12 @@ def prepare_transformer(models, request: SamplingSettings, task, model) -> Trans
     check_transformer_request(request, task, model.pipeline, family, model.scheduler_config)
     if request.unchanged_image() is None:
         request.check_steps()
+    controlnets = [models.controlnet(name) for name in request.controlnet_names()]   # into their slots, checked
     models.fit(request)
     pipeline = models.pipeline(task.name)
+    if controlnets:
+        by_name = dict(zip(request.controlnet_names(), controlnets))
+        pipeline = controlnet_pipeline(pipeline, [by_name[unit.model] for unit in request.units])
     size = request.as_inpainting() if request.task in ("inpaint", "outpaint") else request
     check_size(size.width, size.height, _multiple(pipeline, family))
     pipeline.scheduler = make_transformer_scheduler(request.sampler, model.scheduler_config)

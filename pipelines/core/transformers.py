@@ -35,13 +35,13 @@ from pipelines.core.vae import encode
 TRANSFORMER_FAMILIES = ("SD 3.x", "Flux", "PixArt-α", "PixArt-Σ", "Sana")
 _PAINTS = ("txt2img", "img2img", "inpaint", "outpaint")
 TASK_LABELS = {"txt2img": "Text-to-Image", "img2img": "Image-to-Image", "inpaint": "Inpainting",
-               "outpaint": "Outpainting"}
-TRANSFORMER_TASKS = {"SD 3.x": _PAINTS, "Flux": _PAINTS, "PixArt-α": _PAINTS[:2], "PixArt-Σ": _PAINTS[:2],
-                     "Sana": _PAINTS[:2]}
+               "outpaint": "Outpainting", "controlnet": "ControlNet"}
+TRANSFORMER_TASKS = {"SD 3.x": (*_PAINTS, "controlnet"), "Flux": (*_PAINTS, "controlnet"), "PixArt-α": _PAINTS[:2],
+                     "PixArt-Σ": _PAINTS[:2], "Sana": _PAINTS[:2]}
 # Why a tab does not run a family yet, for its refusal
 NOT_YET = {"inpaint": "diffusers has no inpainting pipeline for it",
            "outpaint": "diffusers has no inpainting pipeline for it",
-           "controlnet": "the studio's ControlNet tab drives SD 1.x/2.x and SDXL ControlNets only",
+           "controlnet": "diffusers has no ControlNet pipeline for it",
            "explorer": "the explorer's step-by-step views drive a UNet"}
 # The CFG scale a family is made for (Flux dev: 1, its guidance being the distilled one)
 DEFAULT_CFG = {"SD 3.x": 7.0, "Flux": 1.0, "PixArt-α": 4.5, "PixArt-Σ": 4.5, "Sana": 4.5}
@@ -70,10 +70,10 @@ def is_transformer(pipeline) -> bool:
 
 def is_flow(scheduler_config: dict) -> bool:
     """Whether the model's schedule is flow matching (its own scheduler a FlowMatch one, or a solver on flow
-    sigmas, as Sana ships)."""
+    sigmas, as Sana ships). A config without its class name is a FlowMatch one when it has a shift and no betas."""
     config = dict(scheduler_config)
     return str(config.get("_class_name", "")).startswith("FlowMatch") or bool(config.get("use_flow_sigmas")) or \
-        config.get("prediction_type") == "flow_prediction"
+        config.get("prediction_type") == "flow_prediction" or ("shift" in config and "beta_start" not in config)
 
 
 def takes_distilled_guidance(pipeline) -> bool:
@@ -121,6 +121,20 @@ def sampler_menu(model, task_samplers: tuple[str, ...]) -> tuple[str, ...]:
     if model is None or not is_transformer(model.pipeline):
         return task_samplers
     return transformer_samplers(model.pipeline, model.scheduler_config)
+
+
+def controlnet_pipeline(base, controlnets: list):
+    """The family's ControlNet pipeline on the base's components (shared weights), with `controlnets` (several:
+    diffusers' multi-ControlNet for the family, whose residuals add up)."""
+    from diffusers import AutoPipelineForText2Image
+    from diffusers.models.controlnets import FluxMultiControlNetModel, SD3MultiControlNetModel
+
+    if len(controlnets) > 1:
+        multi = FluxMultiControlNetModel if type(base).__name__.startswith("Flux") else SD3MultiControlNetModel
+        controlnets = [multi(controlnets)]
+    pipeline = AutoPipelineForText2Image.from_pipe(base, controlnet=controlnets[0])
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
 
 
 def check_unet_model(model, what: str) -> None:

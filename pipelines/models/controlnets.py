@@ -8,15 +8,20 @@ The manager holds a ControlNet in its slot; reading it is here, through the one 
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
+from pipelines.core.families import family_of_pipeline
 from pipelines.core.paths import ASSETS_DIR, ModelLoadError, check_weights_file, confined, inside, use_safetensors
 from pipelines.models.sources import HUB_ID, ModelSource
 
 SHIPPED_CONTROLNETS = {path.name: path for path in sorted(ASSETS_DIR.glob("emoji-controlnet-*"))
                        if (path / "config.json").exists()}
 FAMILY_BY_TEXT_WIDTH = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL", 256: "the embedded model"}
+# A ControlNet folder's class (its config's `_class_name`) -> the transformer family it steers; ControlNetModel
+# steers the UNet families
+TRANSFORMER_CONTROLNETS = {"SD3ControlNetModel": "SD 3.x", "FluxControlNetModel": "Flux"}
 
 
 def available_controlnets(models_dir: Path) -> list[str]:
@@ -53,7 +58,8 @@ def read_controlnet(name: str, base, *, models_dir: Path, dtype, allow_pickle: b
         if not (path / "config.json").exists():
             raise ModelLoadError(f"{path} is not a diffusers ControlNet folder (it has no config.json).")
         try:
-            model = ControlNetModel.from_pretrained(path, dtype=dtype, use_safetensors=use_safetensors(allow_pickle))
+            model = controlnet_class(path).from_pretrained(path, dtype=dtype,
+                                                           use_safetensors=use_safetensors(allow_pickle))
         except Exception as error:
             raise ModelLoadError(f"Could not load the ControlNet in {path}: {type(error).__name__}: {error}") \
                 from error
@@ -68,6 +74,21 @@ def read_controlnet(name: str, base, *, models_dir: Path, dtype, allow_pickle: b
                              "downloaded here: copy it into models/controlnet/ (a folder with config.json and "
                              "its .safetensors weights).") from error
     return model, ModelSource("hub", name, name)
+
+
+def controlnet_class(folder: Path):
+    """The diffusers class a ControlNet folder's config names: the UNet families' ControlNetModel, or SD 3's or
+    Flux's transformer ControlNet."""
+    import diffusers
+
+    try:
+        name = json.loads((folder / "config.json").read_text()).get("_class_name", "ControlNetModel")
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"{folder / 'config.json'} is not a readable config: {error}") from error
+    if name != "ControlNetModel" and name not in TRANSFORMER_CONTROLNETS:
+        raise ModelLoadError(f"{folder.name} is a {name}; the studio runs ControlNetModel (SD 1.x/2.x, SDXL), "
+                             f"{', '.join(TRANSFORMER_CONTROLNETS)} ControlNets.")
+    return getattr(diffusers, name)
 
 
 def controlnet_file(path: Path, base, *, dtype, allow_pickle: bool):
@@ -129,8 +150,24 @@ def family_of(config) -> str:
 
 
 def check_controlnet_fits(controlnet, name: str, base) -> None:
-    """Refuse a ControlNet whose residuals would not fit the base model's UNet, naming the mismatch (instead
-    of a shape error in the middle of a generation)."""
+    """Refuse a ControlNet whose residuals would not fit the base model's UNet (or transformer), naming the mismatch
+    (instead of a shape error in the middle of a generation)."""
+    ours_family = family_of_pipeline(base.pipeline) if getattr(base.pipeline, "unet", None) is None else None
+    theirs_family = TRANSFORMER_CONTROLNETS.get(type(controlnet).__name__)
+    if ours_family or theirs_family:
+        if ours_family != theirs_family:
+            theirs = theirs_family or family_of(controlnet.config)
+            raise ValueError(f"The ControlNet {name} is a ControlNet for {theirs}; {base.name} is a "
+                             f"{ours_family or family_of(base.pipeline.unet.config)} model. Pick a ControlNet made "
+                             f"for {ours_family or 'its family'}.")
+        width = base.pipeline.transformer.config.joint_attention_dim
+        if controlnet.config.joint_attention_dim != width or \
+                controlnet.config.in_channels != base.pipeline.transformer.config.in_channels:
+            raise ValueError(f"The ControlNet {name} does not fit {base.name}: its text width and latent channels "
+                             f"are {controlnet.config.joint_attention_dim} and {controlnet.config.in_channels}, the "
+                             f"model's {width} and {base.pipeline.transformer.config.in_channels}. Pick a ControlNet "
+                             "made for this model.")
+        return
     unet, config = base.pipeline.unet.config, controlnet.config
     for key in ("cross_attention_dim", "in_channels", "block_out_channels", "down_block_types", "layers_per_block",
                 "addition_embed_type"):

@@ -267,7 +267,7 @@ class ModelManager:
     @staticmethod
     def _on_base_device(model, base: LoadedModel):
         # a lone model is not moved by the base's offload hooks: it computes where the base UNet does
-        device = execution_device(base.pipeline.unet)
+        device = execution_device(denoiser_of(base.pipeline))
         if model.device != device:
             model.to(device)
         return model

@@ -95,8 +95,8 @@ class LoadedModel:
             return location
         if self.source.kind == "hub":
             location = Path(getattr(self.pipeline, "_internal_dict", {}).get("_name_or_path", "") or "")
-        candidates = (sorted((location / "unet").glob("*.safetensors")) or sorted(location.glob("*.safetensors"))) \
-            if location.is_dir() else []
+        candidates = (sorted((location / "unet").glob("*.safetensors")) or sorted((location / "transformer").glob(
+            "*.safetensors")) or sorted(location.glob("*.safetensors"))) if location.is_dir() else []
         return candidates[0] if candidates else None
 
 

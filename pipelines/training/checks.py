@@ -3,7 +3,9 @@ prediction type it can train, the peft release a text-encoder LoRA needs, the ba
 
 from __future__ import annotations
 
-from pipelines.core.transformers import check_unet_model
+from pipelines.core.families import family_of_pipeline
+from pipelines.core.transformers import check_unet_model, is_transformer
+from pipelines.training.flow import FLOW_TRAINING_FAMILIES
 from pipelines.models.memory import MemoryMode
 from pipelines.training.request import METHOD_NAMES, TrainingRequest
 
@@ -11,7 +13,15 @@ from pipelines.training.request import METHOD_NAMES, TrainingRequest
 def check_model(models, model, request: TrainingRequest) -> None:
     """Refuse, before any data is read, a training the loaded model or this installation cannot do, saying why."""
     name = METHOD_NAMES[request.method]
-    check_unet_model(model, f"{name} training")
+    if is_transformer(model.pipeline):
+        family = family_of_pipeline(model.pipeline)
+        if family not in FLOW_TRAINING_FAMILIES:
+            check_unet_model(model, f"{name} training")
+        if request.method != "lora" or request.train_text_encoder:
+            raise ValueError(f"On {family} models the studio trains a LoRA on the transformer (flow matching); "
+                             f"{name}{' with the text encoders' if request.method == 'lora' else ''} trains UNet "
+                             "models (SD 1.x/2.x, SDXL) only. Pick LoRA, with the text encoders off.")
+        return
     if request.method == "textual_inversion" and models.memory.mode is MemoryMode.SEQUENTIAL:
         raise ValueError("Textual inversion writes its token's rows into the text encoder, which sequential offload "
                          "keeps off the device; pick another memory mode (Models & memory) to train one.")

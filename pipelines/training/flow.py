@@ -1,0 +1,245 @@
+"""LoRA training on the flow-matching transformers (SD 3.x, Flux.1), as diffusers' `train_dreambooth_lora_sd3.py` and
+`train_dreambooth_lora_flux.py` train them, on the loaded model, as a job of the studio's device worker:
+
+1. Data: each image centre-cropped to the model's side (its mirror image too, for flips) and encoded once by the
+   frozen VAE (the posterior mean, shifted and scaled as the model reads it); each caption (with the trigger word
+   in front) encoded once by the frozen text encoders, and the empty caption, for caption dropout.
+2. What trains: a peft LoRA on the transformer's attention (the image and the text stream's projections), B zero
+   and A Gaussian, so at step 0 the model is unchanged.
+3. Each step: x_0 a batch of latents, eps ~ N(0, I), t from the logit-normal density (SD 3's paper: sigmoid of a
+   standard normal), shifted as the model's schedule shifts it (its `shift`; Flux: the resolution's `mu`); the
+   forward process x_t = (1 − t)·x_0 + t·eps; the transformer predicts the velocity; the loss is
+   ‖(eps − x_0) − v_θ(x_t, t)‖². AdamW with a linear warm-up, then cosine decay. A non-finite loss skips the
+   step and halves the learning rate.
+4. The file: `models/lora/<name>.safetensors` in diffusers' format (the family's own `save_lora_weights`), which
+   plain diffusers loads with `load_lora_weights` and the studio by its prompt tag; then its effect: the sample
+   prompts at fixed seeds before and after.
+
+Between steps queued generations run (a generation in between sees the model without the LoRA that trains), and
+Stop saves what has trained. Not here yet, as the UNet loop has them: resuming from a checkpoint, several
+processes (DDP), DreamBooth's prior images, textual inversion and a LoRA on the text encoders.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipelines.core.families import family_of_pipeline
+from pipelines.core.images import fit_image, image_to_tensor
+from pipelines.core.transformers import (DEFAULT_DISTILLED_GUIDANCE, default_transformer_sampler,
+                                         make_transformer_scheduler)
+from pipelines.core.vae import encode
+from pipelines.training.request import EFFECT_THRESHOLD, LossPoint, Samples, TrainingRequest, TrainingResult
+
+FLOW_TRAINING_FAMILIES = ("SD 3.x", "Flux")
+# diffusers' SD 3 and Flux LoRA scripts' default layers: both streams' attention projections
+TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+           "attn.add_v_proj", "attn.to_add_out"]
+
+
+def train_transformer_lora(models, model, request: TrainingRequest, job) -> TrainingResult:
+    """Steps 1 to 4 of the module's docstring, on the held model (pipelines/training/loop.py `train` calls it)."""
+    pipeline = model.pipeline
+    family = family_of_pipeline(pipeline)
+    transformer = pipeline.transformer
+    device, adapter = pipeline._execution_device, "training_" + request.name.replace(".", "_").replace("-", "_")
+    side = min(model.native_side or 512, 1024)
+    # 1. Data, and the samples before (no adapter yet)
+    latents, texts = _latents(pipeline, request, side, device), _texts(pipeline, family, request, device)
+    before = _draw(pipeline, model, request, side) if request.sample_every else []
+    if before:
+        job.emit(Samples(0, request.samples(), before))
+    # 2. The LoRA
+    parameters = _add_lora(transformer, adapter, request)
+    generator = torch.Generator().manual_seed(request.seed)
+    optimizer = torch.optim.AdamW(parameters, lr=request.learning_rate, weight_decay=1e-2)
+    step, loss_value, warnings, started, learning_rate = 0, float("nan"), [], time.perf_counter(), request.learning_rate
+    stopped = job.stop.is_set()
+    try:
+        while step < request.steps and not stopped:
+            # 3. One step
+            rate = learning_rate * _schedule(step, request)
+            for group in optimizer.param_groups:
+                group["lr"] = rate
+            loss = _loss(pipeline, family, model.scheduler_config, request, latents, texts, generator)
+            loss.backward()
+            gradients = [parameter.grad for parameter in parameters if parameter.grad is not None]
+            if not torch.isfinite(loss) or not all(torch.isfinite(gradient).all() for gradient in gradients):
+                optimizer.zero_grad(set_to_none=True)
+                learning_rate /= 2
+                warnings.append(f"Step {step}: the loss or a gradient was not finite; step skipped, learning rate "
+                                "halved.")
+            else:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step, loss_value = step + 1, float(loss)
+                seconds = time.perf_counter() - started
+                job.emit(LossPoint(step, loss_value, rate, seconds))
+                job.report(step, request.steps, f"loss {loss_value:.4f} · {step / seconds:.2f} steps/s")
+            if job.checkpoint():          # a generation ran in between, without this LoRA: put it back on
+                _train_mode(transformer, adapter)
+            stopped = job.stop.is_set()
+        if step == 0:
+            raise ValueError("Stopped before the first step; nothing was written.")
+        # 4. The file, then the effect
+        transformer.eval()
+        path = _save(pipeline, transformer, adapter, models.lora_dir, request.name)
+        after = _draw(pipeline, model, request, side) if before else []
+    finally:
+        transformer.delete_adapters(adapter)
+    effect = float(np.mean([np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean()
+                            for a, b in zip(after, before)])) if after else 0.0
+    if after and effect < EFFECT_THRESHOLD:
+        warnings.append(f"This training barely changes the images (mean change {effect:.2f} of 255 on the sample "
+                        "prompts): train longer, raise the learning rate, or use more distinctive images.")
+    return TrainingResult(path=path, steps=step, final_loss=loss_value, effect=effect, moved=effect >= EFFECT_THRESHOLD,
+                          feature_distance_before=None, feature_distance_after=None, before=before, after=after,
+                          stopped=stopped, warnings=warnings, base_model=model.name, method=request.method)
+
+
+def _latents(pipeline, request: TrainingRequest, side: int, device) -> list[torch.Tensor]:
+    """Each image's latents (and its mirror's, for flips), repeated as the request repeats it: (1, C, h, w) each."""
+    examples = []
+    with torch.no_grad():
+        for image, repeats in zip(request.images, request.image_repeats()):
+            fitted = fit_image(image.convert("RGB"), side, side)
+            views = [fitted, fitted.transpose(0)] if request.flip else [fitted]   # 0: FLIP_LEFT_RIGHT
+            encoded = [encode(pipeline.vae, image_to_tensor(view)).float().to(device) for view in views]
+            examples += [encoded] * repeats
+    return examples
+
+
+def _texts(pipeline, family: str, request: TrainingRequest, device) -> dict[str, dict]:
+    """Each caption's (and the empty caption's) text conditioning, as the family's pipeline encodes it."""
+    with torch.no_grad():
+        return {text: _encode(pipeline, family, text, device) for text in dict.fromkeys([*request.prompts(), ""])}
+
+
+def _encode(pipeline, family: str, text: str, device) -> dict:
+    if family == "Flux":
+        embeddings, pooled, text_ids = pipeline.encode_prompt(prompt=text, prompt_2=text, device=device)
+        return {"encoder_hidden_states": embeddings, "pooled_projections": pooled, "txt_ids": text_ids}
+    embeddings, _, pooled, _ = pipeline.encode_prompt(prompt=text, prompt_2=text, prompt_3=text, device=device,
+                                                      do_classifier_free_guidance=False)
+    return {"encoder_hidden_states": embeddings, "pooled_projections": pooled}
+
+
+def _add_lora(transformer, adapter: str, request: TrainingRequest) -> list[torch.nn.Parameter]:
+    from peft import LoraConfig
+
+    if adapter in (getattr(transformer, "peft_config", None) or {}):
+        transformer.delete_adapters(adapter)
+    transformer.requires_grad_(False)
+    with torch.random.fork_rng():           # A's Gaussian from the seed; the global RNG is left alone
+        torch.manual_seed(request.seed)
+        transformer.add_adapter(LoraConfig(r=request.rank, lora_alpha=request.alpha, init_lora_weights="gaussian",
+                                           target_modules=TARGETS), adapter_name=adapter)
+    parameters = [parameter for name, parameter in transformer.named_parameters() if f".{adapter}." in name]
+    for parameter in parameters:             # trained in fp32 whatever the model's dtype
+        parameter.data = parameter.data.float()
+        parameter.requires_grad_(True)
+    _train_mode(transformer, adapter)
+    return parameters
+
+
+def _train_mode(transformer, adapter: str) -> None:
+    transformer.enable_adapters()
+    transformer.set_adapter(adapter)
+    transformer.train()
+
+
+def _loss(pipeline, family: str, scheduler_config: dict, request: TrainingRequest, latents: list, texts: dict,
+          generator: torch.Generator) -> torch.Tensor:
+    """One batch's flow-matching loss: ‖(eps − x_0) − v_θ((1 − t)·x_0 + t·eps, t)‖²."""
+    rows = torch.randint(len(latents), (request.batch_size,), generator=generator).tolist()
+    flips = torch.randint(2, (request.batch_size,), generator=generator).tolist()
+    x0 = torch.cat([latents[row][flip % len(latents[row])] for row, flip in zip(rows, flips)])
+    prompts = request.prompts()
+    captions = [prompts[row % len(prompts)] for row in rows]
+    dropped = (torch.rand(request.batch_size, generator=generator) < request.caption_dropout).tolist()
+    text = {key: torch.cat([texts["" if drop else caption][key] for caption, drop in zip(captions, dropped)])
+            for key in ("encoder_hidden_states", "pooled_projections")}
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    u = torch.sigmoid(torch.randn(request.batch_size, generator=generator))      # logit-normal
+    t = _shifted(u, scheduler_config, x0).to(x0.device)
+    x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
+    transformer = pipeline.transformer
+    dtype = transformer.dtype
+    if family == "Flux":
+        from diffusers import FluxPipeline
+
+        batch, channels, height, width = x_t.shape
+        guidance = torch.full((batch,), DEFAULT_DISTILLED_GUIDANCE, device=x0.device) \
+            if transformer.config.guidance_embeds else None
+        packed = transformer(
+            hidden_states=FluxPipeline._pack_latents(x_t.to(dtype), batch, channels, height, width), timestep=t,
+            guidance=guidance, encoder_hidden_states=text["encoder_hidden_states"].to(dtype),
+            pooled_projections=text["pooled_projections"].to(dtype), txt_ids=texts[""]["txt_ids"],
+            img_ids=FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, x0.device, dtype),
+            return_dict=False)[0]
+        factor = pipeline.vae_scale_factor
+        prediction = FluxPipeline._unpack_latents(packed, height * factor, width * factor, factor)
+    else:
+        prediction = transformer(hidden_states=x_t.to(dtype), timestep=t * 1000,
+                                 encoder_hidden_states=text["encoder_hidden_states"].to(dtype),
+                                 pooled_projections=text["pooled_projections"].to(dtype), return_dict=False)[0]
+    return (prediction.float() - (noise - x0)).square().mean()
+
+
+def _shifted(u: torch.Tensor, scheduler_config: dict, x0: torch.Tensor) -> torch.Tensor:
+    """The model's time shift of t in (0, 1): shift·t / (1 + (shift − 1)·t); with dynamic shifting (Flux), the
+    shift e^mu that the image's length in patches gives, as its pipeline computes it."""
+    config = dict(scheduler_config)
+    if config.get("use_dynamic_shifting"):
+        length = x0.shape[-1] * x0.shape[-2] // 4
+        base, top = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+        low, high = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+        shift = math.exp(low + (high - low) * (length - base) / (top - base))
+    else:
+        shift = float(config.get("shift", config.get("flow_shift", 1.0)))
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def _schedule(step: int, request: TrainingRequest) -> float:
+    """Linear warm-up, then cosine decay to 10% (the UNet loop's)."""
+    if step < request.warmup_steps:
+        return (step + 1) / request.warmup_steps
+    progress = (step - request.warmup_steps) / max(1, request.steps - request.warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _save(pipeline, transformer, adapter: str, folder: Path, name: str) -> Path:
+    """The LoRA in diffusers' format, written whole under a temporary name and then moved into place."""
+    from peft.utils import get_peft_model_state_dict
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {key: value.detach().to("cpu", torch.float16).contiguous()
+             for key, value in get_peft_model_state_dict(transformer, adapter_name=adapter).items()}
+    partial = f".{name}.partial.safetensors"
+    type(pipeline).save_lora_weights(folder, transformer_lora_layers=state, weight_name=partial)
+    path = folder / f"{name}.safetensors"
+    os.replace(folder / partial, path)
+    return path
+
+
+def _draw(pipeline, model, request: TrainingRequest, side: int) -> list:
+    """The sample prompts at fixed seeds (the request's seed + their place), with the model's own sampler."""
+    last, images = pipeline.scheduler, []
+    arguments = {"true_cfg_scale": 1.0} if type(pipeline).__name__.startswith("Flux") else {}
+    try:
+        with torch.no_grad():
+            for number, prompt in enumerate(request.samples()):
+                pipeline.scheduler = make_transformer_scheduler(default_transformer_sampler(model.scheduler_config),
+                                                                model.scheduler_config)
+                images.append(pipeline(prompt=prompt, num_inference_steps=request.sample_steps, width=side,
+                                       height=side, generator=torch.Generator().manual_seed(request.seed + number),
+                                       **arguments).images[0])
+    finally:
+        pipeline.scheduler = last
+    return images

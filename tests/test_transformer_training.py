@@ -1,0 +1,63 @@
+"""LoRA training on the flow-matching transformers (pipelines/training/flow.py), on the seeded tiny SD 3 and Flux.1
+dev pipelines: the loss falls on the images it is shown, the file it writes loads in plain diffusers with
+`load_lora_weights` and moves its image, the studio applies it by its prompt tag, the model is left without the
+adapter, and what it does not train on a transformer is refused naming why."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.tasks.txt2img import Txt2ImgRequest
+from tests.test_training_methods import request as training
+from tests.test_training_methods import run
+from tests.test_transformers import BUILDS, families, pixels, use  # noqa: F401  (the module's studio)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.mark.parametrize("family", ["SD 3.x", "Flux"])
+def test_a_transformer_lora_trains_and_plain_diffusers_loads_it(families, family, tmp_path, monkeypatch):  # noqa: F811
+    studio = use(families, family)
+    # trained at the model's native side: the tiny Flux's VAE does not downsample, so 64 px rather than diffusers'
+    # default 128 keeps its 2×2 patches at 1,024 rather than 4,096
+    monkeypatch.setattr(studio.models.current.pipeline, "default_sample_size", 64, raising=False)
+    transformer = studio.models.current.pipeline.transformer
+    weights_before = {name: value.clone() for name, value in transformer.state_dict().items()}
+    name = f"framed-{'sd3' if family == 'SD 3.x' else 'flux'}"
+    result, losses = run(studio, training(name=name, trigger="framed", steps=16, learning_rate=3e-2, batch_size=2,
+                                          sample_every=1, sample_steps=2), tmp_path)
+    assert len(losses) == 16 and np.isfinite(losses).all()
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])             # it learns the images it is shown
+    assert result.path == studio.models.lora_dir / f"{name}.safetensors" and result.steps == 16
+    assert len(result.before) == len(result.after) == 2 and result.effect > 0
+    # the model is as it was: no adapter left, no weight changed
+    assert not getattr(transformer, "peft_config", None)
+    weights_after = {key.replace(".base_layer", ""): value for key, value in transformer.state_dict().items()}
+    assert weights_after.keys() == weights_before.keys()      # (peft's emptied wrappers hold the same weights)
+    assert all(torch.equal(value, weights_before[key]) for key, value in weights_after.items())
+    # the studio applies it by its prompt tag
+    common = dict(steps=3, width=64, height=64, seed=2, sampler="Euler", guidance_scale=1.0)
+    plain = pixels(studio.generate(Txt2ImgRequest(prompt="framed, red", **common)).images[0].image)
+    styled = studio.generate(Txt2ImgRequest(prompt=f"framed, red <lora:{name}:1>", **common)).images[0]
+    assert np.abs(pixels(styled.image) - plain).mean() > 0.1 and "Lora hashes" in styled.infotext
+    # plain diffusers loads the file with load_lora_weights, on the same seeded weights built afresh
+    diffusers = BUILDS[family](tmp_path / "plain")
+    arguments = dict(prompt="framed, red", num_inference_steps=3, width=64, height=64, output_type="latent")
+    before = diffusers(**arguments, generator=torch.Generator().manual_seed(1)).images
+    diffusers.load_lora_weights(str(result.path.parent), weight_name=result.path.name, adapter_name=name)
+    assert name in diffusers.get_list_adapters()["transformer"]
+    after = diffusers(**arguments, generator=torch.Generator().manual_seed(1)).images
+    assert (after - before).abs().mean() > 1e-3
+
+
+def test_what_a_transformer_does_not_train_is_refused_naming_why(families, tmp_path):  # noqa: F811
+    studio = use(families, "Flux")
+    with pytest.raises(ValueError, match="On Flux models the studio trains a LoRA on the transformer.*DreamBooth"):
+        run(studio, training(method="dreambooth", name="db", trigger="sks dog", class_prompt="dog"), tmp_path)
+    with pytest.raises(ValueError, match="LoRA with the text encoders trains UNet models"):
+        run(studio, training(name="te", train_text_encoder=True), tmp_path)
+    studio = use(families, "Sana")
+    with pytest.raises(ValueError, match="LoRA training drives a UNet .* Sana diffusion transformer"):
+        run(studio, training(name="sana"), tmp_path)

@@ -192,9 +192,6 @@ def test_what_a_family_does_not_run_is_refused_naming_it(families):
     with pytest.raises(ValueError, match="Distilled CFG scale is Flux.1 dev's"):
         studio.generate(Txt2ImgRequest(prompt="a", steps=2, width=64, height=64, sampler="Euler",
                                        distilled_guidance=5.0))
-    from pipelines.explorer.reverse import prepare_one_image
-    with pytest.raises(ValueError, match="Explorer's trace drives a UNet .* is a Sana diffusion transformer"):
-        studio.models.worker.call(prepare_one_image, studio.models, Txt2ImgRequest(prompt="a", sampler="Euler"))
     assert studio.generate(Txt2ImgRequest(prompt="a", steps=2, width=64, height=64, sampler="Euler")).images
 
 
@@ -330,3 +327,26 @@ def test_a_controlnet_steers_sd3_and_flux_and_another_familys_is_refused_naming_
     with pytest.raises(ValueError, match="emoji-controlnet-canny is a ControlNet for the embedded model; flux is a"):
         studio.generate(ControlNetRequest(prompt="a", steps=2, width=64, height=64, sampler="Euler",
                                           control_image=control, preprocessor="none"))
+
+
+@pytest.mark.parametrize("family", ["Flux", "Sana"])
+def test_the_explorer_records_a_flow_matching_run_in_the_models_own_parameterisation(families, family):
+    """The reverse process of a flow-matching transformer: every sampler step's x_t and velocity, x̂_0 = x_t − t·v;
+    Euler's last step lands on its x̂_0 exactly; the final image is the generator's; branching is refused."""
+    from pipelines.explorer.reverse import branch, record_trace
+
+    studio = use(families, family)
+    request = Txt2ImgRequest(prompt="red apple", steps=4, width=64, height=64, seed=12, sampler="Euler",
+                             guidance_scale=3.0)
+    trace = studio.models.worker.call(record_trace, studio.models, request)
+    assert len(trace.steps) == 4 and trace.prediction_type == "flow"
+    times = [step.flow_time for step in trace.steps]
+    assert times == sorted(times, reverse=True) and 0 < times[-1] < times[0] <= 1
+    assert all("flow matching · t = " in step.describe() for step in trace.steps)
+    last = trace.steps[-1]
+    torch.testing.assert_close(last.x0_pred, trace.final_latents.float(), rtol=0, atol=1e-5)
+    generated = studio.generate(request).images[0].image
+    assert (pixels(trace.final_image) == pixels(generated)).all()
+    assert trace.frame(1, "x0_pred").size == (64, 64) and trace.frame(1, "eps_guided").size == (64, 64)
+    with pytest.raises(ValueError, match=f"branching and sampler comparison drives a UNet .* a {family} diffusion"):
+        studio.models.worker.call(branch, studio.models, trace, 2, {"guidance_scale": 1.0})

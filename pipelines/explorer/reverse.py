@@ -38,7 +38,8 @@ from pipelines.core.denoiser import Denoiser, encoded_prompts, size_ids
 from pipelines.core.guidance import uses_cfg
 from pipelines.core.loop import run_steps
 from pipelines.core.samplers import STOCHASTIC
-from pipelines.core.transformers import check_unet_model
+from pipelines.core.transformers import check_unet_model, is_transformer
+from pipelines.explorer.flow_trace import record_flow_trace
 from pipelines.explorer.trace import Trace, TraceStep, predicted_x0
 from pipelines.models.manager import ModelManager
 from pipelines.tasks.txt2img import Txt2ImgRequest
@@ -55,13 +56,23 @@ NOT_RESTARTABLE = frozenset({"PNDM"})
 def record_trace(models: ModelManager, request: Txt2ImgRequest, *, stop: threading.Event | None = None,
                  on_step: Callable[[int, int], None] | None = None) -> Trace:
     """Generate `request` as Generator does, recording every step. `on_step(done, total)` reports progress;
-    a set `stop` ends the run at the next step (the trace is then partial and `stopped`)."""
+    a set `stop` ends the run at the next step (the trace is then partial and `stopped`). A flow-matching
+    transformer's run is recorded from its own pipeline (flow_trace.py)."""
+    if models.current is not None and is_transformer(models.current.pipeline):
+        check_one_image(request)
+        return record_flow_trace(models, request, stop=stop, on_step=on_step)
     run = prepare_one_image(models, request)
     return _record(run, stop=stop, on_step=on_step)
 
 
 def prepare_one_image(models: ModelManager, request: Txt2ImgRequest) -> PreparedCall:
     """Generator's preparation (`prepare`, pipelines/core/call.py), checked for the one image a trace records."""
+    check_one_image(request)
+    check_unet_model(models.current, "The Diffusion Explorer's branching and sampler comparison")
+    return prepare(models, request)
+
+
+def check_one_image(request: Txt2ImgRequest) -> None:
     if not isinstance(request, Txt2ImgRequest):
         raise ValueError(f"The explorer records text-to-image runs (a Txt2ImgRequest) but received "
                          f"{type(request).__name__}.")
@@ -69,11 +80,9 @@ def prepare_one_image(models: ModelManager, request: Txt2ImgRequest) -> Prepared
         raise ValueError("The step-by-step trace records one model call per step, and DDPM speculative verifies "
                          "several steps per call: follow it round by round in the \"Speculative sampling\" panel "
                          "below, or record with DDPM (the same law, one call per step).")
-    check_unet_model(models.current, "The Diffusion Explorer's trace")
     if request.batch_size != 1 or request.batch_count != 1:
         raise ValueError(f"The explorer records one image at a time, but batch_size is {request.batch_size} "
                          f"and batch_count is {request.batch_count}; set both to 1.")
-    return prepare(models, request)
 
 
 def initial_noise(run: PreparedCall) -> tuple[torch.Tensor, list[torch.Generator]]:

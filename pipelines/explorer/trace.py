@@ -49,6 +49,7 @@ class TraceStep:
     eps_cond: torch.Tensor          # the model's prediction for the prompt
     eps_uncond: torch.Tensor | None  # ... for the negative prompt; None when CFG is off at this step
     eps_guided: torch.Tensor        # the prediction handed to the sampler (eps_cond when CFG is off)
+    flow_time: float | None = None  # flow matching's t in (0, 1] (x_t = (1 − t)·x_0 + t·ε); None: DDPM's process
 
     @property
     def sigma_parametrised(self) -> bool:
@@ -56,14 +57,16 @@ class TraceStep:
 
     @property
     def noise_level(self) -> float:
-        """sigma for sigma samplers, sqrt(1 - abar_t) for variance-preserving ones."""
+        """sigma for sigma samplers, sqrt(1 - abar_t) for variance-preserving ones, t for flow matching."""
+        if self.flow_time is not None:
+            return self.flow_time
         if self.sigma_parametrised:
             return math.sqrt((1.0 - self.alpha_cumprod) / self.alpha_cumprod)
         return math.sqrt(1.0 - self.alpha_cumprod)
 
     @property
     def noise_level_name(self) -> str:
-        return "σ" if self.sigma_parametrised else "√(1−ᾱ_t)"
+        return "t" if self.flow_time is not None else "σ" if self.sigma_parametrised else "√(1−ᾱ_t)"
 
     @property
     def model_input(self) -> torch.Tensor:
@@ -71,6 +74,8 @@ class TraceStep:
         return self.latents if not self.sigma_parametrised else self.latents * self.input_scale
 
     def describe(self) -> str:
+        if self.flow_time is not None:
+            return f"flow matching · t = {self.flow_time:.4g} · x_t = (1 − t)·x_0 + t·ε · x̂_0 = x_t − t·v"
         return (f"t = {self.timestep:.1f} · {self.noise_level_name} = {self.noise_level:.4g} · "
                 f"ᾱ = {self.alpha_cumprod:.4g}")
 

@@ -1,0 +1,73 @@
+"""The reverse process of a flow-matching transformer (SD 3.x, Flux, Sana), recorded for the Diffusion Explorer.
+
+The family's own pipeline runs the generation (pipelines/core/transformer_call.py); the recorder listens to its
+sampler: every `scheduler.step(v, t, x_t)` hands over the state x_t and the guided prediction, which for these
+models is a velocity v = ε − x_0 (flow matching: x_t = (1 − t)·x_0 + t·ε, t = σ in (0, 1]). From the model's own
+parameterisation the step's guesses follow exactly:
+
+    x̂_0 = x_t − t·v          ε̂ = x_t + (1 − t)·v
+
+A trace's x̂_0 frames are those guesses decoded; its noise maps show ε̂. The pipeline hands its sampler only the
+guided velocity, so the trace has no separate ε_u and ε_c, and branching replays the UNet loop only.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Callable
+
+import torch
+
+from pipelines.core.call import prepare
+from pipelines.core.families import family_of_pipeline
+from pipelines.core.transformers import is_flow
+from pipelines.explorer.trace import Trace, TraceStep
+from pipelines.tasks.txt2img import Txt2ImgRequest
+
+FLOW_NOTE = ("Flow matching: x_t = (1 − t)·x_0 + t·ε and the model predicts the velocity v = ε − x_0, so "
+             "x̂_0 = x_t − t·v and ε̂ = x_t + (1 − t)·v. The pipeline gives its sampler the guided v only: ε_u and "
+             "ε_c are not recorded separately, and branching replays UNet models only.")
+
+
+def record_flow_trace(models, request: Txt2ImgRequest, *, stop: threading.Event | None = None,
+                      on_step: Callable[[int, int], None] | None = None) -> Trace:
+    """Generate `request` as the generator does on a flow-matching transformer, recording every sampler step."""
+    model = models.require()
+    if not is_flow(model.scheduler_config):
+        raise ValueError(f"The Diffusion Explorer's trace of a transformer follows flow matching; {model.name} "
+                         f"({family_of_pipeline(model.pipeline)}) is a DDPM model whose trace is not built yet.")
+    call = prepare(models, request)
+    scheduler = call.pipeline.scheduler
+    original, steps = scheduler.step, []
+    total = scheduler.config.get("num_train_timesteps", 1000)
+
+    def recording_step(model_output, timestep, sample, *args, **kwargs):
+        t = float(timestep.flatten()[0] if torch.is_tensor(timestep) else timestep) / total
+        x_t = call.spatial(sample.detach())[:1].float().cpu()
+        velocity = call.spatial(model_output.detach())[:1].float().cpu()
+        signal, noise = 1.0 - t, t
+        steps.append(TraceStep(timestep=t * total, latents=x_t, input_scale=1.0,
+                               alpha_cumprod=signal ** 2 / (signal ** 2 + noise ** 2),   # DDPM's ᾱ of the same SNR
+                               x0_pred=x_t - t * velocity, eps_cond=x_t + signal * velocity, eps_uncond=None,
+                               eps_guided=x_t + signal * velocity, flow_time=t))
+        if on_step is not None:
+            on_step(len(steps), request.steps)
+        return original(model_output, timestep, sample, *args, **kwargs)
+
+    def step_end(pipe, index, timestep, tensors):
+        if stop is not None and stop.is_set():
+            pipe._interrupt = True
+        return {}
+
+    scheduler.step = recording_step
+    try:
+        latents = call(0, callback=step_end)
+    finally:
+        del scheduler.step
+    stopped = bool(getattr(call.pipeline, "_interrupt", False))
+    notes = [*call.notes, FLOW_NOTE] + ([f"Stopped after {len(steps)} step(s); the final image is the unfinished "
+                                        "latent decoded."] if stopped else [])
+    return Trace(request=call.request, steps=steps, final_latents=call.spatial(latents).detach().cpu(),
+                 final_image=call.decode(latents)[0], prediction_type="flow", vae=weakref.ref(call.pipeline.vae),
+                 stopped=stopped, notes=notes, settings=[(0, call.request)], replayable=False)

@@ -305,12 +305,12 @@ def test_the_endpoint_takes_flow_matching_and_gives_its_coefficients(studio, tmp
     # the page: each picture labelled with its process, flow matching's beside DDPM's when both are ticked
     shown = forward_handler(explorer, tab)(gradient_image(64, 64), schedule_names=["linear", "flow matching"],
                                            num_steps=100, t=29, seed=0)
-    assert shown[tab.pixel].label == "x_t in pixel space: DDPM"
-    assert shown[tab.beside].visible and shown[tab.beside].label == "x_t in pixel space: flow matching"
+    assert shown[tab.pixel]["label"] == "x_t in pixel space: DDPM"
+    assert shown[tab.beside]["visible"] and shown[tab.beside]["label"] == "x_t in pixel space: flow matching"
     assert "flow matching: x_t = (1 − t)·x_0 + t·ε with t = 0.3" in shown[tab.caption]
     alone = forward_handler(explorer, tab)(gradient_image(64, 64), schedule_names=["cosine"], num_steps=100, t=29,
                                            seed=0)
-    assert not alone[tab.beside].visible
+    assert not alone[tab.beside]["visible"]
     app.queue()
     app.launch(server_port=free_port(), prevent_thread_lock=True, quiet=True)
     try:

@@ -419,7 +419,7 @@ def test_explorer_tab_without_a_model_falls_back_and_explains(tmp_path, worker):
     # Forward works on pixels alone, and says what a model would add
     image = Image.new("RGB", (40, 40), "red")
     shown = found["show_forward"](image=image, schedule_names=["linear"], num_steps=1000, t=250, seed=0)
-    assert shown[tab.forward.pixel].size == (128, 128) and shown[tab.forward.latent] is None
+    assert shown[tab.forward.pixel]["value"].size == (128, 128) and shown[tab.forward.latent]["value"] is None
     assert "Load a model to see the same t in its latent space" in shown[tab.forward.caption]
     with pytest.raises(gr.Error, match='Schedule "model" needs a loaded model'):
         found["show_forward"](image=image, schedule_names=["model"], num_steps=1000, t=250, seed=0)

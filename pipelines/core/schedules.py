@@ -38,6 +38,7 @@ from diffusers.schedulers import AysSchedules
 
 from pipelines.core.samplers import (SAMPLERS, SPECULATIVE_SAMPLER, STEPWISE_SAMPLER_NAMES, check_sampler,
                                      make_scheduler, sampler_from_a1111)
+from pipelines.core.transformers import is_flow, make_transformer_scheduler
 
 DEFAULT_SCHEDULE = "Default"
 ALIGN_YOUR_STEPS = "Align Your Steps"
@@ -216,7 +217,11 @@ def schedule_table(model_scheduler_config: dict, sampler: str, schedules: list[s
                    unet_config=None) -> dict[str, dict]:
     """Per schedule, what `sampler` runs at each model call: its timesteps, sigma_t = sqrt((1 - abar_t) / abar_t)
     and abar_t. Where the scheduler keeps its sigmas (Euler, Heun, LMS, DPM++ ...) they are the ones it steps
-    with, and abar_t = 1 / (1 + sigma_t^2); elsewhere abar_t is the model's at the timestep."""
+    with, and abar_t = 1 / (1 + sigma_t^2); elsewhere abar_t is the model's at the timestep. A flow-matching
+    model's (x_t = (1 - t) x_0 + t eps) adds its t at each call (`flow_t`), its sigma and abar those of the same
+    SNR: sigma_t = t / (1 - t)."""
+    if is_flow(model_scheduler_config):
+        return {schedule: _flow_schedule(model_scheduler_config, sampler, schedule, steps) for schedule in schedules}
     table = {}
     for schedule in schedules:
         error = schedule_error(sampler, schedule)
@@ -236,6 +241,19 @@ def schedule_table(model_scheduler_config: dict, sampler: str, schedules: list[s
         table[schedule] = {"timesteps": timesteps.tolist(), "sigmas": sigma.tolist(),
                            "alphas_cumprod": alphas_cumprod.tolist()}
     return table
+
+
+def _flow_schedule(config: dict, sampler: str, schedule: str, steps: int) -> dict:
+    if schedule != DEFAULT_SCHEDULE:
+        raise ValueError(f"{schedule} is tuned for DDPM models; a flow-matching model runs its own (shifted) schedule.")
+    scheduler = make_transformer_scheduler(sampler, config)
+    # a resolution-shifted schedule (Flux) at 1024² (4,096 patches), where its shift is largest
+    extra = {"mu": float(config.get("max_shift", 1.15))} if config.get("use_dynamic_shifting") else {}
+    scheduler.set_timesteps(steps, **extra)
+    timesteps = scheduler.timesteps.double().cpu().numpy()
+    t = scheduler.sigmas[:len(timesteps)].double().cpu().numpy()
+    return {"timesteps": timesteps.tolist(), "sigmas": (t / np.maximum(1 - t, 1e-12)).tolist(),
+            "alphas_cumprod": ((1 - t) ** 2 / ((1 - t) ** 2 + t ** 2)).tolist(), "flow_t": t.tolist()}
 
 
 def sampler_and_schedule(a1111_sampler: str, schedule_type: str | None) -> tuple[dict, str | None]:

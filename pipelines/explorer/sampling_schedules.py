@@ -66,6 +66,10 @@ def sampling_schedule_caption(table: dict[str, dict], *, quantity: str, sampler:
         timesteps = numbers["timesteps"]
         line = (f"**{schedule}**: t from {timesteps[0]:.0f} to {timesteps[-1]:.0f}, σ from "
                 f"{numbers['sigmas'][0]:.3g} to {numbers['sigmas'][-1]:.3g}")
+        if "flow_t" in numbers:       # a flow-matching model: its own t, drawn as DDPM's σ and ᾱ of the same SNR
+            line = (f"**{schedule}**: flow matching, x_t = (1 − t)·x_0 + t·ε, t from {numbers['flow_t'][0]:.3g} to "
+                    f"{numbers['flow_t'][-1]:.3g} (the model's shift applied); drawn as DDPM's σ = t/(1 − t) and "
+                    "ᾱ of the same signal-to-noise ratio")
         if schedule == ALIGN_YOUR_STEPS:
             family = ays_family(unet_config)
             line += (f"; NVIDIA's {family} table" + (" as published" if steps == AYS_TABLE_STEPS else

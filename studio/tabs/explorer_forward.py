@@ -108,7 +108,7 @@ def forward_handler(explorer: Explorer, tab: ForwardTab):
     @user_errors
     def show_forward(image, **settings) -> dict:
         if image is None:
-            return {tab.pixel: None, tab.latent: None, tab.beside: gr.Image(value=None, visible=False),
+            return {tab.pixel: None, tab.latent: None, tab.beside: gr.update(value=None, visible=False),
                     tab.plot: None, tab.histogram: None,
                     tab.caption: "Upload an image (or pick an example) to noise it."}
         view = explorer.forward_view(image, **settings)
@@ -119,12 +119,14 @@ def forward_handler(explorer: Explorer, tab: ForwardTab):
 
 def _labelled_images(tab: ForwardTab, view: ForwardView) -> dict:
     """The pictures, each labelled with the process it shows; the other process's only when it was ticked."""
+    # gr.update, not gr.Image(...): the value then goes through the shown component, as a PNG (a new component
+    # would encode it with its own default format, lossy WebP)
     beside = view.beside
-    return {tab.pixel: gr.Image(value=view.x_t, label=f"x_t in pixel space: {view.process}"),
-            tab.latent: gr.Image(value=view.latent_x_t,
-                                 label=f"x_t in latent space: {view.process} (decoded by the model's VAE)"),
-            tab.beside: gr.Image(value=None, visible=False) if beside is None else
-            gr.Image(value=beside.x_t, visible=True, label=f"x_t in pixel space: {beside.process}" + (
+    return {tab.pixel: gr.update(value=view.x_t, label=f"x_t in pixel space: {view.process}"),
+            tab.latent: gr.update(value=view.latent_x_t,
+                                  label=f"x_t in latent space: {view.process} (decoded by the model's VAE)"),
+            tab.beside: gr.update(value=None, visible=False) if beside is None else
+            gr.update(value=beside.x_t, visible=True, label=f"x_t in pixel space: {beside.process}" + (
                 "" if beside.schedule_name == beside.process else f" ({beside.schedule_name})"))}
 
 

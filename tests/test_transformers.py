@@ -350,3 +350,19 @@ def test_the_explorer_records_a_flow_matching_run_in_the_models_own_parameterisa
     assert trace.frame(1, "x0_pred").size == (64, 64) and trace.frame(1, "eps_guided").size == (64, 64)
     with pytest.raises(ValueError, match=f"branching and sampler comparison drives a UNet .* a {family} diffusion"):
         studio.models.worker.call(branch, studio.models, trace, 2, {"guidance_scale": 1.0})
+
+
+def test_the_sampling_schedule_of_a_flow_model_is_its_own(families):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from pipelines.explorer.service import Explorer
+
+    studio = use(families, "SD 3.x")
+    view = Explorer(studio.models).sampling_schedules(sampler="Euler", steps=10, schedules=["Default",
+                                                                                          "Align Your Steps"],
+                                                      quantity="sigmas")
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(studio.models.current.scheduler_config)
+    scheduler.set_timesteps(10)
+    np.testing.assert_allclose(view.table["Default"]["flow_t"], scheduler.sigmas[:10].numpy(), rtol=1e-6)
+    assert "flow matching, x_t = (1 − t)·x_0 + t·ε" in view.caption
+    assert "Align Your Steps** left out: Align Your Steps is tuned for DDPM models" in view.caption

@@ -48,7 +48,8 @@ SCHEDULES = ("automatic", "uniform", "karras", "align_your_steps")
 # A1111's schedule ids that are a schedule of ours (pipelines/core/schedules.py), run with the plain sampler
 OUR_SCHEDULES = {"align_your_steps": "Align Your Steps"}
 # Our request fields under A1111's names, so that an error names what the client sent
-A1111_FIELD_NAMES = {"guidance_scale": "cfg_scale", "batch_count": "n_iter", "sampler": "sampler_name",
+A1111_FIELD_NAMES = {"guidance_scale": "cfg_scale", "distilled_guidance": "distilled_cfg_scale", "batch_count": "n_iter",
+                     "sampler": "sampler_name",
                      "strength": "denoising_strength", "init_image": "init_images[0]", "mask_blur": "mask_blur",
                      "only_masked_padding": "inpaint_full_res_padding", "preprocessor": "module",
                      "start": "guidance_start", "end": "guidance_end", "processor_resolution": "processor_res"}
@@ -158,6 +159,8 @@ def generation_request(body: dict, *, img2img: bool, native_side: int, preview_e
                 "width": native_side if width is None else width, "height": native_side if height is None else height,
                 "batch_size": body["batch_size"], "batch_count": body["n_iter"], "preview_every": preview_every,
                 "schedule": OUR_SCHEDULES.get((body.get("scheduler") or "").strip().lower(), "Default")}
+    if body.get("distilled_cfg_scale") is not None:     # Forge's field: Flux.1 dev's distilled guidance
+        sampling["distilled_guidance"] = body["distilled_cfg_scale"]
     # Every size limit is checked before any image is decoded or resized to the size asked for: a 50000×50000
     # img2img once spent 47 s and 9.3 GB resizing its input before the request refused the size
     SamplingSettings(**sampling)

@@ -43,6 +43,7 @@ class GenerationBody(BaseModel):
     n_iter: int = 1
     steps: int = 50
     cfg_scale: float = 7.0
+    distilled_cfg_scale: float | None = None   # Forge's: Flux.1 dev's distilled guidance (None: 3.5)
     width: int | None = None           # A1111: 512; here the loaded model's native size
     height: int | None = None
     restore_faces: bool | None = None

@@ -366,3 +366,15 @@ def test_the_sampling_schedule_of_a_flow_model_is_its_own(families):
     np.testing.assert_allclose(view.table["Default"]["flow_t"], scheduler.sigmas[:10].numpy(), rtol=1e-6)
     assert "flow matching, x_t = (1 − t)·x_0 + t·ε" in view.caption
     assert "Align Your Steps** left out: Align Your Steps is tuned for DDPM models" in view.caption
+
+
+def test_the_a1111_api_takes_forges_distilled_cfg_scale():
+    from studio.a1111 import generation_request
+    from studio.rest_http import Txt2ImgBody
+
+    body = Txt2ImgBody(prompt="red apple", cfg_scale=1.0, distilled_cfg_scale=5.0, steps=4).model_dump()
+    generation = generation_request(body, img2img=False, native_side=64, preview_every=0)
+    assert generation.request.distilled_guidance == 5.0 and generation.request.guidance_scale == 1.0
+    plain = generation_request(Txt2ImgBody(prompt="red apple", steps=4).model_dump(), img2img=False, native_side=64,
+                               preview_every=0)
+    assert plain.request.distilled_guidance == 3.5

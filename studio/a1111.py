@@ -48,8 +48,8 @@ SCHEDULES = ("automatic", "uniform", "karras", "align_your_steps")
 # A1111's schedule ids that are a schedule of ours (pipelines/core/schedules.py), run with the plain sampler
 OUR_SCHEDULES = {"align_your_steps": "Align Your Steps"}
 # Our request fields under A1111's names, so that an error names what the client sent
-A1111_FIELD_NAMES = {"guidance_scale": "cfg_scale", "distilled_guidance": "distilled_cfg_scale", "batch_count": "n_iter",
-                     "sampler": "sampler_name",
+A1111_FIELD_NAMES = {"guidance_scale": "cfg_scale", "distilled_guidance": "distilled_cfg_scale",
+                     "batch_count": "n_iter", "sampler": "sampler_name",
                      "strength": "denoising_strength", "init_image": "init_images[0]", "mask_blur": "mask_blur",
                      "only_masked_padding": "inpaint_full_res_padding", "preprocessor": "module",
                      "start": "guidance_start", "end": "guidance_end", "processor_resolution": "processor_res"}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from pipelines.core.families import family_of_pipeline
 from pipelines.generation.generator import Generator
 from pipelines.jobs.worker import DeviceWorker, Job
 from pipelines.models.manager import ModelManager
@@ -54,7 +55,9 @@ class StudioContext:
         model = self.models.current
         where = "" if model.source.kind == "embedded" else f" ({model.source.kind} `{model.source.location}`)"
         budget = self.models.budget()
-        return (f"**Model:** {model.name}{where} · hash {model.model_hash or '—'} · native size {model.native_side} px"
+        family = family_of_pipeline(model.pipeline)
+        return (f"**Model:** {model.name}{where}" + (f" · {family}" if family else "") +
+                f" · hash {model.model_hash or '—'} · native size {model.native_side} px"
                 f"  \n{stats}" + (f" · {budget.summary()}" if budget is not None else ""))
 
 

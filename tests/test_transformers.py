@@ -270,6 +270,7 @@ def test_the_studio_serves_a_flux_model_from_launch_to_every_tab(tmp_path):
     app, context = launch.build(args)
     serve(app, server_name=args.host, server_port=args.port, prevent_thread_lock=True, quiet=True)
     try:
+        assert "**Model:** tiny-flux (folder" in context.status_markdown() and " · Flux · " in context.status_markdown()
         client = Client(f"http://{args.host}:{args.port}/", verbose=False)
         endpoint = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/txt2img"]
         parameters = {item["parameter_name"]: item for item in endpoint["parameters"]}

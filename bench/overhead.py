@@ -45,8 +45,8 @@ def main() -> None:
 
     manager = ModelManager(MemoryManager(device=args.device))
     if args.tiny or (args.model is None and not (EMBEDDED_MODEL / "model_index.json").exists()):
-        from pipelines.models.sources import ModelSource
         import recipe.tiny
+        from pipelines.models.sources import ModelSource
         folder = Path(tempfile.mkdtemp())
         build = getattr(recipe.tiny, TINY[args.tiny or "sd"])
         manager.adopt(build(folder), ModelSource("folder", str(folder), f"tiny-{args.tiny or 'sd'}"))

@@ -250,3 +250,13 @@ def build_tiny_transformer_controlnet(pipeline, seed: int = 0):
         for layer in zeroed:
             layer.weight.normal_(0, 0.3)
     return controlnet
+
+
+def build_tiny_pixart_alpha_pipeline(folder: Path, seed: int = 0):
+    """The tiny PixArt-Σ's components in PixArt-α's pipeline (the same DiT and T5; α's call differs, e.g. it sets
+    its scheduler's begin index itself)."""
+    from diffusers import PixArtAlphaPipeline
+
+    pipeline = PixArtAlphaPipeline(**build_tiny_pixart_pipeline(folder, seed).components)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline

@@ -6,11 +6,18 @@ import urllib.parse
 
 import gradio as gr
 
-from pipelines.core.samplers import model_default_sampler
-from pipelines.core.transformers import (DEFAULT_CFG, default_transformer_sampler, is_flow, is_transformer,
-                                         takes_distilled_guidance, transformer_samplers)
-from pipelines.lora.adapters import lora_files, shown_path
 from pipelines.core.families import family_of_pipeline
+from pipelines.core.samplers import model_default_sampler
+from pipelines.core.transformers import (
+    DEFAULT_CFG,
+    DEFAULT_DISTILLED_GUIDANCE,
+    default_transformer_sampler,
+    is_flow,
+    is_transformer,
+    sampler_menu,
+    takes_distilled_guidance,
+)
+from pipelines.lora.adapters import lora_files, shown_path
 from pipelines.models.manager import LoadedModel
 from pipelines.tasks import TASKS
 from studio.context import OWNER_COOKIE, StudioContext
@@ -143,7 +150,8 @@ def model_defaults(model: LoadedModel | None) -> dict:
     return {"width": side, "height": side, "preview_every": PREVIEW_EVERY, "native_side": model.native_side,
             "sampler": default_transformer_sampler(config) if is_flow(config) else model_default_sampler(config),
             # a transformer family's own samplers and CFG; Flux.1 dev's distilled guidance shown only for it
-            "samplers": transformer_samplers(model.pipeline, config) if transformer else None,
+            "samplers": {task: sampler_menu(model, task, entry.samplers) for task, entry in TASKS.items()}
+            if transformer else None,
             "guidance_scale": DEFAULT_CFG.get(family_of_pipeline(model.pipeline), 7.5) if transformer else 7.5,
             "distilled_guidance_shown": takes_distilled_guidance(model.pipeline)}
 
@@ -245,19 +253,20 @@ def _wire_model_defaults(context: StudioContext, loaded, generation_tabs: tuple[
     from the tabs' status lines."""
     statuses = [tab.status for tab in generation_tabs]
 
-    def refresh(*shown: str):
+    def refresh(*status_lines: str):
         defaults = model_defaults(context.models.current)
         updates = {tab.controls[name]: value for tab in generation_tabs for name, value in defaults.items()
                    if name in tab.controls and name not in ("width", "height", "sampler")}
-        menus = {tab.controls["sampler"]: gr.Dropdown(choices=list(defaults.get("samplers") or
+        menus = {tab.controls["sampler"]: gr.Dropdown(choices=list((defaults.get("samplers") or {}).get(tab.task) or
                                                                    TASKS[tab.task].samplers),
                                                       value=defaults.get("sampler")) for tab in generation_tabs}
-        flux = {tab.controls["distilled_guidance"]: gr.Slider(visible=defaults.get("distilled_guidance_shown", False))
-                for tab in generation_tabs}
+        flux_dev = defaults.get("distilled_guidance_shown", False)    # hidden: back at its default, unused
+        flux = {tab.controls["distilled_guidance"]: gr.Slider(visible=True) if flux_dev else
+                gr.Slider(visible=False, value=DEFAULT_DISTILLED_GUIDANCE) for tab in generation_tabs}
         hint = size_hint(defaults.get("native_side"))
         sizes = {tab.controls[name]: gr.Slider(value=defaults[name], info=hint) for tab in generation_tabs
                  for name in ("width", "height")}
-        cleared = {status: "" for status, text in zip(statuses, shown) if (text or "").startswith(FAILED)}
+        cleared = {status: "" for status, text in zip(statuses, status_lines) if (text or "").startswith(FAILED)}
         return updates | menus | flux | sizes | cleared | {explorer_size: defaults["width"]}
 
     outputs = {explorer_size, *statuses} | {tab.controls[name] for tab in generation_tabs for name in

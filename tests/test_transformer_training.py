@@ -59,5 +59,5 @@ def test_what_a_transformer_does_not_train_is_refused_naming_why(families, tmp_p
     with pytest.raises(ValueError, match="LoRA with the text encoders trains UNet models"):
         run(studio, training(name="te", train_text_encoder=True), tmp_path)
     studio = use(families, "Sana")
-    with pytest.raises(ValueError, match="LoRA training drives a UNet .* Sana diffusion transformer"):
+    with pytest.raises(ValueError, match="LoRA training here runs on UNet models .* and Flux; sana is a Sana model"):
         run(studio, training(name="sana"), tmp_path)

@@ -13,22 +13,28 @@ import torch
 from PIL import Image
 
 from pipelines.core.call import prepare
-from pipelines.core.transformers import transformer_samplers
+from pipelines.core.transformers import is_flow, transformer_samplers
 from pipelines.io.metadata import infotext_to_settings, parse_infotext
 from pipelines.tasks.img2img import Img2ImgRequest
 from pipelines.tasks.inpaint import InpaintRequest
 from pipelines.tasks.outpaint import OutpaintRequest
 from pipelines.tasks.txt2img import Txt2ImgRequest
-from recipe.tiny import (build_tiny_flux_pipeline, build_tiny_pixart_pipeline, build_tiny_sana_pipeline,
-                         build_tiny_sd3_pipeline)
+from recipe.tiny import (
+    build_tiny_flux_pipeline,
+    build_tiny_pixart_alpha_pipeline,
+    build_tiny_pixart_pipeline,
+    build_tiny_sana_pipeline,
+    build_tiny_sd3_pipeline,
+)
 from tests.test_explorer_forward import gradient_image
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 BUILDS = {"SD 3.x": build_tiny_sd3_pipeline, "Flux": build_tiny_flux_pipeline, "PixArt-Σ": build_tiny_pixart_pipeline,
-          "Sana": build_tiny_sana_pipeline}
+          "PixArt-α": build_tiny_pixart_alpha_pipeline, "Sana": build_tiny_sana_pipeline}
 FLOW_EULER = {"SD 3.x": "FlowMatchEulerDiscreteScheduler", "Flux": "FlowMatchEulerDiscreteScheduler",
-              "Sana": "FlowMatchEulerDiscreteScheduler", "PixArt-Σ": "EulerDiscreteScheduler"}
+              "Sana": "FlowMatchEulerDiscreteScheduler", "PixArt-Σ": "DPMSolverMultistepScheduler",
+              "PixArt-α": "DPMSolverMultistepScheduler"}
 
 
 @pytest.fixture(scope="module")
@@ -71,32 +77,36 @@ def test_each_family_runs_its_own_samplers_and_gives_diffusers_image(families, f
         assert f"Sampler: {sampler}," in done.images[0].infotext
     if family == "Flux":      # Flux's pipeline passes its own sigmas and shift: only these samplers take them
         assert samplers == ("Euler", "UniPC", "LCM")
+    # the studio's image against diffusers' own pipeline called as a user would, with the model's own scheduler
+    # (a fresh one from its config) and the seed's CPU generator
+    own_sampler = "DPM++ 2M" if family.startswith("PixArt") else "Euler"
     request = Txt2ImgRequest(prompt="red apple", negative_prompt="blurry", steps=4, width=64, height=64, seed=11,
-                             sampler="Euler", guidance_scale=3.0)
+                             sampler=own_sampler, guidance_scale=3.0)
 
-    def both():
+    def ours():
         call = prepare(studio.models, request)
         assert type(call.pipeline.scheduler).__name__ == FLOW_EULER[family]
-        ours = call(0)
-        arguments = call.arguments(0, [torch.Generator("cpu").manual_seed(11)])
-        theirs = type(model.pipeline).__call__(call.pipeline, **arguments).images
-        return ours, theirs
+        return call(0)
 
-    ours, theirs = studio.models.worker.call(both)
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
-    # and diffusers' own, called as a user would, with the seed's CPU generator
-    from diffusers import FluxPipeline
+    studied = studio.models.worker.call(ours)
     plain = dict(prompt="red apple", negative_prompt="blurry", num_inference_steps=4, width=64, height=64,
                  guidance_scale=3.0, generator=torch.Generator("cpu").manual_seed(11), output_type="latent")
-    if isinstance(model.pipeline, FluxPipeline):
+    if family == "Flux":
         plain.update(true_cfg_scale=3.0, guidance_scale=3.5)
-    if family in ("PixArt-Σ", "Sana"):
+    if family.startswith("PixArt") or family == "Sana":
         plain.update(use_resolution_binning=False)
-    if family == "PixArt-Σ":
+    if family.startswith("PixArt"):
         plain.update(clean_caption=False)
-    own = studio.models.worker.call(lambda: model.pipeline(**plain).images)
-    if family != "PixArt-Σ":     # its scheduler is the model's DPM-Solver there, Euler here
-        torch.testing.assert_close(ours, own, rtol=0, atol=0)
+
+    def theirs():
+        pipeline = model.pipeline
+        kept, pipeline.scheduler = pipeline.scheduler, type(pipeline.scheduler).from_config(model.scheduler_config)
+        try:
+            return pipeline(**plain).images
+        finally:
+            pipeline.scheduler = kept
+
+    torch.testing.assert_close(studied, studio.models.worker.call(theirs), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("family", BUILDS)
@@ -110,8 +120,8 @@ def test_image_to_image_starts_from_the_input(families, family):
     studio = use(families, family)
     source = gradient_image(64, 64)
 
-    def distance(strength: float) -> float:
-        request = Img2ImgRequest(prompt="red apple", steps=10, width=64, height=64, seed=5, sampler="Euler",
+    def distance(strength: float, sampler: str) -> float:
+        request = Img2ImgRequest(prompt="red apple", steps=10, width=64, height=64, seed=5, sampler=sampler,
                                  init_image=source, strength=strength)
 
         def run():
@@ -123,18 +133,35 @@ def test_image_to_image_starts_from_the_input(families, family):
                 with torch.no_grad():
                     for parameter in output.parameters():
                         parameter.zero_()
-                return float((call.spatial(call(0)) - start).abs().mean() / start.abs().mean())
+                final = call.spatial(call(0))
+                scheduler = call.pipeline.scheduler     # the t it started at: its sigma at its begin index
+                first = float(scheduler.sigmas[scheduler.begin_index or 0])
+                return float((final - start).abs().mean()), first
             finally:
                 with torch.no_grad():
                     for parameter, value in zip(output.parameters(), kept):
                         parameter.copy_(value)
         return studio.models.worker.call(run)
 
-    near, far = distance(0.1), distance(1.0)
-    assert near < far / 4, (near, far)   # Flux: about 0.3 against 3 (its shift puts 10% of the steps at t ≈ 0.3)
-    done = studio.generate(Img2ImgRequest(prompt="red apple", steps=4, width=64, height=64, seed=5, sampler="Euler",
-                                          init_image=source, strength=0.5))
-    assert done.images[0].image.size == (64, 64) and "Denoising strength: 0.5" in done.images[0].infotext
+    model = studio.models.current
+    samplers = transformer_samplers(model.pipeline, model.scheduler_config, "img2img")
+    # the first-order sampler and the multistep solver (its last, lower-order step must fall on the last step kept)
+    for sampler in [name for name in ("Euler", "DPM++ 2M") if name in samplers]:
+        (near, t_near), (far, t_far) = distance(0.1, sampler), distance(1.0, sampler)
+        if is_flow(model.scheduler_config):
+            # nothing moves, so x_final − x_0 = t_0·(ε − x_0): the distances are in the ratio of the start times
+            assert abs(near / far - t_near / t_far) <= 0.01 * t_near / t_far + 1e-4, (sampler, near, far, t_near)
+            assert t_near < 0.5 and t_far > 0.99, (sampler, t_near, t_far)
+        else:         # DDPM's ε: near the input's latents at a low strength
+            assert near < far / 4, (sampler, near, far)
+    # the real model, a batch of two: finite, the size asked for, each image its own
+    done = studio.generate(Img2ImgRequest(prompt="red apple", steps=4, width=64, height=64, seed=5,
+                                          sampler=samplers[-1], init_image=source, strength=0.5, batch_size=2))
+    images = [pixels(item.image) for item in done.images]
+    assert len(images) == 2 and images[0].shape == (64, 64, 3) and "Denoising strength: 0.5" in done.images[0].infotext
+    assert images[0].std() > 0 and (images[0] != images[1]).any()
+    if family in ("SD 3.x", "Flux"):      # their image-to-image pipelines noise the start with scale_noise
+        assert "DPM++ 2M" not in samplers and "UniPC" not in samplers
 
 
 @pytest.mark.parametrize("family", ["SD 3.x", "Flux"])
@@ -189,9 +216,11 @@ def test_what_a_family_does_not_run_is_refused_naming_it(families):
         studio.generate(ControlNetRequest(prompt="a", steps=2, width=64, height=64, control_image=picture))
     with pytest.raises(ValueError, match="Sana models run with plain CFG"):
         studio.generate(Txt2ImgRequest(prompt="a", steps=2, width=64, height=64, sampler="Euler", pag_scale=2.0))
-    with pytest.raises(ValueError, match="Distilled CFG scale is Flux.1 dev's"):
-        studio.generate(Txt2ImgRequest(prompt="a", steps=2, width=64, height=64, sampler="Euler",
-                                       distilled_guidance=5.0))
+    # a distilled guidance restored from a Flux image onto another model is left unused, and said so
+    done = studio.generate(Txt2ImgRequest(prompt="a", steps=2, width=64, height=64, sampler="Euler",
+                                          distilled_guidance=5.0))
+    assert any(note.startswith("Distilled CFG scale 5 is Flux.1 dev's guidance input; this model has none")
+               for note in done.messages) and "Distilled CFG Scale" not in done.images[0].infotext
     assert studio.generate(Txt2ImgRequest(prompt="a", steps=2, width=64, height=64, sampler="Euler")).images
 
 
@@ -353,21 +382,21 @@ def test_the_explorer_records_a_flow_matching_run_in_the_models_own_parameterisa
         studio.models.worker.call(branch, studio.models, trace, 2, {"guidance_scale": 1.0})
 
 
-def test_the_sampling_schedule_of_a_flow_model_is_its_own(families):
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
+@pytest.mark.parametrize("family", ["SD 3.x", "Flux"])
+def test_the_sampling_schedule_of_a_flow_model_is_the_one_it_runs(families, family):
+    """The explorer's sampling-schedule panel against the t each sampler step of a real run was handed (Flux's
+    pipeline passes its own sigmas, SD 3's lets the scheduler space them)."""
+    from pipelines.explorer.reverse import record_trace
     from pipelines.explorer.service import Explorer
 
-    studio = use(families, "SD 3.x")
-    view = Explorer(studio.models).sampling_schedules(sampler="Euler", steps=10, schedules=["Default",
-                                                                                          "Align Your Steps"],
-                                                      quantity="sigmas")
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(studio.models.current.scheduler_config)
-    scheduler.set_timesteps(10)
-    np.testing.assert_allclose(view.table["Default"]["flow_t"], scheduler.sigmas[:10].numpy(), rtol=1e-6)
+    studio = use(families, family)
+    view = Explorer(studio.models).sampling_schedules(sampler="Euler", steps=6, quantity="sigmas",
+                                                      schedules=["Default", "Align Your Steps"])
+    trace = studio.models.worker.call(record_trace, studio.models, Txt2ImgRequest(
+        prompt="red apple", steps=6, width=64, height=64, seed=1, sampler="Euler"))
+    np.testing.assert_allclose(view.table["Default"]["flow_t"], [step.flow_time for step in trace.steps], rtol=1e-5)
     assert "flow matching, x_t = (1 − t)·x_0 + t·ε" in view.caption
     assert "Align Your Steps** left out: Align Your Steps is tuned for DDPM models" in view.caption
-
 
 def test_the_a1111_api_takes_forges_distilled_cfg_scale():
     from studio.a1111 import generation_request

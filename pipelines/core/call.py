@@ -25,7 +25,7 @@ from pipelines.core.registry import Task, task_of
 from pipelines.core.requests import SamplingSettings
 from pipelines.core.samplers import MODEL_DRAFTS, make_scheduler, sampler_loop
 from pipelines.core.transformer_call import prepare_transformer
-from pipelines.core.transformers import is_transformer
+from pipelines.core.transformers import distilled_guidance_notes, is_transformer
 from pipelines.core.vae import VAE_UPCAST_NOTE, check_size, decode
 
 
@@ -192,7 +192,7 @@ def prepare(models, request: SamplingSettings) -> PreparedCall:
     device = memory.device if memory.mode.value in ("cpu", "high") else pipeline._execution_device
     prompts, note = prompt_arguments(pipeline, *texts, device)
     notes = request.notes() + prompt_notes + ([note] if note else []) + (fast_notes(request.steps) if fast else []) \
-        + lcm_sampler_notes(request, pipeline, loras)
+        + lcm_sampler_notes(request, pipeline, loras) + distilled_guidance_notes(request, pipeline)
     side = model.native_side
     if side and max(request.width, request.height) > 2 * side:
         notes.append(f"{request.width}×{request.height} is more than twice this model's native size ({side} px): "

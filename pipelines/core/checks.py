@@ -67,7 +67,8 @@ PREVIEW_MODES = ("auto", "linear", "full")
 WHOLE_NUMBER_RANGES = {"steps": (1, MAX_STEPS), "batch_size": (1, MAX_BATCH), "batch_count": (1, MAX_BATCH_COUNT),
                        "width": (8, MAX_SIDE), "height": (8, MAX_SIDE), "draft_length": (1, MAX_DRAFT_LENGTH)}
 # ControlNet's `weight` scales its residuals; `start` and `end` are shares of the steps; a LoRA tag's weight
-NUMBER_RANGES = {"guidance_scale": (0.0, MAX_GUIDANCE_SCALE), "distilled_guidance": (0.0, MAX_GUIDANCE_SCALE), "guidance_rescale": (0.0, 1.0), "strength": (0.0, 1.0),
+NUMBER_RANGES = {"guidance_scale": (0.0, MAX_GUIDANCE_SCALE), "distilled_guidance": (0.0, MAX_GUIDANCE_SCALE),
+                 "guidance_rescale": (0.0, 1.0), "strength": (0.0, 1.0),
                  "weight": (0.0, MAX_CONTROL_WEIGHT), "start": (0.0, 1.0), "end": (0.0, 1.0),
                  "lora_weight": (-MAX_LORA_WEIGHT, MAX_LORA_WEIGHT),
                  # guidance beyond CFG (pipelines/core/guidance.py); the interval's ends are shares of the steps

@@ -30,14 +30,28 @@ the table applies to its v-prediction models too, but it was not optimised for t
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import torch
-from diffusers import (DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
-                       LCMScheduler, UniPCMultistepScheduler)
+from diffusers import (
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LCMScheduler,
+    UniPCMultistepScheduler,
+)
 from diffusers.schedulers import AysSchedules
 
-from pipelines.core.samplers import (SAMPLERS, SPECULATIVE_SAMPLER, STEPWISE_SAMPLER_NAMES, check_sampler,
-                                     make_scheduler, sampler_from_a1111)
+from pipelines.core.samplers import (
+    SAMPLERS,
+    SPECULATIVE_SAMPLER,
+    STEPWISE_SAMPLER_NAMES,
+    check_sampler,
+    make_scheduler,
+    sampler_from_a1111,
+)
 from pipelines.core.transformers import is_flow, make_transformer_scheduler
 
 DEFAULT_SCHEDULE = "Default"
@@ -214,14 +228,15 @@ def set_schedule(scheduler, steps: int, schedule: str, *, unet_config=None, devi
 
 
 def schedule_table(model_scheduler_config: dict, sampler: str, schedules: list[str], steps: int, *,
-                   unet_config=None) -> dict[str, dict]:
+                   unet_config=None, flux_sigmas: bool = False) -> dict[str, dict]:
     """Per schedule, what `sampler` runs at each model call: its timesteps, sigma_t = sqrt((1 - abar_t) / abar_t)
     and abar_t. Where the scheduler keeps its sigmas (Euler, Heun, LMS, DPM++ ...) they are the ones it steps
     with, and abar_t = 1 / (1 + sigma_t^2); elsewhere abar_t is the model's at the timestep. A flow-matching
     model's (x_t = (1 - t) x_0 + t eps) adds its t at each call (`flow_t`), its sigma and abar those of the same
-    SNR: sigma_t = t / (1 - t)."""
+    SNR: sigma_t = t / (1 - t); `flux_sigmas`: the sigmas Flux's pipeline hands its scheduler."""
     if is_flow(model_scheduler_config):
-        return {schedule: _flow_schedule(model_scheduler_config, sampler, schedule, steps) for schedule in schedules}
+        return {schedule: _flow_schedule(model_scheduler_config, sampler, schedule, steps, flux_sigmas)
+                for schedule in schedules}
     table = {}
     for schedule in schedules:
         error = schedule_error(sampler, schedule)
@@ -243,12 +258,17 @@ def schedule_table(model_scheduler_config: dict, sampler: str, schedules: list[s
     return table
 
 
-def _flow_schedule(config: dict, sampler: str, schedule: str, steps: int) -> dict:
+def _flow_schedule(config: dict, sampler: str, schedule: str, steps: int, flux_sigmas: bool) -> dict:
     if schedule != DEFAULT_SCHEDULE:
         raise ValueError(f"{schedule} is tuned for DDPM models; a flow-matching model runs its own (shifted) schedule.")
     scheduler = make_transformer_scheduler(sampler, config)
-    # a resolution-shifted schedule (Flux) at 1024² (4,096 patches), where its shift is largest
-    extra = {"mu": float(config.get("max_shift", 1.15))} if config.get("use_dynamic_shifting") else {}
+    takes = inspect.signature(scheduler.set_timesteps).parameters
+    extra = {}
+    if flux_sigmas and "sigmas" in takes:      # Flux's pipeline hands its scheduler linspace(1, 1/n, n)
+        extra["sigmas"] = np.linspace(1.0, 1 / steps, steps)
+    if config.get("use_dynamic_shifting") and "mu" in takes:
+        # a resolution-shifted schedule (Flux) at 1024² (4,096 patches), where its shift is largest
+        extra["mu"] = float(config.get("max_shift", 1.15))
     scheduler.set_timesteps(steps, **extra)
     timesteps = scheduler.timesteps.double().cpu().numpy()
     t = scheduler.sigmas[:len(timesteps)].double().cpu().numpy()

@@ -15,15 +15,23 @@ from typing import Any
 import torch
 from PIL import Image
 
+from pipelines.core.families import family_of_pipeline
 from pipelines.core.images import to_pil
 from pipelines.core.prompts import prompt_texts, uses_emphasis
 from pipelines.core.requests import SamplingSettings
 from pipelines.core.samplers import DEFAULT_SAMPLER, SPECULATIVE_SAMPLER
-from pipelines.core.transformers import (DEFAULT_DISTILLED_GUIDANCE, NOT_YET, TASK_LABELS, TRANSFORMER_TASKS,
-                                         controlnet_pipeline, default_transformer_sampler, make_transformer_scheduler,
-                                         starting_at_strength, takes_distilled_guidance, transformer_samplers)
+from pipelines.core.transformers import (
+    NOT_YET,
+    TASK_LABELS,
+    TRANSFORMER_TASKS,
+    controlnet_pipeline,
+    default_transformer_sampler,
+    distilled_guidance_notes,
+    make_transformer_scheduler,
+    starting_at_strength,
+    transformer_samplers,
+)
 from pipelines.core.vae import VAE_UPCAST_NOTE, check_size, decode
-from pipelines.core.families import family_of_pipeline
 
 
 class _Stopped(Exception):
@@ -84,8 +92,8 @@ class TransformerCall:
                              control_guidance_end=[u.end for u in units] if many else units[0].end)
         elif request.task == "img2img":
             image = request.fitted_image()
-            if "image" in takes:
-                arguments.update(image=image, strength=request.strength)
+            if "image" in takes:      # one per image of the batch: SD 3's encodes image i with generator i
+                arguments.update(image=[image] * request.batch_size, strength=request.strength)
             else:                  # PixArt, Sana: their text-to-image call started from the image (StartFromImage)
                 pipeline.start_image = image
         if self.family == "Flux":
@@ -128,7 +136,11 @@ class TransformerCall:
             return pipeline(**arguments).images
         except _Stopped as stopped:
             pipeline._interrupt = True
+            pipeline.maybe_free_model_hooks()        # as the pipeline's own end would (offload modes)
             return stopped.latents
+        finally:
+            if hasattr(pipeline, "start_image"):   # the input image is this call's, not the cached pipeline's
+                pipeline.start_image = None
 
     def spatial(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents as the VAE reads them: Flux's 2×2-packed sequence unpacked to channels × height × width."""
@@ -160,14 +172,24 @@ def check_transformer_request(request: SamplingSettings, task, pipeline, family:
     if not request.plain_guidance() or request.guidance_rescale:
         raise ValueError(f"{family} models run with plain CFG: PAG, ICG, classifier guidance, the guidance interval, "
                          "guidance rescale and Align Your Steps run in the studio's own UNet loop. Turn them off.")
-    samplers = transformer_samplers(pipeline, scheduler_config)
+    samplers = transformer_samplers(pipeline, scheduler_config, request.task)
     if request.sampler not in samplers:
         why = " (speculative sampling verifies DDPM steps of a UNet)" if request.sampler == SPECULATIVE_SAMPLER else ""
         raise ValueError(f"{family} models run the samplers {', '.join(samplers)}; {request.sampler!r} is not one "
                          f"of them{why}.")
-    if request.distilled_guidance != DEFAULT_DISTILLED_GUIDANCE and not takes_distilled_guidance(pipeline):
-        raise ValueError(f"Distilled CFG scale is Flux.1 dev's guidance input; this {family} model has none. Leave it "
-                         f"at {DEFAULT_DISTILLED_GUIDANCE:g} and use the CFG scale.")
+
+
+
+def transformer_notes(request: SamplingSettings, family: str, pipeline) -> list[str]:
+    """What a transformer family's pipeline leaves out of the request, said rather than silently dropped."""
+    notes = distilled_guidance_notes(request, pipeline)
+    if request.task == "inpaint" and request.masked_content in ("latent noise", "latent nothing"):
+        notes.append(f"Masked content \"{request.masked_content}\" is the UNet loop's; {family}'s inpainting "
+                     "pipeline starts from the image (\"original\").")
+    if request.task == "inpaint" and request.soft_inpainting:
+        notes.append(f"Soft inpainting is the UNet loop's; {family}'s inpainting pipeline takes the mask as hard "
+                     "(the original is still pasted back through the soft mask).")
+    return notes
 
 
 def _multiple(pipeline, family: str) -> int:
@@ -180,9 +202,12 @@ def _multiple(pipeline, family: str) -> int:
 def prepare_transformer(models, request: SamplingSettings, task, model) -> TransformerCall:
     """`prepare` (call.py) for a diffusion transformer model (on the device thread)."""
     family = family_of_pipeline(model.pipeline)
+    if request.task == "outpaint":        # its generated box in multiples of the transformer's patch of cells
+        request = replace(request)
+        request.size_multiple = _multiple(model.pipeline, family)
     default_note = []
-    if request.sampler == DEFAULT_SAMPLER and request.sampler not in transformer_samplers(model.pipeline,
-                                                                                          model.scheduler_config):
+    if request.sampler == DEFAULT_SAMPLER and request.sampler not in transformer_samplers(
+            model.pipeline, model.scheduler_config, request.task):
         own = default_transformer_sampler(model.scheduler_config)   # the studio's default, where the model has not it
         request = replace(request, sampler=own)
         default_note = [f"{DEFAULT_SAMPLER} does not run {family} models; this ran {own}, the model's own sampler."]
@@ -204,6 +229,7 @@ def prepare_transformer(models, request: SamplingSettings, task, model) -> Trans
     loras = models.use_loras(uses)
     notes = default_note + request.notes() + notes + [
         f"LoRA {use.name}: weight {use.weight:g}, {loras[use.name].modules} modules patched." for use in uses]
+    notes += transformer_notes(request, family, model.pipeline)
     if uses_emphasis(prompt) or uses_emphasis(negative_prompt):
         notes.append(f"Prompt weights like (word:1.2) are A1111's for CLIP; {family}'s pipeline reads them as "
                      "plain text.")

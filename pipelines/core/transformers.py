@@ -23,8 +23,14 @@ from __future__ import annotations
 
 import inspect
 
-from diffusers import (DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler,
-                       FlowMatchLCMScheduler, UniPCMultistepScheduler)
+import torch
+from diffusers import (
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
+    FlowMatchLCMScheduler,
+    UniPCMultistepScheduler,
+)
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
@@ -81,6 +87,15 @@ def takes_distilled_guidance(pipeline) -> bool:
     return is_transformer(pipeline) and bool(getattr(pipeline.transformer.config, "guidance_embeds", False))
 
 
+def distilled_guidance_notes(request, pipeline) -> list[str]:
+    """A distilled CFG scale set for a model that takes none (a Forge infotext restored onto another model) is
+    left unused, and said so."""
+    if request.distilled_guidance == DEFAULT_DISTILLED_GUIDANCE or takes_distilled_guidance(pipeline):
+        return []
+    return [f"Distilled CFG scale {request.distilled_guidance:g} is Flux.1 dev's guidance input; this model has "
+            "none, so it was not used (the CFG scale guides it)."]
+
+
 def _timestep_arguments(pipeline, scheduler_config: dict) -> set[str]:
     """What the family's pipeline passes to `scheduler.set_timesteps` beyond the step count."""
     name = type(pipeline).__name__
@@ -91,14 +106,18 @@ def _timestep_arguments(pipeline, scheduler_config: dict) -> set[str]:
     return set()
 
 
-def transformer_samplers(pipeline, scheduler_config: dict) -> tuple[str, ...]:
-    """The samplers a transformer model runs: the flow-matching ones its pipeline can drive, or (PixArt, a DDPM
-    model) the UNet families' one-step samplers."""
+def transformer_samplers(pipeline, scheduler_config: dict, task: str = "txt2img") -> tuple[str, ...]:
+    """The samplers a transformer model runs for `task`: the flow-matching ones its pipeline can drive, or (PixArt,
+    a DDPM model) the UNet families' one-step samplers. SD 3's and Flux's image-to-image and inpainting pipelines
+    noise their start with `scale_noise`, which only the FlowMatch samplers have."""
     if not is_flow(scheduler_config):
         return tuple(name for name in STEPWISE_SAMPLER_NAMES if name != SPECULATIVE_SAMPLER)
     needed = _timestep_arguments(pipeline, scheduler_config)
+    from_image = task in ("img2img", "inpaint", "outpaint") and type(pipeline).__name__.startswith(
+        ("StableDiffusion3", "Flux"))
     return tuple(name for name, (kind, _) in FLOW_SAMPLERS.items()
-                 if needed <= set(inspect.signature(kind.set_timesteps).parameters))
+                 if needed <= set(inspect.signature(kind.set_timesteps).parameters)
+                 and not (from_image and not hasattr(kind, "scale_noise")))
 
 
 def make_transformer_scheduler(name: str, scheduler_config: dict):
@@ -116,11 +135,11 @@ def make_transformer_scheduler(name: str, scheduler_config: dict):
     return kind(**{key: value for key, value in settings.items() if key in keep})
 
 
-def sampler_menu(model, task_samplers: tuple[str, ...]) -> tuple[str, ...]:
-    """The samplers a tab offers for the loaded model: the task's, or those the transformer family runs."""
+def sampler_menu(model, task: str, task_samplers: tuple[str, ...]) -> tuple[str, ...]:
+    """The samplers a tab offers for the loaded model: the task's, or those the transformer family runs for it."""
     if model is None or not is_transformer(model.pipeline):
         return task_samplers
-    return transformer_samplers(model.pipeline, model.scheduler_config)
+    return transformer_samplers(model.pipeline, model.scheduler_config, task)
 
 
 def controlnet_pipeline(base, controlnets: list):
@@ -147,7 +166,7 @@ def check_unet_model(model, what: str) -> None:
 
 
 def default_transformer_sampler(scheduler_config: dict) -> str:
-    """The sampler a flow-matching model ships with, by our name (None for a DDPM one: the UNet families' rule)."""
+    """The sampler a flow-matching model ships with, by our name (Euler where it ships another)."""
     config = dict(scheduler_config)
     for name, (kind, _) in FLOW_SAMPLERS.items():
         if config.get("_class_name") == kind.__name__:
@@ -159,18 +178,24 @@ def default_transformer_sampler(scheduler_config: dict) -> str:
 
 
 def starting_at_strength(scheduler, strength: float):
-    """`scheduler` whose `set_timesteps` keeps the last `strength` of the steps, as diffusers' image-to-image
-    pipelines cut theirs (and starts its step count there)."""
+    """`scheduler` whose `set_timesteps` keeps the last `strength` of the steps, cut where diffusers' image-to-image
+    pipelines cut theirs. Its sigmas are cut with its timesteps and it starts at index 0, so that a multistep
+    solver's last, lower-order step falls on the last step kept (and a pipeline that sets the begin index to 0,
+    as PixArt-α's does, keeps the right sigmas)."""
     kind = type(scheduler)
 
     class Cut(kind):
         def set_timesteps(self, *args, **kwargs):
             super().set_timesteps(*args, **kwargs)
-            count = len(self.timesteps) // self.order
-            start = (count - min(int(count * strength), count)) * self.order
-            self.timesteps = self.timesteps[start:]
+            steps = self.num_inference_steps or len(self.timesteps) // self.order
+            cut = int(max(steps - min(steps * strength, steps), 0)) * self.order
+            self.timesteps = self.timesteps[cut:]
+            sigmas = getattr(self, "sigmas", None)
+            if isinstance(sigmas, torch.Tensor) and len(sigmas) > cut:
+                self.sigmas = sigmas[cut:]
+            self._step_index = None
             if hasattr(self, "set_begin_index"):
-                self.set_begin_index(start)
+                self.set_begin_index(0)
 
     Cut.__name__ = Cut.__qualname__ = kind.__name__
     return Cut.from_config(scheduler.config)

@@ -262,7 +262,8 @@ class Explorer:
         table, left_out = {}, {}
         for schedule in schedules:
             try:
-                table |= schedule_table(model.scheduler_config, sampler, [schedule], steps, unet_config=unet_config)
+                table |= schedule_table(model.scheduler_config, sampler, [schedule], steps, unet_config=unet_config,
+                                        flux_sigmas=type(model.pipeline).__name__.startswith("Flux"))
             except ValueError as error:
                 left_out[schedule] = str(error)
         if not table:

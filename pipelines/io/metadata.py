@@ -75,8 +75,8 @@ MB = 1024 ** 2
 # The ranges of the settings an infotext restores, in the infotext's order: those every request checks
 # (pipelines/core/checks.py).
 RESTORED_RANGES = {name: (WHOLE_NUMBER_RANGES | NUMBER_RANGES)[name] for name in (
-    "steps", "width", "height", "batch_size", "guidance_scale", "distilled_guidance", "guidance_rescale", "strength", "draft_length",
-    "cfg_start", "cfg_end", "pag_scale", "pag_adaptive_scale", "classifier_scale")}
+    "steps", "width", "height", "batch_size", "guidance_scale", "distilled_guidance", "guidance_rescale", "strength",
+    "draft_length", "cfg_start", "cfg_end", "pag_scale", "pag_adaptive_scale", "classifier_scale")}
 
 
 # ---------------------------------------------------------------------------------------

@@ -25,8 +25,8 @@ from pathlib import Path
 from safetensors import safe_open
 
 from pipelines.core.fast import EMBEDDED_FAST_LORA, EMBEDDED_FAST_LORA_FOLDER
-from pipelines.core.transformers import denoiser_of
 from pipelines.core.paths import ASSETS_DIR, LORA_FOLDER_WEIGHTS, check_weights_file, confined, inside
+from pipelines.core.transformers import denoiser_of
 from pipelines.io.files import sha256_hex
 
 FOLDER_WEIGHTS = LORA_FOLDER_WEIGHTS

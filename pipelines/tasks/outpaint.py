@@ -67,6 +67,9 @@ class OutpaintRequest(SamplingSettings):
     only_masked_padding: int = 32         # at its own scale
     strength: float = 1.0                 # 1: the new area starts from fresh noise
     _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    # what the generated box's sides are multiples of: the VAE's cell, or a transformer's patch of cells (set by
+    # the transformer families' preparation, pipelines/core/transformer_call.py)
+    size_multiple: int = field(default=8, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         super().__post_init__()
@@ -125,7 +128,7 @@ class OutpaintRequest(SamplingSettings):
                                       only_masked_padding=self.only_masked_padding, strength=self.strength,
                                       soft_inpainting=bool(self.overlap + self.mask_blur))
             asked = inpainting(self.width, self.height)
-            size = box_processing_size(asked.box(), self.width, self.height)
+            size = box_processing_size(asked.box(), self.width, self.height, self.size_multiple)
             return asked if size == (self.width, self.height) else inpainting(*size)
         if "inpainting" not in self._derived:    # built when first needed: `replace` makes fresh requests
             self._derived["inpainting"] = compute()
@@ -162,17 +165,19 @@ class OutpaintRequest(SamplingSettings):
         return Image.fromarray(result)
 
 
-def box_processing_size(box: tuple[int, int, int, int], width: int, height: int) -> tuple[int, int]:
+def box_processing_size(box: tuple[int, int, int, int], width: int, height: int,
+                        multiple: int = 8) -> tuple[int, int]:
     """The size to generate `box` at: Width × Height where the box has its shape; otherwise the box's own shape
     (the canvas kept it from growing to Width × Height's) at the scale Width × Height gives the side that could not
     grow, with at most 4× Width × Height's pixels and no side over MAX_SIDE (the largest Width or Height a request
-    takes), in multiples of 8 px (the VAE's cell)."""
+    takes), in multiples of `multiple` px (the VAE's cell; a transformer's patch of cells: size_multiple)."""
     box_width, box_height = box[2] - box[0], box[3] - box[1]
     if abs(box_width / box_height / (width / height) - 1) <= 0.02:
         return width, height
     scale = min(max(width / box_width, height / box_height), math.sqrt(4 * width * height / (box_width * box_height)),
                 MAX_SIDE / box_width, MAX_SIDE / box_height)
-    return max(8, round(box_width * scale / 8) * 8), max(8, round(box_height * scale / 8) * 8)
+    return (max(multiple, round(box_width * scale / multiple) * multiple),
+            max(multiple, round(box_height * scale / multiple) * multiple))
 
 
 def seam_correction(mismatch: np.ndarray, original_area: np.ndarray, band_px: int) -> np.ndarray:

@@ -4,9 +4,9 @@ prediction type it can train, the peft release a text-encoder LoRA needs, the ba
 from __future__ import annotations
 
 from pipelines.core.families import family_of_pipeline
-from pipelines.core.transformers import check_unet_model, is_transformer
-from pipelines.training.flow import FLOW_TRAINING_FAMILIES
+from pipelines.core.transformers import is_transformer
 from pipelines.models.memory import MemoryMode
+from pipelines.training.flow import FLOW_TRAINING_FAMILIES
 from pipelines.training.request import METHOD_NAMES, TrainingRequest
 
 
@@ -16,7 +16,11 @@ def check_model(models, model, request: TrainingRequest) -> None:
     if is_transformer(model.pipeline):
         family = family_of_pipeline(model.pipeline)
         if family not in FLOW_TRAINING_FAMILIES:
-            check_unet_model(model, f"{name} training")
+            raise ValueError(f"{name} training here runs on UNet models (SD 1.x/2.x, SDXL) and, as a LoRA, on SD 3.x "
+                             f"and Flux; {model.name} is a {family} model, which it does not train yet.")
+        if run_processes() > 1:
+            raise ValueError(f"On {family} models the LoRA trains in one process; data-parallel training (several "
+                             "processes) runs the UNet loop. Launch it as one process.")
         if request.method != "lora" or request.train_text_encoder:
             raise ValueError(f"On {family} models the studio trains a LoRA on the transformer (flow matching); "
                              f"{name}{' with the text encoders' if request.method == 'lora' else ''} trains UNet "

@@ -32,12 +32,17 @@ import torch
 
 from pipelines.core.families import family_of_pipeline
 from pipelines.core.images import fit_image, image_to_tensor
-from pipelines.core.transformers import (DEFAULT_DISTILLED_GUIDANCE, default_transformer_sampler,
-                                         make_transformer_scheduler)
+from pipelines.core.transformers import (
+    DEFAULT_DISTILLED_GUIDANCE,
+    default_transformer_sampler,
+    make_transformer_scheduler,
+)
 from pipelines.core.vae import encode
+from pipelines.jobs.worker import JobCancelled
 from pipelines.training.request import EFFECT_THRESHOLD, LossPoint, Samples, TrainingRequest, TrainingResult
 
 FLOW_TRAINING_FAMILIES = ("SD 3.x", "Flux")
+MAX_NAN_STRIKES = 5
 # diffusers' SD 3 and Flux LoRA scripts' default layers: both streams' attention projections
 TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
            "attn.add_v_proj", "attn.to_add_out"]
@@ -59,7 +64,8 @@ def train_transformer_lora(models, model, request: TrainingRequest, job) -> Trai
     parameters = _add_lora(transformer, adapter, request)
     generator = torch.Generator().manual_seed(request.seed)
     optimizer = torch.optim.AdamW(parameters, lr=request.learning_rate, weight_decay=1e-2)
-    step, loss_value, warnings, started, learning_rate = 0, float("nan"), [], time.perf_counter(), request.learning_rate
+    step, loss_value, started, learning_rate = 0, float("nan"), time.perf_counter(), request.learning_rate
+    warnings, strikes = _unused_settings(request, family), 0
     stopped = job.stop.is_set()
     try:
         while step < request.steps and not stopped:
@@ -72,10 +78,14 @@ def train_transformer_lora(models, model, request: TrainingRequest, job) -> Trai
             gradients = [parameter.grad for parameter in parameters if parameter.grad is not None]
             if not torch.isfinite(loss) or not all(torch.isfinite(gradient).all() for gradient in gradients):
                 optimizer.zero_grad(set_to_none=True)
-                learning_rate /= 2
+                learning_rate, strikes = learning_rate / 2, strikes + 1
+                if strikes > MAX_NAN_STRIKES:
+                    raise ValueError(f"The loss kept turning non-finite ({strikes} steps in a row); nothing was "
+                                     "saved. Lower the learning rate or check the images.")
                 warnings.append(f"Step {step}: the loss or a gradient was not finite; step skipped, learning rate "
                                 "halved.")
             else:
+                strikes = 0
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step, loss_value = step + 1, float(loss)
@@ -86,13 +96,14 @@ def train_transformer_lora(models, model, request: TrainingRequest, job) -> Trai
                 _train_mode(transformer, adapter)
             stopped = job.stop.is_set()
         if step == 0:
-            raise ValueError("Stopped before the first step; nothing was written.")
+            raise JobCancelled("Stopped before the first step; nothing was written.")
         # 4. The file, then the effect
         transformer.eval()
         path = _save(pipeline, transformer, adapter, models.lora_dir, request.name)
         after = _draw(pipeline, model, request, side) if before else []
     finally:
         transformer.delete_adapters(adapter)
+        transformer.eval()
     effect = float(np.mean([np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean()
                             for a, b in zip(after, before)])) if after else 0.0
     if after and effect < EFFECT_THRESHOLD:
@@ -103,15 +114,28 @@ def train_transformer_lora(models, model, request: TrainingRequest, job) -> Trai
                           stopped=stopped, warnings=warnings, base_model=model.name, method=request.method)
 
 
-def _latents(pipeline, request: TrainingRequest, side: int, device) -> list[torch.Tensor]:
-    """Each image's latents (and its mirror's, for flips), repeated as the request repeats it: (1, C, h, w) each."""
+def _unused_settings(request: TrainingRequest, family: str) -> list[str]:
+    """What the UNet loop does with a request that this loop does not, said once at the start."""
+    unused = [what for what, used in (
+        ("aspect-ratio buckets (square centre crops instead)", request.bucketing),
+        ("min-SNR weighting (flow matching draws t from the logit-normal density instead)", request.min_snr_gamma),
+        ("a noise offset", request.noise_offset), ("samples between checkpoints (before and after only)",
+                                                  request.sample_every and request.sample_every < request.steps))
+        if used]
+    return [f"On {family}, this training runs without: {'; '.join(unused)}; and it keeps no checkpoint to resume "
+            "from."] if unused else []
+
+
+def _latents(pipeline, request: TrainingRequest, side: int, device) -> list[tuple[int, list[torch.Tensor]]]:
+    """Each image's number and latents (and its mirror's, for flips), repeated as the request repeats it:
+    (1, C, h, w) each."""
     examples = []
     with torch.no_grad():
-        for image, repeats in zip(request.images, request.image_repeats()):
+        for number, (image, repeats) in enumerate(zip(request.images, request.image_repeats())):
             fitted = fit_image(image.convert("RGB"), side, side)
             views = [fitted, fitted.transpose(0)] if request.flip else [fitted]   # 0: FLIP_LEFT_RIGHT
             encoded = [encode(pipeline.vae, image_to_tensor(view)).float().to(device) for view in views]
-            examples += [encoded] * repeats
+            examples += [(number, encoded)] * repeats
     return examples
 
 
@@ -159,9 +183,9 @@ def _loss(pipeline, family: str, scheduler_config: dict, request: TrainingReques
     """One batch's flow-matching loss: ‖(eps − x_0) − v_θ((1 − t)·x_0 + t·eps, t)‖²."""
     rows = torch.randint(len(latents), (request.batch_size,), generator=generator).tolist()
     flips = torch.randint(2, (request.batch_size,), generator=generator).tolist()
-    x0 = torch.cat([latents[row][flip % len(latents[row])] for row, flip in zip(rows, flips)])
+    x0 = torch.cat([latents[row][1][flip % len(latents[row][1])] for row, flip in zip(rows, flips)])
     prompts = request.prompts()
-    captions = [prompts[row % len(prompts)] for row in rows]
+    captions = [prompts[latents[row][0]] for row in rows]       # each image's own caption
     dropped = (torch.rand(request.batch_size, generator=generator) < request.caption_dropout).tolist()
     text = {key: torch.cat([texts["" if drop else caption][key] for caption, drop in zip(captions, dropped)])
             for key in ("encoder_hidden_states", "pooled_projections")}
@@ -221,7 +245,9 @@ def _save(pipeline, transformer, adapter: str, folder: Path, name: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     state = {key: value.detach().to("cpu", torch.float16).contiguous()
              for key, value in get_peft_model_state_dict(transformer, adapter_name=adapter).items()}
-    partial = f".{name}.partial.safetensors"
+    if not all(torch.isfinite(value).all() for value in state.values()):
+        raise ValueError("The trained LoRA holds non-finite weights; nothing was written. Lower the learning rate.")
+    partial = f".{name}.safetensors.partial"        # not listed as a LoRA if a crash leaves it
     type(pipeline).save_lora_weights(folder, transformer_lora_layers=state, weight_name=partial)
     path = folder / f"{name}.safetensors"
     os.replace(folder / partial, path)

@@ -46,17 +46,25 @@ import torch
 from pipelines.core.images import to_pil
 from pipelines.core.prompts import prompt_arguments
 from pipelines.core.samplers import make_scheduler, model_default_sampler
+from pipelines.core.transformers import is_transformer
 from pipelines.core.vae import decode
 from pipelines.jobs.worker import JobCancelled
-from pipelines.core.transformers import is_transformer
-from pipelines.training.checks import check_model
-from pipelines.training.flow import train_transformer_lora
 from pipelines.training.checkpoint import base_model_identity, fingerprint, remove_checkpoint, resume, save_checkpoint
+from pipelines.training.checks import check_model
 from pipelines.training.class_images import class_image_folder, class_images
 from pipelines.training.data import TrainingData, prepare_data
+from pipelines.training.flow import train_transformer_lora
 from pipelines.training.methods import make_method
-from pipelines.training.request import (EFFECT_THRESHOLD, METHOD_NAMES, EffectScore, LossPoint, Samples,
-                                        TrainingRequest, TrainingResult, TrainingWarning)
+from pipelines.training.request import (
+    EFFECT_THRESHOLD,
+    METHOD_NAMES,
+    EffectScore,
+    LossPoint,
+    Samples,
+    TrainingRequest,
+    TrainingResult,
+    TrainingWarning,
+)
 
 NAN_STRIKES_BEFORE_ROLLBACK = 3
 MAX_ROLLBACKS = 5
@@ -107,9 +115,9 @@ def train(models, request: TrainingRequest, job, *, cache_dir: Path, score: Effe
     what = f"the {METHOD_NAMES[request.method]} training {request.name!r}"
     with models.hold(what) as model:
         check_model(models, model, request)
-        models.use_loras([])
+        models.use_loras([])      # no other LoRA may shape the cached embeddings or the "before" samples
         if is_transformer(model.pipeline):      # SD 3.x, Flux: flow matching on their transformer (flow.py)
-            return train_transformer_lora(models, model, request, job)      # no other LoRA may shape the cached embeddings or the "before" samples
+            return train_transformer_lora(models, model, request, job)
         run = _Run(request=request, job=job, models=models, model=model,
                    adapter="training_" + re.sub(r"\W", "_", request.name), run_dir=cache_dir / request.name,
                    fingerprint=fingerprint(request, base_model_identity(model)),   # before any adapter is added

@@ -408,3 +408,13 @@ def test_the_a1111_api_takes_forges_distilled_cfg_scale():
     plain = generation_request(Txt2ImgBody(prompt="red apple", steps=4).model_dump(), img2img=False, native_side=64,
                                preview_every=0)
     assert plain.request.distilled_guidance == 3.5
+
+
+def test_an_outpainted_box_on_a_transformer_is_in_multiples_of_its_patch_of_cells():
+    """SD 3's and Flux's sides are multiples of 16 (8-px cells in 2×2 patches): the box outpainting generates is
+    rounded to that, so that no request is refused for a size Width and Height cannot change."""
+    from pipelines.tasks.outpaint import box_processing_size
+
+    assert box_processing_size((0, 0, 1324, 868), 1024, 1024) == (1560, 1024)          # a UNet's 8 px: unchanged
+    width, height = box_processing_size((0, 0, 1324, 868), 1024, 1024, 16)
+    assert width % 16 == 0 and height % 16 == 0 and abs(width / height - 1324 / 868) < 0.02

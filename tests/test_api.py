@@ -10,15 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_server import server  # noqa: F401  (the launched studio, tiny model)
+from tests.test_server import client, server  # noqa: F401  (the launched studio, tiny model; an API client)
 
 
-def test_the_forward_process_has_an_endpoint_with_the_plots_numbers(server, tmp_path):  # noqa: F811
-    from gradio_client import Client, handle_file
+def test_the_forward_process_has_an_endpoint_with_the_plots_numbers(client, tmp_path):  # noqa: F811
+    from gradio_client import handle_file
 
-    url, _ = server
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "x0.png")
-    client = Client(url, verbose=False)
     parameters = {p["parameter_name"]: p for p in
                   client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/explorer_forward"][
                       "parameters"]}
@@ -58,15 +56,12 @@ def _whole_number_fields() -> set[str]:
             if typing.get_type_hints(request_class).get(item.name) is int}
 
 
-def _endpoints(client) -> dict:
-    return client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+def _endpoints(api) -> dict:
+    return api.view_api(return_format="dict", print_info=False)["named_endpoints"]
 
 
-def test_every_public_endpoint_has_readable_typed_parameters_and_labelled_outputs(server):  # noqa: F811
-    from gradio_client import Client
-
-    url, _ = server
-    endpoints = _endpoints(Client(url, verbose=False))
+def test_every_public_endpoint_has_readable_typed_parameters_and_labelled_outputs(client):  # noqa: F811
+    endpoints = _endpoints(client)
     whole = _whole_number_fields() | WHOLE_NUMBERS
     assert {"steps", "width", "height", "seed", "batch_size", "batch_count"} <= whole
     for name, endpoint in endpoints.items():
@@ -82,16 +77,13 @@ def test_every_public_endpoint_has_readable_typed_parameters_and_labelled_output
                 f"{name} returns an unlabelled {output['component']}"
 
 
-def test_the_readme_shows_a_call_of_every_public_endpoint(server):  # noqa: F811
+def test_the_readme_shows_a_call_of_every_public_endpoint(client):  # noqa: F811
     from pathlib import Path
 
-    from gradio_client import Client
-
-    url, _ = server
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     scripting = readme[readme.index("## Scripting it"):].split("\n## ")[0]
     shown = set(re.findall(r'api_name="(/\w+)"', scripting))
-    assert shown == set(_endpoints(Client(url, verbose=False))), "README's Scripting it and the served endpoints differ"
+    assert shown == set(_endpoints(client)), "README's Scripting it and the served endpoints differ"
 
 
 def _png(path, pixels: np.ndarray) -> str:
@@ -100,18 +92,18 @@ def _png(path, pixels: np.ndarray) -> str:
 
 
 @pytest.mark.slow
-def test_every_public_endpoint_answers_with_only_its_required_arguments(server, tmp_path, monkeypatch):  # noqa: F811
+def test_every_public_endpoint_answers_with_only_its_required_arguments(server, client, tmp_path,  # noqa: F811
+                                                                          monkeypatch):
     """Each endpoint the server lists is called with what it requires and nothing else, on the tiny model; the
     embedded model is loaded for /controlnet, whose default unit's model is a shipped ControlNet made for it."""
-    from gradio_client import Client, handle_file
+    from gradio_client import handle_file
     from gradio_client.exceptions import AppError
 
     from pipelines.io.metadata import parse_infotext
     from pipelines.training.request import LossPoint
 
-    url, context = server
+    _, context = server
     monkeypatch.setattr(context.models, "models_dir", tmp_path / "models")   # the trained LoRA lands here
-    client = Client(url, verbose=False)
     endpoints = _endpoints(client)
     rng = np.random.default_rng(0)
     scribble = np.full((64, 64, 3), 255, dtype=np.uint8)

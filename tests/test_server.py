@@ -363,6 +363,13 @@ def _on_tab(page, tab: str):
     return page
 
 
+def _page_on_tab(browser, url: str, tab: str):
+    """A fresh 1400x1000 page on the studio, on tab `tab` (for the browser tests of other modules)."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url, wait_until="load")
+    return _on_tab(page, tab)
+
+
 def _generate(page, seed: int) -> None:
     """Text-to-Image draws "red apple" with `seed` on the page (a seed no other test on the page uses: its status
     line is what is waited for)."""

@@ -151,8 +151,8 @@ def build_tiny_sd3_pipeline(folder: Path, seed: int = 0):
 
     tokenizer = build_tokenizer(PHRASES, folder / "tokenizer_src", merges=200)
     torch.manual_seed(seed)
-    # 16 latent channels, as SD 3's VAE has (its inpainting pipeline checks)
-    transformer = SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=16, num_layers=2,
+    # 16 latent channels, as SD 3's VAE has (its inpainting pipeline checks); 2×2 patches, as SD 3's transformer reads
+    transformer = SD3Transformer2DModel(sample_size=64, patch_size=2, in_channels=16, num_layers=2,
                                         attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
                                         joint_attention_dim=32, pooled_projection_dim=64, out_channels=16)
     vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,

@@ -33,8 +33,9 @@ def pytest_configure(config):
 # The longest modules (about two minutes each of a test process's time, then under a minute), started first: the
 # processes take whole modules in this order (`--dist loadscope`, studio.sh), so short modules fill the end
 # instead of a long one starting last and running on alone
-LONGEST_FIRST = ("test_embedded", "test_server", "test_lora_train", "test_page_inpaint_explorer", "test_page_controlnet",
-                 "test_page_messages", "test_api", "test_training_methods", "test_bad_inputs", "test_live", "test_fast")
+LONGEST_FIRST = ("test_page_inpaint_explorer", "test_server", "test_embedded", "test_page_controlnet", "test_transformers",
+                 "test_lora_train", "test_page_messages", "test_api", "test_live", "test_training_methods",
+                 "test_transformer_training", "test_bad_inputs", "test_explorer_flow", "test_fast")
 
 
 def pytest_collection_modifyitems(config, items):

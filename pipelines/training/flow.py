@@ -70,7 +70,7 @@ def train_transformer_lora(models, model, request: TrainingRequest, job) -> Trai
     try:
         while step < request.steps and not stopped:
             # 3. One step
-            rate = learning_rate * _schedule(step, request)
+            rate = learning_rate * request.learning_rate_factor(step)
             for group in optimizer.param_groups:
                 group["lr"] = rate
             loss = _loss(pipeline, family, model.scheduler_config, request, latents, texts, generator)
@@ -228,14 +228,6 @@ def _shifted(u: torch.Tensor, scheduler_config: dict, x0: torch.Tensor) -> torch
     else:
         shift = float(config.get("shift", config.get("flow_shift", 1.0)))
     return shift * u / (1 + (shift - 1) * u)
-
-
-def _schedule(step: int, request: TrainingRequest) -> float:
-    """Linear warm-up, then cosine decay to 10% (the UNet loop's)."""
-    if step < request.warmup_steps:
-        return (step + 1) / request.warmup_steps
-    progress = (step - request.warmup_steps) / max(1, request.steps - request.warmup_steps)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def _save(pipeline, transformer, adapter: str, folder: Path, name: str) -> Path:

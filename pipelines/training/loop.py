@@ -34,7 +34,6 @@ the memory mode, which would otherwise run at its checkpoints, are refused while
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from dataclasses import dataclass
@@ -190,7 +189,7 @@ def _train(run: _Run, method, parameters: list, data: TrainingData, prior: Train
     method.train_mode()
     while step < request.steps and not stopped:
         # 3. One step
-        rate = learning_rate * _schedule(step, request)
+        rate = learning_rate * request.learning_rate_factor(step)
         for group in optimizer.param_groups:
             group["lr"] = rate
         loss = _loss(objective, method, scheduler, alphas_cumprod, run, generator, data, prior)
@@ -373,14 +372,6 @@ def _yield_to_others(job, method) -> bool:
     if job.checkpoint():
         method.train_mode()
     return job.stop.is_set()
-
-
-def _schedule(step: int, request: TrainingRequest) -> float:
-    """Linear warm-up, then cosine decay to 10%."""
-    if step < request.warmup_steps:
-        return (step + 1) / request.warmup_steps
-    progress = (step - request.warmup_steps) / max(1, request.steps - request.warmup_steps)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def _time_left(seconds: float) -> str:

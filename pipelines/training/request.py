@@ -14,6 +14,7 @@ Three methods share the request (`method`):
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -141,6 +142,13 @@ class TrainingRequest:
 
     def image_repeats(self) -> list[int]:
         return list(self.repeats or [1] * len(self.images))
+
+    def learning_rate_factor(self, step: int) -> float:
+        """The learning rate's share at `step`: a linear warm-up, then cosine decay to 10%."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     def samples(self) -> list[str]:
         return self.sample_prompts or list(dict.fromkeys(self.prompts()))[:2]

@@ -166,13 +166,12 @@ def test_a_non_finite_loss_skips_the_step_and_halves_the_learning_rate(studio, t
     result = job.result(timeout=600)
     warnings = [event for event in job.events() if isinstance(event, TrainingWarning)]
     assert len(warnings) == 1 and "not finite; step skipped, learning rate halved" in warnings[0].message
-    from pipelines.training.loop import _schedule
 
     request = training(steps=6)
     rates = [event.learning_rate for event in job.events() if isinstance(event, LossPoint)]
     assert result.steps == 6 and np.isfinite(result.final_loss)
-    assert rates[1] == pytest.approx(request.learning_rate * _schedule(1, request))        # before the NaN
-    assert rates[3] == pytest.approx(request.learning_rate / 2 * _schedule(3, request))    # halved after it
+    assert rates[1] == pytest.approx(request.learning_rate * request.learning_rate_factor(1))        # before the NaN
+    assert rates[3] == pytest.approx(request.learning_rate / 2 * request.learning_rate_factor(3))    # halved after it
 
 
 def test_a_dataset_folder_must_lie_under_models(tmp_path):

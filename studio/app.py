@@ -257,9 +257,7 @@ def _wire_model_defaults(context: StudioContext, loaded, generation_tabs: tuple[
         defaults = model_defaults(context.models.current)
         updates = {tab.controls[name]: value for tab in generation_tabs for name, value in defaults.items()
                    if name in tab.controls and name not in ("width", "height", "sampler")}
-        menus = {tab.controls["sampler"]: gr.Dropdown(choices=list((defaults.get("samplers") or {}).get(tab.task) or
-                                                                   TASKS[tab.task].samplers),
-                                                      value=defaults.get("sampler")) for tab in generation_tabs}
+        menus = {tab.controls["sampler"]: _sampler_menu(defaults, tab.task) for tab in generation_tabs}
         flux_dev = defaults.get("distilled_guidance_shown", False)    # hidden: back at its default, unused
         flux = {tab.controls["distilled_guidance"]: gr.Slider(visible=True) if flux_dev else
                 gr.Slider(visible=False, value=DEFAULT_DISTILLED_GUIDANCE) for tab in generation_tabs}
@@ -273,6 +271,13 @@ def _wire_model_defaults(context: StudioContext, loaded, generation_tabs: tuple[
                                             ("width", "height", "sampler", "preview_every", "guidance_scale",
                                              "distilled_guidance")}
     loaded.success(refresh, inputs=statuses, outputs=outputs, api_visibility="private", show_progress="hidden")
+
+
+def _sampler_menu(defaults: dict, task: str) -> gr.Dropdown:
+    """A tab's sampler menu for the loaded model, on the model's own sampler where the tab runs it."""
+    choices = list((defaults.get("samplers") or {}).get(task) or TASKS[task].samplers)
+    return gr.Dropdown(choices=choices, value=defaults.get("sampler") if defaults.get("sampler") in choices
+                       else choices[0])
 
 
 def _wire_jobs_api(context: StudioContext) -> None:

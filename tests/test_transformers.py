@@ -199,7 +199,7 @@ def test_flux_distilled_guidance_is_its_own_knob_and_round_trips(families):
     # the studio's default sampler does not run Flux: its own runs, and the note says so
     done = studio.generate(Txt2ImgRequest(prompt="red apple", steps=2, width=64, height=64, seed=1))
     assert "Sampler: Euler," in done.images[0].infotext
-    assert any("does not run Flux models; this ran Euler" in note for note in done.messages)
+    assert any("DPM++ 2M does not run Text-to-Image on Flux models; this ran Euler" in note for note in done.messages)
     with pytest.raises(ValueError, match="Flux models run the samplers Euler, UniPC, LCM; 'Heun'"):
         studio.generate(Txt2ImgRequest(prompt="red apple", steps=2, width=64, height=64, sampler="Heun"))
 

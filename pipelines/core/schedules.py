@@ -264,7 +264,8 @@ def _flow_schedule(config: dict, sampler: str, schedule: str, steps: int, flux_s
     scheduler = make_transformer_scheduler(sampler, config)
     takes = inspect.signature(scheduler.set_timesteps).parameters
     extra = {}
-    if flux_sigmas and "sigmas" in takes:      # Flux's pipeline hands its scheduler linspace(1, 1/n, n)
+    # Flux's pipeline hands its scheduler linspace(1, 1/n, n), unless the scheduler makes its own flow sigmas
+    if flux_sigmas and "sigmas" in takes and not scheduler.config.get("use_flow_sigmas"):
         extra["sigmas"] = np.linspace(1.0, 1 / steps, steps)
     if config.get("use_dynamic_shifting") and "mu" in takes:
         # a resolution-shifted schedule (Flux) at 1024² (4,096 patches), where its shift is largest

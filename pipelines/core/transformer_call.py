@@ -175,6 +175,9 @@ def check_transformer_request(request: SamplingSettings, task, pipeline, family:
     samplers = transformer_samplers(pipeline, scheduler_config, request.task)
     if request.sampler not in samplers:
         why = " (speculative sampling verifies DDPM steps of a UNet)" if request.sampler == SPECULATIVE_SAMPLER else ""
+        if request.sampler in transformer_samplers(pipeline, scheduler_config):
+            why = (f" for {task.label}: its pipeline noises the image it starts from with scale_noise, which only "
+                   "the flow-matching samplers have")
         raise ValueError(f"{family} models run the samplers {', '.join(samplers)}; {request.sampler!r} is not one "
                          f"of them{why}.")
 
@@ -183,12 +186,16 @@ def check_transformer_request(request: SamplingSettings, task, pipeline, family:
 def transformer_notes(request: SamplingSettings, family: str, pipeline) -> list[str]:
     """What a transformer family's pipeline leaves out of the request, said rather than silently dropped."""
     notes = distilled_guidance_notes(request, pipeline)
-    if request.task == "inpaint" and request.masked_content in ("latent noise", "latent nothing"):
-        notes.append(f"Masked content \"{request.masked_content}\" is the UNet loop's; {family}'s inpainting "
+    if request.task not in ("inpaint", "outpaint"):
+        return notes
+    inpainting = request.as_inpainting()
+    if inpainting.masked_content in ("latent noise", "latent nothing"):
+        notes.append(f"Masked content \"{inpainting.masked_content}\" is the UNet loop's; {family}'s inpainting "
                      "pipeline starts from the image (\"original\").")
-    if request.task == "inpaint" and request.soft_inpainting:
-        notes.append(f"Soft inpainting is the UNet loop's; {family}'s inpainting pipeline takes the mask as hard "
-                     "(the original is still pasted back through the soft mask).")
+    if inpainting.soft_inpainting:
+        notes.append(f"A soft mask is the UNet loop's; {family}'s inpainting pipeline takes the mask as hard (the "
+                     "original is still pasted back through the soft mask, and outpainting's feather still joins "
+                     "the new area's colours to it).")
     return notes
 
 
@@ -202,15 +209,16 @@ def _multiple(pipeline, family: str) -> int:
 def prepare_transformer(models, request: SamplingSettings, task, model) -> TransformerCall:
     """`prepare` (call.py) for a diffusion transformer model (on the device thread)."""
     family = family_of_pipeline(model.pipeline)
-    if request.task == "outpaint":        # its generated box in multiples of the transformer's patch of cells
-        request = replace(request)
-        request.size_multiple = _multiple(model.pipeline, family)
     default_note = []
-    if request.sampler == DEFAULT_SAMPLER and request.sampler not in transformer_samplers(
-            model.pipeline, model.scheduler_config, request.task):
+    samplers = transformer_samplers(model.pipeline, model.scheduler_config, request.task)
+    if request.sampler == DEFAULT_SAMPLER and request.sampler not in samplers:
         own = default_transformer_sampler(model.scheduler_config)   # the studio's default, where the model has not it
+        own = own if own in samplers else samplers[0]
         request = replace(request, sampler=own)
-        default_note = [f"{DEFAULT_SAMPLER} does not run {family} models; this ran {own}, the model's own sampler."]
+        default_note = [f"{DEFAULT_SAMPLER} does not run {task.label} on {family} models; this ran {own}."]
+    if request.task == "outpaint":        # its generated box in multiples of the transformer's patch of cells
+        request = replace(request)        # (after the last replace, which would set it back to 8)
+        request.size_multiple = _multiple(model.pipeline, family)
     check_transformer_request(request, task, model.pipeline, family, model.scheduler_config)
     if request.unchanged_image() is None:
         request.check_steps()

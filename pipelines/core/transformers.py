@@ -188,7 +188,7 @@ def starting_at_strength(scheduler, strength: float):
         def set_timesteps(self, *args, **kwargs):
             super().set_timesteps(*args, **kwargs)
             steps = self.num_inference_steps or len(self.timesteps) // self.order
-            cut = int(max(steps - min(steps * strength, steps), 0)) * self.order
+            cut = (steps - min(int(steps * strength), steps)) * self.order    # the UNet loop's and A1111's int(N·s)
             self.timesteps = self.timesteps[cut:]
             sigmas = getattr(self, "sigmas", None)
             if isinstance(sigmas, torch.Tensor) and len(sigmas) > cut:
@@ -196,6 +196,8 @@ def starting_at_strength(scheduler, strength: float):
             self._step_index = None
             if hasattr(self, "set_begin_index"):
                 self.set_begin_index(0)
+            if kind.__name__ == "LCMScheduler":   # it re-noises after every step but its count's last
+                self.num_inference_steps = len(self.timesteps)
 
     Cut.__name__ = Cut.__qualname__ = kind.__name__
     return Cut.from_config(scheduler.config)

@@ -141,8 +141,10 @@ def _sampling_controls(task: str, defaults: dict) -> dict:
     controls = {}
     entry = TASKS[task]       # what the task runs: its samplers, and whether speculative sampling is one
     with gr.Row():
-        controls["sampler"] = gr.Dropdown(list((defaults.get("samplers") or {}).get(task) or entry.samplers),
-                                          value=defaults.get("sampler", DEFAULT_SAMPLER), label="Sampler")
+        choices = list((defaults.get("samplers") or {}).get(task) or entry.samplers)
+        sampler = defaults.get("sampler", DEFAULT_SAMPLER)
+        controls["sampler"] = gr.Dropdown(choices, value=sampler if sampler in choices else choices[0],
+                                          label="Sampler")
         controls["steps"] = gr.Slider(1, MAX_STEPS, value=defaults.get("steps", 25), step=1, precision=0,
                                       label="Steps", elem_id=f"{task}-steps")
         controls["schedule"] = gr.Dropdown(list(SCHEDULES), value="Default", label="Schedule type",

@@ -29,6 +29,12 @@ def test_the_forward_process_has_an_endpoint_with_the_plots_numbers(client, tmp_
     abar = curve["alphas_cumprod"][99]
     assert abs(numbers["signal_coefficient"] ** 2 - abar) < 1e-9 and abs(numbers["noise_coefficient"] ** 2 - (1 - abar)) < 1e-9
     assert np.all(np.diff(curve["alphas_cumprod"]) < 0)          # ᾱ_t falls with t
+    # flow matching's x_t = (1 − t)·x_0 + t·ε: its coefficients at step 29 of 100 (t = 0.3)
+    _, _, caption, numbers = client.predict(image=handle_file(str(tmp_path / "x0.png")), schedule="flow matching",
+                                            T=100, t=29, seed=0, api_name="/explorer_forward")
+    assert caption.startswith("**flow matching**, step 29 of T = 100: flow matching: x_t = (1 − t)·x_0 + t·ε")
+    assert numbers["signal_coefficient"] == pytest.approx(0.7, abs=1e-12)
+    assert numbers["noise_coefficient"] == pytest.approx(0.3, abs=1e-12)
 
 
 # ----------------------------------------------------------------------------- every public endpoint

@@ -5,7 +5,6 @@ DDPM (service.py), and `/explorer_forward` taking schedule="flow matching" (stud
 Flow matching is x_t = (1 - t) x_0 + t eps at t = (i + 1)/T, shifted by the model: t' = s t / (1 + (s - 1) t)."""
 
 import math
-import socket
 
 import numpy as np
 import pytest
@@ -283,23 +282,15 @@ def test_with_a_flow_matching_model_model_is_its_shifted_flow(sd3_models):
     assert np.array_equal(np.asarray(view.latent_x_t), np.asarray(latent_expected))
 
 
-# ----------------------------------------------------------------------------- the endpoint
+# ----------------------------------------------------------------------------- the page and the view
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def test_the_endpoint_takes_flow_matching_and_gives_its_coefficients(studio, tmp_path):
+def test_the_forward_page_and_view_take_flow_matching_and_give_its_coefficients(studio):
     import gradio as gr
-    from gradio_client import Client, handle_file
 
     from studio.tabs.explorer_forward import forward_handler, layout_forward, wire_forward
 
     explorer = Explorer(studio.models)
-    with gr.Blocks() as app:
+    with gr.Blocks():
         tab = layout_forward()
         wire_forward(explorer, tab)
     # the page: each picture labelled with its process, flow matching's beside DDPM's when both are ticked
@@ -311,15 +302,11 @@ def test_the_endpoint_takes_flow_matching_and_gives_its_coefficients(studio, tmp
     alone = forward_handler(explorer, tab)(gradient_image(64, 64), schedule_names=["cosine"], num_steps=100, t=29,
                                            seed=0)
     assert not alone[tab.beside]["visible"]
-    app.queue()
-    app.launch(server_port=free_port(), prevent_thread_lock=True, quiet=True)
-    try:
-        gradient_image(64, 64).save(tmp_path / "x0.png")
-        client = Client(app.local_url, verbose=False)
-        _, _, caption, numbers = client.predict(image=handle_file(str(tmp_path / "x0.png")), schedule="flow matching",
-                                                T=100, t=29, seed=0, api_name="/explorer_forward")
-    finally:
-        app.close()
+    # the endpoint's own answer (through the API on the launched studio: tests/test_api.py)
+    from pipelines.explorer.plots import schedule_data
+
+    view = explorer.forward_view(gradient_image(64, 64), schedule_names=["flow matching"], num_steps=100, t=29, seed=0)
+    caption, numbers = view.caption, schedule_data(explorer.schedules(["flow matching"], 100), t=29)
     assert caption.startswith("**flow matching**, step 29 of T = 100: flow matching: x_t = (1 − t)·x_0 + t·ε "
                               "with t = 0.3")
     assert numbers["process"] == FLOW_MATCHING

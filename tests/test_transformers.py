@@ -39,24 +39,25 @@ FLOW_EULER = {"SD 3.x": "FlowMatchEulerDiscreteScheduler", "Flux": "FlowMatchEul
 
 @pytest.fixture(scope="module")
 def families(tmp_path_factory, worker):
-    """A studio (manager + generator) and each family's tiny pipeline saved as a diffusers folder."""
+    """A studio (manager + generator), and where each family's tiny pipeline is saved as a diffusers folder (built
+    when a test first uses it)."""
     from pipelines.generation.generator import Generator
     from pipelines.models.manager import ModelManager
     from pipelines.models.memory import MemoryManager
 
     root = tmp_path_factory.mktemp("families")
-    folders = {}
-    for family, build in BUILDS.items():
-        folders[family] = root / "models" / family.split()[0].lower().replace("-σ", "")
-        build(root / "build").save_pretrained(folders[family])
+    folders = {family: root / "models" / family.split()[0].lower().replace("-σ", "") for family in BUILDS}
     models = ModelManager(MemoryManager(device="cpu"), worker=worker, models_dir=root / "models")
     return Generator(models, None), folders
 
 
 def use(families, family: str):
     studio, folders = families
-    if studio.models.current is None or studio.models.current.source.location != str(folders[family]):
-        studio.models.load(str(folders[family]), from_ui=True)
+    folder = folders[family]
+    if not (folder / "model_index.json").exists():
+        BUILDS[family](folder.parent.parent / "build").save_pretrained(folder)
+    if studio.models.current is None or studio.models.current.source.location != str(folder):
+        studio.models.load(str(folder), from_ui=True)
     return studio
 
 

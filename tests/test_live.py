@@ -52,7 +52,7 @@ def server(tmp_path_factory):
 
 @pytest.mark.slow
 def test_live_follows_typing_and_mask_strokes_with_the_fast_model_and_saves_nothing(server, browser):  # noqa: F811
-    from tests.test_page_inpaint_explorer import _paint_a_stroke
+    from tests.test_server import _paint_a_stroke
 
     url, context, outputs = server
     page = browser.new_page(viewport={"width": 1400, "height": 1000})

@@ -9,20 +9,9 @@ import pytest
 from PIL import Image
 
 from pipelines.io.metadata import infotext_to_settings, parse_infotext
-from tests.test_server import _page_on_tab, browser, server  # noqa: F401 (fixtures)
+from tests.test_server import _page_on_tab, _paint_a_stroke, browser, server  # noqa: F401 (fixtures)
 
 QUEUE_JOIN = "/gradio_api/queue/join"
-
-
-def _paint_a_stroke(page, editor: str) -> None:
-    page.locator(f"{editor} button[aria-label=Brush]").click()
-    canvas = page.locator(f"{editor} canvas").last
-    canvas.wait_for(state="visible")
-    box = canvas.bounding_box()
-    page.mouse.move(box["x"] + box["width"] * 0.35, box["y"] + box["height"] * 0.5)
-    page.mouse.down()
-    page.mouse.move(box["x"] + box["width"] * 0.65, box["y"] + box["height"] * 0.5, steps=12)
-    page.mouse.up()
 
 
 def _assert_the_gif_plays_on_the_page(page, button: str, image: str) -> None:

@@ -358,6 +358,29 @@ def page(server, browser):
     page.close()
 
 
+def _paint_a_stroke(page, editor: str, *, moves: int = 12) -> None:
+    """A horizontal brush stroke across the middle of `editor`'s canvas."""
+    page.locator(f"{editor} button[aria-label=Brush]").click()
+    canvas = page.locator(f"{editor} canvas").last
+    canvas.wait_for(state="visible")
+    box = canvas.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.35, box["y"] + box["height"] * 0.5)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.65, box["y"] + box["height"] * 0.5, steps=moves)
+    page.mouse.up()
+
+
+def _generate_on(page, tab: str, prompt: str, seed: int, steps: int) -> None:
+    """Fill `tab`'s prompt, seed and steps, generate, and wait for its status to name the seed."""
+    page.locator(f"#{tab}-prompt textarea").fill(prompt)
+    page.locator(f"#{tab}-seed input").fill(str(seed))
+    box = page.locator(f"#{tab}-steps input[type=number]")
+    box.fill(str(steps))
+    box.press("Enter")
+    page.locator(f"#{tab}-generate").click()
+    page.locator(f"#{tab}-status").get_by_text(f"Seed {seed}").wait_for(timeout=120_000)
+
+
 def _on_tab(page, tab: str):
     page.get_by_role("tab", name=tab).click()
     return page
@@ -485,21 +508,8 @@ def test_browser_inpaints_only_under_a_painted_stroke(server, page, tmp_path):
     with page.expect_file_chooser() as chooser:
         page.locator("#inpaint-editor button[aria-label=Upload]").click()
     chooser.value.set_files(str(tmp_path / "red.png"))
-    page.locator("#inpaint-editor button[aria-label=Brush]").click()
-    canvas = page.locator("#inpaint-editor canvas").last
-    canvas.wait_for(state="visible")
-    box = canvas.bounding_box()
-    page.mouse.move(box["x"] + box["width"] * 0.35, box["y"] + box["height"] * 0.5)
-    page.mouse.down()
-    page.mouse.move(box["x"] + box["width"] * 0.65, box["y"] + box["height"] * 0.5, steps=4)
-    page.mouse.up()
-    page.locator("#inpaint-prompt textarea").fill("blue car")
-    page.locator("#inpaint-seed input").fill("777")
-    steps = page.locator("#inpaint-steps input[type=number]")       # what is checked shows in 8 steps as in 25
-    steps.fill("8")
-    steps.press("Enter")
-    page.locator("#inpaint-generate").click()
-    page.locator("#inpaint-status").get_by_text("Seed 777").wait_for(timeout=120_000)
+    _paint_a_stroke(page, "#inpaint-editor", moves=4)
+    _generate_on(page, "inpaint", "blue car", 777, steps=8)       # what is checked shows in 8 steps as in 25
     result = np.asarray(Image.open(sorted(context.outputs_dir.rglob("*-777.png"))[-1]).convert("RGB"), dtype=np.int16)
     red = np.array([200, 60, 60])
     assert result.shape == (64, 64, 3)
@@ -566,13 +576,7 @@ def test_browser_draws_a_scribble_and_generates_with_control(server, page, tiny_
     model = page.locator("#controlnet-0-model input")
     model.fill("tiny-cn")
     model.press("Enter")
-    page.locator("#controlnet-prompt textarea").fill("red apple")
-    page.locator("#controlnet-seed input").fill("4321")
-    steps = page.locator("#controlnet-steps input[type=number]")       # what is checked shows in 10 steps as in 25
-    steps.fill("10")
-    steps.press("Enter")
-    page.locator("#controlnet-generate").click()
-    page.locator("#controlnet-status").get_by_text("Seed 4321").wait_for(timeout=120_000)
+    _generate_on(page, "controlnet", "red apple", 4321, steps=10)    # what is checked shows in 10 steps as in 25
     infotext = page.locator("#controlnet-infotext textarea").input_value()
     assert 'ControlNet 0: "Module: invert, Model: tiny-cn' in infotext     # drawing picked the invert preprocessor
     steered = Image.open(sorted(context.outputs_dir.rglob("*-4321.png"))[-1]).convert("RGB")

@@ -66,8 +66,7 @@ class PreparedCall:
 
     def generators(self, batch_index: int) -> list[torch.Generator]:
         """Image i of batch b draws its noise from seed + b * batch_size + i, on the CPU."""
-        return [torch.Generator("cpu").manual_seed(self.request.seed_for(batch_index, i))
-                for i in range(self.request.batch_size)]
+        return self.request.generators(batch_index)
 
     def initial_noise(self, generators: list[torch.Generator], *, device: torch.device | None = None) -> torch.Tensor:
         """x_T as the pipeline's `prepare_latents` draws it: one image per generator, drawn from those CPU

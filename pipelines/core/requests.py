@@ -17,6 +17,7 @@ import secrets
 from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar
 
+import torch
 from PIL import Image
 
 from pipelines.core.checks import (DRAWN_SEED_LIMIT, MAX_SEED, NUMBER_RANGES, PREVIEW_MODES, WHOLE_NUMBER_RANGES,
@@ -97,6 +98,10 @@ class SamplingSettings:
     def seed_for(self, batch_index: int, image_index: int) -> int:
         """Image i of batch b: seed + b * batch_size + i, counted on past 2**32 as A1111 does."""
         return self.seed + batch_index * self.batch_size + image_index
+
+    def generators(self, batch_index: int) -> list[torch.Generator]:
+        """Image i of batch b draws its noise from seed + b * batch_size + i, on the CPU."""
+        return [torch.Generator("cpu").manual_seed(self.seed_for(batch_index, i)) for i in range(self.batch_size)]
 
     # -- what the task adds (overridden per task) ----------------------------------------------
     def pipeline_arguments(self) -> dict:

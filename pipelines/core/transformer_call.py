@@ -65,8 +65,7 @@ class TransformerCall:
     speculative: list = field(default_factory=list)     # never: speculative sampling is the UNet families'
 
     def generators(self, batch_index: int) -> list[torch.Generator]:
-        return [torch.Generator("cpu").manual_seed(self.request.seed_for(batch_index, i))
-                for i in range(self.request.batch_size)]
+        return self.request.generators(batch_index)
 
     def arguments(self, batch_index: int, generators: list[torch.Generator]) -> dict:
         """The family pipeline's keyword arguments for one batch (latents out)."""

@@ -33,9 +33,10 @@ def pytest_configure(config):
 # The longest modules (about two minutes each of a test process's time, then under a minute), started first: the
 # processes take whole modules in this order (`--dist loadscope`, studio.sh), so short modules fill the end
 # instead of a long one starting last and running on alone
-LONGEST_FIRST = ("test_page_inpaint_explorer", "test_server", "test_embedded", "test_page_controlnet", "test_transformers",
-                 "test_lora_train", "test_page_messages", "test_api", "test_live", "test_training_methods",
-                 "test_transformer_training", "test_bad_inputs", "test_explorer_flow", "test_fast")
+LONGEST_FIRST = ("test_page_inpaint_explorer", "test_server", "test_embedded", "test_page_controlnet",
+                 "test_transformers", "test_lora_train", "test_page_messages", "test_api", "test_live",
+                 "test_training_methods", "test_transformer_training", "test_bad_inputs", "test_explorer_flow",
+                 "test_fast")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -66,6 +67,27 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny") / "tiny-sd"
     build_tiny_pipeline(folder.parent).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+@pytest.fixture
+def previews_in_lockstep(monkeypatch):
+    """The device worker waits at each preview until the test has read it (call the returned function), so a Stop
+    set on reading step k's preview is seen by step k's own callback, however far ahead a busy machine would let the
+    worker run. Returns the function that tells the worker the preview was read."""
+    import threading
+
+    from pipelines.core.results import Preview
+    from pipelines.jobs.worker import Job
+
+    read, original = threading.Semaphore(0), Job.emit
+
+    def emit(self, event, *, transient=False):
+        original(self, event, transient=transient)
+        if isinstance(event, Preview):
+            assert read.acquire(timeout=120), "the test never read this preview"
+
+    monkeypatch.setattr(Job, "emit", emit)
+    return read.release
 
 
 @pytest.fixture(scope="session")
@@ -106,7 +128,8 @@ def pretend_cuda(studio, monkeypatch):
     pipelines = [studio.models.pipeline("txt2img"), studio.models.pipeline("img2img")]
     for pipeline in pipelines:
         for name in ("to", "enable_model_cpu_offload", "enable_sequential_cpu_offload", "enable_attention_slicing"):
-            monkeypatch.setattr(pipeline, name, lambda *a, _name=name, _id=id(pipeline), **k: calls.append((_name, _id)))
+            monkeypatch.setattr(pipeline, name,
+                                lambda *a, _name=name, _id=id(pipeline), **k: calls.append((_name, _id)))
     return calls
 
 

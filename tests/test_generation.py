@@ -196,20 +196,22 @@ def test_previews_arrive_every_n_steps_before_the_image(studio):
     assert isinstance(events[-2], GeneratedImage) and isinstance(events[-1], GenerationDone)
 
 
-def test_stop_interrupts_at_the_next_step_and_keeps_finished_images(studio):
+def test_stop_interrupts_after_the_step_in_progress_and_keeps_finished_images(studio, previews_in_lockstep):
     stop = threading.Event()
     events = []
     for event in studio.run(request(steps=8, batch_count=3, preview_every=1, preview_mode="linear"), stop=stop):
         events.append(event)
-        if isinstance(event, Preview) and event.batch_index == 1 and event.step == 2:
-            stop.set()
+        if isinstance(event, Preview):
+            if event.batch_index == 1 and event.step == 2:
+                stop.set()
+            previews_in_lockstep()
     done = events[-1]
     assert done.stopped
     finished = [item for item in done.images if item.finished]
     partial = [item for item in done.images if not item.finished]
     assert len(finished) == 1 and finished[0].path is not None
-    assert len(partial) == 1 and partial[0].path is None and partial[0].steps_done == 3
-    assert "Stopped at step: 3" in partial[0].infotext and "Stopped at step" not in finished[0].infotext
+    assert len(partial) == 1 and partial[0].path is None and partial[0].steps_done == 2
+    assert "Stopped at step: 2" in partial[0].infotext and "Stopped at step" not in finished[0].infotext
     assert any("Stopped: 1 finished image(s) kept, the unfinished one shown but not saved." == message
                for message in done.messages)
 

@@ -143,8 +143,12 @@ def build_tiny_flux_pipeline(folder: Path, seed: int = 0):
 def build_tiny_sd3_pipeline(folder: Path, seed: int = 0):
     """An SD 3-layout pipeline (MMDiT with flow matching; two CLIP encoders with projections and T5), seeded random
     weights at diffusers' own test size (`StableDiffusion3PipelineFastTests.get_dummy_components`)."""
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline)
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
     from transformers import CLIPTextModelWithProjection
 
     from recipe.architecture import build_tokenizer
@@ -258,5 +262,82 @@ def build_tiny_pixart_alpha_pipeline(folder: Path, seed: int = 0):
     from diffusers import PixArtAlphaPipeline
 
     pipeline = PixArtAlphaPipeline(**build_tiny_pixart_pipeline(folder, seed).components)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+# A chat template as Qwen's and Mistral's tokenizers carry one (Flux 2's pipelines format the prompt as a chat turn):
+# each message's text, its content a string or a list of {"type": "text"} parts
+CHAT_TEMPLATE = ("{% for message in messages %}{% if message['content'] is string %}{{ message['content'] }}"
+                 "{% else %}{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}"
+                 "{% endif %}{% endfor %}{% endif %} {% endfor %}")
+
+
+def _flux2_parts(tokenizer, seed: int, guidance_embeds: bool):
+    """Flux 2's transformer and VAE (its latents batch-normalised and 2×2-patchified) at diffusers' own test size
+    (`Flux2KleinPipelineFastTests.get_dummy_components`)."""
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+
+    tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, timestep_guidance_channels=256, axes_dims_rope=[4, 4, 4, 4],
+        guidance_embeds=guidance_embeds)
+    vae = AutoencoderKLFlux2(sample_size=32, in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                             up_block_types=("UpDecoderBlock2D",), block_out_channels=(4,), layers_per_block=1,
+                             latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False)
+    with torch.no_grad():        # a trained VAE's batch-norm statistics, not the fresh ones (0 and 1)
+        vae.bn.running_mean.uniform_(-0.5, 0.5)
+        vae.bn.running_var.uniform_(0.5, 2.0)
+    return transformer, _near_deterministic(vae)
+
+
+def build_tiny_flux2_klein_pipeline(folder: Path, seed: int = 0, distilled: bool = False):
+    """A Flux 2 [klein]-layout pipeline (Flux 2's transformer with a Qwen 3 text encoder, CFG as two passes; a
+    `distilled` one takes none), seeded random weights; the tiny BPE tokenizer with a chat template stands in for
+    Qwen's."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from recipe.architecture import build_tokenizer
+
+    tokenizer = build_tokenizer(PHRASES, folder / "tokenizer_src", merges=200)
+    transformer, vae = _flux2_parts(tokenizer, seed, guidance_embeds=False)
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(
+        intermediate_size=16, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        head_dim=8, vocab_size=len(tokenizer), max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id))
+    pipeline = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+                                  tokenizer=tokenizer, transformer=transformer, is_distilled=distilled)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def build_tiny_flux2_pipeline(folder: Path, seed: int = 0):
+    """A Flux 2 [dev]-layout pipeline (Flux 2's transformer taking its guidance as an input, a Mistral 3 text
+    encoder behind a Pixtral processor), seeded random weights at diffusers' own test size."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralImageProcessor, PixtralProcessor
+
+    from recipe.architecture import build_tokenizer
+
+    tokenizer = build_tokenizer(PHRASES, folder / "tokenizer_src", merges=200)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[IMG]", "[IMG_BREAK]", "[IMG_END]"]})  # Pixtral's
+    transformer, vae = _flux2_parts(tokenizer, seed, guidance_embeds=True)
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    text_encoder = Mistral3ForConditionalGeneration(Mistral3Config(
+        text_config={"model_type": "mistral", "vocab_size": len(tokenizer), "hidden_size": 16,
+                     "intermediate_size": 37, "max_position_embeddings": 512, "num_attention_heads": 4,
+                     "num_hidden_layers": 1, "num_key_value_heads": 2, "rms_norm_eps": 1e-05,
+                     "rope_theta": 1000000000.0, "sliding_window": None, **ids},
+        vision_config={"model_type": "pixtral", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 4,
+                       "intermediate_size": 37, "image_size": 30, "patch_size": 6, "num_channels": 3},
+        image_seq_length=4, vision_feature_layer=-1, image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
+        **ids))
+    processor = PixtralProcessor(image_processor=PixtralImageProcessor(), tokenizer=tokenizer, patch_size=6,
+                                 chat_template=CHAT_TEMPLATE)
+    pipeline = Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+                             tokenizer=processor, transformer=transformer)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline

@@ -6,11 +6,10 @@ import urllib.parse
 
 import gradio as gr
 
-from pipelines.core.families import family_of_pipeline
 from pipelines.core.samplers import model_default_sampler
 from pipelines.core.transformers import (
-    DEFAULT_CFG,
     DEFAULT_DISTILLED_GUIDANCE,
+    default_cfg,
     default_transformer_sampler,
     is_flow,
     is_transformer,
@@ -149,10 +148,10 @@ def model_defaults(model: LoadedModel | None) -> dict:
     # previews are the real picture (pipelines/core/preview.py)
     return {"width": side, "height": side, "preview_every": PREVIEW_EVERY, "native_side": model.native_side,
             "sampler": default_transformer_sampler(config) if is_flow(config) else model_default_sampler(config),
-            # a transformer family's own samplers and CFG; Flux.1 dev's distilled guidance shown only for it
+            # a transformer family's own samplers and CFG; Flux dev's distilled guidance shown only for it
             "samplers": {task: sampler_menu(model, task, entry.samplers) for task, entry in TASKS.items()}
             if transformer else None,
-            "guidance_scale": DEFAULT_CFG.get(family_of_pipeline(model.pipeline), 7.5) if transformer else 7.5,
+            "guidance_scale": default_cfg(model.pipeline),
             "distilled_guidance_shown": takes_distilled_guidance(model.pipeline)}
 
 

@@ -1,5 +1,5 @@
 """Model families (pipelines/core/families.py) on real tiny models built in-process: SD 1.x-style, SDXL and the
-diffusion transformers (SD 3, Flux, PixArt-Σ, Sana: tests/test_transformers.py runs them) are named from the
+diffusion transformers (SD 3, Flux.1, Flux 2, PixArt-Σ, Sana: tests/test_transformers.py runs them) are named from the
 pipeline and from the folder; a family no tab runs is refused at load with its family named, from the folder's
 index before a weight is read, and the model that was loaded keeps serving."""
 
@@ -13,8 +13,9 @@ import pytest
 from pipelines.core.paths import ModelLoadError
 from pipelines.core.families import family_of_checkpoint, family_of_folder, family_of_pipeline
 from pipelines.tasks.txt2img import Txt2ImgRequest
-from recipe.tiny import (build_tiny_flux_pipeline, build_tiny_pixart_pipeline, build_tiny_sana_pipeline,
-                         build_tiny_sd3_pipeline, build_tiny_sdxl_pipeline)
+from recipe.tiny import (build_tiny_flux2_klein_pipeline, build_tiny_flux2_pipeline, build_tiny_flux_pipeline,
+                         build_tiny_pixart_pipeline, build_tiny_sana_pipeline, build_tiny_sd3_pipeline,
+                         build_tiny_sdxl_pipeline)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -38,7 +39,9 @@ def test_a_family_no_tab_runs_is_refused_at_load_naming_it_and_the_model_stays(s
 
 
 @pytest.mark.parametrize("build,family", [(build_tiny_flux_pipeline, "Flux"), (build_tiny_sd3_pipeline, "SD 3.x"),
-                                          (build_tiny_pixart_pipeline, "PixArt-Σ"), (build_tiny_sana_pipeline, "Sana")])
+                                          (build_tiny_pixart_pipeline, "PixArt-Σ"), (build_tiny_sana_pipeline, "Sana"),
+                                          (build_tiny_flux2_pipeline, "Flux 2"),
+                                          (build_tiny_flux2_klein_pipeline, "Flux 2")])
 def test_the_transformer_families_are_named_from_pipeline_and_folder(tmp_path, build, family):
     pipeline = build(tmp_path / "build")
     pipeline.save_pretrained(tmp_path / "model")

@@ -1,9 +1,9 @@
-"""The diffusion transformers (pipelines/core/transformers.py) on seeded tiny SD 3, Flux.1 dev, PixArt-Σ and Sana
-pipelines built in-process (recipe/tiny.py, at diffusers' own test sizes), each saved as a diffusers folder and
-loaded the way a user's is: each family's own samplers run and give the image diffusers' own pipeline gives for the
-same seed; Image-to-Image starts from the input; SD 3 and Flux inpaint inside the mask and keep every pixel outside;
-Flux's distilled guidance is its own knob and round-trips through the infotext; a LoRA moves the image; what a
-family does not run yet is refused naming the family."""
+"""The diffusion transformers (pipelines/core/transformers.py) on seeded tiny SD 3, Flux.1 dev, Flux 2 [dev] and
+[klein], PixArt-Σ and Sana pipelines built in-process (recipe/tiny.py, at diffusers' own test sizes), each saved as a
+diffusers folder and loaded the way a user's is: each family's own samplers run and give the image diffusers' own
+pipeline gives for the same seed; Image-to-Image starts from the input; SD 3, Flux and Flux 2 [klein] inpaint inside
+the mask and keep every pixel outside; Flux's distilled guidance is its own knob and round-trips through the
+infotext; a LoRA moves the image; what a family does not run yet is refused naming the family."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from pipelines.tasks.inpaint import InpaintRequest
 from pipelines.tasks.outpaint import OutpaintRequest
 from pipelines.tasks.txt2img import Txt2ImgRequest
 from recipe.tiny import (
+    build_tiny_flux2_klein_pipeline,
+    build_tiny_flux2_pipeline,
     build_tiny_flux_pipeline,
     build_tiny_pixart_alpha_pipeline,
     build_tiny_pixart_pipeline,
@@ -31,10 +33,12 @@ from tests.test_explorer_forward import gradient_image
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 BUILDS = {"SD 3.x": build_tiny_sd3_pipeline, "Flux": build_tiny_flux_pipeline, "PixArt-Σ": build_tiny_pixart_pipeline,
-          "PixArt-α": build_tiny_pixart_alpha_pipeline, "Sana": build_tiny_sana_pipeline}
+          "PixArt-α": build_tiny_pixart_alpha_pipeline, "Sana": build_tiny_sana_pipeline,
+          "Flux 2 dev": build_tiny_flux2_pipeline, "Flux 2 klein": build_tiny_flux2_klein_pipeline}
 FLOW_EULER = {"SD 3.x": "FlowMatchEulerDiscreteScheduler", "Flux": "FlowMatchEulerDiscreteScheduler",
               "Sana": "FlowMatchEulerDiscreteScheduler", "PixArt-Σ": "DPMSolverMultistepScheduler",
-              "PixArt-α": "DPMSolverMultistepScheduler"}
+              "PixArt-α": "DPMSolverMultistepScheduler", "Flux 2 dev": "FlowMatchEulerDiscreteScheduler",
+              "Flux 2 klein": "FlowMatchEulerDiscreteScheduler"}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +50,7 @@ def families(tmp_path_factory, worker):
     from pipelines.models.memory import MemoryManager
 
     root = tmp_path_factory.mktemp("families")
-    folders = {family: root / "models" / family.split()[0].lower().replace("-σ", "") for family in BUILDS}
+    folders = {family: root / "models" / family.lower().replace(" ", "-").replace("-σ", "") for family in BUILDS}
     models = ModelManager(MemoryManager(device="cpu"), worker=worker, models_dir=root / "models")
     return Generator(models, None), folders
 
@@ -76,7 +80,7 @@ def test_each_family_runs_its_own_samplers_and_gives_diffusers_image(families, f
                                               sampler=sampler, guidance_scale=3.0))
         assert done.images[0].image.size == size, sampler
         assert f"Sampler: {sampler}," in done.images[0].infotext
-    if family == "Flux":      # Flux's pipeline passes its own sigmas and shift: only these samplers take them
+    if family.startswith("Flux"):   # Flux's pipelines pass their own sigmas and shift: only these samplers take them
         assert samplers == ("Euler", "UniPC", "LCM")
     # the studio's image against diffusers' own pipeline called as a user would, with the model's own scheduler
     # (a fresh one from its config) and the seed's CPU generator
@@ -94,6 +98,9 @@ def test_each_family_runs_its_own_samplers_and_gives_diffusers_image(families, f
                  guidance_scale=3.0, generator=torch.Generator("cpu").manual_seed(11), output_type="latent")
     if family == "Flux":
         plain.update(true_cfg_scale=3.0, guidance_scale=3.5)
+    if family.startswith("Flux 2"):   # no negative prompt; [dev]'s guidance is the distilled one; the last layer
+        del plain["negative_prompt"]  # of the tiny Qwen (of two), the first of the tiny Mistral (of one)
+        plain.update(guidance_scale=3.5 if family == "Flux 2 dev" else 3.0, text_encoder_out_layers=(1,))
     if family.startswith("PixArt") or family == "Sana":
         plain.update(use_resolution_binning=False)
     if family.startswith("PixArt"):
@@ -165,7 +172,7 @@ def test_image_to_image_starts_from_the_input(families, family):
         assert "DPM++ 2M" not in samplers and "UniPC" not in samplers
 
 
-@pytest.mark.parametrize("family", ["SD 3.x", "Flux"])
+@pytest.mark.parametrize("family", ["SD 3.x", "Flux", "Flux 2 klein"])
 def test_inpainting_changes_the_mask_and_keeps_every_pixel_outside(families, family):
     studio = use(families, family)
     picture = gradient_image(64, 64).convert("RGB")
@@ -220,15 +227,15 @@ def test_what_a_family_does_not_run_is_refused_naming_it(families):
     # a distilled guidance restored from a Flux image onto another model is left unused, and said so
     done = studio.generate(Txt2ImgRequest(prompt="a", steps=2, width=64, height=64, sampler="Euler",
                                           distilled_guidance=5.0))
-    assert any(note.startswith("Distilled CFG scale 5 is Flux.1 dev's guidance input; this model has none")
+    assert any(note.startswith("Distilled CFG scale 5 is Flux dev's guidance input; this model has none")
                for note in done.messages) and "Distilled CFG Scale" not in done.images[0].infotext
     assert studio.generate(Txt2ImgRequest(prompt="a", steps=2, width=64, height=64, sampler="Euler")).images
 
 
-@pytest.mark.parametrize("family", ["Flux", "PixArt-Σ"])
+@pytest.mark.parametrize("family", ["Flux", "PixArt-Σ", "Flux 2 dev"])
 def test_previews_arrive_and_a_stop_interrupts_after_the_step_in_progress(families, family, previews_in_lockstep):
-    """Flux's previews unpack its 2×2-packed latents; PixArt's pipeline has only the old step callback, which the
-    studio stops by leaving its loop."""
+    """Flux's previews unpack its 2×2-packed latents (Flux 2's also un-normalise them); PixArt's pipeline has only
+    the old step callback, which the studio stops by leaving its loop."""
     import threading
 
     from pipelines.core.results import Preview
@@ -248,7 +255,7 @@ def test_previews_arrive_and_a_stop_interrupts_after_the_step_in_progress(famili
     assert "Stopped at step: 2" in done.images[0].infotext
 
 
-@pytest.mark.parametrize("family", ["SD 3.x", "Flux", "Sana"])
+@pytest.mark.parametrize("family", ["SD 3.x", "Flux", "Sana", "Flux 2 klein"])
 def test_a_lora_named_in_the_prompt_moves_the_image_and_leaves_it(families, family, tmp_path):
     """A diffusers-format LoRA for the family's transformer (saved by the family's own `save_lora_weights`), named in
     the prompt as in A1111: it patches the transformer and moves the image; the plain prompt after it gives the
@@ -261,7 +268,7 @@ def test_a_lora_named_in_the_prompt_moves_the_image_and_leaves_it(families, fami
     torch.manual_seed(1)
     trained.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
                                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    name = f"tiny-{family.split()[0].lower()}-lora"
+    name = f"tiny-{family.lower().replace(' ', '-')}-lora"
     type(trained).save_lora_weights(studio.models.lora_dir, weight_name=f"{name}.safetensors",
                                     transformer_lora_layers=get_peft_model_state_dict(trained.transformer))
     common = dict(steps=3, width=64, height=64, seed=6, sampler="Euler", guidance_scale=1.0)
@@ -362,7 +369,7 @@ def test_a_controlnet_steers_sd3_and_flux_and_another_familys_is_refused_naming_
                                           control_image=control, preprocessor="none"))
 
 
-@pytest.mark.parametrize("family", ["Flux", "Sana"])
+@pytest.mark.parametrize("family", ["Flux", "Sana", "Flux 2 klein"])
 def test_the_explorer_records_a_flow_matching_run_in_the_models_own_parameterisation(families, family):
     """The reverse process of a flow-matching transformer: every sampler step's x_t and velocity, x̂_0 = x_t − t·v;
     Euler's last step lands on its x̂_0 exactly; the final image is the generator's; branching is refused."""
@@ -381,11 +388,12 @@ def test_the_explorer_records_a_flow_matching_run_in_the_models_own_parameterisa
     generated = studio.generate(request).images[0].image
     assert (pixels(trace.final_image) == pixels(generated)).all()
     assert trace.frame(1, "x0_pred").size == (64, 64) and trace.frame(1, "eps_guided").size == (64, 64)
+    family = family.removesuffix(" klein")
     with pytest.raises(ValueError, match=f"branching and sampler comparison drives a UNet .* a {family} diffusion"):
         studio.models.worker.call(branch, studio.models, trace, 2, {"guidance_scale": 1.0})
 
 
-@pytest.mark.parametrize("family", ["SD 3.x", "Flux"])
+@pytest.mark.parametrize("family", ["SD 3.x", "Flux", "Flux 2 klein"])
 def test_the_sampling_schedule_of_a_flow_model_is_the_one_it_runs(families, family):
     """The explorer's sampling-schedule panel against the t each sampler step of a real run was handed (Flux's
     pipeline passes its own sigmas, SD 3's lets the scheduler space them)."""

@@ -1,9 +1,9 @@
 """Model families: which one a pipeline, a diffusers folder or a single checkpoint is, and whether the studio's
 tabs run it. SD 1.x/2.x and SDXL (UNets with CLIP text encoders) run everywhere; the diffusion transformers
-SD 3.x, Flux, PixArt and Sana (flow matching or DiT denoisers with T5/Gemma text encoders) run the tabs that
-pipelines/core/transformers.py lists, and each other tab refuses them naming why. Other families are refused at
-load, before their weights are read where the folder says what it holds, with a message that names the family,
-instead of failing somewhere inside a tab.
+SD 3.x, Flux.1, Flux 2, PixArt and Sana (flow matching or DiT denoisers with T5, Gemma, Qwen or Mistral text
+encoders) run the tabs that pipelines/core/transformers.py lists, and each other tab refuses them naming why. Other
+families are refused at load, before their weights are read where the folder says what it holds, with a message
+that names the family, instead of failing somewhere inside a tab.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ FAMILY_BY_PIPELINE = {
     "StableDiffusionXLPipeline": "SDXL", "StableDiffusionXLImg2ImgPipeline": "SDXL",
     "StableDiffusionXLInpaintPipeline": "SDXL",
     "StableDiffusion3Pipeline": "SD 3.x", "StableDiffusion3Img2ImgPipeline": "SD 3.x",
-    "FluxPipeline": "Flux", "FluxImg2ImgPipeline": "Flux", "FluxInpaintPipeline": "Flux", "Flux2Pipeline": "Flux 2",
+    "FluxPipeline": "Flux", "FluxImg2ImgPipeline": "Flux", "FluxInpaintPipeline": "Flux",
+    "Flux2Pipeline": "Flux 2", "Flux2KleinPipeline": "Flux 2",
     "PixArtAlphaPipeline": "PixArt-α", "PixArtSigmaPipeline": "PixArt-Σ", "SanaPipeline": "Sana",
     "AuraFlowPipeline": "AuraFlow", "HunyuanDiTPipeline": "Hunyuan-DiT", "LuminaText2ImgPipeline": "Lumina",
     "KolorsPipeline": "Kolors", "IFPipeline": "DeepFloyd IF", "KandinskyV22Pipeline": "Kandinsky 2.2",
@@ -34,9 +35,8 @@ FAMILY_BY_CHECKPOINT_PREFIX = (
     ("auraflow", "AuraFlow"), ("lumina", "Lumina"), ("hidream", "HiDream"), ("chroma", "Chroma"),
     ("qwen", "Qwen-Image"), ("z-image", "Z-Image"), ("ltx", "LTX-Video"), ("wan", "Wan"), ("hunyuan", "Hunyuan"),
     ("cosmos", "Cosmos"), ("mochi", "Mochi"), ("stable_cascade", "Stable Cascade"), ("cogview", "CogView"))
-SUPPORTED = ("SD 1.x/2.x", "SDXL", "SD 3.x", "Flux", "PixArt-α", "PixArt-Σ", "Sana")
-WHY = {"Flux 2": "a diffusion transformer with flow matching and a Mistral text encoder",
-       "AuraFlow": "a diffusion transformer with flow matching", "Lumina": "a diffusion transformer",
+SUPPORTED = ("SD 1.x/2.x", "SDXL", "SD 3.x", "Flux", "Flux 2", "PixArt-α", "PixArt-Σ", "Sana")
+WHY = {"AuraFlow": "a diffusion transformer with flow matching", "Lumina": "a diffusion transformer",
        "Hunyuan-DiT": "a diffusion transformer with two text encoders", "Qwen-Image": "a 20B diffusion transformer"}
 
 

@@ -29,7 +29,7 @@ class InfotextField:
 
 # Written by every task (Sampler and Size have formats of their own, see pipelines/io/metadata.py).
 SHARED_INFOTEXT_FIELDS = (InfotextField("Steps", "steps", int), InfotextField("CFG scale", "guidance_scale", float),
-                          # Flux.1 dev's guidance input, as A1111 Forge writes it
+                          # Flux dev's guidance input, as A1111 Forge writes it
                           InfotextField("Distilled CFG Scale", "distilled_guidance", float),
                           InfotextField("Seed", "seed", int), InfotextField("Guidance rescale", "guidance_rescale", float),
                           InfotextField("Batch size", "batch_size", int),

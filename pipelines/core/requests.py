@@ -63,7 +63,7 @@ class SamplingSettings:
     classifier_scale: float = 0.0
     schedule: str = "Default"    # the sampler's timesteps: its own, or e.g. "Align Your Steps"
     fast: bool = False           # the model's few-step (LCM) version: pipelines/core/fast.py
-    distilled_guidance: float = 3.5   # Flux.1 dev's guidance input (pipelines/core/transformers.py)
+    distilled_guidance: float = 3.5   # Flux dev's guidance input (pipelines/core/transformers.py)
 
     def __post_init__(self):
         for name in ("prompt", "negative_prompt"):

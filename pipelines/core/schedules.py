@@ -228,14 +228,15 @@ def set_schedule(scheduler, steps: int, schedule: str, *, unet_config=None, devi
 
 
 def schedule_table(model_scheduler_config: dict, sampler: str, schedules: list[str], steps: int, *,
-                   unet_config=None, flux_sigmas: bool = False) -> dict[str, dict]:
+                   unet_config=None, flux_sigmas: bool = False, flux2: bool = False) -> dict[str, dict]:
     """Per schedule, what `sampler` runs at each model call: its timesteps, sigma_t = sqrt((1 - abar_t) / abar_t)
     and abar_t. Where the scheduler keeps its sigmas (Euler, Heun, LMS, DPM++ ...) they are the ones it steps
     with, and abar_t = 1 / (1 + sigma_t^2); elsewhere abar_t is the model's at the timestep. A flow-matching
     model's (x_t = (1 - t) x_0 + t eps) adds its t at each call (`flow_t`), its sigma and abar those of the same
-    SNR: sigma_t = t / (1 - t); `flux_sigmas`: the sigmas Flux's pipeline hands its scheduler."""
+    SNR: sigma_t = t / (1 - t); `flux_sigmas`: the sigmas Flux's pipeline hands its scheduler (`flux2`: with Flux 2's
+    shift for the resolution)."""
     if is_flow(model_scheduler_config):
-        return {schedule: _flow_schedule(model_scheduler_config, sampler, schedule, steps, flux_sigmas)
+        return {schedule: _flow_schedule(model_scheduler_config, sampler, schedule, steps, flux_sigmas, flux2)
                 for schedule in schedules}
     table = {}
     for schedule in schedules:
@@ -258,7 +259,7 @@ def schedule_table(model_scheduler_config: dict, sampler: str, schedules: list[s
     return table
 
 
-def _flow_schedule(config: dict, sampler: str, schedule: str, steps: int, flux_sigmas: bool) -> dict:
+def _flow_schedule(config: dict, sampler: str, schedule: str, steps: int, flux_sigmas: bool, flux2: bool) -> dict:
     if schedule != DEFAULT_SCHEDULE:
         raise ValueError(f"{schedule} is tuned for DDPM models; a flow-matching model runs its own (shifted) schedule.")
     scheduler = make_transformer_scheduler(sampler, config)
@@ -268,8 +269,11 @@ def _flow_schedule(config: dict, sampler: str, schedule: str, steps: int, flux_s
     if flux_sigmas and "sigmas" in takes and not scheduler.config.get("use_flow_sigmas"):
         extra["sigmas"] = np.linspace(1.0, 1 / steps, steps)
     if config.get("use_dynamic_shifting") and "mu" in takes:
-        # a resolution-shifted schedule (Flux) at 1024² (4,096 patches), where its shift is largest
-        extra["mu"] = float(config.get("max_shift", 1.15))
+        # a resolution-shifted schedule (Flux) at 1024² (4,096 patches), where its shift is largest; Flux 2's shift
+        # is fitted to the resolution and the step count
+        from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+        extra["mu"] = compute_empirical_mu(image_seq_len=4096, num_steps=steps) if flux2 else \
+            float(config.get("max_shift", 1.15))
     scheduler.set_timesteps(steps, **extra)
     timesteps = scheduler.timesteps.double().cpu().numpy()
     t = scheduler.sigmas[:len(timesteps)].double().cpu().numpy()

@@ -1,9 +1,11 @@
-"""A generation on a diffusion transformer (SD 3.x, Flux, PixArt, Sana): `prepare_transformer` checks the request
-against what the family runs (pipelines/core/transformers.py) and returns a `TransformerCall`, which the generator
-drives as it drives a UNet model's `PreparedCall` (call.py): one call per batch, latents out, then `decode`.
+"""A generation on a diffusion transformer (SD 3.x, Flux.1, Flux 2, PixArt, Sana): `prepare_transformer` checks
+the request against what the family runs (pipelines/core/transformers.py) and returns a `TransformerCall`, which the
+generator drives as it drives a UNet model's `PreparedCall` (call.py): one call per batch, latents out, then
+`decode`.
 
 The noise is drawn on the CPU from the request's seeds by the family's own pipeline, so a seed gives the same image
-on any device; Flux's latents come out packed in 2×2 patches and are unpacked for the VAE and the previews.
+on any device; Flux's latents come out packed in 2×2 patches and are unpacked for the VAE and the previews (Flux 2's
+also batch-normalised: `flux2_to_vae`).
 """
 
 from __future__ import annotations
@@ -23,13 +25,15 @@ from pipelines.core.samplers import DEFAULT_SAMPLER, SPECULATIVE_SAMPLER
 from pipelines.core.transformers import (
     NOT_YET,
     TASK_LABELS,
-    TRANSFORMER_TASKS,
     controlnet_pipeline,
     default_transformer_sampler,
     distilled_guidance_notes,
+    flux2_to_vae,
     make_transformer_scheduler,
     starting_at_strength,
+    takes_cfg,
     transformer_samplers,
+    transformer_tasks,
 )
 from pipelines.core.vae import VAE_UPCAST_NOTE, check_size, decode
 
@@ -91,18 +95,23 @@ class TransformerCall:
                              control_guidance_end=[u.end for u in units] if many else units[0].end)
         elif request.task == "img2img":
             image = request.fitted_image()
-            if "image" in takes:      # one per image of the batch: SD 3's encodes image i with generator i
+            if hasattr(pipeline, "start_image"):   # Flux 2, PixArt, Sana: their text-to-image call started from it
+                pipeline.start_image, pipeline.start_steps = image, request.steps
+            else:              # one per image of the batch: SD 3's encodes image i with generator i
                 arguments.update(image=[image] * request.batch_size, strength=request.strength)
-            else:                  # PixArt, Sana: their text-to-image call started from the image (StartFromImage)
-                pipeline.start_image = image
         if self.family == "Flux":
             # CFG is Flux's "true CFG" (two passes, with the negative prompt); its own is the distilled guidance
             arguments.update(true_cfg_scale=request.guidance_scale, guidance_scale=request.distilled_guidance)
+        if self.family == "Flux 2":
+            # [dev]'s guidance_scale is its distilled guidance; [klein]'s is CFG (with an empty negative prompt)
+            arguments["guidance_scale"] = request.guidance_scale if "Klein" in type(pipeline).__name__ else \
+                request.distilled_guidance
+            arguments["text_encoder_out_layers"] = text_encoder_layers(pipeline)
         if "use_resolution_binning" in takes:      # the size asked for, not the nearest trained aspect ratio
             arguments["use_resolution_binning"] = False
         if "clean_caption" in takes:                # PixArt's caption cleaning needs bs4 and ftfy: the prompt as typed
             arguments["clean_caption"] = False
-        return arguments
+        return {name: value for name, value in arguments.items() if name in takes}   # Flux 2 has no negative prompt
 
     def __call__(self, batch_index: int = 0, *, generators: list[torch.Generator] | None = None,
                  latents: torch.Tensor | None = None, callback=None, expose: tuple[str, ...] = ()) -> torch.Tensor:
@@ -141,10 +150,13 @@ class TransformerCall:
             if hasattr(pipeline, "start_image"):   # the input image is this call's, not the cached pipeline's
                 pipeline.start_image = None
 
-    def spatial(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents as the VAE reads them: Flux's 2×2-packed sequence unpacked to channels × height × width."""
+    def spatial(self, latents: torch.Tensor, *, difference: bool = False) -> torch.Tensor:
+        """Latents as the VAE reads them: Flux's 2×2-packed sequence unpacked to channels × height × width (Flux 2's
+        also un-normalised; a `difference` of latents, such as a velocity, only scaled)."""
         if latents.dim() == 3:
             request = self.request.as_inpainting() if self.request.task in ("inpaint", "outpaint") else self.request
+            if self.family == "Flux 2":
+                return flux2_to_vae(self.pipeline, latents, request.height, request.width, difference=difference)
             return self.pipeline._unpack_latents(latents, request.height, request.width, self.pipeline.vae_scale_factor)
         return latents
 
@@ -157,8 +169,8 @@ class TransformerCall:
 
 def check_transformer_request(request: SamplingSettings, task, pipeline, family: str, scheduler_config: dict) -> None:
     """Refuse, before any work, what the family does not run, saying why and what to do instead."""
-    if request.task not in TRANSFORMER_TASKS[family]:
-        runs = ", ".join(TASK_LABELS[name] for name in TRANSFORMER_TASKS[family])
+    if request.task not in transformer_tasks(pipeline):
+        runs = ", ".join(TASK_LABELS[name] for name in transformer_tasks(pipeline))
         raise ValueError(f"{task.label} does not run {family} models yet: {NOT_YET.get(request.task, 'not built')}. "
                          f"{family} models run {runs}; load an SD 1.x, SD 2.x or SDXL model for {task.label}.")
     if request.task == "controlnet" and (request.init_image is not None or
@@ -185,6 +197,15 @@ def check_transformer_request(request: SamplingSettings, task, pipeline, family:
 def transformer_notes(request: SamplingSettings, family: str, pipeline) -> list[str]:
     """What a transformer family's pipeline leaves out of the request, said rather than silently dropped."""
     notes = distilled_guidance_notes(request, pipeline)
+    takes = inspect.signature(type(pipeline).__call__).parameters
+    if request.negative_prompt.strip() and "negative_prompt" not in takes:
+        notes.append(f"{family}'s pipeline takes no negative prompt (its CFG guides away from the empty prompt); the "
+                     "negative prompt was not used.")
+    if request.guidance_scale != 1 and not takes_cfg(pipeline):
+        notes.append(f"This {family} model is guidance-distilled: it runs one pass per step and takes no CFG, so "
+                     f"CFG scale {request.guidance_scale:g} was not used (set it to 1)."
+                     + (" Its guidance is the distilled CFG scale." if type(pipeline).__name__ == "Flux2Pipeline"
+                        else ""))
     if request.task not in ("inpaint", "outpaint"):
         return notes
     inpainting = request.as_inpainting()
@@ -198,11 +219,22 @@ def transformer_notes(request: SamplingSettings, family: str, pipeline) -> list[
     return notes
 
 
+def text_encoder_layers(pipeline) -> tuple[int, ...]:
+    """Which of the text encoder's hidden states Flux 2's pipeline stacks into the prompt's embedding: as many as the
+    transformer reads (its joint width over the encoder's), spaced evenly through the encoder as the released models'
+    are (Mistral's 40 layers: 10, 20, 30; Qwen 3's 36: 9, 18, 27), so that a smaller encoder works too."""
+    text = pipeline.text_encoder.config
+    text = text.get_text_config() if hasattr(text, "get_text_config") else text
+    count = max(1, pipeline.transformer.config.joint_attention_dim // text.hidden_size)
+    return tuple(max(1, round(text.num_hidden_layers * index / (count + 1))) for index in range(1, count + 1))
+
+
 def _multiple(pipeline, family: str) -> int:
     """What width and height must be divisible by: the VAE's factor times the transformer's patch (Flux's latents
     are packed 2×2 on top; Sana's pipeline asks for 32 whatever its autoencoder)."""
     patch = getattr(pipeline.transformer.config, "patch_size", 1) or 1
-    return max(32 if family == "Sana" else 8, pipeline.vae_scale_factor * patch * (2 if family == "Flux" else 1))
+    return max(32 if family == "Sana" else 8,
+               pipeline.vae_scale_factor * patch * (2 if family in ("Flux", "Flux 2") else 1))
 
 
 def prepare_transformer(models, request: SamplingSettings, task, model) -> TransformerCall:
@@ -230,7 +262,7 @@ def prepare_transformer(models, request: SamplingSettings, task, model) -> Trans
     size = request.as_inpainting() if request.task in ("inpaint", "outpaint") else request
     check_size(size.width, size.height, _multiple(pipeline, family))
     pipeline.scheduler = make_transformer_scheduler(request.sampler, model.scheduler_config)
-    if request.task == "img2img" and "image" not in inspect.signature(type(pipeline).__call__).parameters:
+    if request.task == "img2img" and hasattr(pipeline, "start_image"):
         pipeline.scheduler = starting_at_strength(pipeline.scheduler, request.strength)   # StartFromImage's schedule
     prompt, negative_prompt, uses, notes = prompt_texts(request)
     loras = models.use_loras(uses)

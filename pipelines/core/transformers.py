@@ -1,26 +1,30 @@
-"""The diffusion transformers (SD 3.x, Flux, PixArt-α/Σ, Sana) in the studio's tabs.
+"""The diffusion transformers (SD 3.x, Flux.1, Flux 2, PixArt-α/Σ, Sana) in the studio's tabs.
 
 These families replace the UNet with a transformer over latent patches, and (but PixArt) DDPM's ε-prediction with
 flow matching: x_t = (1 − t)·x_0 + t·ε, the model predicting the velocity ε − x_0. Each runs through diffusers' own
-pipeline for it, which knows its text encoders (T5, Gemma, two CLIPs), its packed latents (Flux) and its schedule;
-the studio's own loop (the Denoiser, guidance beyond CFG, speculative sampling) stays the UNet families'.
+pipeline for it, which knows its text encoders (T5, Gemma, two CLIPs, Qwen, Mistral), its packed latents (Flux;
+Flux 2's also batch-normalised) and its schedule; the studio's own loop (the Denoiser, guidance beyond CFG,
+speculative sampling) stays the UNet families'.
 
 What a family runs (TRANSFORMER_TASKS): Text-to-Image, and Image-to-Image (diffusers' own for SD 3.x and Flux; for
-PixArt and Sana, which have none, the family's text-to-image call started from the input image noised to the
-strength: `StartFromImage`); Inpainting and outpainting for SD 3.x and Flux through their inpainting pipelines, the
-original pasted back outside the mask bit for bit (the requests' `composite`).
+Flux 2, PixArt and Sana, which have none, the family's text-to-image call started from the input image noised to
+the strength: `start_from_image`; Flux 2's `image` input is a reference to edit from, not a start); Inpainting and
+outpainting for SD 3.x, Flux and Flux 2 [klein] through their inpainting pipelines, the original pasted back outside
+the mask bit for bit (the requests' `composite`).
 
 Samplers: the same names as the UNet families' (what A1111 Forge writes for these models), built as the family's
 kind: for a flow-matching model "Euler" is FlowMatchEulerDiscreteScheduler, "DPM++ 2M" the multistep solver on flow
 sigmas. The menu holds only those whose `set_timesteps` takes what the family's pipeline passes (Flux passes its
 own sigmas and the resolution's shift `mu`, so it runs Euler, LCM and UniPC).
 
-Guidance: CFG for all; Flux.1 dev was distilled to take its guidance as an input (`distilled_guidance`, one pass
-per step), and its CFG scale (diffusers' `true_cfg_scale`, two passes) stays 1 unless asked for.
+Guidance: CFG for all but Flux 2 [dev]; Flux.1 dev and Flux 2 [dev] were distilled to take their guidance as an
+input (`distilled_guidance`, one pass per step), and Flux.1's CFG scale (diffusers' `true_cfg_scale`, two passes)
+stays 1 unless asked for. Flux 2 [dev] has no CFG at all, and a step-distilled Flux 2 [klein] none either.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -38,19 +42,21 @@ from pipelines.core.families import family_of_pipeline
 from pipelines.core.samplers import SPECULATIVE_SAMPLER, STEPWISE_SAMPLER_NAMES, make_scheduler
 from pipelines.core.vae import encode
 
-TRANSFORMER_FAMILIES = ("SD 3.x", "Flux", "PixArt-α", "PixArt-Σ", "Sana")
+TRANSFORMER_FAMILIES = ("SD 3.x", "Flux", "Flux 2", "PixArt-α", "PixArt-Σ", "Sana")
 _PAINTS = ("txt2img", "img2img", "inpaint", "outpaint")
 TASK_LABELS = {"txt2img": "Text-to-Image", "img2img": "Image-to-Image", "inpaint": "Inpainting",
                "outpaint": "Outpainting", "controlnet": "ControlNet"}
-TRANSFORMER_TASKS = {"SD 3.x": (*_PAINTS, "controlnet"), "Flux": (*_PAINTS, "controlnet"), "PixArt-α": _PAINTS[:2],
-                     "PixArt-Σ": _PAINTS[:2], "Sana": _PAINTS[:2]}
+TRANSFORMER_TASKS = {"SD 3.x": (*_PAINTS, "controlnet"), "Flux": (*_PAINTS, "controlnet"), "Flux 2": _PAINTS[:2],
+                     "PixArt-α": _PAINTS[:2], "PixArt-Σ": _PAINTS[:2], "Sana": _PAINTS[:2]}
+# A model of the family that runs more: Flux 2 [klein] inpaints (diffusers has an inpainting pipeline for it alone)
+PIPELINE_TASKS = {"Flux2KleinPipeline": _PAINTS}
 # Why a tab does not run a family yet, for its refusal
-NOT_YET = {"inpaint": "diffusers has no inpainting pipeline for it",
-           "outpaint": "diffusers has no inpainting pipeline for it",
+NOT_YET = {"inpaint": "diffusers has no inpainting pipeline for it (for Flux 2, only for [klein])",
+           "outpaint": "diffusers has no inpainting pipeline for it (for Flux 2, only for [klein])",
            "controlnet": "diffusers has no ControlNet pipeline for it",
            "explorer": "the explorer's step-by-step views drive a UNet"}
-# The CFG scale a family is made for (Flux dev: 1, its guidance being the distilled one)
-DEFAULT_CFG = {"SD 3.x": 7.0, "Flux": 1.0, "PixArt-α": 4.5, "PixArt-Σ": 4.5, "Sana": 4.5}
+# The CFG scale a family is made for (Flux dev: 1, its guidance being the distilled one; Flux 2: klein's)
+DEFAULT_CFG = {"SD 3.x": 7.0, "Flux": 1.0, "Flux 2": 4.0, "PixArt-α": 4.5, "PixArt-Σ": 4.5, "Sana": 4.5}
 DEFAULT_DISTILLED_GUIDANCE = 3.5
 
 # name -> (flow-matching scheduler class, overrides); the multistep solvers run on flow sigmas
@@ -74,6 +80,11 @@ def is_transformer(pipeline) -> bool:
     return getattr(pipeline, "unet", None) is None and getattr(pipeline, "transformer", None) is not None
 
 
+def transformer_tasks(pipeline) -> tuple[str, ...]:
+    """The tasks a transformer model runs: its family's, or more for a model of the family that has them."""
+    return PIPELINE_TASKS.get(type(pipeline).__name__, TRANSFORMER_TASKS[family_of_pipeline(pipeline)])
+
+
 def is_flow(scheduler_config: dict) -> bool:
     """Whether the model's schedule is flow matching (its own scheduler a FlowMatch one, or a solver on flow
     sigmas, as Sana ships). A config without its class name is a FlowMatch one when it has a shift and no betas."""
@@ -87,12 +98,26 @@ def takes_distilled_guidance(pipeline) -> bool:
     return is_transformer(pipeline) and bool(getattr(pipeline.transformer.config, "guidance_embeds", False))
 
 
+def takes_cfg(pipeline) -> bool:
+    """Whether the model is guided by CFG: not Flux 2 [dev] (its guidance is an input only) nor a step-distilled
+    Flux 2 [klein]."""
+    name = type(pipeline).__name__
+    return not (name == "Flux2Pipeline" or (name.startswith("Flux2") and pipeline.config.get("is_distilled")))
+
+
+def default_cfg(pipeline) -> float:
+    """The CFG scale the loaded model is made for (1 where it takes none)."""
+    if pipeline is None or not is_transformer(pipeline):
+        return 7.5
+    return DEFAULT_CFG.get(family_of_pipeline(pipeline), 7.5) if takes_cfg(pipeline) else 1.0
+
+
 def distilled_guidance_notes(request, pipeline) -> list[str]:
     """A distilled CFG scale set for a model that takes none (a Forge infotext restored onto another model) is
     left unused, and said so."""
     if request.distilled_guidance == DEFAULT_DISTILLED_GUIDANCE or takes_distilled_guidance(pipeline):
         return []
-    return [f"Distilled CFG scale {request.distilled_guidance:g} is Flux.1 dev's guidance input; this model has "
+    return [f"Distilled CFG scale {request.distilled_guidance:g} is Flux dev's guidance input; this model has "
             "none, so it was not used (the CFG scale guides it)."]
 
 
@@ -113,8 +138,9 @@ def transformer_samplers(pipeline, scheduler_config: dict, task: str = "txt2img"
     if not is_flow(scheduler_config):
         return tuple(name for name in STEPWISE_SAMPLER_NAMES if name != SPECULATIVE_SAMPLER)
     needed = _timestep_arguments(pipeline, scheduler_config)
-    from_image = task in ("img2img", "inpaint", "outpaint") and type(pipeline).__name__.startswith(
-        ("StableDiffusion3", "Flux"))
+    family = family_of_pipeline(pipeline)     # Flux 2's image-to-image is start_from_image, which needs no scale_noise
+    from_image = (task in ("img2img", "inpaint", "outpaint") and family in ("SD 3.x", "Flux")) or \
+        (task in ("inpaint", "outpaint") and family == "Flux 2")
     return tuple(name for name, (kind, _) in FLOW_SAMPLERS.items()
                  if needed <= set(inspect.signature(kind.set_timesteps).parameters)
                  and not (from_image and not hasattr(kind, "scale_noise")))
@@ -162,7 +188,7 @@ def check_unet_model(model, what: str) -> None:
         family = family_of_pipeline(model.pipeline)
         raise ValueError(f"{what} drives a UNet (SD 1.x/2.x, SDXL) step by step; {model.name} is a {family} diffusion "
                          f"transformer, which it does not run yet. {family} models run "
-                         f"{', '.join(TASK_LABELS[name] for name in TRANSFORMER_TASKS[family])}.")
+                         f"{', '.join(TASK_LABELS[name] for name in transformer_tasks(model.pipeline))}.")
 
 
 def default_transformer_sampler(scheduler_config: dict) -> str:
@@ -185,6 +211,7 @@ def starting_at_strength(scheduler, strength: float):
     kind = type(scheduler)
 
     class Cut(kind):
+        @functools.wraps(kind.set_timesteps)     # its signature too: pipelines ask it whether it takes sigmas
         def set_timesteps(self, *args, **kwargs):
             super().set_timesteps(*args, **kwargs)
             steps = self.num_inference_steps or len(self.timesteps) // self.order
@@ -208,6 +235,8 @@ def start_from_image(base):
     noised to the first step its scheduler keeps: SDEdit, for families diffusers gives no image-to-image
     pipeline."""
     kind = type(base)
+    if kind.__name__.startswith("Flux2"):
+        return _flux2_start_from_image(base)
 
     class StartFromImage(kind):
         start_image: Image.Image | None = None
@@ -221,6 +250,63 @@ def start_from_image(base):
             if hasattr(self.scheduler, "scale_noise"):        # flow matching: (1 − t)·x_0 + t·ε
                 return self.scheduler.scale_noise(clean, first, noise)
             return self.scheduler.add_noise(clean, noise, first)
+
+    StartFromImage.__name__ = StartFromImage.__qualname__ = kind.__name__
+    return StartFromImage(**base.components)
+
+
+# ----------------------------------------------------------------------------- Flux 2's latents
+
+
+def flux2_statistics(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and standard deviation that Flux 2's transformer sees its (2×2-patchified) latents normalised by:
+    its VAE's batch-norm statistics."""
+    mean = vae.bn.running_mean.view(1, -1, 1, 1).to(like.device, like.dtype)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(like.device, like.dtype)
+    return mean, std
+
+
+def flux2_to_vae(pipeline, packed: torch.Tensor, height: int, width: int, *, difference: bool = False):
+    """Flux 2's packed sequence of normalised 2×2 patches (the transformer's view) -> the VAE's latents. A
+    `difference` of two latents (a velocity) is only scaled: the mean cancels."""
+    rows, columns = height // (pipeline.vae_scale_factor * 2), width // (pipeline.vae_scale_factor * 2)
+    patches = packed.permute(0, 2, 1).reshape(packed.shape[0], packed.shape[2], rows, columns)
+    mean, std = flux2_statistics(pipeline.vae, patches)
+    patches = patches * std + (0 if difference else mean)
+    return pipeline._unpatchify_latents(patches)
+
+
+def _flux2_start_from_image(base):
+    """`start_from_image` for Flux 2, whose pipeline packs normalised 2×2 patches and sets its timesteps only after
+    `prepare_latents` (their shift depends on the sequence's length): the first timestep kept is read off a copy of
+    its scheduler set the way the pipeline will set it (`start_steps`: the request's steps)."""
+    import copy
+
+    import numpy as np
+
+    kind = type(base)
+    module = inspect.getmodule(kind)
+
+    class StartFromImage(kind):
+        start_image: Image.Image | None = None
+        start_steps: int = 0
+
+        def prepare_latents(self, batch_size, num_latents_channels, height, width, dtype, device, generator,
+                            latents=None):
+            noise, ids = super().prepare_latents(batch_size, num_latents_channels, height, width, dtype, device,
+                                                 generator, latents)
+            pixels = self.image_processor.preprocess(self.start_image, height=height, width=width)
+            patches = self._patchify_latents(encode(self.vae, pixels).to(device, dtype))
+            mean, std = flux2_statistics(self.vae, patches)
+            clean = self._pack_latents((patches - mean) / std).repeat(batch_size, 1, 1)
+            scheduler, steps = copy.deepcopy(self.scheduler), self.start_steps     # as the pipeline's step 6
+            sigmas = None if scheduler.config.get("use_flow_sigmas") else np.linspace(1.0, 1 / steps, steps)
+            module.retrieve_timesteps(scheduler, steps, device, sigmas=sigmas,
+                                      mu=module.compute_empirical_mu(image_seq_len=noise.shape[1], num_steps=steps))
+            first = scheduler.timesteps[:1].repeat(batch_size)
+            if hasattr(scheduler, "scale_noise"):
+                return scheduler.scale_noise(clean, first, noise), ids
+            return scheduler.add_noise(clean, noise, first), ids
 
     StartFromImage.__name__ = StartFromImage.__qualname__ = kind.__name__
     return StartFromImage(**base.components)

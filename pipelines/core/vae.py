@@ -12,8 +12,10 @@ VAE_UPCAST_NOTE = "The VAE overflowed in fp16 (the black-image bug), so it now d
 
 
 def _latent_stats(vae) -> tuple[float, float]:
-    # SD3/Flux VAEs also have a `shift_factor`: latents = (mean - shift) * scale
-    return float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
+    # SD3/Flux VAEs also have a `shift_factor`: latents = (mean - shift) * scale; Flux 2's has neither (its pipeline
+    # normalises the patchified latents by the VAE's batch-norm statistics instead: transformers.flux2_to_vae)
+    return float(getattr(vae.config, "scaling_factor", None) or 1.0), float(getattr(vae.config, "shift_factor", None)
+                                                                          or 0.0)
 
 
 def execution_device(module) -> torch.device:

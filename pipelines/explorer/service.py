@@ -263,7 +263,8 @@ class Explorer:
         for schedule in schedules:
             try:
                 table |= schedule_table(model.scheduler_config, sampler, [schedule], steps, unet_config=unet_config,
-                                        flux_sigmas=type(model.pipeline).__name__.startswith("Flux"))
+                                        flux_sigmas=type(model.pipeline).__name__.startswith("Flux"),
+                                        flux2=type(model.pipeline).__name__.startswith("Flux2"))
             except ValueError as error:
                 left_out[schedule] = str(error)
         if not table:

@@ -56,10 +56,11 @@ class Img2ImgRequest(SamplingSettings):
 
 
 def _image_to_image(base):
-    """The base's image-to-image pipeline (shared weights); for PixArt and Sana, which diffusers gives none, their
-    text-to-image call started from the input image (pipelines/core/transformers.py)."""
+    """The base's image-to-image pipeline (shared weights); for Flux 2, PixArt and Sana, which diffusers gives none
+    (Flux 2's `image` is a reference to edit from, not a start), their text-to-image call started from the input
+    image (pipelines/core/transformers.py)."""
     from diffusers import AutoPipelineForImage2Image
-    if type(base).__name__.startswith(("PixArt", "Sana")):
+    if type(base).__name__.startswith(("PixArt", "Sana", "Flux2")):
         return start_from_image(base)
     return AutoPipelineForImage2Image.from_pipe(base)
 

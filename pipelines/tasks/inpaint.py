@@ -291,8 +291,11 @@ def run_inpaint(call, batch_index: int, *, generators=None, latents=None, callba
 
 
 def _inpainting_pipeline(base):
-    """The base's inpainting pipeline (shared weights): its components, for the task's own loop."""
-    from diffusers import AutoPipelineForInpainting
+    """The base's inpainting pipeline (shared weights): its components, for the task's own loop (Flux 2 [klein]'s,
+    which diffusers' auto pipelines do not list, for its own)."""
+    from diffusers import AutoPipelineForInpainting, Flux2KleinInpaintPipeline
+    if type(base).__name__ == "Flux2KleinPipeline":
+        return Flux2KleinInpaintPipeline(**base.components, is_distilled=bool(base.config.get("is_distilled")))
     return AutoPipelineForInpainting.from_pipe(base)
 
 

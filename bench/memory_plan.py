@@ -25,6 +25,8 @@ FAMILIES = {
     "SD 3 medium": (1024, {"transformer (MMDiT)": 2028, "CLIP-L": 124, "CLIP-G": 695, "T5-XXL": 4762, "vae": 84}),
     "SD 3.5 large": (1024, {"transformer (MMDiT)": 8056, "CLIP-L": 124, "CLIP-G": 695, "T5-XXL": 4762, "vae": 84}),
     "Flux.1 dev": (1024, {"transformer": 11901, "CLIP-L": 123, "T5-XXL": 4762, "vae": 84}),
+    "Flux 2 klein 4B": (1024, {"transformer": 3900, "Qwen3-4B": 4022, "vae": 84}),
+    "Flux 2 dev": (1024, {"transformer": 32000, "Mistral Small 3.1": 24000, "vae": 84}),
 }
 BYTES_PER_PARAMETER = 2
 
@@ -49,11 +51,11 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--vram", type=float, action="append", help="free VRAM in GiB (default: 24 and 80)")
     args = parser.parse_args(argv)
     rows = [row for vram in args.vram or [24, 80] for row in plan(vram)]
-    print(f"{'family':<14} {'VRAM':>5} {'weights':>8} {'largest component':<28} {'native':>7} {'auto picks':<11} "
+    print(f"{'family':<16} {'VRAM':>5} {'weights':>8} {'largest component':<28} {'native':>7} {'auto picks':<11} "
           f"{'largest request':>16}")
     for row in rows:
         largest = f"{row['largest']} {row['largest_gib']:.1f}G"
-        print(f"{row['family']:<14} {row['vram_gib']:>4.0f}G {row['weights_gib']:7.1f}G {largest:<28} "
+        print(f"{row['family']:<16} {row['vram_gib']:>4.0f}G {row['weights_gib']:7.1f}G {largest:<28} "
               f"{row['side']:>6}² {row['mode']:<11} {row['largest_request_mp']:12.1f} MP")
     return rows
 

@@ -73,21 +73,24 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def previews_in_lockstep(monkeypatch):
     """The device worker waits at each preview until the test has read it (call the returned function), so a Stop
     set on reading step k's preview is seen by step k's own callback, however far ahead a busy machine would let the
-    worker run. Returns the function that tells the worker the preview was read."""
+    worker run. Returns the function that tells the worker the preview was read; when the test ends (a failed one
+    too) the worker waits no more."""
     import threading
 
     from pipelines.core.results import Preview
     from pipelines.jobs.worker import Job
 
-    read, original = threading.Semaphore(0), Job.emit
+    read, ended, original = threading.Semaphore(0), threading.Event(), Job.emit
 
     def emit(self, event, *, transient=False):
         original(self, event, transient=transient)
-        if isinstance(event, Preview):
+        if isinstance(event, Preview) and not ended.is_set():
             assert read.acquire(timeout=120), "the test never read this preview"
 
     monkeypatch.setattr(Job, "emit", emit)
-    return read.release
+    yield read.release
+    ended.set()
+    read.release()      # a worker waiting at a preview the test left unread (it failed) goes on
 
 
 @pytest.fixture(scope="session")

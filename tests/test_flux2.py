@@ -38,7 +38,8 @@ def test_flux_2_dev_is_guided_by_its_distilled_guidance_and_klein_by_cfg(familie
     assert (pixels(unused.images[0].image) == pixels(high.images[0].image)).all()
     assert any("takes no CFG, so CFG scale 5 was not used" in note for note in unused.messages)
     assert any("takes no negative prompt" in note for note in unused.messages)
-    with pytest.raises(ValueError, match="Inpainting does not run Flux 2 models yet: .*only for \\[klein\\]"):
+    with pytest.raises(ValueError, match="Inpainting does not run Flux 2 models yet: diffusers has an inpainting "
+                                         "pipeline for Flux 2 \\[klein\\] only"):
         studio.generate(InpaintRequest(**common, init_image=gradient_image(64, 64).convert("RGB"),
                                        mask=Image.new("L", (64, 64), 255)))
 
@@ -87,3 +88,24 @@ def test_the_sampling_schedule_of_flux_2_is_its_resolution_shifted_one_at_1024(f
     studio.models.worker.call(run)
     np.testing.assert_allclose(drawn, handed, rtol=1e-5)
     assert drawn[0] > 0.99 and drawn[1] > 1 - 1 / 6   # shifted toward noise, not linspace's
+
+
+def test_a_step_distilled_klein_takes_no_cfg_in_any_tab(families):
+    """A step-distilled Flux 2 [klein] (`is_distilled`) runs one pass per step whatever the CFG scale, in Image-to-
+    Image too (whose pipeline is rebuilt from the model's and keeps the flag), and says the scale was not used."""
+    from pipelines.core.transformers import default_cfg
+    from pipelines.tasks.img2img import Img2ImgRequest
+    from recipe.tiny import build_tiny_flux2_klein_pipeline
+
+    studio, folders = families
+    folder = folders["Flux 2 klein"].parent / "flux-2-klein-distilled"
+    build_tiny_flux2_klein_pipeline(folder.parent.parent / "build", distilled=True).save_pretrained(folder)
+    studio.models.load(str(folder), from_ui=True)
+    assert default_cfg(studio.models.current.pipeline) == 1.0
+    common = dict(prompt="red apple", steps=3, width=64, height=64, seed=9, sampler="Euler")
+    source = gradient_image(64, 64).convert("RGB")
+    for request in (Txt2ImgRequest, lambda **kw: Img2ImgRequest(**kw, init_image=source, strength=0.6)):
+        plain = studio.generate(request(**common, guidance_scale=1.0))
+        scaled = studio.generate(request(**common, guidance_scale=5.0))
+        assert (pixels(plain.images[0].image) == pixels(scaled.images[0].image)).all()
+        assert any("takes no CFG, so CFG scale 5 was not used" in note for note in scaled.messages)

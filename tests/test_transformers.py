@@ -247,9 +247,9 @@ def test_previews_arrive_and_a_stop_interrupts_after_the_step_in_progress(famili
         events.append(event)
         if isinstance(event, Preview):
             if event.step == 2:
-                assert event.images[0].size == (64, 64)
                 stop.set()
             previews_in_lockstep()
+            assert event.images[0].size == (64, 64)
     done = events[-1]
     assert done.stopped and done.images[0].steps_done == 2 and not done.images[0].finished
     assert "Stopped at step: 2" in done.images[0].infotext

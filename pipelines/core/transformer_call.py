@@ -24,6 +24,7 @@ from pipelines.core.requests import SamplingSettings
 from pipelines.core.samplers import DEFAULT_SAMPLER, SPECULATIVE_SAMPLER
 from pipelines.core.transformers import (
     NOT_YET,
+    NOT_YET_FOR,
     TASK_LABELS,
     controlnet_pipeline,
     default_transformer_sampler,
@@ -111,7 +112,9 @@ class TransformerCall:
             arguments["use_resolution_binning"] = False
         if "clean_caption" in takes:                # PixArt's caption cleaning needs bs4 and ftfy: the prompt as typed
             arguments["clean_caption"] = False
-        return {name: value for name, value in arguments.items() if name in takes}   # Flux 2 has no negative prompt
+        if "negative_prompt" not in takes:          # Flux 2's pipelines (their notes say so)
+            del arguments["negative_prompt"]
+        return arguments
 
     def __call__(self, batch_index: int = 0, *, generators: list[torch.Generator] | None = None,
                  latents: torch.Tensor | None = None, callback=None, expose: tuple[str, ...] = ()) -> torch.Tensor:
@@ -171,7 +174,8 @@ def check_transformer_request(request: SamplingSettings, task, pipeline, family:
     """Refuse, before any work, what the family does not run, saying why and what to do instead."""
     if request.task not in transformer_tasks(pipeline):
         runs = ", ".join(TASK_LABELS[name] for name in transformer_tasks(pipeline))
-        raise ValueError(f"{task.label} does not run {family} models yet: {NOT_YET.get(request.task, 'not built')}. "
+        why = NOT_YET_FOR.get((family, request.task), NOT_YET.get(request.task, "not built"))
+        raise ValueError(f"{task.label} does not run {family} models yet: {why}. "
                          f"{family} models run {runs}; load an SD 1.x, SD 2.x or SDXL model for {task.label}.")
     if request.task == "controlnet" and (request.init_image is not None or
                                          any(unit.control_mode != "balanced" for unit in request.units)):
@@ -199,8 +203,8 @@ def transformer_notes(request: SamplingSettings, family: str, pipeline) -> list[
     notes = distilled_guidance_notes(request, pipeline)
     takes = inspect.signature(type(pipeline).__call__).parameters
     if request.negative_prompt.strip() and "negative_prompt" not in takes:
-        notes.append(f"{family}'s pipeline takes no negative prompt (its CFG guides away from the empty prompt); the "
-                     "negative prompt was not used.")
+        notes.append(f"{family}'s pipeline takes no negative prompt" + (" (its CFG guides away from the empty "
+                     "prompt)" if takes_cfg(pipeline) else "") + "; the negative prompt was not used.")
     if request.guidance_scale != 1 and not takes_cfg(pipeline):
         notes.append(f"This {family} model is guidance-distilled: it runs one pass per step and takes no CFG, so "
                      f"CFG scale {request.guidance_scale:g} was not used (set it to 1)."

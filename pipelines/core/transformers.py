@@ -51,10 +51,12 @@ TRANSFORMER_TASKS = {"SD 3.x": (*_PAINTS, "controlnet"), "Flux": (*_PAINTS, "con
 # A model of the family that runs more: Flux 2 [klein] inpaints (diffusers has an inpainting pipeline for it alone)
 PIPELINE_TASKS = {"Flux2KleinPipeline": _PAINTS}
 # Why a tab does not run a family yet, for its refusal
-NOT_YET = {"inpaint": "diffusers has no inpainting pipeline for it (for Flux 2, only for [klein])",
-           "outpaint": "diffusers has no inpainting pipeline for it (for Flux 2, only for [klein])",
+NOT_YET = {"inpaint": "diffusers has no inpainting pipeline for it",
+           "outpaint": "diffusers has no inpainting pipeline for it",
            "controlnet": "diffusers has no ControlNet pipeline for it",
            "explorer": "the explorer's step-by-step views drive a UNet"}
+NOT_YET_FOR = {("Flux 2", "inpaint"): "diffusers has an inpainting pipeline for Flux 2 [klein] only",
+               ("Flux 2", "outpaint"): "diffusers has an inpainting pipeline for Flux 2 [klein] only"}
 # The CFG scale a family is made for (Flux dev: 1, its guidance being the distilled one; Flux 2: klein's)
 DEFAULT_CFG = {"SD 3.x": 7.0, "Flux": 1.0, "Flux 2": 4.0, "PixArt-α": 4.5, "PixArt-Σ": 4.5, "Sana": 4.5}
 DEFAULT_DISTILLED_GUIDANCE = 3.5
@@ -309,4 +311,7 @@ def _flux2_start_from_image(base):
             return scheduler.add_noise(clean, noise, first), ids
 
     StartFromImage.__name__ = StartFromImage.__qualname__ = kind.__name__
-    return StartFromImage(**base.components)
+    # its config flags too (a step-distilled [klein]'s `is_distilled`), which `components` leaves out
+    flags = {"is_distilled": bool(base.config.get("is_distilled"))} if "is_distilled" in inspect.signature(
+        kind.__init__).parameters else {}
+    return StartFromImage(**base.components, **flags)

@@ -7,9 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from pipelines.tasks.inpaint import InpaintRequest
 from pipelines.tasks.txt2img import Txt2ImgRequest
 from tests.test_explorer_forward import gradient_image
 from tests.test_transformers import families, pixels, use  # noqa: F401 (families: the module's fixture)
@@ -18,8 +16,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_flux_2_dev_is_guided_by_its_distilled_guidance_and_klein_by_cfg(families):
-    """Flux 2 [dev] takes its guidance as an input (the distilled CFG scale; no CFG, no negative prompt, no
-    inpainting pipeline), Flux 2 [klein] takes CFG; each says what it left unused, and each tab's defaults follow."""
+    """Flux 2 [dev] takes its guidance as an input (the distilled CFG scale; no CFG, no negative prompt), Flux 2
+    [klein] takes CFG; each says what it left unused, and each tab's defaults follow."""
     from types import SimpleNamespace
 
     from pipelines.core.transformer_call import text_encoder_layers
@@ -38,10 +36,6 @@ def test_flux_2_dev_is_guided_by_its_distilled_guidance_and_klein_by_cfg(familie
     assert (pixels(unused.images[0].image) == pixels(high.images[0].image)).all()
     assert any("takes no CFG, so CFG scale 5 was not used" in note for note in unused.messages)
     assert any("takes no negative prompt" in note for note in unused.messages)
-    with pytest.raises(ValueError, match="Inpainting does not run Flux 2 models yet: diffusers has an inpainting "
-                                         "pipeline for Flux 2 \\[klein\\] only"):
-        studio.generate(InpaintRequest(**common, init_image=gradient_image(64, 64).convert("RGB"),
-                                       mask=Image.new("L", (64, 64), 255)))
 
     studio = use(families, "Flux 2 klein")
     pipeline = studio.models.current.pipeline

@@ -172,7 +172,7 @@ def test_image_to_image_starts_from_the_input(families, family):
         assert "DPM++ 2M" not in samplers and "UniPC" not in samplers
 
 
-@pytest.mark.parametrize("family", ["SD 3.x", "Flux", "Flux 2 klein"])
+@pytest.mark.parametrize("family", ["SD 3.x", "Flux", "Flux 2 klein", "Flux 2 dev", "PixArt-Σ", "Sana"])
 def test_inpainting_changes_the_mask_and_keeps_every_pixel_outside(families, family):
     studio = use(families, family)
     picture = gradient_image(64, 64).convert("RGB")
@@ -189,6 +189,37 @@ def test_inpainting_changes_the_mask_and_keeps_every_pixel_outside(families, fam
     grown = pixels(extended.images[0].image)
     assert grown.shape[:2] == (64, 80)
     assert (grown[:, :64] == before).all()
+
+
+@pytest.mark.parametrize("family", ["PixArt-Σ", "PixArt-α", "Sana", "Flux 2 dev"])
+def test_pixart_sana_and_flux_2_dev_inpaint_by_keeping_the_known_latents_after_every_step(families, family):
+    """diffusers has no inpainting pipeline for them: their text-to-image call starts from the image and, after every
+    step of any sampler, the cells outside the mask are the input's latents noised to that step, so that the run
+    ends on the input's own latents there, and on new ones inside."""
+    from pipelines.core.images import image_to_tensor
+    from pipelines.core.vae import encode
+
+    studio = use(families, family)
+    picture = gradient_image(64, 64).convert("RGB")
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[:, 32:] = 255
+    model = studio.models.current
+    names = transformer_samplers(model.pipeline, model.scheduler_config, "inpaint")
+    # the first ones, a multistep solver, and DDIM (which keeps no step index)
+    for sampler in dict.fromkeys([*names[:2], *(name for name in ("DPM++ 2M", "DDIM") if name in names)]):
+        request = InpaintRequest(prompt="red apple", steps=5, width=64, height=64, seed=2, sampler=sampler,
+                                 init_image=picture, mask=Image.fromarray(mask), mask_blur=0,
+                                 inpaint_area="Whole picture", strength=0.8)
+
+        def run():
+            call = prepare(studio.models, request)
+            return call.spatial(call(0)), encode(call.pipeline.vae, image_to_tensor(picture)), call.pipeline
+        final, start, pipeline = studio.models.worker.call(run)
+        cells = final.shape[-1] // 2
+        # kept: the input's latents (as the pipeline's own image processor and encode read the picture)
+        torch.testing.assert_close(final[..., :cells], start[..., :cells], rtol=0, atol=1e-5, msg=sampler)
+        assert (final[..., cells:] - start[..., cells:]).abs().mean() > 0.05, sampler
+        assert pipeline.start_image is None and pipeline.start_mask is None          # nothing left on the pipeline
 
 
 def test_flux_distilled_guidance_is_its_own_knob_and_round_trips(families):
@@ -217,9 +248,6 @@ def test_what_a_family_does_not_run_is_refused_naming_it(families):
 
     studio = use(families, "Sana")
     picture = gradient_image(64, 64)
-    with pytest.raises(ValueError, match="Inpainting does not run Sana models yet: diffusers has no inpainting"):
-        studio.generate(InpaintRequest(prompt="a", steps=2, width=64, height=64, init_image=picture,
-                                       mask=Image.new("L", (64, 64), 255)))
     with pytest.raises(ValueError, match="ControlNet does not run Sana models yet"):
         studio.generate(ControlNetRequest(prompt="a", steps=2, width=64, height=64, control_image=picture))
     with pytest.raises(ValueError, match="Sana models run with plain CFG"):

@@ -24,8 +24,8 @@ from pipelines.core.requests import SamplingSettings
 from pipelines.core.samplers import DEFAULT_SAMPLER, SPECULATIVE_SAMPLER
 from pipelines.core.transformers import (
     NOT_YET,
-    NOT_YET_FOR,
     TASK_LABELS,
+    TRANSFORMER_TASKS,
     controlnet_pipeline,
     default_transformer_sampler,
     distilled_guidance_notes,
@@ -34,7 +34,6 @@ from pipelines.core.transformers import (
     starting_at_strength,
     takes_cfg,
     transformer_samplers,
-    transformer_tasks,
 )
 from pipelines.core.vae import VAE_UPCAST_NOTE, check_size, decode
 
@@ -83,9 +82,14 @@ class TransformerCall:
         if request.task in ("inpaint", "outpaint"):
             inpainting = request.as_inpainting()
             region = inpainting.region(pipeline.vae_scale_factor)
-            mask = Image.fromarray((region.mask * 255).round().astype("uint8"))
-            arguments.update(image=region.image, mask_image=mask, strength=inpainting.strength,
-                             width=inpainting.width, height=inpainting.height)
+            arguments.update(width=inpainting.width, height=inpainting.height)
+            if hasattr(pipeline, "start_image"):   # Flux 2 [dev], PixArt, Sana: started from the region, the rest
+                                                   # kept (keep_known)
+                pipeline.start_image, pipeline.start_steps = region.image, request.steps
+                pipeline.start_mask = torch.from_numpy((region.latent_mask > 0).astype("float32"))[None, None]
+            else:
+                mask = Image.fromarray((region.mask * 255).round().astype("uint8"))
+                arguments.update(image=region.image, mask_image=mask, strength=inpainting.strength)
         elif request.task == "controlnet":
             units = request.units
             images = [unit.control_image(request.width, request.height, seed=request.seed) for unit in units]
@@ -151,7 +155,7 @@ class TransformerCall:
             return stopped.latents
         finally:
             if hasattr(pipeline, "start_image"):   # the input image is this call's, not the cached pipeline's
-                pipeline.start_image = None
+                pipeline.start_image = pipeline.start_mask = None
 
     def spatial(self, latents: torch.Tensor, *, difference: bool = False) -> torch.Tensor:
         """Latents as the VAE reads them: Flux's 2×2-packed sequence unpacked to channels × height × width (Flux 2's
@@ -172,10 +176,9 @@ class TransformerCall:
 
 def check_transformer_request(request: SamplingSettings, task, pipeline, family: str, scheduler_config: dict) -> None:
     """Refuse, before any work, what the family does not run, saying why and what to do instead."""
-    if request.task not in transformer_tasks(pipeline):
-        runs = ", ".join(TASK_LABELS[name] for name in transformer_tasks(pipeline))
-        why = NOT_YET_FOR.get((family, request.task), NOT_YET.get(request.task, "not built"))
-        raise ValueError(f"{task.label} does not run {family} models yet: {why}. "
+    if request.task not in TRANSFORMER_TASKS[family]:
+        runs = ", ".join(TASK_LABELS[name] for name in TRANSFORMER_TASKS[family])
+        raise ValueError(f"{task.label} does not run {family} models yet: {NOT_YET.get(request.task, 'not built')}. "
                          f"{family} models run {runs}; load an SD 1.x, SD 2.x or SDXL model for {task.label}.")
     if request.task == "controlnet" and (request.init_image is not None or
                                          any(unit.control_mode != "balanced" for unit in request.units)):
@@ -266,8 +269,8 @@ def prepare_transformer(models, request: SamplingSettings, task, model) -> Trans
     size = request.as_inpainting() if request.task in ("inpaint", "outpaint") else request
     check_size(size.width, size.height, _multiple(pipeline, family))
     pipeline.scheduler = make_transformer_scheduler(request.sampler, model.scheduler_config)
-    if request.task == "img2img" and hasattr(pipeline, "start_image"):
-        pipeline.scheduler = starting_at_strength(pipeline.scheduler, request.strength)   # StartFromImage's schedule
+    if hasattr(pipeline, "start_image"):          # StartFromImage's schedule: the last `strength` of the steps
+        pipeline.scheduler = starting_at_strength(pipeline.scheduler, size.strength)
     prompt, negative_prompt, uses, notes = prompt_texts(request)
     loras = models.use_loras(uses)
     notes = default_note + request.notes() + notes + [

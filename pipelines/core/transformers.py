@@ -9,8 +9,9 @@ speculative sampling) stays the UNet families'.
 What a family runs (TRANSFORMER_TASKS): Text-to-Image, and Image-to-Image (diffusers' own for SD 3.x and Flux; for
 Flux 2, PixArt and Sana, which have none, the family's text-to-image call started from the input image noised to
 the strength: `start_from_image`; Flux 2's `image` input is a reference to edit from, not a start); Inpainting and
-outpainting for SD 3.x, Flux and Flux 2 [klein] through their inpainting pipelines, the original pasted back outside
-the mask bit for bit (the requests' `composite`).
+outpainting for SD 3.x, Flux and Flux 2 [klein] through their inpainting pipelines, and for Flux 2 [dev], PixArt and
+Sana through the same start with the cells outside the mask kept after every step (`keep_known`); the original is
+pasted back outside the mask bit for bit (the requests' `composite`).
 
 Samplers: the same names as the UNet families' (what A1111 Forge writes for these models), built as the family's
 kind: for a flow-matching model "Euler" is FlowMatchEulerDiscreteScheduler, "DPM++ 2M" the multistep solver on flow
@@ -46,17 +47,13 @@ TRANSFORMER_FAMILIES = ("SD 3.x", "Flux", "Flux 2", "PixArt-α", "PixArt-Σ", "S
 _PAINTS = ("txt2img", "img2img", "inpaint", "outpaint")
 TASK_LABELS = {"txt2img": "Text-to-Image", "img2img": "Image-to-Image", "inpaint": "Inpainting",
                "outpaint": "Outpainting", "controlnet": "ControlNet"}
-TRANSFORMER_TASKS = {"SD 3.x": (*_PAINTS, "controlnet"), "Flux": (*_PAINTS, "controlnet"), "Flux 2": _PAINTS[:2],
-                     "PixArt-α": _PAINTS[:2], "PixArt-Σ": _PAINTS[:2], "Sana": _PAINTS[:2]}
-# A model of the family that runs more: Flux 2 [klein] inpaints (diffusers has an inpainting pipeline for it alone)
-PIPELINE_TASKS = {"Flux2KleinPipeline": _PAINTS}
+TRANSFORMER_TASKS = {"SD 3.x": (*_PAINTS, "controlnet"), "Flux": (*_PAINTS, "controlnet"), "Flux 2": _PAINTS,
+                     "PixArt-α": _PAINTS, "PixArt-Σ": _PAINTS, "Sana": _PAINTS}
 # Why a tab does not run a family yet, for its refusal
 NOT_YET = {"inpaint": "diffusers has no inpainting pipeline for it",
            "outpaint": "diffusers has no inpainting pipeline for it",
            "controlnet": "diffusers has no ControlNet pipeline for it",
            "explorer": "the explorer's step-by-step views drive a UNet"}
-NOT_YET_FOR = {("Flux 2", "inpaint"): "diffusers has an inpainting pipeline for Flux 2 [klein] only",
-               ("Flux 2", "outpaint"): "diffusers has an inpainting pipeline for Flux 2 [klein] only"}
 # The CFG scale a family is made for (Flux dev: 1, its guidance being the distilled one; Flux 2: klein's)
 DEFAULT_CFG = {"SD 3.x": 7.0, "Flux": 1.0, "Flux 2": 4.0, "PixArt-α": 4.5, "PixArt-Σ": 4.5, "Sana": 4.5}
 DEFAULT_DISTILLED_GUIDANCE = 3.5
@@ -80,11 +77,6 @@ def denoiser_of(pipeline):
 
 def is_transformer(pipeline) -> bool:
     return getattr(pipeline, "unet", None) is None and getattr(pipeline, "transformer", None) is not None
-
-
-def transformer_tasks(pipeline) -> tuple[str, ...]:
-    """The tasks a transformer model runs: its family's, or more for a model of the family that has them."""
-    return PIPELINE_TASKS.get(type(pipeline).__name__, TRANSFORMER_TASKS[family_of_pipeline(pipeline)])
 
 
 def is_flow(scheduler_config: dict) -> bool:
@@ -140,9 +132,9 @@ def transformer_samplers(pipeline, scheduler_config: dict, task: str = "txt2img"
     if not is_flow(scheduler_config):
         return tuple(name for name in STEPWISE_SAMPLER_NAMES if name != SPECULATIVE_SAMPLER)
     needed = _timestep_arguments(pipeline, scheduler_config)
-    family = family_of_pipeline(pipeline)     # Flux 2's image-to-image is start_from_image, which needs no scale_noise
-    from_image = (task in ("img2img", "inpaint", "outpaint") and family in ("SD 3.x", "Flux")) or \
-        (task in ("inpaint", "outpaint") and family == "Flux 2")
+    # (start_from_image, for the others, noises with either)
+    from_image = (task in ("img2img", "inpaint", "outpaint") and family_of_pipeline(pipeline) in ("SD 3.x", "Flux")) \
+        or (task in ("inpaint", "outpaint") and type(pipeline).__name__ == "Flux2KleinPipeline")
     return tuple(name for name, (kind, _) in FLOW_SAMPLERS.items()
                  if needed <= set(inspect.signature(kind.set_timesteps).parameters)
                  and not (from_image and not hasattr(kind, "scale_noise")))
@@ -190,7 +182,7 @@ def check_unet_model(model, what: str) -> None:
         family = family_of_pipeline(model.pipeline)
         raise ValueError(f"{what} drives a UNet (SD 1.x/2.x, SDXL) step by step; {model.name} is a {family} diffusion "
                          f"transformer, which it does not run yet. {family} models run "
-                         f"{', '.join(TASK_LABELS[name] for name in transformer_tasks(model.pipeline))}.")
+                         f"{', '.join(TASK_LABELS[name] for name in TRANSFORMER_TASKS[family])}.")
 
 
 def default_transformer_sampler(scheduler_config: dict) -> str:
@@ -235,26 +227,62 @@ def starting_at_strength(scheduler, strength: float):
 def start_from_image(base):
     """The family's text-to-image pipeline (shared weights) whose `prepare_latents` starts from `start_image`
     noised to the first step its scheduler keeps: SDEdit, for families diffusers gives no image-to-image
-    pipeline."""
+    pipeline. With a `start_mask` (inpainting) its scheduler also keeps the cells outside the mask (`keep_known`)."""
     kind = type(base)
     if kind.__name__.startswith("Flux2"):
         return _flux2_start_from_image(base)
 
     class StartFromImage(kind):
         start_image: Image.Image | None = None
+        start_mask: torch.Tensor | None = None    # inpainting: the latent cells to generate (1); the rest are kept
 
         def prepare_latents(self, batch_size, num_channels_latents, height, width, dtype, device, generator,
                             latents=None):
             pixels = self.image_processor.preprocess(self.start_image, height=height, width=width)
             clean = encode(self.vae, pixels).to(device, dtype).repeat(batch_size, 1, 1, 1)
             noise = randn_tensor(clean.shape, generator=generator, device=device, dtype=dtype)
-            first = self.scheduler.timesteps[:1].repeat(batch_size)
-            if hasattr(self.scheduler, "scale_noise"):        # flow matching: (1 − t)·x_0 + t·ε
-                return self.scheduler.scale_noise(clean, first, noise)
-            return self.scheduler.add_noise(clean, noise, first)
+            if self.start_mask is not None:
+                keep_known(self.scheduler, clean, noise, self.start_mask.to(device, dtype))
+            return noised(self.scheduler, clean, noise, self.scheduler.timesteps[:1].repeat(batch_size))
 
     StartFromImage.__name__ = StartFromImage.__qualname__ = kind.__name__
-    return StartFromImage(**base.components)
+    # its config flags too (a step-distilled [klein]'s `is_distilled`), which `components` leaves out
+    flags = {"is_distilled": bool(base.config.get("is_distilled"))} if "is_distilled" in inspect.signature(
+        kind.__init__).parameters else {}
+    return StartFromImage(**base.components, **flags)
+
+
+def noised(scheduler, clean: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    """`clean` noised to `timestep` the scheduler's way: flow matching's (1 − t)·x_0 + t·ε, or DDPM's."""
+    if hasattr(scheduler, "scale_noise"):
+        return scheduler.scale_noise(clean, timestep, noise)
+    return scheduler.add_noise(clean, noise, timestep)
+
+
+def keep_known(scheduler, clean: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor) -> None:
+    """Blended latent diffusion on `scheduler`: after each of its steps the cells outside `mask` are the input's
+    latents noised to where the step landed (after the last, the input itself), so that only the masked cells are
+    generated, as diffusers' SD 3 and Flux inpainting pipelines do and A1111 does with a model not trained to
+    inpaint. (Set once per batch: the step it wraps is the scheduler's own.)"""
+    step = scheduler.__dict__.get("_own_step", scheduler.step)
+    scheduler._own_step = step
+
+    def blended(model_output, timestep, sample, *args, **kwargs):
+        output = step(model_output, timestep, sample, *args, **kwargs)
+        latents = output[0] if isinstance(output, tuple) else output.prev_sample
+        if hasattr(scheduler, "step_index"):
+            index = scheduler.step_index
+        else:                  # DDIM, DDPM keep no index: the step after the one at `timestep`
+            index = int((scheduler.timesteps == timestep).nonzero()[0, 0]) + 1
+        known = clean if index is None or index >= len(scheduler.timesteps) else \
+            noised(scheduler, clean, noise, scheduler.timesteps[index:index + 1].repeat(len(clean)))
+        latents = (1 - mask) * known + mask * latents
+        if isinstance(output, tuple):
+            return (latents, *output[1:])
+        output.prev_sample = latents
+        return output
+
+    scheduler.step = blended
 
 
 # ----------------------------------------------------------------------------- Flux 2's latents
@@ -292,6 +320,7 @@ def _flux2_start_from_image(base):
     class StartFromImage(kind):
         start_image: Image.Image | None = None
         start_steps: int = 0
+        start_mask: torch.Tensor | None = None    # inpainting: the latent cells to generate (1); the rest are kept
 
         def prepare_latents(self, batch_size, num_latents_channels, height, width, dtype, device, generator,
                             latents=None):
@@ -305,10 +334,10 @@ def _flux2_start_from_image(base):
             sigmas = None if scheduler.config.get("use_flow_sigmas") else np.linspace(1.0, 1 / steps, steps)
             module.retrieve_timesteps(scheduler, steps, device, sigmas=sigmas,
                                       mu=module.compute_empirical_mu(image_seq_len=noise.shape[1], num_steps=steps))
-            first = scheduler.timesteps[:1].repeat(batch_size)
-            if hasattr(scheduler, "scale_noise"):
-                return scheduler.scale_noise(clean, first, noise), ids
-            return scheduler.add_noise(clean, noise, first), ids
+            if self.start_mask is not None:       # a patch is generated where any of its 2×2 cells is
+                cells = torch.nn.functional.max_pool2d(self.start_mask.to(device, dtype), 2)
+                keep_known(self.scheduler, clean, noise, self._pack_latents(cells))
+            return noised(scheduler, clean, noise, scheduler.timesteps[:1].repeat(batch_size)), ids
 
     StartFromImage.__name__ = StartFromImage.__qualname__ = kind.__name__
     # its config flags too (a step-distilled [klein]'s `is_distilled`), which `components` leaves out

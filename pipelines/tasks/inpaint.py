@@ -292,10 +292,15 @@ def run_inpaint(call, batch_index: int, *, generators=None, latents=None, callba
 
 def _inpainting_pipeline(base):
     """The base's inpainting pipeline (shared weights): its components, for the task's own loop (Flux 2 [klein]'s,
-    which diffusers' auto pipelines do not list, for its own)."""
+    which diffusers' auto pipelines do not list, for its own; for Flux 2 [dev], PixArt and Sana, their text-to-image
+    call started from the image, the cells outside the mask kept: pipelines/core/transformers.py)."""
     from diffusers import AutoPipelineForInpainting, Flux2KleinInpaintPipeline
+
+    from pipelines.core.transformers import start_from_image
     if type(base).__name__ == "Flux2KleinPipeline":
         return Flux2KleinInpaintPipeline(**base.components, is_distilled=bool(base.config.get("is_distilled")))
+    if type(base).__name__.startswith(("PixArt", "Sana", "Flux2")):   # none in diffusers: the start kept
+        return start_from_image(base)
     return AutoPipelineForInpainting.from_pipe(base)
 
 

@@ -1,9 +1,9 @@
 """The diffusion transformers (pipelines/core/transformers.py) on seeded tiny SD 3, Flux.1 dev, Flux 2 [dev] and
 [klein], PixArt-Σ and Sana pipelines built in-process (recipe/tiny.py, at diffusers' own test sizes), each saved as a
 diffusers folder and loaded the way a user's is: each family's own samplers run and give the image diffusers' own
-pipeline gives for the same seed; Image-to-Image starts from the input; SD 3, Flux and Flux 2 [klein] inpaint inside
-the mask and keep every pixel outside; Flux's distilled guidance is its own knob and round-trips through the
-infotext; a LoRA moves the image; what a family does not run yet is refused naming the family."""
+pipeline gives for the same seed; Image-to-Image starts from the input; every family inpaints inside the mask and
+keeps every pixel outside; Flux's distilled guidance is its own knob and round-trips through the infotext; a LoRA
+moves the image; what a family does not run yet is refused naming the family."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Export a diffusers Stable Diffusion pipeline as one `.safetensors` checkpoint in the original
-(CompVis LDM / A1111) key layout: the kind of file model sites distribute.
+"""Export a diffusers Stable Diffusion (1.x/2.x or SDXL) pipeline as one `.safetensors` checkpoint in the original
+(CompVis LDM / Stability / A1111) key layout: the kind of file model sites distribute.
 
     python -m recipe.single_file FOLDER OUT.safetensors
     python launch.py --model OUT.safetensors --model-config FOLDER     # load it back in the studio
@@ -23,6 +23,11 @@ The layouts, for a UNet with N blocks of L layers (diffusers on the right):
     first_stage_model.                   the VAE: encoder.down.i.block.j, decoder.up.(N-1-i).block.j, ...
     cond_stage_model.transformer.        the CLIP text encoder in Hugging Face's own key names
 
+SDXL files (Stability's layout) add the UNet's `label_emb.0.0 / .0.2` (add_embedding.linear_1 / _2: the pooled
+text and size ids) and hold two text encoders: CLIP-L under `conditioner.embedders.0.transformer.`, as above, and
+OpenCLIP-G under `conditioner.embedders.1.model.` in OpenCLIP's own names (q, k and v fused into `in_proj_weight`,
+`text_projection` stored transposed).
+
 Every UNet and VAE tensor must be claimed by a rule its config implies, and every rule must claim a
 tensor, so an architecture this mapping does not describe fails here, loudly, instead of producing
 a file that diffusers half-loads.
@@ -41,6 +46,11 @@ import torch
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
+SDXL_TEXT_ENCODER_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
+# OpenCLIP's names inside one residual block of its text transformer, for Hugging Face CLIP's
+OPEN_CLIP_LAYER_NAMES = (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"),
+                         ("mlp.fc2", "mlp.c_proj"), ("self_attn.out_proj", "attn.out_proj"))
 
 # Leaf names inside one residual block: LDM's ResBlock keeps its layers in nn.Sequentials.
 UNET_RESNET_NAMES = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
@@ -70,13 +80,16 @@ def unet_renames(config) -> list[Rename]:
         raise ValueError(f"The original layout has a cross-attention middle block, but this UNet's is "
                          f"{config['mid_block_type']!r}.")
     for name in ("class_embed_type", "addition_embed_type", "encoder_hid_dim_type"):
-        if config.get(name) is not None:
-            raise ValueError(f"Only SD 1.x/2.x-shaped UNets can be exported; this one has {name}={config[name]!r}.")
+        if config.get(name) is not None and (name, config[name]) != ("addition_embed_type", "text_time"):
+            raise ValueError(f"Only SD 1.x/2.x- and SDXL-shaped UNets can be exported; this one has "
+                             f"{name}={config[name]!r}.")
 
     resnet = UNET_RESNET_NAMES
     rules = [Rename("conv_in", "input_blocks.0.0"),
              Rename("time_embedding.linear_1", "time_embed.0"), Rename("time_embedding.linear_2", "time_embed.2"),
              Rename("conv_norm_out", "out.0"), Rename("conv_out", "out.2")]
+    if config.get("addition_embed_type") == "text_time":      # SDXL: the pooled text and size ids
+        rules += [Rename("add_embedding.linear_1", "label_emb.0.0"), Rename("add_embedding.linear_2", "label_emb.0.2")]
 
     # Down path: one input block per layer, then one for the downsampler (all blocks but the last).
     block_count = len(config["down_block_types"])
@@ -149,16 +162,42 @@ def vae_renames(config) -> list[Rename]:
     return rules
 
 
-def text_encoder_keys(text_encoder) -> dict[str, torch.Tensor]:
-    """The CLIP text encoder under `cond_stage_model.transformer.text_model.*`, as SD 1.x files hold it.
+def text_encoder_keys(text_encoder, prefix: str = TEXT_ENCODER_PREFIX) -> dict[str, torch.Tensor]:
+    """The CLIP text encoder under `<prefix>text_model.*`, as SD 1.x (and SDXL's first encoder) files hold it.
 
     transformers >= 5.6 drops the `text_model.` level from `CLIPTextModel`'s own state dict; the
     files (and diffusers' reader) keep it.
     """
     if type(text_encoder).__name__ != "CLIPTextModel":
         raise ValueError(f"Only a CLIPTextModel text encoder can be exported, not {type(text_encoder).__name__}.")
-    return {TEXT_ENCODER_PREFIX + "text_model." + key.removeprefix("text_model."): tensor
+    return {prefix + "text_model." + key.removeprefix("text_model."): tensor
             for key, tensor in text_encoder.state_dict().items()}
+
+
+def open_clip_keys(text_encoder, prefix: str = SDXL_OPEN_CLIP_PREFIX) -> dict[str, torch.Tensor]:
+    """SDXL's second text encoder (a CLIPTextModelWithProjection) in OpenCLIP's layout under `prefix`: what
+    diffusers' `convert_open_clip_checkpoint` reads back."""
+    if type(text_encoder).__name__ != "CLIPTextModelWithProjection":
+        raise ValueError(f"SDXL's second text encoder is exported from a CLIPTextModelWithProjection, not "
+                         f"{type(text_encoder).__name__}.")
+    state = {key.removeprefix("text_model."): tensor for key, tensor in text_encoder.state_dict().items()}
+    keys = {prefix + "positional_embedding": state.pop("embeddings.position_embedding.weight"),
+            prefix + "token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
+            prefix + "ln_final.weight": state.pop("final_layer_norm.weight"),
+            prefix + "ln_final.bias": state.pop("final_layer_norm.bias"),
+            prefix + "text_projection": state.pop("text_projection.weight").T}
+    state.pop("embeddings.position_ids", None)
+    for layer in range(text_encoder.config.num_hidden_layers):
+        ours, theirs = f"encoder.layers.{layer}.", f"{prefix}transformer.resblocks.{layer}."
+        for kind in ("weight", "bias"):
+            keys[f"{theirs}attn.in_proj_{kind}"] = torch.cat(
+                [state.pop(f"{ours}self_attn.{name}_proj.{kind}") for name in ("q", "k", "v")])
+            for old, new in OPEN_CLIP_LAYER_NAMES:
+                keys[f"{theirs}{new}.{kind}"] = state.pop(f"{ours}{old}.{kind}")
+    if state:
+        raise ValueError(f"The second text encoder has tensors OpenCLIP's layout has no place for: "
+                         f"{sorted(state)[:8]}.")
+    return keys
 
 
 def apply_renames(state_dict: dict[str, torch.Tensor], rules: Sequence[Rename], prefix: str,
@@ -193,14 +232,18 @@ def apply_renames(state_dict: dict[str, torch.Tensor], rules: Sequence[Rename], 
 
 
 def to_original_layout(pipeline) -> dict[str, torch.Tensor]:
-    """The UNet, VAE and text encoder of a diffusers SD pipeline, keyed as in an original SD checkpoint."""
+    """The UNet, VAE and text encoder(s) of a diffusers SD or SDXL pipeline, keyed as in an original checkpoint."""
     for name in ("unet", "vae", "text_encoder"):
         if getattr(pipeline, name, None) is None:
             raise ValueError(f"The pipeline has no `{name}`; a single-file SD checkpoint needs all three models.")
     unet, vae = pipeline.unet, pipeline.vae
+    if getattr(pipeline, "text_encoder_2", None) is not None:      # SDXL
+        text = {**text_encoder_keys(pipeline.text_encoder, SDXL_TEXT_ENCODER_PREFIX),
+                **open_clip_keys(pipeline.text_encoder_2)}
+    else:
+        text = text_encoder_keys(pipeline.text_encoder)
     checkpoint = {**apply_renames(unet.state_dict(), unet_renames(unet.config), UNET_PREFIX, "UNet"),
-                  **apply_renames(vae.state_dict(), vae_renames(vae.config), VAE_PREFIX, "VAE"),
-                  **text_encoder_keys(pipeline.text_encoder)}
+                  **apply_renames(vae.state_dict(), vae_renames(vae.config), VAE_PREFIX, "VAE"), **text}
     return {key: tensor.detach().to("cpu").contiguous() for key, tensor in checkpoint.items()}
 
 
@@ -217,10 +260,13 @@ def save_single_file(pipeline_or_folder, path: str | Path) -> Path:
                          f"but is {path.name!r}.")
     pipeline = pipeline_or_folder
     if isinstance(pipeline_or_folder, (str, Path)):
-        from diffusers import StableDiffusionPipeline
+        import json
 
-        pipeline = StableDiffusionPipeline.from_pretrained(
-            str(pipeline_or_folder), use_safetensors=True, safety_checker=None, requires_safety_checker=False)
+        from diffusers import DiffusionPipeline
+
+        index = json.loads((Path(pipeline_or_folder) / "model_index.json").read_text())
+        no_checker = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
+        pipeline = DiffusionPipeline.from_pretrained(str(pipeline_or_folder), use_safetensors=True, **no_checker)
     tensors = to_original_layout(pipeline)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
@@ -234,7 +280,7 @@ def save_single_file(pipeline_or_folder, path: str | Path) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder", type=Path, help="a diffusers Stable Diffusion folder (with model_index.json)")
+    parser.add_argument("folder", type=Path, help="a diffusers SD 1.x/2.x or SDXL folder (with model_index.json)")
     parser.add_argument("out", type=Path, help="the .safetensors file to write")
     args = parser.parse_args(argv)
     if not (args.folder / "model_index.json").exists():

@@ -56,10 +56,12 @@ def build_tiny_controlnet(unet, seed: int = 0):
     return controlnet
 
 
-def build_tiny_sdxl_pipeline(folder: Path, seed: int = 0):
+def build_tiny_sdxl_pipeline(folder: Path, seed: int = 0, width_2: int = 32):
     """A 64x64 SDXL-layout pipeline: two CLIP text encoders (the second with a projection: SDXL's pooled
     embedding), a UNet with `text_time` added conditioning (pooled text + size and crop ids), our BPE tokenizer
-    for both; seeded random weights, as diffusers' own SDXL tests build theirs (`get_dummy_components`)."""
+    for both; seeded random weights, as diffusers' own SDXL tests build theirs (`get_dummy_components`).
+    `width_2`: the second encoder's width (the real ones differ, 768 and 1280, which is how diffusers' single-file
+    reader tells them apart)."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -73,7 +75,7 @@ def build_tiny_sdxl_pipeline(folder: Path, seed: int = 0):
         attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
         addition_time_embed_dim=8, transformer_layers_per_block=(1, 1),
         projection_class_embeddings_input_dim=8 * 6 + 32,   # six size/crop ids of 8 each, and the pooled text
-        cross_attention_dim=64, norm_num_groups=8)          # both encoders' 32-wide states, concatenated
+        cross_attention_dim=32 + width_2, norm_num_groups=8)   # both encoders' states, concatenated
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                         layers_per_block=1, norm_num_groups=8, sample_size=64)
@@ -82,7 +84,8 @@ def build_tiny_sdxl_pipeline(folder: Path, seed: int = 0):
                   eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
                   pad_token_id=tokenizer.pad_token_id)
     text_encoder = CLIPTextModel(CLIPTextConfig(**config))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config, projection_dim=32))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config | {"hidden_size": width_2},
+                                                                projection_dim=32))
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        steps_offset=1, timestep_spacing="leading")
     pipeline = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,

@@ -1,5 +1,5 @@
-"""Single-file checkpoints: the tiny model exported in the original SD layout loads through diffusers'
-real `from_single_file` path (offline, with `--model-config`) into the very same model.
+"""Single-file checkpoints: the tiny model (and a tiny SDXL) exported in the original SD layout loads through
+diffusers' real `from_single_file` path (offline, with `--model-config`) into the very same model.
 
 The config folder handed to the loader has no weights: diffusers quietly takes a component it does
 not find in the single file (the text encoder, say) from the config folder, which would make a
@@ -151,3 +151,33 @@ def test_an_architecture_outside_the_layout_is_refused():
     config = dict(unet.config, class_embed_type=None)
     with pytest.raises(ValueError, match=r"no place in it: \['class_embedding.*'extra.weight'\]"):
         apply_renames(state, unet_renames(config), UNET_PREFIX, "UNet")
+
+
+def test_an_sdxl_single_file_loads_the_same_weights_and_images(tmp_path, offline_empty_hub):
+    """A tiny SDXL pipeline exported in Stability's layout (two text encoders, OpenCLIP-G in OpenCLIP's names) loads
+    through diffusers' `StableDiffusionXLPipeline.from_single_file` (offline, its configs from a weightless folder)
+    into the very same weights, and draws the same image as the folder."""
+    from recipe.tiny import build_tiny_sdxl_pipeline
+
+    folder, path, config = tmp_path / "tiny-xl", tmp_path / "tiny-xl.safetensors", tmp_path / "tiny-xl-config"
+    build_tiny_sdxl_pipeline(tmp_path / "build", width_2=48).save_pretrained(folder)   # widths differ, as real ones
+    save_single_file(folder, path)
+    shutil.copytree(folder, config, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    checkpoint = load_file(path)
+    assert {key.split(".")[0] for key in checkpoint} == {"model", "first_stage_model", "conditioner"}
+    assert "model.diffusion_model.label_emb.0.0.weight" in checkpoint
+    assert checkpoint["conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"].shape == (144, 48)
+
+    from_folder, from_file = manager(), manager()
+    from_folder.load(str(folder))
+    loaded = from_file.load(str(path), config=str(config))
+    assert type(loaded.pipeline).__name__ == "StableDiffusionXLPipeline"
+    for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        expected = getattr(from_folder.current.pipeline, component).state_dict()
+        actual = getattr(loaded.pipeline, component).state_dict()
+        different = [key for key in expected if key not in actual or not torch.equal(actual[key], expected[key])]
+        assert not different, f"{component}: {different[:5]}"
+    request = Txt2ImgRequest(prompt="red apple", seed=3, steps=3, width=64, height=64)
+    pixels = [np.asarray(Generator(models, None).generate(request).images[0].image)
+              for models in (from_folder, from_file)]
+    assert pixels[0].std() > 0 and np.array_equal(pixels[0], pixels[1])

@@ -62,7 +62,9 @@ def from_single_file(path: Path, *, dtype, config: str | None) -> DiffusionPipel
                              "may be truncated or not a model at all. Download or export it again.") from error
     model_type = infer_diffusers_model_type(checkpoint)
     del checkpoint  # from_single_file reads the file again; don't hold two copies
-    family = family_of_checkpoint(model_type)
+    # the config folder names the architecture where it names one (diffusers' guess keys on a real model's depth:
+    # SDXL's on the 10th layer of its second text encoder)
+    family = (family_of_folder(Path(config)) if config else None) or family_of_checkpoint(model_type)
     check_family(family, path.name)
     classes = {"SD 1.x/2.x": StableDiffusionPipeline, "SDXL": StableDiffusionXLPipeline, "SD 3.x":
                StableDiffusion3Pipeline, "Flux": FluxPipeline}

@@ -310,6 +310,24 @@ def test_a_lora_named_in_the_prompt_moves_the_image_and_leaves_it(families, fami
     assert (pixels(again.image) == pixels(plain.image)).all()
 
 
+def test_an_sd3_folder_saved_without_its_t5_loads_and_paints(families):
+    """SD 3 runs without its 4.7B-parameter T5 (`text_encoder_3=None`, zeros in its place): such a folder lists the
+    encoder as absent, which diffusers' loader refuses unless told; the studio tells it, and every paint tab runs."""
+    from diffusers import StableDiffusion3Pipeline
+
+    studio, folders = families
+    folder = folders["SD 3.x"].parent / "sd3-without-t5"
+    built = build_tiny_sd3_pipeline(folder.parent.parent / "build")
+    StableDiffusion3Pipeline(**built.components | {"text_encoder_3": None, "tokenizer_3": None}).save_pretrained(folder)
+    studio.models.load(str(folder), from_ui=True)
+    assert studio.models.current.pipeline.text_encoder_3 is None
+    picture = gradient_image(64, 64).convert("RGB")
+    common = dict(prompt="red apple", steps=2, width=64, height=64, seed=3, sampler="Euler")
+    for request in (Txt2ImgRequest(**common), Img2ImgRequest(**common, init_image=picture, strength=0.5),
+                    InpaintRequest(**common, init_image=picture, mask=Image.new("L", (64, 64), 255))):
+        assert pixels(studio.generate(request).images[0].image).std() > 0, type(request).__name__
+
+
 def test_a_lora_on_pixart_is_refused_saying_why(families):
     studio = use(families, "PixArt-Σ")
     studio.models.lora_dir.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ becomes one ModelLoadError that says why and what to do.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -35,7 +36,8 @@ def _read(source: ModelSource, *, dtype, allow_pickle: bool, config: str | None)
     try:
         if source.kind in ("embedded", "folder"):
             return AutoPipelineForText2Image.from_pretrained(
-                source.location, dtype=dtype, use_safetensors=use_safetensors(allow_pickle))
+                source.location, dtype=dtype, use_safetensors=use_safetensors(allow_pickle),
+                **absent_components(Path(source.location)))
         if source.kind == "hub":
             return from_hub(source, dtype=dtype, use_safetensors=use_safetensors(allow_pickle))
         return from_single_file(Path(source.location), dtype=dtype, config=config)
@@ -46,6 +48,21 @@ def _read(source: ModelSource, *, dtype, allow_pickle: bool, config: str | None)
             raise ModelLoadError(f"Not enough memory to load {source.name}: {error}. "
                                  "Try --memory low, or a smaller model.") from error
         raise ModelLoadError(explain_load_failure(source, error)) from error
+
+
+def absent_components(folder: Path) -> dict[str, None]:
+    """The components a folder's model_index.json lists as absent ([null, null]) that its pipeline does not count as
+    optional (an SD 3 saved without its T5: `text_encoder_3`), passed as None, as diffusers' loader wants them
+    given (`from_pretrained(..., text_encoder_3=None)`); it refuses the folder otherwise."""
+    import diffusers
+
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    optional = set(getattr(getattr(diffusers, str(index.get("_class_name")), None), "_optional_components", ()) or ())
+    return {name: None for name, value in index.items() if not name.startswith("_") and isinstance(value, list)
+            and value[:1] == [None] and name not in optional}
 
 
 def from_single_file(path: Path, *, dtype, config: str | None) -> DiffusionPipeline:

@@ -43,6 +43,26 @@ def test_folder_with_only_pickled_weights_is_refused(tiny_model_dir, tmp_path):
         manager(tmp_path).load(str(pickled))
 
 
+def test_a_folder_of_fp16_variant_weights_only_loads_them(tmp_path):
+    """A folder downloaded as a variant (`unet/diffusion_pytorch_model.fp16.safetensors`, no plain weights) is read
+    as that variant instead of being refused as having no safetensors: the weights are the variant's, cast to the
+    studio's dtype."""
+    from pipelines.generation.generator import Generator
+    from pipelines.tasks.txt2img import Txt2ImgRequest
+    from recipe.tiny import build_tiny_pipeline
+
+    built = build_tiny_pipeline(tmp_path / "build")
+    built.to(torch.float16).save_pretrained(tmp_path / "models" / "tiny-fp16", variant="fp16")
+    assert not list((tmp_path / "models" / "tiny-fp16").rglob("diffusion_pytorch_model.safetensors"))
+    models = manager(tmp_path)
+    pipeline = models.load(str(tmp_path / "models" / "tiny-fp16")).pipeline
+    assert pipeline.unet.dtype == torch.float32
+    expected = built.unet.state_dict()
+    assert all(torch.equal(tensor, expected[key].float()) for key, tensor in pipeline.unet.state_dict().items())
+    done = Generator(models, None).generate(Txt2ImgRequest(prompt="red apple", steps=2, width=64, height=64))
+    assert np.asarray(done.images[0].image).std() > 0
+
+
 def test_uncached_hub_id_offline_names_the_model_and_the_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))

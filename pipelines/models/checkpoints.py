@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from diffusers import AutoPipelineForText2Image, DiffusionPipeline
 
+from pipelines.core.families import check_family, family_of_checkpoint, family_of_folder, family_of_pipeline
 from pipelines.core.paths import ModelLoadError, use_safetensors
-from pipelines.core.families import (check_family, family_of_checkpoint, family_of_folder,
-                                       family_of_pipeline)
 from pipelines.models.memory import is_out_of_memory
 from pipelines.models.sources import ModelSource
 
@@ -35,9 +35,11 @@ def _read(source: ModelSource, *, dtype, allow_pickle: bool, config: str | None)
         check_family(family_of_folder(Path(source.location)), source.name)
     try:
         if source.kind in ("embedded", "folder"):
+            folder = Path(source.location)
+            variant = weights_variant(folder)
             return AutoPipelineForText2Image.from_pretrained(
                 source.location, dtype=dtype, use_safetensors=use_safetensors(allow_pickle),
-                **absent_components(Path(source.location)))
+                **({"variant": variant} if variant else {}), **absent_components(folder))
         if source.kind == "hub":
             return from_hub(source, dtype=dtype, use_safetensors=use_safetensors(allow_pickle))
         return from_single_file(Path(source.location), dtype=dtype, config=config)
@@ -48,6 +50,24 @@ def _read(source: ModelSource, *, dtype, allow_pickle: bool, config: str | None)
             raise ModelLoadError(f"Not enough memory to load {source.name}: {error}. "
                                  "Try --memory low, or a smaller model.") from error
         raise ModelLoadError(explain_load_failure(source, error)) from error
+
+
+# a component's weights: plain, or a variant's ("fp16", "bf16"), whole or in shards
+_WEIGHTS = re.compile(r"(?:diffusion_pytorch_model|model)(?:\.(?P<variant>\w+?))?(?:-\d+-of-\d+)?\.safetensors")
+
+
+def weights_variant(folder: Path) -> str | None:
+    """The variant a folder's weights were saved as ("fp16": `unet/diffusion_pytorch_model.fp16.safetensors`, as
+    `huggingface-cli download --include "*fp16*"` fetches them) where a component has that variant and no plain
+    weights: diffusers reads only the plain files unless told the variant. None: plain weights, or several variants
+    (diffusers' error then names them)."""
+    variants = set()
+    for component in (path for path in folder.iterdir() if path.is_dir()) if folder.is_dir() else ():
+        found = [match["variant"] for match in map(_WEIGHTS.fullmatch, (path.name for path in
+                                                                           component.glob("*.safetensors"))) if match]
+        if found and None not in found:
+            variants.update(found)
+    return variants.pop() if len(variants) == 1 else None
 
 
 def absent_components(folder: Path) -> dict[str, None]:

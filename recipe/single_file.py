@@ -21,7 +21,8 @@ The layouts, for a UNet with N blocks of L layers (diffusers on the right):
         output_blocks.k.{1|2}.conv       up_blocks.b.upsamplers.0.conv              (after the attention, if any)
         time_embed.0 / .2, out.0 / .2    time_embedding.linear_1 / _2, conv_norm_out / conv_out
     first_stage_model.                   the VAE: encoder.down.i.block.j, decoder.up.(N-1-i).block.j, ...
-    cond_stage_model.transformer.        the CLIP text encoder in Hugging Face's own key names
+    cond_stage_model.transformer.        the CLIP text encoder in Hugging Face's own key names (SD 2.x's OpenCLIP
+                                         too, which diffusers reads there; A1111 wants it as cond_stage_model.model.)
 
 SDXL files (Stability's layout) add the UNet's `label_emb.0.0 / .0.2` (add_embedding.linear_1 / _2: the pooled
 text and size ids) and hold two text encoders: CLIP-L under `conditioner.embedders.0.transformer.`, as above, and
@@ -238,6 +239,10 @@ def to_original_layout(pipeline) -> dict[str, torch.Tensor]:
             raise ValueError(f"The pipeline has no `{name}`; a single-file SD checkpoint needs all three models.")
     unet, vae = pipeline.unet, pipeline.vae
     if getattr(pipeline, "text_encoder_2", None) is not None:      # SDXL
+        widths = (pipeline.text_encoder.config.hidden_size, pipeline.text_encoder_2.config.hidden_size)
+        if widths[0] == widths[1]:
+            raise ValueError(f"Both text encoders are {widths[0]} wide; diffusers' single-file reader tells SDXL's "
+                             "two apart by their widths (768 and 1280), so it would read the first into both.")
         text = {**text_encoder_keys(pipeline.text_encoder, SDXL_TEXT_ENCODER_PREFIX),
                 **open_clip_keys(pipeline.text_encoder_2)}
     else:

@@ -61,6 +61,12 @@ def test_a_folder_of_fp16_variant_weights_only_loads_them(tmp_path):
     assert all(torch.equal(tensor, expected[key].float()) for key, tensor in pipeline.unet.state_dict().items())
     done = Generator(models, None).generate(Txt2ImgRequest(prompt="red apple", steps=2, width=64, height=64))
     assert np.asarray(done.images[0].image).std() > 0
+    # two variants and no plain weights: which one is meant is not guessed
+    shutil.copytree(tmp_path / "models" / "tiny-fp16", tmp_path / "models" / "two-variants")
+    for weights in (tmp_path / "models" / "two-variants").rglob("*.fp16.safetensors"):
+        shutil.copy(weights, weights.with_name(weights.name.replace(".fp16.", ".bf16.")))
+    with pytest.raises(ModelLoadError, match="two-variants holds its weights as several variants \\(bf16, fp16\\)"):
+        models.load(str(tmp_path / "models" / "two-variants"))
 
 
 def test_uncached_hub_id_offline_names_the_model_and_the_fix(tmp_path, monkeypatch):

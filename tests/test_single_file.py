@@ -153,7 +153,7 @@ def test_an_architecture_outside_the_layout_is_refused():
         apply_renames(state, unet_renames(config), UNET_PREFIX, "UNet")
 
 
-def test_an_sdxl_single_file_loads_the_same_weights_and_images(tmp_path, offline_empty_hub):
+def test_an_sdxl_single_file_loads_the_same_weights_and_images(tmp_path, tiny_single_file, offline_empty_hub):
     """A tiny SDXL pipeline exported in Stability's layout (two text encoders, OpenCLIP-G in OpenCLIP's names) loads
     through diffusers' `StableDiffusionXLPipeline.from_single_file` (offline, its configs from a weightless folder)
     into the very same weights, and draws the same image as the folder."""
@@ -181,3 +181,10 @@ def test_an_sdxl_single_file_loads_the_same_weights_and_images(tmp_path, offline
     pixels = [np.asarray(Generator(models, None).generate(request).images[0].image)
               for models in (from_folder, from_file)]
     assert pixels[0].std() > 0 and np.array_equal(pixels[0], pixels[1])
+    # a config of another family than the file's is refused, naming both
+    with pytest.raises(ModelLoadError, match="tiny-sd.safetensors is a checkpoint of the SD 1.x/2.x family, but "
+                                             "--model-config tiny-xl-config is a SDXL folder"):
+        manager().load(str(tiny_single_file), config=str(config))
+    # and SDXL's two encoders of one width cannot be told apart by diffusers' reader: the export refuses
+    with pytest.raises(ValueError, match="Both text encoders are 32 wide"):
+        save_single_file(build_tiny_sdxl_pipeline(tmp_path / "build"), tmp_path / "same-widths.safetensors")

@@ -220,6 +220,37 @@ def test_pixart_sana_and_flux_2_dev_inpaint_by_keeping_the_known_latents_after_e
         torch.testing.assert_close(final[..., :cells], start[..., :cells], rtol=0, atol=1e-5, msg=sampler)
         assert (final[..., cells:] - start[..., cells:]).abs().mean() > 0.05, sampler
         assert pipeline.start_image is None and pipeline.start_mask is None          # nothing left on the pipeline
+    if family == "Sana":      # flow matching: after step i the kept cells are (1 − t_i)·x_0 + t_i·ε, one ε throughout
+        request = InpaintRequest(prompt="red apple", steps=5, width=64, height=64, seed=2, sampler="Euler",
+                                 init_image=picture, mask=Image.fromarray(mask), mask_blur=0,
+                                 inpaint_area="Whole picture", strength=0.8)
+        kept = []
+
+        def record():
+            call = prepare(studio.models, request)
+            call(0, callback=lambda pipe, step, t, tensors: kept.append(tensors["latents"][..., :cells].clone())
+                 or tensors)
+            return call.pipeline.scheduler.sigmas, encode(call.pipeline.vae, image_to_tensor(picture))[..., :cells]
+        sigmas, clean = studio.models.worker.call(record)
+        noises = [(latents - (1 - t) * clean) / t for latents, t in zip(kept[:-1], sigmas[1:].tolist())]
+        for noise in noises[1:]:
+            torch.testing.assert_close(noise, noises[0], rtol=0, atol=1e-4)
+
+
+def test_a_stochastic_sampler_inpaints_pixart_from_the_seed_alone(families):
+    """The blending step keeps the sampler's signature, so the pipeline still hands it the seed's generator: Euler a
+    gives the same image for the same seed whatever torch's global random state."""
+    studio = use(families, "PixArt-Σ")
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[:, 32:] = 255
+    request = InpaintRequest(prompt="red apple", steps=4, width=64, height=64, seed=8, sampler="Euler a",
+                             init_image=gradient_image(64, 64).convert("RGB"), mask=Image.fromarray(mask),
+                             mask_blur=0)
+    images = []
+    for state in (1, 2):
+        torch.manual_seed(state)
+        images.append(pixels(studio.generate(request).images[0].image))
+    assert (images[0] == images[1]).all()
 
 
 def test_flux_distilled_guidance_is_its_own_knob_and_round_trips(families):

@@ -50,9 +50,7 @@ TASK_LABELS = {"txt2img": "Text-to-Image", "img2img": "Image-to-Image", "inpaint
 TRANSFORMER_TASKS = {"SD 3.x": (*_PAINTS, "controlnet"), "Flux": (*_PAINTS, "controlnet"), "Flux 2": _PAINTS,
                      "PixArt-α": _PAINTS, "PixArt-Σ": _PAINTS, "Sana": _PAINTS}
 # Why a tab does not run a family yet, for its refusal
-NOT_YET = {"inpaint": "diffusers has no inpainting pipeline for it",
-           "outpaint": "diffusers has no inpainting pipeline for it",
-           "controlnet": "diffusers has no ControlNet pipeline for it",
+NOT_YET = {"controlnet": "diffusers has no ControlNet pipeline for it",
            "explorer": "the explorer's step-by-step views drive a UNet"}
 # The CFG scale a family is made for (Flux dev: 1, its guidance being the distilled one; Flux 2: klein's)
 DEFAULT_CFG = {"SD 3.x": 7.0, "Flux": 1.0, "Flux 2": 4.0, "PixArt-α": 4.5, "PixArt-Σ": 4.5, "Sana": 4.5}
@@ -261,28 +259,39 @@ def noised(scheduler, clean: torch.Tensor, noise: torch.Tensor, timestep: torch.
 
 def keep_known(scheduler, clean: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor) -> None:
     """Blended latent diffusion on `scheduler`: after each of its steps the cells outside `mask` are the input's
-    latents noised to where the step landed (after the last, the input itself), so that only the masked cells are
-    generated, as diffusers' SD 3 and Flux inpainting pipelines do and A1111 does with a model not trained to
-    inpaint. (Set once per batch: the step it wraps is the scheduler's own.)"""
+    latents noised to where the step landed (after the last, the input itself; a step's x̂_0, where it returns one,
+    is the input there too), so that only the masked cells are generated, as diffusers' SD 3 and Flux inpainting
+    pipelines do and A1111 does with a model not trained to inpaint. (Set once per batch: the step it wraps is the
+    scheduler's own; its signature too, which pipelines read to pass the seed's generator.)"""
     step = scheduler.__dict__.get("_own_step", scheduler.step)
     scheduler._own_step = step
 
+    @functools.wraps(step)
     def blended(model_output, timestep, sample, *args, **kwargs):
         output = step(model_output, timestep, sample, *args, **kwargs)
-        latents = output[0] if isinstance(output, tuple) else output.prev_sample
-        if hasattr(scheduler, "step_index"):
-            index = scheduler.step_index
-        else:                  # DDIM, DDPM keep no index: the step after the one at `timestep`
-            index = int((scheduler.timesteps == timestep).nonzero()[0, 0]) + 1
-        known = clean if index is None or index >= len(scheduler.timesteps) else \
-            noised(scheduler, clean, noise, scheduler.timesteps[index:index + 1].repeat(len(clean)))
-        latents = (1 - mask) * known + mask * latents
+        parts = list(output) if isinstance(output, tuple) else [output.prev_sample]
+        parts[0] = (1 - mask) * _known(scheduler, clean, noise, timestep) + mask * parts[0]
+        if len(parts) > 1 and isinstance(parts[1], torch.Tensor) and parts[1].shape == clean.shape:
+            parts[1] = (1 - mask) * clean + mask * parts[1]          # the step's x̂_0 (LCM's denoised)
         if isinstance(output, tuple):
-            return (latents, *output[1:])
-        output.prev_sample = latents
+            return tuple(parts)
+        output.prev_sample = parts[0]
         return output
 
     scheduler.step = blended
+
+
+def _known(scheduler, clean: torch.Tensor, noise: torch.Tensor, timestep) -> torch.Tensor:
+    """The input's latents at the noise level a step of `scheduler` (from `timestep`) has just landed on."""
+    if getattr(scheduler, "mid_point_sigma", None) is not None:     # DPM++ SDE, halfway through its step
+        return clean + noise * scheduler.mid_point_sigma
+    if hasattr(scheduler, "step_index"):
+        index = scheduler.step_index
+    else:                  # DDIM, DDPM keep no index: the step after the one at `timestep`
+        index = int((scheduler.timesteps == timestep).nonzero()[0, 0]) + 1
+    if index is None or index >= len(scheduler.timesteps):
+        return clean
+    return noised(scheduler, clean, noise, scheduler.timesteps[index:index + 1].repeat(len(clean)))
 
 
 # ----------------------------------------------------------------------------- Flux 2's latents

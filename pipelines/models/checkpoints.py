@@ -59,15 +59,18 @@ _WEIGHTS = re.compile(r"(?:diffusion_pytorch_model|model)(?:\.(?P<variant>\w+?))
 def weights_variant(folder: Path) -> str | None:
     """The variant a folder's weights were saved as ("fp16": `unet/diffusion_pytorch_model.fp16.safetensors`, as
     `huggingface-cli download --include "*fp16*"` fetches them) where a component has that variant and no plain
-    weights: diffusers reads only the plain files unless told the variant. None: plain weights, or several variants
-    (diffusers' error then names them)."""
+    weights: diffusers reads only the plain files unless told the variant. None: plain weights. Several variants
+    and no plain files are refused, naming them."""
     variants = set()
     for component in (path for path in folder.iterdir() if path.is_dir()) if folder.is_dir() else ():
         found = [match["variant"] for match in map(_WEIGHTS.fullmatch, (path.name for path in
                                                                            component.glob("*.safetensors"))) if match]
         if found and None not in found:
             variants.update(found)
-    return variants.pop() if len(variants) == 1 else None
+    if len(variants) > 1:
+        raise ModelLoadError(f"{folder.name} holds its weights as several variants ({', '.join(sorted(variants))}) "
+                             "and not as plain files; keep one variant's files (or the plain ones) and load it again.")
+    return variants.pop() if variants else None
 
 
 def absent_components(folder: Path) -> dict[str, None]:
@@ -98,10 +101,9 @@ def from_single_file(path: Path, *, dtype, config: str | None) -> DiffusionPipel
         raise ModelLoadError(f"{path.name} is not a readable checkpoint ({type(error).__name__}: {error}); it "
                              "may be truncated or not a model at all. Download or export it again.") from error
     model_type = infer_diffusers_model_type(checkpoint)
+    two_text_encoders = any(key.startswith("conditioner.embedders.1.") for key in checkpoint)
     del checkpoint  # from_single_file reads the file again; don't hold two copies
-    # the config folder names the architecture where it names one (diffusers' guess keys on a real model's depth:
-    # SDXL's on the 10th layer of its second text encoder)
-    family = (family_of_folder(Path(config)) if config else None) or family_of_checkpoint(model_type)
+    family = _single_file_family(path, family_of_checkpoint(model_type), config, two_text_encoders)
     check_family(family, path.name)
     classes = {"SD 1.x/2.x": StableDiffusionPipeline, "SDXL": StableDiffusionXLPipeline, "SD 3.x":
                StableDiffusion3Pipeline, "Flux": FluxPipeline}
@@ -115,6 +117,21 @@ def from_single_file(path: Path, *, dtype, config: str | None) -> DiffusionPipel
     if pipeline_class is StableDiffusionPipeline:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     return pipeline_class.from_single_file(str(path), **kwargs)
+
+
+def _single_file_family(path: Path, guessed: str | None, config: str | None, two_text_encoders: bool) -> str | None:
+    """The family of a single file: diffusers' guess from its keys, or, where the guess is its fallback (SD 1.x: an
+    SDXL's keys name it by the 10th layer of its second text encoder, which a small model lacks) and the file holds
+    SDXL's second encoder, the --model-config folder's SDXL. A config of another family than the file's is refused,
+    naming both."""
+    named = family_of_folder(Path(config)) if config else None
+    if named is None or named == guessed:
+        return guessed
+    if guessed == "SD 1.x/2.x" and named == "SDXL" and two_text_encoders:
+        return named
+    family = f"the {guessed} family" if guessed else "an unknown family"
+    raise ModelLoadError(f"{path.name} is a checkpoint of {family}, but --model-config {Path(config).name} is a "
+                         f"{named} folder. Pass a diffusers folder of the file's own family.")
 
 
 def from_hub(source: ModelSource, *, dtype, use_safetensors) -> DiffusionPipeline:

@@ -202,7 +202,8 @@ def build_tiny_pixart_pipeline(folder: Path, seed: int = 0):
 def build_tiny_sana_pipeline(folder: Path, seed: int = 0):
     """A Sana-layout pipeline (a linear-attention DiT with flow matching, a Gemma 2 text encoder, the deep
     compression autoencoder DC-AE), seeded random weights at diffusers' own test size
-    (`SanaPipelineFastTests.get_dummy_components`); the tiny BPE tokenizer stands in for Gemma's."""
+    (`SanaPipelineFastTests.get_dummy_components`) but two blocks (a ControlNet's residuals join from the second);
+    the tiny BPE tokenizer stands in for Gemma's."""
     from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
     from transformers import Gemma2Config, Gemma2Model
 
@@ -211,7 +212,7 @@ def build_tiny_sana_pipeline(folder: Path, seed: int = 0):
     tokenizer = build_tokenizer(PHRASES, folder / "tokenizer_src", merges=200)
     torch.manual_seed(seed)
     transformer = SanaTransformer2DModel(
-        patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2, attention_head_dim=4,
+        patch_size=1, in_channels=4, out_channels=4, num_layers=2, num_attention_heads=2, attention_head_dim=4,
         num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
         sample_size=32)
     vae = AutoencoderDC(
@@ -232,14 +233,22 @@ def build_tiny_sana_pipeline(folder: Path, seed: int = 0):
 
 
 def build_tiny_transformer_controlnet(pipeline, seed: int = 0):
-    """A ControlNet for the tiny Flux or SD 3 pipeline (diffusers' FluxControlNetModel / SD3ControlNetModel, one
-    block, at the transformer's widths), its zero-initialised input and output projections given seeded random
-    weights, so that it visibly steers."""
-    from diffusers import FluxControlNetModel, SD3ControlNetModel
+    """A ControlNet for the tiny Flux, SD 3 or Sana pipeline (diffusers' FluxControlNetModel / SD3ControlNetModel /
+    SanaControlNetModel, one block, at the transformer's widths), its zero-initialised input and output projections
+    given seeded random weights, so that it visibly steers."""
+    from diffusers import FluxControlNetModel, SanaControlNetModel, SD3ControlNetModel
 
     torch.manual_seed(seed)
     config = pipeline.transformer.config
-    if type(pipeline).__name__.startswith("Flux"):
+    if type(pipeline).__name__.startswith("Sana"):
+        controlnet = SanaControlNetModel(
+            in_channels=config.in_channels, out_channels=config.out_channels, num_layers=1,
+            num_attention_heads=config.num_attention_heads, attention_head_dim=config.attention_head_dim,
+            num_cross_attention_heads=config.num_cross_attention_heads,
+            cross_attention_head_dim=config.cross_attention_head_dim, cross_attention_dim=config.cross_attention_dim,
+            caption_channels=config.caption_channels, sample_size=config.sample_size, patch_size=config.patch_size)
+        zeroed = [controlnet.input_block, *controlnet.controlnet_blocks]
+    elif type(pipeline).__name__.startswith("Flux"):
         controlnet = FluxControlNetModel(
             patch_size=1, in_channels=config.in_channels, num_layers=1, num_single_layers=1,
             attention_head_dim=config.attention_head_dim, num_attention_heads=config.num_attention_heads,

@@ -279,7 +279,8 @@ def test_what_a_family_does_not_run_is_refused_naming_it(families):
 
     studio = use(families, "Sana")
     picture = gradient_image(64, 64)
-    with pytest.raises(ValueError, match="ControlNet does not run Sana models yet"):
+    with pytest.raises(ValueError, match="emoji-controlnet-canny is a ControlNet for the embedded model; sana is a "
+                                         "Sana model"):
         studio.generate(ControlNetRequest(prompt="a", steps=2, width=64, height=64, control_image=picture))
     with pytest.raises(ValueError, match="Sana models run with plain CFG"):
         studio.generate(Txt2ImgRequest(prompt="a", steps=2, width=64, height=64, sampler="Euler", pag_scale=2.0))
@@ -410,10 +411,11 @@ def test_the_studio_serves_a_flux_model_from_launch_to_every_tab(tmp_path):
         context.models.unload()
 
 
-def test_a_controlnet_steers_sd3_and_flux_and_another_familys_is_refused_naming_both(families):
-    """Each family's own ControlNet (diffusers' SD3ControlNetModel / FluxControlNetModel, from a folder under
-    models/controlnet/): at weight 0 the Text-to-Image image bit for bit, at weight 1 another; two units add up
-    (diffusers' multi-ControlNet); a ControlNet of another family is refused naming both."""
+def test_a_controlnet_steers_sd3_flux_and_sana_and_another_familys_is_refused_naming_both(families):
+    """Each family's own ControlNet (diffusers' SD3ControlNetModel / FluxControlNetModel / SanaControlNetModel, from
+    a folder under models/controlnet/): at weight 0 the Text-to-Image image bit for bit, at weight 1 another; two
+    units add up (diffusers' multi-ControlNet; Sana's pipeline takes one, and says so); a ControlNet of another
+    family is refused naming both."""
     from PIL import ImageDraw
 
     from pipelines.tasks.controlnet import ControlNetRequest
@@ -422,9 +424,9 @@ def test_a_controlnet_steers_sd3_and_flux_and_another_familys_is_refused_naming_
     studio, folders = families
     control = Image.new("RGB", (64, 64), "black")
     ImageDraw.Draw(control).rectangle((20, 10, 44, 54), outline="white", width=3)
-    for family in ("SD 3.x", "Flux"):
+    for family in ("SD 3.x", "Flux", "Sana"):
         studio = use(families, family)
-        name = f"tiny-{'sd3' if family == 'SD 3.x' else 'flux'}-controlnet"
+        name = f"tiny-{family.split()[0].lower().replace('sd', 'sd3')}-controlnet"
         build_tiny_transformer_controlnet(studio.models.current.pipeline).save_pretrained(
             studio.models.models_dir / "controlnet" / name)
         common = dict(prompt="red apple", steps=3, width=64, height=64, seed=8, sampler="Euler", guidance_scale=1.0)
@@ -434,10 +436,15 @@ def test_a_controlnet_steers_sd3_and_flux_and_another_familys_is_refused_naming_
         assert (unused == plain).all(), family
         steered = studio.generate(ControlNetRequest(**common, **unit)).images[0]
         assert np.abs(pixels(steered.image) - plain).mean() > 1 and f"Model: {name}" in steered.infotext
-        two = studio.generate(ControlNetRequest(**common, **unit, more_units=[{"image": control, "model": name,
-                                                                               "preprocessor": "none"}]))
+        second = {"image": control, "model": name, "preprocessor": "none"}
+        if family == "Sana":
+            with pytest.raises(ValueError, match="Sana's ControlNet pipeline takes one unit"):
+                studio.generate(ControlNetRequest(**common, **unit, more_units=[second]))
+            continue
+        two = studio.generate(ControlNetRequest(**common, **unit, more_units=[second]))
         assert np.abs(pixels(two.images[0].image) - pixels(steered.image)).mean() > 0
     # now on Flux: SD 3's ControlNet, and the embedded model's shipped one, are refused naming both families
+    studio = use(families, "Flux")
     with pytest.raises(ValueError, match="tiny-sd3-controlnet is a ControlNet for SD 3.x; flux is a Flux model"):
         studio.generate(ControlNetRequest(prompt="a", steps=2, width=64, height=64, sampler="Euler",
                                           control_image=control, model="tiny-sd3-controlnet", preprocessor="none"))

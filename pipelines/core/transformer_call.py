@@ -118,6 +118,8 @@ class TransformerCall:
             arguments["clean_caption"] = False
         if "negative_prompt" not in takes:          # Flux 2's pipelines (their notes say so)
             del arguments["negative_prompt"]
+        if request.task == "controlnet" and "control_guidance_start" not in takes:   # Sana's: 0 and 1, checked
+            del arguments["control_guidance_start"], arguments["control_guidance_end"]
         return arguments
 
     def __call__(self, batch_index: int = 0, *, generators: list[torch.Generator] | None = None,
@@ -180,6 +182,10 @@ def check_transformer_request(request: SamplingSettings, task, pipeline, family:
         runs = ", ".join(TASK_LABELS[name] for name in TRANSFORMER_TASKS[family])
         raise ValueError(f"{task.label} does not run {family} models yet: {NOT_YET.get(request.task, 'not built')}. "
                          f"{family} models run {runs}; load an SD 1.x, SD 2.x or SDXL model for {task.label}.")
+    if request.task == "controlnet" and family == "Sana" and (len(request.units) > 1 or any(
+            (unit.start, unit.end) != (0.0, 1.0) for unit in request.units)):
+        raise ValueError("Sana's ControlNet pipeline takes one unit, steering every step: set Starting and Ending "
+                         "control step to 0 and 1, and use one unit.")
     if request.task == "controlnet" and (request.init_image is not None or
                                          any(unit.control_mode != "balanced" for unit in request.units)):
         raise ValueError(f"ControlNet on {family} runs from noise in balanced mode: an input image (Image-to-Image) "

@@ -48,7 +48,7 @@ _PAINTS = ("txt2img", "img2img", "inpaint", "outpaint")
 TASK_LABELS = {"txt2img": "Text-to-Image", "img2img": "Image-to-Image", "inpaint": "Inpainting",
                "outpaint": "Outpainting", "controlnet": "ControlNet"}
 TRANSFORMER_TASKS = {"SD 3.x": (*_PAINTS, "controlnet"), "Flux": (*_PAINTS, "controlnet"), "Flux 2": _PAINTS,
-                     "PixArt-α": _PAINTS, "PixArt-Σ": _PAINTS, "Sana": _PAINTS}
+                     "PixArt-α": _PAINTS, "PixArt-Σ": _PAINTS, "Sana": (*_PAINTS, "controlnet")}
 # Why a tab does not run a family yet, for its refusal
 NOT_YET = {"controlnet": "diffusers has no ControlNet pipeline for it",
            "explorer": "the explorer's step-by-step views drive a UNet"}
@@ -162,10 +162,14 @@ def sampler_menu(model, task: str, task_samplers: tuple[str, ...]) -> tuple[str,
 
 def controlnet_pipeline(base, controlnets: list):
     """The family's ControlNet pipeline on the base's components (shared weights), with `controlnets` (several:
-    diffusers' multi-ControlNet for the family, whose residuals add up)."""
-    from diffusers import AutoPipelineForText2Image
+    diffusers' multi-ControlNet for the family, whose residuals add up; Sana's takes one)."""
+    from diffusers import AutoPipelineForText2Image, SanaControlNetPipeline
     from diffusers.models.controlnets import FluxMultiControlNetModel, SD3MultiControlNetModel
 
+    if type(base).__name__ == "SanaPipeline":       # not in diffusers' auto pipelines
+        pipeline = SanaControlNetPipeline(**base.components, controlnet=controlnets[0])
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
     if len(controlnets) > 1:
         multi = FluxMultiControlNetModel if type(base).__name__.startswith("Flux") else SD3MultiControlNetModel
         controlnets = [multi(controlnets)]

@@ -21,7 +21,7 @@ SHIPPED_CONTROLNETS = {path.name: path for path in sorted(ASSETS_DIR.glob("emoji
 FAMILY_BY_TEXT_WIDTH = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL", 256: "the embedded model"}
 # A ControlNet folder's class (its config's `_class_name`) -> the transformer family it steers; ControlNetModel
 # steers the UNet families
-TRANSFORMER_CONTROLNETS = {"SD3ControlNetModel": "SD 3.x", "FluxControlNetModel": "Flux"}
+TRANSFORMER_CONTROLNETS = {"SD3ControlNetModel": "SD 3.x", "FluxControlNetModel": "Flux", "SanaControlNetModel": "Sana"}
 
 
 def available_controlnets(models_dir: Path) -> list[str]:
@@ -160,13 +160,12 @@ def check_controlnet_fits(controlnet, name: str, base) -> None:
             raise ValueError(f"The ControlNet {name} is a ControlNet for {theirs}; {base.name} is a "
                              f"{ours_family or family_of(base.pipeline.unet.config)} model. Pick a ControlNet made "
                              f"for {ours_family or 'its family'}.")
-        width = base.pipeline.transformer.config.joint_attention_dim
-        if controlnet.config.joint_attention_dim != width or \
-                controlnet.config.in_channels != base.pipeline.transformer.config.in_channels:
+        ours, theirs = base.pipeline.transformer.config, controlnet.config
+        text = "joint_attention_dim" if "joint_attention_dim" in ours else "caption_channels"     # Sana's
+        if (theirs.get(text), theirs.in_channels) != (ours.get(text), ours.in_channels):
             raise ValueError(f"The ControlNet {name} does not fit {base.name}: its text width and latent channels "
-                             f"are {controlnet.config.joint_attention_dim} and {controlnet.config.in_channels}, the "
-                             f"model's {width} and {base.pipeline.transformer.config.in_channels}. Pick a ControlNet "
-                             "made for this model.")
+                             f"are {theirs.get(text)} and {theirs.in_channels}, the model's {ours.get(text)} and "
+                             f"{ours.in_channels}. Pick a ControlNet made for this model.")
         return
     unet, config = base.pipeline.unet.config, controlnet.config
     for key in ("cross_attention_dim", "in_channels", "block_out_channels", "down_block_types", "layers_per_block",

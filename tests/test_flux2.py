@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines.io.metadata import infotext_to_settings, parse_infotext
 from pipelines.tasks.txt2img import Txt2ImgRequest
 from tests.test_explorer_forward import gradient_image
 from tests.test_transformers import families, pixels, use  # noqa: F401 (families: the module's fixture)
@@ -31,6 +32,12 @@ def test_flux_2_dev_is_guided_by_its_distilled_guidance_and_klein_by_cfg(familie
     high = studio.generate(Txt2ImgRequest(**common, guidance_scale=1.0, distilled_guidance=6.0))
     assert np.abs(pixels(low.image) - pixels(high.images[0].image)).max() > 0 and not high.messages
     assert "Distilled CFG Scale: 6" in high.images[0].infotext
+    # PNG Info's round trip: the settings read back from the infotext draw the same pixels
+    prompt, _, parameters = parse_infotext(high.images[0].infotext)
+    settings = infotext_to_settings(parameters)
+    again = studio.generate(Txt2ImgRequest(prompt=prompt, **{key: settings[key] for key in (
+        "steps", "width", "height", "seed", "sampler", "guidance_scale", "distilled_guidance")})).images[0]
+    assert (pixels(again.image) == pixels(high.images[0].image)).all()
     unused = studio.generate(Txt2ImgRequest(**common, guidance_scale=5.0, negative_prompt="blurry",
                                             distilled_guidance=6.0))
     assert (pixels(unused.images[0].image) == pixels(high.images[0].image)).all()

@@ -1,7 +1,7 @@
-"""LoRA training on the flow-matching transformers (pipelines/training/flow.py), on the seeded tiny SD 3 and Flux.1
-dev pipelines: the loss falls on the images it is shown, the file it writes loads in plain diffusers with
-`load_lora_weights` and moves its image, the studio applies it by its prompt tag, the model is left without the
-adapter, and what it does not train on a transformer is refused naming why."""
+"""LoRA training on the flow-matching transformers (pipelines/training/flow.py), on the seeded tiny SD 3, Flux.1
+dev and Flux 2 [klein] pipelines: the loss falls on the images it is shown, the file it writes loads in plain
+diffusers with `load_lora_weights` and moves its image, the studio applies it by its prompt tag, the model is left
+without the adapter, and what it does not train on a transformer is refused naming why."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from tests.test_transformers import BUILDS, families, pixels, use  # noqa: F401 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.mark.parametrize("family", ["SD 3.x", "Flux"])
+@pytest.mark.parametrize("family", ["SD 3.x", "Flux", "Flux 2 klein"])
 def test_a_transformer_lora_trains_and_plain_diffusers_loads_it(families, family, tmp_path, monkeypatch):  # noqa: F811
     studio = use(families, family)
     # trained at the model's native side: the tiny Flux's VAE does not downsample, so 64 px rather than diffusers'
@@ -25,7 +25,7 @@ def test_a_transformer_lora_trains_and_plain_diffusers_loads_it(families, family
     monkeypatch.setattr(studio.models.current.pipeline, "default_sample_size", 64, raising=False)
     transformer = studio.models.current.pipeline.transformer
     weights_before = {name: value.clone() for name, value in transformer.state_dict().items()}
-    name = f"framed-{'sd3' if family == 'SD 3.x' else 'flux'}"
+    name = f"framed-{family.lower().replace(' ', '-').replace('.x', '')}"
     result, losses = run(studio, training(name=name, trigger="framed", steps=16, learning_rate=3e-2, batch_size=2,
                                           sample_every=1, sample_steps=2), tmp_path)
     assert len(losses) == 16 and np.isfinite(losses).all()
@@ -45,6 +45,8 @@ def test_a_transformer_lora_trains_and_plain_diffusers_loads_it(families, family
     # plain diffusers loads the file with load_lora_weights, on the same seeded weights built afresh
     diffusers = BUILDS[family](tmp_path / "plain")
     arguments = dict(prompt="framed, red", num_inference_steps=3, width=64, height=64, output_type="latent")
+    if family.startswith("Flux 2"):      # the tiny Qwen's last layer (of two)
+        arguments["text_encoder_out_layers"] = (1,)
     before = diffusers(**arguments, generator=torch.Generator().manual_seed(1)).images
     diffusers.load_lora_weights(str(result.path.parent), weight_name=result.path.name, adapter_name=name)
     assert name in diffusers.get_list_adapters()["transformer"]
@@ -59,5 +61,5 @@ def test_what_a_transformer_does_not_train_is_refused_naming_why(families, tmp_p
     with pytest.raises(ValueError, match="LoRA with the text encoders trains UNet models"):
         run(studio, training(name="te", train_text_encoder=True), tmp_path)
     studio = use(families, "Sana")
-    with pytest.raises(ValueError, match="LoRA training here runs on UNet models .* and Flux; sana is a Sana model"):
+    with pytest.raises(ValueError, match="LoRA training here runs on UNet models .* Flux and Flux 2; sana is a Sana"):
         run(studio, training(name="sana"), tmp_path)

@@ -319,6 +319,15 @@ def flux2_to_vae(pipeline, packed: torch.Tensor, height: int, width: int, *, dif
     return pipeline._unpatchify_latents(patches)
 
 
+def flux2_to_packed(pipeline, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE's latents (B, C, H, W) -> Flux 2's transformer view: 2×2-patchified, normalised by the VAE's batch-norm
+    statistics and packed to a sequence (B, H/2·W/2, 4C), as its pipeline encodes an image; with their position ids."""
+    patches = pipeline._patchify_latents(latents)
+    mean, std = flux2_statistics(pipeline.vae, patches)
+    patches = (patches - mean) / std
+    return pipeline._pack_latents(patches), pipeline._prepare_latent_ids(patches).to(latents.device)
+
+
 def _flux2_start_from_image(base):
     """`start_from_image` for Flux 2, whose pipeline packs normalised 2×2 patches and sets its timesteps only after
     `prepare_latents` (their shift depends on the sequence's length): the first timestep kept is read off a copy of
@@ -340,9 +349,7 @@ def _flux2_start_from_image(base):
             noise, ids = super().prepare_latents(batch_size, num_latents_channels, height, width, dtype, device,
                                                  generator, latents)
             pixels = self.image_processor.preprocess(self.start_image, height=height, width=width)
-            patches = self._patchify_latents(encode(self.vae, pixels).to(device, dtype))
-            mean, std = flux2_statistics(self.vae, patches)
-            clean = self._pack_latents((patches - mean) / std).repeat(batch_size, 1, 1)
+            clean = flux2_to_packed(self, encode(self.vae, pixels).to(device, dtype))[0].repeat(batch_size, 1, 1)
             scheduler, steps = copy.deepcopy(self.scheduler), self.start_steps     # as the pipeline's step 6
             sigmas = None if scheduler.config.get("use_flow_sigmas") else np.linspace(1.0, 1 / steps, steps)
             module.retrieve_timesteps(scheduler, steps, device, sigmas=sigmas,

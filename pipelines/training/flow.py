@@ -1,5 +1,6 @@
-"""LoRA training on the flow-matching transformers (SD 3.x, Flux.1), as diffusers' `train_dreambooth_lora_sd3.py` and
-`train_dreambooth_lora_flux.py` train them, on the loaded model, as a job of the studio's device worker:
+"""LoRA training on the flow-matching transformers (SD 3.x, Flux.1, Flux 2), as diffusers'
+`train_dreambooth_lora_sd3.py`, `train_dreambooth_lora_flux.py` and `train_dreambooth_lora_flux2.py` train them, on
+the loaded model, as a job of the studio's device worker:
 
 1. Data: each image centre-cropped to the model's side (its mirror image too, for flips) and encoded once by the
    frozen VAE (the posterior mean, shifted and scaled as the model reads it); each caption (with the trigger word
@@ -8,7 +9,8 @@
    and A Gaussian, so at step 0 the model is unchanged.
 3. Each step: x_0 a batch of latents, eps ~ N(0, I), t from the logit-normal density (SD 3's paper: sigmoid of a
    standard normal), shifted as the model's schedule shifts it (its `shift`; Flux: the resolution's `mu`); the
-   forward process x_t = (1 − t)·x_0 + t·eps; the transformer predicts the velocity; the loss is
+   forward process x_t = (1 − t)·x_0 + t·eps, in the space the transformer sees (Flux 2: its normalised 2×2
+   patches); the transformer predicts the velocity; the loss is
    ‖(eps − x_0) − v_θ(x_t, t)‖². AdamW with a linear warm-up, then cosine decay. A non-finite loss skips the
    step and halves the learning rate.
 4. The file: `models/lora/<name>.safetensors` in diffusers' format (the family's own `save_lora_weights`), which
@@ -32,16 +34,18 @@ import torch
 
 from pipelines.core.families import family_of_pipeline
 from pipelines.core.images import fit_image, image_to_tensor
+from pipelines.core.transformer_call import text_encoder_layers
 from pipelines.core.transformers import (
     DEFAULT_DISTILLED_GUIDANCE,
     default_transformer_sampler,
+    flux2_to_packed,
     make_transformer_scheduler,
 )
 from pipelines.core.vae import encode
 from pipelines.jobs.worker import JobCancelled
 from pipelines.training.request import EFFECT_THRESHOLD, LossPoint, Samples, TrainingRequest, TrainingResult
 
-FLOW_TRAINING_FAMILIES = ("SD 3.x", "Flux")
+FLOW_TRAINING_FAMILIES = ("SD 3.x", "Flux", "Flux 2")
 MAX_NAN_STRIKES = 5
 # diffusers' SD 3 and Flux LoRA scripts' default layers: both streams' attention projections
 TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
@@ -146,6 +150,10 @@ def _texts(pipeline, family: str, request: TrainingRequest, device) -> dict[str,
 
 
 def _encode(pipeline, family: str, text: str, device) -> dict:
+    if family == "Flux 2":
+        embeddings, text_ids = pipeline.encode_prompt(prompt=text, device=device,
+                                                      text_encoder_out_layers=text_encoder_layers(pipeline))
+        return {"encoder_hidden_states": embeddings, "txt_ids": text_ids}
     if family == "Flux":
         embeddings, pooled, text_ids = pipeline.encode_prompt(prompt=text, prompt_2=text, device=device)
         return {"encoder_hidden_states": embeddings, "pooled_projections": pooled, "txt_ids": text_ids}
@@ -188,14 +196,25 @@ def _loss(pipeline, family: str, scheduler_config: dict, request: TrainingReques
     captions = [prompts[latents[row][0]] for row in rows]       # each image's own caption
     dropped = (torch.rand(request.batch_size, generator=generator) < request.caption_dropout).tolist()
     text = {key: torch.cat([texts["" if drop else caption][key] for caption, drop in zip(captions, dropped)])
-            for key in ("encoder_hidden_states", "pooled_projections")}
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+            for key in ("encoder_hidden_states", "pooled_projections") if key in texts[""]}
     u = torch.sigmoid(torch.randn(request.batch_size, generator=generator))      # logit-normal
     t = _shifted(u, scheduler_config, x0).to(x0.device)
-    x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
+    if family == "Flux 2":              # the flow runs on the transformer's normalised, packed patches
+        x0, ids = flux2_to_packed(pipeline, x0)
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    t_ = t.view(-1, *[1] * (x0.dim() - 1))
+    x_t = (1 - t_) * x0 + t_ * noise
     transformer = pipeline.transformer
     dtype = transformer.dtype
-    if family == "Flux":
+    if family == "Flux 2":
+        batch = x_t.shape[0]
+        guidance = torch.full((batch,), DEFAULT_DISTILLED_GUIDANCE, device=x0.device) \
+            if transformer.config.guidance_embeds else None
+        prediction = transformer(hidden_states=x_t.to(dtype), timestep=t, guidance=guidance,
+                                 encoder_hidden_states=text["encoder_hidden_states"].to(dtype),
+                                 txt_ids=texts[""]["txt_ids"].expand(batch, -1, -1), img_ids=ids,
+                                 return_dict=False)[0]
+    elif family == "Flux":
         from diffusers import FluxPipeline
 
         batch, channels, height, width = x_t.shape
@@ -248,8 +267,9 @@ def _save(pipeline, transformer, adapter: str, folder: Path, name: str) -> Path:
 
 def _draw(pipeline, model, request: TrainingRequest, side: int) -> list:
     """The sample prompts at fixed seeds (the request's seed + their place), with the model's own sampler."""
-    last, images = pipeline.scheduler, []
-    arguments = {"true_cfg_scale": 1.0} if type(pipeline).__name__.startswith("Flux") else {}
+    last, images, family = pipeline.scheduler, [], family_of_pipeline(pipeline)
+    arguments = {"Flux": {"true_cfg_scale": 1.0},
+                 "Flux 2": {"text_encoder_out_layers": text_encoder_layers(pipeline)}}.get(family, {})
     try:
         with torch.no_grad():
             for number, prompt in enumerate(request.samples()):

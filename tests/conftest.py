@@ -45,7 +45,15 @@ def pytest_collection_modifyitems(config, items):
         config.hook.pytest_deselected(items=slow)
         items[:] = [item for item in items if not item.get_closest_marker("slow")]
     rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))   # stable
+
+    def order(item):
+        # within a module of the transformer families' tests, one family's tests together: each switch of family
+        # loads its model again (about 0.6 s)
+        family = getattr(getattr(item, "callspec", None), "params", {}).get("family", "") \
+            if "families" in getattr(item, "fixturenames", ()) else ""
+        return rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)), item.module.__name__, family
+
+    items.sort(key=order)   # stable
 
 
 @pytest.fixture

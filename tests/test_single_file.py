@@ -183,7 +183,7 @@ def test_an_sdxl_single_file_loads_the_same_weights_and_images(tmp_path, tiny_si
     assert pixels[0].std() > 0 and np.array_equal(pixels[0], pixels[1])
     # a config of another family than the file's is refused, naming both
     with pytest.raises(ModelLoadError, match="tiny-sd.safetensors is a checkpoint of the SD 1.x/2.x family, but "
-                                             "--model-config tiny-xl-config is a SDXL folder"):
+                                             "--model-config tiny-xl-config is a folder of the SDXL family"):
         manager().load(str(tiny_single_file), config=str(config))
     # and SDXL's two encoders of one width cannot be told apart by diffusers' reader: the export refuses
     with pytest.raises(ValueError, match="Both text encoders are 32 wide"):

@@ -1,5 +1,5 @@
 """LoRA training on the flow-matching transformers (pipelines/training/flow.py), on the seeded tiny SD 3, Flux.1
-dev and Flux 2 [klein] pipelines: the loss falls on the images it is shown, the file it writes loads in plain
+dev and Flux 2 [klein] and [dev] pipelines: the loss falls on the images it is shown, the file it writes loads in plain
 diffusers with `load_lora_weights` and moves its image, the studio applies it by its prompt tag, the model is left
 without the adapter, and what it does not train on a transformer is refused naming why."""
 
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines.core.transformer_call import text_encoder_layers
 from pipelines.tasks.txt2img import Txt2ImgRequest
 from tests.test_training_methods import request as training
 from tests.test_training_methods import run
@@ -17,7 +18,7 @@ from tests.test_transformers import BUILDS, families, pixels, use  # noqa: F401 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.mark.parametrize("family", ["SD 3.x", "Flux", "Flux 2 klein"])
+@pytest.mark.parametrize("family", ["SD 3.x", "Flux", "Flux 2 klein", "Flux 2 dev"])
 def test_a_transformer_lora_trains_and_plain_diffusers_loads_it(families, family, tmp_path, monkeypatch):  # noqa: F811
     studio = use(families, family)
     # trained at the model's native side: the tiny Flux's VAE does not downsample, so 64 px rather than diffusers'
@@ -45,8 +46,8 @@ def test_a_transformer_lora_trains_and_plain_diffusers_loads_it(families, family
     # plain diffusers loads the file with load_lora_weights, on the same seeded weights built afresh
     diffusers = BUILDS[family](tmp_path / "plain")
     arguments = dict(prompt="framed, red", num_inference_steps=3, width=64, height=64, output_type="latent")
-    if family.startswith("Flux 2"):      # the tiny Qwen's last layer (of two)
-        arguments["text_encoder_out_layers"] = (1,)
+    if family.startswith("Flux 2"):      # the layers the studio reads off its small text encoder
+        arguments["text_encoder_out_layers"] = text_encoder_layers(diffusers)
     before = diffusers(**arguments, generator=torch.Generator().manual_seed(1)).images
     diffusers.load_lora_weights(str(result.path.parent), weight_name=result.path.name, adapter_name=name)
     assert name in diffusers.get_list_adapters()["transformer"]

@@ -235,6 +235,7 @@ def test_pixart_sana_and_flux_2_dev_inpaint_by_keeping_the_known_latents_after_e
         noises = [(latents - (1 - t) * clean) / t for latents, t in zip(kept[:-1], sigmas[1:].tolist())]
         for noise in noises[1:]:
             torch.testing.assert_close(noise, noises[0], rtol=0, atol=1e-4)
+        assert (noises[0] - clean).abs().mean() > 0.1 and 0.5 < float(noises[0].std()) < 2   # noise, not x_0
 
 
 def test_a_stochastic_sampler_inpaints_pixart_from_the_seed_alone(families):
@@ -282,6 +283,10 @@ def test_what_a_family_does_not_run_is_refused_naming_it(families):
     with pytest.raises(ValueError, match="emoji-controlnet-canny is a ControlNet for the embedded model; sana is a "
                                          "Sana model"):
         studio.generate(ControlNetRequest(prompt="a", steps=2, width=64, height=64, control_image=picture))
+    with pytest.raises(ValueError, match="ControlNet does not run PixArt-Σ models yet: diffusers has no ControlNet"):
+        use(families, "PixArt-Σ").generate(ControlNetRequest(prompt="a", steps=2, width=64, height=64,
+                                                             control_image=picture))
+    studio = use(families, "Sana")
     with pytest.raises(ValueError, match="Sana models run with plain CFG"):
         studio.generate(Txt2ImgRequest(prompt="a", steps=2, width=64, height=64, sampler="Euler", pag_scale=2.0))
     # a distilled guidance restored from a Flux image onto another model is left unused, and said so
@@ -440,6 +445,8 @@ def test_a_controlnet_steers_sd3_flux_and_sana_and_another_familys_is_refused_na
         if family == "Sana":
             with pytest.raises(ValueError, match="Sana's ControlNet pipeline takes one unit"):
                 studio.generate(ControlNetRequest(**common, **unit, more_units=[second]))
+            with pytest.raises(ValueError, match="steering every step: set Starting and Ending control step to 0"):
+                studio.generate(ControlNetRequest(**common, **unit, end=0.5))
             continue
         two = studio.generate(ControlNetRequest(**common, **unit, more_units=[second]))
         assert np.abs(pixels(two.images[0].image) - pixels(steered.image)).mean() > 0

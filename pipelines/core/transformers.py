@@ -269,12 +269,14 @@ def keep_known(scheduler, clean: torch.Tensor, noise: torch.Tensor, mask: torch.
     scheduler's own; its signature too, which pipelines read to pass the seed's generator.)"""
     step = scheduler.__dict__.get("_own_step", scheduler.step)
     scheduler._own_step = step
+    calls = [0]
 
     @functools.wraps(step)
     def blended(model_output, timestep, sample, *args, **kwargs):
         output = step(model_output, timestep, sample, *args, **kwargs)
+        calls[0] += 1
         parts = list(output) if isinstance(output, tuple) else [output.prev_sample]
-        parts[0] = (1 - mask) * _known(scheduler, clean, noise, timestep) + mask * parts[0]
+        parts[0] = (1 - mask) * _known(scheduler, clean, noise, calls[0]) + mask * parts[0]
         if len(parts) > 1 and isinstance(parts[1], torch.Tensor) and parts[1].shape == clean.shape:
             parts[1] = (1 - mask) * clean + mask * parts[1]          # the step's x̂_0 (LCM's denoised)
         if isinstance(output, tuple):
@@ -285,14 +287,12 @@ def keep_known(scheduler, clean: torch.Tensor, noise: torch.Tensor, mask: torch.
     scheduler.step = blended
 
 
-def _known(scheduler, clean: torch.Tensor, noise: torch.Tensor, timestep) -> torch.Tensor:
-    """The input's latents at the noise level a step of `scheduler` (from `timestep`) has just landed on."""
+def _known(scheduler, clean: torch.Tensor, noise: torch.Tensor, calls: int) -> torch.Tensor:
+    """The input's latents at the noise level the `calls`-th step of `scheduler` has just landed on."""
     if getattr(scheduler, "mid_point_sigma", None) is not None:     # DPM++ SDE, halfway through its step
         return clean + noise * scheduler.mid_point_sigma
-    if hasattr(scheduler, "step_index"):
-        index = scheduler.step_index
-    else:                  # DDIM, DDPM keep no index: the step after the one at `timestep`
-        index = int((scheduler.timesteps == timestep).nonzero()[0, 0]) + 1
+    # DDIM, DDPM and PNDM keep no index (and PNDM repeats a timestep): the steps taken are the index
+    index = scheduler.step_index if hasattr(scheduler, "step_index") else calls
     if index is None or index >= len(scheduler.timesteps):
         return clean
     return noised(scheduler, clean, noise, scheduler.timesteps[index:index + 1].repeat(len(clean)))

@@ -131,7 +131,7 @@ def _single_file_family(path: Path, guessed: str | None, config: str | None, two
         return named
     family = f"the {guessed} family" if guessed else "an unknown family"
     raise ModelLoadError(f"{path.name} is a checkpoint of {family}, but --model-config {Path(config).name} is a "
-                         f"{named} folder. Pass a diffusers folder of the file's own family.")
+                         f"folder of the {named} family. Pass a diffusers folder of the file's own family.")
 
 
 def from_hub(source: ModelSource, *, dtype, use_safetensors) -> DiffusionPipeline:

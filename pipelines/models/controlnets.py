@@ -77,8 +77,8 @@ def read_controlnet(name: str, base, *, models_dir: Path, dtype, allow_pickle: b
 
 
 def controlnet_class(folder: Path):
-    """The diffusers class a ControlNet folder's config names: the UNet families' ControlNetModel, or SD 3's or
-    Flux's transformer ControlNet."""
+    """The diffusers class a ControlNet folder's config names: the UNet families' ControlNetModel, or SD 3's, Flux's
+    or Sana's transformer ControlNet."""
     import diffusers
 
     try:
@@ -162,10 +162,14 @@ def check_controlnet_fits(controlnet, name: str, base) -> None:
                              f"for {ours_family or 'its family'}.")
         ours, theirs = base.pipeline.transformer.config, controlnet.config
         text = "joint_attention_dim" if "joint_attention_dim" in ours else "caption_channels"     # Sana's
-        if (theirs.get(text), theirs.in_channels) != (ours.get(text), ours.in_channels):
-            raise ValueError(f"The ControlNet {name} does not fit {base.name}: its text width and latent channels "
-                             f"are {theirs.get(text)} and {theirs.in_channels}, the model's {ours.get(text)} and "
-                             f"{ours.in_channels}. Pick a ControlNet made for this model.")
+
+        def shape(config) -> tuple:    # the text width where the ControlNet reads one (SD 3.5's take the model's)
+            return (config.get("num_attention_heads", 0) * config.get("attention_head_dim", 0), config.in_channels,
+                    config.get(text) if theirs.get(text) is not None else None)
+        if shape(theirs) != shape(ours):
+            raise ValueError(f"The ControlNet {name} does not fit {base.name}: its width, latent channels and text "
+                             f"width are {shape(theirs)}, the model's {shape(ours)}. Pick a ControlNet made for this "
+                             "model.")
         return
     unet, config = base.pipeline.unet.config, controlnet.config
     for key in ("cross_attention_dim", "in_channels", "block_out_channels", "down_block_types", "layers_per_block",

@@ -50,6 +50,12 @@ MAX_NAN_STRIKES = 5
 # diffusers' SD 3 and Flux LoRA scripts' default layers: both streams' attention projections
 TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
            "attn.add_v_proj", "attn.to_add_out"]
+# Flux 2's single-stream blocks fuse theirs (with the MLP's input) into `to_qkv_mlp_proj`, and their `to_out` is one
+# layer (the double blocks' a list): diffusers' Flux 2 script trains those too
+FLUX2_TARGETS = (r".*(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out|to_qkv_mlp_proj)"
+                 r"|single_transformer_blocks\.\d+\.attn\.to_out)")
+# The steps Flux 2's time shift is fitted for in training (its pipeline's default; the shift grows with fewer)
+FLUX2_SHIFT_STEPS = 50
 
 
 def train_transformer_lora(models, model, request: TrainingRequest, job) -> TrainingResult:
@@ -65,7 +71,7 @@ def train_transformer_lora(models, model, request: TrainingRequest, job) -> Trai
     if before:
         job.emit(Samples(0, request.samples(), before))
     # 2. The LoRA
-    parameters = _add_lora(transformer, adapter, request)
+    parameters = _add_lora(transformer, adapter, request, FLUX2_TARGETS if family == "Flux 2" else TARGETS)
     generator = torch.Generator().manual_seed(request.seed)
     optimizer = torch.optim.AdamW(parameters, lr=request.learning_rate, weight_decay=1e-2)
     step, loss_value, started, learning_rate = 0, float("nan"), time.perf_counter(), request.learning_rate
@@ -162,7 +168,7 @@ def _encode(pipeline, family: str, text: str, device) -> dict:
     return {"encoder_hidden_states": embeddings, "pooled_projections": pooled}
 
 
-def _add_lora(transformer, adapter: str, request: TrainingRequest) -> list[torch.nn.Parameter]:
+def _add_lora(transformer, adapter: str, request: TrainingRequest, targets) -> list[torch.nn.Parameter]:
     from peft import LoraConfig
 
     if adapter in (getattr(transformer, "peft_config", None) or {}):
@@ -171,7 +177,7 @@ def _add_lora(transformer, adapter: str, request: TrainingRequest) -> list[torch
     with torch.random.fork_rng():           # A's Gaussian from the seed; the global RNG is left alone
         torch.manual_seed(request.seed)
         transformer.add_adapter(LoraConfig(r=request.rank, lora_alpha=request.alpha, init_lora_weights="gaussian",
-                                           target_modules=TARGETS), adapter_name=adapter)
+                                           target_modules=targets), adapter_name=adapter)
     parameters = [parameter for name, parameter in transformer.named_parameters() if f".{adapter}." in name]
     for parameter in parameters:             # trained in fp32 whatever the model's dtype
         parameter.data = parameter.data.float()
@@ -197,11 +203,12 @@ def _loss(pipeline, family: str, scheduler_config: dict, request: TrainingReques
     dropped = (torch.rand(request.batch_size, generator=generator) < request.caption_dropout).tolist()
     text = {key: torch.cat([texts["" if drop else caption][key] for caption, drop in zip(captions, dropped)])
             for key in ("encoder_hidden_states", "pooled_projections") if key in texts[""]}
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
     u = torch.sigmoid(torch.randn(request.batch_size, generator=generator))      # logit-normal
-    t = _shifted(u, scheduler_config, x0).to(x0.device)
+    t = _shifted(u, scheduler_config, x0, flux2=family == "Flux 2").to(x0.device)
     if family == "Flux 2":              # the flow runs on the transformer's normalised, packed patches
         x0, ids = flux2_to_packed(pipeline, x0)
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+        noise = noise.reshape(x0.shape)                # (i.i.d.: only its arrangement changes)
     t_ = t.view(-1, *[1] * (x0.dim() - 1))
     x_t = (1 - t_) * x0 + t_ * noise
     transformer = pipeline.transformer
@@ -235,11 +242,16 @@ def _loss(pipeline, family: str, scheduler_config: dict, request: TrainingReques
     return (prediction.float() - (noise - x0)).square().mean()
 
 
-def _shifted(u: torch.Tensor, scheduler_config: dict, x0: torch.Tensor) -> torch.Tensor:
+def _shifted(u: torch.Tensor, scheduler_config: dict, x0: torch.Tensor, flux2: bool = False) -> torch.Tensor:
     """The model's time shift of t in (0, 1): shift·t / (1 + (shift − 1)·t); with dynamic shifting (Flux), the
-    shift e^mu that the image's length in patches gives, as its pipeline computes it."""
+    shift e^mu that the image's length in patches gives, as its pipeline computes it (Flux 2's: fitted to the length
+    and FLUX2_SHIFT_STEPS steps)."""
     config = dict(scheduler_config)
-    if config.get("use_dynamic_shifting"):
+    if config.get("use_dynamic_shifting") and flux2:
+        from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+        shift = math.exp(compute_empirical_mu(image_seq_len=x0.shape[-1] * x0.shape[-2] // 4,
+                                              num_steps=FLUX2_SHIFT_STEPS))
+    elif config.get("use_dynamic_shifting"):
         length = x0.shape[-1] * x0.shape[-2] // 4
         base, top = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
         low, high = config.get("base_shift", 0.5), config.get("max_shift", 1.15)

@@ -248,10 +248,15 @@ def start_from_image(base):
             return noised(self.scheduler, clean, noise, self.scheduler.timesteps[:1].repeat(batch_size))
 
     StartFromImage.__name__ = StartFromImage.__qualname__ = kind.__name__
-    # its config flags too (a step-distilled [klein]'s `is_distilled`), which `components` leaves out
+    return rebuilt(StartFromImage, base)
+
+
+def rebuilt(kind, base):
+    """A pipeline of class `kind` on the base's components (shared weights) and its config flags (a step-distilled
+    Flux 2 [klein]'s `is_distilled`), which `components` leaves out."""
     flags = {"is_distilled": bool(base.config.get("is_distilled"))} if "is_distilled" in inspect.signature(
         kind.__init__).parameters else {}
-    return StartFromImage(**base.components, **flags)
+    return kind(**base.components, **flags)
 
 
 def noised(scheduler, clean: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
@@ -360,7 +365,4 @@ def _flux2_start_from_image(base):
             return noised(scheduler, clean, noise, scheduler.timesteps[:1].repeat(batch_size)), ids
 
     StartFromImage.__name__ = StartFromImage.__qualname__ = kind.__name__
-    # its config flags too (a step-distilled [klein]'s `is_distilled`), which `components` leaves out
-    flags = {"is_distilled": bool(base.config.get("is_distilled"))} if "is_distilled" in inspect.signature(
-        kind.__init__).parameters else {}
-    return StartFromImage(**base.components, **flags)
+    return rebuilt(StartFromImage, base)

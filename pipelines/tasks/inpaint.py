@@ -296,9 +296,9 @@ def _inpainting_pipeline(base):
     call started from the image, the cells outside the mask kept: pipelines/core/transformers.py)."""
     from diffusers import AutoPipelineForInpainting, Flux2KleinInpaintPipeline
 
-    from pipelines.core.transformers import start_from_image
+    from pipelines.core.transformers import rebuilt, start_from_image
     if type(base).__name__ == "Flux2KleinPipeline":
-        return Flux2KleinInpaintPipeline(**base.components, is_distilled=bool(base.config.get("is_distilled")))
+        return rebuilt(Flux2KleinInpaintPipeline, base)
     if type(base).__name__.startswith(("PixArt", "Sana", "Flux2")):   # none in diffusers: the start kept
         return start_from_image(base)
     return AutoPipelineForInpainting.from_pipe(base)

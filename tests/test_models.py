@@ -92,6 +92,16 @@ def test_hub_id_loads_from_the_local_cache_offline(tiny_model_dir, tmp_path, mon
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     loaded = manager(tmp_path).load("studio/tiny-sd")
     assert loaded.source.kind == "hub" and loaded.pipeline.unet is not None
+    # a repo cached as a variant's weights only (a `--include "*fp16*"` download) is read as that variant
+    from recipe.tiny import build_tiny_pipeline
+
+    variant = cache / "models--studio--tiny-fp16"
+    build_tiny_pipeline(tmp_path / "build").to(torch.float16).save_pretrained(
+        variant / "snapshots" / ("1" * 40), variant="fp16")
+    (variant / "refs").mkdir()
+    (variant / "refs" / "main").write_text("1" * 40)
+    loaded = manager(tmp_path).load("studio/tiny-fp16")
+    assert loaded.source.kind == "hub" and loaded.pipeline.unet.dtype == torch.float32
 
 
 def test_missing_paths_and_non_models_are_clear_errors(tmp_path):

@@ -138,13 +138,27 @@ def from_hub(source: ModelSource, *, dtype, use_safetensors) -> DiffusionPipelin
     """A hub id from the local cache; downloaded only when it is not cached and the hub answers. Offline
     (HF_HUB_OFFLINE, or the hub not reachable within a few seconds) an uncached id fails at once with the
     reason, instead of after the hub client's retries."""
+    snapshot = _cached_snapshot(source.location)       # what the cached folder holds, as for a folder
+    variant = weights_variant(snapshot) if snapshot else None
+    cached = {**({"variant": variant} if variant else {}), **(absent_components(snapshot) if snapshot else {})}
     try:
         return AutoPipelineForText2Image.from_pretrained(source.location, dtype=dtype, use_safetensors=use_safetensors,
-                                                         local_files_only=True)
+                                                         local_files_only=True, **cached)
     except Exception as not_cached:
         if hub_offline() or not _hub_reachable():
             raise ModelLoadError(explain_load_failure(source, OSError(f"offline: {not_cached}"))) from not_cached
     return AutoPipelineForText2Image.from_pretrained(source.location, dtype=dtype, use_safetensors=use_safetensors)
+
+
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The local cache's folder of `repo_id` (its snapshot of the main revision), or None when it is not cached."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):     # not cached, or not a valid id
+        return None
 
 
 def _hub_reachable() -> bool:

@@ -35,11 +35,9 @@ def _read(source: ModelSource, *, dtype, allow_pickle: bool, config: str | None)
         check_family(family_of_folder(Path(source.location)), source.name)
     try:
         if source.kind in ("embedded", "folder"):
-            folder = Path(source.location)
-            variant = weights_variant(folder)
             return AutoPipelineForText2Image.from_pretrained(
                 source.location, dtype=dtype, use_safetensors=use_safetensors(allow_pickle),
-                **({"variant": variant} if variant else {}), **absent_components(folder))
+                **folder_arguments(Path(source.location)))
         if source.kind == "hub":
             return from_hub(source, dtype=dtype, use_safetensors=use_safetensors(allow_pickle))
         return from_single_file(Path(source.location), dtype=dtype, config=config)
@@ -71,6 +69,13 @@ def weights_variant(folder: Path) -> str | None:
         raise ModelLoadError(f"{folder.name} holds its weights as several variants ({', '.join(sorted(variants))}) "
                              "and not as plain files; keep one variant's files (or the plain ones) and load it again.")
     return variants.pop() if variants else None
+
+
+def folder_arguments(folder: Path) -> dict:
+    """What diffusers' `from_pretrained` must be told to read `folder` as it is: its weights' variant, and the
+    components it lists as absent."""
+    variant = weights_variant(folder)
+    return {**({"variant": variant} if variant else {}), **absent_components(folder)}
 
 
 def absent_components(folder: Path) -> dict[str, None]:
@@ -139,8 +144,7 @@ def from_hub(source: ModelSource, *, dtype, use_safetensors) -> DiffusionPipelin
     (HF_HUB_OFFLINE, or the hub not reachable within a few seconds) an uncached id fails at once with the
     reason, instead of after the hub client's retries."""
     snapshot = _cached_snapshot(source.location)       # what the cached folder holds, as for a folder
-    variant = weights_variant(snapshot) if snapshot else None
-    cached = {**({"variant": variant} if variant else {}), **(absent_components(snapshot) if snapshot else {})}
+    cached = folder_arguments(snapshot) if snapshot else {}
     try:
         return AutoPipelineForText2Image.from_pretrained(source.location, dtype=dtype, use_safetensors=use_safetensors,
                                                          local_files_only=True, **cached)

@@ -1,5 +1,5 @@
 """Export a diffusers Stable Diffusion (1.x/2.x or SDXL) pipeline as one `.safetensors` checkpoint in the original
-(CompVis LDM / Stability / A1111) key layout: the kind of file model sites distribute.
+(CompVis LDM / Stability / A1111) key layout: the kind of file model sites distribute. (SD 3.x: single_file_sd3.py.)
 
     python -m recipe.single_file FOLDER OUT.safetensors
     python launch.py --model OUT.safetensors --model-config FOLDER     # load it back in the studio
@@ -133,7 +133,8 @@ def vae_renames(config) -> list[Rename]:
         raise ValueError(f"The original VAE layout mirrors the encoder in the decoder, but this VAE has "
                          f"{block_count} down and {len(config['up_block_types'])} up blocks.")
     resnet = VAE_RESNET_NAMES
-    rules = [Rename("quant_conv", "quant_conv"), Rename("post_quant_conv", "post_quant_conv")]
+    rules = [Rename(name, name) for name in ("quant_conv", "post_quant_conv")    # SD 3's and Flux's VAEs have none
+             if config.get(f"use_{name}", True)]
     for part in ("encoder", "decoder"):
         rules += [Rename(f"{part}.conv_in", f"{part}.conv_in"),
                   Rename(f"{part}.conv_norm_out", f"{part}.norm_out"),
@@ -272,7 +273,11 @@ def save_single_file(pipeline_or_folder, path: str | Path) -> Path:
         index = json.loads((Path(pipeline_or_folder) / "model_index.json").read_text())
         no_checker = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
         pipeline = DiffusionPipeline.from_pretrained(str(pipeline_or_folder), use_safetensors=True, **no_checker)
-    tensors = to_original_layout(pipeline)
+    if type(pipeline).__name__.startswith("StableDiffusion3"):      # the transformer and VAE, in Stability's layout
+        from recipe.single_file_sd3 import to_sd3_layout
+        tensors = to_sd3_layout(pipeline)
+    else:
+        tensors = to_original_layout(pipeline)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     try:
@@ -285,7 +290,8 @@ def save_single_file(pipeline_or_folder, path: str | Path) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder", type=Path, help="a diffusers SD 1.x/2.x or SDXL folder (with model_index.json)")
+    parser.add_argument("folder", type=Path,
+                        help="a diffusers SD 1.x/2.x, SDXL or SD 3.x folder (with model_index.json)")
     parser.add_argument("out", type=Path, help="the .safetensors file to write")
     args = parser.parse_args(argv)
     if not (args.folder / "model_index.json").exists():

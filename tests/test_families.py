@@ -52,7 +52,8 @@ def test_the_unet_families_are_supported(studio, tiny_model_dir, tmp_path):
     assert family_of_folder(tiny_model_dir) == family_of_pipeline(studio.models.current.pipeline) == "SD 1.x/2.x"
     sdxl = build_tiny_sdxl_pipeline(tmp_path)
     assert family_of_pipeline(sdxl) == "SDXL"
-    kinds = ("v1", "v2", "xl_base", "playground-v2-5", "sd35_large", "flux-dev", "flux-2-dev", "sana", "upscale",
-             "unknown")
+    kinds = ("v1", "v2", "xl_base", "playground-v2-5", "sd35_large", "flux-dev", "flux-2-dev", "flux-3-image",
+             "sana", "upscale", "unknown")
     assert [family_of_checkpoint(kind) for kind in kinds] == \
-        ["SD 1.x/2.x", "SD 1.x/2.x", "SDXL", "SDXL", "SD 3.x", "Flux", "Flux 2", "Sana", "SD x4 upscaler", None]
+        ["SD 1.x/2.x", "SD 1.x/2.x", "SDXL", "SDXL", "SD 3.x", "Flux", "Flux 2", "Flux 3", "Sana",
+                                                              "SD x4 upscaler", None]

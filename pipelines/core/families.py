@@ -31,13 +31,15 @@ FAMILY_BY_PIPELINE = {
 # diffusers' single-file model types (infer_diffusers_model_type) -> family
 FAMILY_BY_CHECKPOINT_PREFIX = (
     ("xl_", "SDXL"), ("playground", "SDXL"), ("v1", "SD 1.x/2.x"), ("v2", "SD 1.x/2.x"), ("inpainting", "SD 1.x/2.x"),
-    ("upscale", "SD x4 upscaler"), ("sd3", "SD 3.x"), ("flux-2", "Flux 2"), ("flux", "Flux"), ("sana", "Sana"),
+    ("upscale", "SD x4 upscaler"), ("sd3", "SD 3.x"), ("flux-2", "Flux 2"), ("flux-3", "Flux 3"),
+    ("flux", "Flux"), ("sana", "Sana"),
     ("auraflow", "AuraFlow"), ("lumina", "Lumina"), ("hidream", "HiDream"), ("chroma", "Chroma"),
     ("qwen", "Qwen-Image"), ("z-image", "Z-Image"), ("ltx", "LTX-Video"), ("wan", "Wan"), ("hunyuan", "Hunyuan"),
     ("cosmos", "Cosmos"), ("mochi", "Mochi"), ("stable_cascade", "Stable Cascade"), ("cogview", "CogView"))
 SUPPORTED = ("SD 1.x/2.x", "SDXL", "SD 3.x", "Flux", "Flux 2", "PixArt-α", "PixArt-Σ", "Sana")
 WHY = {"AuraFlow": "a diffusion transformer with flow matching", "Lumina": "a diffusion transformer",
-       "Hunyuan-DiT": "a diffusion transformer with two text encoders", "Qwen-Image": "a 20B diffusion transformer"}
+       "Hunyuan-DiT": "a diffusion transformer with two text encoders", "Qwen-Image": "a 20B diffusion transformer",
+       "Flux 3": "diffusers 0.42 runs it as a modular pipeline only"}
 
 
 def family_of_pipeline(pipeline) -> str | None:

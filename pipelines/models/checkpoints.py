@@ -95,8 +95,8 @@ def absent_components(folder: Path) -> dict[str, None]:
 
 def from_single_file(path: Path, *, dtype, config: str | None) -> DiffusionPipeline:
     """A single `.safetensors` (or, allowed, pickled) checkpoint: SD 1.x/2.x, SDXL, SD 3.x or Flux, told apart by its
-    keys. `config` (--model-config) is a diffusers folder of the same architecture, for offline reading (and, for a
-    Flux or SD 3 file that holds the transformer alone, where the text encoders and VAE come from)."""
+    keys. `config` (--model-config) is a diffusers folder of the same architecture, for offline reading, and where
+    the components the file does not hold come from (SD 3 and Flux files often hold the transformer alone)."""
     from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type, load_single_file_checkpoint
 
@@ -106,9 +106,9 @@ def from_single_file(path: Path, *, dtype, config: str | None) -> DiffusionPipel
         raise ModelLoadError(f"{path.name} is not a readable checkpoint ({type(error).__name__}: {error}); it "
                              "may be truncated or not a model at all. Download or export it again.") from error
     model_type = infer_diffusers_model_type(checkpoint)
-    two_text_encoders = any(key.startswith("conditioner.embedders.1.") for key in checkpoint)
+    keys = list(checkpoint)
     del checkpoint  # from_single_file reads the file again; don't hold two copies
-    family = _single_file_family(path, family_of_checkpoint(model_type), config, two_text_encoders)
+    family = _single_file_family(path, family_of_checkpoint(model_type), config, keys)
     check_family(family, path.name)
     classes = {"SD 1.x/2.x": StableDiffusionPipeline, "SDXL": StableDiffusionXLPipeline, "SD 3.x":
                StableDiffusion3Pipeline, "Flux": FluxPipeline}
@@ -116,7 +116,7 @@ def from_single_file(path: Path, *, dtype, config: str | None) -> DiffusionPipel
         raise ModelLoadError(f"{path.name} is a single-file {family} checkpoint; the studio reads {family} models as "
                              "diffusers folders (model_index.json and a folder per component). Load the folder.")
     pipeline_class = classes.get(family, StableDiffusionPipeline)
-    kwargs = {"dtype": dtype}
+    kwargs = {"dtype": dtype, **_borrowed_components(path, family, keys, config, dtype)}
     if config:
         kwargs["config"] = config
     if pipeline_class is StableDiffusionPipeline:
@@ -124,16 +124,56 @@ def from_single_file(path: Path, *, dtype, config: str | None) -> DiffusionPipel
     return pipeline_class.from_single_file(str(path), **kwargs)
 
 
-def _single_file_family(path: Path, guessed: str | None, config: str | None, two_text_encoders: bool) -> str | None:
-    """The family of a single file: diffusers' guess from its keys, or, where the guess is its fallback (SD 1.x: an
-    SDXL's keys name it by the 10th layer of its second text encoder, which a small model lacks) and the file holds
-    SDXL's second encoder, the --model-config folder's SDXL. A config of another family than the file's is refused,
-    naming both."""
+_VAE = ("first_stage_model.", "vae.")
+# where a family's single files hold each component besides the denoiser (always in the file); one the file lacks
+# comes from --model-config
+FILE_COMPONENTS = {
+    "SD 1.x/2.x": {"vae": _VAE}, "SDXL": {"vae": _VAE},
+    "SD 3.x": {"vae": _VAE, "text_encoder": ("text_encoders.clip_l.",), "text_encoder_2": ("text_encoders.clip_g.",),
+               "text_encoder_3": ("text_encoders.t5xxl.",)},
+    "Flux": {"vae": _VAE, "text_encoder": ("text_encoders.clip_l.",), "text_encoder_2": ("text_encoders.t5xxl.",)},
+}
+
+
+def _borrowed_components(path: Path, family: str | None, keys: list[str], config: str | None, dtype) -> dict:
+    """The components a single file does not hold (an SD 3 or Flux file of the transformer alone, an SD file without
+    its VAE), read from the --model-config folder. diffusers' own `from_single_file` reads only a diffusers model's
+    weights from the config folder (never a text encoder's), so they are read here and passed in."""
+    places = FILE_COMPONENTS.get(family, {})
+    held = {name for name, prefixes in places.items() if any(key.startswith(prefixes) for key in keys)}
+    wanted = [name for name in places if name not in held]
+    if not wanted:
+        return {}
+    if not config:
+        raise ModelLoadError(f"{path.name} holds no {' and no '.join(wanted)}. Pass --model-config with a diffusers "
+                             f"folder of the {family} model it was made from, with those weights.")
+    from diffusers import DiffusionPipeline
+
+    # what the file holds is not read twice: the denoiser (by either name) and the components found in it
+    skip = {name: None for name in ("unet" if family in ("SD 1.x/2.x", "SDXL") else "transformer", *held)}
+    try:
+        base = DiffusionPipeline.from_pretrained(config, dtype=dtype, **{**folder_arguments(Path(config)), **skip})
+    except Exception as error:
+        raise ModelLoadError(f"{path.name} holds no {' and no '.join(wanted)}, so they are read from --model-config "
+                             f"{Path(config).name}, which could not give them ({type(error).__name__}: {error}). "
+                             "Pass a diffusers folder of the same model with those weights.") from error
+    return {name: getattr(base, name) for name in wanted if getattr(base, name, None) is not None}
+
+
+# the keys that name a family where diffusers' guess falls back to SD 1.x: it names SDXL by its second encoder's
+# 10th layer and SD 3 by its blocks' width, which a small model lacks
+STRUCTURE = {"SDXL": "conditioner.embedders.1.", "SD 3.x": "joint_blocks."}
+
+
+def _single_file_family(path: Path, guessed: str | None, config: str | None, keys: list[str]) -> str | None:
+    """The family of a single file: diffusers' guess from its keys, or where that is its SD 1.x fallback and the keys
+    have another family's structure, that family. A --model-config folder of another family than the file's is
+    refused, naming both."""
+    if guessed == "SD 1.x/2.x":
+        guessed = next((family for family, marker in STRUCTURE.items() if any(marker in key for key in keys)), guessed)
     named = family_of_folder(Path(config)) if config else None
     if named is None or named == guessed:
         return guessed
-    if guessed == "SD 1.x/2.x" and named == "SDXL" and two_text_encoders:
-        return named
     family = f"the {guessed} family" if guessed else "an unknown family"
     raise ModelLoadError(f"{path.name} is a checkpoint of {family}, but --model-config {Path(config).name} is a "
                          f"folder of the {named} family. Pass a diffusers folder of the file's own family.")

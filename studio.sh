@@ -29,9 +29,10 @@ if [ "${1:-}" = "test" ]; then
   export HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
   # Test processes in parallel (pytest-xdist), one per core, each running torch on its share (tests/conftest.py).
   # A module's tests stay in one process (loadscope), so its module-scoped servers, pages and loaded models are
-  # built once, and the longest modules start first (tests/conftest.py). Measured on 2 cores: 2 processes 273-284 s,
+  # built once, and the longest modules start first (tests/conftest.py's order; --no-loadscope-reorder keeps it,
+  # where xdist would sort modules by their number of tests). Measured on 2 cores: 2 processes 273-284 s,
   # 3 processes 296-302 s (a spare process paid for itself when tests were handed out one by one).
   workers=$(nproc); [ "$workers" -gt 8 ] && workers=8
-  exec python -m pytest -q -n "$workers" --dist loadscope "$@"
+  exec python -m pytest -q -n "$workers" --dist loadscope --no-loadscope-reorder "$@"
 fi
 exec python launch.py "$@"

@@ -119,10 +119,11 @@ def _clip_config(tokenizer, **extra):
                           pad_token_id=tokenizer.pad_token_id, **extra)
 
 
-def build_tiny_flux_pipeline(folder: Path, seed: int = 0):
+def build_tiny_flux_pipeline(folder: Path, seed: int = 0, guidance_embeds: bool = True):
     """A Flux-layout pipeline (a flow-matching diffusion transformer, CLIP + T5 text encoders, 2×2-packed latents),
     seeded random weights at diffusers' own test size (`FluxPipelineFastTests.get_dummy_components`); the tiny
-    BPE tokenizer serves both encoders, since T5's would come from the hub."""
+    BPE tokenizer serves both encoders, since T5's would come from the hub. `guidance_embeds=False`: Flux.1 [schnell]'s
+    layout (step-distilled, no distilled-guidance input)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel
 
@@ -132,7 +133,8 @@ def build_tiny_flux_pipeline(folder: Path, seed: int = 0):
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=True)
+                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+                                         guidance_embeds=guidance_embeds)
     vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
                         latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
                         shift_factor=0.0609, scaling_factor=1.5035)
@@ -143,9 +145,10 @@ def build_tiny_flux_pipeline(folder: Path, seed: int = 0):
     return pipeline
 
 
-def build_tiny_sd3_pipeline(folder: Path, seed: int = 0):
+def build_tiny_sd3_pipeline(folder: Path, seed: int = 0, sd35: bool = False):
     """An SD 3-layout pipeline (MMDiT with flow matching; two CLIP encoders with projections and T5), seeded random
-    weights at diffusers' own test size (`StableDiffusion3PipelineFastTests.get_dummy_components`)."""
+    weights at diffusers' own test size (`StableDiffusion3PipelineFastTests.get_dummy_components`). `sd35`: SD 3.5
+    Medium's layout (RMS-normed q and k, a second self-attention in the first block)."""
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
@@ -161,7 +164,8 @@ def build_tiny_sd3_pipeline(folder: Path, seed: int = 0):
     # 16 latent channels, as SD 3's VAE has (its inpainting pipeline checks); 2×2 patches, as SD 3's transformer reads
     transformer = SD3Transformer2DModel(sample_size=64, patch_size=2, in_channels=16, num_layers=2,
                                         attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
-                                        joint_attention_dim=32, pooled_projection_dim=64, out_channels=16)
+                                        joint_attention_dim=32, pooled_projection_dim=64, out_channels=16,
+                                        **({"qk_norm": "rms_norm", "dual_attention_layers": (0,)} if sd35 else {}))
     vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
                         latent_channels=16, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
                         shift_factor=0.0609, scaling_factor=1.5035)

@@ -7,6 +7,8 @@ moves the image; what a family does not run yet is refused naming the family."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
@@ -35,10 +37,14 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 BUILDS = {"SD 3.x": build_tiny_sd3_pipeline, "Flux": build_tiny_flux_pipeline, "PixArt-Σ": build_tiny_pixart_pipeline,
           "PixArt-α": build_tiny_pixart_alpha_pipeline, "Sana": build_tiny_sana_pipeline,
           "Flux 2 dev": build_tiny_flux2_pipeline, "Flux 2 klein": build_tiny_flux2_klein_pipeline}
+# variants within a family that change what its layers hold: the tabs' core tests run on them too
+VARIANTS = {"Flux schnell": partial(build_tiny_flux_pipeline, guidance_embeds=False),
+            "SD 3.5": partial(build_tiny_sd3_pipeline, sd35=True)}
 FLOW_EULER = {"SD 3.x": "FlowMatchEulerDiscreteScheduler", "Flux": "FlowMatchEulerDiscreteScheduler",
               "Sana": "FlowMatchEulerDiscreteScheduler", "PixArt-Σ": "DPMSolverMultistepScheduler",
               "PixArt-α": "DPMSolverMultistepScheduler", "Flux 2 dev": "FlowMatchEulerDiscreteScheduler",
-              "Flux 2 klein": "FlowMatchEulerDiscreteScheduler"}
+              "Flux 2 klein": "FlowMatchEulerDiscreteScheduler", "Flux schnell": "FlowMatchEulerDiscreteScheduler",
+              "SD 3.5": "FlowMatchEulerDiscreteScheduler"}
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +56,8 @@ def families(tmp_path_factory, worker):
     from pipelines.models.memory import MemoryManager
 
     root = tmp_path_factory.mktemp("families")
-    folders = {family: root / "models" / family.lower().replace(" ", "-").replace("-σ", "") for family in BUILDS}
+    folders = {family: root / "models" / family.lower().replace(" ", "-").replace("-σ", "")
+               for family in BUILDS | VARIANTS}
     models = ModelManager(MemoryManager(device="cpu"), worker=worker, models_dir=root / "models")
     return Generator(models, None), folders
 
@@ -59,7 +66,7 @@ def use(families, family: str):
     studio, folders = families
     folder = folders[family]
     if not (folder / "model_index.json").exists():
-        BUILDS[family](folder.parent.parent / "build").save_pretrained(folder)
+        (BUILDS | VARIANTS)[family](folder.parent.parent / "build").save_pretrained(folder)
     if studio.models.current is None or studio.models.current.source.location != str(folder):
         studio.models.load(str(folder), from_ui=True)
     return studio
@@ -69,7 +76,7 @@ def pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB")).astype(np.int16)
 
 
-@pytest.mark.parametrize("family", BUILDS)
+@pytest.mark.parametrize("family", BUILDS | VARIANTS)
 def test_each_family_runs_its_own_samplers_and_gives_diffusers_image(families, family):
     studio = use(families, family)
     model = studio.models.current
@@ -82,6 +89,8 @@ def test_each_family_runs_its_own_samplers_and_gives_diffusers_image(families, f
         assert f"Sampler: {sampler}," in done.images[0].infotext
     if family.startswith("Flux"):   # Flux's pipelines pass their own sigmas and shift: only these samplers take them
         assert samplers == ("Euler", "UniPC", "LCM")
+    # [schnell] has no distilled-guidance input: the infotext does not claim one
+    assert ("Distilled CFG Scale" in done.images[0].infotext) == (family == "Flux"), done.images[0].infotext
     # the studio's image against diffusers' own pipeline called as a user would, with the model's own scheduler
     # (a fresh one from its config) and the seed's CPU generator
     own_sampler = "DPM++ 2M" if family.startswith("PixArt") else "Euler"
@@ -96,7 +105,7 @@ def test_each_family_runs_its_own_samplers_and_gives_diffusers_image(families, f
     studied = studio.models.worker.call(ours)
     plain = dict(prompt="red apple", negative_prompt="blurry", num_inference_steps=4, width=64, height=64,
                  guidance_scale=3.0, generator=torch.Generator("cpu").manual_seed(11), output_type="latent")
-    if family == "Flux":
+    if family in ("Flux", "Flux schnell"):
         plain.update(true_cfg_scale=3.0, guidance_scale=3.5)
     if family.startswith("Flux 2"):   # no negative prompt; [dev]'s guidance is the distilled one; the last layer
         del plain["negative_prompt"]  # of the tiny Qwen (of two), the first of the tiny Mistral (of one)
@@ -117,7 +126,7 @@ def test_each_family_runs_its_own_samplers_and_gives_diffusers_image(families, f
     torch.testing.assert_close(studied, studio.models.worker.call(theirs), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("family", BUILDS)
+@pytest.mark.parametrize("family", BUILDS | VARIANTS)
 def test_image_to_image_starts_from_the_input(families, family):
     """With the transformer's output projection zeroed (the model predicts 0: nothing moves), the final latents are
     where the run started: near the input's latents at a low strength, pure noise at strength 1. (A random model's
@@ -168,11 +177,11 @@ def test_image_to_image_starts_from_the_input(families, family):
     images = [pixels(item.image) for item in done.images]
     assert len(images) == 2 and images[0].shape == (64, 64, 3) and "Denoising strength: 0.5" in done.images[0].infotext
     assert images[0].std() > 0 and (images[0] != images[1]).any()
-    if family in ("SD 3.x", "Flux"):      # their image-to-image pipelines noise the start with scale_noise
+    if family in ("SD 3.x", "Flux", *VARIANTS):    # their image-to-image pipelines noise the start with scale_noise
         assert "DPM++ 2M" not in samplers and "UniPC" not in samplers
 
 
-@pytest.mark.parametrize("family", ["SD 3.x", "Flux", "Flux 2 klein", "Flux 2 dev", "PixArt-Σ", "Sana"])
+@pytest.mark.parametrize("family", ["SD 3.x", "Flux", "Flux 2 klein", "Flux 2 dev", "PixArt-Σ", "Sana", *VARIANTS])
 def test_inpainting_changes_the_mask_and_keeps_every_pixel_outside(families, family):
     studio = use(families, family)
     picture = gradient_image(64, 64).convert("RGB")

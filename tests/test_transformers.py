@@ -356,6 +356,44 @@ def test_a_lora_named_in_the_prompt_moves_the_image_and_leaves_it(families, fami
     assert (pixels(again.image) == pixels(plain.image)).all()
 
 
+def test_a_kohya_flux_lora_is_the_same_lora_as_in_diffusers_format(families):
+    """A Flux LoRA in kohya's sd-scripts layout, as Civitai and Forge carry them (BFL's module names, `alpha`, the
+    attention's q, k and v fused into one `qkv` pair), named in the prompt: it moves the image exactly as the same
+    weights in diffusers' layout do (q, k and v each their own, `alpha / rank` folded in)."""
+    from safetensors.torch import save_file
+
+    studio = use(families, "Flux")
+    rank, alpha, width = 4, 2.0, studio.models.current.pipeline.transformer.inner_dim
+    generator = torch.Generator().manual_seed(7)
+
+    def random(*shape):
+        return torch.randn(*shape, generator=generator) * 0.5
+
+    kohya, ours = {}, {}
+    # (kohya module, its input and output widths, diffusers' modules it splits into along the output)
+    modules = (("double_blocks_0_img_attn_qkv", width, 3 * width, ("attn.to_q", "attn.to_k", "attn.to_v")),
+               ("double_blocks_0_txt_attn_qkv", width, 3 * width, ("attn.add_q_proj", "attn.add_k_proj",
+                                                                   "attn.add_v_proj")),
+               ("double_blocks_0_img_mlp_0", width, 4 * width, ("ff.net.0.proj",)),
+               ("double_blocks_0_txt_mod_lin", width, 6 * width, ("norm1_context.linear",)))
+    for module, inputs, outputs, targets in modules:
+        down, up = random(rank, inputs), random(outputs, rank)
+        kohya.update({f"lora_unet_{module}.lora_down.weight": down, f"lora_unet_{module}.lora_up.weight": up,
+                      f"lora_unet_{module}.alpha": torch.tensor(alpha)})
+        for target, part in zip(targets, up.chunk(len(targets))):
+            ours.update({f"transformer.transformer_blocks.0.{target}.lora_A.weight": down * (alpha / rank),
+                         f"transformer.transformer_blocks.0.{target}.lora_B.weight": part.contiguous()})
+    studio.models.lora_dir.mkdir(parents=True, exist_ok=True)
+    save_file(kohya, str(studio.models.lora_dir / "flux-kohya.safetensors"))
+    save_file(ours, str(studio.models.lora_dir / "flux-diffusers.safetensors"))
+    common = dict(steps=3, width=64, height=64, seed=6, sampler="Euler", guidance_scale=1.0)
+    plain, from_kohya, from_ours = (
+        pixels(studio.generate(Txt2ImgRequest(prompt=f"red apple{tag}", **common)).images[0].image)
+        for tag in ("", " <lora:flux-kohya:1>", " <lora:flux-diffusers:1>"))
+    assert np.abs(from_kohya - plain).mean() > 0.1
+    assert (from_kohya == from_ours).all()
+
+
 def test_an_sd3_folder_saved_without_its_t5_loads_and_paints(families):
     """SD 3 runs without its 4.7B-parameter T5 (`text_encoder_3=None`, zeros in its place): such a folder lists the
     encoder as absent, which diffusers' loader refuses unless told; the studio tells it, and every paint tab runs."""

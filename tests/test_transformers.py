@@ -507,6 +507,30 @@ def test_a_controlnet_steers_sd3_flux_and_sana_and_another_familys_is_refused_na
                                           control_image=control, preprocessor="none"))
 
 
+def test_a_transformer_controlnet_cached_from_the_hub_is_read_as_its_own_class(families, tmp_path, monkeypatch):
+    """A hub id of a Flux ControlNet in the local cache (models--owner--name/snapshots/<rev>) is read as the class its
+    cached config names, FluxControlNetModel, and steers."""
+    import huggingface_hub.constants as constants
+
+    from pipelines.tasks.controlnet import ControlNetRequest
+    from recipe.tiny import build_tiny_transformer_controlnet
+
+    studio = use(families, "Flux")
+    repo = tmp_path / "hub" / "models--someone--tiny-flux-controlnet"
+    build_tiny_transformer_controlnet(studio.models.current.pipeline).save_pretrained(repo / "snapshots" / ("2" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("2" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    common = dict(prompt="red apple", steps=3, width=64, height=64, seed=8, sampler="Euler", guidance_scale=1.0)
+    plain = pixels(studio.generate(Txt2ImgRequest(**common)).images[0].image)
+    steered = studio.generate(ControlNetRequest(**common, control_image=gradient_image(64, 64).convert("RGB"),
+                                                model="someone/tiny-flux-controlnet", preprocessor="none")).images[0]
+    assert np.abs(pixels(steered.image) - plain).mean() > 1
+    assert "Model: someone/tiny-flux-controlnet" in steered.infotext
+
+
 @pytest.mark.parametrize("family", ["Flux", "Sana", "Flux 2 klein"])
 def test_the_explorer_records_a_flow_matching_run_in_the_models_own_parameterisation(families, family):
     """The reverse process of a flow-matching transformer: every sampler step's x_t and velocity, x̂_0 = x_t − t·v;

@@ -183,7 +183,7 @@ def from_hub(source: ModelSource, *, dtype, use_safetensors) -> DiffusionPipelin
     """A hub id from the local cache; downloaded only when it is not cached and the hub answers. Offline
     (HF_HUB_OFFLINE, or the hub not reachable within a few seconds) an uncached id fails at once with the
     reason, instead of after the hub client's retries."""
-    snapshot = _cached_snapshot(source.location)       # what the cached folder holds, as for a folder
+    snapshot = cached_snapshot(source.location)       # what the cached folder holds, as for a folder
     cached = folder_arguments(snapshot) if snapshot else {}
     try:
         return AutoPipelineForText2Image.from_pretrained(source.location, dtype=dtype, use_safetensors=use_safetensors,
@@ -194,7 +194,7 @@ def from_hub(source: ModelSource, *, dtype, use_safetensors) -> DiffusionPipelin
     return AutoPipelineForText2Image.from_pretrained(source.location, dtype=dtype, use_safetensors=use_safetensors)
 
 
-def _cached_snapshot(repo_id: str) -> Path | None:
+def cached_snapshot(repo_id: str) -> Path | None:
     """The local cache's folder of `repo_id` (its snapshot of the main revision), or None when it is not cached."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError

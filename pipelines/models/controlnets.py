@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pipelines.core.families import family_of_pipeline
 from pipelines.core.paths import ASSETS_DIR, ModelLoadError, check_weights_file, confined, inside, use_safetensors
+from pipelines.models.checkpoints import cached_snapshot
 from pipelines.models.sources import HUB_ID, ModelSource
 
 SHIPPED_CONTROLNETS = {path.name: path for path in sorted(ASSETS_DIR.glob("emoji-controlnet-*"))
@@ -66,9 +67,11 @@ def read_controlnet(name: str, base, *, models_dir: Path, dtype, allow_pickle: b
         return model, ModelSource("folder", str(path), name)
     if not HUB_ID.match(name):
         raise ModelLoadError(f"{name!r} is neither a ControlNet under models/controlnet/ nor a hub id.")
+    snapshot = cached_snapshot(name)            # its class (SD 3's, Flux's...) is in the cached config
+    kind = controlnet_class(snapshot) if snapshot and (snapshot / "config.json").exists() else ControlNetModel
     try:
-        model = ControlNetModel.from_pretrained(name, dtype=dtype, use_safetensors=use_safetensors(allow_pickle),
-                                                local_files_only=True)
+        model = kind.from_pretrained(name, dtype=dtype, use_safetensors=use_safetensors(allow_pickle),
+                                     local_files_only=True)
     except Exception as error:
         raise ModelLoadError(f"The ControlNet {name!r} is not in the local Hugging Face cache, and nothing is "
                              "downloaded here: copy it into models/controlnet/ (a folder with config.json and "

@@ -1,5 +1,6 @@
 """Export a diffusers Stable Diffusion (1.x/2.x or SDXL) pipeline as one `.safetensors` checkpoint in the original
-(CompVis LDM / Stability / A1111) key layout: the kind of file model sites distribute. (SD 3.x: single_file_sd3.py.)
+(CompVis LDM / Stability / A1111) key layout: the kind of file model sites distribute. (SD 3.x: single_file_sd3.py;
+Flux.1: single_file_flux.py.)
 
     python -m recipe.single_file FOLDER OUT.safetensors
     python launch.py --model OUT.safetensors --model-config FOLDER     # load it back in the studio
@@ -276,6 +277,9 @@ def save_single_file(pipeline_or_folder, path: str | Path) -> Path:
     if type(pipeline).__name__.startswith("StableDiffusion3"):      # the transformer and VAE, in Stability's layout
         from recipe.single_file_sd3 import to_sd3_layout
         tensors = to_sd3_layout(pipeline)
+    elif type(pipeline).__name__.startswith("Flux") and not type(pipeline).__name__.startswith("Flux2"):
+        from recipe.single_file_flux import flux_keys            # the transformer alone, in BFL's layout
+        tensors = flux_keys(pipeline.transformer)
     else:
         tensors = to_original_layout(pipeline)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -291,7 +295,7 @@ def save_single_file(pipeline_or_folder, path: str | Path) -> Path:
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path,
-                        help="a diffusers SD 1.x/2.x, SDXL or SD 3.x folder (with model_index.json)")
+                        help="a diffusers SD 1.x/2.x, SDXL, SD 3.x or Flux.1 folder (with model_index.json)")
     parser.add_argument("out", type=Path, help="the .safetensors file to write")
     args = parser.parse_args(argv)
     if not (args.folder / "model_index.json").exists():

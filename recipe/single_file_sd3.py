@@ -36,7 +36,7 @@ from recipe.single_file import UNET_PREFIX, VAE_PREFIX, apply_renames, vae_renam
 LINEAR = ("weight", "bias")
 
 
-def _swap_halves(tensor: torch.Tensor) -> torch.Tensor:
+def swap_halves(tensor: torch.Tensor) -> torch.Tensor:
     """(scale, shift) <-> (shift, scale): the original AdaLayerNormContinuous's order against diffusers'."""
     first, second = tensor.chunk(2, dim=0)
     return torch.cat([second, first], dim=0)
@@ -54,7 +54,7 @@ def mmdit_keys(transformer, prefix: str = UNET_PREFIX) -> dict[str, torch.Tensor
         for kind in LINEAR:
             if f"{ours}.{kind}" in state:
                 tensor = state.pop(f"{ours}.{kind}")
-                out[f"{theirs}.{kind}"] = _swap_halves(tensor) if swap else tensor
+                out[f"{theirs}.{kind}"] = swap_halves(tensor) if swap else tensor
 
     def stack(names: tuple[str, ...], theirs: str) -> None:
         for kind in LINEAR:

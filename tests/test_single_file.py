@@ -271,3 +271,23 @@ def test_an_sd3_file_of_the_transformer_alone_takes_the_rest_from_the_config(tin
                                              "no-weights, which could not give them"):
         manager().load(str(path), config=str(_weightless(tiny_sd3_folder, tmp_path / "no-weights",
                                                          ("transformer", "vae"))))
+
+
+def test_a_flux_export_is_in_black_forest_labs_layout(tmp_path):
+    """The Flux.1 export (recipe/single_file_flux.py) claims every tensor and writes BFL's keys, which diffusers names
+    Flux.1 [dev] (its guidance input kept). Reading one back needs the released width: `python -m
+    bench.flux_single_file` does that, at the real width, through the studio."""
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    from recipe.tiny import build_tiny_flux_pipeline
+
+    pipeline = build_tiny_flux_pipeline(tmp_path / "build")
+    pipeline.save_pretrained(tmp_path / "tiny-flux")
+    path = export_main([str(tmp_path / "tiny-flux"), str(tmp_path / "tiny-flux.safetensors")])
+    checkpoint = load_file(path)
+    assert infer_diffusers_model_type(checkpoint) == "flux-dev"
+    width = pipeline.transformer.inner_dim
+    assert checkpoint["double_blocks.0.img_attn.qkv.weight"].shape == (3 * width, width)
+    assert checkpoint["single_blocks.0.linear1.weight"].shape == (7 * width, width)     # q, k, v and the 4× MLP
+    assert sum(tensor.numel() for tensor in checkpoint.values()) == \
+        sum(tensor.numel() for tensor in pipeline.transformer.state_dict().values())

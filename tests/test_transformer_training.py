@@ -55,10 +55,49 @@ def test_a_transformer_lora_trains_and_plain_diffusers_loads_it(families, family
     assert (after - before).abs().mean() > 1e-3
 
 
+def test_dreambooth_trains_a_transformer_lora_beside_the_class_images_the_model_draws(families, tmp_path,  # noqa: F811
+                                                                                    monkeypatch):
+    """DreamBooth on Flux: the class images are the model's own pictures of the class (its sampler, the class
+    seeds), cached for the next run; their rows' loss counts times `prior_loss_weight` (the first step's loss
+    differs with the weight at 0); the result sets the identifier beside its class at the same seeds."""
+    from PIL import Image
+
+    from pipelines.core.transformers import default_transformer_sampler, make_transformer_scheduler
+    from pipelines.training.class_images import CLASS_IMAGE_SEED, CLASS_IMAGE_STEPS
+
+    studio = use(families, "Flux")
+    monkeypatch.setattr(studio.models.current.pipeline, "default_sample_size", 64, raising=False)
+    dreambooth = dict(method="dreambooth", name="flux-sks", trigger="sks frame", class_prompt="frame",
+                      class_images=1, batch_size=2, learning_rate=1e-2)
+    result, losses = run(studio, training(**dreambooth, steps=3), tmp_path)
+    assert len(losses) == 3 and np.isfinite(losses).all() and result.path.is_file()
+    assert set(result.comparison) == {"sks frame, red", "frame"}
+    assert all(len(images) == 2 for images in result.comparison.values())
+    drawn = sorted((tmp_path / "runs" / "class-images").rglob("0*.png"))
+    assert [path.name for path in drawn] == ["0000.png"]
+    model = studio.models.current
+
+    def own_picture():
+        pipeline, kept = model.pipeline, model.pipeline.scheduler
+        pipeline.scheduler = make_transformer_scheduler(default_transformer_sampler(model.scheduler_config),
+                                                        model.scheduler_config)
+        try:
+            return pipeline(prompt="frame", num_inference_steps=CLASS_IMAGE_STEPS, width=64, height=64,
+                            true_cfg_scale=1.0, generator=torch.Generator().manual_seed(CLASS_IMAGE_SEED)).images[0]
+        finally:
+            pipeline.scheduler = kept
+    assert (pixels(Image.open(drawn[0])) == pixels(studio.models.worker.call(own_picture))).all()
+    # the class rows count: with their weight at 0 the first step's loss is the instance rows' alone
+    _, without = run(studio, training(**dreambooth | {"name": "flux-sks-0"}, steps=1, prior_loss_weight=0.0), tmp_path)
+    _, weighted = run(studio, training(**dreambooth | {"name": "flux-sks-1"}, steps=1), tmp_path)
+    assert weighted[0] > without[0] > 0
+
+
 def test_what_a_transformer_does_not_train_is_refused_naming_why(families, tmp_path):  # noqa: F811
     studio = use(families, "Flux")
-    with pytest.raises(ValueError, match="On Flux models the studio trains a LoRA on the transformer.*DreamBooth"):
-        run(studio, training(method="dreambooth", name="db", trigger="sks dog", class_prompt="dog"), tmp_path)
+    with pytest.raises(ValueError, match="On Flux models the studio trains a LoRA on the transformer.*Textual "
+                                         "inversion trains UNet models"):
+        run(studio, training(method="textual_inversion", name="ti", init_word="frame"), tmp_path)
     with pytest.raises(ValueError, match="LoRA with the text encoders trains UNet models"):
         run(studio, training(name="te", train_text_encoder=True), tmp_path)
     studio = use(families, "Sana")

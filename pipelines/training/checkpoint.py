@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from pipelines.core.transformers import denoiser_of
 from pipelines.training.request import TrainingRequest
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -22,17 +23,18 @@ NOT_SHAPING = ("checkpoint_every", "sample_every", "sample_prompts", "sample_ste
 
 def base_model_identity(model) -> dict:
     """What names the base model a run trains on: its name, and its weights file's hash (A1111's), or, for a
-    model with no file (built in memory), a hash of its UNet's config and weights. Call it before the
+    model with no file (built in memory), a hash of its UNet's (or transformer's) config and weights. Call it before the
     training's adapter is added: LoRA layers (a loaded LoRA's too) are left out, the base weights are not."""
     file_hash = model.model_hash
     if file_hash:
         return {"name": model.name, "hash": file_hash}
-    unet = model.pipeline.unet
-    digest = hashlib.sha256(json.dumps(dict(unet.config), sort_keys=True, default=str).encode())
-    for name, parameter in unet.named_parameters():
+    denoiser = denoiser_of(model.pipeline)
+    digest = hashlib.sha256(json.dumps(dict(denoiser.config), sort_keys=True, default=str).encode())
+    for name, parameter in denoiser.named_parameters():
         if "lora_" not in name:
             digest.update(parameter.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
-    return {"name": model.name, "hash": "unet-" + digest.hexdigest()[:16]}
+    kind = "unet" if getattr(model.pipeline, "unet", None) is not None else "transformer"
+    return {"name": model.name, "hash": f"{kind}-{digest.hexdigest()[:16]}"}
 
 
 def fingerprint(request: TrainingRequest, base_model: dict) -> dict:

@@ -21,10 +21,11 @@ def check_model(models, model, request: TrainingRequest) -> None:
         if run_processes() > 1:
             raise ValueError(f"On {family} models the LoRA trains in one process; data-parallel training (several "
                              "processes) runs the UNet loop. Launch it as one process.")
-        if request.method != "lora" or request.train_text_encoder:
-            raise ValueError(f"On {family} models the studio trains a LoRA on the transformer (flow matching); "
-                             f"{name}{' with the text encoders' if request.method == 'lora' else ''} trains UNet "
-                             "models (SD 1.x/2.x, SDXL) only. Pick LoRA, with the text encoders off.")
+        if request.method == "textual_inversion" or request.train_text_encoder:
+            what = name if request.method == "textual_inversion" else f"{name} with the text encoders"
+            raise ValueError(f"On {family} models the studio trains a LoRA on the transformer (flow matching), alone "
+                             f"or as DreamBooth; {what} trains UNet models (SD 1.x/2.x, SDXL) only. Pick LoRA or "
+                             "DreamBooth, with the text encoders off.")
         return
     if request.method == "textual_inversion" and models.memory.mode is MemoryMode.SEQUENTIAL:
         raise ValueError("Textual inversion writes its token's rows into the text encoder, which sequential offload "

@@ -18,8 +18,10 @@ the loaded model, as a job of the studio's device worker:
    prompts at fixed seeds before and after.
 
 Between steps queued generations run (a generation in between sees the model without the LoRA that trains), and
-Stop saves what has trained. Not here yet, as the UNet loop has them: resuming from a checkpoint, several
-processes (DDP), DreamBooth's prior images, textual inversion and a LoRA on the text encoders.
+Stop saves what has trained. DreamBooth (a LoRA on the identifier's images) adds the class images the model draws
+itself (class_images.py) and their loss times `prior_loss_weight`, as diffusers' scripts' `--with_prior_preservation`.
+Not here yet, as the UNet loop has them: resuming from a checkpoint, several processes (DDP), textual inversion and a
+LoRA on the text encoders.
 """
 
 from __future__ import annotations
@@ -42,8 +44,16 @@ from pipelines.core.transformers import (
     make_transformer_scheduler,
 )
 from pipelines.core.vae import encode
-from pipelines.jobs.worker import JobCancelled
-from pipelines.training.request import EFFECT_THRESHOLD, LossPoint, Samples, TrainingRequest, TrainingResult
+from pipelines.training.checkpoint import base_model_identity
+from pipelines.training.class_images import class_image_folder, class_images, report_and_yield
+from pipelines.training.request import (
+    EFFECT_THRESHOLD,
+    LossPoint,
+    Samples,
+    TrainingRequest,
+    TrainingResult,
+    TrainingStopped,
+)
 
 FLOW_TRAINING_FAMILIES = ("SD 3.x", "Flux", "Flux 2")
 MAX_NAN_STRIKES = 5
@@ -58,16 +68,18 @@ FLUX2_TARGETS = (r".*(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_
 FLUX2_SHIFT_STEPS = 50
 
 
-def train_transformer_lora(models, model, request: TrainingRequest, job) -> TrainingResult:
+def train_transformer_lora(models, model, request: TrainingRequest, job, *, cache_dir: Path) -> TrainingResult:
     """Steps 1 to 4 of the module's docstring, on the held model (pipelines/training/loop.py `train` calls it)."""
     pipeline = model.pipeline
     family = family_of_pipeline(pipeline)
     transformer = pipeline.transformer
     device, adapter = pipeline._execution_device, "training_" + request.name.replace(".", "_").replace("-", "_")
     side = min(model.native_side or 512, 1024)
-    # 1. Data, and the samples before (no adapter yet)
-    latents, texts = _latents(pipeline, request, side, device), _texts(pipeline, family, request, device)
-    before = _draw(pipeline, model, request, side) if request.sample_every else []
+    # 1. Data (DreamBooth's class images drawn first, with no adapter on), and the samples before
+    prior = _class_latents(models, model, request, job, cache_dir, side) if request.method == "dreambooth" else []
+    latents = _latents(pipeline, request.images, request.prompts(), request.image_repeats(), request.flip, side)
+    texts = _texts(pipeline, family, [*request.prompts(), *([request.class_prompt] if prior else [])], device)
+    before = _draw(pipeline, model, request, request.samples(), side) if request.sample_every else []
     if before:
         job.emit(Samples(0, request.samples(), before))
     # 2. The LoRA
@@ -76,14 +88,17 @@ def train_transformer_lora(models, model, request: TrainingRequest, job) -> Trai
     optimizer = torch.optim.AdamW(parameters, lr=request.learning_rate, weight_decay=1e-2)
     step, loss_value, started, learning_rate = 0, float("nan"), time.perf_counter(), request.learning_rate
     warnings, strikes = _unused_settings(request, family), 0
-    stopped = job.stop.is_set()
+    stopped, comparison = job.stop.is_set(), {}
     try:
         while step < request.steps and not stopped:
-            # 3. One step
+            # 3. One step (DreamBooth: plus the class rows' loss, weighted)
             rate = learning_rate * request.learning_rate_factor(step)
             for group in optimizer.param_groups:
                 group["lr"] = rate
             loss = _loss(pipeline, family, model.scheduler_config, request, latents, texts, generator)
+            if prior:
+                loss = loss + request.prior_loss_weight * _loss(pipeline, family, model.scheduler_config, request,
+                                                                prior, texts, generator)
             loss.backward()
             gradients = [parameter.grad for parameter in parameters if parameter.grad is not None]
             if not torch.isfinite(loss) or not all(torch.isfinite(gradient).all() for gradient in gradients):
@@ -98,7 +113,7 @@ def train_transformer_lora(models, model, request: TrainingRequest, job) -> Trai
                 strikes = 0
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                step, loss_value = step + 1, float(loss)
+                step, loss_value = step + 1, float(loss.detach())
                 seconds = time.perf_counter() - started
                 job.emit(LossPoint(step, loss_value, rate, seconds))
                 job.report(step, request.steps, f"loss {loss_value:.4f} · {step / seconds:.2f} steps/s")
@@ -106,11 +121,14 @@ def train_transformer_lora(models, model, request: TrainingRequest, job) -> Trai
                 _train_mode(transformer, adapter)
             stopped = job.stop.is_set()
         if step == 0:
-            raise JobCancelled("Stopped before the first step; nothing was written.")
-        # 4. The file, then the effect
+            raise TrainingStopped("Stopped before the first step; nothing was written.")
+        # 4. The file, then the effect (DreamBooth: the identifier against its class, at the same seeds)
         transformer.eval()
         path = _save(pipeline, transformer, adapter, models.lora_dir, request.name)
-        after = _draw(pipeline, model, request, side) if before else []
+        after = _draw(pipeline, model, request, request.samples(), side) if before else []
+        if prior:
+            comparison = {prompt: _draw(pipeline, model, request, [prompt] * 2, side)
+                          for prompt in (request.prompts()[0], request.class_prompt)}
     finally:
         transformer.delete_adapters(adapter)
         transformer.eval()
@@ -121,7 +139,8 @@ def train_transformer_lora(models, model, request: TrainingRequest, job) -> Trai
                         "prompts): train longer, raise the learning rate, or use more distinctive images.")
     return TrainingResult(path=path, steps=step, final_loss=loss_value, effect=effect, moved=effect >= EFFECT_THRESHOLD,
                           feature_distance_before=None, feature_distance_after=None, before=before, after=after,
-                          stopped=stopped, warnings=warnings, base_model=model.name, method=request.method)
+                          stopped=stopped, warnings=warnings, base_model=model.name, method=request.method,
+                          comparison=comparison)
 
 
 def _unused_settings(request: TrainingRequest, family: str) -> list[str]:
@@ -136,23 +155,34 @@ def _unused_settings(request: TrainingRequest, family: str) -> list[str]:
             "from."] if unused else []
 
 
-def _latents(pipeline, request: TrainingRequest, side: int, device) -> list[tuple[int, list[torch.Tensor]]]:
-    """Each image's number and latents (and its mirror's, for flips), repeated as the request repeats it:
-    (1, C, h, w) each."""
-    examples = []
+def _latents(pipeline, images: list, captions: list[str], repeats: list[int], flip: bool,
+             side: int) -> list[tuple[str, list[torch.Tensor]]]:
+    """Each image's caption and latents (and its mirror's, for flips), repeated as asked: (1, C, h, w) each."""
+    examples, device = [], pipeline._execution_device
     with torch.no_grad():
-        for number, (image, repeats) in enumerate(zip(request.images, request.image_repeats())):
+        for image, caption, times in zip(images, captions, repeats):
             fitted = fit_image(image.convert("RGB"), side, side)
-            views = [fitted, fitted.transpose(0)] if request.flip else [fitted]   # 0: FLIP_LEFT_RIGHT
+            views = [fitted, fitted.transpose(0)] if flip else [fitted]   # 0: FLIP_LEFT_RIGHT
             encoded = [encode(pipeline.vae, image_to_tensor(view)).float().to(device) for view in views]
-            examples += [(number, encoded)] * repeats
+            examples += [(caption, encoded)] * times
     return examples
 
 
-def _texts(pipeline, family: str, request: TrainingRequest, device) -> dict[str, dict]:
+def _class_latents(models, model, request: TrainingRequest, job, cache_dir: Path, side: int) -> list:
+    """DreamBooth's class images (class_images.py: drawn by the model itself, cached), as latents captioned with
+    the class prompt. Between two images queued generations run, and Stop stops."""
+    folder = class_image_folder(cache_dir, base_model_identity(model), request.class_prompt, side)
+    pictures = class_images(model.pipeline, model.scheduler_config, folder=folder, class_prompt=request.class_prompt,
+                            count=request.class_images, side=side, report=report_and_yield(job, models),
+                            arguments=_arguments(model.pipeline))
+    return _latents(model.pipeline, pictures, [request.class_prompt] * len(pictures), [1] * len(pictures),
+                    request.flip, side)
+
+
+def _texts(pipeline, family: str, captions: list[str], device) -> dict[str, dict]:
     """Each caption's (and the empty caption's) text conditioning, as the family's pipeline encodes it."""
     with torch.no_grad():
-        return {text: _encode(pipeline, family, text, device) for text in dict.fromkeys([*request.prompts(), ""])}
+        return {text: _encode(pipeline, family, text, device) for text in dict.fromkeys([*captions, ""])}
 
 
 def _encode(pipeline, family: str, text: str, device) -> dict:
@@ -198,8 +228,7 @@ def _loss(pipeline, family: str, scheduler_config: dict, request: TrainingReques
     rows = torch.randint(len(latents), (request.batch_size,), generator=generator).tolist()
     flips = torch.randint(2, (request.batch_size,), generator=generator).tolist()
     x0 = torch.cat([latents[row][1][flip % len(latents[row][1])] for row, flip in zip(rows, flips)])
-    prompts = request.prompts()
-    captions = [prompts[latents[row][0]] for row in rows]       # each image's own caption
+    captions = [latents[row][0] for row in rows]       # each image's own caption
     dropped = (torch.rand(request.batch_size, generator=generator) < request.caption_dropout).tolist()
     text = {key: torch.cat([texts["" if drop else caption][key] for caption, drop in zip(captions, dropped)])
             for key in ("encoder_hidden_states", "pooled_projections") if key in texts[""]}
@@ -277,19 +306,24 @@ def _save(pipeline, transformer, adapter: str, folder: Path, name: str) -> Path:
     return path
 
 
-def _draw(pipeline, model, request: TrainingRequest, side: int) -> list:
-    """The sample prompts at fixed seeds (the request's seed + their place), with the model's own sampler."""
-    last, images, family = pipeline.scheduler, [], family_of_pipeline(pipeline)
-    arguments = {"Flux": {"true_cfg_scale": 1.0},
-                 "Flux 2": {"text_encoder_out_layers": text_encoder_layers(pipeline)}}.get(family, {})
+def _arguments(pipeline) -> dict:
+    """What else the family's pipeline is called with to draw as the studio does: Flux.1 without true CFG, Flux 2
+    with the text-encoder layers its transformer reads."""
+    return {"Flux": {"true_cfg_scale": 1.0},
+            "Flux 2": {"text_encoder_out_layers": text_encoder_layers(pipeline)}}.get(family_of_pipeline(pipeline), {})
+
+
+def _draw(pipeline, model, request: TrainingRequest, prompts: list[str], side: int) -> list:
+    """`prompts` at fixed seeds (the request's seed + their place), with the model's own sampler."""
+    last, images = pipeline.scheduler, []
     try:
         with torch.no_grad():
-            for number, prompt in enumerate(request.samples()):
+            for number, prompt in enumerate(prompts):
                 pipeline.scheduler = make_transformer_scheduler(default_transformer_sampler(model.scheduler_config),
                                                                 model.scheduler_config)
                 images.append(pipeline(prompt=prompt, num_inference_steps=request.sample_steps, width=side,
                                        height=side, generator=torch.Generator().manual_seed(request.seed + number),
-                                       **arguments).images[0])
+                                       **_arguments(pipeline)).images[0])
     finally:
         pipeline.scheduler = last
     return images

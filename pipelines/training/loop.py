@@ -47,10 +47,9 @@ from pipelines.core.prompts import prompt_arguments
 from pipelines.core.samplers import make_scheduler, model_default_sampler
 from pipelines.core.transformers import is_transformer
 from pipelines.core.vae import decode
-from pipelines.jobs.worker import JobCancelled
 from pipelines.training.checkpoint import base_model_identity, fingerprint, remove_checkpoint, resume, save_checkpoint
 from pipelines.training.checks import check_model
-from pipelines.training.class_images import class_image_folder, class_images
+from pipelines.training.class_images import class_image_folder, class_images, report_and_yield
 from pipelines.training.data import TrainingData, prepare_data
 from pipelines.training.flow import train_transformer_lora
 from pipelines.training.methods import make_method
@@ -62,15 +61,12 @@ from pipelines.training.request import (
     Samples,
     TrainingRequest,
     TrainingResult,
+    TrainingStopped,
     TrainingWarning,
 )
 
 NAN_STRIKES_BEFORE_ROLLBACK = 3
 MAX_ROLLBACKS = 5
-
-
-class TrainingStopped(JobCancelled):
-    """Stop was pressed before the training began (while DreamBooth's class images were drawn)."""
 
 
 @dataclass
@@ -116,7 +112,7 @@ def train(models, request: TrainingRequest, job, *, cache_dir: Path, score: Effe
         check_model(models, model, request)
         models.use_loras([])      # no other LoRA may shape the cached embeddings or the "before" samples
         if is_transformer(model.pipeline):      # SD 3.x, Flux: flow matching on their transformer (flow.py)
-            return train_transformer_lora(models, model, request, job)
+            return train_transformer_lora(models, model, request, job, cache_dir=cache_dir)
         run = _Run(request=request, job=job, models=models, model=model,
                    adapter="training_" + re.sub(r"\W", "_", request.name), run_dir=cache_dir / request.name,
                    fingerprint=fingerprint(request, base_model_identity(model)),   # before any adapter is added
@@ -141,16 +137,9 @@ def train(models, request: TrainingRequest, job, *, cache_dir: Path, score: Effe
 def _prior_data(run: _Run, cache_dir: Path, side: int) -> TrainingData:
     request, model = run.request, run.model
     folder = class_image_folder(cache_dir, run.fingerprint["base_model"], request.class_prompt, side)
-    if run.main:
-        def drawn(done: int, count: int) -> None:      # a generation may run between two, and Stop stops
-            run.job.report(done, count, f"class images: {done} of {count}")
-            if run.job.checkpoint():               # a generation ran, and may have switched a LoRA on
-                run.models.use_loras([])
-            if run.job.stop.is_set():
-                raise TrainingStopped(f"Stopped while drawing the class images ({done} of {count} are cached for "
-                                      "the next run); nothing was trained.")
+    if run.main:               # a generation may run between two, and Stop stops
         class_images(model.pipeline, model.scheduler_config, folder=folder, class_prompt=request.class_prompt,
-                     count=request.class_images, side=side, report=drawn)
+                     count=request.class_images, side=side, report=report_and_yield(run.job, run.models))
     run.accelerator.wait_for_everyone()           # the other processes read what the first one drew
     pictures = class_images(model.pipeline, model.scheduler_config, folder=folder,
                             class_prompt=request.class_prompt, count=request.class_images, side=side)

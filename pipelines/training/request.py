@@ -23,6 +23,7 @@ from pathlib import Path
 from PIL import Image
 
 from pipelines.core.checks import check_flag, check_number, check_prompt, check_whole
+from pipelines.jobs.worker import JobCancelled
 
 METHODS = ("lora", "dreambooth", "textual_inversion")
 METHOD_NAMES = {"lora": "LoRA", "dreambooth": "DreamBooth (LoRA)", "textual_inversion": "Textual inversion"}
@@ -155,6 +156,10 @@ class TrainingRequest:
 
     def settings(self) -> dict:
         return {key: value for key, value in vars(self).items() if key not in ("images", "captions", "repeats")}
+
+
+class TrainingStopped(JobCancelled):
+    """Stop was pressed before the training began (while DreamBooth's class images were drawn), said how far."""
 
 
 @dataclass

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.jobs.worker import Job, JobCancelled
-from pipelines.training.loop import TrainingStopped
+from pipelines.training.request import TrainingStopped
 from pipelines.training.request import LossPoint, Samples, TrainingResult
 from studio.tabs.generate import FAILED
 

@@ -278,7 +278,7 @@ def save_single_file(pipeline_or_folder, path: str | Path) -> Path:
         from recipe.single_file_sd3 import to_sd3_layout
         tensors = to_sd3_layout(pipeline)
     elif type(pipeline).__name__.startswith("Flux") and not type(pipeline).__name__.startswith("Flux2"):
-        from recipe.single_file_flux import flux_keys            # the transformer alone, in BFL's layout
+        from recipe.single_file_flux import flux_keys  # the transformer alone, in BFL's layout
         tensors = flux_keys(pipeline.transformer)
     else:
         tensors = to_original_layout(pipeline)

@@ -126,6 +126,46 @@ def test_each_family_runs_its_own_samplers_and_gives_diffusers_image(families, f
     torch.testing.assert_close(studied, studio.models.worker.call(theirs), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("family", ["SD 3.x", "PixArt-Σ", "Sana"])
+def test_pag_on_a_transformer_is_diffusers_own_pag_pipeline(families, family):
+    """Perturbed-attention guidance on the families diffusers has a PAG pipeline for: the studio's image is that
+    pipeline's for the same seed (its default block perturbed, which the infotext names), PAG moves the image, and
+    a layer the transformer lacks, or PAG in another tab, is refused saying what to do."""
+    import diffusers
+
+    from pipelines.core.transformer_call import PAG_PIPELINES
+
+    studio = use(families, family)
+    model = studio.models.current
+    sampler = "DPM++ 2M" if family.startswith("PixArt") else "Euler"
+    common = dict(prompt="red apple", negative_prompt="blurry", steps=3, width=64, height=64, seed=4,
+                  sampler=sampler, guidance_scale=3.0)
+    request = Txt2ImgRequest(**common, pag_scale=2.0)
+    studied = studio.models.worker.call(lambda: prepare(studio.models, request)(0))
+    plain = dict(prompt="red apple", negative_prompt="blurry", num_inference_steps=3, width=64, height=64,
+                 guidance_scale=3.0, pag_scale=2.0, generator=torch.Generator("cpu").manual_seed(4),
+                 output_type="latent", **({"use_resolution_binning": False} if family != "SD 3.x" else {}),
+                 **({"clean_caption": False} if family.startswith("PixArt") else {}))
+
+    def theirs():
+        kind = getattr(diffusers, PAG_PIPELINES[family])
+        pipeline = kind.from_pipe(model.pipeline)
+        pipeline.scheduler = type(model.pipeline.scheduler).from_config(model.scheduler_config)
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline(**plain).images
+
+    torch.testing.assert_close(studied, studio.models.worker.call(theirs), rtol=0, atol=0)
+    guided = studio.generate(request).images[0]
+    unguided = studio.generate(Txt2ImgRequest(**common)).images[0]
+    assert np.abs(pixels(guided.image) - pixels(unguided.image)).mean() > 0.1
+    layer = "blocks.1" if family != "Sana" else "transformer_blocks.0"
+    assert "PAG scale: 2" in guided.infotext and f"PAG layers: {layer}" in guided.infotext
+    with pytest.raises(ValueError, match="PAG layer 'blocks.7' names no self-attention layer of this"):
+        studio.generate(Txt2ImgRequest(**common, pag_scale=2.0, pag_layers="blocks.7"))
+    with pytest.raises(ValueError, match="PAG on a diffusion transformer runs in Text-to-Image"):
+        studio.generate(Img2ImgRequest(**common, pag_scale=2.0, init_image=gradient_image(64, 64)))
+
+
 @pytest.mark.parametrize("family", BUILDS | VARIANTS)
 def test_image_to_image_starts_from_the_input(families, family):
     """With the transformer's output projection zeroed (the model predicts 0: nothing moves), the final latents are
@@ -296,8 +336,13 @@ def test_what_a_family_does_not_run_is_refused_naming_it(families):
         use(families, "PixArt-Σ").generate(ControlNetRequest(prompt="a", steps=2, width=64, height=64,
                                                              control_image=picture))
     studio = use(families, "Sana")
-    with pytest.raises(ValueError, match="Sana models run with plain CFG"):
-        studio.generate(Txt2ImgRequest(prompt="a", steps=2, width=64, height=64, sampler="Euler", pag_scale=2.0))
+    with pytest.raises(ValueError, match="Sana models run with plain CFG and PAG: ICG, classifier guidance, the "
+                                         "guidance interval"):
+        studio.generate(Txt2ImgRequest(prompt="a", steps=2, width=64, height=64, sampler="Euler", cfg_start=0.5))
+    with pytest.raises(ValueError, match="PAG on a diffusion transformer runs in Text-to-Image on SD 3.x, PixArt-Σ, "
+                                         "Sana models"):
+        use(families, "Flux").generate(Txt2ImgRequest(prompt="a", steps=2, width=64, height=64, pag_scale=2.0))
+    studio = use(families, "Sana")
     # a distilled guidance restored from a Flux image onto another model is left unused, and said so
     done = studio.generate(Txt2ImgRequest(prompt="a", steps=2, width=64, height=64, sampler="Euler",
                                           distilled_guidance=5.0))

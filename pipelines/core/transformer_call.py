@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from pipelines.core.families import family_of_pipeline
+from pipelines.core.guidance import DEFAULT_PAG_LAYERS, layer_matches, pag_layer_ids
 from pipelines.core.images import to_pil
 from pipelines.core.prompts import prompt_texts, uses_emphasis
 from pipelines.core.requests import SamplingSettings
@@ -31,6 +32,7 @@ from pipelines.core.transformers import (
     distilled_guidance_notes,
     flux2_to_vae,
     make_transformer_scheduler,
+    rebuilt,
     starting_at_strength,
     takes_cfg,
     transformer_samplers,
@@ -112,6 +114,8 @@ class TransformerCall:
             arguments["guidance_scale"] = request.guidance_scale if "Klein" in type(pipeline).__name__ else \
                 request.distilled_guidance
             arguments["text_encoder_out_layers"] = text_encoder_layers(pipeline)
+        if request.pag_scale:                      # diffusers' PAG pipeline (pag_pipeline)
+            arguments.update(pag_scale=request.pag_scale, pag_adaptive_scale=request.pag_adaptive_scale)
         if "use_resolution_binning" in takes:      # the size asked for, not the nearest trained aspect ratio
             arguments["use_resolution_binning"] = False
         if "clean_caption" in takes:                # PixArt's caption cleaning needs bs4 and ftfy: the prompt as typed
@@ -193,9 +197,13 @@ def check_transformer_request(request: SamplingSettings, task, pipeline, family:
     if request.fast:
         raise ValueError(f"Fast runs a UNet model's LCM-LoRA; {family} has none here. Turn Fast off, or load a "
                          f"few-step {family} model (e.g. a distilled one) and lower the steps.")
-    if not request.plain_guidance() or request.guidance_rescale:
-        raise ValueError(f"{family} models run with plain CFG: PAG, ICG, classifier guidance, the guidance interval, "
-                         "guidance rescale and Align Your Steps run in the studio's own UNet loop. Turn them off.")
+    if request.pag_scale and (family not in PAG_PIPELINES or request.task != "txt2img"):
+        raise ValueError(f"PAG on a diffusion transformer runs in Text-to-Image on {', '.join(PAG_PIPELINES)} models "
+                         f"(diffusers' PAG pipelines); {task.label} on {family} runs without it. Set PAG scale to 0.")
+    if not replace(request, pag_scale=0.0).plain_guidance() or request.guidance_rescale:
+        raise ValueError(f"{family} models run with plain CFG{' and PAG' if family in PAG_PIPELINES else ''}: ICG, "
+                         "classifier guidance, the guidance interval, guidance rescale and Align Your Steps run in the "
+                         "studio's own UNet loop. Turn them off.")
     samplers = transformer_samplers(pipeline, scheduler_config, request.task)
     if request.sampler not in samplers:
         why = " (speculative sampling verifies DDPM steps of a UNet)" if request.sampler == SPECULATIVE_SAMPLER else ""
@@ -242,6 +250,33 @@ def text_encoder_layers(pipeline) -> tuple[int, ...]:
     return tuple(max(1, round(text.num_hidden_layers * index / (count + 1))) for index in range(1, count + 1))
 
 
+# the families diffusers has a PAG pipeline for (perturbed-attention guidance: ε_c + s·(ε_c − ε_perturbed), the
+# perturbed pass with identity self-attention in the named blocks)
+PAG_PIPELINES = {"SD 3.x": "StableDiffusion3PAGPipeline", "PixArt-Σ": "PixArtSigmaPAGPipeline",
+                 "Sana": "SanaPAGPipeline"}
+
+
+def pag_pipeline(base, family: str, layers: str):
+    """The family's diffusers PAG pipeline on the base's components, perturbing `layers` (regular expressions on
+    the transformer's self-attention modules, as diffusers reads them); the UNet default "mid" means the PAG
+    pipeline's own default block."""
+    import diffusers
+    from diffusers.models.attention_processor import Attention
+
+    pipeline = rebuilt(getattr(diffusers, PAG_PIPELINES[family]), base)
+    if layers.strip() != DEFAULT_PAG_LAYERS:
+        ids = pag_layer_ids(layers)
+        names = [name for name, module in base.transformer.named_modules()
+                 if isinstance(module, Attention) and not module.is_cross_attention]
+        missing = [layer for layer in ids if not any(layer_matches(layer, name) for name in names)]
+        if missing:
+            blocks = sorted({".".join(name.split(".")[:2]) for name in names}, key=lambda name: (len(name), name))
+            raise ValueError(f"PAG layer {missing[0]!r} names no self-attention layer of this {family} transformer; "
+                             f"it has self-attention in: {', '.join(blocks[:6])}… (e.g. \"{blocks[0]}\").")
+        pipeline.set_pag_applied_layers(ids)
+    return pipeline
+
+
 def _multiple(pipeline, family: str) -> int:
     """What width and height must be divisible by: the VAE's factor times the transformer's patch (Flux's latents
     are packed 2×2 on top; Sana's pipeline asks for 32 whatever its autoencoder)."""
@@ -269,6 +304,9 @@ def prepare_transformer(models, request: SamplingSettings, task, model) -> Trans
     controlnets = [models.controlnet(name) for name in request.controlnet_names()]   # into their slots, checked
     models.fit(request)
     pipeline = models.pipeline(task.name)
+    if request.pag_scale:
+        pipeline = pag_pipeline(pipeline, family, request.pag_layers)
+        request = replace(request, pag_layers=", ".join(pipeline.pag_applied_layers))   # what ran, for the infotext
     if controlnets:
         by_name = dict(zip(request.controlnet_names(), controlnets))
         pipeline = controlnet_pipeline(pipeline, [by_name[unit.model] for unit in request.units])

@@ -252,11 +252,12 @@ def start_from_image(base):
 
 
 def rebuilt(kind, base):
-    """A pipeline of class `kind` on the base's components (shared weights) and its config flags (a step-distilled
-    Flux 2 [klein]'s `is_distilled`), which `components` leaves out."""
-    flags = {"is_distilled": bool(base.config.get("is_distilled"))} if "is_distilled" in inspect.signature(
-        kind.__init__).parameters else {}
-    return kind(**base.components, **flags)
+    """A pipeline of class `kind` on the base's components (shared weights; those `kind` has no place for, such as
+    SD 3's IP-Adapter image encoder beside its PAG pipeline, left out) and its config flags (a step-distilled Flux 2
+    [klein]'s `is_distilled`), which `components` leaves out."""
+    takes = inspect.signature(kind.__init__).parameters
+    flags = {"is_distilled": bool(base.config.get("is_distilled"))} if "is_distilled" in takes else {}
+    return kind(**{name: value for name, value in base.components.items() if name in takes}, **flags)
 
 
 def noised(scheduler, clean: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ from pipelines.core.transformers import (
     controlnet_pipeline,
     default_transformer_sampler,
     distilled_guidance_notes,
+    flux2_to_patches,
     flux2_to_vae,
     make_transformer_scheduler,
     rebuilt,
@@ -171,6 +172,16 @@ class TransformerCall:
             if self.family == "Flux 2":
                 return flux2_to_vae(self.pipeline, latents, request.height, request.width, difference=difference)
             return self.pipeline._unpack_latents(latents, request.height, request.width, self.pipeline.vae_scale_factor)
+        return latents
+
+    def packed(self, latents: torch.Tensor) -> torch.Tensor:
+        """`spatial`'s inverse: latents as the VAE reads them, in the form the family's pipeline takes as `latents`
+        (Flux's 2×2-packed sequence; Flux 2's normalised 2×2 patches, which its pipeline packs)."""
+        latents = latents.to(self.device, self.pipeline.transformer.dtype)
+        if self.family == "Flux":
+            return self.pipeline._pack_latents(latents, *latents.shape)
+        if self.family == "Flux 2":
+            return flux2_to_patches(self.pipeline, latents)
         return latents
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:

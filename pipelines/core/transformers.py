@@ -201,9 +201,19 @@ def default_transformer_sampler(scheduler_config: dict) -> str:
 
 def starting_at_strength(scheduler, strength: float):
     """`scheduler` whose `set_timesteps` keeps the last `strength` of the steps, cut where diffusers' image-to-image
-    pipelines cut theirs. Its sigmas are cut with its timesteps and it starts at index 0, so that a multistep
-    solver's last, lower-order step falls on the last step kept (and a pipeline that sets the begin index to 0,
-    as PixArt-α's does, keeps the right sigmas)."""
+    pipelines cut theirs (the UNet loop's and A1111's int(N·s))."""
+    return _cut(scheduler, lambda steps: steps - min(int(steps * strength), steps))
+
+
+def starting_at_step(scheduler, first: int):
+    """`scheduler` whose `set_timesteps` keeps the steps from step `first` on: a recorded run continued from there."""
+    return _cut(scheduler, lambda steps: min(first, steps))
+
+
+def _cut(scheduler, first_step):
+    """`scheduler` whose `set_timesteps` drops the steps before `first_step(steps)`. Its sigmas are cut with its
+    timesteps and it starts at index 0, so that a multistep solver's last, lower-order step falls on the last step
+    kept (and a pipeline that sets the begin index to 0, as PixArt-α's does, keeps the right sigmas)."""
     kind = type(scheduler)
 
     class Cut(kind):
@@ -211,7 +221,7 @@ def starting_at_strength(scheduler, strength: float):
         def set_timesteps(self, *args, **kwargs):
             super().set_timesteps(*args, **kwargs)
             steps = self.num_inference_steps or len(self.timesteps) // self.order
-            cut = (steps - min(int(steps * strength), steps)) * self.order    # the UNet loop's and A1111's int(N·s)
+            cut = first_step(steps) * self.order
             self.timesteps = self.timesteps[cut:]
             sigmas = getattr(self, "sigmas", None)
             if isinstance(sigmas, torch.Tensor) and len(sigmas) > cut:
@@ -325,12 +335,18 @@ def flux2_to_vae(pipeline, packed: torch.Tensor, height: int, width: int, *, dif
     return pipeline._unpatchify_latents(patches)
 
 
-def flux2_to_packed(pipeline, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The VAE's latents (B, C, H, W) -> Flux 2's transformer view: 2×2-patchified, normalised by the VAE's batch-norm
-    statistics and packed to a sequence (B, H/2·W/2, 4C), as its pipeline encodes an image; with their position ids."""
+def flux2_to_patches(pipeline, latents: torch.Tensor) -> torch.Tensor:
+    """The VAE's latents (B, C, H, W) -> Flux 2's 2×2 patches (B, 4C, H/2, W/2), normalised by the VAE's batch-norm
+    statistics: what its pipeline takes as `latents` (and packs)."""
     patches = pipeline._patchify_latents(latents)
     mean, std = flux2_statistics(pipeline.vae, patches)
-    patches = (patches - mean) / std
+    return (patches - mean) / std
+
+
+def flux2_to_packed(pipeline, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE's latents (B, C, H, W) -> Flux 2's transformer view: `flux2_to_patches` packed to a sequence
+    (B, H/2·W/2, 4C), as its pipeline encodes an image; with their position ids."""
+    patches = flux2_to_patches(pipeline, latents)
     return pipeline._pack_latents(patches), pipeline._prepare_latent_ids(patches).to(latents.device)
 
 

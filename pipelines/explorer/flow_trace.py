@@ -8,7 +8,11 @@ parameterisation the step's guesses follow exactly:
     x̂_0 = x_t − t·v          ε̂ = x_t + (1 − t)·v
 
 A trace's x̂_0 frames are those guesses decoded; its noise maps show ε̂. The pipeline hands its sampler only the
-guided velocity, so the trace has no separate ε_u and ε_c, and branching replays the UNet loop only.
+guided velocity, so the trace has no separate ε_u and ε_c.
+
+A branch continues a trace from its recorded x_t at step k with other settings: the family's pipeline runs the
+same schedule's remaining steps from that state, its sampler starting afresh there (a first-order one, Euler,
+continues exactly: a branch that changes nothing ends on the trace's own image).
 """
 
 from __future__ import annotations
@@ -21,25 +25,31 @@ import torch
 
 from pipelines.core.call import prepare
 from pipelines.core.families import family_of_pipeline
-from pipelines.core.transformers import is_flow
+from pipelines.core.transformers import is_flow, starting_at_step
 from pipelines.explorer.trace import Trace, TraceStep
 from pipelines.tasks.txt2img import Txt2ImgRequest
 
 FLOW_NOTE = ("Flow matching: x_t = (1 − t)·x_0 + t·ε and the model predicts the velocity v = ε − x_0, so "
              "x̂_0 = x_t − t·v and ε̂ = x_t + (1 − t)·v. The pipeline gives its sampler the guided v only: ε_u and "
-             "ε_c are not recorded separately, and branching replays UNet models only.")
+             "ε_c are not recorded separately.")
 
 
 def record_flow_trace(models, request: Txt2ImgRequest, *, stop: threading.Event | None = None,
-                      on_step: Callable[[int, int], None] | None = None) -> Trace:
-    """Generate `request` as the generator does on a flow-matching transformer, recording every sampler step."""
+                      on_step: Callable[[int, int], None] | None = None, before: list[TraceStep] = (),
+                      state: torch.Tensor | None = None) -> Trace:
+    """Generate `request` as the generator does on a flow-matching transformer, recording every sampler step; with
+    `before` (a trace's first k steps) and `state` (its x_t at step k), the steps from k on, from that state."""
     model = models.require()
     if not is_flow(model.scheduler_config):
         raise ValueError(f"The Diffusion Explorer's trace of a transformer follows flow matching; {model.name} "
                          f"({family_of_pipeline(model.pipeline)}) is a DDPM model whose trace is not built yet.")
     call = prepare(models, request)
+    start = None
+    if before:          # the same schedule from step k on, from the state the trace recorded there
+        call.pipeline.scheduler = starting_at_step(call.pipeline.scheduler, len(before))
+        start = call.packed(state)
     scheduler = call.pipeline.scheduler
-    original, steps = scheduler.step, []
+    original, steps = scheduler.step, list(before)
     total = scheduler.config.get("num_train_timesteps", 1000)
 
     def recording_step(model_output, timestep, sample, *args, **kwargs):
@@ -62,7 +72,7 @@ def record_flow_trace(models, request: Txt2ImgRequest, *, stop: threading.Event 
 
     scheduler.step = recording_step
     try:
-        latents = call(0, callback=step_end)
+        latents = call(0, callback=step_end, latents=start)
     finally:
         del scheduler.step
     stopped = bool(getattr(call.pipeline, "_interrupt", False))
@@ -71,3 +81,19 @@ def record_flow_trace(models, request: Txt2ImgRequest, *, stop: threading.Event 
     return Trace(request=call.request, steps=steps, final_latents=call.spatial(latents).detach().cpu(),
                  final_image=call.decode(latents)[0], prediction_type="flow", vae=weakref.ref(call.pipeline.vae),
                  stopped=stopped, notes=notes, settings=[(0, call.request)], replayable=False)
+
+
+def branch_flow_trace(models, trace: Trace, request: Txt2ImgRequest, at_step: int, details: dict, *,
+                      stop: threading.Event | None = None, on_step: Callable[[int, int], None] | None = None) -> Trace:
+    """`trace` continued from its x_t at step `at_step` with `request`'s settings (reverse.py's `branch` checked
+    them): the trace's first steps, then the family's pipeline on the remaining steps of the same schedule."""
+    if at_step == 0:
+        result = record_flow_trace(models, request, stop=stop, on_step=on_step)
+    else:
+        result = record_flow_trace(models, request, stop=stop, on_step=on_step, before=trace.steps[:at_step],
+                                   state=trace.steps[at_step].latents)
+        if request.sampler != "Euler":
+            result.notes.append(f"{request.sampler} starts afresh at step {at_step} from the recorded x_t (a "
+                                "multistep sampler warms up again with lower-order steps): Euler continues exactly.")
+    result.branched_at, result.changes, result.settings = at_step, details["changes"], details["settings"]
+    return result

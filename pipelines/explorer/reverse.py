@@ -39,7 +39,7 @@ from pipelines.core.guidance import uses_cfg
 from pipelines.core.loop import run_steps
 from pipelines.core.samplers import STOCHASTIC
 from pipelines.core.transformers import check_unet_model, is_transformer
-from pipelines.explorer.flow_trace import record_flow_trace
+from pipelines.explorer.flow_trace import branch_flow_trace, record_flow_trace
 from pipelines.explorer.trace import Trace, TraceStep, predicted_x0
 from pipelines.models.manager import ModelManager
 from pipelines.tasks.txt2img import Txt2ImgRequest
@@ -244,6 +244,8 @@ def branch(models: ModelManager, trace: Trace, at_step: int, changes: dict, *,
     details = {"branched_at": at_step, "changes": changed,
                "settings": [(k, settings) for k, settings in trace.settings if k < at_step] + [(at_step, request)]}
 
+    if is_transformer(models.current.pipeline):          # flow matching: the family's own pipeline continues it
+        return branch_flow_trace(models, trace, request, at_step, details, stop=stop, on_step=on_step)
     # 2. Before the first step a branch is a new recording from the same seed
     if at_step == 0:
         result = _record(prepare_one_image(models, request), stop=stop, on_step=on_step)

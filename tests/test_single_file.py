@@ -271,6 +271,16 @@ def test_an_sd3_file_of_the_transformer_alone_takes_the_rest_from_the_config(tin
                                              "no-weights, which could not give them"):
         manager().load(str(path), config=str(_weightless(tiny_sd3_folder, tmp_path / "no-weights",
                                                          ("transformer", "vae"))))
+    # a config saved without its T5 (the studio runs SD 3 so): the file loads without it too
+    from diffusers import StableDiffusion3Pipeline
+
+    pipeline = reference.current.pipeline
+    StableDiffusion3Pipeline(**pipeline.components | {"text_encoder_3": None, "tokenizer_3": None}).save_pretrained(
+        tmp_path / "without-t5")
+    without = manager()
+    without.load(str(path), config=str(_weightless(tmp_path / "without-t5", tmp_path / "without-t5-config",
+                                                   ("transformer",))))
+    assert without.current.pipeline.text_encoder_3 is None and _image(without).std() > 0
 
 
 def test_a_flux_export_is_in_black_forest_labs_layout(tmp_path):

@@ -7,6 +7,8 @@ moves the image; what a family does not run yet is refused naming the family."""
 
 from __future__ import annotations
 
+import re
+from dataclasses import replace
 from functools import partial
 
 import numpy as np
@@ -126,11 +128,20 @@ def test_each_family_runs_its_own_samplers_and_gives_diffusers_image(families, f
     torch.testing.assert_close(studied, studio.models.worker.call(theirs), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("family", ["SD 3.x", "PixArt-Σ", "Sana"])
+# a block other than the PAG pipeline's default, and the module it names (SD 3: its joint attention, not SD 3.5's
+# image-only `attn2` beside it, which diffusers' own search would take too and fail on)
+OTHER_PAG_BLOCK = {"SD 3.x": ("blocks.0", "transformer_blocks.0.attn"),
+                   "SD 3.5": ("blocks.0", "transformer_blocks.0.attn"),
+                   "PixArt-Σ": ("blocks.0", "transformer_blocks.0.attn1"),
+                   "Sana": ("transformer_blocks.1", "transformer_blocks.1.attn1")}
+
+
+@pytest.mark.parametrize("family", OTHER_PAG_BLOCK)
 def test_pag_on_a_transformer_is_diffusers_own_pag_pipeline(families, family):
     """Perturbed-attention guidance on the families diffusers has a PAG pipeline for: the studio's image is that
-    pipeline's for the same seed (its default block perturbed, which the infotext names), PAG moves the image, and
-    a layer the transformer lacks, or PAG in another tab, is refused saying what to do."""
+    pipeline's for the same seed, at its default block and at another one named (on SD 3.5's block with a second
+    attention too), and the infotext names the block; PAG moves the image; a run that fails mid-way leaves the
+    transformer's own attention; a layer the transformer lacks, or PAG in another tab, is refused saying so."""
     import diffusers
 
     from pipelines.core.transformer_call import PAG_PIPELINES
@@ -140,26 +151,38 @@ def test_pag_on_a_transformer_is_diffusers_own_pag_pipeline(families, family):
     sampler = "DPM++ 2M" if family.startswith("PixArt") else "Euler"
     common = dict(prompt="red apple", negative_prompt="blurry", steps=3, width=64, height=64, seed=4,
                   sampler=sampler, guidance_scale=3.0)
-    request = Txt2ImgRequest(**common, pag_scale=2.0)
-    studied = studio.models.worker.call(lambda: prepare(studio.models, request)(0))
     plain = dict(prompt="red apple", negative_prompt="blurry", num_inference_steps=3, width=64, height=64,
-                 guidance_scale=3.0, pag_scale=2.0, generator=torch.Generator("cpu").manual_seed(4),
-                 output_type="latent", **({"use_resolution_binning": False} if family != "SD 3.x" else {}),
+                 guidance_scale=3.0, pag_scale=2.0, output_type="latent",
+                 **({"use_resolution_binning": False} if not family.startswith("SD 3") else {}),
                  **({"clean_caption": False} if family.startswith("PixArt") else {}))
+    kind = getattr(diffusers, PAG_PIPELINES["SD 3.x" if family == "SD 3.5" else family])
+    layer, module = OTHER_PAG_BLOCK[family]
 
-    def theirs():
-        kind = getattr(diffusers, PAG_PIPELINES[family])
-        pipeline = kind.from_pipe(model.pipeline)
+    def theirs(**layers):
+        pipeline = kind.from_pipe(model.pipeline, **layers)
         pipeline.scheduler = type(model.pipeline.scheduler).from_config(model.scheduler_config)
         pipeline.set_progress_bar_config(disable=True)
-        return pipeline(**plain).images
+        return pipeline(**plain, generator=torch.Generator("cpu").manual_seed(4)).images
 
-    torch.testing.assert_close(studied, studio.models.worker.call(theirs), rtol=0, atol=0)
-    guided = studio.generate(request).images[0]
+    for layers, pag_layers in (({}, "mid"), ({"pag_applied_layers": [f"^{re.escape(module)}$"]}, layer)):
+        request = Txt2ImgRequest(**common, pag_scale=2.0, pag_layers=pag_layers)
+        studied = studio.models.worker.call(lambda: prepare(studio.models, request)(0))
+        torch.testing.assert_close(studied, studio.models.worker.call(theirs, **layers), rtol=0, atol=0)
+    guided = studio.generate(Txt2ImgRequest(**common, pag_scale=2.0)).images[0]
     unguided = studio.generate(Txt2ImgRequest(**common)).images[0]
     assert np.abs(pixels(guided.image) - pixels(unguided.image)).mean() > 0.1
-    layer = "blocks.1" if family != "Sana" else "transformer_blocks.0"
-    assert "PAG scale: 2" in guided.infotext and f"PAG layers: {layer}" in guided.infotext
+    default = "transformer_blocks.0" if family == "Sana" else "blocks.1"
+    assert "PAG scale: 2" in guided.infotext and f"PAG layers: {default}" in guided.infotext
+    # a run that fails inside the pipeline's loop (Stop, out of memory) leaves no PAG processor behind
+    own = {name: type(processor) for name, processor in model.pipeline.transformer.attn_processors.items()}
+
+    def fails_mid_way():
+        def boom(*arguments):
+            raise RuntimeError("mid-way")
+        prepare(studio.models, Txt2ImgRequest(**common, pag_scale=2.0))(0, callback=boom)
+    with pytest.raises(RuntimeError, match="mid-way"):
+        studio.models.worker.call(fails_mid_way)
+    assert {name: type(p) for name, p in model.pipeline.transformer.attn_processors.items()} == own
     with pytest.raises(ValueError, match="PAG layer 'blocks.7' names no self-attention layer of this"):
         studio.generate(Txt2ImgRequest(**common, pag_scale=2.0, pag_layers="blocks.7"))
     with pytest.raises(ValueError, match="PAG on a diffusion transformer runs in Text-to-Image"):
@@ -611,6 +634,17 @@ def test_the_explorer_records_a_flow_matching_run_in_the_models_own_parameterisa
     # prompt weakly: the move is read off the latents, a hundred times what an unchanged branch's rounding moves)
     assert (other.final_latents - trace.final_latents).abs().mean() > 1e-3
     assert (pixels(other.final_image) != pixels(trace.final_image)).any()
+    last = studio.models.worker.call(branch, studio.models, trace, 3, {"guidance_scale": 1.0})
+    assert last.steps[:3] == trace.steps[:3] and last.num_steps == 4 and last.settings[-1][0] == 3
+    with pytest.raises(ValueError, match="a branch at step 2 keeps the sampler \\(Euler\\)"):
+        studio.models.worker.call(branch, studio.models, trace, 2, {"sampler": "UniPC"})
+    restarted = studio.models.worker.call(branch, studio.models, trace, 0, {"sampler": "UniPC"})
+    assert restarted.request.sampler == "UniPC" and restarted.num_steps == 4 and restarted.branched_at == 0
+    if family == "Sana":        # Heun: two model calls a step, a frame each
+        heun = studio.models.worker.call(record_trace, studio.models, replace(request, sampler="Heun", steps=2))
+        assert heun.num_steps == 3
+        with pytest.raises(ValueError, match="Heun calls the model twice a step"):
+            studio.models.worker.call(branch, studio.models, heun, 1, {"prompt": "blue car"})
 
 
 @pytest.mark.parametrize("family", ["SD 3.x", "Flux", "Flux 2 klein"])

@@ -103,7 +103,7 @@ class PerturbedAttention:
         names = [name for name, module in unet.named_modules()
                  if isinstance(module, Attention) and not module.is_cross_attention]
         for layer in ids:
-            found = [name for name in names if layer_matches(layer, name)]
+            found = [name for name in names if _matches(layer, name)]
             if not found:
                 shown = sorted({".".join(name.split(".")[:2]) for name in names})
                 raise ValueError(f"PAG layer {layer!r} names no self-attention layer of this UNet; it has self-attention "
@@ -134,7 +134,7 @@ def check_layer_patterns(ids: list[str]) -> None:
                              "\"mid\", \"down_blocks.1\" or \"up_blocks.0.attentions.1\".") from None
 
 
-def layer_matches(layer: str, name: str) -> bool:
+def _matches(layer: str, name: str) -> bool:
     """diffusers' PAGMixin rule: the id found in the module's name, and "blocks.1" is not "blocks.10"."""
     if re.search(layer, name) is None:
         return False

@@ -11,6 +11,7 @@ also batch-normalised: `flux2_to_vae`).
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 from PIL import Image
 
 from pipelines.core.families import family_of_pipeline
-from pipelines.core.guidance import DEFAULT_PAG_LAYERS, layer_matches, pag_layer_ids
+from pipelines.core.guidance import DEFAULT_PAG_LAYERS, pag_layer_ids
 from pipelines.core.images import to_pil
 from pipelines.core.prompts import prompt_texts, uses_emphasis
 from pipelines.core.requests import SamplingSettings
@@ -154,6 +155,8 @@ class TransformerCall:
                     raise _Stopped(latents)
 
             arguments.update(callback=old_style, callback_steps=1)
+        # a PAG pipeline sets its processors on the shared transformer and puts them back only if its loop ends
+        kept = pipeline.transformer.attn_processors if self.request.pag_scale else None
         try:
             return pipeline(**arguments).images
         except _Stopped as stopped:
@@ -163,6 +166,8 @@ class TransformerCall:
         finally:
             if hasattr(pipeline, "start_image"):   # the input image is this call's, not the cached pipeline's
                 pipeline.start_image = pipeline.start_mask = None
+            if kept is not None:
+                pipeline.transformer.set_attn_processor(kept)
 
     def spatial(self, latents: torch.Tensor, *, difference: bool = False) -> torch.Tensor:
         """Latents as the VAE reads them: Flux's 2×2-packed sequence unpacked to channels × height × width (Flux 2's
@@ -177,11 +182,12 @@ class TransformerCall:
     def packed(self, latents: torch.Tensor) -> torch.Tensor:
         """`spatial`'s inverse: latents as the VAE reads them, in the form the family's pipeline takes as `latents`
         (Flux's 2×2-packed sequence; Flux 2's normalised 2×2 patches, which its pipeline packs)."""
-        latents = latents.to(self.device, self.pipeline.transformer.dtype)
+        dtype = self.pipeline.transformer.dtype
+        if self.family == "Flux 2":         # normalised in float32, then cast
+            return flux2_to_patches(self.pipeline, latents.to(self.device, torch.float32)).to(dtype)
+        latents = latents.to(self.device, dtype)
         if self.family == "Flux":
             return self.pipeline._pack_latents(latents, *latents.shape)
-        if self.family == "Flux 2":
-            return flux2_to_patches(self.pipeline, latents)
         return latents
 
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
@@ -211,6 +217,9 @@ def check_transformer_request(request: SamplingSettings, task, pipeline, family:
     if request.pag_scale and (family not in PAG_PIPELINES or request.task != "txt2img"):
         raise ValueError(f"PAG on a diffusion transformer runs in Text-to-Image on {', '.join(PAG_PIPELINES)} models "
                          f"(diffusers' PAG pipelines); {task.label} on {family} runs without it. Set PAG scale to 0.")
+    if request.pag_scale and family == "SD 3.x" and scheduler_config.get("use_dynamic_shifting"):
+        raise ValueError("diffusers' SD 3 PAG pipeline does not shift its schedule by the image's size, which this "
+                         "model's sampler is set to do; set PAG scale to 0.")
     if not replace(request, pag_scale=0.0).plain_guidance() or request.guidance_rescale:
         raise ValueError(f"{family} models run with plain CFG{' and PAG' if family in PAG_PIPELINES else ''}: ICG, "
                          "classifier guidance, the guidance interval, guidance rescale and Align Your Steps run in the "
@@ -262,30 +271,46 @@ def text_encoder_layers(pipeline) -> tuple[int, ...]:
 
 
 # the families diffusers has a PAG pipeline for (perturbed-attention guidance: ε_c + s·(ε_c − ε_perturbed), the
-# perturbed pass with identity self-attention in the named blocks)
+# perturbed pass with identity self-attention in the named blocks), and the block each perturbs by default
 PAG_PIPELINES = {"SD 3.x": "StableDiffusion3PAGPipeline", "PixArt-Σ": "PixArtSigmaPAGPipeline",
                  "Sana": "SanaPAGPipeline"}
 
 
 def pag_pipeline(base, family: str, layers: str):
-    """The family's diffusers PAG pipeline on the base's components, perturbing `layers` (regular expressions on
-    the transformer's self-attention modules, as diffusers reads them); the UNet default "mid" means the PAG
-    pipeline's own default block."""
+    """The family's diffusers PAG pipeline on the base's components, perturbing the self-attention modules that
+    `layers` names (regular expressions, as diffusers reads them; the UNet default "mid" stands for the PAG
+    pipeline's own default block). Each id is resolved here to whole modules ("blocks.1" is block 1, not blocks 10
+    to 19, which diffusers' own search would also take), and on SD 3 to its joint attention: SD 3.5's second,
+    image-only attention (`attn2`) is not one the PAG processor reads. The pipeline is then given exactly those
+    modules, with the family's own PAG processors."""
     import diffusers
-    from diffusers.models.attention_processor import Attention
 
     pipeline = rebuilt(getattr(diffusers, PAG_PIPELINES[family]), base)
-    if layers.strip() != DEFAULT_PAG_LAYERS:
-        ids = pag_layer_ids(layers)
-        names = [name for name, module in base.transformer.named_modules()
-                 if isinstance(module, Attention) and not module.is_cross_attention]
-        missing = [layer for layer in ids if not any(layer_matches(layer, name) for name in names)]
-        if missing:
+    pipeline.set_progress_bar_config(disable=True)
+    ids = pipeline.pag_applied_layers if layers.strip() == DEFAULT_PAG_LAYERS else pag_layer_ids(layers)
+    names = pag_modules(base.transformer, family)
+    chosen = []
+    for layer in ids:
+        found = [name for name in names if re.search(f"(?:{layer})(\\.|$)", name)]
+        if not found:
             blocks = sorted({".".join(name.split(".")[:2]) for name in names}, key=lambda name: (len(name), name))
-            raise ValueError(f"PAG layer {missing[0]!r} names no self-attention layer of this {family} transformer; "
-                             f"it has self-attention in: {', '.join(blocks[:6])}… (e.g. \"{blocks[0]}\").")
-        pipeline.set_pag_applied_layers(ids)
+            raise ValueError(f"PAG layer {layer!r} names no self-attention layer of this {family} transformer that "
+                             f"PAG perturbs; it has them in: {', '.join(blocks[:6])}… (e.g. \"{blocks[0]}\").")
+        chosen += [name for name in found if name not in chosen]
+    pipeline.set_pag_applied_layers([f"^{re.escape(name)}$" for name in chosen],
+                                    pag_attn_processors=pipeline._pag_attn_processors)
+    pipeline.pag_layer_ids = ids
     return pipeline
+
+
+def pag_modules(transformer, family: str) -> list[str]:
+    """The transformer's self-attention modules PAG can perturb: SD 3's joint attention (it has the text stream's
+    projections), PixArt's and Sana's image self-attention."""
+    from diffusers.models.attention_processor import Attention
+
+    return [name for name, module in transformer.named_modules() if isinstance(module, Attention)
+            and not module.is_cross_attention and (family != "SD 3.x" or getattr(module, "add_q_proj", None)
+                                                   is not None)]
 
 
 def _multiple(pipeline, family: str) -> int:
@@ -317,7 +342,7 @@ def prepare_transformer(models, request: SamplingSettings, task, model) -> Trans
     pipeline = models.pipeline(task.name)
     if request.pag_scale:
         pipeline = pag_pipeline(pipeline, family, request.pag_layers)
-        request = replace(request, pag_layers=", ".join(pipeline.pag_applied_layers))   # what ran, for the infotext
+        request = replace(request, pag_layers=", ".join(pipeline.pag_layer_ids))   # what ran, for the infotext
     if controlnets:
         by_name = dict(zip(request.controlnet_names(), controlnets))
         pipeline = controlnet_pipeline(pipeline, [by_name[unit.model] for unit in request.units])

@@ -1,4 +1,5 @@
-"""The reverse process of a flow-matching transformer (SD 3.x, Flux, Sana), recorded for the Diffusion Explorer.
+"""The reverse process of a flow-matching transformer (SD 3.x, Flux, Flux 2, Sana), recorded for the Diffusion
+Explorer.
 
 The family's own pipeline runs the generation (pipelines/core/transformer_call.py); the recorder listens to its
 sampler: every `scheduler.step(v, t, x_t)` hands over the state x_t and the guided prediction, which for these
@@ -25,7 +26,7 @@ import torch
 
 from pipelines.core.call import prepare
 from pipelines.core.families import family_of_pipeline
-from pipelines.core.transformers import is_flow, starting_at_step
+from pipelines.core.transformers import is_flow, make_transformer_scheduler, starting_at_step
 from pipelines.explorer.trace import Trace, TraceStep
 from pipelines.tasks.txt2img import Txt2ImgRequest
 
@@ -75,6 +76,8 @@ def record_flow_trace(models, request: Txt2ImgRequest, *, stop: threading.Event 
         latents = call(0, callback=step_end, latents=start)
     finally:
         del scheduler.step
+        if before:      # the shared pipeline's sampler as a plain one again (the next call sets its own anyway)
+            call.pipeline.scheduler = make_transformer_scheduler(call.request.sampler, model.scheduler_config)
     stopped = bool(getattr(call.pipeline, "_interrupt", False))
     notes = [*call.notes, FLOW_NOTE] + ([f"Stopped after {len(steps)} step(s); the final image is the unfinished "
                                         "latent decoded."] if stopped else [])
@@ -86,14 +89,25 @@ def record_flow_trace(models, request: Txt2ImgRequest, *, stop: threading.Event 
 def branch_flow_trace(models, trace: Trace, request: Txt2ImgRequest, at_step: int, details: dict, *,
                       stop: threading.Event | None = None, on_step: Callable[[int, int], None] | None = None) -> Trace:
     """`trace` continued from its x_t at step `at_step` with `request`'s settings (reverse.py's `branch` checked
-    them): the trace's first steps, then the family's pipeline on the remaining steps of the same schedule."""
+    them): the trace's first steps, then the family's pipeline on the remaining steps of the same schedule. At
+    step 0 it is a new recording from the seed (another sampler too); later, the sampler stays, since another one
+    builds another schedule, on which the recorded x_t would not sit."""
     if at_step == 0:
         result = record_flow_trace(models, request, stop=stop, on_step=on_step)
     else:
+        sampler = trace.request.sampler
+        if request.sampler != sampler:
+            raise ValueError(f"On a flow-matching model a branch at step {at_step} keeps the sampler ({sampler}): "
+                             "another sampler builds another schedule, on which the recorded x_t would not sit. "
+                             "Branch at step 0 to change the sampler.")
+        if make_transformer_scheduler(sampler, models.require().scheduler_config).order > 1:
+            raise ValueError(f"{sampler} calls the model twice a step, and its trace has a frame per call: branch it "
+                             "at step 0, or record with Euler to branch mid-way.")
         result = record_flow_trace(models, request, stop=stop, on_step=on_step, before=trace.steps[:at_step],
                                    state=trace.steps[at_step].latents)
-        if request.sampler != "Euler":
-            result.notes.append(f"{request.sampler} starts afresh at step {at_step} from the recorded x_t (a "
-                                "multistep sampler warms up again with lower-order steps): Euler continues exactly.")
+        if sampler != "Euler":
+            result.notes.append(f"{sampler} starts afresh at step {at_step} from the recorded x_t (a multistep "
+                                "sampler warms up again with lower-order steps; a stochastic one draws its noise "
+                                "from the seed restarted there); Euler continues exactly.")
     result.branched_at, result.changes, result.settings = at_step, details["changes"], details["settings"]
     return result

@@ -68,7 +68,7 @@ def record_trace(models: ModelManager, request: Txt2ImgRequest, *, stop: threadi
 def prepare_one_image(models: ModelManager, request: Txt2ImgRequest) -> PreparedCall:
     """Generator's preparation (`prepare`, pipelines/core/call.py), checked for the one image a trace records."""
     check_one_image(request)
-    check_unet_model(models.current, "The Diffusion Explorer's branching and sampler comparison")
+    check_unet_model(models.current, "The Diffusion Explorer's sampler comparison")
     return prepare(models, request)
 
 
@@ -223,6 +223,8 @@ def branch(models: ModelManager, trace: Trace, at_step: int, changes: dict, *,
     from the recorded x_t at its own step nearest to that noise level, starting fresh (multistep
     samplers warm up again with lower-order steps); x_t is carried over in the variance-preserving
     frame. A stochastic new sampler draws its noise from the seed restarted at the branch.
+
+    A flow-matching transformer's trace is continued by its family's own pipeline (flow_trace.py).
     """
     # 1. Check inputs
     unknown = sorted(set(changes) - set(BRANCH_FIELDS))

@@ -157,7 +157,8 @@ def _borrowed_components(path: Path, family: str | None, keys: list[str], config
         raise ModelLoadError(f"{path.name} holds no {' and no '.join(wanted)}, so they are read from --model-config "
                              f"{Path(config).name}, which could not give them ({type(error).__name__}: {error}). "
                              "Pass a diffusers folder of the same model with those weights.") from error
-    return {name: getattr(base, name) for name in wanted if getattr(base, name, None) is not None}
+    # a component the config lists as absent (an SD 3 saved without its T5) is passed as None, with its tokenizer
+    return {**absent_components(Path(config)), **{name: getattr(base, name, None) for name in wanted}}
 
 
 # the keys that name a family where diffusers' guess falls back to SD 1.x: it names SDXL by its second encoder's

@@ -47,8 +47,8 @@ def class_images(pipeline, scheduler_config: dict, *, folder: Path, class_prompt
             path = folder / f"{number:04d}.png"
             if not path.exists():
                 partial = path.with_suffix(".partial.png")
-                _draw(pipeline, scheduler_config, class_prompt, side, CLASS_IMAGE_SEED + number,
-                      arguments or {}).save(partial)
+                draw_image(pipeline, scheduler_config, class_prompt, side=side, seed=CLASS_IMAGE_SEED + number,
+                           arguments=arguments or {}).save(partial)
                 os.replace(partial, path)
             with Image.open(path) as image:
                 images.append(image.convert("RGB"))
@@ -59,16 +59,18 @@ def class_images(pipeline, scheduler_config: dict, *, folder: Path, class_prompt
     return images
 
 
-def _draw(pipeline, scheduler_config: dict, prompt: str, side: int, seed: int, arguments: dict) -> Image.Image:
-    """One class image, with a fresh scheduler (a multistep sampler keeps state from the previous image)."""
+def draw_image(pipeline, scheduler_config: dict, prompt: str, *, side: int, seed: int, arguments: dict,
+               steps: int = CLASS_IMAGE_STEPS) -> Image.Image:
+    """One picture of `prompt` with the model's own sampler, made afresh (a multistep sampler keeps state from the
+    previous image), from `seed`'s CPU generator. The caller puts the pipeline's sampler back."""
     generator = torch.Generator().manual_seed(seed)
     if is_transformer(pipeline):         # its pipeline decodes (Flux's latents are packed, Flux 2's normalised)
         pipeline.scheduler = make_transformer_scheduler(default_transformer_sampler(scheduler_config),
                                                         scheduler_config)
-        return pipeline(prompt=prompt, num_inference_steps=CLASS_IMAGE_STEPS, height=side, width=side,
-                        generator=generator, **arguments).images[0]
+        return pipeline(prompt=prompt, num_inference_steps=steps, height=side, width=side, generator=generator,
+                        **arguments).images[0]
     pipeline.scheduler = make_scheduler(model_default_sampler(scheduler_config), scheduler_config)
-    latents = pipeline(prompt, num_inference_steps=CLASS_IMAGE_STEPS, height=side, width=side, output_type="latent",
+    latents = pipeline(prompt, num_inference_steps=steps, height=side, width=side, output_type="latent",
                        generator=generator, **arguments).images
     return to_pil(decode(pipeline.vae, latents)[0])[0]
 

@@ -37,15 +37,10 @@ import torch
 from pipelines.core.families import family_of_pipeline
 from pipelines.core.images import fit_image, image_to_tensor
 from pipelines.core.transformer_call import text_encoder_layers
-from pipelines.core.transformers import (
-    DEFAULT_DISTILLED_GUIDANCE,
-    default_transformer_sampler,
-    flux2_to_packed,
-    make_transformer_scheduler,
-)
+from pipelines.core.transformers import DEFAULT_DISTILLED_GUIDANCE, flux2_to_packed
 from pipelines.core.vae import encode
 from pipelines.training.checkpoint import base_model_identity
-from pipelines.training.class_images import class_image_folder, class_images, report_and_yield
+from pipelines.training.class_images import class_image_folder, class_images, draw_image, report_and_yield
 from pipelines.training.request import (
     EFFECT_THRESHOLD,
     LossPoint,
@@ -315,15 +310,11 @@ def _arguments(pipeline) -> dict:
 
 def _draw(pipeline, model, request: TrainingRequest, prompts: list[str], side: int) -> list:
     """`prompts` at fixed seeds (the request's seed + their place), with the model's own sampler."""
-    last, images = pipeline.scheduler, []
+    last = pipeline.scheduler
     try:
         with torch.no_grad():
-            for number, prompt in enumerate(prompts):
-                pipeline.scheduler = make_transformer_scheduler(default_transformer_sampler(model.scheduler_config),
-                                                                model.scheduler_config)
-                images.append(pipeline(prompt=prompt, num_inference_steps=request.sample_steps, width=side,
-                                       height=side, generator=torch.Generator().manual_seed(request.seed + number),
-                                       **_arguments(pipeline)).images[0])
+            return [draw_image(pipeline, model.scheduler_config, prompt, side=side, seed=request.seed + number,
+                               arguments=_arguments(pipeline), steps=request.sample_steps)
+                    for number, prompt in enumerate(prompts)]
     finally:
         pipeline.scheduler = last
-    return images

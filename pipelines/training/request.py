@@ -159,7 +159,8 @@ class TrainingRequest:
 
 
 class TrainingStopped(JobCancelled):
-    """Stop was pressed before the training began (while DreamBooth's class images were drawn), said how far."""
+    """Stop was pressed before the first step (while DreamBooth's class images were drawn, or before a step ran):
+    nothing was trained, and the message says what is kept."""
 
 
 @dataclass

@@ -11,8 +11,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.jobs.worker import Job, JobCancelled
-from pipelines.training.request import TrainingStopped
-from pipelines.training.request import LossPoint, Samples, TrainingResult
+from pipelines.training.request import LossPoint, Samples, TrainingResult, TrainingStopped
 from studio.tabs.generate import FAILED
 
 # How often a running training is sent to the page: the browser shares the cores with the training, and each

@@ -128,10 +128,8 @@ def test_each_family_runs_its_own_samplers_and_gives_diffusers_image(families, f
     torch.testing.assert_close(studied, studio.models.worker.call(theirs), rtol=0, atol=0)
 
 
-# a block other than the PAG pipeline's default, and the module it names (SD 3: its joint attention, not SD 3.5's
-# image-only `attn2` beside it, which diffusers' own search would take too and fail on)
+# a block other than the PAG pipeline's default, and the module it names
 OTHER_PAG_BLOCK = {"SD 3.x": ("blocks.0", "transformer_blocks.0.attn"),
-                   "SD 3.5": ("blocks.0", "transformer_blocks.0.attn"),
                    "PixArt-Σ": ("blocks.0", "transformer_blocks.0.attn1"),
                    "Sana": ("transformer_blocks.1", "transformer_blocks.1.attn1")}
 
@@ -139,9 +137,9 @@ OTHER_PAG_BLOCK = {"SD 3.x": ("blocks.0", "transformer_blocks.0.attn"),
 @pytest.mark.parametrize("family", OTHER_PAG_BLOCK)
 def test_pag_on_a_transformer_is_diffusers_own_pag_pipeline(families, family):
     """Perturbed-attention guidance on the families diffusers has a PAG pipeline for: the studio's image is that
-    pipeline's for the same seed, at its default block and at another one named (on SD 3.5's block with a second
-    attention too), and the infotext names the block; PAG moves the image; a run that fails mid-way leaves the
-    transformer's own attention; a layer the transformer lacks, or PAG in another tab, is refused saying so."""
+    pipeline's for the same seed and blocks, at its default block and at another one named, and the infotext names
+    the block; PAG moves the image; a run that fails mid-way leaves the transformer's own attention; a layer the
+    transformer lacks, or PAG in another tab, is refused saying so."""
     import diffusers
 
     from pipelines.core.transformer_call import PAG_PIPELINES
@@ -155,8 +153,10 @@ def test_pag_on_a_transformer_is_diffusers_own_pag_pipeline(families, family):
                  guidance_scale=3.0, pag_scale=2.0, output_type="latent",
                  **({"use_resolution_binning": False} if not family.startswith("SD 3") else {}),
                  **({"clean_caption": False} if family.startswith("PixArt") else {}))
-    kind = getattr(diffusers, PAG_PIPELINES["SD 3.x" if family == "SD 3.5" else family])
+    kind = getattr(diffusers, PAG_PIPELINES[family])
     layer, module = OTHER_PAG_BLOCK[family]
+    own = {name: type(processor) for name, processor in model.pipeline.transformer.attn_processors.items()}
+    assert not any(kind.__name__.startswith("PAG") for kind in own.values())
 
     def theirs(**layers):
         pipeline = kind.from_pipe(model.pipeline, **layers)
@@ -174,8 +174,6 @@ def test_pag_on_a_transformer_is_diffusers_own_pag_pipeline(families, family):
     default = "transformer_blocks.0" if family == "Sana" else "blocks.1"
     assert "PAG scale: 2" in guided.infotext and f"PAG layers: {default}" in guided.infotext
     # a run that fails inside the pipeline's loop (Stop, out of memory) leaves no PAG processor behind
-    own = {name: type(processor) for name, processor in model.pipeline.transformer.attn_processors.items()}
-
     def fails_mid_way():
         def boom(*arguments):
             raise RuntimeError("mid-way")
@@ -183,10 +181,40 @@ def test_pag_on_a_transformer_is_diffusers_own_pag_pipeline(families, family):
     with pytest.raises(RuntimeError, match="mid-way"):
         studio.models.worker.call(fails_mid_way)
     assert {name: type(p) for name, p in model.pipeline.transformer.attn_processors.items()} == own
-    with pytest.raises(ValueError, match="PAG layer 'blocks.7' names no self-attention layer of this"):
+    with pytest.raises(ValueError, match="PAG layer 'blocks.7' names no self-attention module of this"):
         studio.generate(Txt2ImgRequest(**common, pag_scale=2.0, pag_layers="blocks.7"))
     with pytest.raises(ValueError, match="PAG on a diffusion transformer runs in Text-to-Image"):
         studio.generate(Img2ImgRequest(**common, pag_scale=2.0, init_image=gradient_image(64, 64)))
+
+
+def test_pag_layers_name_whole_blocks_and_sd3s_joint_attention():
+    """A PAG layer id names whole blocks, matched against a dotted prefix of each module's name ("blocks.1" is
+    block 1, not 10 and 11 too, as diffusers' own search would take them), and on SD 3 only a block's joint
+    attention, not SD 3.5's second, image-only one, which diffusers' SD 3 PAG attention cannot read."""
+    from diffusers import SD3Transformer2DModel
+
+    from pipelines.core.transformer_call import pag_module_names
+
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=12,
+                                        attention_head_dim=8, num_attention_heads=2, caption_projection_dim=16,
+                                        joint_attention_dim=16, pooled_projection_dim=16, out_channels=4,
+                                        dual_attention_layers=(0, 1))
+    assert pag_module_names(transformer, "SD 3.x", ["blocks.1"]) == ["transformer_blocks.1.attn"]
+    assert pag_module_names(transformer, "SD 3.x", [r"blocks\.1\.", "blocks.(1|11)"]) == \
+        ["transformer_blocks.1.attn", "transformer_blocks.11.attn"]
+    assert len(pag_module_names(transformer, "SD 3.x", ["attn"])) == 12
+    with pytest.raises(ValueError, match="PAG layer 'blocks.12' names no self-attention module"):
+        pag_module_names(transformer, "SD 3.x", ["blocks.12"])
+    with pytest.raises(ValueError, match="PAG layer '\\(\\?i\\)blocks' is not a valid layer pattern"):
+        pag_module_names(transformer, "SD 3.x", ["(?i)blocks"])
+
+
+def test_pag_is_refused_where_diffusers_pag_attention_would_change_the_model(families):
+    """diffusers' PAG attention for SD 3 (and Sana) leaves out q/k normalisation, which SD 3.5 has: on such a model
+    every row of a perturbed block would change, so PAG is refused before any work, saying why."""
+    studio = use(families, "SD 3.5")
+    with pytest.raises(ValueError, match="leaves out this model's q/k normalisation \\(rms_norm"):
+        studio.generate(Txt2ImgRequest(prompt="a", steps=2, width=64, height=64, sampler="Euler", pag_scale=2.0))
 
 
 @pytest.mark.parametrize("family", BUILDS | VARIANTS)

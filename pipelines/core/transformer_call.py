@@ -217,9 +217,8 @@ def check_transformer_request(request: SamplingSettings, task, pipeline, family:
     if request.pag_scale and (family not in PAG_PIPELINES or request.task != "txt2img"):
         raise ValueError(f"PAG on a diffusion transformer runs in Text-to-Image on {', '.join(PAG_PIPELINES)} models "
                          f"(diffusers' PAG pipelines); {task.label} on {family} runs without it. Set PAG scale to 0.")
-    if request.pag_scale and family == "SD 3.x" and scheduler_config.get("use_dynamic_shifting"):
-        raise ValueError("diffusers' SD 3 PAG pipeline does not shift its schedule by the image's size, which this "
-                         "model's sampler is set to do; set PAG scale to 0.")
+    if request.pag_scale:
+        _check_pag(request, pipeline, family, scheduler_config)
     if not replace(request, pag_scale=0.0).plain_guidance() or request.guidance_rescale:
         raise ValueError(f"{family} models run with plain CFG{' and PAG' if family in PAG_PIPELINES else ''}: ICG, "
                          "classifier guidance, the guidance interval, guidance rescale and Align Your Steps run in the "
@@ -233,6 +232,21 @@ def check_transformer_request(request: SamplingSettings, task, pipeline, family:
         raise ValueError(f"{family} models run the samplers {', '.join(samplers)}; {request.sampler!r} is not one "
                          f"of them{why}.")
 
+
+
+def _check_pag(request: SamplingSettings, pipeline, family: str, scheduler_config: dict) -> None:
+    """What diffusers' PAG pipeline for the family cannot run, refused before any work; the layers resolved."""
+    import diffusers
+
+    if getattr(pipeline.transformer.config, "qk_norm", None):
+        raise ValueError(f"diffusers' PAG attention for {family} leaves out this model's q/k normalisation "
+                         f"({pipeline.transformer.config.qk_norm}, as SD 3.5's), so it would change the model's own "
+                         "prediction, not only the perturbed one; set PAG scale to 0.")
+    if family == "SD 3.x" and scheduler_config.get("use_dynamic_shifting"):
+        raise ValueError("diffusers' SD 3 PAG pipeline does not shift its schedule by the image's size, which this "
+                         "model's sampler is set to do; set PAG scale to 0.")
+    pag_module_names(pipeline.transformer, family, pag_ids(getattr(diffusers, PAG_PIPELINES[family]),
+                                                           request.pag_layers))
 
 
 def transformer_notes(request: SamplingSettings, family: str, pipeline) -> list[str]:
@@ -277,40 +291,53 @@ PAG_PIPELINES = {"SD 3.x": "StableDiffusion3PAGPipeline", "PixArt-Σ": "PixArtSi
 
 
 def pag_pipeline(base, family: str, layers: str):
-    """The family's diffusers PAG pipeline on the base's components, perturbing the self-attention modules that
-    `layers` names (regular expressions, as diffusers reads them; the UNet default "mid" stands for the PAG
-    pipeline's own default block). Each id is resolved here to whole modules ("blocks.1" is block 1, not blocks 10
-    to 19, which diffusers' own search would also take), and on SD 3 to its joint attention: SD 3.5's second,
-    image-only attention (`attn2`) is not one the PAG processor reads. The pipeline is then given exactly those
-    modules, with the family's own PAG processors."""
+    """The family's diffusers PAG pipeline on the base's components, perturbing exactly the modules `layers` names
+    (`pag_module_names`), with the family's own PAG processors; `pag_layer_ids` says which ids ran."""
     import diffusers
 
     pipeline = rebuilt(getattr(diffusers, PAG_PIPELINES[family]), base)
     pipeline.set_progress_bar_config(disable=True)
-    ids = pipeline.pag_applied_layers if layers.strip() == DEFAULT_PAG_LAYERS else pag_layer_ids(layers)
-    names = pag_modules(base.transformer, family)
-    chosen = []
-    for layer in ids:
-        found = [name for name in names if re.search(f"(?:{layer})(\\.|$)", name)]
-        if not found:
-            blocks = sorted({".".join(name.split(".")[:2]) for name in names}, key=lambda name: (len(name), name))
-            raise ValueError(f"PAG layer {layer!r} names no self-attention layer of this {family} transformer that "
-                             f"PAG perturbs; it has them in: {', '.join(blocks[:6])}… (e.g. \"{blocks[0]}\").")
-        chosen += [name for name in found if name not in chosen]
-    pipeline.set_pag_applied_layers([f"^{re.escape(name)}$" for name in chosen],
+    ids = pag_ids(type(pipeline), layers)
+    pipeline.set_pag_applied_layers([f"^{re.escape(name)}$" for name in pag_module_names(base.transformer, family,
+                                                                                        ids)],
                                     pag_attn_processors=pipeline._pag_attn_processors)
     pipeline.pag_layer_ids = ids
     return pipeline
 
 
-def pag_modules(transformer, family: str) -> list[str]:
-    """The transformer's self-attention modules PAG can perturb: SD 3's joint attention (it has the text stream's
-    projections), PixArt's and Sana's image self-attention."""
+def pag_ids(kind, layers: str) -> list[str]:
+    """The layer ids asked for; the UNet default "mid" stands for the PAG pipeline class's own default block."""
+    if layers.strip() != DEFAULT_PAG_LAYERS:
+        return pag_layer_ids(layers)
+    default = inspect.signature(kind.__init__).parameters["pag_applied_layers"].default
+    return [default] if isinstance(default, str) else list(default)
+
+
+def pag_module_names(transformer, family: str, ids: list[str]) -> list[str]:
+    """The self-attention modules the layer ids name, each id a regular expression matched against the whole of a
+    dotted prefix of a module's name (or of it and the dot after it): "blocks.1" is block 1, not blocks 10 to 19,
+    which diffusers' own search (and so its default on a larger model) would also take. PAG perturbs SD 3's joint
+    attention (a second, image-only attention, `attn2`, is not one its PAG processor reads), PixArt's and Sana's
+    image self-attention."""
     from diffusers.models.attention_processor import Attention
 
-    return [name for name, module in transformer.named_modules() if isinstance(module, Attention)
-            and not module.is_cross_attention and (family != "SD 3.x" or getattr(module, "add_q_proj", None)
-                                                   is not None)]
+    names = [name for name, module in transformer.named_modules() if isinstance(module, Attention)
+             and not module.is_cross_attention and (family != "SD 3.x" or getattr(module, "add_q_proj", None)
+                                                    is not None)]
+    chosen = []
+    for layer in ids:
+        try:
+            whole = re.compile(f"(?:{layer})$")
+        except re.error as error:
+            raise ValueError(f"PAG layer {layer!r} is not a valid layer pattern ({error}).") from None
+        found = [name for name in names if any(whole.search(prefix) or whole.search(prefix + ".") for prefix in
+                                               (".".join(name.split(".")[:end]) for end in
+                                                range(1, name.count(".") + 2)))]
+        if not found:
+            raise ValueError(f"PAG layer {layer!r} names no self-attention module of this {family} transformer that "
+                             f"PAG perturbs; they are {', '.join(names[:4])}… (e.g. \"{names[0].rsplit('.', 1)[0]}\").")
+        chosen += [name for name in found if name not in chosen]
+    return chosen
 
 
 def _multiple(pipeline, family: str) -> int:

@@ -55,8 +55,8 @@ def record_flow_trace(models, request: Txt2ImgRequest, *, stop: threading.Event 
 
     def recording_step(model_output, timestep, sample, *args, **kwargs):
         t = float(timestep.flatten()[0] if torch.is_tensor(timestep) else timestep) / total
-        x_t = call.spatial(sample.detach())[:1].float().cpu()
-        velocity = call.spatial(model_output.detach(), difference=True)[:1].float().cpu()
+        x_t = call.spatial(sample.detach().float())[:1].cpu()       # (Flux 2's un-normalised in float32)
+        velocity = call.spatial(model_output.detach().float(), difference=True)[:1].cpu()
         signal, noise = 1.0 - t, t
         steps.append(TraceStep(timestep=t * total, latents=x_t, input_scale=1.0,
                                alpha_cumprod=signal ** 2 / (signal ** 2 + noise ** 2),   # DDPM's ᾱ of the same SNR

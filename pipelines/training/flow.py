@@ -1,6 +1,6 @@
-"""LoRA training on the flow-matching transformers (SD 3.x, Flux.1, Flux 2), as diffusers'
-`train_dreambooth_lora_sd3.py`, `train_dreambooth_lora_flux.py` and `train_dreambooth_lora_flux2.py` train them, on
-the loaded model, as a job of the studio's device worker:
+"""LoRA training on the flow-matching transformers (SD 3.x, Flux.1, Flux 2, Sana), as diffusers'
+`train_dreambooth_lora_sd3.py`, `_flux.py`, `_flux2.py` and `_sana.py` train them, on the loaded model, as a job of
+the studio's device worker:
 
 1. Data: each image centre-cropped to the model's side (its mirror image too, for flips) and encoded once by the
    frozen VAE (the posterior mean, shifted and scaled as the model reads it); each caption (with the trigger word
@@ -26,6 +26,7 @@ LoRA on the text encoders.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import time
@@ -50,7 +51,7 @@ from pipelines.training.request import (
     TrainingStopped,
 )
 
-FLOW_TRAINING_FAMILIES = ("SD 3.x", "Flux", "Flux 2")
+FLOW_TRAINING_FAMILIES = ("SD 3.x", "Flux", "Flux 2", "Sana")
 MAX_NAN_STRIKES = 5
 # diffusers' SD 3 and Flux LoRA scripts' default layers: both streams' attention projections
 TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
@@ -59,6 +60,8 @@ TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_p
 # layer (the double blocks' a list): diffusers' Flux 2 script trains those too
 FLUX2_TARGETS = (r".*(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out|to_qkv_mlp_proj)"
                  r"|single_transformer_blocks\.\d+\.attn\.to_out)")
+# Sana's linear self-attention and its cross-attention (`attn1`, `attn2`): diffusers' Sana script trains q, k, v
+SANA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 # The steps Flux 2's time shift is fitted for in training (its pipeline's default; the shift grows with fewer)
 FLUX2_SHIFT_STEPS = 50
 
@@ -78,7 +81,8 @@ def train_transformer_lora(models, model, request: TrainingRequest, job, *, cach
     if before:
         job.emit(Samples(0, request.samples(), before))
     # 2. The LoRA
-    parameters = _add_lora(transformer, adapter, request, FLUX2_TARGETS if family == "Flux 2" else TARGETS)
+    parameters = _add_lora(transformer, adapter, request,
+                           {"Flux 2": FLUX2_TARGETS, "Sana": SANA_TARGETS}.get(family, TARGETS))
     generator = torch.Generator().manual_seed(request.seed)
     optimizer = torch.optim.AdamW(parameters, lr=request.learning_rate, weight_decay=1e-2)
     step, loss_value, started, learning_rate = 0, float("nan"), time.perf_counter(), request.learning_rate
@@ -188,6 +192,11 @@ def _encode(pipeline, family: str, text: str, device) -> dict:
     if family == "Flux":
         embeddings, pooled, text_ids = pipeline.encode_prompt(prompt=text, prompt_2=text, device=device)
         return {"encoder_hidden_states": embeddings, "pooled_projections": pooled, "txt_ids": text_ids}
+    if family == "Sana":        # with the instruction its pipeline puts before the prompt when it draws
+        instruction = inspect.signature(type(pipeline).__call__).parameters["complex_human_instruction"].default
+        embeddings, mask, _, _ = pipeline.encode_prompt(prompt=text, do_classifier_free_guidance=False, device=device,
+                                                        complex_human_instruction=instruction)
+        return {"encoder_hidden_states": embeddings, "encoder_attention_mask": mask}
     embeddings, _, pooled, _ = pipeline.encode_prompt(prompt=text, prompt_2=text, prompt_3=text, device=device,
                                                       do_classifier_free_guidance=False)
     return {"encoder_hidden_states": embeddings, "pooled_projections": pooled}
@@ -226,7 +235,7 @@ def _loss(pipeline, family: str, scheduler_config: dict, request: TrainingReques
     captions = [latents[row][0] for row in rows]       # each image's own caption
     dropped = (torch.rand(request.batch_size, generator=generator) < request.caption_dropout).tolist()
     text = {key: torch.cat([texts["" if drop else caption][key] for caption, drop in zip(captions, dropped)])
-            for key in ("encoder_hidden_states", "pooled_projections") if key in texts[""]}
+            for key in ("encoder_hidden_states", "pooled_projections", "encoder_attention_mask") if key in texts[""]}
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
     u = torch.sigmoid(torch.randn(request.batch_size, generator=generator))      # logit-normal
     t = _shifted(u, scheduler_config, x0, flux2=family == "Flux 2").to(x0.device)
@@ -259,6 +268,12 @@ def _loss(pipeline, family: str, scheduler_config: dict, request: TrainingReques
             return_dict=False)[0]
         factor = pipeline.vae_scale_factor
         prediction = FluxPipeline._unpack_latents(packed, height * factor, width * factor, factor)
+    elif family == "Sana":
+        prediction = transformer(x_t.to(dtype), encoder_hidden_states=text["encoder_hidden_states"].to(dtype),
+                                 encoder_attention_mask=text["encoder_attention_mask"],
+                                 timestep=t * 1000 * transformer.config.timestep_scale, return_dict=False)[0]
+        if transformer.config.out_channels // 2 == x0.shape[1]:       # a learned variance's half, as it draws
+            prediction = prediction.chunk(2, dim=1)[0]
     else:
         prediction = transformer(hidden_states=x_t.to(dtype), timestep=t * 1000,
                                  encoder_hidden_states=text["encoder_hidden_states"].to(dtype),
@@ -303,9 +318,11 @@ def _save(pipeline, transformer, adapter: str, folder: Path, name: str) -> Path:
 
 def _arguments(pipeline) -> dict:
     """What else the family's pipeline is called with to draw as the studio does: Flux.1 without true CFG, Flux 2
-    with the text-encoder layers its transformer reads."""
-    return {"Flux": {"true_cfg_scale": 1.0},
-            "Flux 2": {"text_encoder_out_layers": text_encoder_layers(pipeline)}}.get(family_of_pipeline(pipeline), {})
+    with the text-encoder layers its transformer reads, Sana at the size asked for."""
+    family = family_of_pipeline(pipeline)
+    if family == "Flux 2":
+        return {"text_encoder_out_layers": text_encoder_layers(pipeline)}
+    return {"Flux": {"true_cfg_scale": 1.0}, "Sana": {"use_resolution_binning": False}}.get(family, {})
 
 
 def _draw(pipeline, model, request: TrainingRequest, prompts: list[str], side: int) -> list:

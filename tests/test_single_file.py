@@ -244,6 +244,14 @@ def test_an_sd3_single_file_loads_the_same_weights_and_images(tiny_sd3_folder, t
                                                           "text_encoder_3"))
     folder_image = _image(from_folder)
     assert folder_image.std() > 0 and np.array_equal(folder_image, _image(from_file))
+    # a config that lists what the file holds as absent has no architecture to read it with: refused, saying so
+    import json
+
+    index = json.loads((config / "model_index.json").read_text())
+    (config / "model_index.json").write_text(json.dumps(index | {"vae": [None, None]}))
+    with pytest.raises(ModelLoadError, match="tiny-sd3.safetensors holds a vae, which --model-config tiny-sd3-config "
+                                             "lists as absent"):
+        manager().load(str(path), config=str(config))
 
 
 def test_an_sd3_file_of_the_transformer_alone_takes_the_rest_from_the_config(tiny_sd3_folder, tmp_path,

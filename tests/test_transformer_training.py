@@ -1,7 +1,8 @@
 """LoRA training on the flow-matching transformers (pipelines/training/flow.py), on the seeded tiny SD 3, Flux.1
-dev, Flux 2 [klein] and [dev] and Sana pipelines: the loss falls on the images it is shown, the file it writes loads in plain
-diffusers with `load_lora_weights` and moves its image, the studio applies it by its prompt tag, the model is left
-without the adapter, and what it does not train on a transformer is refused naming why."""
+dev, Flux 2 [klein] and [dev] and Sana pipelines: the loss falls on the images it is shown, the file it writes
+loads in plain diffusers with `load_lora_weights` (its alpha too) and moves its image, the studio applies it by its
+prompt tag, the model is left without the adapter; DreamBooth adds the model's own class images; what it does not
+train on a transformer is refused naming why."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def test_a_transformer_lora_trains_and_plain_diffusers_loads_it(families, family
     weights_before = {name: value.clone() for name, value in transformer.state_dict().items()}
     name = f"framed-{family.lower().replace(' ', '-').replace('.x', '')}"
     result, losses = run(studio, training(name=name, trigger="framed", steps=16, learning_rate=3e-2, batch_size=2,
-                                          sample_every=1, sample_steps=2), tmp_path)
+                                          sample_every=1, sample_steps=2, rank=4, alpha=8), tmp_path)
     assert len(losses) == 16 and np.isfinite(losses).all()
     assert np.mean(losses[-5:]) < np.mean(losses[:5])             # it learns the images it is shown
     assert result.path == studio.models.lora_dir / f"{name}.safetensors" and result.steps == 16
@@ -50,9 +51,19 @@ def test_a_transformer_lora_trains_and_plain_diffusers_loads_it(families, family
         arguments["text_encoder_out_layers"] = text_encoder_layers(diffusers)
     if family == "Sana":                 # the size asked for, as the studio draws it
         arguments["use_resolution_binning"] = False
+        # the caption-dropout row is the empty prompt as Sana's pipeline encodes its negative (no instruction)
+        from pipelines.training.flow import _encode
+
+        pipeline = studio.models.current.pipeline
+        dropped = _encode(pipeline, "Sana", "", pipeline._execution_device)
+        negative, mask = pipeline.encode_prompt("framed", negative_prompt="", do_classifier_free_guidance=True)[2:]
+        assert torch.equal(dropped["encoder_hidden_states"], negative) and torch.equal(
+            dropped["encoder_attention_mask"], mask)
     before = diffusers(**arguments, generator=torch.Generator().manual_seed(1)).images
     diffusers.load_lora_weights(str(result.path.parent), weight_name=result.path.name, adapter_name=name)
     assert name in diffusers.get_list_adapters()["transformer"]
+    config = diffusers.transformer.peft_config[name]          # its alpha read back from the file, not taken as r
+    assert (config.r, config.lora_alpha) == (4, 8)
     after = diffusers(**arguments, generator=torch.Generator().manual_seed(1)).images
     assert (after - before).abs().mean() > 1e-3
 

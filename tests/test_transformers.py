@@ -203,6 +203,7 @@ def test_pag_layers_name_whole_blocks_and_sd3s_joint_attention():
     assert pag_module_names(transformer, "SD 3.x", [r"blocks\.1\.", "blocks.(1|11)"]) == \
         ["transformer_blocks.1.attn", "transformer_blocks.11.attn"]
     assert len(pag_module_names(transformer, "SD 3.x", ["attn"])) == 12
+    assert pag_module_names(transformer, "SD 3.x", ["1"]) == ["transformer_blocks.1.attn"]
     with pytest.raises(ValueError, match="PAG layer 'blocks.12' names no self-attention module"):
         pag_module_names(transformer, "SD 3.x", ["blocks.12"])
     with pytest.raises(ValueError, match="PAG layer '\\(\\?i\\)blocks' is not a valid layer pattern"):

@@ -314,9 +314,10 @@ def pag_ids(kind, layers: str) -> list[str]:
 
 
 def pag_module_names(transformer, family: str, ids: list[str]) -> list[str]:
-    """The self-attention modules the layer ids name, each id a regular expression matched against the whole of a
-    dotted prefix of a module's name (or of it and the dot after it): "blocks.1" is block 1, not blocks 10 to 19,
-    which diffusers' own search (and so its default on a larger model) would also take. PAG perturbs SD 3's joint
+    """The self-attention modules the layer ids name, each id a regular expression matching the end of a dotted
+    prefix of a module's name (or of it and the dot after it), from its start or a dot or underscore: "blocks.1" is
+    block 1, not blocks 10 to 19, which diffusers' own search (and so its default on a larger model) would also take,
+    and "1" is block 1, not 11 or 21. PAG perturbs SD 3's joint
     attention (a second, image-only attention, `attn2`, is not one its PAG processor reads), PixArt's and Sana's
     image self-attention."""
     from diffusers.models.attention_processor import Attention
@@ -327,7 +328,7 @@ def pag_module_names(transformer, family: str, ids: list[str]) -> list[str]:
     chosen = []
     for layer in ids:
         try:
-            whole = re.compile(f"(?:{layer})$")
+            whole = re.compile(f"(?:^|[._])(?:{layer})$")
         except re.error as error:
             raise ValueError(f"PAG layer {layer!r} is not a valid layer pattern ({error}).") from None
         found = [name for name in names if any(whole.search(prefix) or whole.search(prefix + ".") for prefix in
@@ -335,7 +336,8 @@ def pag_module_names(transformer, family: str, ids: list[str]) -> list[str]:
                                                 range(1, name.count(".") + 2)))]
         if not found:
             raise ValueError(f"PAG layer {layer!r} names no self-attention module of this {family} transformer that "
-                             f"PAG perturbs; they are {', '.join(names[:4])}… (e.g. \"{names[0].rsplit('.', 1)[0]}\").")
+                             f"PAG perturbs; they are {', '.join(names[:4])}… "
+                             f"(e.g. \"{names[0].rsplit('.', 1)[0]}\").")
         chosen += [name for name in found if name not in chosen]
     return chosen
 

@@ -141,6 +141,13 @@ def _borrowed_components(path: Path, family: str | None, keys: list[str], config
     weights from the config folder (never a text encoder's), so they are read here and passed in."""
     places = FILE_COMPONENTS.get(family, {})
     held = {name for name, prefixes in places.items() if any(key.startswith(prefixes) for key in keys)}
+    # a component the config lists as absent (an SD 3 saved without its T5) is passed as None, with its tokenizer;
+    # one the file holds needs the config's architecture
+    absent = absent_components(Path(config)) if config else {}
+    if held & set(absent):
+        raise ModelLoadError(f"{path.name} holds a {' and a '.join(sorted(held & set(absent)))}, which --model-config "
+                             f"{Path(config).name} lists as absent, so it has no configuration to read it with. Pass "
+                             "a diffusers folder of the same model that has it.")
     wanted = [name for name in places if name not in held]
     if not wanted:
         return {}
@@ -157,13 +164,6 @@ def _borrowed_components(path: Path, family: str | None, keys: list[str], config
         raise ModelLoadError(f"{path.name} holds no {' and no '.join(wanted)}, so they are read from --model-config "
                              f"{Path(config).name}, which could not give them ({type(error).__name__}: {error}). "
                              "Pass a diffusers folder of the same model with those weights.") from error
-    # a component the config lists as absent (an SD 3 saved without its T5) is passed as None, with its tokenizer;
-    # one the file holds needs the config's architecture
-    absent = absent_components(Path(config))
-    if held & set(absent):
-        raise ModelLoadError(f"{path.name} holds a {' and a '.join(sorted(held & set(absent)))}, which --model-config "
-                             f"{Path(config).name} lists as absent, so it has no configuration to read it with. Pass "
-                             "a diffusers folder of the same model that has it.")
     return {**absent, **{name: getattr(base, name, None) for name in wanted}}
 
 

@@ -17,8 +17,8 @@ def check_model(models, model, request: TrainingRequest) -> None:
         family = family_of_pipeline(model.pipeline)
         if family not in FLOW_TRAINING_FAMILIES:
             raise ValueError(f"{name} training here runs on UNet models (SD 1.x/2.x, SDXL) and, as a LoRA or a "
-                             f"DreamBooth LoRA, on SD 3.x, Flux, Flux 2 and Sana; {model.name} is a {family} model, which it "
-                             "does not train yet.")
+                             f"DreamBooth LoRA, on SD 3.x, Flux, Flux 2 and Sana; {model.name} is a {family} model, "
+                             "which it does not train yet.")
         if run_processes() > 1:
             raise ValueError(f"On {family} models the LoRA trains in one process; data-parallel training (several "
                              "processes) runs the UNet loop. Launch it as one process.")

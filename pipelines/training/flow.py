@@ -60,7 +60,7 @@ TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_p
 # layer (the double blocks' a list): diffusers' Flux 2 script trains those too
 FLUX2_TARGETS = (r".*(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out|to_qkv_mlp_proj)"
                  r"|single_transformer_blocks\.\d+\.attn\.to_out)")
-# Sana's linear self-attention and its cross-attention (`attn1`, `attn2`): diffusers' Sana script trains q, k, v
+# Sana's linear self-attention and its cross-attention (`attn1`, `attn2`): q, k, v (diffusers' Sana script's) and out
 SANA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 # The steps Flux 2's time shift is fitted for in training (its pipeline's default; the shift grows with fewer)
 FLUX2_SHIFT_STEPS = 50
@@ -192,8 +192,9 @@ def _encode(pipeline, family: str, text: str, device) -> dict:
     if family == "Flux":
         embeddings, pooled, text_ids = pipeline.encode_prompt(prompt=text, prompt_2=text, device=device)
         return {"encoder_hidden_states": embeddings, "pooled_projections": pooled, "txt_ids": text_ids}
-    if family == "Sana":        # with the instruction its pipeline puts before the prompt when it draws
-        instruction = inspect.signature(type(pipeline).__call__).parameters["complex_human_instruction"].default
+    if family == "Sana":        # with the instruction its pipeline puts before a prompt (not the empty negative)
+        instruction = inspect.signature(type(pipeline).__call__).parameters["complex_human_instruction"].default \
+            if text else None
         embeddings, mask, _, _ = pipeline.encode_prompt(prompt=text, do_classifier_free_guidance=False, device=device,
                                                         complex_human_instruction=instruction)
         return {"encoder_hidden_states": embeddings, "encoder_attention_mask": mask}
@@ -310,7 +311,9 @@ def _save(pipeline, transformer, adapter: str, folder: Path, name: str) -> Path:
     if not all(torch.isfinite(value).all() for value in state.values()):
         raise ValueError("The trained LoRA holds non-finite weights; nothing was written. Lower the learning rate.")
     partial = f".{name}.safetensors.partial"        # not listed as a LoRA if a crash leaves it
-    type(pipeline).save_lora_weights(folder, transformer_lora_layers=state, weight_name=partial)
+    # its alpha in the file's metadata, which diffusers' loader reads (without it, it takes alpha = rank)
+    type(pipeline).save_lora_weights(folder, transformer_lora_layers=state, weight_name=partial,
+                                     transformer_lora_adapter_metadata=transformer.peft_config[adapter].to_dict())
     path = folder / f"{name}.safetensors"
     os.replace(folder / partial, path)
     return path

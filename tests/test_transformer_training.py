@@ -108,6 +108,43 @@ def test_dreambooth_trains_a_transformer_lora_beside_the_class_images_the_model_
     assert abs((first[2] - first[0]) - 2 * (first[1] - first[0])) < 1e-4 * first[2]
 
 
+def test_a_stopped_transformer_training_resumes_from_its_last_checkpoint(families, tmp_path,  # noqa: F811
+                                                                           monkeypatch):
+    """A transformer LoRA run keeps a checkpoint (the LoRA and AdamW's moments) every `checkpoint_every` steps: a
+    run stopped at step 5 resumes from its checkpoint at step 4 and finishes, leaving none; a checkpoint of other
+    settings is not resumed, and the run says why."""
+    from pipelines.training.loop import train
+    from pipelines.training.request import LossPoint
+
+    studio = use(families, "Flux 2 dev")
+    monkeypatch.setattr(studio.models.current.pipeline, "default_sample_size", 64, raising=False)   # at 64 px
+    settings = dict(name="resumed", trigger="framed", steps=6, checkpoint_every=2, batch_size=2)
+    checkpoint = tmp_path / "runs" / "resumed" / "checkpoint.safetensors"
+
+    def stopped_at(last: int):
+        def work(job):
+            emit = job.emit
+
+            def emit_then_stop(event, **kwargs):
+                emit(event, **kwargs)
+                if isinstance(event, LossPoint) and event.step == last:
+                    job.cancel()
+            job.emit = emit_then_stop
+            return train(studio.models, training(**settings), job, cache_dir=tmp_path / "runs")
+        return studio.models.worker.submit(work, kind="train-lora").result(timeout=600)
+
+    first = stopped_at(5)
+    assert first.stopped and first.steps == 5 and checkpoint.exists()
+    result, losses = run(studio, training(**settings), tmp_path)
+    assert result.steps == 6 and len(losses) == 2                   # steps 5 and 6, from the checkpoint at 4
+    assert any(warning.startswith("Resumed at step 4") for warning in result.warnings)
+    assert not checkpoint.exists()
+    stopped_at(3)
+    result, losses = run(studio, training(**settings, learning_rate=5e-3), tmp_path)
+    assert result.steps == 6 and len(losses) == 6
+    assert any("is another run's (made with other settings: learning_rate)" in warning for warning in result.warnings)
+
+
 def test_what_a_transformer_does_not_train_is_refused_naming_why(families, tmp_path):  # noqa: F811
     studio = use(families, "Flux")
     with pytest.raises(ValueError, match="On Flux models the studio trains a LoRA on the transformer.*Textual "

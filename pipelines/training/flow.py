@@ -20,8 +20,9 @@ the studio's device worker:
 Between steps queued generations run (a generation in between sees the model without the LoRA that trains), and
 Stop saves what has trained. DreamBooth (a LoRA on the identifier's images) adds the class images the model draws
 itself (class_images.py) and their loss times `prior_loss_weight`, as diffusers' scripts' `--with_prior_preservation`.
-Not here yet, as the UNet loop has them: resuming from a checkpoint, several processes (DDP), textual inversion and a
-LoRA on the text encoders.
+A checkpoint (the LoRA and AdamW's moments) is kept every `checkpoint_every` steps under the run's folder, and a run
+with the same settings, data and base model resumes from it. Not here yet, as the UNet loop has them: several
+processes (DDP), textual inversion and a LoRA on the text encoders.
 """
 
 from __future__ import annotations
@@ -40,7 +41,13 @@ from pipelines.core.images import fit_image, image_to_tensor
 from pipelines.core.transformer_call import text_encoder_layers
 from pipelines.core.transformers import DEFAULT_DISTILLED_GUIDANCE, flux2_to_packed
 from pipelines.core.vae import encode
-from pipelines.training.checkpoint import base_model_identity
+from pipelines.training.checkpoint import (
+    base_model_identity,
+    fingerprint,
+    remove_checkpoint,
+    resume,
+    save_checkpoint,
+)
 from pipelines.training.class_images import class_image_folder, class_images, draw_image, report_and_yield
 from pipelines.training.request import (
     EFFECT_THRESHOLD,
@@ -49,6 +56,7 @@ from pipelines.training.request import (
     TrainingRequest,
     TrainingResult,
     TrainingStopped,
+    TrainingWarning,
 )
 
 FLOW_TRAINING_FAMILIES = ("SD 3.x", "Flux", "Flux 2", "Sana")
@@ -80,13 +88,16 @@ def train_transformer_lora(models, model, request: TrainingRequest, job, *, cach
     before = _draw(pipeline, model, request, request.samples(), side) if request.sample_every else []
     if before:
         job.emit(Samples(0, request.samples(), before))
-    # 2. The LoRA
+    # 2. The LoRA (from this run's last checkpoint, where there is one)
+    run_dir, identity = cache_dir / request.name, fingerprint(request, base_model_identity(model))
     parameters = _add_lora(transformer, adapter, request,
                            {"Flux 2": FLUX2_TARGETS, "Sana": SANA_TARGETS}.get(family, TARGETS))
-    generator = torch.Generator().manual_seed(request.seed)
+    weights = _AdapterWeights(transformer, adapter)
     optimizer = torch.optim.AdamW(parameters, lr=request.learning_rate, weight_decay=1e-2)
-    step, loss_value, started, learning_rate = 0, float("nan"), time.perf_counter(), request.learning_rate
     warnings, strikes = _unused_settings(request, family), 0
+    start = _resumed(run_dir, identity, request, weights, optimizer, job, warnings)
+    generator = torch.Generator().manual_seed(request.seed + start)
+    step, loss_value, started, learning_rate = start, float("nan"), time.perf_counter(), request.learning_rate
     stopped, comparison = job.stop.is_set(), {}
     try:
         while step < request.steps and not stopped:
@@ -115,11 +126,13 @@ def train_transformer_lora(models, model, request: TrainingRequest, job, *, cach
                 step, loss_value = step + 1, float(loss.detach())
                 seconds = time.perf_counter() - started
                 job.emit(LossPoint(step, loss_value, rate, seconds))
-                job.report(step, request.steps, f"loss {loss_value:.4f} · {step / seconds:.2f} steps/s")
+                job.report(step, request.steps, f"loss {loss_value:.4f} · {(step - start) / seconds:.2f} steps/s")
+                if step % request.checkpoint_every == 0 or step == request.steps:
+                    save_checkpoint(run_dir, identity, weights, optimizer, step)
             if job.checkpoint():          # a generation ran in between, without this LoRA: put it back on
                 _train_mode(transformer, adapter)
             stopped = job.stop.is_set()
-        if step == 0:
+        if step == start:
             raise TrainingStopped("Stopped before the first step; nothing was written.")
         # 4. The file, then the effect (DreamBooth: the identifier against its class, at the same seeds)
         transformer.eval()
@@ -131,15 +144,53 @@ def train_transformer_lora(models, model, request: TrainingRequest, job, *, cach
     finally:
         transformer.delete_adapters(adapter)
         transformer.eval()
+    if not stopped:
+        remove_checkpoint(run_dir)
+    return _result(model, request, path=path, steps=step, loss=loss_value, before=before, after=after,
+                   stopped=stopped, warnings=warnings, comparison=comparison)
+
+
+def _result(model, request: TrainingRequest, *, path: Path, steps: int, loss: float, before: list, after: list,
+            stopped: bool, warnings: list[str], comparison: dict) -> TrainingResult:
+    """The run's result, with its effect: the samples' mean change from before to after (said when it is small)."""
     effect = float(np.mean([np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean()
                             for a, b in zip(after, before)])) if after else 0.0
     if after and effect < EFFECT_THRESHOLD:
         warnings.append(f"This training barely changes the images (mean change {effect:.2f} of 255 on the sample "
                         "prompts): train longer, raise the learning rate, or use more distinctive images.")
-    return TrainingResult(path=path, steps=step, final_loss=loss_value, effect=effect, moved=effect >= EFFECT_THRESHOLD,
+    return TrainingResult(path=path, steps=steps, final_loss=loss, effect=effect, moved=effect >= EFFECT_THRESHOLD,
                           feature_distance_before=None, feature_distance_after=None, before=before, after=after,
                           stopped=stopped, warnings=warnings, base_model=model.name, method=request.method,
                           comparison=comparison)
+
+
+class _AdapterWeights:
+    """The training adapter's weights, as checkpoint.py saves and loads a method's (`state`, `load_state`)."""
+
+    def __init__(self, transformer, adapter: str):
+        self.transformer, self.adapter = transformer, adapter
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {name: parameter for name, parameter in self.transformer.named_parameters()
+                if f".{self.adapter}." in name}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, parameter in self.state().items():
+                parameter.copy_(state[name].to(parameter.device, parameter.dtype))
+
+
+def _resumed(run_dir: Path, identity: dict, request: TrainingRequest, weights, optimizer, job,
+             warnings: list[str]) -> int:
+    """The step this run starts at: its last checkpoint's (the LoRA and AdamW's moments loaded), or 0, said why
+    when a checkpoint there is another run's."""
+    start, note = resume(run_dir, identity, request.steps, weights, optimizer)
+    if note:
+        warnings.append(note)
+        job.emit(TrainingWarning(0, note))
+    if start:
+        warnings.append(f"Resumed at step {start} from {run_dir}.")
+    return start
 
 
 def _unused_settings(request: TrainingRequest, family: str) -> list[str]:
@@ -150,8 +201,7 @@ def _unused_settings(request: TrainingRequest, family: str) -> list[str]:
         ("a noise offset", request.noise_offset), ("samples between checkpoints (before and after only)",
                                                   request.sample_every and request.sample_every < request.steps))
         if used]
-    return [f"On {family}, this training runs without: {'; '.join(unused)}; and it keeps no checkpoint to resume "
-            "from."] if unused else []
+    return [f"On {family}, this training runs without: {'; '.join(unused)}."] if unused else []
 
 
 def _latents(pipeline, images: list, captions: list[str], repeats: list[int], flip: bool,

@@ -113,6 +113,9 @@ def test_a_stopped_transformer_training_resumes_from_its_last_checkpoint(familie
     """A transformer LoRA run keeps a checkpoint (the LoRA and AdamW's moments) every `checkpoint_every` steps: a
     run stopped at step 5 resumes from its checkpoint at step 4 and finishes, leaving none; a checkpoint of other
     settings is not resumed, and the run says why."""
+    from safetensors.torch import load_file
+
+    from pipelines.training import flow
     from pipelines.training.loop import train
     from pipelines.training.request import LossPoint
 
@@ -135,13 +138,28 @@ def test_a_stopped_transformer_training_resumes_from_its_last_checkpoint(familie
 
     first = stopped_at(5)
     assert first.stopped and first.steps == 5 and checkpoint.exists()
+    saved = load_file(str(checkpoint))
+    resumed = {}
+
+    def spying(*arguments):              # the LoRA and AdamW's moments as a resumed run starts from them
+        step, note = real(*arguments)
+        weights, optimizer = arguments[3], arguments[4]
+        if step:
+            resumed.update(step=step, weights={key: value.detach().clone() for key, value in weights.state().items()},
+                           moments=[optimizer.state[p]["exp_avg"].shape for p in optimizer.param_groups[0]["params"]])
+        return step, note
+    real = flow.resume
+    monkeypatch.setattr(flow, "resume", spying)
     result, losses = run(studio, training(**settings), tmp_path)
     assert result.steps == 6 and len(losses) == 2                   # steps 5 and 6, from the checkpoint at 4
     assert any(warning.startswith("Resumed at step 4") for warning in result.warnings)
+    assert resumed["step"] == 4 and all(torch.equal(value, saved[f"adapter.{key}"])
+                                        for key, value in resumed["weights"].items())
+    assert resumed["moments"] == [value.shape for value in resumed["weights"].values()]
     assert not checkpoint.exists()
     stopped_at(3)
     result, losses = run(studio, training(**settings, learning_rate=5e-3), tmp_path)
-    assert result.steps == 6 and len(losses) == 6
+    assert result.steps == 6 and len(losses) == 6 and not checkpoint.exists()
     assert any("is another run's (made with other settings: learning_rate)" in warning for warning in result.warnings)
 
 

@@ -27,6 +27,7 @@ processes (DDP), textual inversion and a LoRA on the text encoders.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import math
 import os
@@ -88,18 +89,18 @@ def train_transformer_lora(models, model, request: TrainingRequest, job, *, cach
     before = _draw(pipeline, model, request, request.samples(), side) if request.sample_every else []
     if before:
         job.emit(Samples(0, request.samples(), before))
-    # 2. The LoRA (from this run's last checkpoint, where there is one)
+    # 2. The LoRA (from this run's last checkpoint, where there is one: same settings, data, model and layers)
     run_dir, identity = cache_dir / request.name, fingerprint(request, base_model_identity(model))
     parameters = _add_lora(transformer, adapter, request,
                            {"Flux 2": FLUX2_TARGETS, "Sana": SANA_TARGETS}.get(family, TARGETS))
-    weights = _AdapterWeights(transformer, adapter)
-    optimizer = torch.optim.AdamW(parameters, lr=request.learning_rate, weight_decay=1e-2)
-    warnings, strikes = _unused_settings(request, family), 0
-    start = _resumed(run_dir, identity, request, weights, optimizer, job, warnings)
-    generator = torch.Generator().manual_seed(request.seed + start)
-    step, loss_value, started, learning_rate = start, float("nan"), time.perf_counter(), request.learning_rate
-    stopped, comparison = job.stop.is_set(), {}
+    weights, warnings, strikes = _AdapterWeights(transformer, adapter), _unused_settings(request, family), 0
     try:
+        optimizer = torch.optim.AdamW(parameters, lr=request.learning_rate, weight_decay=1e-2)
+        identity |= {"lora": weights.layout()}
+        start = _resumed(run_dir, identity, request, weights, optimizer, job, warnings)
+        generator = torch.Generator().manual_seed(request.seed + start)
+        step, loss_value, started, learning_rate = start, float("nan"), time.perf_counter(), request.learning_rate
+        stopped, comparison = job.stop.is_set(), {}
         while step < request.steps and not stopped:
             # 3. One step (DreamBooth: plus the class rows' loss, weighted)
             rate = learning_rate * request.learning_rate_factor(step)
@@ -173,6 +174,11 @@ class _AdapterWeights:
     def state(self) -> dict[str, torch.Tensor]:
         return {name: parameter for name, parameter in self.transformer.named_parameters()
                 if f".{self.adapter}." in name}
+
+    def layout(self) -> str:
+        """Its layers and shapes, in the order AdamW holds them: a checkpoint of another layout is another run's."""
+        names = ",".join(f"{name}:{tuple(parameter.shape)}" for name, parameter in self.state().items())
+        return hashlib.sha256(names.encode()).hexdigest()[:16]
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():

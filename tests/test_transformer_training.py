@@ -116,25 +116,15 @@ def test_a_stopped_transformer_training_resumes_from_its_last_checkpoint(familie
     from safetensors.torch import load_file
 
     from pipelines.training import flow
-    from pipelines.training.loop import train
-    from pipelines.training.request import LossPoint
+    from tests.test_lora_train import run as run_in_background
 
     studio = use(families, "Flux 2 dev")
     monkeypatch.setattr(studio.models.current.pipeline, "default_sample_size", 64, raising=False)   # at 64 px
     settings = dict(name="resumed", trigger="framed", steps=6, checkpoint_every=2, batch_size=2)
     checkpoint = tmp_path / "runs" / "resumed" / "checkpoint.safetensors"
 
-    def stopped_at(last: int):
-        def work(job):
-            emit = job.emit
-
-            def emit_then_stop(event, **kwargs):
-                emit(event, **kwargs)
-                if isinstance(event, LossPoint) and event.step == last:
-                    job.cancel()
-            job.emit = emit_then_stop
-            return train(studio.models, training(**settings), job, cache_dir=tmp_path / "runs")
-        return studio.models.worker.submit(work, kind="train-lora").result(timeout=600)
+    def stopped_at(last: int):                   # Stop pressed as step `last` is reported (test_lora_train's run)
+        return run_in_background(studio, training(**settings), tmp_path, stop_at=last).result(timeout=600)
 
     first = stopped_at(5)
     assert first.stopped and first.steps == 5 and checkpoint.exists()

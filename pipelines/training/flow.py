@@ -81,16 +81,17 @@ def train_transformer_lora(models, model, request: TrainingRequest, job, *, cach
     family = family_of_pipeline(pipeline)
     transformer = pipeline.transformer
     device, adapter = pipeline._execution_device, "training_" + request.name.replace(".", "_").replace("-", "_")
-    side = min(model.native_side or 512, 1024)
+    side, base = min(model.native_side or 512, 1024), base_model_identity(model)   # (before any adapter is on)
     # 1. Data (DreamBooth's class images drawn first, with no adapter on), and the samples before
-    prior = _class_latents(models, model, request, job, cache_dir, side) if request.method == "dreambooth" else []
+    folder = class_image_folder(cache_dir, base, request.class_prompt, side)
+    prior = _class_latents(models, model, request, job, folder, side) if request.method == "dreambooth" else []
     latents = _latents(pipeline, request.images, request.prompts(), request.image_repeats(), request.flip, side)
     texts = _texts(pipeline, family, [*request.prompts(), *([request.class_prompt] if prior else [])], device)
     before = _draw(pipeline, model, request, request.samples(), side) if request.sample_every else []
     if before:
         job.emit(Samples(0, request.samples(), before))
     # 2. The LoRA (from this run's last checkpoint, where there is one: same settings, data, model and layers)
-    run_dir, identity = cache_dir / request.name, fingerprint(request, base_model_identity(model))
+    run_dir, identity = cache_dir / request.name, fingerprint(request, base)
     parameters = _add_lora(transformer, adapter, request,
                            {"Flux 2": FLUX2_TARGETS, "Sana": SANA_TARGETS}.get(family, TARGETS))
     weights, warnings, strikes = _AdapterWeights(transformer, adapter), _unused_settings(request, family), 0
@@ -223,10 +224,9 @@ def _latents(pipeline, images: list, captions: list[str], repeats: list[int], fl
     return examples
 
 
-def _class_latents(models, model, request: TrainingRequest, job, cache_dir: Path, side: int) -> list:
-    """DreamBooth's class images (class_images.py: drawn by the model itself, cached), as latents captioned with
-    the class prompt. Between two images queued generations run, and Stop stops."""
-    folder = class_image_folder(cache_dir, base_model_identity(model), request.class_prompt, side)
+def _class_latents(models, model, request: TrainingRequest, job, folder: Path, side: int) -> list:
+    """DreamBooth's class images (class_images.py: drawn by the model itself, cached in `folder`), as latents
+    captioned with the class prompt. Between two images queued generations run, and Stop stops."""
     pictures = class_images(model.pipeline, model.scheduler_config, folder=folder, class_prompt=request.class_prompt,
                             count=request.class_images, side=side, report=report_and_yield(job, models),
                             arguments=_arguments(model.pipeline))

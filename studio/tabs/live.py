@@ -112,7 +112,8 @@ def wire_speed(context: StudioContext, tab, live: gr.Checkbox, page: dict, to_fi
     bump = dict(fn=None, inputs=[live, tick], outputs=tick, js=TICK, api_visibility="private", queue=False)
 
     def run(number: float, live_on: bool, *values, request: gr.Request = None) -> Iterator[dict]:
-        # a handler that ends without a word would blank every output: it says "nothing" ({}) instead
+        # a handler that ends without a word would blank every output: it says "nothing" (gr.skip(); an empty dict
+        # is refused by Gradio as too few values, an error on the page at every key typed with Live off)
         owner = session_of(request)
         page_of = f"{owner}|{getattr(request, 'session_hash', None)}"   # one page: a user's two pages are apart
         if live_on and runs.begin(page_of, float(number or 0)):
@@ -121,7 +122,7 @@ def wire_speed(context: StudioContext, tab, live: gr.Checkbox, page: dict, to_fi
                 yield from _live_generation(context, tab, runs, (owner, page_of), number, dict(zip(names, values)),
                                             to_fields)
                 return
-        yield {}
+        yield gr.skip()
 
     # the two switches set the page first, and Live then reads it (the settings Fast shows are the ones it runs)
     controls["fast"].input(fast_settings, controls["fast"], sampling, api_visibility="private",
@@ -169,7 +170,7 @@ def _live_generation(context: StudioContext, tab, runs: LiveRuns, owners: tuple,
         return
     job = context.generator.submit(generation, owner=owner, save=False)
     if not runs.attach(page_of, number, job):
-        yield {}
+        yield gr.skip()
         return
     try:
         done: GenerationDone | None = job.result()
@@ -183,7 +184,7 @@ def _live_generation(context: StudioContext, tab, runs: LiveRuns, owners: tuple,
     finally:
         runs.finish(page_of, job)
     if done is None or done.stopped or not runs.newest(page_of, number):
-        yield {}
+        yield gr.skip()
         return
     results = done_results(tab, done)
     results[tab.status] = f"Live · {results[tab.status]} · not saved: Generate keeps an image"

@@ -316,9 +316,7 @@ class ModelManager:
 
     def _park(self, model: LoadedModel) -> None:
         """Move `model` off the device (into RAM), whole, to be placed again or let go."""
-        for pipeline in model.pipelines:
-            self.memory.park(pipeline)
-        self.memory.release()
+        self.memory.park(*model.pipelines)
 
     def _restore(self, slot: str, old: LoadedModel | None, new: LoadedModel, mode: MemoryMode,
                  error: Exception) -> ModelLoadError:

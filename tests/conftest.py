@@ -56,6 +56,47 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=order)   # stable
 
 
+@pytest.fixture(scope="module", autouse=True)
+def garbage_collected_once_per_module():
+    """What lives when a module starts (the libraries, the session's fixtures) is set aside from Python's garbage
+    collector (`gc.freeze`) for that module: the studio collects garbage at every model it lets go, and a full
+    collection over a test process that has imported torch, diffusers and Gradio and served a few studios costs
+    about half a second; over what the module itself built, a small part of that. Each module starts by taking
+    back what the last one froze and collecting it whole, so nothing is kept that a module left behind."""
+    import gc
+
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+    yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_certificate_store():
+    """Every HTTP client made in this process shares one TLS context: gradio_client opens a new httpx client for
+    each request and each file it downloads, and each read the system's certificate bundle again (tens of ms
+    each, about 20 s over the suite). The tests speak plain HTTP to 127.0.0.1; the context is never used."""
+    import functools
+
+    import httpx._config
+    import httpx._transports.default as transports
+
+    original = httpx._config.create_ssl_context
+
+    @functools.lru_cache(maxsize=None)
+    def shared(verify=True, cert=None, trust_env=True):
+        return original(verify=verify, cert=cert, trust_env=trust_env)
+
+    def create_ssl_context(verify=True, cert=None, trust_env=True):
+        if verify is True and cert is None:
+            return shared(True, None, trust_env)
+        return original(verify=verify, cert=cert, trust_env=trust_env)
+
+    transports.create_ssl_context = httpx._config.create_ssl_context = create_ssl_context
+    yield
+    transports.create_ssl_context = httpx._config.create_ssl_context = original
+
+
 @pytest.fixture
 def one_torch_thread():
     """For tests that run models on a thread of their own: on a small, busy CPU, intra-op threads that spin against

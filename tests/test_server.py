@@ -23,6 +23,39 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-dev-shm-usage"]
 
 
+# Each page's animation frames, at most about 12 a second: the image editors (PixiJS) draw every frame they are
+# given, and headless Chromium draws WebGL in software (SwiftShader), so at 60 a second a brush stroke cost seconds
+# of CPU the tests' models were waiting for. Set before the page's own scripts run (Playwright's waits run in a
+# world of their own, on the real frames); every frame requested is still drawn, later.
+FRAME_RATE_CAP = """(() => {
+  const request = window.requestAnimationFrame.bind(window), cancel = window.cancelAnimationFrame.bind(window);
+  const pending = new Map();   // our id -> a timeout's id (> 0), or then the frame's (< 0)
+  let next = 1;
+  window.requestAnimationFrame = callback => {
+    const id = next++;
+    pending.set(id, setTimeout(() => pending.set(id, -request(time => { pending.delete(id); callback(time); })), 80));
+    return id;
+  };
+  window.cancelAnimationFrame = id => {
+    const handle = pending.get(id);
+    pending.delete(id);
+    if (handle > 0) clearTimeout(handle); else if (handle < 0) cancel(-handle);
+  };
+})();"""
+
+
+class CappedBrowser:
+    """The launched Chromium, whose new pages run FRAME_RATE_CAP."""
+
+    def __init__(self, chromium):
+        self.chromium = chromium
+
+    def new_page(self, **options):
+        page = self.chromium.new_page(**options)
+        page.add_init_script(FRAME_RATE_CAP)
+        return page
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -338,7 +371,7 @@ def browser():
 
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        yield chromium
+        yield CappedBrowser(chromium)
         chromium.close()
 
 
@@ -358,7 +391,7 @@ def page(server, browser):
     page.close()
 
 
-def _paint_a_stroke(page, editor: str, *, moves: int = 12) -> None:
+def _paint_a_stroke(page, editor: str, *, moves: int = 4) -> None:
     """A horizontal brush stroke across the middle of `editor`'s canvas."""
     page.locator(f"{editor} button[aria-label=Brush]").click()
     canvas = page.locator(f"{editor} canvas").last
@@ -508,7 +541,7 @@ def test_browser_inpaints_only_under_a_painted_stroke(server, page, tmp_path):
     with page.expect_file_chooser() as chooser:
         page.locator("#inpaint-editor button[aria-label=Upload]").click()
     chooser.value.set_files(str(tmp_path / "red.png"))
-    _paint_a_stroke(page, "#inpaint-editor", moves=4)
+    _paint_a_stroke(page, "#inpaint-editor")
     _generate_on(page, "inpaint", "blue car", 777, steps=8)       # what is checked shows in 8 steps as in 25
     result = np.asarray(Image.open(sorted(context.outputs_dir.rglob("*-777.png"))[-1]).convert("RGB"), dtype=np.int16)
     red = np.array([200, 60, 60])

@@ -66,8 +66,9 @@ def test_live_follows_typing_and_mask_strokes_with_the_fast_model_and_saves_noth
     page.locator("#txt2img-generate").click()
     expect(page.locator("#txt2img-status")).to_contain_text("Seed", timeout=60_000)
     assert len(context.worker.jobs(active=False)) == before + 1
-    # ... and raises nothing either: Live's handler, run at a change, once answered "nothing to change" in a form
-    # Gradio refuses (an empty dict: "didn't return enough output values"), a traceback in the server's terminal
+    # ... and raises nothing either: Live's handler, which a page's first change reaches even with Live off, once
+    # answered "nothing to do" in a form Gradio refuses (an empty dict: "didn't return enough output values"), a
+    # traceback in the server's terminal
     assert "Traceback" not in capfd.readouterr().err
     saved = sorted(outputs.rglob("*.png"))
     assert len(saved) == 1

@@ -25,8 +25,9 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 # Each page's animation frames, at most about 12 a second: the image editors (PixiJS) draw every frame they are
 # given, and headless Chromium draws WebGL in software (SwiftShader), so at 60 a second a brush stroke cost seconds
-# of CPU the tests' models were waiting for. Set before the page's own scripts run (Playwright's waits run in a
-# world of their own, on the real frames); every frame requested is still drawn, later.
+# of CPU the tests' models were waiting for. Set before the page's own scripts run; every frame requested is still
+# drawn, later. Playwright's locator actions and `expect` poll in a world of their own, on the real frames; its
+# `wait_for_function` and `evaluate` run in the page's world, on the capped ones (polling about 10 times a second).
 FRAME_RATE_CAP = """(() => {
   const request = window.requestAnimationFrame.bind(window), cancel = window.cancelAnimationFrame.bind(window);
   const pending = new Map();   // our id -> a timeout's id (> 0), or then the frame's (< 0)

@@ -17,8 +17,8 @@ change is a request of its own, handled at once (`trigger_mode="multiple"`):
   on at `LIVE_STEPS` when Live is switched on (Fast can be unticked, the steps changed).
 
 Other users' jobs keep their share: a user's live changes replace their own queued job instead of adding one.
-With Live off a change sends nothing to the server (the page's own script checks the switch first): nothing
-changes for anyone.
+With Live off a change starts nothing (the page's own script checks the switch first; only a page's first change
+reaches the handler, which answers it with nothing to do): nothing changes for anyone.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ DEBOUNCE_S = 0.06       # a change this soon after another replaces it before it
 LIVE_STEPS = 2
 LIVE_QUEUE = {"concurrency_id": "live", "concurrency_limit": 16, "show_progress": "hidden"}
 # on the page, at every change: with Live on, the hidden tick becomes the change's time (its change event then runs
-# the live handler); with Live off it stays as it is, and nothing reaches the server
+# the live handler); with Live off it stays as it is (only its first setting, from empty, reaches the handler)
 TICK = "(on, tick) => on ? performance.timeOrigin + performance.now() : tick"
 
 
@@ -113,7 +113,8 @@ def wire_speed(context: StudioContext, tab, live: gr.Checkbox, page: dict, to_fi
 
     def run(number: float, live_on: bool, *values, request: gr.Request = None) -> Iterator[dict]:
         # a handler that ends without a word would blank every output: it says "nothing" (gr.skip(); an empty dict
-        # is refused by Gradio as too few values, an error on the page at every key typed with Live off)
+        # is refused by Gradio as too few values: a traceback in the server's terminal at each superseded change,
+        # and at a page's first change with Live off)
         owner = session_of(request)
         page_of = f"{owner}|{getattr(request, 'session_hash', None)}"   # one page: a user's two pages are apart
         if live_on and runs.begin(page_of, float(number or 0)):
@@ -158,8 +159,8 @@ def _outputs(tab) -> list:
 
 def _live_generation(context: StudioContext, tab, runs: LiveRuns, owners: tuple, number: float, values: dict,
                      to_fields) -> Iterator[dict]:
-    """Change `number`'s generation: its image and status, unless a newer change superseded it ({} then: nothing
-    changes on the page). `owners`: the job's owner, and the page's key in `runs`."""
+    """Change `number`'s generation: its image and status, unless a newer change superseded it (gr.skip()
+    then: nothing changes on the page). `owners`: the job's owner, and the page's key in `runs`."""
     from studio.tabs.generate import done_results, request_from_controls
     owner, page_of = owners
     try:

@@ -57,3 +57,38 @@ def test_the_unet_families_are_supported(studio, tiny_model_dir, tmp_path):
     assert [family_of_checkpoint(kind) for kind in kinds] == \
         ["SD 1.x/2.x", "SD 1.x/2.x", "SDXL", "SDXL", "SD 3.x", "Flux", "Flux 2", "Flux 3", "Sana",
                                                               "SD x4 upscaler", None]
+
+
+def test_an_sdxl_refiner_is_refused_at_load_naming_it_and_the_base_to_load(studio, tmp_path, monkeypatch):
+    """An SDXL refiner (its second text encoder alone, an aesthetic score where the base takes the target size) was
+    loaded as SDXL, and then Text-to-Image, Image-to-Image and the explorer failed inside diffusers ("expects an
+    added time embedding vector of length 72, but a vector of 80 was created"): it is refused at load, from the
+    folder's index, from a pipeline read into memory (a hub id) and from a single file's type."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    base = build_tiny_sdxl_pipeline(tmp_path / "build")
+    refiner = StableDiffusionXLImg2ImgPipeline(
+        vae=base.vae, text_encoder=None, text_encoder_2=base.text_encoder_2, tokenizer=None,
+        tokenizer_2=base.tokenizer_2, unet=base.unet, scheduler=base.scheduler, requires_aesthetics_score=True)
+    folder = studio.models.models_dir / "tiny-refiner"
+    refiner.save_pretrained(folder)
+    assert family_of_pipeline(refiner) == family_of_folder(folder) == family_of_checkpoint("xl_refiner") == \
+        "SDXL refiner"
+    assert family_of_pipeline(base) == "SDXL"
+    before = studio.models.current
+    with pytest.raises(ModelLoadError, match="tiny-refiner is a SDXL refiner model \\(it refines an SDXL base model's "
+                                             "images.*load the SDXL base model\\)"):
+        studio.models.load(str(folder), from_ui=True)
+    assert studio.models.current is before
+    # from the hub's cache too: read as a text-to-image pipeline, the refiner's flag is dropped, so its index says it
+    import huggingface_hub.constants as constants
+
+    cache = tmp_path / "hub"
+    shutil.copytree(folder, cache / "models--studio--tiny-refiner" / "snapshots" / ("0" * 40))
+    (cache / "models--studio--tiny-refiner" / "refs").mkdir()
+    (cache / "models--studio--tiny-refiner" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelLoadError, match="is a SDXL refiner model"):
+        studio.models.load("studio/tiny-refiner")
+    assert studio.models.current is before

@@ -30,7 +30,8 @@ FAMILY_BY_PIPELINE = {
 }
 # diffusers' single-file model types (infer_diffusers_model_type) -> family
 FAMILY_BY_CHECKPOINT_PREFIX = (
-    ("xl_", "SDXL"), ("playground", "SDXL"), ("v1", "SD 1.x/2.x"), ("v2", "SD 1.x/2.x"), ("inpainting", "SD 1.x/2.x"),
+    ("xl_refiner", "SDXL refiner"), ("xl_", "SDXL"), ("playground", "SDXL"), ("v1", "SD 1.x/2.x"),
+    ("v2", "SD 1.x/2.x"), ("inpainting", "SD 1.x/2.x"),
     ("upscale", "SD x4 upscaler"), ("sd3", "SD 3.x"), ("flux-2", "Flux 2"), ("flux-3", "Flux 3"),
     ("flux", "Flux"), ("sana", "Sana"),
     ("auraflow", "AuraFlow"), ("lumina", "Lumina"), ("hidream", "HiDream"), ("chroma", "Chroma"),
@@ -39,13 +40,17 @@ FAMILY_BY_CHECKPOINT_PREFIX = (
 SUPPORTED = ("SD 1.x/2.x", "SDXL", "SD 3.x", "Flux", "Flux 2", "PixArt-α", "PixArt-Σ", "Sana")
 WHY = {"AuraFlow": "a diffusion transformer with flow matching", "Lumina": "a diffusion transformer",
        "Hunyuan-DiT": "a diffusion transformer with two text encoders", "Qwen-Image": "a 20B diffusion transformer",
-       "Flux 3": "diffusers 0.42 runs it as a modular pipeline only"}
+       "Flux 3": "diffusers 0.42 runs it as a modular pipeline only",
+       "SDXL refiner": "it refines an SDXL base model's images, its UNet conditioned on an aesthetic score where the "
+                       "base takes the target size, and no tab drives that yet: load the SDXL base model"}
 
 
 def family_of_pipeline(pipeline) -> str | None:
     """The family of a pipeline read into memory: its class's, or for a class not listed, a diffusion transformer
     named by its class when it has no UNet (None: not known, left to run)."""
     name = type(pipeline).__name__
+    if FAMILY_BY_PIPELINE.get(name) == "SDXL" and getattr(pipeline.config, "requires_aesthetics_score", False):
+        return "SDXL refiner"
     if name in FAMILY_BY_PIPELINE:
         return FAMILY_BY_PIPELINE[name]
     if getattr(pipeline, "unet", None) is None and getattr(pipeline, "transformer", None) is not None:
@@ -60,6 +65,8 @@ def family_of_folder(folder: Path) -> str | None:
     except (OSError, ValueError):
         return None
     family = FAMILY_BY_PIPELINE.get(index.get("_class_name"))
+    if family == "SDXL" and index.get("requires_aesthetics_score"):
+        family = "SDXL refiner"
     if family is None and "transformer" in index and "unet" not in index:
         family = str(index.get("_class_name", "diffusion transformer")).removesuffix("Pipeline")
     return family

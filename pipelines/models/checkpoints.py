@@ -191,6 +191,8 @@ def from_hub(source: ModelSource, *, dtype, use_safetensors) -> DiffusionPipelin
     (HF_HUB_OFFLINE, or the hub not reachable within a few seconds) an uncached id fails at once with the
     reason, instead of after the hub client's retries."""
     snapshot = cached_snapshot(source.location)       # what the cached folder holds, as for a folder
+    if snapshot:   # its index, before a weight is read (a refiner's flag does not survive the text-to-image class)
+        check_family(family_of_folder(snapshot), source.name)
     cached = folder_arguments(snapshot) if snapshot else {}
     try:
         return AutoPipelineForText2Image.from_pretrained(source.location, dtype=dtype, use_safetensors=use_safetensors,

@@ -171,6 +171,10 @@ def prepare(models, request: SamplingSettings) -> PreparedCall:
     if kind not in (None, "text_time"):      # SDXL's is built by the studio's loop; other kinds are not
         raise ValueError(f"{model.name} adds `{kind}` conditioning to its UNet, which the studio does not build; "
                          "it runs SD 1.x/2.x and SDXL models.")
+    if pipeline.unet.config.in_channels == 9 and task.name not in ("inpaint", "outpaint"):
+        raise ValueError(f"{model.name} is an inpainting model (its UNet reads the mask and the masked image beside "
+                         f"the latents), which runs in Inpainting and outpainting only; for {task.label}, load a "
+                         "text-to-image model.")
     if request.unchanged_image() is None:
         request.check_steps()
     for name in request.controlnet_names():   # loaded first, so that the memory budget counts them

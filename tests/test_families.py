@@ -75,6 +75,13 @@ def test_an_sdxl_refiner_is_refused_at_load_naming_it_and_the_base_to_load(studi
     assert family_of_pipeline(refiner) == family_of_folder(folder) == family_of_checkpoint("xl_refiner") == \
         "SDXL refiner"
     assert family_of_pipeline(base) == "SDXL"
+    # a refiner read as a text-to-image pipeline (a hub id downloaded) has lost the flag; its UNet's five added ids
+    # (8 numbers each here, beside the 32 of the pooled text) still name it
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    five_ids = {"projection_class_embeddings_input_dim": 8 * 5 + 32}
+    unet = UNet2DConditionModel.from_config(dict(base.unet.config) | five_ids)
+    assert family_of_pipeline(StableDiffusionXLPipeline(**(base.components | {"unet": unet}))) == "SDXL refiner"
     before = studio.models.current
     with pytest.raises(ModelLoadError, match="tiny-refiner is a SDXL refiner model \\(it refines an SDXL base model's "
                                              "images.*load the SDXL base model\\)"):

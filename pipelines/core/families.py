@@ -49,13 +49,25 @@ def family_of_pipeline(pipeline) -> str | None:
     """The family of a pipeline read into memory: its class's, or for a class not listed, a diffusion transformer
     named by its class when it has no UNet (None: not known, left to run)."""
     name = type(pipeline).__name__
-    if FAMILY_BY_PIPELINE.get(name) == "SDXL" and getattr(pipeline.config, "requires_aesthetics_score", False):
+    if FAMILY_BY_PIPELINE.get(name) == "SDXL" and (getattr(pipeline.config, "requires_aesthetics_score", False)
+                                                   or _takes_an_aesthetic_score(pipeline)):
         return "SDXL refiner"
     if name in FAMILY_BY_PIPELINE:
         return FAMILY_BY_PIPELINE[name]
     if getattr(pipeline, "unet", None) is None and getattr(pipeline, "transformer", None) is not None:
         return name.removesuffix("Pipeline")
     return None
+
+
+def _takes_an_aesthetic_score(pipeline) -> bool:
+    """Whether an SDXL pipeline's UNet is a refiner's: five added ids (an aesthetic score in place of the target size)
+    beside the pooled text, where the base takes six. Read off the weights' shapes, which every way of loading keeps
+    (a refiner read as a text-to-image pipeline, as a hub id is, loses its `requires_aesthetics_score` flag)."""
+    unet, encoder = getattr(pipeline, "unet", None), getattr(pipeline, "text_encoder_2", None)
+    if unet is None or encoder is None or unet.config.addition_embed_type != "text_time":
+        return False
+    return unet.config.projection_class_embeddings_input_dim == \
+        unet.config.addition_time_embed_dim * 5 + encoder.config.projection_dim
 
 
 def family_of_folder(folder: Path) -> str | None:

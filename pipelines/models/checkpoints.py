@@ -178,6 +178,7 @@ def _single_file_family(path: Path, guessed: str | None, config: str | None, key
     refused, naming both."""
     if guessed == "SD 1.x/2.x":
         guessed = next((family for family, marker in STRUCTURE.items() if any(marker in key for key in keys)), guessed)
+    check_family(guessed, path.name)     # a family no tab runs is told as such, whatever config came with it
     named = family_of_folder(Path(config)) if config else None
     if named is None or named == guessed:
         return guessed

@@ -168,10 +168,10 @@ def test_a_nine_channel_inpainting_unet_gets_the_mask_and_masked_image(studio, t
     assert np.array_equal(result[np.asarray(mask) == 0], pixels(source)[np.asarray(mask) == 0])
     # the other tabs refuse it, naming it, where diffusers failed on the channels ("expected input[2, 4, 16, 16] to
     # have 9 channels")
-    for request, tab in ((Txt2ImgRequest(prompt="red apple", steps=2), "Text-to-Image"),
-                         (Img2ImgRequest(prompt="red apple", steps=2, init_image=source), "Image-to-Image")):
-        with pytest.raises(ValueError, match=f"tiny-inpainting is an inpainting model .* Inpainting and outpainting "
-                                             f"only; for {tab}, load a text-to-image model"):
+    for request in (Txt2ImgRequest(prompt="red apple", steps=2),
+                    Img2ImgRequest(prompt="red apple", steps=2, init_image=source)):
+        with pytest.raises(ValueError, match="tiny-inpainting is an inpainting model .* Inpainting and outpainting "
+                                             "only; for anything else, load a text-to-image model"):
             studio.generate(request)
 
 

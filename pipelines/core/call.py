@@ -173,7 +173,7 @@ def prepare(models, request: SamplingSettings) -> PreparedCall:
                          "it runs SD 1.x/2.x and SDXL models.")
     if pipeline.unet.config.in_channels == 9 and task.name not in ("inpaint", "outpaint"):
         raise ValueError(f"{model.name} is an inpainting model (its UNet reads the mask and the masked image beside "
-                         f"the latents), which runs in Inpainting and outpainting only; for {task.label}, load a "
+                         "the latents), which runs in Inpainting and outpainting only; for anything else, load a "
                          "text-to-image model.")
     if request.unchanged_image() is None:
         request.check_steps()

@@ -64,10 +64,10 @@ def _takes_an_aesthetic_score(pipeline) -> bool:
     beside the pooled text, where the base takes six. Read off the weights' shapes, which every way of loading keeps
     (a refiner read as a text-to-image pipeline, as a hub id is, loses its `requires_aesthetics_score` flag)."""
     unet, encoder = getattr(pipeline, "unet", None), getattr(pipeline, "text_encoder_2", None)
-    if unet is None or encoder is None or unet.config.addition_embed_type != "text_time":
+    pooled = getattr(getattr(encoder, "config", None), "projection_dim", None)
+    if unet is None or pooled is None or unet.config.addition_embed_type != "text_time":
         return False
-    return unet.config.projection_class_embeddings_input_dim == \
-        unet.config.addition_time_embed_dim * 5 + encoder.config.projection_dim
+    return unet.config.projection_class_embeddings_input_dim == unet.config.addition_time_embed_dim * 5 + pooled
 
 
 def family_of_folder(folder: Path) -> str | None:

@@ -82,14 +82,11 @@ def one_certificate_store():
     import httpx._transports.default as transports
 
     original = httpx._config.create_ssl_context
-
-    @functools.lru_cache(maxsize=None)
-    def shared(verify=True, cert=None, trust_env=True):
-        return original(verify=verify, cert=cert, trust_env=trust_env)
+    shared = functools.lru_cache(maxsize=None)(lambda trust_env: original(trust_env=trust_env))
 
     def create_ssl_context(verify=True, cert=None, trust_env=True):
         if verify is True and cert is None:
-            return shared(True, None, trust_env)
+            return shared(trust_env)
         return original(verify=verify, cert=cert, trust_env=trust_env)
 
     transports.create_ssl_context = httpx._config.create_ssl_context = create_ssl_context

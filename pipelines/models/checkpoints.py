@@ -109,7 +109,6 @@ def from_single_file(path: Path, *, dtype, config: str | None) -> DiffusionPipel
     keys = list(checkpoint)
     del checkpoint  # from_single_file reads the file again; don't hold two copies
     family = _single_file_family(path, family_of_checkpoint(model_type), config, keys)
-    check_family(family, path.name)
     classes = {"SD 1.x/2.x": StableDiffusionPipeline, "SDXL": StableDiffusionXLPipeline, "SD 3.x":
                StableDiffusion3Pipeline, "Flux": FluxPipeline}
     if family is not None and family not in classes:
@@ -174,11 +173,11 @@ STRUCTURE = {"SDXL": "conditioner.embedders.1.", "SD 3.x": "joint_blocks."}
 
 def _single_file_family(path: Path, guessed: str | None, config: str | None, keys: list[str]) -> str | None:
     """The family of a single file: diffusers' guess from its keys, or where that is its SD 1.x fallback and the keys
-    have another family's structure, that family. A --model-config folder of another family than the file's is
-    refused, naming both."""
+    have another family's structure, that family. A family no tab runs is refused (families.py), and then a
+    --model-config folder of another family than the file's, naming both."""
     if guessed == "SD 1.x/2.x":
         guessed = next((family for family, marker in STRUCTURE.items() if any(marker in key for key in keys)), guessed)
-    check_family(guessed, path.name)     # a family no tab runs is told as such, whatever config came with it
+    check_family(guessed, path.name)     # first: a refiner's file with its base's config is a refiner, not a mismatch
     named = family_of_folder(Path(config)) if config else None
     if named is None or named == guessed:
         return guessed

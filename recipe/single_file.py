@@ -1,6 +1,6 @@
 """Export a diffusers Stable Diffusion (1.x/2.x or SDXL) pipeline as one `.safetensors` checkpoint in the original
 (CompVis LDM / Stability / A1111) key layout: the kind of file model sites distribute. (SD 3.x: single_file_sd3.py;
-Flux.1: single_file_flux.py.)
+Flux.1: single_file_flux.py; Flux 2: single_file_flux2.py.)
 
     python -m recipe.single_file FOLDER OUT.safetensors
     python launch.py --model OUT.safetensors --model-config FOLDER     # load it back in the studio
@@ -277,7 +277,10 @@ def save_single_file(pipeline_or_folder, path: str | Path) -> Path:
     if type(pipeline).__name__.startswith("StableDiffusion3"):      # the transformer and VAE, in Stability's layout
         from recipe.single_file_sd3 import to_sd3_layout
         tensors = to_sd3_layout(pipeline)
-    elif type(pipeline).__name__.startswith("Flux") and not type(pipeline).__name__.startswith("Flux2"):
+    elif type(pipeline).__name__.startswith("Flux2"):
+        from recipe.single_file_flux2 import flux2_keys  # the transformer alone, in BFL's Flux 2 layout
+        tensors = flux2_keys(pipeline.transformer)
+    elif type(pipeline).__name__.startswith("Flux"):
         from recipe.single_file_flux import flux_keys  # the transformer alone, in BFL's layout
         tensors = flux_keys(pipeline.transformer)
     else:
@@ -295,7 +298,7 @@ def save_single_file(pipeline_or_folder, path: str | Path) -> Path:
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path,
-                        help="a diffusers SD 1.x/2.x, SDXL, SD 3.x or Flux.1 folder (with model_index.json)")
+                        help="a diffusers SD 1.x/2.x, SDXL, SD 3.x, Flux.1 or Flux 2 folder (with model_index.json)")
     parser.add_argument("out", type=Path, help="the .safetensors file to write")
     args = parser.parse_args(argv)
     if not (args.folder / "model_index.json").exists():

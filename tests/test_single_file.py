@@ -309,3 +309,48 @@ def test_a_flux_export_is_in_black_forest_labs_layout(tmp_path):
     assert checkpoint["single_blocks.0.linear1.weight"].shape == (7 * width, width)     # q, k, v and the 4× MLP
     assert sum(tensor.numel() for tensor in checkpoint.values()) == \
         sum(tensor.numel() for tensor in pipeline.transformer.state_dict().values())
+
+
+@pytest.mark.parametrize("variant", ["dev", "klein"])
+def test_a_flux_2_file_of_the_transformer_alone_loads_into_its_configs_pipeline(variant, tmp_path, offline_empty_hub):
+    """A Flux 2 file holds the transformer alone in Black Forest Labs' layout (recipe/single_file_flux2.py writes it,
+    diffusers reads it back at any width, naming every such file [dev]). With --model-config of a [dev] or [klein]
+    folder whose transformer has no weights, it loads as that folder's pipeline with the file's very weights and
+    draws the folder's image; so does the same file under ComfyUI's `model.diffusion_model.` names. Without a config
+    it is refused saying what to pass, and a file holding more than the transformer is refused saying to load the
+    folder."""
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+    from safetensors.torch import save_file
+
+    from recipe.tiny import build_tiny_flux2_klein_pipeline, build_tiny_flux2_pipeline
+
+    build = build_tiny_flux2_pipeline if variant == "dev" else build_tiny_flux2_klein_pipeline
+    build(tmp_path / "build").save_pretrained(tmp_path / "tiny-flux2")
+    path = export_main([str(tmp_path / "tiny-flux2"), str(tmp_path / "tiny-flux2.safetensors")])
+    checkpoint = load_file(path)
+    assert infer_diffusers_model_type(checkpoint) == "flux-2-dev"
+    reference = manager()
+    reference.load(str(tmp_path / "tiny-flux2"))
+    transformer = reference.current.pipeline.transformer
+    width = transformer.inner_dim
+    assert checkpoint["double_blocks.0.img_attn.qkv.weight"].shape == (3 * width, width)
+    assert sum(tensor.numel() for tensor in checkpoint.values()) == \
+        sum(tensor.numel() for tensor in transformer.state_dict().values())
+    config = _weightless(tmp_path / "tiny-flux2", tmp_path / "tiny-flux2-config", ("transformer",))
+    comfy = tmp_path / "comfy.safetensors"
+    save_file({f"model.diffusion_model.{key}": tensor for key, tensor in checkpoint.items()}, str(comfy))
+    for file in (path, comfy):
+        loaded = manager()
+        loaded.load(str(file), config=str(config))
+        assert type(loaded.current.pipeline) is type(reference.current.pipeline)
+        _same(loaded.current.pipeline, reference.current.pipeline, ("transformer", "vae", "text_encoder"))
+    image = _image(reference)
+    assert image.std() > 0 and np.array_equal(image, _image(loaded))
+    with pytest.raises(ModelLoadError, match="tiny-flux2.safetensors is Flux 2's transformer alone. Pass "
+                                             r"--model-config with a diffusers folder of the Flux 2 model"):
+        manager().load(str(path))
+    whole = tmp_path / "whole.safetensors"
+    save_file(checkpoint | {"vae.decoder.conv_in.weight": torch.zeros(1)}, str(whole))
+    with pytest.raises(ModelLoadError, match=r"whole.safetensors holds more than Flux 2's transformer \(vae\).*Load "
+                                             "the diffusers folder"):
+        manager().load(str(whole), config=str(config))

@@ -94,8 +94,8 @@ def absent_components(folder: Path) -> dict[str, None]:
 
 
 def from_single_file(path: Path, *, dtype, config: str | None) -> DiffusionPipeline:
-    """A single `.safetensors` (or, allowed, pickled) checkpoint: SD 1.x/2.x, SDXL, SD 3.x or Flux, told apart by its
-    keys. `config` (--model-config) is a diffusers folder of the same architecture, for offline reading, and where
+    """A single `.safetensors` (or, allowed, pickled) checkpoint: SD 1.x/2.x, SDXL, SD 3.x, Flux or Flux 2, told apart
+    by its keys. `config` (--model-config) is a diffusers folder of the same architecture, for offline reading, and where
     the components the file does not hold come from (SD 3 and Flux files often hold the transformer alone)."""
     from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type, load_single_file_checkpoint
@@ -109,6 +109,8 @@ def from_single_file(path: Path, *, dtype, config: str | None) -> DiffusionPipel
     keys = list(checkpoint)
     del checkpoint  # from_single_file reads the file again; don't hold two copies
     family = _single_file_family(path, family_of_checkpoint(model_type), config, keys)
+    if family == "Flux 2":
+        return _flux2_from_single_file(path, keys, dtype=dtype, config=config)
     classes = {"SD 1.x/2.x": StableDiffusionPipeline, "SDXL": StableDiffusionXLPipeline, "SD 3.x":
                StableDiffusion3Pipeline, "Flux": FluxPipeline}
     if family is not None and family not in classes:
@@ -121,6 +123,38 @@ def from_single_file(path: Path, *, dtype, config: str | None) -> DiffusionPipel
     if pipeline_class is StableDiffusionPipeline:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     return pipeline_class.from_single_file(str(path), **kwargs)
+
+
+def _flux2_from_single_file(path: Path, keys: list[str], *, dtype, config: str | None) -> DiffusionPipeline:
+    """A Flux 2 file: the transformer alone in Black Forest Labs' layout (as `flux2-dev.safetensors` and the [klein]
+    files are released), read by diffusers' `Flux2Transformer2DModel.from_single_file` with the --model-config
+    folder's transformer config; the pipeline ([dev] or [klein], its text encoder and VAE) is that folder's. diffusers
+    names every such file [dev], so only the folder can say which it is."""
+    from diffusers import AutoPipelineForText2Image, Flux2Transformer2DModel
+
+    others = sorted({key.split(".")[0] for key in keys if key.startswith(("vae.", "first_stage_model.",
+                                                                            "text_encoders.", "conditioner."))})
+    if others:
+        raise ModelLoadError(f"{path.name} holds more than Flux 2's transformer ({', '.join(others)}); the studio reads "
+                             "Flux 2 files of the transformer alone, as Black Forest Labs releases them. Load the "
+                             "diffusers folder instead.")
+    if not config:
+        raise ModelLoadError(f"{path.name} is Flux 2's transformer alone. Pass --model-config with a diffusers folder "
+                             "of the Flux 2 model it was made from ([dev] or [klein]): its text encoder, VAE and "
+                             "transformer config.")
+    from diffusers.loaders.single_file_utils import load_single_file_checkpoint
+
+    folder, prefix = Path(config), "model.diffusion_model."   # ComfyUI's checkpoints name it so; diffusers' reader not
+    try:
+        state = {key.removeprefix(prefix): tensor for key, tensor in load_single_file_checkpoint(str(path)).items()}
+        transformer = Flux2Transformer2DModel.from_single_file(state, config=str(folder), subfolder="transformer",
+                                                               dtype=dtype, local_files_only=True)
+    except Exception as error:
+        raise ModelLoadError(f"{path.name} could not be read as the transformer of --model-config {folder.name} "
+                             f"({type(error).__name__}: {error}). Pass the folder of the Flux 2 model the file was "
+                             "made from.") from error
+    return AutoPipelineForText2Image.from_pretrained(str(folder), transformer=transformer, dtype=dtype,
+                                                     **folder_arguments(folder))
 
 
 _VAE = ("first_stage_model.", "vae.")

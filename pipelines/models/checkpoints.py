@@ -95,8 +95,8 @@ def absent_components(folder: Path) -> dict[str, None]:
 
 def from_single_file(path: Path, *, dtype, config: str | None) -> DiffusionPipeline:
     """A single `.safetensors` (or, allowed, pickled) checkpoint: SD 1.x/2.x, SDXL, SD 3.x, Flux or Flux 2, told apart
-    by its keys. `config` (--model-config) is a diffusers folder of the same architecture, for offline reading, and where
-    the components the file does not hold come from (SD 3 and Flux files often hold the transformer alone)."""
+    by its keys. `config` (--model-config) is a diffusers folder of the same architecture, for offline reading, and
+    where the components the file does not hold come from (SD 3 and Flux files often hold the transformer alone)."""
     from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type, load_single_file_checkpoint
 
@@ -135,9 +135,9 @@ def _flux2_from_single_file(path: Path, keys: list[str], *, dtype, config: str |
     others = sorted({key.split(".")[0] for key in keys if key.startswith(("vae.", "first_stage_model.",
                                                                             "text_encoders.", "conditioner."))})
     if others:
-        raise ModelLoadError(f"{path.name} holds more than Flux 2's transformer ({', '.join(others)}); the studio reads "
-                             "Flux 2 files of the transformer alone, as Black Forest Labs releases them. Load the "
-                             "diffusers folder instead.")
+        raise ModelLoadError(f"{path.name} holds more than Flux 2's transformer ({', '.join(others)}); the studio "
+                             "reads Flux 2 files of the transformer alone, as Black Forest Labs releases them. Load "
+                             "the diffusers folder instead.")
     if not config:
         raise ModelLoadError(f"{path.name} is Flux 2's transformer alone. Pass --model-config with a diffusers folder "
                              "of the Flux 2 model it was made from ([dev] or [klein]): its text encoder, VAE and "

@@ -712,3 +712,29 @@ def test_an_outpainted_box_on_a_transformer_is_in_multiples_of_its_patch_of_cell
     assert box_processing_size((0, 0, 1324, 868), 1024, 1024) == (1560, 1024)          # a UNet's 8 px: unchanged
     width, height = box_processing_size((0, 0, 1324, 868), 1024, 1024, 16)
     assert width % 16 == 0 and height % 16 == 0 and abs(width / height - 1324 / 868) < 0.02
+
+
+@pytest.mark.parametrize("family", ["SD 3.x", "Flux"])
+def test_the_explorer_compares_a_flow_models_samplers_counting_the_transformers_calls(families, family):
+    """The explorer's sampler comparison on a flow-matching transformer: each cell is the image Text-to-Image draws
+    at its settings, measured against the model's own sampler (it does not run the default reference, DDIM) at the
+    reference's steps; the transformer's calls are counted (SD 3's CFG: one call of two rows a step; Flux's true CFG:
+    two calls of one row). A sampler the family does not run is refused, naming those it does."""
+    from pipelines.explorer.comparison import compare, rms_distance
+
+    studio = use(families, family)
+    request = Txt2ImgRequest(prompt="red apple", steps=3, width=64, height=64, seed=5, sampler="Euler",
+                             guidance_scale=3.0)
+    _, rows = studio.models.worker.call(compare, studio.models, request, samplers=["Euler", "UniPC"], steps=[2, 3],
+                                        reference_steps=3)
+    assert [(row.sampler, row.steps) for row in rows] == [("Euler", 2), ("Euler", 3), ("UniPC", 2), ("UniPC", 3)]
+    assert {row.reference_sampler for row in rows} == {"Euler"}
+    reference = studio.generate(request).images[0].image
+    for row in rows:
+        image = studio.generate(replace(request, sampler=row.sampler, steps=row.steps)).images[0].image
+        assert row.rms_to_reference == rms_distance(image, reference)
+        assert (row.unet_calls, row.model_evaluations) == ((row.steps, 2 * row.steps) if family == "SD 3.x" else
+                                                           (2 * row.steps, 2 * row.steps))
+    assert rows[1].rms_to_reference == 0 and rows[0].rms_to_reference > 0
+    with pytest.raises(ValueError, match=f"\\({family}\\) does not run DDIM, DDPM \\(the reference\\); it runs Euler"):
+        studio.models.worker.call(compare, studio.models, request, samplers=["DDIM"], reference_sampler="DDPM")

@@ -1,6 +1,12 @@
 """Comparing images, for the Diffusion Explorer tab: one seed run over several samplers, step counts and
 CFG scales, each measured against a many-step reference and laid out in a labelled grid; and the difference
 map and RMS distance between two images (a branch against its original, a cell against its reference).
+
+Every family runs it: a UNet model through the studio's loop, a diffusion transformer (SD 3.x, Flux, Flux 2,
+PixArt, Sana) through its own pipeline's call, each cell the image Text-to-Image draws with its settings, and the
+model calls counted on the denoiser, whichever it is. A transformer runs the samplers its family's menu holds (the
+flow-matching ones for a flow model), and the default reference, DDIM, becomes the model's own sampler where the
+model does not run DDIM.
 """
 
 from __future__ import annotations
@@ -15,9 +21,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from pipelines.core.call import prepare
 from pipelines.core.checks import MAX_STEPS
+from pipelines.core.families import family_of_pipeline
 from pipelines.core.samplers import STEPWISE_SAMPLER_NAMES
-from pipelines.explorer.reverse import initial_noise, prepare_one_image
+from pipelines.core.transformers import default_transformer_sampler, denoiser_of, is_transformer, transformer_samplers
+from pipelines.explorer.reverse import check_one_image, initial_noise
 from pipelines.explorer.trace import colour_map
 from pipelines.models.manager import ModelManager
 from pipelines.tasks.txt2img import Txt2ImgRequest
@@ -65,8 +74,9 @@ class CompareRow:
     guidance_scale: float
     rms_to_reference: float         # pixel values 0..255
     seconds: float
-    unet_calls: int                 # forward calls; one call carries both CFG halves
-    model_evaluations: int          # calls × batch: 2 per call with CFG
+    unet_calls: int                 # the denoiser's (UNet's or transformer's) forward calls; one may carry both CFG
+    model_evaluations: int          # halves; evaluations: calls × batch, 2 per call with CFG
+    reference_sampler: str = ""     # what the cell was measured against (at the reference's steps)
 
     def values(self) -> list:
         return [self.sampler, self.steps, self.guidance_scale, round(self.rms_to_reference, 2),
@@ -99,6 +109,7 @@ def compare(models: ModelManager, request: Txt2ImgRequest, *, samplers: list[str
     if reference_sampler is not None and reference_sampler not in STEPWISE_SAMPLER_NAMES:
         raise ValueError(f"Unknown reference sampler {reference_sampler!r}. "
                          f"Valid samplers: {', '.join(STEPWISE_SAMPLER_NAMES)}.")
+    reference_sampler = _checked_for_the_model(models, samplers, reference_sampler)
 
     # 2. Generate every cell, and each reference once
     references: dict[tuple[str, float], Image.Image] = {}
@@ -112,7 +123,7 @@ def compare(models: ModelManager, request: Txt2ImgRequest, *, samplers: list[str
             references[key] = _measured_generation(models, replace(cell, sampler=key[0], steps=reference_steps))[0]
         images.append(image)
         rows.append(CompareRow(cell.sampler, cell.steps, cell.guidance_scale, rms_distance(image, references[key]),
-                               seconds, calls, evaluations))
+                               seconds, calls, evaluations, key[0]))
         if on_step is not None:
             on_step(number + 1, len(cells))
 
@@ -120,20 +131,42 @@ def compare(models: ModelManager, request: Txt2ImgRequest, *, samplers: list[str
     return _grid(images, rows, columns=len(steps) * len(cfgs)), rows
 
 
+def _checked_for_the_model(models: ModelManager, samplers: list[str], reference: str | None) -> str | None:
+    """Refuse a sampler the loaded transformer's family does not run, naming those it does; the default reference
+    (DDIM) becomes the model's own sampler where the model does not run DDIM. The reference sampler is returned."""
+    model = models.current
+    if model is None or not is_transformer(model.pipeline):
+        return reference
+    runs = transformer_samplers(model.pipeline, model.scheduler_config)
+    foreign = [name for name in samplers if name not in runs]
+    if reference == DEFAULT_REFERENCE_SAMPLER and reference not in runs:
+        reference = default_transformer_sampler(model.scheduler_config)
+    if reference is not None and reference not in runs:
+        foreign.append(f"{reference} (the reference)")
+    if foreign:
+        raise ValueError(f"{model.name} ({family_of_pipeline(model.pipeline)}) does not run {', '.join(foreign)}; "
+                         f"it runs {', '.join(runs)}.")
+    return reference
+
+
 def _measured_generation(models: ModelManager, request: Txt2ImgRequest) -> tuple[Image.Image, float, int, int]:
-    """The Generator-identical image, its wall time and how often the UNet ran."""
-    run = prepare_one_image(models, request)
+    """The Generator-identical image, its wall time and how often the denoiser (UNet or transformer) ran."""
+    check_one_image(request)
+    run = prepare(models, request)
     counts = {"calls": 0, "evaluations": 0}
 
     def count(module, args, output):
         counts["calls"] += 1
         counts["evaluations"] += (output[0] if isinstance(output, tuple) else output.sample).shape[0]
 
-    handle = run.pipeline.unet.register_forward_hook(count)
+    handle = denoiser_of(run.pipeline).register_forward_hook(count)
     started = time.perf_counter()
     try:
-        noise, generators = initial_noise(run)
-        image = run.decode(run(0, generators=generators, latents=noise))[0]
+        if is_transformer(run.pipeline):       # its pipeline draws the noise from the generators, as Generator's
+            image = run.decode(run(0))[0]
+        else:
+            noise, generators = initial_noise(run)
+            image = run.decode(run(0, generators=generators, latents=noise))[0]
     finally:
         handle.remove()
     return image, time.perf_counter() - started, counts["calls"], counts["evaluations"]

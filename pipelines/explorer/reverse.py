@@ -68,7 +68,7 @@ def record_trace(models: ModelManager, request: Txt2ImgRequest, *, stop: threadi
 def prepare_one_image(models: ModelManager, request: Txt2ImgRequest) -> PreparedCall:
     """Generator's preparation (`prepare`, pipelines/core/call.py), checked for the one image a trace records."""
     check_one_image(request)
-    check_unet_model(models.current, "The Diffusion Explorer's sampler comparison")
+    check_unet_model(models.current, "The Diffusion Explorer's step-by-step trace")
     return prepare(models, request)
 
 

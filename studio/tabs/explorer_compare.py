@@ -66,11 +66,13 @@ def wire_compare(explorer: Explorer, panel: ComparePanel, *,
         if result is None:
             return
         grid, rows = result
-        reference_name = reference or "each cell's own sampler"
+        # the reference each cell was measured against (the model's own sampler where it does not run the default)
+        reference_name = rows[0].reference_sampler if reference else "each cell's own sampler"
         yield {panel.grid: grid,
                panel.table: gr.Dataframe(value=[row.values() for row in rows], headers=list(COMPARE_COLUMNS)),
                panel.status: f"Seed {generation.seed} · reference: {reference_name} at {int(reference_steps)} steps. "
-                             "NFE counts UNet calls; with CFG one call carries both passes (2 evaluations)."}
+                             "NFE counts the model's calls (UNet or transformer); with CFG one call may carry both "
+                             "passes (2 evaluations)."}
 
     panel.button.click(compare_reverse, inputs_kwargs={**reverse_settings, **panel.inputs},
                        outputs={job_id, panel.grid, panel.table, panel.status}, **PRIVATE, **DEVICE_QUEUE)

@@ -94,6 +94,24 @@ def build_tiny_sdxl_pipeline(folder: Path, seed: int = 0, width_2: int = 32):
     return pipeline
 
 
+def build_tiny_playground_pipeline(folder: Path, seed: int = 0):
+    """The tiny SDXL in Playground v2.5's layout: its UNet trained in the EDM formulation (diffusers'
+    EDMDPMSolverMultistepScheduler with Playground's settings: σ from 0.002 to 80, σ_data 0.5) and its VAE's latents
+    normalised per channel (`latents_mean`, `latents_std` and scaling factor 0.5: Playground's values)."""
+    from diffusers import AutoencoderKL, EDMDPMSolverMultistepScheduler
+
+    pipeline = build_tiny_sdxl_pipeline(folder, seed)
+    pipeline.scheduler = EDMDPMSolverMultistepScheduler(
+        sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, rho=7.0, solver_order=2, prediction_type="epsilon",
+        algorithm_type="dpmsolver++", solver_type="midpoint", final_sigmas_type="zero", lower_order_final=True)
+    vae = AutoencoderKL.from_config(pipeline.vae.config, scaling_factor=0.5,
+                                    latents_mean=[-1.6574, 1.886, -1.383, 2.5155],
+                                    latents_std=[8.4927, 5.9022, 6.5498, 5.2299])
+    vae.load_state_dict(pipeline.vae.state_dict())
+    pipeline.vae = vae
+    return pipeline
+
+
 def _near_deterministic(vae):
     """A trained VAE's posterior is nearly a point (the embedded one's std is about 0.007): random weights give a
     wide one, whose samples (diffusers' image-to-image pipelines sample it) would hide where a run starts."""

@@ -23,7 +23,7 @@ from pipelines.core.images import to_pil
 from pipelines.core.prompts import LoraUse, prompt_arguments, prompt_texts
 from pipelines.core.registry import Task, task_of
 from pipelines.core.requests import SamplingSettings
-from pipelines.core.samplers import MODEL_DRAFTS, make_scheduler, sampler_loop
+from pipelines.core.samplers import MODEL_DRAFTS, edm_refusal, is_edm, make_scheduler, sampler_loop
 from pipelines.core.transformer_call import prepare_transformer
 from pipelines.core.transformers import distilled_guidance_notes, is_transformer
 from pipelines.core.vae import VAE_UPCAST_NOTE, check_size, decode
@@ -204,6 +204,8 @@ def prepare(models, request: SamplingSettings) -> PreparedCall:
     # 4. Guidance beyond CFG: what it needs checked and loaded (pipelines/core/guidance.py)
     classifier, classifier_index = None, 0
     if request.classifier_scale > 0.0:
+        if is_edm(model.scheduler_config):
+            raise ValueError(edm_refusal("Classifier guidance (−√(1−ᾱ_t)·s·∇log p(y|x_t))", "set its scale to 0"))
         if pipeline.scheduler.config.prediction_type != "epsilon":
             raise ValueError(f"Classifier guidance here corrects an ε-prediction; {model.name} predicts "
                              f"{pipeline.scheduler.config.prediction_type}.")

@@ -8,12 +8,14 @@ A1111 >= 1.9 splits what older versions (and our names) call "DPM++ 2M Karras" i
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, DPMSolverSDEScheduler,
-                       EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler, LCMScheduler,
-                       LMSDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
+                       EDMDPMSolverMultistepScheduler, EDMEulerScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, HeunDiscreteScheduler, LCMScheduler, LMSDiscreteScheduler, PNDMScheduler,
+                       UniPCMultistepScheduler)
 
 # name -> (scheduler class, overrides on top of the model's config)
 SAMPLERS: dict[str, tuple[type, dict]] = {
@@ -34,6 +36,13 @@ SAMPLERS: dict[str, tuple[type, dict]] = {
     "LCM": (LCMScheduler, {}),
 }
 SAMPLER_NAMES = tuple(SAMPLERS)
+# A UNet trained in Karras et al.'s EDM formulation (Playground v2.5: SDXL's UNet on σ from 0.002 to 80, its input,
+# output and noise level preconditioned by σ) has no DDPM schedule for the samplers above: it runs diffusers' EDM
+# schedulers, offered by the names of ours they are (their σ spacing is the model's own, Karras's by default)
+EDM_SAMPLERS: dict[str, tuple[type, dict]] = {
+    "Euler": (EDMEulerScheduler, {}),
+    "DPM++ 2M": (EDMDPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+}
 # Samplers that step one model call at a time (every task and the explorer's trace): all but speculative DDPM,
 # which verifies several steps per call and runs Text-to-Image only
 SPECULATIVE_SAMPLER = "DDPM speculative"
@@ -123,9 +132,28 @@ def check_sampler(name: str) -> None:
         raise ValueError(f"Unknown sampler {name!r}. Valid samplers: {', '.join(SAMPLER_NAMES)}.")
 
 
+def is_edm(model_scheduler_config: dict) -> bool:
+    """Whether the model is trained in the EDM formulation (it ships one of diffusers' EDM schedulers)."""
+    return str(dict(model_scheduler_config).get("_class_name", "")).startswith("EDM")
+
+
+def edm_refusal(what: str, instead: str) -> str:
+    """Why `what`, built on DDPM's ᾱ_t schedule, does not run an EDM model, and what to do `instead`."""
+    return (f"{what} works on DDPM's noise schedule (ᾱ_t), and this model is trained in the EDM formulation (σ from "
+            f"0.002 to 80, preconditioned, as Playground v2.5), which has none; {instead}.")
+
+
 def make_scheduler(name: str, model_scheduler_config: dict):
-    """A fresh scheduler `name`, configured from the model's own scheduler config."""
+    """A fresh scheduler `name`, configured from the model's own scheduler config (an EDM model's: its EDM
+    scheduler of that name)."""
     check_sampler(name)
+    if is_edm(model_scheduler_config):
+        if name not in EDM_SAMPLERS:
+            raise ValueError(f"The {name} sampler steps DDPM's noise schedule, and this model is trained in the EDM "
+                             f"formulation (σ-preconditioned, as Playground v2.5): it runs {', '.join(EDM_SAMPLERS)}.")
+        scheduler_class, overrides = EDM_SAMPLERS[name]
+        keep = set(inspect.signature(scheduler_class.__init__).parameters)
+        return scheduler_class(**{k: v for k, v in dict(model_scheduler_config).items() if k in keep} | overrides)
     scheduler_class, overrides = SAMPLERS[name]
     config = {k: v for k, v in dict(model_scheduler_config).items()
               if k not in ("use_karras_sigmas", "algorithm_type", "solver_order")}
@@ -136,6 +164,9 @@ def model_default_sampler(model_scheduler_config: dict) -> str:
     """The registry name of the scheduler class the model ships with (fallback DEFAULT_SAMPLER)."""
     class_name = dict(model_scheduler_config).get("_class_name")
     karras = dict(model_scheduler_config).get("use_karras_sigmas", False)
+    for name, (scheduler_class, _) in EDM_SAMPLERS.items() if is_edm(model_scheduler_config) else ():
+        if scheduler_class.__name__ == class_name:
+            return name
     for name, (scheduler_class, overrides) in SAMPLERS.items():
         if scheduler_class.__name__ == class_name and overrides.get("use_karras_sigmas", False) == karras:
             return name

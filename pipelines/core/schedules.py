@@ -49,6 +49,7 @@ from pipelines.core.samplers import (
     SPECULATIVE_SAMPLER,
     STEPWISE_SAMPLER_NAMES,
     check_sampler,
+    edm_refusal,
     make_scheduler,
     sampler_from_a1111,
 )
@@ -204,6 +205,8 @@ def pipeline_schedule_arguments(scheduler, steps: int, schedule: str, *, unet_co
     steps = _check_steps(steps)
     if schedule == DEFAULT_SCHEDULE:
         return {}
+    if type(scheduler).__name__.startswith("EDM"):
+        raise ValueError(edm_refusal(schedule, "it runs its own σ spacing, with the Default schedule"))
     reason = _refusal(type(scheduler), scheduler.config)
     if reason is not None:
         raise ValueError(_takes_only_default(type(scheduler).__name__, reason))

@@ -40,7 +40,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from pipelines.core.families import family_of_pipeline
-from pipelines.core.samplers import SPECULATIVE_SAMPLER, STEPWISE_SAMPLER_NAMES, make_scheduler
+from pipelines.core.samplers import EDM_SAMPLERS, SPECULATIVE_SAMPLER, STEPWISE_SAMPLER_NAMES, is_edm, make_scheduler
 from pipelines.core.vae import encode
 
 TRANSFORMER_FAMILIES = ("SD 3.x", "Flux", "Flux 2", "PixArt-α", "PixArt-Σ", "Sana")
@@ -155,6 +155,8 @@ def make_transformer_scheduler(name: str, scheduler_config: dict):
 
 def sampler_menu(model, task: str, task_samplers: tuple[str, ...]) -> tuple[str, ...]:
     """The samplers a tab offers for the loaded model: the task's, or those the transformer family runs for it."""
+    if model is not None and not is_transformer(model.pipeline) and is_edm(model.scheduler_config):
+        return tuple(name for name in task_samplers if name in EDM_SAMPLERS)
     if model is None or not is_transformer(model.pipeline):
         return task_samplers
     return transformer_samplers(model.pipeline, model.scheduler_config, task)

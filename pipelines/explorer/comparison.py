@@ -5,8 +5,8 @@ map and RMS distance between two images (a branch against its original, a cell a
 Every family runs it: a UNet model through the studio's loop, a diffusion transformer (SD 3.x, Flux, Flux 2,
 PixArt, Sana) through its own pipeline's call, each cell the image Text-to-Image draws with its settings, and the
 model calls counted on the denoiser, whichever it is. A transformer runs the samplers its family's menu holds (the
-flow-matching ones for a flow model), and the default reference, DDIM, becomes the model's own sampler where the
-model does not run DDIM.
+flow-matching ones for a flow model), an EDM UNet (Playground v2.5) its EDM samplers, and the default reference,
+DDIM, becomes the model's own sampler where the model does not run DDIM.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pipelines.core.call import prepare
 from pipelines.core.checks import MAX_STEPS
 from pipelines.core.families import family_of_pipeline
-from pipelines.core.samplers import STEPWISE_SAMPLER_NAMES
+from pipelines.core.samplers import EDM_SAMPLERS, STEPWISE_SAMPLER_NAMES, is_edm, model_default_sampler
 from pipelines.core.transformers import default_transformer_sampler, denoiser_of, is_transformer, transformer_samplers
 from pipelines.explorer.reverse import check_one_image, initial_noise
 from pipelines.explorer.trace import colour_map
@@ -135,12 +135,16 @@ def _checked_for_the_model(models: ModelManager, samplers: list[str], reference:
     """Refuse a sampler the loaded transformer's family does not run, naming those it does; the default reference
     (DDIM) becomes the model's own sampler where the model does not run DDIM. The reference sampler is returned."""
     model = models.current
-    if model is None or not is_transformer(model.pipeline):
+    if model is not None and is_transformer(model.pipeline):
+        runs = transformer_samplers(model.pipeline, model.scheduler_config)
+        own = default_transformer_sampler(model.scheduler_config)
+    elif model is not None and is_edm(model.scheduler_config):     # an EDM UNet (Playground v2.5)
+        runs, own = tuple(EDM_SAMPLERS), model_default_sampler(model.scheduler_config)
+    else:
         return reference
-    runs = transformer_samplers(model.pipeline, model.scheduler_config)
     foreign = [name for name in samplers if name not in runs]
     if reference == DEFAULT_REFERENCE_SAMPLER and reference not in runs:
-        reference = default_transformer_sampler(model.scheduler_config)
+        reference = own
     if reference is not None and reference not in runs:
         foreign.append(f"{reference} (the reference)")
     if foreign:

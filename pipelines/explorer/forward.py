@@ -26,6 +26,7 @@ from PIL import Image
 
 from pipelines.core.images import image_to_tensor as pixels_to_tensor
 from pipelines.core.images import to_pil
+from pipelines.core.samplers import edm_refusal, is_edm
 from pipelines.core.transformers import is_flow
 from pipelines.core.vae import decode, encode
 
@@ -186,6 +187,9 @@ def make_schedule(
         return flow_schedule(DEFAULT_NUM_STEPS if num_steps is None else num_steps)
     if name == "model" and is_flow(scheduler_config):
         return _model_flow_schedule(scheduler_config, num_steps)
+    if name == "model" and is_edm(scheduler_config):
+        raise ValueError(edm_refusal('Schedule "model"', "its forward process is x_σ = x_0 + σ·ε; tick the linear "
+                                     "or cosine DDPM schedule, or flow matching"))
 
     # 2. Collect the DDPMScheduler arguments that determine the betas
     if name == "model":

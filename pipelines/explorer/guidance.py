@@ -40,6 +40,7 @@ from pipelines.core.paths import ASSETS_DIR
 from pipelines.core.preview import LatentPreviewer
 from pipelines.core.samplers import DEFAULT_SAMPLER, STEPWISE_SAMPLER_NAMES
 from pipelines.core.schedules import set_schedule
+from pipelines.core.samplers import edm_refusal, is_edm
 from pipelines.core.transformers import check_unet_model
 from pipelines.models.manager import ModelManager
 from pipelines.tasks.txt2img import Txt2ImgRequest
@@ -165,6 +166,9 @@ def compare_guidance(models: ModelManager, *, prompt: str, negative_prompt: str 
             on_step(progress["done"], progress["total"])
 
     check_unet_model(models.current, "The Diffusion Explorer's guidance comparison")
+    if models.current is not None and is_edm(models.current.scheduler_config):
+        raise ValueError(edm_refusal("The Diffusion Explorer's guidance comparison (x̂_0 and ε per step from ᾱ_t)",
+                                     "compare the samplers instead, or generate with each guidance in Text-to-Image"))
     for method, request in requests.items():
         if stop is not None and stop.is_set():
             notes.append(f"Stopped before {method}.")

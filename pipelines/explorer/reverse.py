@@ -37,7 +37,7 @@ from pipelines.core.call import PreparedCall, encoder_texts, prepare
 from pipelines.core.denoiser import Denoiser, encoded_prompts, size_ids
 from pipelines.core.guidance import uses_cfg
 from pipelines.core.loop import run_steps
-from pipelines.core.samplers import STOCHASTIC
+from pipelines.core.samplers import STOCHASTIC, edm_refusal, is_edm
 from pipelines.core.transformers import check_unet_model, is_transformer
 from pipelines.explorer.flow_trace import branch_flow_trace, record_flow_trace
 from pipelines.explorer.trace import Trace, TraceStep, predicted_x0
@@ -69,6 +69,9 @@ def prepare_one_image(models: ModelManager, request: Txt2ImgRequest) -> Prepared
     """Generator's preparation (`prepare`, pipelines/core/call.py), checked for the one image a trace records."""
     check_one_image(request)
     check_unet_model(models.current, "The Diffusion Explorer's step-by-step trace")
+    if models.current is not None and is_edm(models.current.scheduler_config):
+        raise ValueError(edm_refusal("The Diffusion Explorer's step-by-step trace (x̂_0 from ᾱ_t)",
+                                     "compare its samplers below, or generate in Text-to-Image"))
     return prepare(models, request)
 
 

@@ -51,6 +51,7 @@ from pipelines.training.checkpoint import base_model_identity, fingerprint, remo
 from pipelines.training.checks import check_model
 from pipelines.training.class_images import class_image_folder, class_images, report_and_yield
 from pipelines.training.data import TrainingData, prepare_data
+from pipelines.training.edm import MIN_SNR_NOTE, edm_batch, is_edm_schedule, training_schedule
 from pipelines.training.flow import train_transformer_lora
 from pipelines.training.methods import make_method
 from pipelines.training.request import (
@@ -150,17 +151,19 @@ def _prior_data(run: _Run, cache_dir: Path, side: int) -> TrainingData:
 def _train(run: _Run, method, parameters: list, data: TrainingData, prior: TrainingData | None,
            score: EffectScore | None) -> TrainingResult:
     """Steps 3 to 6 of the module's docstring."""
-    from diffusers import DDPMScheduler
-
     request, job, accelerator = run.request, run.job, run.accelerator
-    # the training schedule itself (not the sampler the last generation used): q(x_t | x_0) at any t
-    scheduler = DDPMScheduler.from_config(run.model.scheduler_config)
+    # the training schedule itself (not the sampler the last generation used): q(x_t | x_0) at any t (an EDM
+    # model's: x_σ at its σ levels, edm.py)
+    scheduler = training_schedule(run.model.scheduler_config)
     # where the batches are (the execution device: with model offload the UNet waits on the CPU between calls)
-    alphas_cumprod = scheduler.alphas_cumprod.to(run.pipeline._execution_device)
+    alphas_cumprod = None if is_edm_schedule(scheduler) else scheduler.alphas_cumprod.to(run.pipeline._execution_device)
     generator = torch.Generator().manual_seed(request.seed)
     optimizer = torch.optim.AdamW(parameters, lr=request.learning_rate, weight_decay=1e-2)
     objective = accelerator.prepare(method.objective())
     warnings: list[str] = []
+    if alphas_cumprod is None and request.min_snr_gamma:
+        warnings.append(MIN_SNR_NOTE)
+        job.emit(TrainingWarning(0, MIN_SNR_NOTE))
     start, note = resume(run.run_dir, run.fingerprint, request.steps, method, optimizer)
     if note:
         warnings.append(note)
@@ -281,7 +284,9 @@ def _weighted(parts: list[dict], errors: list[torch.Tensor], request: TrainingRe
     total = torch.zeros((), device=errors[0].device)
     for part, error in zip(parts, errors):
         t = part["t"]
-        if request.min_snr_gamma:
+        if "row_weight" in part:          # an EDM model's rows (edm.py)
+            error = error * part["row_weight"]
+        if request.min_snr_gamma and alphas_cumprod is not None:
             snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
             error = error * torch.clamp(snr, max=request.min_snr_gamma) / (snr + 1 if velocity else snr)
         total = total + part["weight"] * error.sum() / request.batch_size
@@ -306,10 +311,14 @@ def _batch(data: TrainingData, request: TrainingRequest, scheduler, generator, *
                           bucket.embeddings[index])
     input_ids = torch.where(drop.view(-1, 1), data.empty_ids.expand_as(bucket.input_ids[index]),
                             bucket.input_ids[index])
-    # what the model predicts: eps, or (SD 2.x's v-prediction) v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0
-    target = scheduler.get_velocity(x0, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
-    batch = {"x_t": scheduler.add_noise(x0, noise, t), "t": t, "target": target, "context": context,
-             "input_ids": input_ids, "weight": weight}
+    if is_edm_schedule(scheduler):     # t: the index of a training σ (edm.py)
+        batch = edm_batch(scheduler, x0, noise, t)
+    else:
+        # what the model predicts: eps, or (SD 2.x's v-prediction) v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0
+        target = scheduler.get_velocity(x0, noise, t) if scheduler.config.prediction_type == "v_prediction" else \
+            noise
+        batch = {"x_t": scheduler.add_noise(x0, noise, t), "t": t, "target": target}
+    batch |= {"context": context, "input_ids": input_ids, "weight": weight}
     if bucket.pooled is not None:     # SDXL: the pooled caption, and the bucket's size as its size and crop ids
         pooled = torch.where(drop.view(-1, 1).to(device), data.empty_pooled.expand_as(bucket.pooled[index]),
                              bucket.pooled[index])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import time
@@ -54,6 +55,11 @@ def _pixels(images: np.ndarray) -> torch.Tensor:
 @torch.no_grad()
 def _latents(vae, pixels: torch.Tensor) -> torch.Tensor:
     return torch.cat([vae.encode(chunk).latent_dist.mean for chunk in pixels.split(256)])
+
+
+def learning_rate_factor(step: int, steps: int, warmup: int) -> float:
+    """A linear warm-up over `warmup` steps, then half a cosine down to 0 at `steps`."""
+    return min(1.0, (step + 1) / max(warmup, 1)) * 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / steps))
 
 
 def train(args) -> None:
@@ -99,6 +105,8 @@ def train(args) -> None:
     vae.train()
     started = time.perf_counter()
     while step < args.steps:
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * learning_rate_factor(step, args.steps, args.warmup)
         index = torch.randint(0, len(pixels), (args.batch_size,), generator=generator)
         decoded = vae.decode(latents[index]).sample
         loss = loss_of(decoded, pixels[index], args.chroma_weight)
@@ -134,7 +142,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=4e-4, help="the peak learning rate (cosine decay to 0)")
+    parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--chroma-weight", type=float, default=4.0)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--checkpoint-every", type=int, default=250)

@@ -22,7 +22,7 @@ from pipelines.tasks import TASKS
 from studio.context import OWNER_COOKIE, StudioContext
 from studio.errors import user_errors
 from studio.tabs.controlnet import build_controlnet_tab
-from studio.tabs.explorer import build_explorer_tab, wire_explorer_load
+from studio.tabs.explorer import build_explorer_tab, wire_explorer_shown
 from studio.tabs.generate import FAILED, GenerationTab, settings_from_infotext, size_hint, wire_resume
 from studio.tabs.img2img import build_img2img_tab
 from studio.tabs.inpaint import build_inpaint_tab
@@ -186,7 +186,7 @@ def build_app(context: StudioContext) -> gr.Blocks:
                 lora = build_lora_tab(context)
             with gr.Tab("PNG Info", id="pnginfo"):
                 pnginfo = build_pnginfo_tab()
-            with gr.Tab("Diffusion Explorer", id="explorer"):
+            with gr.Tab("Diffusion Explorer", id="explorer") as explorer_shown:
                 explorer = build_explorer_tab(context)
             with gr.Tab("Models & memory", id="models"):
                 models_tab = build_models_tab(context, header=header)
@@ -197,7 +197,7 @@ def build_app(context: StudioContext) -> gr.Blocks:
         _wire_model_defaults(context, models_tab.loaded, generation_tabs, explorer.reverse.settings["size"])
         for tab in generation_tabs:
             wire_resume(app, context, tab)
-        wire_explorer_load(app, explorer)
+        wire_explorer_shown(explorer, explorer_shown)
         wire_lora_resume(app, context, lora)
         _wire_jobs_api(context)
         # one reading of the figures for both places that show them

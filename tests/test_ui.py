@@ -269,3 +269,16 @@ def test_every_generation_endpoint_takes_the_guidance_fields_last(blocks_and_tab
         later = [*GUIDANCE_FIELDS, "fast"] if "fast" in parameters else list(GUIDANCE_FIELDS)   # then Fast (4 steps)
         later.append("distilled_guidance")     # then Flux's distilled guidance
         assert parameters[-len(later):] == later, name
+
+
+def test_a_page_load_leaves_the_explorer_alone_and_its_forward_view_is_drawn_when_shown(app_on_tiny):
+    """Each page's load reads the header and resumes its tabs' jobs; the explorer's forward view (its plots and a VAE
+    pass, most of a second of the device thread's CPU) is drawn when the Diffusion Explorer tab is shown."""
+    app, _ = app_on_tiny
+    on_load = [fn for fn in app.fns.values() if any(event == "load" for _, event in fn.targets)]
+    assert on_load and not [fn.name for fn in on_load
+                            if any(str(getattr(block, "elem_id", "")).startswith("explorer") for block in fn.outputs)]
+    (forward,) = [fn for fn in app.fns.values() if fn.name == "show_forward"
+                  and any(event == "select" for _, event in fn.targets)]
+    assert [app.blocks[block].label for block, _ in forward.targets] == ["Diffusion Explorer"]
+    assert "explorer-forward-pixel" in [block.elem_id for block in forward.outputs]

@@ -62,7 +62,8 @@ def build_explorer_tab(context: StudioContext) -> ExplorerTab:
                        guidance=guidance_panel)
 
 
-def wire_explorer_load(app: gr.Blocks, tab: ExplorerTab) -> None:
-    """The forward view is drawn for the example image it opens on as soon as the page loads."""
-    app.load(forward_handler(tab.explorer, tab.forward), inputs_kwargs=tab.forward.inputs, outputs=tab.forward.view,
-             **PRIVATE, **DEVICE_QUEUE)
+def wire_explorer_shown(tab: ExplorerTab, shown: gr.Tab) -> None:
+    """The forward view is drawn for the example image it opens on when the explorer is shown (not at every page's
+    load: its plots and the VAE's pass cost the device thread most of a second of CPU, for a tab few pages open)."""
+    shown.select(forward_handler(tab.explorer, tab.forward), inputs_kwargs=tab.forward.inputs,
+                 outputs=tab.forward.view, **PRIVATE, **DEVICE_QUEUE)

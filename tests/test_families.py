@@ -31,7 +31,7 @@ def test_a_family_no_tab_runs_is_refused_at_load_naming_it_and_the_model_stays(s
     (folder / "model_index.json").write_text(json.dumps(index | {"_class_name": "AuraFlowPipeline"}))
     shutil.rmtree(folder / "transformer")
     assert family_of_folder(folder) == "AuraFlow"
-    with pytest.raises(ModelLoadError, match="tiny-auraflow is a AuraFlow model \\(a diffusion transformer with flow "
+    with pytest.raises(ModelLoadError, match="tiny-auraflow is an AuraFlow model \\(a diffusion transformer with flow "
                                              "matching\\).*not supported yet"):
         models.load(str(folder), from_ui=True)
     assert models.current is before
@@ -83,7 +83,7 @@ def test_an_sdxl_refiner_is_refused_at_load_naming_it_and_the_base_to_load(studi
     unet = UNet2DConditionModel.from_config(dict(base.unet.config) | five_ids)
     assert family_of_pipeline(StableDiffusionXLPipeline(**(base.components | {"unet": unet}))) == "SDXL refiner"
     before = studio.models.current
-    with pytest.raises(ModelLoadError, match="tiny-refiner is a SDXL refiner model \\(it refines an SDXL base model's "
+    with pytest.raises(ModelLoadError, match="tiny-refiner is an SDXL refiner model \\(it refines an SDXL base model's "
                                              "images.*load the SDXL base model\\)"):
         studio.models.load(str(folder), from_ui=True)
     assert studio.models.current is before
@@ -96,6 +96,30 @@ def test_an_sdxl_refiner_is_refused_at_load_naming_it_and_the_base_to_load(studi
     (cache / "models--studio--tiny-refiner" / "refs" / "main").write_text("0" * 40)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(ModelLoadError, match="is a SDXL refiner model"):
+    with pytest.raises(ModelLoadError, match="is an SDXL refiner model"):
         studio.models.load("studio/tiny-refiner")
     assert studio.models.current is before
+
+
+def test_a_unet_model_that_reads_more_than_noise_and_a_prompt_is_refused_naming_its_kind(studio, tiny_model_dir,
+                                                                                         tmp_path):
+    """An InstructPix2Pix folder (its UNet reads the input image's latents beside the noise) was refused with
+    diffusers' "AutoPipeline can't find a pipeline linked to StableDiffusionInstructPix2PixPipeline for None": it is
+    refused from its index, before a weight is read, naming what it is. A pipeline of a kind the studio does not list
+    and diffusers has no text-to-image form of is refused naming its class, and the loaded model keeps serving."""
+    before = studio.models.current
+    for kind, refused in (("StableDiffusionInstructPix2PixPipeline",
+                           "ip2p is an InstructPix2Pix model \\(an instruction-editing model: its UNet reads the input "
+                           "image's latents beside the noise\\)"),
+                          ("StableDiffusionGLIGENPipeline",
+                           "ip2p is a StableDiffusionGLIGENPipeline model, which has no text-to-image form in "
+                           "diffusers, so no tab runs it. The studio's tabs run SD 1.x/2.x, SDXL")):
+        folder = tmp_path / kind / "ip2p"
+        shutil.copytree(tiny_model_dir, folder)
+        index = json.loads((folder / "model_index.json").read_text())
+        (folder / "model_index.json").write_text(json.dumps(index | {"_class_name": kind}))
+        if kind.endswith("InstructPix2PixPipeline"):
+            shutil.rmtree(folder / "unet")           # refused before any weight is read
+        with pytest.raises(ModelLoadError, match=refused):
+            studio.models.load(str(folder))
+        assert studio.models.current is before

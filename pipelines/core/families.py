@@ -27,6 +27,15 @@ FAMILY_BY_PIPELINE = {
     "KolorsPipeline": "Kolors", "IFPipeline": "DeepFloyd IF", "KandinskyV22Pipeline": "Kandinsky 2.2",
     "WuerstchenCombinedPipeline": "Würstchen", "StableCascadeCombinedPipeline": "Stable Cascade",
     "QwenImagePipeline": "Qwen-Image", "CogView4Pipeline": "CogView 4",
+    # UNet models whose UNet reads more than the noise and a prompt: no text-to-image form, so no tab runs them
+    "StableDiffusionInstructPix2PixPipeline": "InstructPix2Pix",
+    "StableDiffusionXLInstructPix2PixPipeline": "SDXL InstructPix2Pix",
+    "StableDiffusionUpscalePipeline": "SD x4 upscaler", "StableDiffusionLatentUpscalePipeline": "SD latent upscaler",
+    "StableDiffusionDepth2ImgPipeline": "SD 2 depth-to-image", "StableUnCLIPPipeline": "SD 2.1 unCLIP",
+    "StableUnCLIPImg2ImgPipeline": "SD 2.1 unCLIP", "PaintByExamplePipeline": "Paint-by-Example",
+    "StableDiffusionImageVariationPipeline": "SD image variations",
+    "StableVideoDiffusionPipeline": "Stable Video Diffusion", "AnimateDiffPipeline": "AnimateDiff",
+    "FluxFillPipeline": "Flux Fill", "FluxKontextPipeline": "Flux Kontext", "ChromaPipeline": "Chroma",
 }
 # diffusers' single-file model types (infer_diffusers_model_type) -> family
 FAMILY_BY_CHECKPOINT_PREFIX = (
@@ -41,6 +50,18 @@ SUPPORTED = ("SD 1.x/2.x", "SDXL", "SD 3.x", "Flux", "Flux 2", "PixArt-α", "Pix
 WHY = {"AuraFlow": "a diffusion transformer with flow matching", "Lumina": "a diffusion transformer",
        "Hunyuan-DiT": "a diffusion transformer with two text encoders", "Qwen-Image": "a 20B diffusion transformer",
        "Flux 3": "diffusers 0.42 runs it as a modular pipeline only",
+       "InstructPix2Pix": "an instruction-editing model: its UNet reads the input image's latents beside the noise",
+       "SDXL InstructPix2Pix": "an instruction-editing model: its UNet reads the input image's latents beside the "
+                               "noise",
+       "SD x4 upscaler": "an upscaler: its UNet reads the low-resolution image beside the noise",
+       "SD latent upscaler": "an upscaler of SD latents", "SD 2 depth-to-image": "its UNet reads a depth map beside "
+                                                                                 "the noise",
+       "SD 2.1 unCLIP": "it is conditioned on a CLIP image embedding", "Paint-by-Example": "it is conditioned on an "
+                                                                                           "example image",
+       "SD image variations": "it is conditioned on a CLIP image embedding, not a prompt",
+       "Stable Video Diffusion": "a video model", "AnimateDiff": "a video model",
+       "Flux Fill": "Flux's inpainting model: its transformer reads the mask and the masked image beside the noise",
+       "Flux Kontext": "Flux's image-editing model: its transformer reads a reference image beside the noise",
        "SDXL refiner": "it refines an SDXL base model's images, its UNet conditioned on an aesthetic score where the "
                        "base takes the target size, and no tab drives that yet: load the SDXL base model"}
 
@@ -89,10 +110,19 @@ def family_of_checkpoint(model_type: str) -> str | None:
     return next((family for prefix, family in FAMILY_BY_CHECKPOINT_PREFIX if model_type.startswith(prefix)), None)
 
 
+def with_article(family: str) -> str:
+    """"an SDXL refiner", "an AuraFlow", "a Flux Fill": an initialism is read letter by letter."""
+    first = family.split()[0].split("-")[0]
+    initialism = first.isupper() and len(first) > 1
+    vowel = first[0] in ("FHLMNRSX" if initialism else "") + "AEIOU"
+    return f"{'an' if vowel else 'a'} {family}"
+
+
 def check_family(family: str | None, name: str) -> None:
     """Refuse a family the tabs do not run yet, naming it and what runs."""
     if family is None or family in SUPPORTED:
         return
     what = f" ({WHY[family]})" if family in WHY else ""
-    raise ModelLoadError(f"{name} is a {family} model{what}. The studio's tabs run {', '.join(SUPPORTED)} models; "
-                         f"{family} is not supported yet. Load a model of one of those families.")
+    raise ModelLoadError(f"{name} is {with_article(family)} model{what}. The studio's tabs run "
+                         f"{', '.join(SUPPORTED)} models; {family} is not supported yet. Load a model of one of those "
+                         "families.")

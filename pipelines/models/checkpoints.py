@@ -14,7 +14,8 @@ from pathlib import Path
 
 from diffusers import AutoPipelineForText2Image, DiffusionPipeline
 
-from pipelines.core.families import check_family, family_of_checkpoint, family_of_folder, family_of_pipeline
+from pipelines.core.families import (SUPPORTED, check_family, family_of_checkpoint, family_of_folder,
+                                     family_of_pipeline, with_article)
 from pipelines.core.paths import ModelLoadError, use_safetensors
 from pipelines.models.memory import is_out_of_memory
 from pipelines.models.sources import ModelSource
@@ -278,6 +279,11 @@ def explain_load_failure(source: ModelSource, error: Exception) -> str:
         return (f"{Path(source.location).name} needs its architecture's diffusers config, which is not cached and "
                 "cannot be downloaded offline. Pass --model-config with a diffusers folder of the same "
                 "architecture (for example the embedded model's for SD 1.x-shaped checkpoints).")
+    if "AutoPipeline can't find a pipeline linked to" in text:     # a folder whose pipeline has no text-to-image form
+        kind = text.split("linked to ", 1)[1].split(" ", 1)[0]
+        return (f"{source.name} is {with_article(kind)} model, which has no text-to-image form in diffusers, so no "
+                f"tab runs it. The studio's tabs run {', '.join(SUPPORTED)} models; load a model of one of those "
+                "families.")
     if "safetensors" in text and source.kind != "file":
         return (f"{source.name} has no .safetensors weights (only pickled .bin files?). Convert them, or start "
                 "the studio with --allow-pickle if you trust the source.")

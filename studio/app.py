@@ -6,7 +6,7 @@ import urllib.parse
 
 import gradio as gr
 
-from pipelines.core.samplers import model_default_sampler
+from pipelines.core.samplers import is_edm, model_default_sampler
 from pipelines.core.transformers import (
     DEFAULT_DISTILLED_GUIDANCE,
     default_cfg,
@@ -148,9 +148,10 @@ def model_defaults(model: LoadedModel | None) -> dict:
     # previews are the real picture (pipelines/core/preview.py)
     return {"width": side, "height": side, "preview_every": PREVIEW_EVERY, "native_side": model.native_side,
             "sampler": default_transformer_sampler(config) if is_flow(config) else model_default_sampler(config),
-            # a transformer family's own samplers and CFG; Flux dev's distilled guidance shown only for it
+            # a transformer family's (or an EDM model's) own samplers and CFG; Flux dev's distilled guidance shown
+            # only for it
             "samplers": {task: sampler_menu(model, task, entry.samplers) for task, entry in TASKS.items()}
-            if transformer else None,
+            if transformer or is_edm(config) else None,
             "guidance_scale": default_cfg(model.pipeline),
             "distilled_guidance_shown": takes_distilled_guidance(model.pipeline)}
 

@@ -56,6 +56,10 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=order)   # stable
 
 
+MODULES_BETWEEN_FULL_COLLECTIONS = 8
+_modules_started = [0]
+
+
 @pytest.fixture(scope="module", autouse=True)
 def garbage_collected_once_per_module():
     """What lives when a module starts (the libraries, the session's fixtures) is set aside from Python's garbage
@@ -63,10 +67,14 @@ def garbage_collected_once_per_module():
     test process that has imported torch, diffusers and Gradio and served a few studios costs about half a second;
     over what the module itself built, a small part of that. Each module starts by collecting what the last one
     left (built after the last freeze, so never frozen; its module fixtures are torn down by then) and freezing
-    what survives, which lives as long as the session: only the first module's collection goes over the libraries
-    (unfreezing and collecting everything at every module cost about 0.7 s a module, 37 s of CPU a suite)."""
+    what survives. Most of that lives as long as the session, but not all (the device worker keeps its last jobs'
+    results), so every MODULES_BETWEEN_FULL_COLLECTIONS modules everything is taken back and collected whole:
+    unfreezing and collecting everything at every module cost about 0.7 s a module, 37 s of CPU a suite."""
     import gc
 
+    if _modules_started[0] % MODULES_BETWEEN_FULL_COLLECTIONS == 0:
+        gc.unfreeze()
+    _modules_started[0] += 1
     gc.collect()
     gc.freeze()
     yield

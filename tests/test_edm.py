@@ -37,21 +37,20 @@ def _pixels(image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
-@pytest.mark.parametrize("sampler", ["DPM++ 2M", "Euler"])
+@pytest.mark.parametrize("sampler", ["DPM++ 2M Karras", "Euler"])
 def test_an_edm_model_draws_diffusers_own_images_with_its_samplers(playground, sampler):
     """Text-to-Image and Image-to-Image against plain diffusers' SDXL pipelines on the same folder, with the EDM
     scheduler of that name: the same pixels (the σ-preconditioned steps, and the VAE's per-channel latents both
-    ways). The menu holds only the samplers an EDM model runs, the model's own first."""
+    ways). Every tab's menu holds only the samplers an EDM model runs, the model's own picked; the infotext names
+    them as A1111 does (its DPM++ 2M steps Karras's σ)."""
     from diffusers import EDMEulerScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-    from pipelines.core.samplers import model_default_sampler
-    from pipelines.core.transformers import sampler_menu
-    from pipelines.tasks import TASKS
+    from studio.app import model_defaults
 
     studio, folder = playground
-    model = studio.models.current
-    assert sampler_menu(model, "txt2img", TASKS["txt2img"].samplers) == ("Euler", "DPM++ 2M")
-    assert model_default_sampler(model.scheduler_config) == "DPM++ 2M"
+    defaults = model_defaults(studio.models.current)
+    assert set(defaults["samplers"]["txt2img"]) == set(defaults["samplers"]["inpaint"]) == {"Euler", "DPM++ 2M Karras"}
+    assert defaults["sampler"] == "DPM++ 2M Karras"
     common = dict(prompt="red apple", seed=3, steps=5, width=64, height=64, guidance_scale=3.0, sampler=sampler)
     picture = gradient_image(64, 64).convert("RGB")
     for plain, request, extra in (
@@ -68,7 +67,8 @@ def test_an_edm_model_draws_diffusers_own_images_with_its_samplers(playground, s
                                                             **extra).images[0])
         done = studio.generate(request).images[0]
         assert _pixels(done.image).std() > 0 and np.array_equal(_pixels(done.image), _pixels(expected))
-        assert f"Sampler: {sampler}" in done.infotext
+        assert ("Sampler: DPM++ 2M, Schedule type: Karras" if "Karras" in sampler else "Sampler: Euler,") in \
+            done.infotext
 
 
 def test_an_edm_model_inpaints_inside_the_mask_and_keeps_every_pixel_outside(playground):
@@ -97,8 +97,13 @@ def test_what_works_on_ddpms_schedule_is_refused_on_an_edm_model_saying_why(play
     studio, _ = playground
     common = dict(prompt="red apple", seed=3, steps=3, width=64, height=64)
     with pytest.raises(ValueError, match=f"The Heun sampler steps DDPM's noise schedule, and this model is {EDM}.*"
-                                         "it runs Euler, DPM\\+\\+ 2M"):
+                                         "it runs Euler, DPM\\+\\+ 2M Karras"):
         studio.generate(Txt2ImgRequest(**common, sampler="Heun"))
+    # the studio's default sampler (an API call's, DPM++ 2M on DDPM's σ) runs the model's own, saying so
+    done = studio.generate(Txt2ImgRequest(**common, sampler="DPM++ 2M"))
+    own = studio.generate(Txt2ImgRequest(**common, sampler="DPM++ 2M Karras")).images[0]
+    assert np.array_equal(_pixels(done.images[0].image), _pixels(own.image)) and done.images[0].infotext == own.infotext
+    assert any("this ran its own sampler, DPM++ 2M Karras" in note for note in done.messages)
     for settings, what in ((dict(schedule="Align Your Steps"), "Align Your Steps works on DDPM's noise schedule"),
                            (dict(classifier_scale=1.0, classifier_class="food & drink"), "Classifier guidance")):
         with pytest.raises(ValueError, match=f"{what}.*{EDM}"):
@@ -113,7 +118,9 @@ def test_what_works_on_ddpms_schedule_is_refused_on_an_edm_model_saying_why(play
         explorer.schedules(["model"], 100)
     _, rows = studio.models.worker.call(compare, studio.models, Txt2ImgRequest(**common, sampler="Euler"),
                                         samplers=["Euler", "DPM++ 2M"], reference_steps=3)
-    assert [row.reference_sampler for row in rows] == ["DPM++ 2M", "DPM++ 2M"] and rows[1].rms_to_reference == 0
+    assert [(row.sampler, row.reference_sampler) for row in rows] == [("Euler", "DPM++ 2M Karras"),
+                                                                      ("DPM++ 2M Karras", "DPM++ 2M Karras")]
+    assert rows[1].rms_to_reference == 0 < rows[0].rms_to_reference
 
 
 def test_the_edm_loss_is_the_denoised_images_error_at_the_models_sigma_levels():
@@ -122,7 +129,7 @@ def test_the_edm_loss_is_the_denoised_images_error_at_the_models_sigma_levels():
     c_in·x_σ at c_noise(σ) = ¼·log σ, and σ is one of the model's training levels."""
     from pipelines.core.samplers import make_scheduler
     from pipelines.training.edm import edm_batch, training_schedule
-    scheduler = make_scheduler("DPM++ 2M", {"_class_name": "EDMDPMSolverMultistepScheduler", "sigma_data": 0.5})
+    scheduler = make_scheduler("DPM++ 2M Karras", {"_class_name": "EDMDPMSolverMultistepScheduler", "sigma_data": 0.5})
     schedule = training_schedule(dict(scheduler.config) | {"_class_name": "EDMDPMSolverMultistepScheduler"})
     generator = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(3, 4, 8, 8, generator=generator), torch.randn(3, 4, 8, 8, generator=generator)

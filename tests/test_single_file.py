@@ -354,3 +354,9 @@ def test_a_flux_2_file_of_the_transformer_alone_loads_into_its_configs_pipeline(
     with pytest.raises(ModelLoadError, match=r"whole.safetensors holds more than Flux 2's transformer \(vae\).*Load "
                                              "the diffusers folder"):
         manager().load(str(whole), config=str(config))
+    scaled = tmp_path / "scaled-fp8.safetensors"        # ComfyUI's scaled fp8: each weight's scale beside it
+    save_file(checkpoint | {"scaled_fp8": torch.zeros(0), "double_blocks.0.img_attn.qkv.scale_weight": torch.ones(1)},
+              str(scaled))
+    with pytest.raises(ModelLoadError, match=r"scaled-fp8.safetensors holds quantized weights with their scales "
+                                             r"\(scale_weight, scaled_fp8: ComfyUI's scaled fp8 layout\)"):
+        manager().load(str(scaled), config=str(config))

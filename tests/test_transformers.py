@@ -736,5 +736,9 @@ def test_the_explorer_compares_a_flow_models_samplers_counting_the_transformers_
         assert (row.unet_calls, row.model_evaluations) == ((row.steps, 2 * row.steps) if family == "SD 3.x" else
                                                            (2 * row.steps, 2 * row.steps))
     assert rows[1].rms_to_reference == 0 and rows[0].rms_to_reference > 0
+    # the explorer's own default sampler (the studio's, DPM++ 2M) runs as Text-to-Image runs it: Flux's own sampler
+    _, rows = studio.models.worker.call(compare, studio.models, replace(request, sampler="DPM++ 2M"), steps=[2],
+                                        reference_steps=2)
+    assert [row.sampler for row in rows] == ["DPM++ 2M" if family == "SD 3.x" else "Euler"]
     with pytest.raises(ValueError, match=f"\\({family}\\) does not run DDIM, DDPM \\(the reference\\); it runs Euler"):
         studio.models.worker.call(compare, studio.models, request, samplers=["DDIM"], reference_sampler="DDPM")

@@ -10,7 +10,7 @@ DDPM, registered by pipelines/sampling/), else the task's (inpainting, ControlNe
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -23,7 +23,7 @@ from pipelines.core.images import to_pil
 from pipelines.core.prompts import LoraUse, prompt_arguments, prompt_texts
 from pipelines.core.registry import Task, task_of
 from pipelines.core.requests import SamplingSettings
-from pipelines.core.samplers import MODEL_DRAFTS, edm_refusal, is_edm, make_scheduler, sampler_loop
+from pipelines.core.samplers import MODEL_DRAFTS, edm_default, edm_refusal, is_edm, make_scheduler, sampler_loop
 from pipelines.core.transformer_call import prepare_transformer
 from pipelines.core.transformers import distilled_guidance_notes, is_transformer
 from pipelines.core.vae import VAE_UPCAST_NOTE, check_size, decode
@@ -157,6 +157,8 @@ def prepare(models, request: SamplingSettings) -> PreparedCall:
     if is_transformer(model.pipeline):     # SD 3.x, Flux, PixArt, Sana: their own pipelines' calls
         return prepare_transformer(models, request, task, model)
     fast, request = request.fast, made_fast(request, model)   # the model's LCM-LoRA and sampler, CFG 1
+    sampler, default_note = edm_default(request.sampler, request.schedule, model.scheduler_config)   # an EDM model's own sampler
+    request = replace(request, sampler=sampler) if default_note else request
     pipeline = models.pipeline(task.name)
     # diffusers' SD pipelines require multiples of 8 whatever the VAE's factor
     check_size(request.width, request.height, max(8, pipeline.vae_scale_factor))
@@ -194,7 +196,7 @@ def prepare(models, request: SamplingSettings) -> PreparedCall:
     memory = models.memory
     device = memory.device if memory.mode.value in ("cpu", "high") else pipeline._execution_device
     prompts, note = prompt_arguments(pipeline, *texts, device)
-    notes = request.notes() + prompt_notes + ([note] if note else []) + (fast_notes(request.steps) if fast else []) \
+    notes = default_note + request.notes() + prompt_notes + ([note] if note else []) + (fast_notes(request.steps) if fast else []) \
         + lcm_sampler_notes(request, pipeline, loras) + distilled_guidance_notes(request, pipeline)
     side = model.native_side
     if side and max(request.width, request.height) > 2 * side:

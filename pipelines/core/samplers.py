@@ -38,10 +38,12 @@ SAMPLERS: dict[str, tuple[type, dict]] = {
 SAMPLER_NAMES = tuple(SAMPLERS)
 # A UNet trained in Karras et al.'s EDM formulation (Playground v2.5: SDXL's UNet on σ from 0.002 to 80, its input,
 # output and noise level preconditioned by σ) has no DDPM schedule for the samplers above: it runs diffusers' EDM
-# schedulers, offered by the names of ours they are (their σ spacing is the model's own, Karras's by default)
+# schedulers, offered by the names of ours they are: its DPM++ 2M steps Karras's σ spacing (as A1111 and Forge write
+# it), its Euler the model's own (Karras's too by default)
 EDM_SAMPLERS: dict[str, tuple[type, dict]] = {
     "Euler": (EDMEulerScheduler, {}),
-    "DPM++ 2M": (EDMDPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "DPM++ 2M Karras": (EDMDPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                                         "sigma_schedule": "karras"}),
 }
 # Samplers that step one model call at a time (every task and the explorer's trace): all but speculative DDPM,
 # which verifies several steps per call and runs Text-to-Image only
@@ -139,8 +141,25 @@ def is_edm(model_scheduler_config: dict) -> bool:
 
 def edm_refusal(what: str, instead: str) -> str:
     """Why `what`, built on DDPM's ᾱ_t schedule, does not run an EDM model, and what to do `instead`."""
-    return (f"{what} works on DDPM's noise schedule (ᾱ_t), and this model is trained in the EDM formulation (σ from "
-            f"0.002 to 80, preconditioned, as Playground v2.5), which has none; {instead}.")
+    return (f"{what} works on DDPM's noise schedule (ᾱ_t), and this model is trained in the EDM formulation (noise "
+            f"levels σ, preconditioned, as Playground v2.5), which has none; {instead}.")
+
+
+def edm_default(sampler: str, schedule: str, model_scheduler_config: dict) -> tuple[str, list[str]]:
+    """The sampler an EDM model runs for `sampler`: the studio's default (DPM++ 2M, which steps DDPM's σ) becomes the
+    model's own, said in a note; any other name is left for `make_scheduler` to run or refuse. A schedule of ours
+    (Align Your Steps: DDPM's timesteps) is refused first."""
+    from pipelines.core.schedules import DEFAULT_SCHEDULE
+
+    if not is_edm(model_scheduler_config):
+        return sampler, []
+    if schedule != DEFAULT_SCHEDULE:
+        raise ValueError(edm_refusal(schedule, "it runs its own σ spacing, with the Default schedule"))
+    if sampler != DEFAULT_SAMPLER or sampler in EDM_SAMPLERS:
+        return sampler, []
+    own = model_default_sampler(model_scheduler_config)
+    return own, [f"{sampler} steps DDPM's noise schedule and this model is trained in the EDM formulation; this ran "
+                 f"its own sampler, {own}."]
 
 
 def make_scheduler(name: str, model_scheduler_config: dict):
@@ -164,9 +183,8 @@ def model_default_sampler(model_scheduler_config: dict) -> str:
     """The registry name of the scheduler class the model ships with (fallback DEFAULT_SAMPLER)."""
     class_name = dict(model_scheduler_config).get("_class_name")
     karras = dict(model_scheduler_config).get("use_karras_sigmas", False)
-    for name, (scheduler_class, _) in EDM_SAMPLERS.items() if is_edm(model_scheduler_config) else ():
-        if scheduler_class.__name__ == class_name:
-            return name
+    if is_edm(model_scheduler_config):
+        return next((name for name, (kind, _) in EDM_SAMPLERS.items() if kind.__name__ == class_name), "Euler")
     for name, (scheduler_class, overrides) in SAMPLERS.items():
         if scheduler_class.__name__ == class_name and overrides.get("use_karras_sigmas", False) == karras:
             return name

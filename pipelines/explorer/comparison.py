@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pipelines.core.call import prepare
 from pipelines.core.checks import MAX_STEPS
 from pipelines.core.families import family_of_pipeline
-from pipelines.core.samplers import EDM_SAMPLERS, STEPWISE_SAMPLER_NAMES, is_edm, model_default_sampler
+from pipelines.core.samplers import DEFAULT_SAMPLER, EDM_SAMPLERS, STEPWISE_SAMPLER_NAMES, is_edm, model_default_sampler
 from pipelines.core.transformers import default_transformer_sampler, denoiser_of, is_transformer, transformer_samplers
 from pipelines.explorer.reverse import check_one_image, initial_noise
 from pipelines.explorer.trace import colour_map
@@ -98,6 +98,7 @@ def compare(models: ModelManager, request: Txt2ImgRequest, *, samplers: list[str
     request = request.resolved()
     samplers, steps, cfgs = (list(samplers or [request.sampler]), list(steps or [request.steps]),
                              list(cfgs or [request.guidance_scale]))
+    samplers, reference_sampler = _checked_for_the_model(models, samplers, reference_sampler)
     cells = [replace(request, sampler=s, steps=n, guidance_scale=w) for s in samplers for n in steps for w in cfgs]
     if len(cells) > MAX_COMPARE_CELLS:
         raise ValueError(f"{len(samplers)} sampler(s) × {len(steps)} step count(s) × {len(cfgs)} CFG value(s) "
@@ -109,7 +110,6 @@ def compare(models: ModelManager, request: Txt2ImgRequest, *, samplers: list[str
     if reference_sampler is not None and reference_sampler not in STEPWISE_SAMPLER_NAMES:
         raise ValueError(f"Unknown reference sampler {reference_sampler!r}. "
                          f"Valid samplers: {', '.join(STEPWISE_SAMPLER_NAMES)}.")
-    reference_sampler = _checked_for_the_model(models, samplers, reference_sampler)
 
     # 2. Generate every cell, and each reference once
     references: dict[tuple[str, float], Image.Image] = {}
@@ -131,17 +131,21 @@ def compare(models: ModelManager, request: Txt2ImgRequest, *, samplers: list[str
     return _grid(images, rows, columns=len(steps) * len(cfgs)), rows
 
 
-def _checked_for_the_model(models: ModelManager, samplers: list[str], reference: str | None) -> str | None:
-    """Refuse a sampler the loaded transformer's family does not run, naming those it does; the default reference
-    (DDIM) becomes the model's own sampler where the model does not run DDIM. The reference sampler is returned."""
+def _checked_for_the_model(models: ModelManager, samplers: list[str],
+                           reference: str | None) -> tuple[list[str], str | None]:
+    """Refuse a sampler the loaded transformer's family (or EDM model) does not run, naming those it does; the
+    studio's default sampler and the default reference (DDIM) become the model's own sampler where the model does not
+    run them, as Text-to-Image's do. The samplers and the reference sampler that run are returned."""
     model = models.current
     if model is not None and is_transformer(model.pipeline):
         runs = transformer_samplers(model.pipeline, model.scheduler_config)
         own = default_transformer_sampler(model.scheduler_config)
+        own = own if own in runs else runs[0]
     elif model is not None and is_edm(model.scheduler_config):     # an EDM UNet (Playground v2.5)
         runs, own = tuple(EDM_SAMPLERS), model_default_sampler(model.scheduler_config)
     else:
-        return reference
+        return samplers, reference
+    samplers = list(dict.fromkeys(own if name == DEFAULT_SAMPLER and name not in runs else name for name in samplers))
     foreign = [name for name in samplers if name not in runs]
     if reference == DEFAULT_REFERENCE_SAMPLER and reference not in runs:
         reference = own
@@ -150,7 +154,7 @@ def _checked_for_the_model(models: ModelManager, samplers: list[str], reference:
     if foreign:
         raise ValueError(f"{model.name} ({family_of_pipeline(model.pipeline)}) does not run {', '.join(foreign)}; "
                          f"it runs {', '.join(runs)}.")
-    return reference
+    return samplers, reference
 
 
 def _measured_generation(models: ModelManager, request: Txt2ImgRequest) -> tuple[Image.Image, float, int, int]:

@@ -38,9 +38,8 @@ from pipelines.core.denoiser import Denoiser, NoisePrediction
 from pipelines.core.guidance import DEFAULT_PAG_LAYERS, alpha_bar_at, pag_scale_at
 from pipelines.core.paths import ASSETS_DIR
 from pipelines.core.preview import LatentPreviewer
-from pipelines.core.samplers import DEFAULT_SAMPLER, STEPWISE_SAMPLER_NAMES
+from pipelines.core.samplers import DEFAULT_SAMPLER, STEPWISE_SAMPLER_NAMES, edm_refusal, is_edm
 from pipelines.core.schedules import set_schedule
-from pipelines.core.samplers import edm_refusal, is_edm
 from pipelines.core.transformers import check_unet_model
 from pipelines.models.manager import ModelManager
 from pipelines.tasks.txt2img import Txt2ImgRequest

@@ -126,6 +126,10 @@ def from_single_file(path: Path, *, dtype, config: str | None) -> DiffusionPipel
     return pipeline_class.from_single_file(str(path), **kwargs)
 
 
+# the keys of quantized files' scales (ComfyUI's scaled fp8: `scaled_fp8`, `*.scale_weight`; others' `*.weight_scale`)
+QUANTIZATION_KEYS = ("scaled_fp8", ".scale_weight", ".weight_scale", ".scale_input", ".input_scale", ".comfy_quant")
+
+
 def _flux2_from_single_file(path: Path, keys: list[str], *, dtype, config: str | None) -> DiffusionPipeline:
     """A Flux 2 file: the transformer alone in Black Forest Labs' layout (as `flux2-dev.safetensors` and the [klein]
     files are released), read by diffusers' `Flux2Transformer2DModel.from_single_file` with the --model-config
@@ -145,12 +149,19 @@ def _flux2_from_single_file(path: Path, keys: list[str], *, dtype, config: str |
                              "transformer config.")
     from diffusers.loaders.single_file_utils import load_single_file_checkpoint
 
+    scaled = sorted({key.rsplit(".", 1)[-1] for key in keys if key.endswith(QUANTIZATION_KEYS)})
+    if scaled:
+        raise ModelLoadError(f"{path.name} holds quantized weights with their scales ({', '.join(scaled)}: ComfyUI's "
+                             "scaled fp8 layout), which diffusers' reader of Flux 2 files takes as plain weights. "
+                             "Load a bf16 or fp16 file of it, or the diffusers folder.")
     folder, prefix = Path(config), "model.diffusion_model."   # ComfyUI's checkpoints name it so; diffusers' reader not
     try:
         state = {key.removeprefix(prefix): tensor for key, tensor in load_single_file_checkpoint(str(path)).items()}
         transformer = Flux2Transformer2DModel.from_single_file(state, config=str(folder), subfolder="transformer",
                                                                dtype=dtype, local_files_only=True)
     except Exception as error:
+        if is_out_of_memory(error):      # _read says so, with what to do
+            raise
         raise ModelLoadError(f"{path.name} could not be read as the transformer of --model-config {folder.name} "
                              f"({type(error).__name__}: {error}). Pass the folder of the Flux 2 model the file was "
                              "made from.") from error

@@ -25,7 +25,7 @@ Every tensor must be claimed, so an architecture this mapping does not describe 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -52,6 +52,17 @@ SINGLE = (("norm.linear", "modulation.lin"), ("proj_out", "linear2"),
 RMS_NORMS = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
 
 
+def mover(state: dict, out: dict) -> Callable[[str, str], None]:
+    """`move(ours, theirs)`: a module's weight and bias from `state` (diffusers' names) into `out` under BFL's name
+    (an RMSNorm's weight as its `scale`). Flux 2's export (single_file_flux2.py) moves its tensors so too."""
+    def move(ours: str, theirs: str) -> None:
+        for kind in KINDS:
+            if f"{ours}.{kind}" in state:
+                name = "scale" if ours.endswith(RMS_NORMS) else kind
+                out[f"{theirs}.{name}"] = state.pop(f"{ours}.{kind}")
+    return move
+
+
 def flux_keys(transformer) -> dict[str, torch.Tensor]:
     """A `FluxTransformer2DModel`'s tensors keyed as in Black Forest Labs' checkpoints."""
     if type(transformer).__name__ != "FluxTransformer2DModel":
@@ -59,12 +70,7 @@ def flux_keys(transformer) -> dict[str, torch.Tensor]:
                          f"{type(transformer).__name__}.")
     state = dict(transformer.state_dict())
     out: dict[str, torch.Tensor] = {}
-
-    def move(ours: str, theirs: str) -> None:
-        for kind in KINDS:
-            if f"{ours}.{kind}" in state:
-                name = "scale" if ours.endswith(RMS_NORMS) else kind
-                out[f"{theirs}.{name}"] = state.pop(f"{ours}.{kind}")
+    move = mover(state, out)
 
     def stack(names: Sequence[str], theirs: str) -> None:
         for kind in KINDS:

@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import torch
 
+from recipe.single_file_flux import KINDS, mover
 from recipe.single_file_sd3 import swap_halves
 
-KINDS = ("weight", "bias")
 TOP = (("x_embedder", "img_in"), ("context_embedder", "txt_in"), ("proj_out", "final_layer.linear"),
        ("time_guidance_embed.timestep_embedder.linear_1", "time_in.in_layer"),
        ("time_guidance_embed.timestep_embedder.linear_2", "time_in.out_layer"),
@@ -44,8 +44,6 @@ DOUBLE = (("attn.to_out.0", "img_attn.proj"), ("attn.to_add_out", "txt_attn.proj
           ("ff_context.linear_in", "txt_mlp.0"), ("ff_context.linear_out", "txt_mlp.2"))
 SINGLE = (("attn.to_qkv_mlp_proj", "linear1"), ("attn.to_out", "linear2"),
           ("attn.norm_q", "norm.query_norm"), ("attn.norm_k", "norm.key_norm"))
-# RMSNorm's weight is BFL's `scale`
-RMS_NORMS = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
 
 
 def flux2_keys(transformer) -> dict[str, torch.Tensor]:
@@ -55,12 +53,7 @@ def flux2_keys(transformer) -> dict[str, torch.Tensor]:
                          f"{type(transformer).__name__}.")
     state = dict(transformer.state_dict())
     out: dict[str, torch.Tensor] = {}
-
-    def move(ours: str, theirs: str) -> None:
-        for kind in KINDS:
-            if f"{ours}.{kind}" in state:
-                name = "scale" if ours.endswith(RMS_NORMS) else kind
-                out[f"{theirs}.{name}"] = state.pop(f"{ours}.{kind}")
+    move = mover(state, out)
 
     for ours, theirs in TOP:
         move(ours, theirs)

@@ -24,6 +24,7 @@ from pipelines.core.prompts import LoraUse, prompt_arguments, prompt_texts
 from pipelines.core.registry import Task, task_of
 from pipelines.core.requests import SamplingSettings
 from pipelines.core.samplers import MODEL_DRAFTS, edm_default, edm_refusal, is_edm, make_scheduler, sampler_loop
+from pipelines.core.schedules import DEFAULT_SCHEDULE
 from pipelines.core.transformer_call import prepare_transformer
 from pipelines.core.transformers import distilled_guidance_notes, is_transformer
 from pipelines.core.vae import VAE_UPCAST_NOTE, check_size, decode
@@ -157,7 +158,9 @@ def prepare(models, request: SamplingSettings) -> PreparedCall:
     if is_transformer(model.pipeline):     # SD 3.x, Flux, PixArt, Sana: their own pipelines' calls
         return prepare_transformer(models, request, task, model)
     fast, request = request.fast, made_fast(request, model)   # the model's LCM-LoRA and sampler, CFG 1
-    sampler, default_note = edm_default(request.sampler, request.schedule, model.scheduler_config)   # an EDM model's own sampler
+    if is_edm(model.scheduler_config) and request.schedule != DEFAULT_SCHEDULE:   # refused before the sampler is
+        raise ValueError(edm_refusal(request.schedule, "it runs its own σ spacing, with the Default schedule"))
+    sampler, default_note = edm_default(request.sampler, model.scheduler_config)   # an EDM model's own sampler
     request = replace(request, sampler=sampler) if default_note else request
     pipeline = models.pipeline(task.name)
     # diffusers' SD pipelines require multiples of 8 whatever the VAE's factor

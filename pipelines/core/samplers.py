@@ -145,17 +145,10 @@ def edm_refusal(what: str, instead: str) -> str:
             f"levels σ, preconditioned, as Playground v2.5), which has none; {instead}.")
 
 
-def edm_default(sampler: str, schedule: str, model_scheduler_config: dict) -> tuple[str, list[str]]:
+def edm_default(sampler: str, model_scheduler_config: dict) -> tuple[str, list[str]]:
     """The sampler an EDM model runs for `sampler`: the studio's default (DPM++ 2M, which steps DDPM's σ) becomes the
-    model's own, said in a note; any other name is left for `make_scheduler` to run or refuse. A schedule of ours
-    (Align Your Steps: DDPM's timesteps) is refused first."""
-    from pipelines.core.schedules import DEFAULT_SCHEDULE
-
-    if not is_edm(model_scheduler_config):
-        return sampler, []
-    if schedule != DEFAULT_SCHEDULE:
-        raise ValueError(edm_refusal(schedule, "it runs its own σ spacing, with the Default schedule"))
-    if sampler != DEFAULT_SAMPLER or sampler in EDM_SAMPLERS:
+    model's own, said in a note; any other name is left for `make_scheduler` to run or refuse."""
+    if sampler != DEFAULT_SAMPLER or not is_edm(model_scheduler_config) or sampler in EDM_SAMPLERS:
         return sampler, []
     own = model_default_sampler(model_scheduler_config)
     return own, [f"{sampler} steps DDPM's noise schedule and this model is trained in the EDM formulation; this ran "

@@ -116,6 +116,9 @@ def test_what_works_on_ddpms_schedule_is_refused_on_an_edm_model_saying_why(play
                                   height=64)
     with pytest.raises(ValueError, match=f"Schedule \"model\".*{EDM}.*x_σ = x_0 \\+ σ·ε"):
         explorer.schedules(["model"], 100)
+    # the sampling-schedule panel opens on the studio's default sampler: the model's own is drawn, saying so
+    view = explorer.sampling_schedules(sampler="DPM++ 2M", steps=4, schedules=["Default"], quantity="sigmas")
+    assert view.caption.startswith("DPM++ 2M steps DDPM's noise schedule") and len(view.table["Default"]["sigmas"]) == 4
     _, rows = studio.models.worker.call(compare, studio.models, Txt2ImgRequest(**common, sampler="Euler"),
                                         samplers=["Euler", "DPM++ 2M"], reference_steps=3)
     assert [(row.sampler, row.reference_sampler) for row in rows] == [("Euler", "DPM++ 2M Karras"),

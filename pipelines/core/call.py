@@ -199,7 +199,8 @@ def prepare(models, request: SamplingSettings) -> PreparedCall:
     memory = models.memory
     device = memory.device if memory.mode.value in ("cpu", "high") else pipeline._execution_device
     prompts, note = prompt_arguments(pipeline, *texts, device)
-    notes = default_note + request.notes() + prompt_notes + ([note] if note else []) + (fast_notes(request.steps) if fast else []) \
+    notes = default_note + request.notes() + prompt_notes + ([note] if note else []) \
+        + (fast_notes(request.steps) if fast else []) \
         + lcm_sampler_notes(request, pipeline, loras) + distilled_guidance_notes(request, pipeline)
     side = model.native_side
     if side and max(request.width, request.height) > 2 * side:

@@ -148,7 +148,7 @@ def edm_refusal(what: str, instead: str) -> str:
 def edm_default(sampler: str, model_scheduler_config: dict) -> tuple[str, list[str]]:
     """The sampler an EDM model runs for `sampler`: the studio's default (DPM++ 2M, which steps DDPM's σ) becomes the
     model's own, said in a note; any other name is left for `make_scheduler` to run or refuse."""
-    if sampler != DEFAULT_SAMPLER or not is_edm(model_scheduler_config) or sampler in EDM_SAMPLERS:
+    if sampler != DEFAULT_SAMPLER or not is_edm(model_scheduler_config):
         return sampler, []
     own = model_default_sampler(model_scheduler_config)
     return own, [f"{sampler} steps DDPM's noise schedule and this model is trained in the EDM formulation; this ran "
@@ -173,7 +173,8 @@ def make_scheduler(name: str, model_scheduler_config: dict):
 
 
 def model_default_sampler(model_scheduler_config: dict) -> str:
-    """The registry name of the scheduler class the model ships with (fallback DEFAULT_SAMPLER)."""
+    """The registry name of the scheduler class the model ships with (fallback DEFAULT_SAMPLER; an EDM model's:
+    its EDM scheduler's name, else Euler)."""
     class_name = dict(model_scheduler_config).get("_class_name")
     karras = dict(model_scheduler_config).get("use_karras_sigmas", False)
     if is_edm(model_scheduler_config):

@@ -147,7 +147,7 @@ def _checked_for_the_model(models: ModelManager, samplers: list[str],
         return samplers, reference
     samplers = list(dict.fromkeys(own if name == DEFAULT_SAMPLER and name not in runs else name for name in samplers))
     foreign = [name for name in samplers if name not in runs]
-    if reference == DEFAULT_REFERENCE_SAMPLER and reference not in runs:
+    if reference in (DEFAULT_REFERENCE_SAMPLER, DEFAULT_SAMPLER) and reference not in runs:
         reference = own
     if reference is not None and reference not in runs:
         foreign.append(f"{reference} (the reference)")

@@ -27,7 +27,7 @@ from PIL import Image
 # forward_sample, record_trace and branch are looked up on their modules at each call (tests spy on them there);
 # compare and export_trace are too, as `Explorer` has methods of those names
 from pipelines.core.checks import MAX_STEPS
-from pipelines.core.samplers import check_sampler
+from pipelines.core.samplers import check_sampler, edm_default
 from pipelines.core.schedules import check_schedule, schedule_table
 from pipelines.explorer import animation, comparison, forward, guidance, reverse
 from pipelines.explorer.animation import export_animation
@@ -258,6 +258,7 @@ class Explorer:
         if model is None:
             raise ValueError("The sampling schedules are the loaded model's: load one in Models & memory first.")
         unet_config = getattr(getattr(model.pipeline, "unet", None), "config", None)
+        sampler, default_note = edm_default(sampler, model.scheduler_config)   # an EDM model runs its own
         # 2. Each schedule's numbers, or why it is left out
         table, left_out = {}, {}
         for schedule in schedules:
@@ -276,7 +277,7 @@ class Explorer:
                                             left_out=left_out)
         return SamplingScheduleView(figure=sampling_schedule_plot(table, quantity=quantity, sampler=sampler,
                                                                   steps=steps),
-                                    caption=caption, table=table)
+                                    caption=" ".join(default_note + [caption]), table=table)
 
     # -- reverse ---------------------------------------------------------------------------------
     def record(self, request: Txt2ImgRequest, *, owner: str | None = None) -> Job:

@@ -109,6 +109,11 @@ def from_single_file(path: Path, *, dtype, config: str | None) -> DiffusionPipel
     model_type = infer_diffusers_model_type(checkpoint)
     keys = list(checkpoint)
     del checkpoint  # from_single_file reads the file again; don't hold two copies
+    scaled = sorted({key.rsplit(".", 1)[-1] for key in keys if key.endswith(QUANTIZATION_KEYS)})
+    if scaled:
+        raise ModelLoadError(f"{path.name} holds quantized weights with their scales ({', '.join(scaled)}: ComfyUI's "
+                             "scaled fp8 layout), which diffusers' single-file readers take as plain weights. Load a "
+                             "bf16 or fp16 file of it, or the diffusers folder.")
     family = _single_file_family(path, family_of_checkpoint(model_type), config, keys)
     if family == "Flux 2":
         return _flux2_from_single_file(path, keys, dtype=dtype, config=config)
@@ -149,11 +154,6 @@ def _flux2_from_single_file(path: Path, keys: list[str], *, dtype, config: str |
                              "transformer config.")
     from diffusers.loaders.single_file_utils import load_single_file_checkpoint
 
-    scaled = sorted({key.rsplit(".", 1)[-1] for key in keys if key.endswith(QUANTIZATION_KEYS)})
-    if scaled:
-        raise ModelLoadError(f"{path.name} holds quantized weights with their scales ({', '.join(scaled)}: ComfyUI's "
-                             "scaled fp8 layout), which diffusers' reader of Flux 2 files takes as plain weights. "
-                             "Load a bf16 or fp16 file of it, or the diffusers folder.")
     folder, prefix = Path(config), "model.diffusion_model."   # ComfyUI's checkpoints name it so; diffusers' reader not
     try:
         state = {key.removeprefix(prefix): tensor for key, tensor in load_single_file_checkpoint(str(path)).items()}
@@ -206,6 +206,8 @@ def _borrowed_components(path: Path, family: str | None, keys: list[str], config
     try:
         base = DiffusionPipeline.from_pretrained(config, dtype=dtype, **{**folder_arguments(Path(config)), **skip})
     except Exception as error:
+        if is_out_of_memory(error):      # _read says so, with what to do
+            raise
         raise ModelLoadError(f"{path.name} holds no {' and no '.join(wanted)}, so they are read from --model-config "
                              f"{Path(config).name}, which could not give them ({type(error).__name__}: {error}). "
                              "Pass a diffusers folder of the same model with those weights.") from error

@@ -6,7 +6,7 @@ import urllib.parse
 
 import gradio as gr
 
-from pipelines.core.samplers import is_edm, model_default_sampler
+from pipelines.core.samplers import STEPWISE_SAMPLER_NAMES, is_edm, model_default_sampler
 from pipelines.core.transformers import (
     DEFAULT_DISTILLED_GUIDANCE,
     default_cfg,
@@ -195,7 +195,7 @@ def build_app(context: StudioContext) -> gr.Blocks:
         _wire_send_to(send_to_img2img, txt2img, img2img, tabs)
         _wire_send_to(send_to_inpaint, txt2img, inpaint, tabs)
         _wire_pnginfo(pnginfo, generation_tabs, tabs)
-        _wire_model_defaults(context, models_tab.loaded, generation_tabs, explorer.reverse.settings["size"])
+        _wire_model_defaults(context, models_tab.loaded, generation_tabs, explorer.reverse.settings)
         for tab in generation_tabs:
             wire_resume(app, context, tab)
         wire_explorer_shown(explorer, explorer_shown)
@@ -247,11 +247,12 @@ def _wire_pnginfo(pnginfo, generation_tabs: tuple[GenerationTab, ...], tabs: gr.
 
 
 def _wire_model_defaults(context: StudioContext, loaded, generation_tabs: tuple[GenerationTab, ...],
-                         explorer_size: gr.Slider) -> None:
-    """After a model loads, the size and sampler controls (the explorer's size too) start from that model's
-    native values, and a generation's failure said before it (no model, a model that could not run it) is gone
-    from the tabs' status lines."""
+                         explorer: dict[str, gr.components.Component]) -> None:
+    """After a model loads, the size and sampler controls (the explorer's size and sampler too) start from that
+    model's native values and menus, and a generation's failure said before it (no model, a model that could not
+    run it) is gone from the tabs' status lines."""
     statuses = [tab.status for tab in generation_tabs]
+    explorer_size, explorer_sampler = explorer["size"], explorer["sampler"]
 
     def refresh(*status_lines: str):
         defaults = model_defaults(context.models.current)
@@ -265,17 +266,19 @@ def _wire_model_defaults(context: StudioContext, loaded, generation_tabs: tuple[
         sizes = {tab.controls[name]: gr.Slider(value=defaults[name], info=hint) for tab in generation_tabs
                  for name in ("width", "height")}
         cleared = {status: "" for status, text in zip(statuses, status_lines) if (text or "").startswith(FAILED)}
-        return updates | menus | flux | sizes | cleared | {explorer_size: defaults["width"]}
+        stepwise = _sampler_menu(defaults, "txt2img", among=STEPWISE_SAMPLER_NAMES)  # the explorer's: a call a step
+        return updates | menus | flux | sizes | cleared | {explorer_size: defaults["width"], explorer_sampler: stepwise}
 
-    outputs = {explorer_size, *statuses} | {tab.controls[name] for tab in generation_tabs for name in
+    outputs = {explorer_size, explorer_sampler, *statuses} | {tab.controls[name] for tab in generation_tabs for name in
                                             ("width", "height", "sampler", "preview_every", "guidance_scale",
                                              "distilled_guidance")}
     loaded.success(refresh, inputs=statuses, outputs=outputs, api_visibility="private", show_progress="hidden")
 
 
-def _sampler_menu(defaults: dict, task: str) -> gr.Dropdown:
-    """A tab's sampler menu for the loaded model, on the model's own sampler where the tab runs it."""
-    choices = list((defaults.get("samplers") or {}).get(task) or TASKS[task].samplers)
+def _sampler_menu(defaults: dict, task: str, among: tuple[str, ...] | None = None) -> gr.Dropdown:
+    """A tab's sampler menu for the loaded model (of those `among`), on the model's own sampler where it is in it."""
+    choices = [name for name in (defaults.get("samplers") or {}).get(task) or TASKS[task].samplers
+               if among is None or name in among]
     return gr.Dropdown(choices=choices, value=defaults.get("sampler") if defaults.get("sampler") in choices
                        else choices[0])
 

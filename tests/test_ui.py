@@ -282,3 +282,24 @@ def test_a_page_load_leaves_the_explorer_alone_and_its_forward_view_is_drawn_whe
                   and any(event == "select" for _, event in fn.targets)]
     assert [app.blocks[block].label for block, _ in forward.targets] == ["Diffusion Explorer"]
     assert "explorer-forward-pixel" in [block.elem_id for block in forward.outputs]
+
+
+def test_after_an_edm_model_loads_each_menu_holds_only_its_samplers(app_on_tiny, tiny_model_dir):
+    """An SDXL model of the EDM formulation (Playground v2.5's layout) runs two samplers: the generation tabs' menus
+    and the explorer's hold those alone, on the model's own, as the page's refresh after a load sets them."""
+    from pipelines.models.sources import ModelSource
+    from recipe.tiny import build_tiny_playground_pipeline
+
+    app, context = app_on_tiny
+    before = context.models.current
+    context.models.adopt(build_tiny_playground_pipeline(tiny_model_dir.parent / "playground"),
+                         ModelSource("folder", str(tiny_model_dir.parent / "playground"), "tiny-playground"))
+    try:
+        updates = handler(app, "refresh")()
+    finally:
+        context.models.adopt(before.pipeline, before.source)
+    menus = [(component.elem_id, [value for _, value in update.choices], update.value)
+             for component, update in updates.items() if getattr(component, "label", "") == "Sampler"]
+    assert len(menus) == 5 and "explorer-sampler" in [elem_id for elem_id, _, _ in menus]  # 4 tabs and the explorer
+    assert {(tuple(choices), value) for _, choices, value in menus} == {(("Euler", "DPM++ 2M Karras"),
+                                                                         "DPM++ 2M Karras")}

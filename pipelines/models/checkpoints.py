@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 from diffusers import AutoPipelineForText2Image, DiffusionPipeline
@@ -131,6 +132,18 @@ def from_single_file(path: Path, *, dtype, config: str | None) -> DiffusionPipel
     return pipeline_class.from_single_file(str(path), **kwargs)
 
 
+@contextmanager
+def _explained(what: str, advice: str):
+    """Any failure inside as a ModelLoadError: `what` (the error in brackets), then `advice`; running out of memory
+    passes through, for `_read` to say so with what to do."""
+    try:
+        yield
+    except Exception as error:
+        if is_out_of_memory(error):
+            raise
+        raise ModelLoadError(f"{what} ({type(error).__name__}: {error}). {advice}") from error
+
+
 # the keys of quantized files' scales (ComfyUI's scaled fp8: `scaled_fp8`, `*.scale_weight`; others' `*.weight_scale`)
 QUANTIZATION_KEYS = ("scaled_fp8", ".scale_weight", ".weight_scale", ".scale_input", ".input_scale", ".comfy_quant")
 
@@ -155,16 +168,11 @@ def _flux2_from_single_file(path: Path, keys: list[str], *, dtype, config: str |
     from diffusers.loaders.single_file_utils import load_single_file_checkpoint
 
     folder, prefix = Path(config), "model.diffusion_model."   # ComfyUI's checkpoints name it so; diffusers' reader not
-    try:
+    with _explained(f"{path.name} could not be read as the transformer of --model-config {folder.name}",
+                    "Pass the folder of the Flux 2 model the file was made from."):
         state = {key.removeprefix(prefix): tensor for key, tensor in load_single_file_checkpoint(str(path)).items()}
         transformer = Flux2Transformer2DModel.from_single_file(state, config=str(folder), subfolder="transformer",
                                                                dtype=dtype, local_files_only=True)
-    except Exception as error:
-        if is_out_of_memory(error):      # _read says so, with what to do
-            raise
-        raise ModelLoadError(f"{path.name} could not be read as the transformer of --model-config {folder.name} "
-                             f"({type(error).__name__}: {error}). Pass the folder of the Flux 2 model the file was "
-                             "made from.") from error
     return AutoPipelineForText2Image.from_pretrained(str(folder), transformer=transformer, dtype=dtype,
                                                      **folder_arguments(folder))
 
@@ -203,14 +211,10 @@ def _borrowed_components(path: Path, family: str | None, keys: list[str], config
 
     # what the file holds is not read twice: the denoiser (by either name) and the components found in it
     skip = {name: None for name in ("unet" if family in ("SD 1.x/2.x", "SDXL") else "transformer", *held)}
-    try:
+    with _explained(f"{path.name} holds no {' and no '.join(wanted)}, so they are read from --model-config "
+                    f"{Path(config).name}, which could not give them",
+                    "Pass a diffusers folder of the same model with those weights."):
         base = DiffusionPipeline.from_pretrained(config, dtype=dtype, **{**folder_arguments(Path(config)), **skip})
-    except Exception as error:
-        if is_out_of_memory(error):      # _read says so, with what to do
-            raise
-        raise ModelLoadError(f"{path.name} holds no {' and no '.join(wanted)}, so they are read from --model-config "
-                             f"{Path(config).name}, which could not give them ({type(error).__name__}: {error}). "
-                             "Pass a diffusers folder of the same model with those weights.") from error
     return {**absent, **{name: getattr(base, name, None) for name in wanted}}
 
 
